@@ -1,0 +1,324 @@
+"""Attention maths and modules: signed attention, ALiBi distance bias, window / k-NN / full attention.
+
+Papers (../shared/papers): FEAST key designs 1-3 (fully connected attention with an ALiBi distance bias,
+negative attention, local k-NN + global stages), HiST sec. 3.4 (eq. 1-3: window attention over the
+standard and shifted partitions of the sparse lattice, slide calibration token), SpatialTranscriptFormer
+(quadrants p2p, p2h, h2p, h2h between pathway tokens and spots).
+
+Shapes: N spots, H heads, D head dim, W windows of S = (2w)^2 slots, K neighbours, T global tokens.
+Every function takes and returns tensors; the modules hold the projections. Memory is linear in N
+everywhere except `full_attention`, which is O(chunk * N * H).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lattice
+
+
+def signed_attention(q, k, v, bias=None, mask=None, beta=0.0, tau=1.0, *, dropout_p=0.0):
+    """FEAST negative attention: softmax(S + B) @ v - beta * softmax((-S + B) / tau) @ v, S = q k^T / sqrt(D).
+
+    q (..., Lq, D), k and v (..., Lk, D); `bias` additive, broadcastable to (..., Lq, Lk); `mask` bool,
+    True = may attend. A query with no allowed key returns zeros (and zero gradients), never NaN.
+    With beta = 0 it is ordinary attention, one fused call."""
+    has_key = None
+    if mask is not None:
+        has_key = mask.any(-1, keepdim=True)  # (..., Lq, 1)
+        mask = mask | ~has_key  # an empty row attends everywhere (finite, no NaN), and is zeroed below
+    attn_mask = mask
+    if bias is not None:
+        bias = bias.to(q.dtype)
+        attn_mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    if beta:  # the negative branch: sdpa scales by 1/sqrt(D) itself, so (-q/tau) k^T/sqrt(D) + B/tau
+        neg_mask = attn_mask / tau if bias is not None else mask
+        out = out - beta * F.scaled_dot_product_attention(-q / tau, k, v, attn_mask=neg_mask, dropout_p=dropout_p)
+    if has_key is not None:
+        out = torch.where(has_key, out, 0.0)
+    return out
+
+
+def signed_weights(q, k, bias=None, mask=None, beta=0.0, tau=1.0):
+    """The explicit weight matrix of `signed_attention`, (..., Lq, Lk), for inspection of small cases
+    (FEAST's excitatory / inhibitory maps). Rows sum to 1 - beta; a row with no allowed key is zero."""
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    b = 0.0 if bias is None else bias.to(q.dtype)
+    m = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.expand_as(s)
+    keep = m.any(-1, keepdim=True)
+    pos = torch.softmax((s + b).masked_fill(~m, float("-inf")).masked_fill(~keep, 0.0), -1)
+    neg = torch.softmax(((-s + b) / tau).masked_fill(~m, float("-inf")).masked_fill(~keep, 0.0), -1)
+    return torch.where(keep, pos - beta * neg, 0.0)
+
+
+def alibi_slopes(H):
+    """ALiBi head slopes (Press et al. 2022): 2^(-8h/H), h = 1..H, when H is a power of two. Otherwise the
+    paper's rule: the slopes of the closest lower power of two p, then every other slope of 2p."""
+    def geometric(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    p = 1 << (H.bit_length() - 1)  # largest power of two <= H
+    return torch.tensor(geometric(p) + geometric(2 * p)[0::2][: H - p])  # (H,)
+
+
+def distance_bias(xy_q, xy_k, slopes):
+    """FEAST B_h(i, j) = -m_h * ||xy_i - xy_j||: xy_q (Lq, 2), xy_k (Lk, 2), slopes (H,) -> (H, Lq, Lk)."""
+    xy_q, xy_k = xy_q.to(slopes.dtype), xy_k.to(slopes.dtype)
+    dist = (xy_q[:, None, :] - xy_k[None, :, :]).pow(2).sum(-1).sqrt()  # (Lq, Lk)
+    return -slopes[:, None, None] * dist
+
+
+def window_attention(q, k, v, rulebook, bias=None, beta=0.0, tau=1.0, chunk=None, *, dropout_p=0.0):
+    """HiST eq. 2-3: attention among the tokens of each window of a rulebook.
+
+    q, k, v (N, H, D); rulebook (W, S) token ids, -1 = empty slot, each token in exactly one row
+    (a token in no row gets zeros); bias (H, S, S) shared by all windows (relative table or ALiBi on slot
+    offsets). `chunk` = windows per batch (None = all): memory O(chunk * H * S^2), never O(N^2).
+    Windows are batched by their number of tokens c, each batch one dense (windows, H, c, c) attention:
+    no padding and no mask, so the work is that of the pairs that exist (on HiST's lattice, spots 1.8
+    units apart, a window is about a third full). Returns (N, H, D)."""
+    N, H, _ = q.shape
+    S = rulebook.shape[1]
+    filled = rulebook >= 0
+    count = filled.sum(1)
+    order = torch.argsort(count, stable=True)  # windows by number of tokens
+    slots = torch.argsort(~filled[order], dim=1, stable=True)  # (W, S): filled slots first, in slot order
+    ids = rulebook[order].gather(1, slots)  # (W, S) token ids, filled first
+    batches, start = [], 0  # (rows of ids, tokens per window)
+    sizes, n_windows = torch.unique_consecutive(count[order], return_counts=True)
+    for c, n in zip(sizes.tolist(), n_windows.tolist()):  # the one host sync
+        batches += [(slice(s, min(s + (chunk or n), start + n)), c) for s in range(start, start + n, chunk or n) if c]
+        start += n
+    toks = [ids[rows, :c].flatten() for rows, c in batches]  # token ids of each batch, window-major
+    out = q.new_zeros(N, H, v.shape[-1])
+    if not toks:
+        return out
+    # with autograd one gather per tensor (one index_add backward); without, one per batch (less memory)
+    lazy = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    gather = lambda t: (t.index_select(0, i) for i in toks) if lazy else \
+        t.index_select(0, torch.cat(toks)).split([len(i) for i in toks])
+    outs = []
+    for (rows, c), tok, qb, kb, vb in zip(batches, toks, gather(q), gather(k), gather(v)):
+        w, sl = rows.stop - rows.start, slots[rows, :c]
+        b = None if bias is None else bias.flatten(1)[:, sl[:, :, None] * S + sl[:, None, :]].transpose(0, 1)
+        heads = lambda t: t.view(w, c, H, -1).transpose(1, 2)  # (w*c, H, D) -> (w, H, c, D)
+        o = signed_attention(heads(qb), heads(kb), heads(vb), b, None, beta, tau, dropout_p=dropout_p)
+        o = o.transpose(1, 2).reshape(w * c, H, -1)  # (w*c, H, D), in the order of tok
+        if lazy:
+            out.index_copy_(0, tok, o)  # scatter back: each token sits in exactly one window
+        else:
+            outs.append(o)
+    return out if lazy else out.index_copy(0, torch.cat(toks), torch.cat(outs))
+
+
+def knn(xy_q, xy_k, k, exclude_self=False, chunk=None):
+    """Indices of the k nearest keys of each query (Euclidean), nearest first: LongTensor[Nq, k'].
+
+    k' = min(k, Nk) (min(k, Nk - 1) with exclude_self): asking for more neighbours than exist returns
+    all of them. exclude_self drops key i for query i (xy_q and xy_k are the same points). Brute force
+    in chunks of queries, memory O(chunk * Nk); chunk=None picks ~4M distances per chunk. Integer
+    coordinates are compared exactly in int64."""
+    Nq, Nk = xy_q.shape[0], xy_k.shape[0]
+    k = max(min(k, Nk - int(exclude_self)), 0)
+    if not (xy_q.is_floating_point() and xy_k.is_floating_point()):
+        xy_q, xy_k = xy_q.long(), xy_k.long()
+    chunk = chunk or max(1, (1 << 22) // max(Nk, 1))
+    out = [torch.empty(0, k, dtype=torch.long, device=xy_q.device)]
+    for start in range(0, Nq, chunk):
+        a = xy_q[start:start + chunk]
+        d2 = (a[:, None, 0] - xy_k[None, :, 0]) ** 2 + (a[:, None, 1] - xy_k[None, :, 1]) ** 2  # (c, Nk)
+        if exclude_self:
+            rows = torch.arange(a.shape[0], device=a.device)
+            rows = rows[rows + start < Nk]
+            big = torch.finfo(d2.dtype).max if d2.is_floating_point() else torch.iinfo(d2.dtype).max
+            d2[rows, rows + start] = big
+        out.append(d2.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, chunk=None, *, dropout_p=0.0):
+    """FEAST local stage: each query attends to its K neighbours. q (Nq, H, D), k and v (Nk, H, D),
+    index (Nq, K) valid key ids, bias (H, Nq, K). `chunk` = queries per batch (None = all): memory
+    O(chunk * K * H * D). Returns (Nq, H, D)."""
+    step, out = chunk or max(q.shape[0], 1), q.new_empty(q.shape[0], *v.shape[1:])
+    for start in range(0, q.shape[0], step):
+        rows = slice(start, start + step)
+        kn, vn = k[index[rows]].transpose(1, 2), v[index[rows]].transpose(1, 2)  # (c, H, K, D)
+        b = None if bias is None else bias[:, rows].permute(1, 0, 2).unsqueeze(2)  # (c, H, 1, K)
+        o = signed_attention(q[rows].unsqueeze(2), kn, vn, b, None, beta, tau, dropout_p=dropout_p)
+        out[rows] = o.squeeze(2)  # (c, H, 1, D) -> (c, H, D)
+    return out
+
+
+def full_attention(q, k, v, xy=None, slopes=None, beta=0.0, tau=1.0, chunk=4096, *, dropout_p=0.0):
+    """FEAST key design 1: every token attends to every token, with the ALiBi distance bias on `xy`
+    (N, 2) when `slopes` (H,) is given. Bias built per chunk of queries: peak O(chunk * N * H).
+    q, k, v (N, H, D) -> (N, H, D)."""
+    if slopes is not None and xy is None:
+        raise ValueError("full_attention: slopes were given but no xy to measure distances on")
+    kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (H, N, D)
+    out = q.new_empty(q.shape[0], *v.shape[1:])
+    for start in range(0, q.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        qc = q[rows].transpose(0, 1)  # (H, c, D)
+        bias = None if slopes is None else distance_bias(xy[rows], xy, slopes)  # (H, c, N)
+        out[rows] = signed_attention(qc, kt, vt, bias, None, beta, tau, dropout_p=dropout_p).transpose(0, 1)
+    return out
+
+
+class RelativePositionBias(nn.Module):
+    """HiST eq. 3: learned B_ab = b(di_ab, dj_ab), one (4w-1)^2 table per head, shared by all windows."""
+
+    def __init__(self, heads, w):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(heads, (4 * w - 1) ** 2))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        self.register_buffer("index", lattice.relative_index(w), persistent=False)  # (S, S)
+
+    def forward(self):
+        return self.table[:, self.index]  # (H, S, S)
+
+
+class SpotAttention(nn.Module):
+    """Spot-to-spot attention (the h2h quadrant), one of: 'window' (HiST W-MSA), 'knn' (FEAST local stage),
+    'full' (FEAST global stage), 'none' (h2h off: returns zeros so the caller can always add).
+
+    Owns only the qkv projection: the block sums this output with GlobalAttention's before one
+    projection (HiST eq. 1). Window mode uses both partitions in every block: the first H/2 heads attend
+    within level.rulebook, the other H/2 within level.rulebook_shifted. Bias 'rpb' (window only),
+    'alibi' (distance on slot offsets in window mode, each half with the full slope range; on
+    level.sites otherwise) or 'none'. `chunk`: windows per batch (window) or queries per batch (full)."""
+
+    def __init__(self, dim, heads, mode="window", w=3, bias="rpb", signed=False, beta=1.5, tau=0.6,
+                 attn_drop=0.0, chunk=4096):
+        super().__init__()
+        if mode not in ("window", "knn", "full", "none"):
+            raise ValueError(f"SpotAttention: mode must be window, knn, full or none, got {mode!r}")
+        if bias not in ("rpb", "alibi", "none"):
+            raise ValueError(f"SpotAttention: bias must be rpb, alibi or none, got {bias!r}")
+        if dim % heads:
+            raise ValueError(f"SpotAttention: dim {dim} is not divisible by heads {heads}")
+        if mode == "window" and heads % 2:
+            raise ValueError(f"SpotAttention: window mode splits heads between the standard and shifted "
+                             f"windows, so heads must be even, got {heads}")
+        if mode in ("knn", "full") and bias == "rpb":
+            raise ValueError(f"SpotAttention: bias 'rpb' is a table over window slot offsets; mode {mode!r} "
+                             f"needs bias 'alibi' or 'none'")
+        self.dim, self.heads, self.mode, self.bias, self.chunk = dim, heads, mode, bias, chunk
+        self.beta, self.tau, self.attn_drop = (beta if signed else 0.0), tau, attn_drop
+        if mode == "none":
+            return
+        self.qkv = nn.Linear(dim, 3 * dim)
+        if mode == "window" and bias == "rpb":
+            self.rpb = RelativePositionBias(heads, w)
+        elif mode == "window" and bias == "alibi":
+            offsets = lattice.slot_offsets(w).float()  # (S, 2)
+            half = distance_bias(offsets, offsets, alibi_slopes(heads // 2))  # (H/2, S, S)
+            self.register_buffer("alibi", torch.cat([half, half]), persistent=False)  # (H, S, S)
+        elif bias == "alibi":
+            self.register_buffer("slopes", alibi_slopes(heads), persistent=False)  # (H,)
+
+    def forward(self, x, level, knn_index=None, return_attention=False):
+        """x (N, dim); level with .sites (N, 2), .rulebook, .rulebook_shifted -> (N, dim) concatenated heads,
+        or (out, diagnostics dict) with return_attention."""
+        N = x.shape[0]
+        if self.mode == "none":
+            out = x.new_zeros(N, self.dim)
+            return (out, {}) if return_attention else out
+        q, k, v = self.qkv(x).view(N, 3, self.heads, -1).unbind(1)  # each (N, H, Dh)
+        args = dict(beta=self.beta, tau=self.tau, dropout_p=self.attn_drop if self.training else 0.0)
+        bias = self._bias(level, knn_index)
+        if self.mode == "window":
+            outs = [window_attention(q[:, heads], k[:, heads], v[:, heads], rulebook,
+                                     None if bias is None else bias[heads], chunk=self.chunk, **args)
+                    for _, heads, rulebook in self._partitions(level)]
+            out = torch.cat(outs, 1)  # (N, H, Dh): standard-window heads, then shifted-window heads
+        elif self.mode == "knn":
+            if knn_index is None:
+                raise ValueError("SpotAttention: mode 'knn' needs knn_index (N, K) from attention.knn")
+            out = knn_attention(q, k, v, knn_index, bias, chunk=self.chunk, **args)
+        else:
+            xy = level.sites.float() if self.bias == "alibi" else None
+            out = full_attention(q, k, v, xy, getattr(self, "slopes", None), chunk=self.chunk, **args)
+        out = out.reshape(N, self.dim)
+        return (out, self._diagnostics(q, k, level, knn_index, bias)) if return_attention else out
+
+    def _partitions(self, level):
+        h = self.heads // 2
+        return ("standard", slice(0, h), level.rulebook), ("shifted", slice(h, None), level.rulebook_shifted)
+
+    def _bias(self, level, knn_index):
+        if self.bias == "none":
+            return None
+        if self.mode == "window":
+            return self.rpb() if self.bias == "rpb" else self.alibi  # (H, S, S)
+        if self.mode == "knn" and knn_index is not None:  # FEAST: -m_h * distance to each neighbour
+            xy = level.sites.float()
+            dist = (xy[:, None, :] - xy[knn_index]).pow(2).sum(-1).sqrt()  # (N, K)
+            return -self.slopes[:, None, None] * dist  # (H, N, K)
+        return None  # full mode builds its bias per chunk inside full_attention
+
+    @torch.no_grad()
+    def _diagnostics(self, q, k, level, knn_index, bias):
+        """Explicit signed weights, small: the first window of each partition (window mode, (H/2, S, S)),
+        else the first 8 queries over their neighbours (knn, (H, n, K)) or over all tokens (full, (H, n, N))."""
+        weights = lambda q_, k_, b, m=None: signed_weights(q_, k_, b, m, self.beta, self.tau)
+        n = min(q.shape[0], 8)
+        if self.mode == "window":
+            info = {}
+            for name, heads, rulebook in self._partitions(level):
+                if len(rulebook):
+                    slots = rulebook[0]  # (S,)
+                    qw, kw = (t[slots.clamp(min=0), heads].transpose(0, 1) for t in (q, k))  # (H/2, S, Dh)
+                    pairs = (slots >= 0)[:, None] & (slots >= 0)[None, :]  # (S, S): both slots filled
+                    b = None if bias is None else bias[heads]
+                    info[name] = dict(tokens=slots, weights=weights(qw, kw, b, pairs))
+            return info
+        if self.mode == "knn":
+            kn = k[knn_index[:n]].permute(2, 0, 1, 3)  # (H, n, K, Dh)
+            b = None if bias is None else bias[:, :n, None, :]  # (H, n, 1, K)
+            w = weights(q[:n].transpose(0, 1)[:, :, None], kn, b).squeeze(2)  # (H, n, K)
+            return dict(queries=torch.arange(n, device=q.device), keys=knn_index[:n], weights=w)
+        slopes = getattr(self, "slopes", None)
+        b = None if slopes is None else distance_bias(level.sites[:n].float(), level.sites.float(), slopes)
+        w = weights(q[:n].transpose(0, 1), k.transpose(0, 1), b)  # (H, n, N)
+        return dict(queries=torch.arange(n, device=q.device), weights=w)
+
+
+class GlobalAttention(nn.Module):
+    """Spots <-> global tokens (calibration token(s) + pathway tokens), linear in N.
+
+    tokens read spots (p2h) and tokens (p2p) in ONE softmax over [X; C]: HiST sec. 3.4.2,
+    C <- C + Attn(C Wq, [X; C] Wk, [X; C] Wv), here followed by a projection (T x (N + T) scores).
+    Spots read the tokens (h2p): MCA(X, C) = Attn(X Wq, C Wk, C Wv), (N x T) scores, returned before
+    projection so the block sums it with SpotAttention's output (HiST eq. 1). Spots read the tokens as
+    they were at the start of the block. Each quadrant is a switch (SpatialTranscriptFormer)."""
+
+    def __init__(self, dim, heads, p2h=True, p2p=True, h2p=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"GlobalAttention: dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.p2h, self.p2p, self.h2p = dim, heads, p2h, p2p, h2p
+        if h2p:
+            self.q_spot = nn.Linear(dim, dim)
+            self.kv_token = nn.Linear(dim, 2 * dim)
+        if p2h or p2p:
+            self.q_token = nn.Linear(dim, dim)
+            self.kv_context = nn.Linear(dim, 2 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, tokens):
+        """x (N, dim), tokens (T, dim) -> x_out (N, dim) (zeros when h2p is off), tokens_out (T, dim)."""
+        split = lambda t: t.reshape(t.shape[0], self.heads, -1).transpose(0, 1)  # (L, dim) -> (H, L, Dh)
+        merge = lambda t: t.transpose(0, 1).reshape(t.shape[1], self.dim)  # (H, L, Dh) -> (L, dim)
+        x_out = x.new_zeros(x.shape[0], self.dim)
+        if self.h2p:  # (H, N, T) scores
+            k, v = self.kv_token(tokens).chunk(2, -1)
+            x_out = merge(signed_attention(split(self.q_spot(x)), split(k), split(v)))
+        tokens_out = tokens
+        if self.p2h or self.p2p:  # (H, T, N + T) scores, one softmax over spots and tokens
+            context = torch.cat([x] * self.p2h + [tokens] * self.p2p)  # (N + T, dim)
+            k, v = self.kv_context(context).chunk(2, -1)
+            update = signed_attention(split(self.q_token(tokens)), split(k), split(v))  # (H, T, Dh)
+            tokens_out = tokens + self.proj(merge(update))
+        return x_out, tokens_out

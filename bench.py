@@ -1,0 +1,386 @@
+"""Speed, memory and scaling of tessera, side by side with the two ways attention over windows is usually
+computed (issue 6; HiST sec. 4.3 and Table 1).
+
+    python bench.py                                        # everything, CPU, N = 1k ... 256k (1M for some)
+    python bench.py --parts window --sizes 4k,64k --layouts hd --json window.json
+    python bench.py --device cuda                          # bf16 autocast, CUDA peak allocated / reserved
+
+Parts (one row per part x name x layout x N; every row is measured in a fresh child process, so its
+peak memory is its own):
+  pyramid  lattice.to_lattice + lattice.build_pyramid (4 levels, w = 3, both rulebooks per level)
+  window   one window_attention call, forward (fwd) and forward + backward (fwd+bwd), H = 8 heads of
+           D = 32, w = 3, a (H, S, S) bias, against `edge` (explicit (query, key) pair list, per-query
+           softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries compute it) and
+           `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to DENSE_MAX_N).
+           The geometry (rulebook, pair list, window ids) is built before the timed call for all three.
+  step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
+           pass (eval, no_grad) of configs/hist.yaml and configs/default.yaml on one synthetic slide
+  memory   window_attention and knn_attention (K = 16) forward + backward memory from N = 10k to 160k
+
+Time: median of --repeats runs after one untimed warm-up (a run over 10 s is timed once, no warm-up).
+Memory on the CPU: peak resident set of the child (getrusage ru_maxrss after resetting the high-water
+mark through /proc/self/clear_refs once the inputs exist); `peak` is the whole process, `work` is peak
+minus the resident set just before the measured calls. On CUDA: max_memory_allocated / reserved.
+The exponent of each row is the least-squares slope of log time over log N for N >= --fit-min.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lattice
+from attention import knn_attention, window_attention
+
+ROOT = Path(__file__).resolve().parent
+H, D, W, LEVELS = 8, 32, 3, 4          # window part: heads, head dim, window half-size; pyramid levels
+DENSE_MAX_N = 8192                     # the (H, N, N) scores of dense attention: 2 GiB at N = 8k
+EDGE_MAX_N = 65536                     # edge list: (pairs, H, D) gathers, ~1 GiB each at N = 64k (HD)
+FEATURES = {"hist": (1024, 2000), "default": (64, 250)}  # (C, G): UNI-sized features / demo's synthetic
+
+
+def parse_n(s):
+    s = s.strip().lower()
+    return int(float(s[:-1]) * {"k": 1e3, "m": 1e6}[s[-1]]) if s[-1] in "km" else int(s)
+
+
+# ---- synthetic slides -----------------------------------------------------------------------------
+def layout(kind, n, seed=0):
+    """(n, 2) float32 spot centres in micrometres on an irregular tissue footprint: 'visium' = hexagonal
+    grid of 100 um pitch, 'hd' = square grid of 8 um bins. The footprint is the n grid sites scoring best
+    on an elliptical distance plus a smooth random field, which gives a wavy, blobby outline."""
+    g = torch.Generator().manual_seed(seed)
+    hexagonal = kind == "visium"
+    if kind not in ("visium", "hd"):
+        raise ValueError(f"layout must be visium or hd, got {kind!r}")
+    pitch, (hx, hy) = (100.0, (0.5, 3 ** 0.5 / 2)) if hexagonal else (8.0, (1.0, 1.0))
+    side = math.sqrt(n / 0.5 * hx * hy * (2 if hexagonal else 1))      # tissue covers ~half the box
+    r, c = torch.meshgrid(torch.arange(int(side / hy) + 2), torch.arange(int(side / hx) + 2), indexing="ij")
+    if hexagonal:                                                      # hexagonal: (r + c) even
+        r, c = r[(r + c) % 2 == 0], c[(r + c) % 2 == 0]
+    xy = torch.stack([c.flatten() * hx, r.flatten() * hy], 1).float()  # (M, 2) in pitches
+    omega = torch.randn(32, 2, generator=g) * 6 / side                 # random Fourier features
+    field = torch.cos(xy @ omega.T + 2 * math.pi * torch.rand(32, generator=g)).sum(1) / 4
+    u = (xy - side / 2) / side
+    score = -torch.hypot(u[:, 0], u[:, 1] / 0.7) + 0.1 * field
+    keep = score.topk(min(n, len(xy))).indices.sort().values
+    return xy[keep] * pitch + 0.01 * pitch * torch.randn(len(keep), 2, generator=g)
+
+
+def sites_of(kind, n):
+    xy = layout(kind, n)
+    return lattice.to_lattice(xy, lattice.default_unit(xy))
+
+
+# ---- the two common ways to compute the same window attention -------------------------------------
+def pair_list(rulebook):
+    """Every (query, key) pair sharing a window, with their slots: (qi, ki, slot_q, slot_k), each (E,)."""
+    S = rulebook.shape[1]
+    both = (rulebook[:, :, None] >= 0) & (rulebook[:, None, :] >= 0)   # (W, S, S)
+    w_, a, b = torch.nonzero(both, as_tuple=True)
+    return rulebook[w_, a], rulebook[w_, b], a, b
+
+
+def edge_attention(q, k, v, qi, ki, sq, sk, bias):
+    """Graph-library attention over an explicit edge list: one score per (edge, head), softmax per query
+    with a scatter max, exp and scatter sums. q, k, v (N, H, D); bias (H, S, S) -> (N, H, D)."""
+    N, Hh, Dh = q.shape
+    e = (q[qi] * k[ki]).sum(-1) / Dh ** 0.5 + bias[:, sq, sk].T             # (E, H)
+    m = e.new_full((N, Hh), float("-inf")).scatter_reduce(0, qi[:, None].expand_as(e), e, "amax")
+    p = torch.exp(e - m[qi])                                                # (E, H)
+    den = e.new_zeros(N, Hh).index_add_(0, qi, p)
+    out = q.new_zeros(N, Hh, Dh).index_add_(0, qi, p[..., None] * v[ki])   # (N, H, D)
+    return out / den.clamp_min(1e-30)[..., None]
+
+
+def token_windows(rulebook, n):
+    """Window row and slot of every token: (n,), (n,)."""
+    w_, s = torch.nonzero(rulebook >= 0, as_tuple=True)
+    win, slot = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    win[rulebook[w_, s]], slot[rulebook[w_, s]] = w_, s
+    return win, slot
+
+
+def dense_attention(q, k, v, win, slot, bias):
+    """Dense N x N attention with the windows as a mask and the bias spread over all pairs (H, N, N)."""
+    b = bias[:, slot[:, None], slot[None, :]].masked_fill(win[:, None] != win[None, :], float("-inf"))
+    t = lambda x: x.transpose(0, 1)                                         # (N, H, D) <-> (H, N, D)
+    return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=b.to(q.dtype)))
+
+
+# ---- one measurement (runs in a child process) ----------------------------------------------------
+def no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _timed(fn, repeats, sync):
+    def once():
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    first = once()                       # warm-up; also the only run when it is slow
+    if first > 10 or repeats < 1:
+        return first, [first]
+    times = sorted(once() for _ in range(repeats))
+    return times[len(times) // 2], times
+
+
+def _window_case(spec, dev):
+    n, impl, kind = spec["n"], spec["name"], spec["layout"]
+    rulebook = lattice.window_rulebook(sites_of(kind, n), W).to(dev)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, H, D, generator=g).to(dev).requires_grad_() for _ in range(3))
+    bias = (0.5 * torch.randn(H, 4 * W * W, 4 * W * W, generator=g)).to(dev).requires_grad_()
+    ours = lambda: window_attention(q, k, v, rulebook, bias)
+    if impl == "edge":
+        pairs = [t.to(dev) for t in pair_list(rulebook.cpu())]
+        f = lambda: edge_attention(q, k, v, *pairs, bias)
+    elif impl == "dense":
+        win, slot = (t.to(dev) for t in token_windows(rulebook.cpu(), n))
+        f = lambda: dense_attention(q, k, v, win, slot, bias)
+    else:
+        f = ours
+    extra = {"pairs": int(((rulebook >= 0).sum(1) ** 2).sum())}
+    if impl != "tessera":  # agreement with window_attention in float32, output and all four gradients
+        def grads(fn):
+            out = fn()
+            return [out.detach()] + list(torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
+        extra["max_err"] = max(float((a - b).abs().max()) for a, b in zip(grads(f), grads(ours)))
+    return (lambda: f().sum().backward()) if spec["mode"] == "fwd+bwd" else no_grad(f), extra
+
+
+def _memory_case(spec, dev):
+    n = spec["n"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, H, D, generator=g).to(dev).requires_grad_() for _ in range(3))
+    if spec["name"] == "window_attention":
+        rulebook = lattice.window_rulebook(sites_of(spec["layout"], n), W).to(dev)
+        bias = torch.randn(H, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
+        return lambda: window_attention(q, k, v, rulebook, bias).sum().backward(), {}
+    # K = 16 nearest sites: neighbours within the 9 x 9 block of lattice offsets, nearest first
+    sites = sites_of(spec["layout"], n)
+    index = _grid_knn(sites, 16).to(dev)
+    bias = torch.randn(H, n, 16, generator=g).to(dev).requires_grad_()
+    return lambda: knn_attention(q, k, v, index, bias).sum().backward(), {}
+
+
+def _grid_knn(sites, K, r=4):
+    """(N, K) nearest other sites among the (2r+1)^2 lattice offsets, via a sorted key lookup."""
+    key = lambda ij: ij[..., 0] * (1 << 32) + ij[..., 1]
+    keys, order = torch.sort(key(sites + r))
+    ax = torch.arange(-r, r + 1)
+    off = torch.cartesian_prod(ax, ax)
+    off = off[(off != 0).any(1)][torch.argsort((off ** 2).sum(1)[(off != 0).any(1)], stable=True)]
+    cand = key(sites[:, None] + r + off)                                    # (N, O)
+    pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
+    found = keys[pos] == cand
+    rank = torch.where(found, torch.arange(len(off)), len(off)).sort(1).values[:, :K]  # nearest K found
+    return order[pos.gather(1, rank.clamp(max=len(off) - 1))]
+
+
+def _step_case(spec, dev):
+    import train
+    from model import ModelConfig, build_model
+    cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml")
+    C, G = FEATURES[spec["name"]]
+    n, g = spec["n"], torch.Generator().manual_seed(0)
+    xy = layout(spec["layout"], n)
+    b = {"features": torch.randn(n, C, generator=g), "coords": xy, "unit": lattice.default_unit(xy)}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(cfg["model"]), C, G).to(dev)
+    if spec["mode"] == "infer":            # train.predict without the copy to the host
+        model.eval()
+        return no_grad(lambda: train.forward(model, b, dev)), {}
+    b["target"] = torch.randn(n, G, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    batch = {"target": b["target"].to(dev)}
+
+    def step():                           # train.train_fold's inner loop, without augmentation
+        model.train()
+        loss = train.compute_loss(train.forward(model, b, dev), batch, cfg, model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip"])
+        opt.step()
+    return step, {}
+
+
+def _pyramid_case(spec, dev):
+    xy = layout(spec["layout"], spec["n"]).to(dev)
+    unit = lattice.default_unit(xy)
+    return lambda: lattice.build_pyramid(lattice.to_lattice(xy, unit), LEVELS, W), {"unit_um": unit}
+
+
+CASES = {"pyramid": _pyramid_case, "window": _window_case, "step": _step_case, "memory": _memory_case}
+
+
+def run_case(spec):
+    """Build the inputs of one row, then time it and record its peak memory. Returns a dict of figures."""
+    dev = torch.device(spec["device"])
+    torch.manual_seed(0)
+    fn, extra = CASES[spec["part"]](spec, dev)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and spec["part"] in ("window", "memory"))
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        try:  # reset the resident high-water mark so the peak is that of the measured calls
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _rss_mb()
+    with amp:
+        t, times = _timed(fn, spec["repeats"], sync)
+    if cuda:
+        peak, reserved = torch.cuda.max_memory_allocated() / 2 ** 20, torch.cuda.max_memory_reserved() / 2 ** 20
+    else:
+        peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
+    return dict(spec, time_s=t, times=times, peak_mb=peak, base_mb=base, work_mb=peak - base,
+                reserved_mb=reserved, threads=torch.get_num_threads(), **extra)
+
+
+def measure(spec, isolate=True):
+    """run_case in a fresh `python bench.py --_child` process (isolate) or in this one."""
+    if not isolate:
+        return run_case(spec)
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
+        return dict(spec, error=tail[0][:200])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---- scaling fit and the table --------------------------------------------------------------------
+def fit_exponent(ns, ts):
+    """Least-squares slope of log t over log n; None with fewer than two distinct n."""
+    pts = [(math.log(n), math.log(t)) for n, t in zip(ns, ts) if t and t > 0]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def summarise(rows, fit_min):
+    """Add per-1k figures, the ratio to tessera's window_attention, and each row group's exponent."""
+    group = lambda r: (r["part"], r["name"], r["mode"], r["layout"])
+    ok = [r for r in rows if "time_s" in r]
+    ref = {(r["mode"], r["layout"], r["n"]): r for r in ok if r["part"] == "window" and r["name"] == "tessera"}
+    for r in ok:
+        r["s_per_1k"], r["mb_per_1k"] = r["time_s"] / r["n"] * 1e3, r["work_mb"] / r["n"] * 1e3
+        t = ref.get((r["mode"], r["layout"], r["n"])) if r["part"] == "window" else None
+        if t:
+            r["time_ratio"], r["mem_ratio"] = r["time_s"] / t["time_s"], r["work_mb"] / max(t["work_mb"], 1e-9)
+    fits = {}
+    for r in ok:
+        if r["n"] >= fit_min:
+            fits.setdefault(group(r), []).append((r["n"], r["time_s"]))
+    for r in rows:
+        pts = fits.get(group(r), [])
+        r["exponent"] = fit_exponent([n for n, _ in pts], [t for _, t in pts])
+    return rows
+
+
+def table(rows, cuda=False):
+    mem = ("alloc MB", "resv MB") if cuda else ("peak MB", "work MB")
+    head = ("part", "name", "mode", "layout", "N", "time s", "s/1k", *mem, "MB/1k", "x time", "x mem",
+            "max err", "exp")
+    f = lambda x, p: "" if x is None else f"{x:.{p}g}"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append((r["part"], r["name"], r["mode"], r["layout"], str(r["n"]), "failed: " + r["error"]))
+            continue
+        m2 = r["reserved_mb"] if cuda else r["work_mb"]
+        lines.append((r["part"], r["name"], r["mode"], r["layout"], str(r["n"]), f(r["time_s"], 4),
+                      f(r["s_per_1k"], 3), f"{r['peak_mb']:.0f}", f"{m2:.0f}", f(r["mb_per_1k"], 3),
+                      f(r.get("time_ratio"), 3), f(r.get("mem_ratio"), 3), f(r.get("max_err"), 2),
+                      f(r["exponent"], 3)))
+    return "\n".join("| " + " | ".join(line) + " |" + ("\n|" + "---|" * len(head) if i == 0 else "")
+                     for i, line in enumerate(lines))
+
+
+def plan(args):
+    """The rows to measure, in order."""
+    specs, base = [], dict(device=args.device, repeats=args.repeats)
+    for part in args.parts:
+        for kind in args.layouts:
+            sizes = args.memory_sizes if part == "memory" else args.sizes
+            for n in sizes:
+                if part == "pyramid":
+                    specs.append(dict(base, part=part, name="pyramid", mode="build", layout=kind, n=n))
+                for mode in ("fwd", "fwd+bwd") if part == "window" else ():
+                    for impl, cap in (("tessera", None), ("edge", EDGE_MAX_N), ("dense", DENSE_MAX_N)):
+                        if cap is None or n <= cap:
+                            specs.append(dict(base, part=part, name=impl, mode=mode, layout=kind, n=n))
+                for cfg in args.configs if part == "step" else ():
+                    for mode in ("train", "infer"):
+                        if mode == "infer" or n <= args.max_train_n:
+                            specs.append(dict(base, part=part, name=cfg, mode=mode, layout=kind, n=n))
+                for name in ("window_attention", "knn_attention") if part == "memory" else ():
+                    specs.append(dict(base, part=part, name=name, mode="fwd+bwd", layout=kind, n=n))
+    return specs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sizes = lambda s: [parse_n(x) for x in s.split(",") if x]
+    words = lambda s: [x for x in s.split(",") if x]
+    ap.add_argument("--sizes", type=sizes, default=sizes("1k,4k,16k,64k,256k,1M"))
+    ap.add_argument("--memory-sizes", type=sizes, default=sizes("10k,20k,40k,80k,160k"))
+    ap.add_argument("--layouts", type=words, default=["visium", "hd"])
+    ap.add_argument("--parts", type=words, default=["pyramid", "window", "step", "memory"])
+    ap.add_argument("--configs", type=words, default=["hist", "default"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-train-n", type=sizes, default=[262144], help="largest N of a training step")
+    ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        print(json.dumps(run_case(json.loads(args._child))))
+        return None
+    args.max_train_n = args.max_train_n[0]
+    rows, t0 = [], time.time()
+    for spec in plan(args):
+        rows.append(measure(spec, isolate=not args.inprocess))
+        r = rows[-1]
+        print(f"[{time.time() - t0:7.1f}s] {r['part']} {r['name']} {r['mode']} {r['layout']} N={r['n']}: "
+              + (f"{r['time_s']:.4g} s, peak {r['peak_mb']:.0f} MB" if "time_s" in r else r["error"]),
+              file=sys.stderr, flush=True)
+    summarise(rows, args.fit_min)
+    print(table(rows, cuda=args.device == "cuda"))
+    if args.json:
+        meta = dict(argv=sys.argv if argv is None else ["bench.py", *argv], torch=torch.__version__,
+                    threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                    gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

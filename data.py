@@ -1,0 +1,873 @@
+"""Slide feature caches and everything that turns a user's files into tensors.
+
+Sections: cache format (write, read, validate) · h5ad reader · small text formats · gene selection
+and targets · folds · coordinate augmentation · placeholder encoder · HEST import · synthetic slides ·
+command line (`python data.py {synth,import-hest,embed,genes} --help`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Slide:
+    """One slide in memory. Tensors are float32 on the CPU; N spots, C features, G genes."""
+    slide_id: str
+    features: torch.Tensor                        # (N, C)
+    coords: torch.Tensor                          # (N, 2) micrometres, x then y
+    barcodes: np.ndarray                          # (N,) str
+    patient: str = ""
+    spot_pitch_um: float = float("nan")
+    encoder: str = ""
+    counts: torch.Tensor | None = None            # (N, G) raw counts
+    genes: list[str] | None = None                # (G,)
+    library_size: torch.Tensor | None = None      # (N,) total counts before gene filtering
+    expected: torch.Tensor | None = None          # (N, G) noise-free mean counts (synthetic slides only)
+    pseudo_features: torch.Tensor | None = None   # (M, C) off-grid pseudo-spots (FEAST)
+    pseudo_coords: torch.Tensor | None = None     # (M, 2)
+
+    @property
+    def n_spots(self) -> int:
+        return self.features.shape[0]
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- cache format
+
+class CacheError(ValueError):
+    """A file that does not have the layout it should; the message names file, key, expected, found."""
+
+
+def _fail(path, key, expected, found):
+    raise CacheError(f"{path}: key '{key}': expected {expected}, found {found}")
+
+
+STR = h5py.string_dtype("utf-8")
+ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size", "expected",
+              "pseudo_features", "pseudo_coords")
+STRING_KEYS = ("barcodes", "genes")
+
+
+def _strings(ds) -> np.ndarray:
+    """Any HDF5 string dataset (fixed or variable length, bytes or str) as a numpy str array."""
+    return np.asarray(ds.asstr()[()], dtype=str)
+
+
+def _first_bad(mask: np.ndarray) -> str:
+    return f"{int(mask.sum())} bad values, first at index {tuple(int(i) for i in np.argwhere(mask)[0])}"
+
+
+def _check(path, a: dict, key: str, shape: tuple, kind: str):
+    """One array: kind 'float' | 'number' | 'str', shape with None for any size; finite and unique checks."""
+    x = a[key]
+    want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        _fail(path, key, f"shape {want}", f"shape {tuple(x.shape)}")
+    if kind == "str":
+        if x.dtype.kind != "U":
+            _fail(path, key, "utf-8 strings", f"dtype {x.dtype}")
+        values, counts = np.unique(x, return_counts=True)
+        if (counts > 1).any():
+            _fail(path, key, "unique values", f"{int((counts > 1).sum())} duplicated, e.g. '{values[counts > 1][0]}'")
+        return
+    if x.dtype.kind not in ("f" if kind == "float" else "fiu"):
+        _fail(path, key, "float16/float32 values" if kind == "float" else "numeric values", f"dtype {x.dtype}")
+    bad = ~np.isfinite(x.astype(np.float32))  # also catches values outside the float32 range
+    if bad.any():
+        _fail(path, key, "finite float32 values", _first_bad(bad))
+    if key in ("counts", "library_size", "expected") and (x < 0).any():
+        _fail(path, key, "values >= 0", f"negative values: {_first_bad(x < 0)}")
+
+
+def _validate(path, a: dict):
+    """Every key of DESIGN.md's data contract; `a` maps keys to numpy arrays (absent keys left out)."""
+    for key in ("features", "coords", "barcodes"):
+        if key not in a:
+            _fail(path, key, "a dataset (required)", "no such key")
+    _check(path, a, "features", (None, None), "float")
+    n, c = a["features"].shape
+    _check(path, a, "coords", (n, 2), "float")
+    _check(path, a, "barcodes", (n,), "str")
+    if "counts" in a and "genes" not in a:
+        _fail(path, "genes", "a gene list beside 'counts'", "no such key")
+    if "genes" in a:
+        _check(path, a, "genes", (None,), "str")
+    g = len(a["genes"]) if "genes" in a else None
+    for key, shape, kind in (("counts", (n, g), "number"), ("expected", (n, g), "float"),
+                             ("library_size", (n,), "number"), ("pseudo_features", (None, c), "float")):
+        if key in a:
+            _check(path, a, key, shape, kind)
+    if ("pseudo_features" in a) != ("pseudo_coords" in a):
+        _fail(path, "pseudo_coords", "pseudo_features and pseudo_coords together", "only one of them")
+    if "pseudo_coords" in a:
+        _check(path, a, "pseudo_coords", (len(a["pseudo_features"]), 2), "float")
+
+
+def _np(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
+    """Write one slide cache atomically; refuses to replace an existing file unless overwrite=True."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; refusing to overwrite it (pass overwrite=True)")
+    a = {k: _np(getattr(slide, k)) for k in ARRAY_KEYS if getattr(slide, k) is not None}
+    for k in STRING_KEYS:
+        if k in a:
+            a[k] = a[k].astype(str)
+    _validate(path, a)  # never write a file that read_slide would reject
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for k, x in a.items():
+            if k in STRING_KEYS:
+                f.create_dataset(k, data=x.astype(object), dtype=STR)
+            elif k in ("counts", "expected"):  # (N, G) can be large: chunked, compressed
+                f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 1024), min(x.shape[1], 256)),
+                                 compression="gzip", compression_opts=4, shuffle=True)
+            else:
+                f.create_dataset(k, data=x if x.dtype == np.float16 else x.astype(np.float32))
+        f.attrs.update(slide_id=slide.slide_id, patient=slide.patient or slide.slide_id,
+                       spot_pitch_um=float(slide.spot_pitch_um), encoder=slide.encoder,
+                       format_version=FORMAT_VERSION)
+    return path
+
+
+def _open(path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as e:
+        raise CacheError(f"{path}: expected a readable HDF5 slide cache, found: {e}") from None
+
+
+def _attrs(path, f) -> dict:
+    version = int(f.attrs.get("format_version", FORMAT_VERSION))
+    if version > FORMAT_VERSION:
+        _fail(path, "attrs/format_version", f"<= {FORMAT_VERSION}", f"{version} (written by a newer tessera)")
+    sid = str(f.attrs.get("slide_id", Path(path).stem))
+    return dict(slide_id=sid, patient=str(f.attrs.get("patient", "")) or sid,
+                spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))), encoder=str(f.attrs.get("encoder", "")))
+
+
+def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:
+    """Read and validate one cache. `genes` selects and orders count columns; a gene the slide lacks is an
+    error unless zero_fill=True (then its column is 0). Slides without counts ignore `genes`."""
+    with _open(path) as f:
+        a = {}
+        for k in ARRAY_KEYS:
+            if k in f:
+                if not isinstance(f[k], h5py.Dataset):
+                    _fail(path, k, "a dataset", "a group")
+                a[k] = _strings(f[k]) if h5py.check_string_dtype(f[k].dtype) or f[k].dtype.kind == "S" else f[k][()]
+        meta = _attrs(path, f)
+    _validate(path, a)
+    if genes is not None and "counts" in a:
+        index = {g: i for i, g in enumerate(a["genes"])}
+        missing = [g for g in genes if g not in index]
+        if missing and not zero_fill:
+            _fail(path, "genes", f"all {len(genes)} requested genes",
+                  f"{len(missing)} missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                  " (zero_fill=True fills them with zeros)")
+        cols = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
+        for k in ("counts", "expected"):
+            if k in a:
+                a[k] = np.where(cols >= 0, a[k][:, np.maximum(cols, 0)], 0)
+        a["genes"] = np.asarray(genes, dtype=str)
+    t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float32)) for k in a if k not in STRING_KEYS}
+    return Slide(**meta, barcodes=a["barcodes"], genes=list(a["genes"]) if "counts" in a else None, **t)
+
+
+@dataclass
+class SlideMeta:
+    slide_id: str
+    patient: str
+    n_spots: int
+    n_features: int
+    genes: list[str] | None        # None for a slide without counts
+    spot_pitch_um: float
+    encoder: str
+
+
+def read_slide_meta(path) -> SlideMeta:
+    """Attributes, sizes and the gene list of a cache without loading its arrays (fold building, gene lists)."""
+    with _open(path) as f:
+        if "features" not in f:
+            _fail(path, "features", "a dataset (required)", "no such key")
+        n, c = f["features"].shape
+        genes = list(_strings(f["genes"])) if "counts" in f and "genes" in f else None
+        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes)
+
+
+def list_slides(root) -> list[Path]:
+    """The slide caches of a dataset folder, sorted by name."""
+    paths = sorted(Path(root).glob("*.h5"))
+    if not paths:
+        raise FileNotFoundError(f"{root}: expected slide caches *.h5, found none")
+    return paths
+
+
+# ----------------------------------------------------------------------------- h5ad reader (h5py only)
+
+@dataclass
+class H5ad:
+    counts: np.ndarray              # (N, G) float32, the requested genes in the requested order
+    barcodes: np.ndarray            # (N,) str, the obs index
+    genes: list[str]                # (G,)
+    xy: np.ndarray | None           # (N, 2) float64 spot centres in full-resolution pixels, x then y
+    obs: dict[str, np.ndarray]      # obs columns (categoricals decoded; missing entries None)
+    library_size: np.ndarray        # (N,) float64 total counts over all genes of the file
+
+
+def _attr(node, name, default="") -> str:
+    e = node.attrs.get(name, default)
+    return e.decode() if isinstance(e, bytes) else str(e)
+
+
+def _enc(node) -> str:
+    return _attr(node, "encoding-type")
+
+
+def _h5ad_array(f, node):
+    """A column or index: plain array, string array, or categorical in the old or current anndata encoding."""
+    if isinstance(node, h5py.Group):
+        if _enc(node) == "categorical":                              # anndata >= 0.8
+            codes, cats = node["codes"][()], _h5ad_array(f, node["categories"])
+        elif _enc(node).startswith("nullable"):
+            values = _h5ad_array(f, node["values"]).astype(object)
+            values[node["mask"][()].astype(bool)] = None
+            return values
+        else:
+            raise CacheError(f"{f.filename}: key '{node.name}': expected an array or categorical, "
+                             f"found encoding '{_enc(node)}'")
+    elif "categories" in node.attrs:                                 # anndata < 0.8: codes + reference
+        codes, cats = node[()], _h5ad_array(f, f[node.attrs["categories"]])
+    elif h5py.check_string_dtype(node.dtype) or node.dtype.kind == "S":
+        return _strings(node)
+    else:
+        return node[()]
+    out = np.asarray(cats, dtype=object)[np.maximum(codes, 0)]
+    out[codes < 0] = None
+    return out
+
+
+def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
+    """(index, columns) of obs or var; the index dataset is whichever `_index` names."""
+    g = f[name]
+    index = _attr(g, "_index", "_index")
+    cols = {k: _h5ad_array(f, g[k]) for k in g if k not in (index, "__categories")}
+    return np.asarray(_h5ad_array(f, g[index]), dtype=str), cols
+
+
+def _h5ad_X(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """X as coordinates (rows, cols, values) and shape; CSR, CSC (current or old h5sparse) or dense."""
+    X = f["X"]
+    if isinstance(X, h5py.Dataset):
+        dense = X[()]
+        rows, cols = np.nonzero(dense)
+        return rows, cols, dense[rows, cols].astype(np.float64), dense.shape
+    fmt = _enc(X).replace("_matrix", "") or _attr(X, "h5sparse_format")
+    shape = tuple(int(s) for s in X.attrs.get("shape", X.attrs.get("h5sparse_shape", (0, 0))))
+    if fmt not in ("csr", "csc"):
+        raise CacheError(f"{f.filename}: key 'X': expected dense, csr_matrix or csc_matrix, found '{fmt}'")
+    indptr = X["indptr"][()]
+    major = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    minor = X["indices"][()]
+    rows, cols = (major, minor) if fmt == "csr" else (minor, major)
+    return rows, cols, X["data"][()].astype(np.float64), shape
+
+
+XY_COLUMNS = (("pxl_col_in_fullres", "pxl_row_in_fullres"), ("x_pixel", "y_pixel"), ("x", "y"),
+              ("imagecol", "imagerow"))
+
+
+def read_h5ad(path, genes: list[str] | None = None) -> H5ad:
+    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata."""
+    with _open(path) as f:
+        barcodes, obs = _h5ad_frame(f, "obs")
+        var_names, _ = _h5ad_frame(f, "var")
+        rows, cols, values, shape = _h5ad_X(f)
+        xy = None
+        if "obsm" in f and "spatial" in f["obsm"]:
+            xy = np.asarray(f["obsm"]["spatial"][()], dtype=np.float64)[:, :2]
+        else:
+            xy = next((np.stack([obs[a], obs[b]], 1).astype(np.float64) for a, b in XY_COLUMNS
+                       if a in obs and b in obs), None)
+    n = len(barcodes)
+    if shape != (n, len(var_names)):
+        _fail(path, "X", f"shape ({n}, {len(var_names)}) from obs and var", f"{shape}")
+    if xy is not None and xy.shape != (n, 2):
+        _fail(path, "obsm/spatial", f"shape ({n}, 2)", f"{xy.shape}")
+    index = {g: i for i, g in enumerate(var_names)}
+    genes = list(var_names) if genes is None else list(genes)
+    missing = [g for g in genes if g not in index]
+    if missing:
+        _fail(path, "var", f"all {len(genes)} requested genes", f"{len(missing)} missing: {', '.join(missing[:10])}")
+    column_of = np.full(len(var_names), -1)
+    column_of[[index[g] for g in genes]] = np.arange(len(genes))
+    keep = column_of[cols] >= 0
+    counts = np.zeros((n, len(genes)), dtype=np.float64)
+    np.add.at(counts, (rows[keep], column_of[cols[keep]]), values[keep])  # duplicates sum, as in scipy
+    library = np.bincount(rows, weights=values, minlength=n)
+    return H5ad(counts.astype(np.float32), barcodes, genes, xy, obs, library)
+
+
+# ----------------------------------------------------------------------------- small text formats
+
+def read_gmt(path) -> dict[str, list[str]]:
+    """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...`."""
+    sets = {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                raise CacheError(f"{path}: line {i}: expected 'name<TAB>url<TAB>genes...', found {line[:60]!r}")
+            sets[parts[0]] = [g for g in parts[2:] if g]
+    return sets
+
+
+def read_gene_list(path) -> list[str]:
+    """A gene list: JSON {"genes": [...]} (HEST-Benchmark) or a JSON list, or text with one gene per line."""
+    text = Path(path).read_text()
+    if text.lstrip()[:1] in "[{":
+        data = json.loads(text)
+        genes = data["genes"] if isinstance(data, dict) and "genes" in data else data
+        if not isinstance(genes, list):
+            raise CacheError(f"{path}: key 'genes': expected a list of gene names, found {type(genes).__name__}")
+    else:
+        genes = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("#")]
+    dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) < len(genes) else []
+    if dup:
+        raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {dup[:5]}")
+    return [str(g) for g in genes]
+
+
+def read_metadata(path) -> dict[str, dict[str, str]]:
+    """metadata.csv rows keyed by the `id` (or `sample_id`) column."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    key = next((k for k in ("id", "sample_id") if rows and k in rows[0]), None)
+    if key is None:
+        raise CacheError(f"{path}: key 'id': expected a column 'id' or 'sample_id', found "
+                         f"{list(rows[0]) if rows else 'no rows'}")
+    return {r[key]: r for r in rows}
+
+
+def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
+    """HEST-Benchmark splits: train_{i}.csv / test_{i}.csv with a `sample_id` column, i = 0, 1, ..."""
+    folds, i = [], 0
+    while (Path(folder) / f"train_{i}.csv").exists() or (Path(folder) / f"test_{i}.csv").exists():
+        pair = []
+        for name in (f"train_{i}.csv", f"test_{i}.csv"):
+            p = Path(folder) / name
+            if not p.exists():
+                raise FileNotFoundError(f"{p}: expected beside its partner split file, found nothing")
+            with open(p, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            if not rows or "sample_id" not in rows[0]:
+                raise CacheError(f"{p}: key 'sample_id': expected a column sample_id with rows, found "
+                                 f"{list(rows[0]) if rows else 'no rows'}")
+            pair.append([r["sample_id"] for r in rows])
+        folds.append((pair[0], pair[1]))
+        i += 1
+    if not folds:
+        raise FileNotFoundError(f"{folder}: expected train_0.csv and test_0.csv, found none")
+    return folds
+
+
+# ----------------------------------------------------------------------------- gene selection and targets
+
+def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> list[str]:
+    """Top-n genes of the given slides' raw counts (list of (N_i, G) arrays sharing `genes`), best first.
+    by='mean': mean raw count. by='hvg': scanpy's 'seurat' flavour: normalise each spot to 1e4, log1p,
+    mean and dispersion (var/mean) of the normalised counts, log, 20 equal-width bins of log1p(mean),
+    dispersion z-scored within its bin (a bin with one gene scores 1); genes with zero dispersion never win."""
+    x = np.concatenate([_np(c).astype(np.float64) for c in ([counts] if not isinstance(counts, list) else counts)])
+    if x.shape[1] != len(genes):
+        raise ValueError(f"select_genes: expected {len(genes)} count columns to match genes, found {x.shape[1]}")
+    if by == "mean":
+        score = x.mean(0)
+    elif by == "hvg":
+        total = x.sum(1, keepdims=True)
+        x = np.expm1(np.log1p(x / np.where(total > 0, total, 1) * 1e4))  # scanpy works on expm1(log data)
+        mean, var = x.mean(0), x.var(0, ddof=1)
+        mean[mean == 0] = 1e-12
+        disp = var / mean
+        disp[disp == 0] = np.nan
+        disp, logmean = np.log(disp), np.log1p(mean)
+        edges = np.linspace(logmean.min(), logmean.max(), 21)
+        edges[0] -= (logmean.max() - logmean.min()) * 1e-3   # pandas.cut: right-closed bins, widened left edge
+        bins = np.clip(np.searchsorted(edges, logmean, side="left") - 1, 0, 19)
+        score = np.full(len(genes), np.nan)
+        for b in np.unique(bins):
+            d = disp[bins == b]
+            ok = d[~np.isnan(d)]
+            avg, dev = (ok.mean(), ok.std(ddof=1)) if len(ok) > 1 else (0.0, ok.mean() if len(ok) else np.nan)
+            score[bins == b] = (d - avg) / dev
+    else:
+        raise ValueError(f"select_genes: expected by='hvg' or 'mean', found {by!r}")
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    return [genes[i] for i in order[:n] if not np.isnan(score[i])]
+
+
+def log_targets(counts, library_size=None, normalize: bool = False) -> torch.Tensor:
+    """Regression targets: log1p(counts), or log1p(counts / library_size * 1e4) when normalize."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    if not normalize:
+        return torch.log1p(counts)
+    lib = counts.sum(1) if library_size is None else torch.as_tensor(library_size, dtype=torch.float32)
+    return torch.log1p(counts / lib.clamp_min(1e-8)[:, None] * 1e4)
+
+
+# ----------------------------------------------------------------------------- folds
+
+def make_folds(slide_ids, patients, k: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """k folds grouped by patient (no patient in both train and test), each slide tested once.
+    Patients are shuffled by `seed` and dealt, largest first, to the fold with fewest slides; k=-1 gives
+    leave-one-patient-out. `patients` is aligned with slide_ids, or a dict slide id -> patient."""
+    ids = [str(s) for s in slide_ids]
+    pat = [str(patients[s]) for s in ids] if isinstance(patients, dict) else [str(p) for p in patients]
+    if len(pat) != len(ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"make_folds: expected unique slide ids with one patient each, found {len(ids)} ids "
+                         f"({len(set(ids))} unique) and {len(pat)} patients")
+    of = dict(sorted(zip(ids, pat)))
+    people = sorted(set(pat))
+    k = len(people) if k == -1 else k
+    if k < 2 or k > len(people):
+        raise ValueError(f"make_folds: expected 2 <= k <= {len(people)} (the number of patients) or k=-1, found k={k}")
+    rng = np.random.default_rng(seed)
+    people = [people[i] for i in rng.permutation(len(people))]
+    size = {p: sum(v == p for v in of.values()) for p in people}
+    folds = [[] for _ in range(k)]
+    for p in sorted(people, key=lambda p: -size[p]):  # stable: shuffled order breaks ties
+        min(folds, key=lambda fold: sum(size[q] for q in fold)).append(p)
+    return [([s for s in of if of[s] not in f], [s for s in of if of[s] in f]) for f in folds]
+
+
+# ----------------------------------------------------------------------------- coordinate augmentation
+
+def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+                   p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
+    """HiST A.6/A.7: random mirror, shear, rotation (a multiple of 90 deg plus up to strength * max_rot_deg)
+    around the centroid, then spot drop with probability p_drop * strength (at least one spot stays).
+    Features are untouched. Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2)).
+    strength 0 is the identity."""
+    n = xy.shape[0]
+    if strength <= 0:
+        return torch.arange(n), xy.clone()
+    u = lambda: float(torch.rand((), generator=generator, dtype=torch.float64))  # noqa: E731
+    mirror = -1.0 if u() < 0.5 else 1.0
+    shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
+    angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
+    c, s = math.cos(angle), math.sin(angle)
+    A = torch.tensor([[c, -s], [s, c]], dtype=torch.float64) @ torch.tensor([[1.0, shear], [0.0, 1.0]],
+                                                                            dtype=torch.float64) \
+        @ torch.diag(torch.tensor([mirror, 1.0], dtype=torch.float64))
+    centre = xy.double().mean(0)
+    out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
+    keep = torch.rand(n, generator=generator) >= p_drop * strength
+    if not keep.any():
+        keep[int(torch.randint(n, (1,), generator=generator))] = True
+    keep = keep.nonzero().squeeze(1)
+    return keep, out[keep]
+
+
+# ----------------------------------------------------------------------------- placeholder encoder
+
+# Ruifrok & Johnston (2001) optical-density colour vectors of haematoxylin and eosin.
+HEMATOXYLIN = torch.tensor([0.650, 0.704, 0.286])
+EOSIN = torch.tensor([0.072, 0.990, 0.105])
+
+
+@torch.no_grad()
+def patch_statistics(images: torch.Tensor) -> torch.Tensor:
+    """The built-in placeholder encoder: uint8 (B, H, W, 3) RGB patches -> (B, 48) float32 features.
+    Eight maps (R, G, B, haematoxylin and eosin optical density, gradient magnitude, nuclei mask,
+    background mask) summarised over the whole patch and over 2x2 and 4x4 grids of sub-patches
+    (HiFusion's intra-spot hierarchy): whole-patch mean and std, then per grid the mean std inside a
+    sub-patch (texture) and the std of sub-patch means (heterogeneity). A weak stand-in for a pathology
+    foundation model: use `--encoder module:callable` with any callable of the same signature instead."""
+    x = images.permute(0, 3, 1, 2).float() / 255                                       # (B, 3, H, W)
+    od = -torch.log((x * 255 + 1) / 256)                                               # Beer-Lambert optical density
+    hema = torch.einsum("bchw,c->bhw", od, HEMATOXYLIN / HEMATOXYLIN.norm())[:, None]
+    eosin = torch.einsum("bchw,c->bhw", od, EOSIN / EOSIN.norm())[:, None]
+    gray = x.mean(1, keepdim=True)
+    gx = F.pad(gray[..., :, 1:] - gray[..., :, :-1], (0, 1))
+    gy = F.pad(gray[..., 1:, :] - gray[..., :-1, :], (0, 0, 0, 1))
+    maps = torch.cat([x, hema, eosin, (gx ** 2 + gy ** 2).sqrt(), (hema > 0.5).float(), (gray > 0.85).float()], 1)
+    feats = [maps.mean((2, 3)), maps.std((2, 3))]                                     # (B, 8) each
+    for grid in (2, 4):
+        mean = F.adaptive_avg_pool2d(maps, grid)                                       # (B, 8, grid, grid)
+        std = (F.adaptive_avg_pool2d(maps ** 2, grid) - mean ** 2).clamp_min(0).sqrt()
+        feats += [std.mean((2, 3)), mean.flatten(2).std(2)]
+    return torch.cat(feats, 1)                                                         # (B, 48)
+
+
+def load_encoder(spec: str | None):
+    """'module:callable' (importable from the current folder) -> the callable; None -> patch_statistics."""
+    if not spec:
+        return patch_statistics
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"--encoder: expected 'module:callable', found {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    return getattr(importlib.import_module(module), name)
+
+
+def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 256,
+                  overwrite: bool = False, log=print) -> list[Path]:
+    """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
+    HEST-Benchmark embedding file <id>.h5 per slide (`embeddings`, `coords` copied, `barcodes`)."""
+    fn, written = load_encoder(encoder), []
+    for path in sorted(Path(patches_dir).glob("*.h5")):
+        t0, out = time.time(), Path(out_dir) / path.name
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+        with _open(path) as f:
+            for key in ("img", "coords", "barcode"):
+                if key not in f:
+                    _fail(path, key, "a dataset (HEST patches file)", "no such key")
+            img = f["img"]
+            if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
+                _fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
+            emb = torch.cat([torch.as_tensor(fn(torch.from_numpy(img[i:i + batch_size]))).float()
+                             for i in range(0, img.shape[0], batch_size)]).numpy()
+            coords, barcodes = f["coords"][()], _strings(f["barcode"]).reshape(-1)
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as g:
+            g["embeddings"], g["coords"] = emb, coords
+            g.create_dataset("barcodes", data=barcodes.astype(object), dtype=STR)
+            g.attrs["encoder"] = encoder or "tessera-patch-statistics"
+        log(f"embed {path.stem}: {len(emb)} patches -> {emb.shape[1]} features in {time.time() - t0:.1f} s")
+        written.append(out)
+    if not written:
+        raise FileNotFoundError(f"{patches_dir}: expected HEST patch files *.h5, found none")
+    return written
+
+
+# ----------------------------------------------------------------------------- HEST import
+
+def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str]:
+    """A HEST-Benchmark embedding file: `embeddings` (N, C), `barcodes` (N,) or (N, 1); -> (emb, barcodes, encoder)."""
+    with _open(path) as f:
+        for key in ("embeddings", "barcodes"):
+            if key not in f and not (key == "barcodes" and "barcode" in f):
+                _fail(path, key, "a dataset (HEST-Benchmark embedding file)", "no such key")
+        emb = f["embeddings"][()]
+        barcodes = _strings(f["barcodes" if "barcodes" in f else "barcode"]).reshape(-1)
+        encoder = _attr(f, "encoder", Path(path).parent.name)
+    if emb.ndim != 2 or len(emb) != len(barcodes):
+        _fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
+    if len(set(barcodes)) < len(barcodes):
+        _fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
+    return emb, barcodes, encoder
+
+
+def _h5ad_gene_totals(path) -> dict[str, float]:
+    """Total counts per gene of one h5ad, straight from the sparse arrays."""
+    with _open(path) as f:
+        genes, _ = _h5ad_frame(f, "var")
+        _, cols, values, _ = _h5ad_X(f)
+    return dict(zip(genes, np.bincount(cols, weights=values, minlength=len(genes))))
+
+
+def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,
+                overwrite: bool = False, log=print) -> list[Path]:
+    """HEST-1k `st/<id>.h5ad` + HEST-Benchmark embedding files `<id>.h5` -> slide caches `<out>/<id>.h5`.
+    Spots are joined by barcode (one line per slide reports the unmatched); centres come from the h5ad
+    and become micrometres with the metadata's pixel_size_um_estimated; patient from its `patient`
+    column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
+    list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
+    always the total over all genes."""
+    table = read_metadata(meta) if meta else {}
+    pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
+    if not pairs:
+        raise FileNotFoundError(f"{features_dir}: expected embedding files *.h5, found none")
+    for p, st in pairs:
+        if not st.exists():
+            log(f"{p.stem}: skipped, no expression file {st}")
+    pairs = [(p, st) for p, st in pairs if st.exists()]
+    wanted = read_gene_list(genes) if genes else None
+    if max_genes:
+        totals = {}
+        for _, st in pairs:
+            for g, t in _h5ad_gene_totals(st).items():
+                totals[g] = totals.get(g, 0.0) + t
+        wanted = sorted(totals, key=lambda g: -totals[g])[:max_genes]
+    written = []
+    for p, st in pairs:
+        sid, row = p.stem, table.get(p.stem, {})
+        emb, feature_barcodes, encoder = _read_embeddings(p)
+        with _open(st) as f:
+            have = set(_h5ad_frame(f, "var")[0])
+        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have])
+        if h.xy is None:
+            _fail(st, "obsm/spatial", "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)",
+                  "neither")
+        row_of = {b: i for i, b in enumerate(feature_barcodes)}
+        matched = np.array([b in row_of for b in h.barcodes], dtype=bool)
+        rows = np.array([row_of[b] for b in h.barcodes[matched]], dtype=np.int64)
+        px = float(row.get("pixel_size_um_estimated") or "nan")
+        n = int(matched.sum())
+        line = (f"{sid}: {n} spots matched, {len(matched) - n} only in st, {len(feature_barcodes) - n} only in "
+                f"features; {len(h.genes)} genes" + (f" ({len(wanted) - len(h.genes)} of the list missing)"
+                                                     if wanted is not None else ""))
+        if not px > 0:
+            px, line = 1.0, line + "; no pixel_size_um_estimated, coords stay in pixels"
+        if n == 0:
+            log(line + "; skipped (check that barcodes use the same format)")
+            continue
+        slide = Slide(sid, torch.from_numpy(emb[rows]).float(), torch.from_numpy(h.xy[matched] * px).float(),
+                      h.barcodes[matched], patient=row.get("patient") or sid,
+                      spot_pitch_um=float(row.get("inter_spot_dist") or "nan"), encoder=encoder,
+                      counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
+                      library_size=torch.from_numpy(h.library_size[matched]).float())
+        written.append(write_slide(Path(out_dir) / f"{sid}.h5", slide, overwrite))
+        log(f"{line}; patient {slide.patient} -> {written[-1]}")
+    return written
+
+
+# ----------------------------------------------------------------------------- synthetic slides
+
+LAYOUTS = {"visium": (100.0, True), "square": (200.0, False), "hd": (8.0, False)}  # pitch in um, hexagonal
+# Latent tissue programs: (name, kind, length scale of its smooth random field in spot pitches, or the
+# region a margin surrounds). What the spot's own image features show of each kind:
+#   region  - a thresholded field (tumour, gland): clearly visible
+#   local   - visible under light noise
+#   neigh   - visible only under heavy per-spot noise; smooth over several spots, so the mean of the
+#             neighbours' features recovers it
+#   inhibit - a pair visible locally whose expression is suppressed by the other one in the first ring
+#   margin  - spots outside a region with the region in their two rings; invisible locally
+PROGRAMS = (("TUMOUR", "region", 5), ("GLAND", "region", 8), ("CELLULARITY", "local", 4),
+            ("LOCAL_A", "local", 2), ("LOCAL_B", "local", 3), ("LOCAL_C", "local", 6),
+            ("NEIGH_A", "neigh", 3), ("NEIGH_B", "neigh", 4), ("NEIGH_C", "neigh", 4),
+            ("NEIGH_D", "neigh", 5), ("NEIGH_E", "neigh", 6),
+            ("INHIBIT_A", "inhibit", 2.5), ("INHIBIT_B", "inhibit", 2.5),
+            ("TUMOUR_MARGIN", "margin", "TUMOUR"), ("GLAND_MARGIN", "margin", "GLAND"))
+FIELDS = [p for p in PROGRAMS if p[1] != "margin"] + [("NUISANCE_A", "local", 2), ("NUISANCE_B", "local", 5)]
+NOISE = {"region": 0.3, "local": 0.5, "neigh": 3.0, "inhibit": 0.5}   # feature noise per visible signal
+
+
+def _random_fields(scales, rng, k=64):
+    """Unit-variance Gaussian random fields with squared-exponential correlation (random Fourier
+    features, k frequencies each); returns a function from points (M, 2) to values (M, len(scales))."""
+    omega = (rng.standard_normal((len(scales), k, 2)) / np.asarray(scales, float)[:, None, None]).reshape(-1, 2)
+    phase = rng.uniform(0, 2 * np.pi, len(scales) * k)
+    return lambda xy: math.sqrt(2 / k) * np.cos((xy @ omega.T + phase).astype(np.float32)).reshape(
+        len(xy), len(scales), k).sum(-1, dtype=np.float64)
+
+
+def _neighbour_mean(v, mask, hexagonal, radius):
+    """Mean of v (R, C, K) over the in-tissue lattice sites within `radius` pitches (not the site itself)."""
+    hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
+    r = int(radius / hx) + 1
+    total, count = np.zeros_like(v), np.zeros(mask.shape)
+    for dr in range(-r, r + 1):
+        for dc in range(-r, r + 1):
+            if (hexagonal and (dr + dc) % 2) or not 0 < math.hypot(dr * hy, dc * hx) <= radius + 1e-6:
+                continue
+            dst = np.s_[max(0, -dr):mask.shape[0] - max(0, dr), max(0, -dc):mask.shape[1] - max(0, dc)]
+            src = np.s_[max(0, dr):mask.shape[0] - max(0, -dr), max(0, dc):mask.shape[1] - max(0, -dc)]
+            total[dst] += v[src] * mask[src][..., None]
+            count[dst] += mask[src]
+    return total / np.maximum(count, 1)[..., None]
+
+
+def _region(z):
+    return 1 / (1 + np.exp(-4 * (z - 0.5)))
+
+
+def _visible(z, rng):
+    """What the image shows of the latent fields z (M, len(FIELDS)): (M, len(FIELDS)) noisy signals."""
+    sig = np.stack([_region(z[:, f]) if kind == "region" else z[:, f] for f, (_, kind, _) in enumerate(FIELDS)], 1)
+    noise = np.array([NOISE[kind] for _, kind, _ in FIELDS])
+    return sig + noise * rng.standard_normal(sig.shape)
+
+
+def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium", n_spots: int = 1500,
+                   n_genes: int = 300, n_features: int = 64, pseudo: bool = False, overwrite: bool = False,
+                   log=print) -> list[Path]:
+    """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
+    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i)."""
+    t0, out = time.time(), Path(out)
+    pitch, hexagonal = LAYOUTS[layout]
+    hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
+    rng = np.random.default_rng(seed)
+    P, S = len(PROGRAMS), len(FIELDS)
+    # genes: ~85% belong to one program (a quarter also weakly to a second), the rest to none
+    n_free = round(0.15 * n_genes)
+    primary = np.concatenate([rng.permutation(np.arange(n_genes - n_free) % P), -np.ones(n_free, int)])
+    W = np.zeros((n_genes, P))
+    for g in np.flatnonzero(primary >= 0):
+        W[g, primary[g]] = rng.uniform(0.5, 1.0) * (-1 if rng.random() < 0.15 else 1)
+        if rng.random() < 0.25:
+            W[g, (primary[g] + rng.integers(1, P)) % P] = rng.uniform(0.2, 0.5)
+    log_base = rng.normal(math.log(3), 1.0, n_genes)
+    theta = rng.uniform(2, 10, n_genes)                                  # NB size; variance mu + mu^2/theta
+    mix = rng.standard_normal((S, n_features)) / math.sqrt(S)            # visible signals -> features
+    stain_shift, stain_gain = rng.standard_normal((3, n_features)), rng.standard_normal((3, n_features))
+    patient_of = [p for p, size in enumerate([3, 2] * n_slides) for _ in range(size)][:n_slides]
+    n_pat = patient_of[-1] + 1
+    patient_offset = 0.4 * rng.standard_normal((n_pat, S))               # e.g. more tumour in a patient
+    patient_stain = rng.standard_normal((n_pat, 3))
+    genes = [f"G{g:03d}" for g in range(n_genes)]
+    names = [f"P{p:02d}_{name}" for p, (name, _, _) in enumerate(PROGRAMS)]
+    paths, rows, total = [], [], 0
+    for i in range(n_slides):
+        srng, pat = np.random.default_rng([seed, i]), patient_of[i]
+        n = int(n_spots * srng.uniform(0.85, 1.15))
+        side = math.sqrt(n / 0.55 * hx * hy * (2 if hexagonal else 1))
+        R, C = int(side / hy) + 2, int(side / hx) + 2
+        rr, cc = np.mgrid[0:R, 0:C]
+        grid = np.stack([cc * hx, rr * hy], -1).reshape(-1, 2)           # (R*C, 2) in pitches
+        fields = _random_fields([s for _, _, s in FIELDS] + [side / 4], srng)
+        z = fields(grid)                                                 # (R*C, S+1)
+        z[:, :S] += patient_offset[pat]
+        # irregular tissue footprint: the n sites scoring best on a random ellipse plus a smooth field
+        angle, aspect = srng.uniform(0, np.pi), srng.uniform(0.6, 1.0)
+        u, v = ((grid - side / 2) @ np.array([[math.cos(angle), -math.sin(angle)],
+                                              [math.sin(angle), math.cos(angle)]])).T
+        score = -np.hypot(u, v / aspect) / side + 0.15 * z[:, S]
+        if hexagonal:
+            score[(rr + cc).reshape(-1) % 2 == 1] = -np.inf
+        mask = np.zeros(R * C, bool)
+        mask[np.argsort(-score, kind="stable")[:n]] = True
+        # program activities, including the ones that depend on the neighbours
+        idx = {name: f for f, (name, _, _) in enumerate(FIELDS)}
+        zg, mg = z[:, :S].reshape(R, C, S), mask.reshape(R, C)
+        ring1 = _neighbour_mean(zg, mg, hexagonal, 1.0).reshape(-1, S)
+        ring2 = _neighbour_mean(_region(zg), mg, hexagonal, 2.0).reshape(-1, S)
+        act = np.zeros((R * C, P))
+        for p, (name, kind, arg) in enumerate(PROGRAMS):
+            if kind == "region":
+                act[:, p] = 2 * _region(z[:, p]) - 1
+            elif kind == "inhibit":   # suppressed by the partner's level in the first ring
+                partner = idx["INHIBIT_B" if name == "INHIBIT_A" else "INHIBIT_A"]
+                act[:, p] = (z[:, p] - 0.8 * ring1[:, partner]) / 1.2
+            elif kind == "margin":    # outside the region, with the region in the two rings around
+                act[:, p] = 5 * ring2[:, idx[arg]] * (1 - _region(z[:, idx[arg]])) - 0.5
+            else:
+                act[:, p] = z[:, p]
+        act = act[mask]                                                  # (N, P)
+        # expression: NB counts around library size x exp(baseline + loadings . activities)
+        lib = math.exp(srng.normal(0, 0.3)) * np.exp(0.4 * z[mask, idx["CELLULARITY"]] + 0.2 * srng.standard_normal(n))
+        expected = lib[:, None] * np.exp(log_base + act @ W.T)           # (N, G)
+        counts = srng.negative_binomial(theta, theta / (theta + expected)).astype(np.float32)
+        # features: mixed visible signals + noise, then a per-slide affine stain shift
+        stain = patient_stain[pat] + 0.5 * srng.standard_normal(3)
+        embed = lambda vis: (vis @ mix + 0.3 * srng.standard_normal((len(vis), n_features))) \
+            * np.exp(0.15 * stain @ stain_gain) + 0.5 * stain @ stain_shift  # noqa: E731
+        offset = srng.uniform(0, 5000, 2)
+        coords = grid[mask] * pitch + offset + 0.01 * pitch * srng.standard_normal((n, 2))
+        slide = Slide(f"synth_{i:02d}", torch.tensor(embed(_visible(z[mask, :S], srng)), dtype=torch.float32),
+                      torch.tensor(coords, dtype=torch.float32), np.array([f"s{i:02d}_{j:05d}" for j in range(n)]),
+                      patient=f"P{pat:02d}", spot_pitch_um=pitch, encoder="synthetic",
+                      counts=torch.from_numpy(counts), genes=genes, library_size=torch.from_numpy(counts.sum(1)),
+                      expected=torch.tensor(expected, dtype=torch.float32))
+        if pseudo:  # off-grid pseudo-spots at triangle (hex) or square centres inside the tissue (FEAST)
+            if hexagonal:   # sites (r, c), (r, c+2), (r+1, c+1) form a triangle
+                pr, pc = np.nonzero(mg[:-1, :-2] & mg[:-1, 2:] & mg[1:, 1:-1])
+                pxy = np.stack([pc * hx + 0.5, pr * hy + hy / 3], 1)
+            else:
+                pr, pc = np.nonzero(mg[:-1, :-1] & mg[:-1, 1:] & mg[1:, :-1] & mg[1:, 1:])
+                pxy = np.stack([pc + 0.5, pr + 0.5], 1)
+            pz = fields(pxy)[:, :S] + patient_offset[pat]
+            slide.pseudo_features = torch.tensor(embed(_visible(pz, srng)), dtype=torch.float32)
+            slide.pseudo_coords = torch.tensor(pxy * pitch + offset, dtype=torch.float32)
+        paths.append(write_slide(out / f"{slide.slide_id}.h5", slide, overwrite))
+        rows.append(f"{slide.slide_id},{slide.patient},{layout},{n}")
+        total += n
+    (out / "programs.gmt").write_text("".join(
+        f"{name}\tsynthetic:{kind}\t" + "\t".join(genes[g] for g in np.flatnonzero(W[:, p])) + "\n"
+        for p, (name, (_, kind, _)) in enumerate(zip(names, PROGRAMS))))
+    (out / "metadata.csv").write_text("id,patient,layout,n_spots\n" + "\n".join(rows) + "\n")
+    log(f"synth: {n_slides} slides, {total} spots, {n_genes} genes, {n_features} features, {n_pat} patients "
+        f"-> {out} in {time.time() - t0:.1f} s")
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="data.py", description="Build tessera slide caches (see DESIGN.md, 'Data contract').")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("synth", help="write a synthetic dataset (slides, programs.gmt, metadata.csv)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--slides", type=int, default=12, help="number of slides (2-3 per patient)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="visium",
+                   help="visium: hexagonal 100 um; square: 200 um (legacy ST); hd: square 8 um bins")
+    p.add_argument("--spots", type=int, default=1500, help="spots per slide (+-15%%)")
+    p.add_argument("--genes", type=int, default=300)
+    p.add_argument("--features", type=int, default=64)
+    p.add_argument("--pseudo", action="store_true", help="also write off-grid pseudo-spots (FEAST)")
+    p = sub.add_parser("import-hest", help="HEST st/<id>.h5ad + embedding files <id>.h5 -> slide caches")
+    p.add_argument("--st", required=True, help="folder of <id>.h5ad files")
+    p.add_argument("--features", required=True, help="folder of <id>.h5 embedding files (embeddings, coords, barcodes)")
+    p.add_argument("--out", required=True, help="output folder (never one of the inputs)")
+    p.add_argument("--meta", help="metadata.csv with id, patient, pixel_size_um_estimated, inter_spot_dist")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--genes", help="gene list: JSON {\"genes\": [...]} or one gene per line")
+    g.add_argument("--max-genes", type=int, help="keep the N genes with the most counts over all slides")
+    p = sub.add_parser("embed", help="HEST patch files <id>.h5 -> embedding files <id>.h5 (placeholder encoder)")
+    p.add_argument("--patches", required=True, help="folder of HEST patch files (img, coords, barcode)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning (B, C) float; "
+                   "default: the built-in colour/texture statistics (a weak stand-in for a foundation model)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
+    p.add_argument("--slides", required=True, help="folder of slide caches with counts")
+    p.add_argument("--ids", nargs="*", help="only these slide ids (e.g. a fold's training slides)")
+    p.add_argument("--n", type=int, default=250)
+    p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
+    p.add_argument("--out", required=True, help="output JSON file")
+    for p in sub.choices.values():
+        if p.prog.split()[-1] != "genes":
+            p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    a = ap.parse_args(argv)
+    if a.cmd == "synth":
+        make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite)
+    elif a.cmd == "import-hest":
+        import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
+    elif a.cmd == "embed":
+        embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
+    else:
+        paths = [p for p in list_slides(a.slides) if not a.ids or p.stem in a.ids]
+        metas = [read_slide_meta(p) for p in paths]
+        common = [g for g in metas[0].genes if all(g in set(m.genes) for m in metas[1:])]
+        counts = [read_slide(p, genes=common).counts for p in paths]
+        chosen = select_genes(counts, common, a.n, a.by)
+        with atomic_path(a.out) as tmp:
+            Path(tmp).write_text(json.dumps({"genes": chosen}, indent=1) + "\n")
+        print(f"genes: {len(chosen)} by {a.by} from {len(paths)} slides ({len(common)} genes in common) -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

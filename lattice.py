@@ -1,0 +1,243 @@
+"""Lattice geometry (HiST sec. 3.1, 3.4.1, 3.5, App. A.2-A.6): spots on a collision-free integer lattice,
+window rulebooks for sparse window attention, dyadic coarsening maps, and the per-slide pyramid of levels.
+
+A site is (i, j) = round(xy / unit): column 0 from x, column 1 from y; "row-major" means sorted by (i, j).
+Windows have side 2w. A standard window is keyed (i // 2w, j // 2w); the shifted partition moves the grid
+origin by w, key ((i + w) // 2w, (j + w) // 2w), so a shifted window straddles the corner of four standard
+ones and tokens near a boundary attend across it (HiST eq. 2). The slot of a site inside its window is
+row-major: 2w * (i mod 2w) + (j mod 2w), on the shifted coordinates for the shifted partition. w = 2:
+
+    standard windows        shifted windows         slots of any window
+      j 0 1 2 3 4 5 6 7       j 0 1 2 3 4 5 6 7
+    i 0 A A A A B B B B     i 0 a a b b b b c c        0  1  2  3
+      1 A A A A B B B B       1 a a b b b b c c        4  5  6  7
+      2 A A A A B B B B       2 d d e e e e f f        8  9 10 11
+      3 A A A A B B B B       3 d d e e e e f f       12 13 14 15
+      4 C C C C D D D D       4 d d e e e e f f
+      5 C C C C D D D D       5 d d e e e e f f     (site (3, 4): window B slot 4 * 3 + 0 = 12,
+      6 C C C C D D D D       6 g g h h h h i i      shifted window e slot 4 * 1 + 2 = 6)
+      7 C C C C D D D D       7 g g h h h h i i
+
+One coarsening step (HiST eq. 4, Alg. 2): site (i, j) goes to parent (i // 2, j // 2) in slot
+2 * (i % 2) + (j % 2); a parent has at most four children.
+
+    level l:   (4,6) (4,7)    ->    level l+1: parent (2,3), children in slots   0 1
+               (5,6) (5,7)                                                        2 3
+
+Everything is sort / unique / scatter on int64 keys: no Python loop over spots or windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_OFF = 2 ** 30  # to_lattice keys: (i + _OFF) * 2^32 + (j + _OFF), valid for lattices up to 2^30 wide
+_CHUNK = 2 ** 20  # candidate pairs per batch in default_unit
+
+
+def _rowmajor(ij):
+    """(N, 2) integers -> (N,) int64 keys >= 0 that sort like (i, j), the minima, the stride of column 1."""
+    lo = ij.amin(0)
+    d = ij - lo
+    stride = int(d[:, 1].max()) + 1
+    return d[:, 0] * stride + d[:, 1], lo, stride
+
+
+def _group(key):
+    """torch.unique(key, return_inverse=True) for keys >= 0. When the key range is small, as on a lattice,
+    a dense table of occupied keys (HiST App. A.2's index map) and a cumsum replace the sort."""
+    span = int(key.max()) + 1
+    if span > 4 * len(key):
+        return torch.unique(key, return_inverse=True)
+    occupied = torch.zeros(span, dtype=torch.bool, device=key.device)
+    occupied[key] = True
+    return torch.nonzero(occupied).squeeze(1), (torch.cumsum(occupied, 0) - 1)[key]
+
+
+def _median_nn(xy):
+    """Exact median over spots of the distance to the nearest other spot, with a grid hash (HiST App. A.2's
+    index map). Cells of side h hold about one spot; the 3 x 3 cells around a spot hold every spot within
+    h of it. h doubles until more than half of the spots found a neighbour within h, which fixes the median
+    (the others are farther than h from everything). Cells are clamped to a box that ignores stray spots:
+    clamping keeps neighbouring cells adjacent, so no neighbour is missed."""
+    p = xy.double()
+    n = len(p)
+    sub = p[::max(1, n // 4096)]
+    lo, hi = sub.quantile(0.005, dim=0), sub.quantile(0.995, dim=0)
+    ext = hi - lo                                        # h from the area per spot, or length for a line
+    h = float(ext.prod() / n) ** 0.5 or float(ext.max()) / n or float((p.amax(0) - p.amin(0)).max()) / n
+    if h == 0:                                           # every spot at one point
+        return 0.0
+    best = torch.full((n,), float("inf"), dtype=torch.float64, device=p.device)
+    todo = torch.arange(n, device=p.device)
+    while n - len(todo) <= n // 2:
+        size = (ext / h).long() + 1
+        c = torch.minimum(((p - lo) / h).floor().clamp(min=0).long(), size - 1) + 1  # (N, 2), empty border
+        ny = int(size[1]) + 2
+        cell = c[:, 0] * ny + c[:, 1]
+        order = torch.argsort(cell)                                  # spots grouped by cell
+        xs, ys = p[order, 0], p[order, 1]                            # coordinates in that order
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=p.device)               # position of each spot in it
+        count = torch.bincount(cell, minlength=(int(size[0]) + 2) * ny)
+        start = torch.cat([count.new_zeros(1), torch.cumsum(count, 0)])  # cell c holds start[c]:start[c + 1]
+        mid = (c[todo, :1] + torch.tensor([-1, 0, 1], device=p.device)) * ny + c[todo, 1:]  # (Q, 3) rows
+        first, k = start[mid - 1], start[mid + 2] - start[mid - 1]   # 3 cells of a row are consecutive
+        by = torch.argsort(k.amax(1), descending=True, stable=True)  # batches of queries of similar load
+        load = k.amax(1)[by].clamp(min=1).tolist()
+        i = 0
+        while i < len(by):
+            rows = by[i:i + max(1, _CHUNK // (3 * load[i]))]
+            q, t = todo[rows], torch.arange(load[i], device=p.device)
+            pos = (first[rows, :, None] + t).clamp(max=n - 1)         # (R, 3, kmax) candidates, in cell order
+            dx = xs.index_select(0, pos.flatten()).view(pos.shape) - p[q, 0, None, None]  # (index_select
+            dy = ys.index_select(0, pos.flatten()).view(pos.shape) - p[q, 1, None, None]  # beats [] on CPU)
+            empty = (t >= k[rows, :, None]) | (pos == rank[q, None, None])  # past the row's end, or itself
+            best[q] = (dx * dx + dy * dy).masked_fill(empty, float("inf")).flatten(1).amin(1)
+            i += len(rows)
+        todo = todo[best[todo] > h * h]
+        h *= 2
+    lower, upper = best.kthvalue((n + 1) // 2).values, best.kthvalue(n // 2 + 1).values  # the middle two
+    return float(lower.sqrt() + upper.sqrt()) / 2
+
+
+def default_unit(xy) -> float:
+    """Lattice unit in micrometres: median nearest-neighbour distance / 1.8 (HiST: 55 um for Visium's
+    100 um pitch). A single spot gets 1.0 (any unit puts it on one site)."""
+    if len(xy) < 2:
+        return 1.0
+    unit = _median_nn(xy) / 1.8
+    if unit == 0:
+        raise ValueError(f"default_unit: more than half of the {len(xy)} spots share their coordinate with "
+                         "another spot, so the median spacing is 0; pass the unit (unit_um) explicitly")
+    return unit
+
+
+def _key(ij):
+    return (ij[..., 0] + _OFF) * 2 ** 32 + (ij[..., 1] + _OFF)
+
+
+def _member(sorted_keys, q):
+    """Whether each key of q is in the sorted 1-D tensor sorted_keys."""
+    if len(sorted_keys) == 0:
+        return torch.zeros_like(q, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_keys, q).clamp(max=len(sorted_keys) - 1)
+    return sorted_keys[pos] == q
+
+
+def to_lattice(xy, unit) -> torch.Tensor:
+    """(N, 2) micrometres -> (N, 2) unique int64 sites (HiST App. A.6), minima shifted to 0.
+
+    Round xy / unit; on each rounded site the spot nearest to it keeps it (ties: lower index). The
+    displaced spots then move to the nearest free site (Euclidean, from the continuous position) in rounds:
+    each searches the square of radius R around its rounded site and proposes its nearest free site if
+    nothing outside the square can be closer, else its R grows by one; a site wanted by several goes to the
+    spot closest to its own rounded site (then lower index), the others retry next round."""
+    g = xy.double() / unit                                      # (N, 2) continuous lattice coordinates
+    r = torch.round(g)
+    d0 = (g[:, 0] - r[:, 0]) ** 2 + (g[:, 1] - r[:, 1]) ** 2     # squared distance to the rounded site
+    lo = r.amin(0)
+    r, g = (r - lo).long(), g - lo
+    taken, inv, count = torch.unique(_key(r), return_inverse=True, return_counts=True)
+    hit = torch.nonzero(count[inv] > 1).squeeze(1)              # spots on contested sites, by index
+    hit = hit[torch.argsort(d0[hit], stable=True)]              # nearest first, then lower index
+    hit = hit[torch.argsort(inv[hit], stable=True)]             # grouped by site
+    keeps = torch.ones_like(hit, dtype=torch.bool)
+    keeps[1:] = inv[hit[1:]] != inv[hit[:-1]]
+    pending = hit[~keeps].sort().values
+    pending = pending[torch.argsort(d0[pending], stable=True)]  # priority: closest to rounded site first
+    site, new = r.clone(), torch.zeros(0, dtype=torch.long, device=r.device)  # new: sites taken in rounds
+    rad = torch.ones_like(pending)                              # search radius of each pending spot
+    while len(pending):
+        dest, dist = torch.empty_like(r[pending]), torch.empty_like(d0[pending])
+        for R in rad.unique().tolist():                         # one square of offsets per radius in use
+            m = torch.nonzero(rad == R).squeeze(1)
+            ax = torch.arange(-R, R + 1, device=r.device)
+            cand = r[pending[m], None] + torch.cartesian_prod(ax, ax)  # (P_R, (2R+1)^2, 2)
+            ck = _key(cand)
+            d = ((g[pending[m], None] - cand) ** 2).sum(-1)
+            d = d.masked_fill(_member(taken, ck) | _member(new, ck), float("inf"))
+            dist[m], k = d.min(1)                               # first minimum: ties follow offset order
+            dest[m] = cand[torch.arange(len(m), device=r.device), k]
+        sure = dist <= (rad + 0.5) ** 2                         # every site outside the square is >= R + 0.5
+        rad += ~sure
+        who = torch.nonzero(sure).squeeze(1)                    # rows of pending that propose, by priority
+        wanted, owner = torch.unique(_key(dest[who]), return_inverse=True)
+        win = who[torch.full_like(wanted, len(who)).scatter_reduce(0, owner, torch.arange(len(who),
+                                                                   device=r.device), "amin")]
+        site[pending[win]] = dest[win]
+        new = torch.cat([new, wanted]).sort().values
+        keep = torch.ones_like(pending, dtype=torch.bool).index_fill(0, win, False)  # the losers retry
+        pending, rad = pending[keep], rad[keep]
+    return site - site.amin(0)
+
+
+def slot_offsets(w) -> torch.Tensor:
+    """(4w^2, 2): slot s of a 2w x 2w window sits at (s // 2w, s % 2w)."""
+    s = torch.arange(4 * w * w)
+    return torch.stack([s // (2 * w), s % (2 * w)], 1)
+
+
+def relative_index(w) -> torch.Tensor:
+    """(S, S) index into a flattened (4w-1) x (4w-1) table of relative offsets (HiST eq. 3):
+    (ia - ib + 2w - 1) * (4w - 1) + (ja - jb + 2w - 1) for query slot a, key slot b."""
+    d = slot_offsets(w)[:, None, :] - slot_offsets(w)[None, :, :] + 2 * w - 1  # (S, S, 2), in [0, 4w-2]
+    return d[..., 0] * (4 * w - 1) + d[..., 1]
+
+
+def window_rulebook(sites, w, shift=False) -> torch.Tensor:
+    """(N, 2) unique sites -> (W, 4w^2) token ids, -1 for an empty slot (HiST Alg. 1): one row per non-empty
+    2w x 2w window in row-major window order, column = row-major slot. `shift` offsets the grid by w."""
+    s = sites + w if shift else sites
+    win, loc = torch.div(s, 2 * w, rounding_mode="floor"), s % (2 * w)
+    windows, row = _group(_rowmajor(win)[0])
+    book = torch.full((len(windows), 4 * w * w), -1, dtype=torch.long, device=sites.device)
+    book[row, loc[:, 0] * 2 * w + loc[:, 1]] = torch.arange(len(sites), device=sites.device)
+    return book
+
+
+def coarsen(sites):
+    """(N, 2) sites -> parent_sites (M, 2) = unique(sites // 2) row-major, parent (N,) row of each site's
+    parent, slot (N,) = 2 * (i % 2) + (j % 2) (HiST eq. 4, Alg. 2 lines 2-4)."""
+    key, lo, stride = _rowmajor(torch.div(sites, 2, rounding_mode="floor"))
+    uniq, parent = _group(key)
+    parent_sites = torch.stack([uniq // stride, uniq % stride], 1) + lo
+    return parent_sites, parent, 2 * (sites[:, 0] % 2) + sites[:, 1] % 2
+
+
+@dataclass
+class Level:
+    """One scale of the pyramid; N_l tokens, W windows, S = 4w^2 slots."""
+    sites: torch.Tensor                   # (N_l, 2)
+    rulebook: torch.Tensor                # (W, S) standard windows
+    rulebook_shifted: torch.Tensor        # (W', S) windows of the grid shifted by w
+    parent: torch.Tensor | None = None    # (N_l,) row of the parent in the next level; None at the coarsest
+    slot: torch.Tensor | None = None      # (N_l,) child slot 0..3 inside the parent
+
+    def to(self, device):
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        return Level(*(None if t is None else t.to(device) for t in tensors))
+
+
+@dataclass
+class Pyramid:
+    """The lattice levels of one slide, finest first; built once per forward, shared by all layers."""
+    levels: list[Level]
+    w: int
+
+    def to(self, device):
+        return Pyramid([level.to(device) for level in self.levels], self.w)
+
+
+def build_pyramid(sites, levels, w) -> Pyramid:
+    """Level 0 = sites, level l + 1 = coarsen(level l); both rulebooks at every level, parent/slot maps on
+    all but the coarsest (HiST sec. 3.5: N_{l+1} is about N_l / 4)."""
+    if levels < 1 or w < 1:
+        raise ValueError(f"build_pyramid: levels and w must be >= 1, got levels={levels}, w={w}")
+    out = []
+    for l in range(levels):
+        parent_sites, parent, slot = coarsen(sites) if l < levels - 1 else (None, None, None)
+        out.append(Level(sites, window_rulebook(sites, w), window_rulebook(sites, w, shift=True), parent, slot))
+        sites = parent_sites
+    return Pyramid(out, w)

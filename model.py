@@ -1,0 +1,422 @@
+"""The tessera model: a U-Net on the sparse spot lattice with signed attention and pathway tokens.
+
+    features (N, C) --stem--> x (N, d)                     [+ 2D sinusoidal PE, STF]
+        [FEAST local stage: k-NN attention over spots + off-grid pseudo-spots, pseudo-spots dropped]
+    encoder, level l = 0 .. L-1:   depths[l] x Block  ->  coarsen (HiST eq. 4)   (skip kept)
+        every Block: x += Proj(SpotAttention(x) + GlobalAttention(x, tokens))    (HiST eq. 1)
+                     tokens = calibration token(s) + pathway tokens, updated in every block
+        the coarsest level uses full attention (FEAST: every region talks to every region)
+    decoder, level l = L-2 .. 0:   uncoarsen (HiST eq. 5) || skip -> Linear -> decoder_depths x Block
+    head: linear | mlp (FEAST) | pathway (STF: cosine(spot, pathway token) -> Linear(P -> G))
+          | zinb (mu, theta, pi for the ZINB loss)
+
+Baselines behind the same forward signature: `linear`, `mlp` (per spot, no spatial context) and
+`ridge` (closed form on standardised, PCA-reduced features; HEST-Benchmark).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lattice
+from attention import GlobalAttention, SpotAttention, knn
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "tessera"             # tessera | linear | mlp | ridge
+    dim: int = 128                    # token width d
+    heads: int = 4
+    dropout: float = 0.1
+    attn_dropout: float = 0.05        # HiST A.7
+    ffn_ratio: int = 4
+    pos_encoding: bool = False        # STF: 2D sinusoidal encoding of the lattice coordinates
+    unit_um: float | None = None      # lattice unit in micrometres; None = lattice.default_unit
+    w: int = 3                        # window half-size: windows are 2w x 2w sites (HiST)
+    depths: list = field(default_factory=lambda: [1, 1, 1])   # encoder blocks per level
+    decoder_depths: list = field(default_factory=lambda: [1, 1])  # deepest decoder level first
+    attention: str = "window"         # spot-to-spot mixing: window | knn | full | none (none = h2h off)
+    bias: str = "rpb"                 # rpb | alibi | none
+    signed: bool = False              # FEAST negative attention
+    beta: float = 1.5
+    tau: float = 0.6
+    knn_k: int = 32
+    coarse_attention: str = "full"    # the coarsest level: full (FEAST) | same (as `attention`)
+    local_blocks: int = 0             # FEAST local stage: k-NN blocks over spots + pseudo-spots
+    calibration_tokens: int = 1       # HiST slide calibration token(s)
+    pathway_tokens: int = 0           # STF pathway tokens
+    p2h: bool = True                  # tokens read spots
+    p2p: bool = True                  # tokens read tokens
+    h2p: bool = True                  # spots read tokens
+    head: str = "linear"              # linear | mlp | pathway | zinb
+    hidden: int = 256                 # width of the mlp head / mlp baseline
+    pca: int = 256                    # ridge baseline
+    ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Refuse configurations that cannot work, with a message saying why."""
+    choices = {"arch": ("tessera", "linear", "mlp", "ridge"), "attention": ("window", "knn", "full", "none"),
+               "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"),
+               "head": ("linear", "mlp", "pathway", "zinb")}
+    for key, ok in choices.items():
+        if getattr(cfg, key) not in ok:
+            raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
+    if cfg.arch != "tessera":
+        return
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"model.dim = {cfg.dim} must be divisible by model.heads = {cfg.heads}")
+    if cfg.attention == "window" and cfg.heads % 2:
+        raise ValueError(f"model.heads = {cfg.heads} must be even: half the heads attend in the "
+                         "standard windows and half in the shifted windows")
+    if len(cfg.decoder_depths) != len(cfg.depths) - 1:
+        raise ValueError(f"model.decoder_depths needs one entry per level below the coarsest "
+                         f"({len(cfg.depths) - 1} for depths {cfg.depths}), got {cfg.decoder_depths}")
+    if cfg.head == "pathway" and cfg.pathway_tokens < 1:
+        raise ValueError("model.head = pathway needs model.pathway_tokens >= 1")
+    if cfg.attention == "none":  # STF pathway bottleneck: spots talk only through the tokens
+        if sum(cfg.depths) + sum(cfg.decoder_depths) < 2 or not (cfg.p2h and cfg.h2p):
+            raise ValueError("model.attention = none (h2h off, the pathway bottleneck) needs at least 2 "
+                             "blocks and p2h and h2p on: block 1 lets tokens read the spots, block 2 lets "
+                             "spots read the tokens (STF)")
+        if cfg.calibration_tokens + cfg.pathway_tokens < 1:
+            raise ValueError("model.attention = none needs global tokens (calibration or pathway)")
+
+
+def sinusoidal_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, 2) positions -> (N, dim): half the channels encode x, half y (sin/cos, Transformer frequencies)."""
+    quarter = dim // 4
+    freq = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=xy.device) / max(quarter, 1))
+    ang = xy[:, :, None].float() * freq  # (N, 2, dim/4)
+    pe = torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(1)  # (N, 4 * quarter)
+    return F.pad(pe, (0, dim - pe.shape[1]))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, ratio: int, dropout: float):
+        super().__init__(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ratio * dim, dim))
+
+
+class Block(nn.Module):
+    """HiST eq. 1 with pre-norm: x <- x + Proj(SpotAttention(x) + GlobalAttention(x, tokens)); then FFN.
+
+    Global tokens are refreshed by attention in the same block and share the block's FFN, as tokens of
+    one transformer sequence [tokens | spots] would (STF)."""
+
+    def __init__(self, cfg: ModelConfig, mode: str, n_tokens: int):
+        super().__init__()
+        d = cfg.dim
+        bias = "alibi" if mode in ("knn", "full") and cfg.bias == "rpb" else cfg.bias  # rpb needs windows
+        self.norm1 = nn.LayerNorm(d)
+        self.spot = SpotAttention(d, cfg.heads, mode=mode, w=cfg.w, bias=bias, signed=cfg.signed,
+                                  beta=cfg.beta, tau=cfg.tau, attn_drop=cfg.attn_dropout)
+        self.glob = GlobalAttention(d, cfg.heads, p2h=cfg.p2h, p2p=cfg.p2p, h2p=cfg.h2p) if n_tokens else None
+        self.norm_tokens = nn.LayerNorm(d) if n_tokens else None
+        self.proj = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout)
+
+    def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
+        h = self.norm1(x)
+        want = attn_maps is not None
+        y = self.spot(h, level, knn_index=knn_index, return_attention=want)
+        if want:
+            y, maps = y
+            attn_maps.append(maps)
+        if self.glob is not None:
+            t = self.norm_tokens(tokens)
+            y_glob, t_new = self.glob(h, t)
+            y = y + y_glob
+            tokens = tokens + (t_new - t)  # residual on the un-normalised token stream
+        x = x + self.drop(self.proj(y))
+        x = x + self.drop(self.ffn(self.norm2(x)))
+        if tokens is not None and tokens.shape[0]:
+            tokens = tokens + self.drop(self.ffn(self.norm2(tokens)))
+        return x, tokens
+
+
+class Coarsen(nn.Module):
+    """HiST eq. (4): x_parent = sum_delta m_delta W_delta x_child, one learned map per child slot.
+
+    Children are scattered into 4 slots per parent (zeros where a child is missing); one Linear(4d -> d)
+    on the concatenated slots is exactly the sum of the four per-slot maps. Then LayerNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, parent, slot, n_parents):
+        slots = x.new_zeros(n_parents * 4, x.shape[1])
+        slots[parent * 4 + slot] = x               # (M*4, d): every child owns one slot
+        return self.norm(self.linear(slots.view(n_parents, -1)))  # (M, d)
+
+
+class Uncoarsen(nn.Module):
+    """HiST eq. (5): z = Linear(d -> 4d)(x_parent), reshaped to 4 child slots, gathered at active children.
+
+    Initialised as a nearest-neighbour copy (every slot starts as the parent's vector)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 4 * dim)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(dim).repeat(4, 1))
+            self.linear.bias.zero_()
+
+    def forward(self, x, parent, slot):
+        z = self.linear(x).view(-1, x.shape[1])     # (M*4, d)
+        return z[parent * 4 + slot]                 # (N, d)
+
+
+class PathwayHead(nn.Module):
+    """STF: scores = cos(spot token, pathway token) * temperature -> (N, P); genes = Linear(P -> G)."""
+
+    def __init__(self, n_pathways: int, n_genes: int):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.genes = nn.Linear(n_pathways, n_genes)
+        nn.init.zeros_(self.genes.bias)
+
+    def init_from_membership(self, membership: torch.Tensor) -> None:
+        """membership (P, G) 0/1 -> weights with each pathway's row L1-normalised; genes in no pathway get 0."""
+        m = membership.float()
+        with torch.no_grad():
+            self.genes.weight.copy_((m / m.sum(1, keepdim=True).clamp_min(1)).T)
+
+    def forward(self, x, pathway_tokens):
+        scores = F.normalize(x, dim=-1) @ F.normalize(pathway_tokens, dim=-1).T * self.log_temperature.exp()
+        return self.genes(scores), scores           # (N, G), (N, P)
+
+
+class Tessera(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
+        super().__init__()
+        check_config(cfg)
+        self.cfg, d, L = cfg, cfg.dim, len(cfg.depths)
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.stem = nn.Sequential(nn.Linear(in_dim, d), nn.Dropout(cfg.dropout))
+        n_tokens = cfg.calibration_tokens + cfg.pathway_tokens
+        self.tokens = nn.Parameter(torch.randn(n_tokens, d) * 0.02) if n_tokens else None
+        self.local = nn.ModuleList(Block(cfg, "knn", 0) for _ in range(cfg.local_blocks))
+
+        def mode(level):
+            return "full" if level == L - 1 and cfg.coarse_attention == "full" and cfg.attention != "none" \
+                else cfg.attention
+
+        self.encoder = nn.ModuleList(
+            nn.ModuleList(Block(cfg, mode(l), n_tokens) for _ in range(cfg.depths[l])) for l in range(L))
+        self.coarsen = nn.ModuleList(Coarsen(d) for _ in range(L - 1))
+        self.uncoarsen = nn.ModuleList(Uncoarsen(d) for _ in range(L - 1))
+        self.fuse = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(L - 1))  # HiST 3.6.3 lateral fusion
+        # decoder[i] works at level L-2-i (deepest first, as decoder_depths is written)
+        self.decoder = nn.ModuleList(
+            nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
+            for i, n in enumerate(cfg.decoder_depths))
+        self.norm = nn.LayerNorm(d)
+        if cfg.head == "pathway":
+            self.head = PathwayHead(cfg.pathway_tokens, n_genes)
+        elif cfg.head == "mlp":  # FEAST: two hidden layers
+            self.head = nn.Sequential(nn.Linear(d, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                      nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, n_genes))
+        elif cfg.head == "zinb":  # log-rate per 1e4 counts, log inverse dispersion, zero-inflation logit
+            self.head = nn.Linear(d, 3 * n_genes)
+        else:
+            self.head = nn.Linear(d, n_genes)
+        self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
+
+    # ---- set-up from the training data of a fold -------------------------------------------------
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        """Standardise features with training statistics; output bias = training mean of the targets."""
+        self.feat_mean.copy_(feat_mean)
+        self.feat_std.copy_(feat_std.clamp_min(1e-6))
+        last = self.head.genes if self.cfg.head == "pathway" else (
+            self.head[-1] if self.cfg.head == "mlp" else self.head)
+        with torch.no_grad():
+            if self.cfg.head == "zinb":
+                G = target_mean.numel()
+                last.bias.zero_()
+                last.bias[:G].copy_(torch.log(torch.expm1(target_mean).clamp_min(1e-4)))
+                last.bias[G:2 * G].fill_(math.log(10.0))
+                last.bias[2 * G:].fill_(-3.0)
+            else:
+                last.bias.copy_(target_mean)
+        if membership is not None and self.cfg.pathway_tokens:
+            self.pathway_membership.copy_(membership)
+            if self.cfg.head == "pathway":
+                self.head.init_from_membership(membership)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False):
+        cfg, L = self.cfg, len(self.cfg.depths)
+        unit = unit or cfg.unit_um or lattice.default_unit(coords)
+        sites = lattice.to_lattice(coords, unit)
+        # Work in row-major lattice order: sites are unique, so this order does not depend on the order
+        # of the input spots, and neighbour ties (k-NN on integer sites) break the same way for any input order.
+        order = torch.argsort(sites[:, 0] * (int(sites[:, 1].max()) + 1) + sites[:, 1])
+        features, coords, sites = features[order], coords[order], sites[order]
+        pyramid = lattice.build_pyramid(sites, L, cfg.w)          # built once, shared by every layer
+        maps = [] if return_attention else None
+        x = self.stem((features - self.feat_mean) / self.feat_std)  # (N, d)
+        if cfg.pos_encoding:
+            x = x + sinusoidal_2d(sites, cfg.dim)
+        tokens = self.tokens
+
+        if len(self.local) and pseudo_features is not None:  # FEAST local stage over spots + pseudo-spots
+            n = x.shape[0]
+            xy = torch.cat([coords, pseudo_coords]) / unit      # continuous lattice units, (N+M, 2)
+            x = torch.cat([x, self.stem((pseudo_features - self.feat_mean) / self.feat_std)])
+            index = knn(xy, xy, min(cfg.knn_k, xy.shape[0]))
+            spots = _Points(xy)
+            for block in self.local:
+                x, _ = block(x, None, spots, knn_index=index, attn_maps=maps)
+            x = x[:n]                                            # pseudo-spots are dropped
+        elif len(self.local):  # no pseudo-spots: k-NN attention among the spots themselves
+            spots = _Points(coords / unit)
+            index = knn(spots.sites, spots.sites, min(cfg.knn_k, x.shape[0]))
+            for block in self.local:
+                x, _ = block(x, None, spots, knn_index=index, attn_maps=maps)
+
+        skips = []
+        for l in range(L):                                       # encoder
+            level = pyramid.levels[l]
+            index = self._knn_index(level, self.encoder[l])
+            for block in self.encoder[l]:
+                x, tokens = block(x, tokens, level, knn_index=index, attn_maps=maps)
+            if l < L - 1:
+                skips.append(x)
+                x = self.coarsen[l](x, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0])
+        for i, blocks in enumerate(self.decoder):                # decoder, deepest first
+            l = L - 2 - i
+            level = pyramid.levels[l]
+            up = self.uncoarsen[l](x, level.parent, level.slot)
+            x = self.fuse[l](torch.cat([up, skips[l]], dim=-1))  # upsampled coarse || lateral skip
+            index = self._knn_index(level, blocks)
+            for block in blocks:
+                x, tokens = block(x, tokens, level, knn_index=index, attn_maps=maps)
+        if len(self.decoder) < L - 1:
+            raise RuntimeError("unreachable: check_config guarantees one decoder stage per level")
+
+        x = self.norm(x)
+        out = {}
+        if cfg.head == "pathway":
+            out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
+        elif cfg.head == "zinb":
+            log_rate, log_theta, pi_logit = self.head(x).chunk(3, dim=-1)
+            out["zinb"] = (log_rate, log_theta, pi_logit)
+            out["pred"] = torch.log1p(torch.sigmoid(-pi_logit) * log_rate.exp())  # log1p E[x] per 1e4
+        else:
+            out["pred"] = self.head(x)
+        if cfg.pathway_tokens and "pathway_scores" not in out:
+            p = tokens[cfg.calibration_tokens:]
+            out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
+        for key in ("pred", "pathway_scores"):                   # back to the caller's spot order
+            if key in out:
+                out[key] = out[key][torch.argsort(order)]
+        if "zinb" in out:
+            out["zinb"] = tuple(t[torch.argsort(order)] for t in out["zinb"])
+        if return_attention:
+            out["attention"] = maps
+        return out
+
+    def _knn_index(self, level, blocks):
+        if self.cfg.attention != "knn" or not any(b.spot.mode == "knn" for b in blocks):
+            return None
+        xy = level.sites.float()
+        return knn(xy, xy, min(self.cfg.knn_k, xy.shape[0]))
+
+
+@dataclass
+class _Points:
+    """A level-like view of continuous positions, for k-NN attention off the lattice."""
+    sites: torch.Tensor
+
+
+# ---- baselines: per-spot models, same forward signature -------------------------------------------
+class PerSpot(nn.Module):
+    """`linear`: Linear(C -> G). `mlp`: two hidden layers. No spatial context (ST-Net-style baselines)."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        if cfg.arch == "linear":
+            self.net = nn.Sequential(nn.Linear(in_dim, n_genes))
+        else:
+            h = cfg.hidden
+            self.net = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Dropout(cfg.dropout),
+                                     nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        self.feat_mean.copy_(feat_mean)
+        self.feat_std.copy_(feat_std.clamp_min(1e-6))
+        with torch.no_grad():
+            self.net[-1].bias.copy_(target_mean)
+
+    def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False):
+        return {"pred": self.net((features - self.feat_mean) / self.feat_std)}
+
+
+class Ridge(nn.Module):
+    """HEST-Benchmark's baseline: standardise, PCA to 256 components, ridge with alpha = 100 / (D * G),
+    no intercept. Fitted in closed form by `fit`; no gradient training."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.register_buffer("components", torch.zeros(in_dim, min(cfg.pca, in_dim)))
+        self.register_buffer("pca_mean", torch.zeros(in_dim))
+        self.register_buffer("weight", torch.zeros(min(cfg.pca, in_dim), n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        self.feat_mean.copy_(feat_mean)
+        self.feat_std.copy_(feat_std.clamp_min(1e-6))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """features (N, C) and targets (N, G) pooled over the training spots."""
+        z = ((features - self.feat_mean) / self.feat_std).double()
+        k = min(self.components.shape[1], *z.shape)
+        _, _, vt = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+        comps = torch.zeros_like(self.components, dtype=torch.float64)
+        comps[:, :k] = vt[:k].T
+        self.components.copy_(comps)
+        x = (z - z.mean(0)) @ comps                              # PCA scores, (N, D)
+        D, G = x.shape[1], targets.shape[1]
+        alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
+        gram = x.T @ x + alpha * torch.eye(D, dtype=x.dtype)
+        self.weight.copy_(torch.linalg.solve(gram, x.T @ targets.double()))
+        self.pca_mean.copy_(z.mean(0))
+
+    def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False):
+        z = (features - self.feat_mean) / self.feat_std - self.pca_mean
+        return {"pred": z @ self.components @ self.weight}
+
+
+def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:
+    check_config(cfg)
+    if cfg.arch == "tessera":
+        return Tessera(cfg, in_dim, n_genes)
+    if cfg.arch in ("linear", "mlp"):
+        return PerSpot(cfg, in_dim, n_genes)
+    return Ridge(cfg, in_dim, n_genes)

@@ -1,0 +1,292 @@
+"""eval.py: every metric against slow references written here with explicit Python loops (no scipy)."""
+import csv
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+
+ROOT = ev.Path(ev.__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_nan():
+    """A NaN, division by zero or warning anywhere in eval.py fails the test."""
+    with np.errstate(divide="raise", invalid="raise", over="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+# ---------------------------------------------------------------- references (lists of rows, loops)
+def ref_pearson(x, y):
+    """Pearson of two lists by explicit means and sums of products; 0 when either is constant."""
+    if all(v == x[0] for v in x) or all(v == y[0] for v in y):
+        return 0.0
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sxx = syy = 0.0
+    for a, b in zip(x, y):
+        sxy += (a - mx) * (b - my)
+        sxx += (a - mx) ** 2
+        syy += (b - my) ** 2
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ref_per_gene(pred, true):
+    rows_p, rows_t = pred.tolist(), true.tolist()
+    return [ref_pearson([r[g] for r in rows_p], [r[g] for r in rows_t]) for g in range(len(rows_p[0]))]
+
+
+def ref_pcc_gene(pred, true):
+    values = ref_per_gene(pred, true)
+    return sum(values) / len(values)
+
+
+def ref_zero_variance(pred, true):
+    rows_p, rows_t = pred.tolist(), true.tolist()
+    count = 0
+    for g in range(len(rows_p[0])):
+        col_p, col_t = [r[g] for r in rows_p], [r[g] for r in rows_t]
+        count += all(v == col_p[0] for v in col_p) or all(v == col_t[0] for v in col_t)
+    return count
+
+
+def ref_linear(x):
+    return [max(math.expm1(v), 0.0) for row in x.tolist() for v in row]
+
+
+def ref_pcc_flat(preds, trues):
+    return sum(ref_pearson(ref_linear(p), ref_linear(t)) for p, t in zip(preds, trues)) / len(preds)
+
+
+def ref_r2_flat(preds, trues):
+    total = 0.0
+    for p, t in zip(preds, trues):
+        lp, lt = ref_linear(p), ref_linear(t)
+        mean = sum(lt) / len(lt)
+        ss_tot = sum((v - mean) ** 2 for v in lt)
+        ss_res = sum((a - b) ** 2 for a, b in zip(lp, lt))
+        total += 0.0 if ss_tot == 0 else 1.0 - ss_res / ss_tot
+    return total / len(preds)
+
+
+def ref_mean_error(preds, trues, power):
+    total, count = 0.0, 0
+    for p, t in zip(preds, trues):
+        for row_p, row_t in zip(p.tolist(), t.tolist()):
+            for a, b in zip(row_p, row_t):
+                total += abs(a - b) ** power
+                count += 1
+    return total / count
+
+
+def ref_metrics(preds, trues):
+    pooled_p, pooled_t = np.concatenate(preds), np.concatenate(trues)
+    return {"pcc_gene": ref_pcc_gene(pooled_p, pooled_t),
+            "pcc_gene_slide": sum(ref_pcc_gene(p, t) for p, t in zip(preds, trues)) / len(preds),
+            "pcc_flat": ref_pcc_flat(preds, trues), "r2_flat": ref_r2_flat(preds, trues),
+            "mse": ref_mean_error(preds, trues, 2), "mae": ref_mean_error(preds, trues, 1),
+            "per_gene_pcc": ref_per_gene(pooled_p, pooled_t),
+            "zero_variance_genes": ref_zero_variance(pooled_p, pooled_t)}
+
+
+def make_slide(rng, n, g, const_true=(), const_pred=()):
+    """log1p counts and a noisy prediction, float32; listed genes made constant in truth / prediction."""
+    true = np.log1p(rng.poisson(rng.uniform(0.5, 20, size=g), size=(n, g))).astype(np.float32)
+    pred = (0.6 * true + rng.normal(0, 0.5, size=(n, g))).astype(np.float32)
+    true[:, list(const_true)] = np.float32(np.log1p(3.0))  # means of such constants are inexact in float64
+    pred[:, list(const_pred)] = np.float32(0.1)
+    return pred, true
+
+
+def assert_close(actual, expected):
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- metrics
+def test_per_gene_pcc_with_zero_variance_genes():
+    pred, true = make_slide(np.random.default_rng(1), 40, 8, const_true=[2], const_pred=[5])
+    per_gene = ev.per_gene_pcc(pred, true)
+    assert per_gene.shape == (8,) and per_gene[2] == 0 and per_gene[5] == 0
+    assert_close(per_gene, ref_per_gene(pred, true))
+    assert_close(ev.pcc_gene(pred, true), ref_pcc_gene(pred, true))
+    assert ev.zero_variance_genes(pred, true) == 2
+    assert np.delete(per_gene, [2, 5]).mean() > 0.3  # the noisy prediction does correlate
+    pred, true = pred.astype(np.float64), true.astype(np.float64)
+    pred[:, 5], true[:, 2] = 0.1, 0.7  # float64 constants whose column mean is not exactly the constant
+    assert ev.zero_variance_genes(pred, true) == 2
+    assert_close(ev.per_gene_pcc(pred, true), ref_per_gene(pred, true))
+
+
+def test_slide_metrics_match_reference_including_one_spot_and_all_zero_slides():
+    rng = np.random.default_rng(2)
+    slides = [make_slide(rng, 25, 6, const_true=[0]), make_slide(rng, 12, 6, const_pred=[3]),
+              make_slide(rng, 1, 6), (rng.normal(size=(9, 6)).astype(np.float32), np.zeros((9, 6), np.float32))]
+    preds, trues = [s[0] for s in slides], [s[1] for s in slides]
+    got, want = ev.compute_metrics(preds, trues), ref_metrics(preds, trues)
+    assert set(got) == set(ev.METRICS) | {"per_gene_pcc", "zero_variance_genes"}
+    for key in ev.METRICS + ["per_gene_pcc"]:
+        assert_close(got[key], want[key])
+    assert got["zero_variance_genes"] == want["zero_variance_genes"]
+    assert_close(ev.pcc_gene_slide(preds, trues), want["pcc_gene_slide"])
+    assert_close(ev.pcc_flat(preds, trues), want["pcc_flat"])
+    assert_close(ev.r2_flat(preds, trues), want["r2_flat"])
+    assert_close(ev.mse(preds, trues), want["mse"])
+    assert_close(ev.mae(preds, trues), want["mae"])
+
+
+def test_one_spot_slide_gives_zero_pcc_without_nan():
+    pred, true = make_slide(np.random.default_rng(3), 1, 5)
+    assert ev.per_gene_pcc(pred, true).tolist() == [0.0] * 5
+    assert ev.zero_variance_genes(pred, true) == 5
+    assert ev.pcc_gene(pred, true) == 0.0 and ev.pcc_gene_slide([pred], [true]) == 0.0
+    assert all(np.isfinite(v).all() for v in ev.compute_metrics([pred], [true]).values())
+
+
+def test_perfect_prediction_scores():
+    _, true = make_slide(np.random.default_rng(4), 30, 5)
+    m = ev.compute_metrics([true, true[:10]], [true, true[:10]])
+    assert [m[k] for k in ev.METRICS] == pytest.approx([1, 1, 1, 1, 0, 0], abs=1e-12)
+    assert ev.pcc_gene(-true, true) == pytest.approx(-1, abs=1e-12)
+
+
+def test_torch_and_numpy_inputs_agree():
+    rng = np.random.default_rng(5)
+    slides = [make_slide(rng, 20, 4, const_true=[1]), make_slide(rng, 7, 4)]
+    as_numpy = ev.compute_metrics([s[0] for s in slides], [s[1] for s in slides])
+    as_torch = ev.compute_metrics([torch.from_numpy(s[0]).requires_grad_() for s in slides],
+                                  [torch.from_numpy(s[1]) for s in slides])
+    for key in ev.METRICS + ["zero_variance_genes"]:
+        assert as_torch[key] == as_numpy[key]
+    np.testing.assert_array_equal(as_torch["per_gene_pcc"], as_numpy["per_gene_pcc"])
+    pred, true = slides[0]
+    assert ev.pcc_gene(torch.from_numpy(pred).double(), torch.from_numpy(true)) == ev.pcc_gene(pred, true)
+    assert ev.mse(torch.from_numpy(pred), true) == ev.mse([pred], [true])
+
+
+def test_mismatched_inputs_are_errors():
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(3, 4\)"):
+        ev.pcc_gene(np.zeros((3, 2)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="slides"):
+        ev.pcc_flat([np.zeros((3, 2))], [])
+    with pytest.raises(ValueError, match="finite"):
+        ev.mse(np.full((2, 2), np.nan), np.zeros((2, 2)))
+
+
+# ---------------------------------------------------------------- prediction files
+def test_prediction_file_round_trip(tmp_path):
+    pred, true = make_slide(np.random.default_rng(6), 4, 3)
+    genes, barcodes = ["CD3E", "Ménage", "MT-CO1"], [f"AAAC-{i}" for i in range(4)]
+    coords = np.arange(8, dtype=np.float64).reshape(4, 2)
+    ev.write_predictions(tmp_path / "s1.h5", torch.from_numpy(pred), genes, barcodes, coords, true=true)
+    ev.write_predictions(tmp_path / "s2.h5", pred, genes, barcodes, coords, slide_id="slide two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.h5", "s2.h5"]  # no temporary files left
+    r = ev.read_predictions(tmp_path / "s1.h5")
+    assert r["slide_id"] == "s1" and r["genes"] == genes and r["barcodes"].tolist() == barcodes
+    assert r["pred"].dtype == np.float32 and r["coords"].dtype == np.float32 and r["true"].dtype == np.float32
+    np.testing.assert_array_equal(r["pred"], pred)
+    np.testing.assert_array_equal(r["true"], true)
+    np.testing.assert_array_equal(r["coords"], coords)
+    r2 = ev.read_predictions(tmp_path / "s2.h5")
+    assert r2["true"] is None and r2["slide_id"] == "slide two"
+    with pytest.raises(ValueError, match=r"s3\.h5.*barcodes"):
+        ev.write_predictions(tmp_path / "s3.h5", pred, genes, barcodes[:3], coords)
+    assert not (tmp_path / "s3.h5").exists()
+
+
+# ---------------------------------------------------------------- runs
+@pytest.fixture
+def fake_run(tmp_path):
+    """runs/fake: fold_0 with 2 slides (gene B constant in truth), fold_1 with 3 slides (one of one spot)
+    plus one without counts; fold_1's last gene differs, as when genes are chosen per fold."""
+    rng = np.random.default_rng(7)
+    run = tmp_path / "runs" / "fake"
+    genes = [["A", "B", "C", "D", "E"], ["A", "B", "C", "D", "F"]]
+    sizes = [[30, 18], [22, 1, 15]]
+    folds = []
+    for k in range(2):
+        slides = [make_slide(rng, n, 5, const_true=[1] if k == 0 else ()) for n in sizes[k]]
+        for i, (pred, true) in enumerate(slides):
+            ev.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, genes[k],
+                                 [f"b{j}" for j in range(len(pred))], rng.uniform(0, 1e3, (len(pred), 2)), true=true)
+        folds.append(slides)
+    pred, _ = make_slide(rng, 6, 5)
+    ev.write_predictions(run / "fold_1" / "pred" / "unlabelled.h5", pred, genes[1], list("abcdef"), np.zeros((6, 2)))
+    (run / "config.yaml").write_text("run: {name: fake}\n")
+    return run, folds, genes
+
+
+def test_evaluate_run_matches_reference(fake_run):
+    run, folds, genes = fake_run
+    returned = ev.evaluate_run(run)
+    results = json.loads((run / "results.json").read_text())
+    assert returned == results
+    want = [ref_metrics([s[0] for s in slides], [s[1] for s in slides]) for slides in folds]
+    assert results["run"] == "fake" and results["n_folds"] == 2 and results["slides_per_fold"] == [2, 3]
+    assert results["genes"] == 6 and results["genes_per_fold"] == [5, 5]
+    assert results["slides"] == [["s00", "s01"], ["s10", "s11", "s12"]]
+    assert results["zero_variance_genes"]["folds"] == [w["zero_variance_genes"] for w in want] == [1, 0]
+    for key in ev.METRICS:
+        values = [w[key] for w in want]
+        mean = sum(values) / 2
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)  # population std (ddof=0)
+        entry = results["metrics"][key]
+        assert_close(entry["folds"], values)
+        assert_close([entry["mean"], entry["std"]], [mean, std])
+
+    with open(run / "per_gene.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["gene", "fold_0", "fold_1", "mean"]
+    table = {r[0]: r[1:] for r in rows[1:]}
+    assert list(table) == ["A", "B", "C", "D", "E", "F"]
+    for k in range(2):
+        for gene, value in zip(genes[k], want[k]["per_gene_pcc"]):
+            assert float(table[gene][k]) == pytest.approx(value, abs=1e-6)
+    assert table["E"][1] == "" and table["F"][0] == ""
+    assert float(table["A"][2]) == pytest.approx((want[0]["per_gene_pcc"][0] + want[1]["per_gene_pcc"][0]) / 2, abs=1e-6)
+    assert float(table["F"][2]) == pytest.approx(want[1]["per_gene_pcc"][4], abs=1e-6)
+
+    md = (run / "results.md").read_text()
+    assert "ddof=0" in md and "| metric | mean ± std | fold_0 | fold_1 |" in md
+    e = results["metrics"]["pcc_gene"]
+    assert f"| pcc_gene | {e['mean']:.4f} ± {e['std']:.4f} | {e['folds'][0]:.4f} | {e['folds'][1]:.4f} |" in md
+
+
+def test_evaluate_run_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fold_<k>"):
+        ev.evaluate_run(tmp_path)
+    (tmp_path / "fold_0" / "pred").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"fold_0.pred"):
+        ev.evaluate_run(tmp_path)
+
+
+def test_format_table():
+    def result(name, mean):
+        return {"run": name, "n_folds": 3, "metrics": {m: {"mean": mean, "std": 0.1} for m in ev.METRICS}}
+    lines = ev.format_table([result("tessera", 0.5), result("mlp", 0.25)]).splitlines()
+    assert "ddof=0" in lines[0]
+    header = "| run | folds | " + " | ".join(ev.METRICS) + " |"
+    i = lines.index(header)
+    assert lines[i + 1].count("---") == 2 + len(ev.METRICS)
+    assert lines[i + 2:] == ["| tessera | 3 | " + " | ".join(["0.5000 ± 0.1000"] * 6) + " |",
+                             "| mlp | 3 | " + " | ".join(["0.2500 ± 0.1000"] * 6) + " |"]
+
+
+def test_cli_reevaluates_and_prints_table(fake_run):
+    run = fake_run[0]
+    (run / "results.json").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| run | folds | pcc_gene |" in proc.stdout and "| fake | 2 |" in proc.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert f"{results['metrics']['pcc_gene']['mean']:.4f}" in proc.stdout
+
+
+def test_cli_reports_a_bad_run_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no fold_<k> folders"):
+        ev.main([str(tmp_path)])

@@ -1,0 +1,305 @@
+"""lattice.py against slow, obviously-correct references: Python dicts and loops over spots, exhaustive search."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lattice
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny; with two OpenMP threads on two shared cores, small ops can stall for ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- layouts (micrometres, float64) --------------------------------------------------------------------
+def _blob(xy, rng):
+    """Keep the points inside a wobbly disc with a few round holes: an irregular tissue footprint."""
+    c = xy.mean(0)
+    d = xy - c
+    ang, rad = np.arctan2(d[:, 1], d[:, 0]), np.hypot(d[:, 0], d[:, 1])
+    a = rng.uniform(0, 2 * np.pi, 3)
+    edge = rad.max() * (0.75 + 0.1 * np.sin(3 * ang + a[0]) + 0.08 * np.cos(5 * ang + a[1]))
+    keep = rad < edge
+    for h in c + rng.uniform(-0.4, 0.4, (3, 2)) * rad.max():
+        keep &= np.hypot(*(xy - h).T) > 0.08 * rad.max()
+    return xy[keep]
+
+
+def visium(rng, side=30, pitch=100.0):
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    xy = np.stack([j.ravel() * pitch + (i.ravel() % 2) * pitch / 2, i.ravel() * pitch * math.sqrt(3) / 2], 1)
+    xy = _blob(xy, rng)
+    return xy + rng.normal(0, 0.5, xy.shape)
+
+
+def visium_jittered(rng):
+    xy = visium(rng)
+    return xy + rng.normal(0, 2.0, xy.shape)
+
+
+def square_with_holes(rng, side=28, pitch=50.0):
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    keep = (rng.random(side * side) > 0.25) & ~((i.ravel() > 5) & (i.ravel() < 12) & (j.ravel() > 8))
+    return np.stack([i.ravel(), j.ravel()], 1)[keep] * pitch + 1000.0
+
+
+def hd_grid(rng, side=45, pitch=8.0):
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    return _blob(np.stack([i.ravel(), j.ravel()], 1) * pitch, rng)
+
+
+def hd_jittered(rng):
+    xy = hd_grid(rng)
+    return xy + rng.uniform(-5.0, 5.0, xy.shape)
+
+
+def clustered(rng, clusters=15, per=40, spread=4.0):
+    """Tight clusters at unit ~5: many spots round to the same site, some exact duplicates."""
+    centres = rng.uniform(0, 400, (clusters, 2))
+    xy = (centres[:, None] + rng.normal(0, spread, (clusters, per, 2))).reshape(-1, 2)
+    return np.concatenate([xy, xy[rng.choice(len(xy), 30, replace=False)]])
+
+
+LAYOUTS = {  # name -> (generator, unit in micrometres)
+    "visium": (visium, 55.0),
+    "visium_jittered": (visium_jittered, 55.0),
+    "visium_coarse": (visium_jittered, 90.0),
+    "square_holes": (square_with_holes, 50.0),
+    "square_holes_coarse": (square_with_holes, 60.0),
+    "hd": (hd_grid, 8.0 / 1.8),
+    "hd_jittered": (hd_jittered, 8.0),
+    "clustered": (clustered, 5.0),
+    "single": (lambda rng: np.array([[12.5, -3.0]]), 1.0),
+    "same_point": (lambda rng: np.array([[7.0, 7.0], [7.0, 7.0]]), 2.0),
+}
+COLLIDING = ["visium_coarse", "square_holes_coarse", "hd_jittered", "clustered"]
+
+
+def layout(name, seed=0):
+    gen, unit = LAYOUTS[name]
+    return torch.tensor(gen(np.random.default_rng(seed)), dtype=torch.float64), unit
+
+
+# ---- references ------------------------------------------------------------------------------------------
+def ref_keepers(xy, unit):
+    """Rounded sites, distance^2 to them, and {rounded site: spot that keeps it} by loops over spots."""
+    g = xy.numpy() / unit
+    r = np.round(g)
+    d0 = ((g - r) ** 2).sum(1)
+    best = {}
+    for n in range(len(g)):
+        s = (int(r[n, 0]), int(r[n, 1]))
+        if s not in best or (d0[n], n) < (d0[best[s]], best[s]):
+            best[s] = n
+    return g, r.astype(np.int64), d0, best
+
+
+def ref_greedy(xy, unit):
+    """Sequential greedy: displaced spots, closest to their rounded site first, one at a time, each takes the
+    nearest free site by exhaustive search over a box that surely holds it. Returns {spot: site}."""
+    g, r, d0, best = ref_keepers(xy, unit)
+    keepers = set(best.values())
+    moved = sorted((n for n in range(len(g)) if n not in keepers), key=lambda n: (d0[n], n))
+    m = int(math.ceil(1.5 * math.sqrt(len(g)))) + 3
+    lo = r.min(0) - m
+    free = np.ones(tuple(r.max(0) - lo + m + 1), dtype=bool)
+    for s in best:
+        free[s[0] - lo[0], s[1] - lo[1]] = False
+    ii, jj = np.meshgrid(np.arange(free.shape[0]) + lo[0], np.arange(free.shape[1]) + lo[1], indexing="ij")
+    out = {}
+    for n in moved:
+        d = np.where(free, (ii - g[n, 0]) ** 2 + (jj - g[n, 1]) ** 2, np.inf)
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        free[a, b] = False
+        out[n] = (a + lo[0], b + lo[1])
+    return out
+
+
+def ref_rulebook(sites, w, shift):
+    o, side = (w if shift else 0), 2 * w
+    windows = {}
+    for n, (i, j) in enumerate(sites.tolist()):
+        key = ((i + o) // side, (j + o) // side)
+        windows.setdefault(key, [-1] * side * side)[((i + o) % side) * side + (j + o) % side] = n
+    return torch.tensor([windows[k] for k in sorted(windows)], dtype=torch.long).reshape(-1, side * side)
+
+
+def ref_coarsen(sites):
+    parents = sorted({(i // 2, j // 2) for i, j in sites.tolist()})
+    row = {p: k for k, p in enumerate(parents)}
+    parent = [row[(i // 2, j // 2)] for i, j in sites.tolist()]
+    slot = [2 * (i % 2) + j % 2 for i, j in sites.tolist()]
+    return torch.tensor(parents).reshape(-1, 2), torch.tensor(parent), torch.tensor(slot)
+
+
+def site_sets():
+    """Site layouts for the rulebook and coarsening tests: to_lattice outputs plus raw random sites."""
+    out = {name: lattice.to_lattice(*layout(name)) for name in LAYOUTS}
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(-25, 25, (900, 2), generator=g)
+    out["random_negative"] = torch.unique(raw, dim=0)[torch.randperm(len(torch.unique(raw, dim=0)), generator=g)]
+    far = torch.unique(torch.randint(0, 10 ** 6, (200, 2), generator=g), dim=0)  # sparse: keys are sorted,
+    out["far_apart"] = torch.cat([far, far[:50] + torch.tensor([0, 1])])           # not tabulated
+    return out
+
+
+SITES = site_sets()
+
+
+# ---- default_unit ----------------------------------------------------------------------------------------
+def ref_unit(xy):
+    p = xy.numpy()
+    d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(1))) / 1.8
+
+
+@pytest.mark.parametrize("name", ["visium", "visium_jittered", "square_holes", "hd", "clustered", "line", "outliers",
+                                  "full_hex"])
+def test_default_unit_is_median_nn_over_1_8(name, monkeypatch):
+    if name == "full_hex":  # packed denser than one spot per pitch^2: the first grid is too fine, h doubles
+        i, j = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+        xy = torch.tensor(np.stack([j.ravel() + (i.ravel() % 2) / 2, i.ravel() * math.sqrt(3) / 2], 1) * 100.0)
+        xy = xy + torch.rand(xy.shape, dtype=torch.float64)
+    elif name == "line":
+        xy = torch.tensor(np.stack([np.sort(np.random.rand(300)) * 1e4, np.zeros(300)], 1))
+    elif name == "outliers":  # far-away spots must not make the cells coarse (or the answer wrong)
+        xy, _ = layout("hd")
+        xy = torch.cat([xy, torch.tensor([[1e5, 3e5], [-4e5, 2e4], [1e5 + 40.0, 3e5]], dtype=torch.float64)])
+    else:
+        xy, _ = layout(name)
+    assert lattice.default_unit(xy) == pytest.approx(ref_unit(xy), rel=1e-9)
+    monkeypatch.setattr(lattice, "_CHUNK", 300)  # tiny batches: the batching gives the same answer
+    assert lattice.default_unit(xy) == pytest.approx(ref_unit(xy), rel=1e-9)
+    assert lattice.default_unit(xy.float()) == pytest.approx(ref_unit(xy.float().double()), rel=1e-6)
+
+
+def test_default_unit_visium_pitch_and_degenerate_inputs():
+    xy, _ = layout("visium")
+    assert lattice.default_unit(xy) == pytest.approx(100 / 1.8, rel=0.02)
+    assert lattice.default_unit(torch.tensor([[3.0, 4.0]])) == 1.0
+    with pytest.raises(ValueError, match="unit"):
+        lattice.default_unit(torch.tensor([[7.0, 7.0], [7.0, 7.0]]))
+
+
+# ---- to_lattice ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_to_lattice_unique_and_keepers_keep_their_site(name):
+    xy, unit = layout(name)
+    sites = lattice.to_lattice(xy, unit)
+    assert sites.dtype == torch.long and sites.shape == (len(xy), 2)
+    assert len(torch.unique(sites, dim=0)) == len(xy)
+    assert sites.amin(0).tolist() == [0, 0]
+    _, r, _, best = ref_keepers(xy, unit)
+    keepers = sorted(best.values())
+    shift = r[keepers] - sites[keepers].numpy()       # the final shift of minima to 0 is one vector
+    assert (shift == shift[0]).all()
+    counts = {}
+    for s in map(tuple, r.tolist()):
+        counts[s] = counts.get(s, 0) + 1
+    alone = [n for n in range(len(xy)) if counts[tuple(r[n])] == 1]
+    assert all(n in best.values() for n in alone)      # uncontested spots are keepers, so they keep the site
+    assert torch.equal(lattice.to_lattice(xy, unit), sites)  # deterministic
+
+
+@pytest.mark.parametrize("name", COLLIDING)
+def test_to_lattice_moves_nearly_as_little_as_sequential_greedy(name):
+    for seed in range(3):
+        xy, unit = layout(name, seed)
+        sites = lattice.to_lattice(xy, unit)
+        g, r, _, best = ref_keepers(xy, unit)
+        greedy = ref_greedy(xy, unit)
+        assert greedy, "layout must have collisions"
+        moved = sorted(greedy)
+        keeper = next(iter(best.values()))
+        shift = r[keeper] - sites[keeper].numpy()
+        ours = np.hypot(*(sites[moved].numpy() + shift - g[moved]).T)
+        ref = np.hypot(*(np.array([greedy[n] for n in moved]) - g[moved]).T)
+        assert ours.mean() <= 1.2 * ref.mean(), (name, seed, ours.mean(), ref.mean())
+
+
+def test_to_lattice_isolated_collisions_take_the_nearest_free_site():
+    """With collisions far apart, rounds and the sequential greedy must agree spot by spot."""
+    rng = np.random.default_rng(3)
+    base = np.stack(np.meshgrid(np.arange(40.0), np.arange(40.0), indexing="ij"), -1).reshape(-1, 2)
+    base = base[rng.random(len(base)) > 0.3]
+    extra = np.array([[a, b] for a in range(3, 40, 9) for b in range(3, 40, 9)]) + rng.uniform(-0.45, 0.45, (25, 2))
+    xy = torch.tensor(np.concatenate([base, extra]) * 10.0)
+    sites = lattice.to_lattice(xy, 10.0)
+    g, r, _, best = ref_keepers(xy, 10.0)
+    greedy = ref_greedy(xy, 10.0)
+    assert len(greedy) >= 10
+    keeper = next(iter(best.values()))
+    shift = r[keeper] - sites[keeper].numpy()
+    for n, s in greedy.items():
+        assert np.hypot(*(sites[n].numpy() + shift - g[n])) == pytest.approx(np.hypot(*(np.array(s) - g[n])))
+
+
+def test_to_lattice_two_spots_at_one_point():
+    sites = lattice.to_lattice(torch.tensor([[7.0, 7.0], [7.0, 7.0]]), 1.0)
+    assert len(torch.unique(sites, dim=0)) == 2
+    assert (sites[0] - sites[1]).abs().sum().item() == 1  # the loser takes an adjacent site
+
+
+# ---- windows ---------------------------------------------------------------------------------------------
+def test_slot_offsets_and_relative_index_match_loops():
+    for w in (1, 2, 3, 4):
+        side = 2 * w
+        assert lattice.slot_offsets(w).tolist() == [[s // side, s % side] for s in range(side * side)]
+        idx = lattice.relative_index(w)
+        assert idx.shape == (side * side, side * side)
+        for a in range(side * side):
+            for b in range(side * side):
+                (ia, ja), (ib, jb) = divmod(a, side), divmod(b, side)
+                assert idx[a, b] == (ia - ib + 2 * w - 1) * (4 * w - 1) + (ja - jb + 2 * w - 1)
+        assert idx.min() == 0 and idx.max() == (4 * w - 1) ** 2 - 1
+
+
+@pytest.mark.parametrize("name", list(SITES))
+def test_window_rulebook_equals_brute_force_grouping(name):
+    sites = SITES[name]
+    for w in (1, 2, 3):
+        for shift in (False, True):
+            book = lattice.window_rulebook(sites, w, shift=shift)
+            assert torch.equal(book, ref_rulebook(sites, w, shift)), (name, w, shift)
+            assert torch.equal(book[book >= 0].sort().values, torch.arange(len(sites)))
+
+
+@pytest.mark.parametrize("name", list(SITES))
+def test_coarsen_equals_brute_force(name):
+    sites = SITES[name]
+    for got, want in zip(lattice.coarsen(sites), ref_coarsen(sites)):
+        assert torch.equal(got, want)
+
+
+# ---- pyramid ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "far_apart", "single"])
+def test_build_pyramid_is_repeated_coarsening(name):
+    sites, w = SITES[name], 2
+    pyr = lattice.build_pyramid(sites, 4, w)
+    assert len(pyr.levels) == 4 and pyr.w == w
+    for l, level in enumerate(pyr.levels):
+        assert torch.equal(level.sites, sites)
+        assert torch.equal(level.rulebook, ref_rulebook(sites, w, False))
+        assert torch.equal(level.rulebook_shifted, ref_rulebook(sites, w, True))
+        if l == 3:
+            assert level.parent is None and level.slot is None
+            break
+        parent_sites, parent, slot = ref_coarsen(sites)
+        assert torch.equal(level.parent, parent) and torch.equal(level.slot, slot)
+        sites = parent_sites
+    moved = pyr.to("cpu")
+    assert moved is not pyr and moved.w == w and moved.levels[3].parent is None
+    for a, b in zip(moved.levels, pyr.levels):
+        assert a is not b and torch.equal(a.rulebook_shifted, b.rulebook_shifted) and torch.equal(a.sites, b.sites)
+
+
+def test_build_pyramid_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="levels"):
+        lattice.build_pyramid(SITES["hd"], 0, 3)

@@ -1,0 +1,221 @@
+"""model.py: shapes, permutation equivariance, every switch, coarsening maths, pathway head, baselines."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import lattice
+from model import Coarsen, ModelConfig, PathwayHead, Ridge, Uncoarsen, build_model, check_config
+
+C, G = 12, 7
+
+
+def hex_slide(n_side=12, pitch=100.0, seed=0):
+    """A jittered hexagonal Visium-like patch, float64-free coordinates in micrometres."""
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
+    x = j.flatten() * pitch + (i.flatten() % 2) * pitch / 2
+    y = i.flatten() * pitch * 3 ** 0.5 / 2
+    xy = torch.stack([x, y], 1).float() + torch.rand(n_side * n_side, 2, generator=g) * 3
+    feats = torch.randn(xy.shape[0], C, generator=g)
+    return feats, xy
+
+
+def small_cfg(**kw):
+    base = dict(dim=16, heads=2, depths=[1, 1, 1], decoder_depths=[1, 1], dropout=0.0, attn_dropout=0.0,
+                calibration_tokens=1, pathway_tokens=3, signed=True, local_blocks=1, knn_k=6)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg, C, G).eval()
+
+
+@pytest.mark.parametrize("cfg", [
+    small_cfg(),
+    small_cfg(attention="knn", bias="alibi"),
+    small_cfg(attention="full", bias="alibi", depths=[2], decoder_depths=[]),
+    small_cfg(bias="alibi", head="pathway", pos_encoding=True),
+    small_cfg(attention="none", head="mlp"),
+    small_cfg(head="zinb"),
+])
+def test_prediction_is_per_spot_and_permutation_equivariant(cfg):
+    feats, xy = hex_slide()
+    model = make(cfg)
+    with torch.no_grad():
+        out = model(feats, xy)["pred"]
+        perm = torch.randperm(feats.shape[0])
+        out_perm = model(feats[perm], xy[perm])["pred"]
+    assert out.shape == (feats.shape[0], G)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out_perm, out[perm], rtol=1e-4, atol=1e-5)
+
+
+def test_pseudo_spots_are_used_then_dropped_and_equivariant():
+    feats, xy = hex_slide()
+    g = torch.Generator().manual_seed(1)
+    pf, pxy = torch.randn(40, C, generator=g), xy[:40] + 50.0
+    model = make(small_cfg())
+    with torch.no_grad():
+        a = model(feats, xy, pf, pxy)["pred"]
+        b = model(feats, xy)["pred"]
+        perm = torch.randperm(40, generator=g)
+        c = model(feats, xy, pf[perm], pxy[perm])["pred"]
+    assert a.shape == (feats.shape[0], G)
+    assert not torch.allclose(a, b)          # pseudo-spots change the result
+    torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [small_cfg(), small_cfg(attention="full", bias="alibi", depths=[1],
+                                                          decoder_depths=[])])
+def test_one_spot_and_an_isolated_spot(cfg):
+    model = make(cfg)
+    feats, xy = hex_slide()
+    with torch.no_grad():
+        one = model(feats[:1], xy[:1], unit=55.0)["pred"]
+        far = torch.cat([xy, torch.tensor([[1e5, 1e5]])])
+        iso = model(torch.cat([feats, feats[:1]]), far)["pred"]
+    assert one.shape == (1, G) and torch.isfinite(one).all()
+    assert iso.shape == (xy.shape[0] + 1, G) and torch.isfinite(iso).all()
+
+
+SWITCHES = {  # field: (on value, off value, whether the parameter count changes)
+    "signed": (True, False, False),
+    "pos_encoding": (True, False, False),
+    "bias": ("rpb", "none", True),
+    "local_blocks": (1, 0, True),
+    "calibration_tokens": (1, 0, True),
+    "pathway_tokens": (3, 0, True),
+    "p2h": (True, False, False),
+    "p2p": (True, False, False),
+    "h2p": (True, False, True),
+    "coarse_attention": ("full", "same", True),
+    "attention": ("window", "none", True),
+    "head": ("linear", "mlp", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_each_switch_changes_the_computation(name):
+    on, off, params_change = SWITCHES[name]
+    feats, xy = hex_slide()
+    g = torch.Generator().manual_seed(3)
+    pf, pxy = torch.randn(30, C, generator=g), xy[:30] + 40.0
+    cfg_on = small_cfg(**{name: on})
+    cfg_off = small_cfg(**{name: off})
+    if name == "attention":
+        cfg_on = dataclasses.replace(cfg_on, coarse_attention="same")
+        cfg_off = dataclasses.replace(cfg_off, coarse_attention="same")
+    m_on, m_off = make(cfg_on), make(cfg_off)
+    with torch.no_grad():
+        a = m_on(feats, xy, pf, pxy)["pred"]
+        b = m_off(feats, xy, pf, pxy)["pred"]
+    assert not torch.allclose(a, b, atol=1e-6), f"switching {name} off changed nothing"
+    n_on = sum(p.numel() for p in m_on.parameters())
+    n_off = sum(p.numel() for p in m_off.parameters())
+    assert (n_on != n_off) == params_change
+
+
+def test_parameter_counts_follow_the_config():
+    d = 16
+    base = make(small_cfg(pathway_tokens=0, calibration_tokens=1))
+    more = make(small_cfg(pathway_tokens=5, calibration_tokens=1))
+    assert sum(p.numel() for p in more.parameters()) - sum(p.numel() for p in base.parameters()) == 5 * d
+    rpb = make(small_cfg(bias="rpb"))
+    none = make(small_cfg(bias="none"))
+    n_blocks = 3 + 2  # window blocks with an rpb table (the coarsest uses full attention: no table)
+    n_blocks -= 1 + 0  # the encoder's coarsest block is 'full'
+    diff = sum(p.numel() for p in rpb.parameters()) - sum(p.numel() for p in none.parameters())
+    assert diff == n_blocks * 2 * (4 * 3 - 1) ** 2  # heads x (4w-1)^2 per window block
+
+
+def test_coarsen_is_hist_eq4_sum_of_per_slot_maps():
+    torch.manual_seed(0)
+    d = 5
+    sites = torch.unique(torch.randint(0, 9, (40, 2)), dim=0)
+    parent_sites, parent, slot = lattice.coarsen(sites)
+    x = torch.randn(sites.shape[0], d)
+    op = Coarsen(d)
+    out = op(x, parent, slot, parent_sites.shape[0])
+    W = op.linear.weight.view(d, 4, d)  # W_delta = W[:, delta, :]
+    for u in range(parent_sites.shape[0]):  # explicit sum over active children, then LayerNorm
+        acc = op.linear.bias.clone()
+        for n in range(sites.shape[0]):
+            i, j = sites[n].tolist()
+            if (i // 2, j // 2) == tuple(parent_sites[u].tolist()):
+                acc += W[:, 2 * (i % 2) + (j % 2)] @ x[n]
+        torch.testing.assert_close(out[u], op.norm(acc), rtol=1e-5, atol=1e-5)
+
+
+def test_uncoarsen_starts_as_nearest_neighbour_copy():
+    d = 6
+    sites = torch.unique(torch.randint(0, 9, (30, 2)), dim=0)
+    parent_sites, parent, slot = lattice.coarsen(sites)
+    x = torch.randn(parent_sites.shape[0], d)
+    up = Uncoarsen(d)(x, parent, slot)
+    for n in range(sites.shape[0]):
+        i, j = sites[n].tolist()
+        u = [tuple(p) for p in parent_sites.tolist()].index((i // 2, j // 2))
+        torch.testing.assert_close(up[n], x[u])
+
+
+def test_pathway_head_initial_weights_are_l1_normalised_gmt_membership(tmp_path):
+    import data
+    import train
+    genes = ["A", "B", "C", "D", "E", "F"]
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("P1\turl\tA\tB\tZZZ\nP2\turl\tC\nP3\turl\tA\tC\tD\tE\n")
+    cfg = {"data": {"gmt": str(gmt)}}
+    m = train.membership(cfg, genes, 3)
+    head = PathwayHead(3, len(genes))
+    head.init_from_membership(m)
+    sets = data.read_gmt(gmt)
+    for p, name in enumerate(["P1", "P2", "P3"]):
+        present = [g for g in sets[name] if g in genes]
+        for gi, g in enumerate(genes):
+            expect = 1.0 / len(present) if g in present else 0.0
+            assert head.genes.weight[gi, p].item() == pytest.approx(expect)
+    assert head.genes.weight[genes.index("F")].abs().sum() == 0  # F is in no pathway
+
+
+def test_ridge_matches_normal_equations_of_hest_benchmark():
+    g = np.random.default_rng(0)
+    X, Y = g.normal(size=(80, 10)).astype(np.float32), g.normal(size=(80, 4)).astype(np.float32)
+    cfg = ModelConfig(arch="ridge", pca=6)
+    model = Ridge(cfg, 10, 4)
+    Xt = torch.tensor(X)
+    model.init_from_data(Xt.mean(0), Xt.std(0), torch.zeros(4))
+    model.fit(Xt, torch.tensor(Y))
+    # independent reference: standardise (ddof=1 as torch.std), PCA by eigen-decomposition, ridge solve
+    Z = (X - X.mean(0)) / X.std(0, ddof=1)
+    Zc = Z - Z.mean(0)
+    evals, evecs = np.linalg.eigh(Zc.T @ Zc)
+    P = Zc @ evecs[:, ::-1][:, :6]
+    alpha = 100 / (6 * 4)
+    Wr = np.linalg.solve(P.T @ P + alpha * np.eye(6), P.T @ Y)
+    ref = P @ Wr  # sign of each component cancels in P @ W
+    out = model(Xt, None)["pred"].numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_configs_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="at least 2"):
+        check_config(ModelConfig(attention="none", depths=[1], decoder_depths=[], pathway_tokens=4))
+    with pytest.raises(ValueError, match="even"):
+        check_config(ModelConfig(heads=3, dim=12))
+    with pytest.raises(ValueError, match="decoder_depths"):
+        check_config(ModelConfig(depths=[1, 1], decoder_depths=[]))
+    with pytest.raises(ValueError, match="valid keys"):
+        ModelConfig.from_dict({"dimm": 3})
+
+
+def test_return_attention_gives_maps():
+    feats, xy = hex_slide()
+    model = make(small_cfg())
+    with torch.no_grad():
+        out = model(feats, xy, return_attention=True)
+    assert len(out["attention"]) >= 5 and "pathway_scores" in out
+    assert out["pathway_scores"].shape == (feats.shape[0], 3)

@@ -1,0 +1,191 @@
+"""train.py: losses against direct formulas, schedules, config handling, end-to-end runs and --resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import data
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- losses -------------------------------------------------------------------------------------
+def test_pcc_loss_matches_a_loop_and_has_correct_gradients():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    ref = 0.0
+    for j in range(4):
+        a, b = pred[:, j].tolist(), y[:, j].tolist()
+        ma, mb = sum(a) / 9, sum(b) / 9
+        cov = sum((ai - ma) * (bi - mb) for ai, bi in zip(a, b))
+        va = sum((ai - ma) ** 2 for ai in a) ** 0.5
+        vb = sum((bi - mb) ** 2 for bi in b) ** 0.5
+        ref += cov / (va * vb) / 4
+    assert train.pcc_loss(pred, y).item() == pytest.approx(1 - ref, rel=1e-6)
+    assert torch.autograd.gradcheck(lambda p: train.pcc_loss(p, y), (pred,))
+
+
+def zinb_pmf(x, mu, theta, pi):
+    """ZINB probability mass written out with lgamma, in plain Python."""
+    log_nb = (math.lgamma(x + theta) - math.lgamma(theta) - math.lgamma(x + 1)
+              + theta * math.log(theta / (theta + mu)) + x * math.log(mu / (theta + mu)))
+    nb = math.exp(log_nb)
+    return pi + (1 - pi) * nb if x == 0 else (1 - pi) * nb
+
+
+@pytest.mark.parametrize("x,mu,theta,pi", [(0, 2.0, 1.5, 0.3), (3, 2.0, 1.5, 0.3), (0, 0.1, 10.0, 0.01),
+                                           (17, 9.5, 0.7, 0.6), (1, 50.0, 3.0, 0.05)])
+def test_zinb_nll_equals_the_pmf(x, mu, theta, pi):
+    t = lambda v: torch.tensor([[float(v)]], dtype=torch.float64)
+    logit = math.log(pi / (1 - pi))
+    nll = train.zinb_nll(t(x), t(mu), t(theta), t(logit)).item()
+    assert nll == pytest.approx(-math.log(zinb_pmf(x, mu, theta, pi)), rel=1e-6)
+
+
+def test_pathway_loss_against_explicit_reference():
+    g = np.random.default_rng(0)
+    y = g.normal(size=(20, 5))
+    scores = g.normal(size=(20, 3))
+    member = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=float)
+    z = (y - y.mean(0)) / y.std(0)
+    pccs = []
+    for p in (0, 2):  # pathway 1 has no member gene and is skipped
+        act = np.array([np.mean([z[n, gi] for gi in range(5) if member[p, gi]]) for n in range(20)])
+        pccs.append(np.corrcoef(scores[:, p], act)[0, 1])
+    loss = train.pathway_loss(torch.tensor(scores), torch.tensor(y), torch.tensor(member))
+    assert loss.item() == pytest.approx(1 - np.mean(pccs), rel=1e-5)
+
+
+def test_schedules():
+    total, warm = 100, 10
+    lrs = [train.lr_factor(s, total, warm) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
+    assert train.lr_factor(total, total, warm) == pytest.approx(0.0)
+    aug = {"start": 1.0, "end": 0.2}
+    assert train.aug_strength(0, 50, aug) == pytest.approx(1.0)
+    assert train.aug_strength(49, 50, aug) == pytest.approx(0.2)
+
+
+# ---- config -------------------------------------------------------------------------------------
+def test_unknown_keys_are_refused_with_the_valid_ones(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochz: 3}\n")
+    with pytest.raises(SystemExit, match="epochs"):
+        train.load_config(bad)
+    with pytest.raises(SystemExit, match="valid keys"):
+        train.load_config(ROOT / "configs/default.yaml", ["model.dimm=3"])
+    cfg = train.load_config(ROOT / "configs/default.yaml", ["train.epochs=7", "data.genes={by: mean, n: 5}"])
+    assert cfg["train"]["epochs"] == 7 and cfg["data"]["genes"] == {"by": "mean", "n": 5}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.make_synthetic(root, n_slides=4, seed=0, n_spots=250, pseudo=True)
+    return root
+
+
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_trains_and_its_loss_decreases(name, tiny_root):
+    cfg = train.load_config(ROOT / "configs" / name, [f"data.root={tiny_root}"])
+    if cfg["data"]["gmt"]:
+        cfg["data"]["gmt"] = str(tiny_root / "programs.gmt")
+    cfg["data"]["genes"] = {"by": "hvg", "n": 40}
+    cfg["model"]["dropout"] = 0.0
+    from model import ModelConfig, build_model
+    mc = ModelConfig.from_dict(cfg["model"])
+    slide = data.read_slide(data.list_slides(tiny_root)[0])
+    genes = train.choose_genes(cfg, [slide], tiny_root)
+    slide = data.read_slide(data.list_slides(tiny_root)[0], genes=genes)
+    b = train.prepare(slide, cfg, mc.unit_um)
+    torch.manual_seed(0)
+    model = build_model(mc, slide.features.shape[1], len(genes))
+    model.init_from_data(b["features"].mean(0), b["features"].std(0), b["target"].mean(0),
+                         train.membership(cfg, genes, mc.pathway_tokens))
+    if mc.arch == "ridge":
+        before = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
+        model.fit(b["features"], b["target"])
+        after = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
+        assert after < before
+        return
+    opt = torch.optim.AdamW(model.parameters(), lr=max(cfg["train"]["lr"], 3e-4))
+    losses = []
+    for _ in range(8):
+        out = train.forward(model, b, torch.device("cpu"))
+        loss = train.compute_loss(out, b, cfg, model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+def run_train(args, cwd, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+TINY = ["data.folds=2", "data.genes={by: hvg, n: 30}", "model.dim=16", "model.heads=2", "model.pathway_tokens=4",
+        "train.epochs=2"]
+
+
+@pytest.mark.slow
+def test_train_end_to_end_writes_the_run(tiny_root, tmp_path):
+    r = run_train([str(ROOT / "configs/default.yaml"), f"data.root={tiny_root}",
+                   f"data.gmt={tiny_root / 'programs.gmt'}", "run.name=e2e", *TINY], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "e2e"
+    assert "fold 0 epoch 2/2" in r.stdout and "pcc_gene" in r.stdout
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 2
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["metrics"]["pcc_gene"]["folds"]) == 2
+    for k in (0, 1):
+        assert (run / f"fold_{k}" / "model.pt").exists()
+        assert len(list((run / f"fold_{k}" / "pred").glob("*.h5"))) == 2
+    assert (run / "per_gene.csv").read_text().count("\n") >= 31
+    # an existing run is never overwritten without --resume
+    again = run_train([str(ROOT / "configs/default.yaml"), f"data.root={tiny_root}",
+                       f"data.gmt={tiny_root / 'programs.gmt'}", "run.name=e2e", *TINY], cwd=tmp_path)
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(tiny_root, tmp_path):
+    args = [str(ROOT / "configs/default.yaml"), f"data.root={tiny_root}", f"data.gmt={tiny_root / 'programs.gmt'}",
+            *TINY, "train.epochs=3"]
+    full = run_train([*args, "run.name=full"], cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "run.name=killed"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # kill it as soon as the first epoch of fold 1 is done
+        if line.startswith("fold 1 epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "runs" / "killed"
+    assert (run / "fold_0" / "done").exists() and not (run / "results.json").exists()
+    resumed = run_train([*args, "run.name=killed", "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fold 0: finished earlier, skipped" in resumed.stdout and "resumed after epoch 1" in resumed.stdout
+    a = json.loads((tmp_path / "runs/full/results.json").read_text())["metrics"]
+    b = json.loads((run / "results.json").read_text())["metrics"]
+    for metric in a:
+        np.testing.assert_allclose(a[metric]["folds"], b[metric]["folds"], rtol=1e-5, atol=1e-6)

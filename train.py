@@ -1,0 +1,432 @@
+"""Cross-validation of one config on a folder of slide caches, one slide per step, on one GPU or the CPU.
+
+    python train.py                                  # the demo: synthetic slides + configs/default.yaml
+    python train.py configs/hist.yaml data.root=caches/her2st run.name=hist
+    python train.py configs/hist.yaml run.name=hist --resume     # continue a killed run
+
+Outputs in runs/<name>/: config.yaml, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
+results.json, per_gene.csv, results.md (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+import data
+import eval as evaluation
+from model import ModelConfig, build_model
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
+
+# Every key a config may set, with its default. A config file or a `key.sub=value` override may only
+# set keys that exist here (model keys: see model.ModelConfig).
+DEFAULTS = {
+    "data": {
+        "root": "data/synthetic",     # folder of <slide>.h5 caches
+        "synthetic": None,            # e.g. {slides: 12, seed: 0, spots: 1500}: generate root if missing
+        "folds": 4,                   # k folds grouped by patient; -1 = leave one patient out
+        "split_dir": None,            # HEST-Benchmark splits/ folder (train_i.csv / test_i.csv) instead
+        "genes": {"by": "hvg", "n": 250},  # a gene list file, {by: hvg|mean, n: N}, or null = all genes
+        "normalize": False,           # targets log1p(counts / library_size * 1e4) instead of log1p(counts)
+        "gmt": None,                  # pathway gene sets (MSigDB GMT) for pathway tokens / head / loss
+        "pseudo": True,               # use off-grid pseudo-spots when the caches have them
+    },
+    "model": dataclasses.asdict(ModelConfig()),
+    "train": {
+        "epochs": 30,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 1,           # linear warm-up, then cosine to zero (per step)
+        "clip": 1.0,                  # gradient norm clipping
+        "loss": "mse",                # mse | pcc | mse_pcc | zinb
+        "pcc_alpha": 1.0,             # mse_pcc = mse + alpha (1 - pcc)
+        "pathway_lambda": 0.0,        # auxiliary pathway loss weight (STF)
+        "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
+        "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
+        "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
+        "seed": 0,
+    },
+    "eval": {"save_predictions": True},
+    "run": {"name": "demo", "dir": "runs", "device": "auto"},
+}
+
+
+# ---- config -----------------------------------------------------------------------------------
+def merge(base: dict, new: dict, where: str = "") -> dict:
+    """Deep-merge `new` into a copy of `base`; a key `base` does not have is an error naming the valid ones."""
+    out = copy.deepcopy(base)
+    for key, value in (new or {}).items():
+        if key not in base:
+            raise ValueError(f"unknown config key '{where}{key}'; valid keys here: {sorted(base)}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("synthetic", "genes"):
+            out[key] = merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path, overrides=()) -> dict:
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"{path}: cannot read the config: {e}")
+    try:
+        cfg = merge(DEFAULTS, cfg)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override '{item}' must look like key.sub=value")
+            nested = yaml.safe_load(value)
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            cfg = merge(cfg, nested)
+        ModelConfig.from_dict(cfg["model"])
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}")
+    return cfg
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def pearson_per_column(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each column of a and b over the rows (spots): (N, G) -> (G,)."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    return (a * b).sum(0) / (a.pow(2).sum(0).sqrt() * b.pow(2).sum(0).sqrt() + eps)
+
+
+def pcc_loss(pred, target):
+    """1 - mean per-gene Pearson within a slide (STF)."""
+    return 1 - pearson_per_column(pred, target).mean()
+
+
+def zinb_nll(x, mu, theta, pi_logit, eps=1e-8):
+    """Mean negative log-likelihood of counts x under ZINB(mu, theta, pi), pi = sigmoid(pi_logit).
+
+    NB(x) = G(x+theta) / (G(theta) x!) (theta/(theta+mu))^theta (mu/(theta+mu))^x;
+    ZINB(0) = pi + (1-pi) NB(0), ZINB(x>0) = (1-pi) NB(x)."""
+    log_theta_mu = torch.log(theta + mu + eps)
+    nb = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+          + theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu))
+    log_pi, log_not_pi = -F.softplus(-pi_logit), -F.softplus(pi_logit)
+    nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)
+    zero = torch.logaddexp(log_pi, log_not_pi + nb_zero)
+    return -torch.where(x < 0.5, zero, log_not_pi + nb).mean()
+
+
+def pathway_loss(scores, target, membership):
+    """STF auxiliary loss: 1 - PCC(scores, target pathway activity) with target = genes z-scored over the
+    slide's spots, averaged over each pathway's member genes. Pathways with no member gene are skipped."""
+    z = (target - target.mean(0)) / (target.std(0, unbiased=False) + 1e-6)
+    size = membership.sum(1)
+    keep = size > 0
+    if not keep.any():
+        return scores.sum() * 0
+    act = z @ membership[keep].T / size[keep]                   # (N, P')
+    return 1 - pearson_per_column(scores[:, keep], act).mean()
+
+
+def compute_loss(out, batch, cfg, model):
+    tc = cfg["train"]
+    pred, y = out["pred"].float(), batch["target"]
+    kind = tc["loss"]
+    if kind == "mse":
+        loss = F.mse_loss(pred, y)
+    elif kind == "pcc":
+        loss = pcc_loss(pred, y)
+    elif kind == "mse_pcc":
+        loss = F.mse_loss(pred, y) + tc["pcc_alpha"] * pcc_loss(pred, y)
+    elif kind == "zinb":
+        log_rate, log_theta, pi_logit = (t.float() for t in out["zinb"])
+        mu = log_rate.exp() * batch["library_size"][:, None] / 1e4      # library size as offset
+        loss = zinb_nll(batch["counts"], mu, log_theta.exp(), pi_logit)
+    else:
+        raise ValueError(f"train.loss = {kind!r}; expected mse, pcc, mse_pcc or zinb")
+    if tc["pathway_lambda"] and "pathway_scores" in out:
+        loss = loss + tc["pathway_lambda"] * pathway_loss(out["pathway_scores"].float(), y,
+                                                          model.pathway_membership)
+    return loss
+
+
+# ---- data of one fold ---------------------------------------------------------------------------
+def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
+    """Tensors the model and the losses need, for one slide, on the CPU."""
+    counts = slide.counts
+    lib = slide.library_size if slide.library_size is not None else (
+        counts.sum(1) if counts is not None else None)
+    b = {"slide": slide, "features": slide.features, "coords": slide.coords,
+         "unit": unit_um or _default_unit(slide.coords)}
+    if counts is not None:
+        b["counts"], b["library_size"] = counts, lib.clamp_min(1)
+        b["target"] = data.log_targets(counts, lib, normalize=cfg["data"]["normalize"])
+    if cfg["data"]["pseudo"] and slide.pseudo_features is not None:
+        b["pseudo_features"], b["pseudo_coords"] = slide.pseudo_features, slide.pseudo_coords
+    return b
+
+
+def _default_unit(coords):
+    import lattice
+    return lattice.default_unit(coords)
+
+
+def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict:
+    """HiST A.6: transform the coordinates (spots and pseudo-spots together) and drop spots; features untouched."""
+    xy = b["coords"]
+    n = xy.shape[0]
+    if "pseudo_coords" in b:
+        xy = torch.cat([xy, b["pseudo_coords"]])
+    keep, new = data.augment_coords(xy, strength, gen, p_drop=aug["p_drop"],
+                                    max_shear_deg=aug["shear_deg"], max_rot_deg=aug["rot_deg"])
+    spots = keep < n
+    if not spots.any():                                  # keep at least one real spot
+        spots[0], keep[0] = True, 0
+    out = {k: v for k, v in b.items() if k not in ("pseudo_features", "pseudo_coords")}
+    ks = keep[spots]
+    out["coords"] = new[spots]
+    for key in ("features", "target", "counts", "library_size"):
+        if key in b:
+            out[key] = b[key][ks]
+    if "pseudo_coords" in b and (~spots).any():
+        out["pseudo_coords"] = new[~spots]
+        out["pseudo_features"] = b["pseudo_features"][keep[~spots] - n]
+    return out
+
+
+def forward(model, b, device, **kw):
+    args = {k: (b[k].to(device, non_blocking=True) if k in b else None)
+            for k in ("features", "coords", "pseudo_features", "pseudo_coords")}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(args["features"], args["coords"], args["pseudo_features"], args["pseudo_coords"],
+                     unit=b["unit"], **kw)
+
+
+def choose_genes(cfg, train_slides_meta, root: Path) -> list[str]:
+    spec = cfg["data"]["genes"]
+    shared = [g for g in train_slides_meta[0].genes if all(g in set(s.genes) for s in train_slides_meta[1:])]
+    if spec is None:
+        return shared
+    if isinstance(spec, str):
+        path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
+        return data.read_gene_list(path)
+    counts = [s.counts[:, [s.genes.index(g) for g in shared]].numpy() for s in train_slides_meta]
+    return data.select_genes(counts, shared, n=int(spec["n"]), by=spec.get("by", "hvg"))
+
+
+def membership(cfg, genes: list[str], n_pathways: int) -> torch.Tensor | None:
+    if not n_pathways:
+        return None
+    m = torch.zeros(n_pathways, len(genes))
+    if cfg["data"]["gmt"]:
+        index = {g: i for i, g in enumerate(genes)}
+        sets = list(data.read_gmt(cfg["data"]["gmt"]).values())[:n_pathways]
+        for p, members in enumerate(sets):
+            for g in members:
+                if g in index:
+                    m[p, index[g]] = 1.0
+    return m
+
+
+# ---- training ---------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def aug_strength(epoch: int, epochs: int, aug: dict) -> float:
+    """HiST A.7: cosine decay of the augmentation strength from `start` to `end` over training."""
+    t = epoch / max(1, epochs - 1)
+    return aug["end"] + 0.5 * (aug["start"] - aug["end"]) * (1 + math.cos(math.pi * t))
+
+
+def save_atomic(obj, path: Path):
+    with data.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@torch.no_grad()
+def predict(model, b, device) -> torch.Tensor:
+    model.eval()
+    return forward(model, b, device)["pred"].float().cpu()
+
+
+def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
+    tc = cfg["train"]
+    epochs, steps_per_epoch = tc["epochs"], len(train_b)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    total, warmup = epochs * steps_per_epoch, tc["warmup_epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    start, best = 0, (-math.inf, None)
+    ckpt = fold_dir / "checkpoint.pt"
+    if ckpt.exists():  # --resume: continue after the last finished epoch
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, best = state["epoch"] + 1, state["best"]
+        log(f"fold {k}: resumed after epoch {start}")
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        torch.manual_seed(tc["seed"] * 100003 + k * 1009 + epoch)   # dropout: same stream after a resume
+        gen = torch.Generator().manual_seed(tc["seed"] * 100003 + k * 1009 + epoch)
+        strength = aug_strength(epoch, epochs, tc["augment"])
+        model.train()
+        total_loss = torch.zeros((), device=device)
+        for i in torch.randperm(len(train_b), generator=gen).tolist():
+            b = augmented(train_b[i], strength, tc["augment"], gen)
+            out = forward(model, b, device)
+            loss = compute_loss(out, {key: v.to(device) for key, v in b.items()
+                                      if isinstance(v, torch.Tensor)}, cfg, model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
+            opt.step()
+            sched.step()
+            total_loss += loss.detach()
+        line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
+        if val_b:
+            score = evaluation.pcc_gene(torch.cat([predict(model, b, device) for b in val_b]),
+                                        torch.cat([b["target"] for b in val_b]))
+            line += f" val_pcc_gene {score:.4f}"
+            if score > best[0]:
+                best = (score, {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+        seconds = time.time() - t0
+        if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
+                         "sched": sched.state_dict(), "epoch": epoch, "best": best}, ckpt)
+        log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+
+
+def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, eta):
+    tc, mc = cfg["train"], ModelConfig.from_dict(cfg["model"])
+    fold_dir = run_dir / f"fold_{k}"
+    train_slides = [data.read_slide(root / f"{s}.h5") for s in train_ids]
+    genes = choose_genes(cfg, train_slides, root)
+    train_slides = [data.read_slide(root / f"{s}.h5", genes=genes) for s in train_ids]
+    test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
+    val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
+    train_slides = train_slides[:len(train_slides) - len(val_slides)]
+    if not train_slides:
+        raise SystemExit(f"fold {k}: no training slides left after train.val_slides = {tc['val_slides']}")
+    train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
+    feats = torch.cat([b["features"] for b in train_b])
+    targets = torch.cat([b["target"] for b in train_b])
+    torch.manual_seed(tc["seed"] * 100003 + k)
+    model = build_model(mc, feats.shape[1], len(genes))
+    model.init_from_data(feats.mean(0), feats.std(0), targets.mean(0),
+                         membership(cfg, genes, mc.pathway_tokens if mc.arch == "tessera" else 0))
+    model.to(device)
+    if mc.arch == "ridge":
+        model.fit(feats.to(device), targets.to(device))
+        log(f"fold {k}: ridge fitted on {feats.shape[0]} spots")
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} test slides, "
+            f"{len(genes)} genes, {n_params / 1e6:.2f}M parameters, device {device}")
+        train_fold(k, train_b, [prepare(s, cfg, mc.unit_um) for s in val_slides], cfg, model, device,
+                   fold_dir, log, eta)
+    save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
+                 "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
+    for s in test_slides:
+        target = data.log_targets(s.counts, s.library_size, normalize=cfg["data"]["normalize"]) \
+            if s.counts is not None else None
+        evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5",
+                                     evaluation.predict_slide(model, s, cfg["data"]["pseudo"], device),
+                                     genes, s.barcodes, s.coords, true=target, slide_id=s.slide_id)
+    (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
+    with data.atomic_path(fold_dir / "done") as tmp:
+        tmp.write_text("finished\n")
+
+
+def folds_for(cfg, root: Path):
+    if cfg["data"]["split_dir"]:
+        return data.read_split_csvs(cfg["data"]["split_dir"])
+    paths = data.list_slides(root)
+    if not paths:
+        raise SystemExit(f"{root}: no <slide>.h5 caches found (data.root)")
+    metas = [data.read_slide_meta(p) for p in paths]
+    return data.make_folds([m.slide_id for m in metas], [m.patient for m in metas],
+                           cfg["data"]["folds"], cfg["train"]["seed"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("run.device = cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as YAML)")
+    p.add_argument("--resume", action="store_true", help="continue runs/<name> where it stopped")
+    args = p.parse_args(argv)
+    if "=" in args.config:  # `python train.py key=value`: overrides on the default config
+        args.overrides.insert(0, args.config)
+        args.config = str(DEFAULT_CONFIG)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not args.resume:
+            raise SystemExit(f"{run_dir} exists: pass --resume to continue it, or choose another run.name")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved != cfg:
+            raise SystemExit(f"{run_dir}/config.yaml differs from the config given; --resume needs the same one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with data.atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    logfile = open(run_dir / "log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logfile.write(msg + "\n")
+        logfile.flush()
+
+    root = Path(cfg["data"]["root"])
+    if not root.exists() and cfg["data"]["synthetic"]:
+        syn = cfg["data"]["synthetic"]
+        t0 = time.time()
+        data.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
+                            n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
+        log(f"generated the synthetic dataset in {root} ({time.time() - t0:.1f}s)")
+    torch.set_num_threads(torch.get_num_threads())
+    device = resolve_device(cfg["run"]["device"])
+    folds = folds_for(cfg, root)
+    started, done_epochs = time.time(), [0]
+    todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
+
+    def eta(seconds_per_epoch, left_in_fold):
+        done_epochs[0] += 1
+        rate = (time.time() - started) / done_epochs[0]
+        left = max(0, todo_epochs - done_epochs[0]) * rate
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+    log(f"run {run_dir}: {len(folds)} folds, config {args.config}")
+    for k, (train_ids, test_ids) in enumerate(folds):
+        if (run_dir / f"fold_{k}" / "done").exists():
+            log(f"fold {k}: finished earlier, skipped")
+            continue
+        run_fold(k, train_ids, test_ids, cfg, root, run_dir, device, log, eta)
+    results = evaluation.evaluate_run(run_dir)
+    table = (run_dir / "results.md").read_text()
+    log(f"finished in {time.time() - started:.0f}s\n{table}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
