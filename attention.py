@@ -74,41 +74,47 @@ def window_attention(q, k, v, rulebook, bias=None, beta=0.0, tau=1.0, chunk=None
     q, k, v (N, H, D); rulebook (W, S) token ids, -1 = empty slot, each token in exactly one row
     (a token in no row gets zeros); bias (H, S, S) shared by all windows (relative table or ALiBi on slot
     offsets). `chunk` = windows per batch (None = all): memory O(chunk * H * S^2), never O(N^2).
-    Windows are batched by their number of tokens c, each batch one dense (windows, H, c, c) attention:
-    no padding and no mask, so the work is that of the pairs that exist (on HiST's lattice, spots 1.8
-    units apart, a window is about a third full). Returns (N, H, D)."""
+    Windows are batched by their number of tokens rounded up to a power of two (at most log2(S) + 2
+    batches, so few attention calls even on a small slide), each batch one dense (windows, H, c, c)
+    attention over its filled slots; the few padding slots are masked keys whose outputs are dropped.
+    On HiST's lattice (spots 1.8 units apart) a window is about a third full. Returns (N, H, D)."""
     N, H, _ = q.shape
     S = rulebook.shape[1]
     filled = rulebook >= 0
     count = filled.sum(1)
-    order = torch.argsort(count, stable=True)  # windows by number of tokens
+    size = (2 ** torch.log2(count.clamp(min=1).float()).ceil()).long().clamp(max=S) * (count > 0)
+    order = torch.argsort(size, stable=True)  # windows by padded size
     slots = torch.argsort(~filled[order], dim=1, stable=True)  # (W, S): filled slots first, in slot order
-    ids = rulebook[order].gather(1, slots)  # (W, S) token ids, filled first
-    batches, start = [], 0  # (rows of ids, tokens per window)
-    sizes, n_windows = torch.unique_consecutive(count[order], return_counts=True)
+    ids = rulebook[order].gather(1, slots)  # (W, S) token ids, filled first, then -1
+    batches, start = [], 0  # (rows of ids, padded tokens per window)
+    sizes, n_windows = torch.unique_consecutive(size[order], return_counts=True)
     for c, n in zip(sizes.tolist(), n_windows.tolist()):  # the one host sync
-        batches += [(slice(s, min(s + (chunk or n), start + n)), c) for s in range(start, start + n, chunk or n) if c]
+        step = chunk or n
+        batches += [(slice(s, min(s + step, start + n)), c) for s in range(start, start + n, step) if c]
         start += n
-    toks = [ids[rows, :c].flatten() for rows, c in batches]  # token ids of each batch, window-major
+    toks = [ids[rows, :c].flatten() for rows, c in batches]  # token ids of each batch, window-major, -1 = pad
     out = q.new_zeros(N, H, v.shape[-1])
     if not toks:
         return out
+    valid = [t >= 0 for t in toks]
+    toks = [t.clamp(min=0) for t in toks]  # a pad gathers token 0: masked as a key, dropped as a query
     # with autograd one gather per tensor (one index_add backward); without, one per batch (less memory)
     lazy = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     gather = lambda t: (t.index_select(0, i) for i in toks) if lazy else \
         t.index_select(0, torch.cat(toks)).split([len(i) for i in toks])
     outs = []
-    for (rows, c), tok, qb, kb, vb in zip(batches, toks, gather(q), gather(k), gather(v)):
+    for (rows, c), tok, ok, qb, kb, vb in zip(batches, toks, valid, gather(q), gather(k), gather(v)):
         w, sl = rows.stop - rows.start, slots[rows, :c]
         b = None if bias is None else bias.flatten(1)[:, sl[:, :, None] * S + sl[:, None, :]].transpose(0, 1)
+        mask = None if bool(ok.all()) else ok.view(w, 1, 1, c)  # (w, 1, 1, c): keys that exist
         heads = lambda t: t.view(w, c, H, -1).transpose(1, 2)  # (w*c, H, D) -> (w, H, c, D)
-        o = signed_attention(heads(qb), heads(kb), heads(vb), b, None, beta, tau, dropout_p=dropout_p)
-        o = o.transpose(1, 2).reshape(w * c, H, -1)  # (w*c, H, D), in the order of tok
+        o = signed_attention(heads(qb), heads(kb), heads(vb), b, mask, beta, tau, dropout_p=dropout_p)
+        o = o.transpose(1, 2).reshape(w * c, H, -1)[ok]  # (tokens, H, D), in the order of tok[ok]
         if lazy:
-            out.index_copy_(0, tok, o)  # scatter back: each token sits in exactly one window
+            out.index_copy_(0, tok[ok], o)  # scatter back: each token sits in exactly one window
         else:
             outs.append(o)
-    return out if lazy else out.index_copy(0, torch.cat(toks), torch.cat(outs))
+    return out if lazy else out.index_copy(0, torch.cat([t[ok] for t, ok in zip(toks, valid)]), torch.cat(outs))
 
 
 def knn(xy_q, xy_k, k, exclude_self=False, chunk=None):
@@ -123,30 +129,35 @@ def knn(xy_q, xy_k, k, exclude_self=False, chunk=None):
     if not (xy_q.is_floating_point() and xy_k.is_floating_point()):
         xy_q, xy_k = xy_q.long(), xy_k.long()
     chunk = chunk or max(1, (1 << 22) // max(Nk, 1))
-    out = [torch.empty(0, k, dtype=torch.long, device=xy_q.device)]
+    out = torch.empty(Nq, k, dtype=torch.long, device=xy_q.device)
     for start in range(0, Nq, chunk):
         a = xy_q[start:start + chunk]
         d2 = (a[:, None, 0] - xy_k[None, :, 0]) ** 2 + (a[:, None, 1] - xy_k[None, :, 1]) ** 2  # (c, Nk)
-        if exclude_self:
-            rows = torch.arange(a.shape[0], device=a.device)
-            rows = rows[rows + start < Nk]
-            big = torch.finfo(d2.dtype).max if d2.is_floating_point() else torch.iinfo(d2.dtype).max
-            d2[rows, rows + start] = big
-        out.append(d2.topk(k, dim=1, largest=False).indices)
-    return torch.cat(out)
+        if exclude_self:  # query i is key i: push it beyond every real distance
+            i = torch.arange(start, min(start + len(a), Nk), device=a.device)
+            d2[i - start, i] = (torch.finfo if d2.is_floating_point() else torch.iinfo)(d2.dtype).max
+        out[start:start + chunk] = d2.topk(k, dim=1, largest=False).indices
+    return out
 
 
 def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, chunk=None, *, dropout_p=0.0):
     """FEAST local stage: each query attends to its K neighbours. q (Nq, H, D), k and v (Nk, H, D),
     index (Nq, K) valid key ids, bias (H, Nq, K). `chunk` = queries per batch (None = all): memory
-    O(chunk * K * H * D). Returns (Nq, H, D)."""
+    O(chunk * K * H * D). Returns (Nq, H, D).
+
+    With one query per row the scores are a product and a sum over D, cheaper than Nq * H tiny matrix
+    products; the weights are FEAST's softmax(S + B) - beta softmax((-S + B) / tau), as in signed_attention."""
     step, out = chunk or max(q.shape[0], 1), q.new_empty(q.shape[0], *v.shape[1:])
     for start in range(0, q.shape[0], step):
         rows = slice(start, start + step)
-        kn, vn = k[index[rows]].transpose(1, 2), v[index[rows]].transpose(1, 2)  # (c, H, K, D)
-        b = None if bias is None else bias[:, rows].permute(1, 0, 2).unsqueeze(2)  # (c, H, 1, K)
-        o = signed_attention(q[rows].unsqueeze(2), kn, vn, b, None, beta, tau, dropout_p=dropout_p)
-        out[rows] = o.squeeze(2)  # (c, H, 1, D) -> (c, H, D)
+        kn, vn = k[index[rows]], v[index[rows]]                           # (c, K, H, D)
+        s = (q[rows].unsqueeze(1) * kn).sum(-1) / q.shape[-1] ** 0.5       # (c, K, H)
+        b = 0.0 if bias is None else bias[:, rows].permute(1, 2, 0).to(s.dtype)  # (c, K, H)
+        w = torch.softmax(s + b, dim=1)
+        if beta:
+            w = w - beta * torch.softmax((-s + b) / tau, dim=1)
+        w = F.dropout(w, dropout_p) if dropout_p else w
+        out[rows] = (w.unsqueeze(-1) * vn).sum(1)                          # (c, H, D)
     return out
 
 

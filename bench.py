@@ -1,5 +1,6 @@
-"""Speed, memory and scaling of tessera, side by side with the two ways attention over windows is usually
-computed (issue 6; HiST sec. 4.3 and Table 1).
+"""Speed, memory and scaling of tessera, beside the edge-list and dense ways of computing window attention.
+
+Issue 6; HiST sec. 4.3 and Table 1. Tables from this machine, and the commands: BENCHMARKS.md.
 
     python bench.py                                        # everything, CPU, N = 1k ... 256k (1M for some)
     python bench.py --parts window --sizes 4k,64k --layouts hd --json window.json
@@ -11,13 +12,15 @@ peak memory is its own):
   window   one window_attention call, forward (fwd) and forward + backward (fwd+bwd), H = 8 heads of
            D = 32, w = 3, a (H, S, S) bias, against `edge` (explicit (query, key) pair list, per-query
            softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries compute it) and
-           `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to DENSE_MAX_N).
+           `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to --max-n).
            The geometry (rulebook, pair list, window ids) is built before the timed call for all three.
   step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
            pass (eval, no_grad) of configs/hist.yaml and configs/default.yaml on one synthetic slide
-  memory   window_attention and knn_attention (K = 16) forward + backward memory from N = 10k to 160k
+  memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
+           demo's width (4 heads of 16), to show memory linear in N (issue 4)
 
-Time: median of --repeats runs after one untimed warm-up (a run over 10 s is timed once, no warm-up).
+Time: median of --repeats runs (as many as fit in a minute, at least one) after an untimed warm-up; a
+run over 60 s is timed once, without warm-up.
 Memory on the CPU: peak resident set of the child (getrusage ru_maxrss after resetting the high-water
 mark through /proc/self/clear_refs once the inputs exist); `peak` is the whole process, `work` is peak
 minus the resident set just before the measured calls. On CUDA: max_memory_allocated / reserved.
@@ -26,6 +29,7 @@ The exponent of each row is the least-squares slope of log time over log N for N
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -42,9 +46,13 @@ import lattice
 from attention import knn_attention, window_attention
 
 ROOT = Path(__file__).resolve().parent
-H, D, W, LEVELS = 8, 32, 3, 4          # window part: heads, head dim, window half-size; pyramid levels
-DENSE_MAX_N = 8192                     # the (H, N, N) scores of dense attention: 2 GiB at N = 8k
-EDGE_MAX_N = 65536                     # edge list: (pairs, H, D) gathers, ~1 GiB each at N = 64k (HD)
+H, D, W, LEVELS = 8, 32, 3, 4          # window part: 256 channels per call, as hist.yaml gives each window
+                                       # partition (d = 512, 4 heads of 64 each); w; pyramid levels
+MEMORY_HEADS = (4, 16)                 # memory part: heads, head dim of configs/default.yaml (d = 64)
+# Largest N per row on this 23 GB, 2-core machine: dense (H, N, N) scores are 2 GiB at 8k; the edge
+# list's (pairs, H, D) gathers ~1 GiB each at 64k; window_attention forward + backward keeps ~15 MB and
+# hist.yaml training ~0.3 GB per 1k spots; the demo's k-NN stage is brute force, O(N^2). See --max-n.
+MAX_N = "dense=8k,edge=64k,tessera=256k,hist.train=32k,default=64k"
 FEATURES = {"hist": (1024, 2000), "default": (64, 250)}  # (C, G): UNI-sized features / demo's synthetic
 
 
@@ -84,22 +92,22 @@ def sites_of(kind, n):
 # ---- the two common ways to compute the same window attention -------------------------------------
 def pair_list(rulebook):
     """Every (query, key) pair sharing a window, with their slots: (qi, ki, slot_q, slot_k), each (E,)."""
-    S = rulebook.shape[1]
     both = (rulebook[:, :, None] >= 0) & (rulebook[:, None, :] >= 0)   # (W, S, S)
     w_, a, b = torch.nonzero(both, as_tuple=True)
     return rulebook[w_, a], rulebook[w_, b], a, b
 
 
 def edge_attention(q, k, v, qi, ki, sq, sk, bias):
-    """Graph-library attention over an explicit edge list: one score per (edge, head), softmax per query
-    with a scatter max, exp and scatter sums. q, k, v (N, H, D); bias (H, S, S) -> (N, H, D)."""
+    """Attention over an explicit edge list, computed as graph libraries do (PyG TransformerConv with
+    utils.softmax): a score per (edge, head), a scatter max per query (detached), exp, a scatter sum
+    gathered back to normalise every edge, then the messages alpha * v_j summed per query.
+    q, k, v (N, H, D); qi, ki, sq, sk (E,) from pair_list; bias (H, S, S) -> (N, H, D)."""
     N, Hh, Dh = q.shape
     e = (q[qi] * k[ki]).sum(-1) / Dh ** 0.5 + bias[:, sq, sk].T             # (E, H)
-    m = e.new_full((N, Hh), float("-inf")).scatter_reduce(0, qi[:, None].expand_as(e), e, "amax")
-    p = torch.exp(e - m[qi])                                                # (E, H)
-    den = e.new_zeros(N, Hh).index_add_(0, qi, p)
-    out = q.new_zeros(N, Hh, Dh).index_add_(0, qi, p[..., None] * v[ki])   # (N, H, D)
-    return out / den.clamp_min(1e-30)[..., None]
+    m = e.new_full((N, Hh), float("-inf")).scatter_reduce(0, qi[:, None].expand_as(e), e.detach(), "amax")
+    p = torch.exp(e - m[qi])
+    alpha = p / (p.new_zeros(N, Hh).index_add_(0, qi, p)[qi] + 1e-16)      # softmax over each query's edges
+    return q.new_zeros(N, Hh, Dh).index_add_(0, qi, alpha[..., None] * v[ki])
 
 
 def token_windows(rulebook, n):
@@ -137,9 +145,9 @@ def _timed(fn, repeats, sync):
         sync()
         return time.perf_counter() - t0
     first = once()                       # warm-up; also the only run when it is slow
-    if first > 10 or repeats < 1:
+    if first > 60 or repeats < 1:
         return first, [first]
-    times = sorted(once() for _ in range(repeats))
+    times = sorted(once() for _ in range(max(1, min(repeats, int(60 / first)))))
     return times[len(times) // 2], times
 
 
@@ -163,37 +171,25 @@ def _window_case(spec, dev):
         def grads(fn):
             out = fn()
             return [out.detach()] + list(torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
-        extra["max_err"] = max(float((a - b).abs().max()) for a, b in zip(grads(f), grads(ours)))
+        # largest difference relative to the largest magnitude of each tensor (issue 4's 1e-5 tolerance)
+        extra["max_err"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1))
+                               for a, b in zip(grads(f), grads(ours)))
     return (lambda: f().sum().backward()) if spec["mode"] == "fwd+bwd" else no_grad(f), extra
 
 
 def _memory_case(spec, dev):
-    n = spec["n"]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, H, D, generator=g).to(dev).requires_grad_() for _ in range(3))
+    """Issue 4: forward + backward of window_attention and knn_attention (K = 16) at the demo's width."""
+    n, (h, d), g = spec["n"], MEMORY_HEADS, torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(dev).requires_grad_() for _ in range(3))
     if spec["name"] == "window_attention":
         rulebook = lattice.window_rulebook(sites_of(spec["layout"], n), W).to(dev)
-        bias = torch.randn(H, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
+        bias = torch.randn(h, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
         return lambda: window_attention(q, k, v, rulebook, bias).sum().backward(), {}
-    # K = 16 nearest sites: neighbours within the 9 x 9 block of lattice offsets, nearest first
-    sites = sites_of(spec["layout"], n)
-    index = _grid_knn(sites, 16).to(dev)
-    bias = torch.randn(H, n, 16, generator=g).to(dev).requires_grad_()
+    # K = 16 keys per query: a band of row-major neighbours (local, like k-NN; memory does not depend on
+    # which keys, and attention.knn itself is brute force, O(N^2), too slow to build at 160k)
+    index = (torch.arange(n)[:, None] + torch.arange(-8, 8)).clamp(0, n - 1).to(dev)
+    bias = torch.randn(h, n, 16, generator=g).to(dev).requires_grad_()
     return lambda: knn_attention(q, k, v, index, bias).sum().backward(), {}
-
-
-def _grid_knn(sites, K, r=4):
-    """(N, K) nearest other sites among the (2r+1)^2 lattice offsets, via a sorted key lookup."""
-    key = lambda ij: ij[..., 0] * (1 << 32) + ij[..., 1]
-    keys, order = torch.sort(key(sites + r))
-    ax = torch.arange(-r, r + 1)
-    off = torch.cartesian_prod(ax, ax)
-    off = off[(off != 0).any(1)][torch.argsort((off ** 2).sum(1)[(off != 0).any(1)], stable=True)]
-    cand = key(sites[:, None] + r + off)                                    # (N, O)
-    pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
-    found = keys[pos] == cand
-    rank = torch.where(found, torch.arange(len(off)), len(off)).sort(1).values[:, :K]  # nearest K found
-    return order[pos.gather(1, rank.clamp(max=len(off) - 1))]
 
 
 def _step_case(spec, dev):
@@ -235,6 +231,8 @@ CASES = {"pyramid": _pyramid_case, "window": _window_case, "step": _step_case, "
 def run_case(spec):
     """Build the inputs of one row, then time it and record its peak memory. Returns a dict of figures."""
     dev = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     fn, extra = CASES[spec["part"]](spec, dev)
     cuda = dev.type == "cuda"
@@ -245,6 +243,7 @@ def run_case(spec):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2 ** 20
     else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the set-up's freed heap back, so it is not reused
         try:  # reset the resident high-water mark so the peak is that of the measured calls
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -258,7 +257,7 @@ def run_case(spec):
     else:
         peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
     return dict(spec, time_s=t, times=times, peak_mb=peak, base_mb=base, work_mb=peak - base,
-                reserved_mb=reserved, threads=torch.get_num_threads(), **extra)
+                reserved_mb=reserved, load=os.getloadavg()[0], **dict(extra, threads=torch.get_num_threads()))
 
 
 def measure(spec, isolate=True):
@@ -323,24 +322,19 @@ def table(rows, cuda=False):
 
 
 def plan(args):
-    """The rows to measure, in order."""
-    specs, base = [], dict(device=args.device, repeats=args.repeats)
+    """The rows to measure, in order; a row whose N is above its --max-n cap is left out."""
+    specs, base = [], dict(device=args.device, repeats=args.repeats, mem_limit_gb=args.mem_limit_gb,
+                           threads=args.threads)
+    fits = lambda key, n: n <= min(args.max_n.get(k, n) for k in (key, key.split(".")[0]))
     for part in args.parts:
         for kind in args.layouts:
-            sizes = args.memory_sizes if part == "memory" else args.sizes
-            for n in sizes:
-                if part == "pyramid":
-                    specs.append(dict(base, part=part, name="pyramid", mode="build", layout=kind, n=n))
-                for mode in ("fwd", "fwd+bwd") if part == "window" else ():
-                    for impl, cap in (("tessera", None), ("edge", EDGE_MAX_N), ("dense", DENSE_MAX_N)):
-                        if cap is None or n <= cap:
-                            specs.append(dict(base, part=part, name=impl, mode=mode, layout=kind, n=n))
-                for cfg in args.configs if part == "step" else ():
-                    for mode in ("train", "infer"):
-                        if mode == "infer" or n <= args.max_train_n:
-                            specs.append(dict(base, part=part, name=cfg, mode=mode, layout=kind, n=n))
-                for name in ("window_attention", "knn_attention") if part == "memory" else ():
-                    specs.append(dict(base, part=part, name=name, mode="fwd+bwd", layout=kind, n=n))
+            for n in args.memory_sizes if part == "memory" else args.sizes:
+                rows = {"pyramid": [("pyramid", "build")],
+                        "window": [(impl, m) for m in ("fwd", "fwd+bwd") for impl in ("tessera", "edge", "dense")],
+                        "step": [(cfg, m) for cfg in args.configs for m in ("train", "infer")],
+                        "memory": [("window_attention", "fwd+bwd"), ("knn_attention", "fwd+bwd")]}[part]
+                specs += [dict(base, part=part, name=name, mode=mode, layout=kind, n=n)
+                          for name, mode in rows if fits(f"{name}.{mode}", n)]
     return specs
 
 
@@ -348,6 +342,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sizes = lambda s: [parse_n(x) for x in s.split(",") if x]
     words = lambda s: [x for x in s.split(",") if x]
+    caps = lambda s: {k: parse_n(v) for k, v in (x.split("=") for x in words(s))}
     ap.add_argument("--sizes", type=sizes, default=sizes("1k,4k,16k,64k,256k,1M"))
     ap.add_argument("--memory-sizes", type=sizes, default=sizes("10k,20k,40k,80k,160k"))
     ap.add_argument("--layouts", type=words, default=["visium", "hd"])
@@ -355,16 +350,23 @@ def main(argv=None):
     ap.add_argument("--configs", type=words, default=["hist", "default"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-train-n", type=sizes, default=[262144], help="largest N of a training step")
+    ap.add_argument("--threads", type=int, help="torch threads per child (default: torch's, all cores)")
+    ap.add_argument("--max-n", type=caps, default=caps(MAX_N),
+                    help=f"largest N per name or name.mode (default {MAX_N})")
+    ap.add_argument("--mem-limit-gb", type=float, default=16.0,
+                    help="address-space limit of each child: a row that needs more fails instead of swapping")
     ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        print(json.dumps(run_case(json.loads(args._child))))
+        spec = json.loads(args._child)
+        if spec["device"] == "cpu" and spec.get("mem_limit_gb"):  # fail with an error, not the OOM killer
+            limit = int(spec["mem_limit_gb"] * 2 ** 30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(run_case(spec)))
         return None
-    args.max_train_n = args.max_train_n[0]
     rows, t0 = [], time.time()
     for spec in plan(args):
         rows.append(measure(spec, isolate=not args.inprocess))

@@ -2,11 +2,16 @@
 
 Sections: cache format (write, read, validate) · h5ad reader · small text formats · gene selection
 and targets · folds · coordinate augmentation · placeholder encoder · HEST import · synthetic slides ·
-command line (`python data.py {synth,import-hest,embed,genes} --help`).
+command line:
+    python data.py synth --out DIR [--slides 12 --seed 0 --layout visium|square|hd --spots 1500 --pseudo]
+    python data.py embed --patches DIR --out DIR [--encoder module:callable]
+    python data.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
+    python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import importlib
@@ -80,7 +85,7 @@ STRING_KEYS = ("barcodes", "genes")
 
 def _strings(ds) -> np.ndarray:
     """Any HDF5 string dataset (fixed or variable length, bytes or str) as a numpy str array."""
-    return np.asarray(ds.asstr()[()], dtype=str)
+    return np.asarray(ds.asstr("utf-8")[()], dtype=str)
 
 
 def _first_bad(mask: np.ndarray) -> str:
@@ -90,7 +95,7 @@ def _first_bad(mask: np.ndarray) -> str:
 def _check(path, a: dict, key: str, shape: tuple, kind: str):
     """One array: kind 'float' | 'number' | 'str', shape with None for any size; finite and unique checks."""
     x = a[key]
-    want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+    want = str(tuple("any" if s is None else s for s in shape)).replace("'", "")
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
         _fail(path, key, f"shape {want}", f"shape {tuple(x.shape)}")
     if kind == "str":
@@ -102,7 +107,8 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str):
         return
     if x.dtype.kind not in ("f" if kind == "float" else "fiu"):
         _fail(path, key, "float16/float32 values" if kind == "float" else "numeric values", f"dtype {x.dtype}")
-    bad = ~np.isfinite(x.astype(np.float32))  # also catches values outside the float32 range
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(x.astype(np.float32))  # also catches values outside the float32 range
     if bad.any():
         _fail(path, key, "finite float32 values", _first_bad(bad))
     if key in ("counts", "library_size", "expected") and (x < 0).any():
@@ -174,8 +180,8 @@ def _attrs(path, f) -> dict:
     if version > FORMAT_VERSION:
         _fail(path, "attrs/format_version", f"<= {FORMAT_VERSION}", f"{version} (written by a newer tessera)")
     sid = str(f.attrs.get("slide_id", Path(path).stem))
-    return dict(slide_id=sid, patient=str(f.attrs.get("patient", "")) or sid,
-                spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))), encoder=str(f.attrs.get("encoder", "")))
+    return dict(slide_id=sid, patient=str(f.attrs.get("patient", "")) or sid, encoder=str(f.attrs.get("encoder", "")),
+                spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))))
 
 
 def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:
@@ -203,7 +209,7 @@ def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) ->
                 a[k] = np.where(cols >= 0, a[k][:, np.maximum(cols, 0)], 0)
         a["genes"] = np.asarray(genes, dtype=str)
     t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float32)) for k in a if k not in STRING_KEYS}
-    return Slide(**meta, barcodes=a["barcodes"], genes=list(a["genes"]) if "counts" in a else None, **t)
+    return Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None, **t)
 
 
 @dataclass
@@ -223,7 +229,7 @@ def read_slide_meta(path) -> SlideMeta:
         if "features" not in f:
             _fail(path, "features", "a dataset (required)", "no such key")
         n, c = f["features"].shape
-        genes = list(_strings(f["genes"])) if "counts" in f and "genes" in f else None
+        genes = _strings(f["genes"]).tolist() if "counts" in f and "genes" in f else None
         return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes)
 
 
@@ -282,6 +288,8 @@ def _h5ad_array(f, node):
 def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
     """(index, columns) of obs or var; the index dataset is whichever `_index` names."""
     g = f[name]
+    if not isinstance(g, h5py.Group):
+        _fail(f.filename, name, "a dataframe group (anndata >= 0.7)", "a dataset (re-save with a newer anndata)")
     index = _attr(g, "_index", "_index")
     cols = {k: _h5ad_array(f, g[k]) for k in g if k not in (index, "__categories")}
     return np.asarray(_h5ad_array(f, g[index]), dtype=str), cols
@@ -364,40 +372,38 @@ def read_gene_list(path) -> list[str]:
             raise CacheError(f"{path}: key 'genes': expected a list of gene names, found {type(genes).__name__}")
     else:
         genes = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("#")]
-    dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) < len(genes) else []
+    dup = sorted(g for g, k in collections.Counter(genes).items() if k > 1)
     if dup:
         raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {dup[:5]}")
     return [str(g) for g in genes]
 
 
-def read_metadata(path) -> dict[str, dict[str, str]]:
-    """metadata.csv rows keyed by the `id` (or `sample_id`) column."""
+def _csv_rows(path, columns: tuple) -> tuple[list[dict], str]:
+    """Rows of a CSV file and the first of `columns` it has."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    key = next((k for k in ("id", "sample_id") if rows and k in rows[0]), None)
+    key = next((k for k in columns if rows and k in rows[0]), None)
     if key is None:
-        raise CacheError(f"{path}: key 'id': expected a column 'id' or 'sample_id', found "
-                         f"{list(rows[0]) if rows else 'no rows'}")
+        _fail(path, columns[0], f"a column {' or '.join(columns)} and rows", list(rows[0]) if rows else "no rows")
+    return rows, key
+
+
+def read_metadata(path) -> dict[str, dict[str, str]]:
+    """metadata.csv rows keyed by the `id` (or `sample_id`) column."""
+    rows, key = _csv_rows(path, ("id", "sample_id"))
     return {r[key]: r for r in rows}
 
 
 def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
     """HEST-Benchmark splits: train_{i}.csv / test_{i}.csv with a `sample_id` column, i = 0, 1, ..."""
-    folds, i = [], 0
-    while (Path(folder) / f"train_{i}.csv").exists() or (Path(folder) / f"test_{i}.csv").exists():
-        pair = []
-        for name in (f"train_{i}.csv", f"test_{i}.csv"):
-            p = Path(folder) / name
+    folds, folder = [], Path(folder)
+    while any((folder / f"{part}_{len(folds)}.csv").exists() for part in ("train", "test")):
+        pair = [folder / f"{part}_{len(folds)}.csv" for part in ("train", "test")]
+        for p in pair:
             if not p.exists():
                 raise FileNotFoundError(f"{p}: expected beside its partner split file, found nothing")
-            with open(p, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            if not rows or "sample_id" not in rows[0]:
-                raise CacheError(f"{p}: key 'sample_id': expected a column sample_id with rows, found "
-                                 f"{list(rows[0]) if rows else 'no rows'}")
-            pair.append([r["sample_id"] for r in rows])
-        folds.append((pair[0], pair[1]))
-        i += 1
+        train, test = ([r["sample_id"] for r in _csv_rows(p, ("sample_id",))[0]] for p in pair)
+        folds.append((train, test))
     if not folds:
         raise FileNotFoundError(f"{folder}: expected train_0.csv and test_0.csv, found none")
     return folds
@@ -410,7 +416,7 @@ def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> lis
     by='mean': mean raw count. by='hvg': scanpy's 'seurat' flavour: normalise each spot to 1e4, log1p,
     mean and dispersion (var/mean) of the normalised counts, log, 20 equal-width bins of log1p(mean),
     dispersion z-scored within its bin (a bin with one gene scores 1); genes with zero dispersion never win."""
-    x = np.concatenate([_np(c).astype(np.float64) for c in ([counts] if not isinstance(counts, list) else counts)])
+    x = np.concatenate([_np(c).astype(np.float64) for c in (counts if isinstance(counts, (list, tuple)) else [counts])])
     if x.shape[1] != len(genes):
         raise ValueError(f"select_genes: expected {len(genes)} count columns to match genes, found {x.shape[1]}")
     if by == "mean":
@@ -476,10 +482,11 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0) -> list[tuple[list[st
 
 def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
                    p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
-    """HiST A.6/A.7: random mirror, shear, rotation (a multiple of 90 deg plus up to strength * max_rot_deg)
-    around the centroid, then spot drop with probability p_drop * strength (at least one spot stays).
-    Features are untouched. Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2)).
-    strength 0 is the identity."""
+    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
+    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
+    p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
+    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
+    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
     n = xy.shape[0]
     if strength <= 0:
         return torch.arange(n), xy.clone()
@@ -488,9 +495,8 @@ def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator
     shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
     angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
     c, s = math.cos(angle), math.sin(angle)
-    A = torch.tensor([[c, -s], [s, c]], dtype=torch.float64) @ torch.tensor([[1.0, shear], [0.0, 1.0]],
-                                                                            dtype=torch.float64) \
-        @ torch.diag(torch.tensor([mirror, 1.0], dtype=torch.float64))
+    rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
     centre = xy.double().mean(0)
     out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
     keep = torch.rand(n, generator=generator) >= p_drop * strength
@@ -502,33 +508,31 @@ def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator
 
 # ----------------------------------------------------------------------------- placeholder encoder
 
-# Ruifrok & Johnston (2001) optical-density colour vectors of haematoxylin and eosin.
-HEMATOXYLIN = torch.tensor([0.650, 0.704, 0.286])
-EOSIN = torch.tensor([0.072, 0.990, 0.105])
+# Ruifrok & Johnston (2001) optical-density colour vectors of haematoxylin and eosin (unit length).
+STAINS = F.normalize(torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]]), dim=1)
 
 
 @torch.no_grad()
 def patch_statistics(images: torch.Tensor) -> torch.Tensor:
     """The built-in placeholder encoder: uint8 (B, H, W, 3) RGB patches -> (B, 48) float32 features.
-    Eight maps (R, G, B, haematoxylin and eosin optical density, gradient magnitude, nuclei mask,
-    background mask) summarised over the whole patch and over 2x2 and 4x4 grids of sub-patches
-    (HiFusion's intra-spot hierarchy): whole-patch mean and std, then per grid the mean std inside a
-    sub-patch (texture) and the std of sub-patch means (heterogeneity). A weak stand-in for a pathology
-    foundation model: use `--encoder module:callable` with any callable of the same signature instead."""
-    x = images.permute(0, 3, 1, 2).float() / 255                                       # (B, 3, H, W)
-    od = -torch.log((x * 255 + 1) / 256)                                               # Beer-Lambert optical density
-    hema = torch.einsum("bchw,c->bhw", od, HEMATOXYLIN / HEMATOXYLIN.norm())[:, None]
-    eosin = torch.einsum("bchw,c->bhw", od, EOSIN / EOSIN.norm())[:, None]
+    Eight maps at half resolution (R, G, B, haematoxylin and eosin optical density, gradient magnitude,
+    nuclei mask, background mask) summarised over the whole patch and over 2x2 and 4x4 grids of
+    sub-patches (HiFusion's intra-spot hierarchy): whole-patch mean and std, then per grid the mean std
+    inside a sub-patch (texture) and the std of the sub-patch means (heterogeneity). A weak stand-in
+    for a pathology foundation model; any callable with this signature can replace it (`--encoder`)."""
+    x = F.avg_pool2d(images.permute(0, 3, 1, 2).float(), 2) / 255                    # (B, 3, H/2, W/2)
+    od = -torch.log((x * 255 + 1) / 256)                                              # Beer-Lambert optical density
+    stains = torch.einsum("bchw,sc->bshw", od, STAINS)                                # (B, 2, h, w)
     gray = x.mean(1, keepdim=True)
-    gx = F.pad(gray[..., :, 1:] - gray[..., :, :-1], (0, 1))
-    gy = F.pad(gray[..., 1:, :] - gray[..., :-1, :], (0, 0, 0, 1))
-    maps = torch.cat([x, hema, eosin, (gx ** 2 + gy ** 2).sqrt(), (hema > 0.5).float(), (gray > 0.85).float()], 1)
-    feats = [maps.mean((2, 3)), maps.std((2, 3))]                                     # (B, 8) each
-    for grid in (2, 4):
-        mean = F.adaptive_avg_pool2d(maps, grid)                                       # (B, 8, grid, grid)
-        std = (F.adaptive_avg_pool2d(maps ** 2, grid) - mean ** 2).clamp_min(0).sqrt()
-        feats += [std.mean((2, 3)), mean.flatten(2).std(2)]
-    return torch.cat(feats, 1)                                                         # (B, 48)
+    grad = (F.pad(gray.diff(dim=3), (0, 1)) ** 2 + F.pad(gray.diff(dim=2), (0, 0, 0, 1)) ** 2).sqrt()
+    maps = torch.cat([x, stains, grad, (stains[:, :1] > 0.5).float(), (gray > 0.85).float()], 1)  # (B, 8, h, w)
+    cells = F.adaptive_avg_pool2d(torch.cat([maps, maps ** 2], 1), 4)               # (B, 16, 4, 4) moments
+    feats = []
+    for grid in (1, 2, 4):
+        m = F.avg_pool2d(cells, 4 // grid)                                            # (B, 16, grid, grid)
+        mean, std = m[:, :8], (m[:, 8:] - m[:, :8] ** 2).clamp_min(0).sqrt()
+        feats += [mean.flatten(1), std.flatten(1)] if grid == 1 else [std.mean((2, 3)), mean.flatten(2).std(2)]
+    return torch.cat(feats, 1)                                                        # (B, 48)
 
 
 def load_encoder(spec: str | None):
@@ -542,10 +546,20 @@ def load_encoder(spec: str | None):
     return getattr(importlib.import_module(module), name)
 
 
-def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 256,
+def _not_an_input(out_dir, *inputs):
+    for folder in inputs:
+        if Path(out_dir).resolve() == Path(folder).resolve():
+            raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
+
+
+def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
                   overwrite: bool = False, log=print) -> list[Path]:
     """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
-    HEST-Benchmark embedding file <id>.h5 per slide (`embeddings`, `coords` copied, `barcodes`)."""
+    HEST-Benchmark embedding file <id>.h5 per slide (`embeddings`, `coords` copied, `barcodes`).
+    `encoder` is 'module:callable' for your own encoder: it is called on uint8 tensors (B, H, W, 3) and
+    returns (B, C) floats (e.g. a foundation model wrapped with its own resizing and normalisation);
+    None uses the built-in patch_statistics."""
+    _not_an_input(out_dir, patches_dir)
     fn, written = load_encoder(encoder), []
     for path in sorted(Path(patches_dir).glob("*.h5")):
         t0, out = time.time(), Path(out_dir) / path.name
@@ -606,6 +620,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
     list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
     always the total over all genes."""
+    _not_an_input(out_dir, st_dir, features_dir)
     table = read_metadata(meta) if meta else {}
     pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
     if not pairs:
@@ -650,7 +665,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
                       counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
                       library_size=torch.from_numpy(h.library_size[matched]).float())
         written.append(write_slide(Path(out_dir) / f"{sid}.h5", slide, overwrite))
-        log(f"{line}; patient {slide.patient} -> {written[-1]}")
+        log(f"{line}; patient {slide.patient}{'' if row or not meta else ' (not in --meta)'} -> {written[-1]}")
     return written
 
 
@@ -743,7 +758,7 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
     for i in range(n_slides):
         srng, pat = np.random.default_rng([seed, i]), patient_of[i]
         n = int(n_spots * srng.uniform(0.85, 1.15))
-        side = math.sqrt(n / 0.55 * hx * hy * (2 if hexagonal else 1))
+        side = math.sqrt(n / 0.3 * hx * hy * (2 if hexagonal else 1))    # box ~3x the tissue area
         R, C = int(side / hy) + 2, int(side / hx) + 2
         rr, cc = np.mgrid[0:R, 0:C]
         grid = np.stack([cc * hx, rr * hy], -1).reshape(-1, 2)           # (R*C, 2) in pitches
@@ -766,15 +781,13 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
         ring2 = _neighbour_mean(_region(zg), mg, hexagonal, 2.0).reshape(-1, S)
         act = np.zeros((R * C, P))
         for p, (name, kind, arg) in enumerate(PROGRAMS):
-            if kind == "region":
-                act[:, p] = 2 * _region(z[:, p]) - 1
+            if kind == "margin":      # outside the region, with the region in the two rings around
+                act[:, p] = 5 * ring2[:, idx[arg]] * (1 - _region(z[:, idx[arg]])) - 0.5
             elif kind == "inhibit":   # suppressed by the partner's level in the first ring
                 partner = idx["INHIBIT_B" if name == "INHIBIT_A" else "INHIBIT_A"]
-                act[:, p] = (z[:, p] - 0.8 * ring1[:, partner]) / 1.2
-            elif kind == "margin":    # outside the region, with the region in the two rings around
-                act[:, p] = 5 * ring2[:, idx[arg]] * (1 - _region(z[:, idx[arg]])) - 0.5
+                act[:, p] = (z[:, idx[name]] - 0.8 * ring1[:, partner]) / 1.2
             else:
-                act[:, p] = z[:, p]
+                act[:, p] = 2 * _region(z[:, idx[name]]) - 1 if kind == "region" else z[:, idx[name]]
         act = act[mask]                                                  # (N, P)
         # expression: NB counts around library size x exp(baseline + loadings . activities)
         lib = math.exp(srng.normal(0, 0.3)) * np.exp(0.4 * z[mask, idx["CELLULARITY"]] + 0.2 * srng.standard_normal(n))
@@ -783,7 +796,7 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
         # features: mixed visible signals + noise, then a per-slide affine stain shift
         stain = patient_stain[pat] + 0.5 * srng.standard_normal(3)
         embed = lambda vis: (vis @ mix + 0.3 * srng.standard_normal((len(vis), n_features))) \
-            * np.exp(0.15 * stain @ stain_gain) + 0.5 * stain @ stain_shift  # noqa: E731
+            * np.exp(0.1 * stain @ stain_gain) + 0.35 * stain @ stain_shift  # noqa: E731
         offset = srng.uniform(0, 5000, 2)
         coords = grid[mask] * pitch + offset + 0.01 * pitch * srng.standard_normal((n, 2))
         slide = Slide(f"synth_{i:02d}", torch.tensor(embed(_visible(z[mask, :S], srng)), dtype=torch.float32),
@@ -816,7 +829,7 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="data.py", description="Build tessera slide caches (see DESIGN.md, 'Data contract').")
+    ap = argparse.ArgumentParser(prog="data.py", description="Build tessera slide caches (DESIGN.md, 'Data contract').")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset (slides, programs.gmt, metadata.csv)")
     p.add_argument("--out", required=True, help="output folder")
@@ -841,16 +854,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning (B, C) float; "
                    "default: the built-in colour/texture statistics (a weak stand-in for a foundation model)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=128)
     p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
     p.add_argument("--slides", required=True, help="folder of slide caches with counts")
     p.add_argument("--ids", nargs="*", help="only these slide ids (e.g. a fold's training slides)")
     p.add_argument("--n", type=int, default=250)
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--out", required=True, help="output JSON file")
-    for p in sub.choices.values():
-        if p.prog.split()[-1] != "genes":
-            p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    for name in ("synth", "import-hest", "embed"):
+        sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
     if a.cmd == "synth":
         make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite)
@@ -859,7 +871,9 @@ def main(argv=None):
     elif a.cmd == "embed":
         embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
     else:
-        paths = [p for p in list_slides(a.slides) if not a.ids or p.stem in a.ids]
+        paths = [p for p in list_slides(a.slides) if (not a.ids or p.stem in a.ids) and read_slide_meta(p).genes]
+        if not paths:
+            raise SystemExit(f"{a.slides}: no slide with counts{' among --ids' if a.ids else ''}")
         metas = [read_slide_meta(p) for p in paths]
         common = [g for g in metas[0].genes if all(g in set(m.genes) for m in metas[1:])]
         counts = [read_slide(p, genes=common).counts for p in paths]

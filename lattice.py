@@ -134,6 +134,8 @@ def to_lattice(xy, unit) -> torch.Tensor:
     each searches the square of radius R around its rounded site and proposes its nearest free site if
     nothing outside the square can be closer, else its R grows by one; a site wanted by several goes to the
     spot closest to its own rounded site (then lower index), the others retry next round."""
+    if not unit > 0:
+        raise ValueError(f"to_lattice: unit must be a positive number of micrometres, got {unit}")
     g = xy.double() / unit                                      # (N, 2) continuous lattice coordinates
     r = torch.round(g)
     d0 = (g[:, 0] - r[:, 0]) ** 2 + (g[:, 1] - r[:, 1]) ** 2     # squared distance to the rounded site

@@ -158,6 +158,9 @@ class Coarsen(nn.Module):
         super().__init__()
         self.linear = nn.Linear(4 * dim, dim)
         self.norm = nn.LayerNorm(dim)
+        with torch.no_grad():  # start as sum pooling of the children (W_delta = I), then learn
+            self.linear.weight.copy_(torch.eye(dim).repeat(1, 4))
+            self.linear.bias.zero_()
 
     def forward(self, x, parent, slot, n_parents):
         slots = x.new_zeros(n_parents * 4, x.shape[1])
@@ -180,6 +183,17 @@ class Uncoarsen(nn.Module):
     def forward(self, x, parent, slot):
         z = self.linear(x).view(-1, x.shape[1])     # (M*4, d)
         return z[parent * 4 + slot]                 # (N, d)
+
+
+class Fuse(nn.Linear):
+    """HiST 3.6.3: [upsampled coarse || lateral skip] -> d, initialised as their average so that the
+    stem-to-head path starts as an identity and the coarse context is learned on top of it."""
+
+    def __init__(self, dim: int):
+        super().__init__(2 * dim, dim)
+        with torch.no_grad():
+            self.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], 1) / 2)
+            self.bias.zero_()
 
 
 class PathwayHead(nn.Module):
@@ -222,7 +236,7 @@ class Tessera(nn.Module):
             nn.ModuleList(Block(cfg, mode(l), n_tokens) for _ in range(cfg.depths[l])) for l in range(L))
         self.coarsen = nn.ModuleList(Coarsen(d) for _ in range(L - 1))
         self.uncoarsen = nn.ModuleList(Uncoarsen(d) for _ in range(L - 1))
-        self.fuse = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(L - 1))  # HiST 3.6.3 lateral fusion
+        self.fuse = nn.ModuleList(Fuse(d) for _ in range(L - 1))  # HiST 3.6.3 lateral fusion
         # decoder[i] works at level L-2-i (deepest first, as decoder_depths is written)
         self.decoder = nn.ModuleList(
             nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
@@ -269,10 +283,10 @@ class Tessera(nn.Module):
         # Work in row-major lattice order: sites are unique, so this order does not depend on the order
         # of the input spots, and neighbour ties (k-NN on integer sites) break the same way for any input order.
         order = torch.argsort(sites[:, 0] * (int(sites[:, 1].max()) + 1) + sites[:, 1])
-        features, coords, sites = features[order], coords[order], sites[order]
+        coords, sites = coords[order], sites[order]
         pyramid = lattice.build_pyramid(sites, L, cfg.w)          # built once, shared by every layer
         maps = [] if return_attention else None
-        x = self.stem((features - self.feat_mean) / self.feat_std)  # (N, d)
+        x = self.stem((features[order] - self.feat_mean) / self.feat_std)  # (N, d); no (N, C) copy kept
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
@@ -312,8 +326,8 @@ class Tessera(nn.Module):
         if len(self.decoder) < L - 1:
             raise RuntimeError("unreachable: check_config guarantees one decoder stage per level")
 
-        x = self.norm(x)
-        out = {}
+        x = self.norm(x)[torch.argsort(order)]                   # back to the caller's spot order (N x d,
+        out = {}                                                 # not N x G: cheaper than moving outputs)
         if cfg.head == "pathway":
             out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
         elif cfg.head == "zinb":
@@ -325,11 +339,6 @@ class Tessera(nn.Module):
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-        for key in ("pred", "pathway_scores"):                   # back to the caller's spot order
-            if key in out:
-                out[key] = out[key][torch.argsort(order)]
-        if "zinb" in out:
-            out["zinb"] = tuple(t[torch.argsort(order)] for t in out["zinb"])
         if return_attention:
             out["attention"] = maps
         return out

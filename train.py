@@ -70,6 +70,11 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
             raise ValueError(f"unknown config key '{where}{key}'; valid keys here: {sorted(base)}")
         if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("synthetic", "genes"):
             out[key] = merge(base[key], value, f"{where}{key}.")
+        elif isinstance(base[key], float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads 3e-4 as a string
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config key '{where}{key}' must be a number, got {value!r}") from None
         else:
             out[key] = value
     return out

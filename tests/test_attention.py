@@ -269,12 +269,13 @@ def test_knn_attention_matches_loops(beta):
 
 
 def test_knn_and_full_attention_gradcheck_when_chunked():
-    q, k, v = (torch.randn(7, 1, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    index, xy = torch.stack([torch.randperm(7)[:3] for _ in range(7)]), torch.rand(7, 2, dtype=torch.float64)
-    bias, slopes = torch.randn(1, 7, 3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    knn_fn = lambda q, k, v: knn_attention(q, k, v, index, bias, 1.5, 0.6, chunk=3)
-    full_fn = lambda q, k, v: full_attention(q, k, v, xy, slopes, 1.5, 0.6, chunk=3)
-    assert torch.autograd.gradcheck(knn_fn, (q, k, v)) and torch.autograd.gradcheck(full_fn, (q, k, v))
+    q, k, v = (torch.randn(5, 1, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    index, xy = torch.stack([torch.randperm(5)[:3] for _ in range(5)]), torch.rand(5, 2, dtype=torch.float64)
+    bias, slopes = torch.randn(1, 5, 3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    knn_fn = lambda q, k, v: knn_attention(q, k, v, index, bias, 1.5, 0.6, chunk=2)
+    full_fn = lambda q, k, v: full_attention(q, k, v, xy, slopes, 1.5, 0.6, chunk=2)
+    assert torch.autograd.gradcheck(knn_fn, (q, k, v), fast_mode=True)
+    assert torch.autograd.gradcheck(full_fn, (q, k, v), fast_mode=True)
 
 
 # ---- full attention ----------------------------------------------------------------------------------
@@ -294,17 +295,17 @@ def test_full_attention_chunked_equals_dense_reference_with_alibi():
 
 
 def test_full_attention_chunk_bounds_peak_memory():
-    N, H, D = 2000, 4, 8
+    N, H, D = 1200, 4, 8
     q, k, v, xy = torch.randn(N, H, D), torch.randn(N, H, D), torch.randn(N, H, D), torch.rand(N, 2)
     peaks = {}
-    for chunk in (N, 250):
+    for chunk in (N, 150):
         with torch.no_grad(), measure_peak() as m:
             full_attention(q, k, v, xy, alibi_slopes(H), beta=1.5, chunk=chunk)
         peaks[chunk] = m.peak
     print(f"full_attention N={N} H={H}: peak {peaks[N] / 2**20:.1f} MiB unchunked, "
-          f"{peaks[250] / 2**20:.1f} MiB chunk=250")
+          f"{peaks[150] / 2**20:.1f} MiB chunk=150")
     assert peaks[N] > 4 * N * N * H  # the (H, N, N) bias exists once unchunked
-    assert peaks[250] < peaks[N] / 6
+    assert peaks[150] < peaks[N] / 6
 
 
 # ---- modules -----------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def test_global_attention_is_linear_in_spots():
 def test_window_and_knn_attention_peak_memory_grows_linearly():
     H, D, w, K = 2, 8, 3, 8
     S, rows = 4 * w * w, []
-    for N in (10_000, 20_000, 40_000, 80_000, 160_000):
+    for N in (10_000, 40_000, 160_000):
         q, k, v = torch.randn(N, H, D), torch.randn(N, H, D), torch.randn(N, H, D)
         rulebook = random_rulebook(N, N // 18 + 2, S)  # ~50% occupancy, as on a Visium lattice
         with torch.no_grad(), measure_peak() as win:
@@ -455,5 +456,5 @@ def test_window_and_knn_attention_peak_memory_grows_linearly():
         rows.append((N, win.peak, nn_.peak))
         print(f"N={N:>7}  window_attention peak {win.peak / 2**20:7.1f} MiB   "
               f"knn_attention peak {nn_.peak / 2**20:7.1f} MiB")
-    for (n0, w0, k0), (n1, w1, k1) in zip(rows, rows[1:]):  # doubling N doubles the peak (not x4)
-        assert 1.8 < w1 / w0 < 2.2 and 1.8 < k1 / k0 < 2.2, (n0, w0, w1, k0, k1)
+    for (n0, w0, k0), (n1, w1, k1) in zip(rows, rows[1:]):  # 4x the tokens, 4x the peak (not 16x)
+        assert 3.6 < w1 / w0 < 4.4 and 3.6 < k1 / k0 < 4.4, (n0, w0, w1, k0, k1)

@@ -241,6 +241,11 @@ def test_to_lattice_isolated_collisions_take_the_nearest_free_site():
         assert np.hypot(*(sites[n].numpy() + shift - g[n])) == pytest.approx(np.hypot(*(np.array(s) - g[n])))
 
 
+def test_to_lattice_rejects_a_bad_unit():
+    with pytest.raises(ValueError, match="unit"):
+        lattice.to_lattice(torch.zeros(3, 2), 0.0)
+
+
 def test_to_lattice_two_spots_at_one_point():
     sites = lattice.to_lattice(torch.tensor([[7.0, 7.0], [7.0, 7.0]]), 1.0)
     assert len(torch.unique(sites, dim=0)) == 2
