@@ -57,7 +57,8 @@ DEFAULTS = {
         "seed": 0,
     },
     "eval": {"save_predictions": True},
-    "run": {"name": "demo", "dir": "runs", "device": "auto"},
+    "run": {"name": "demo", "dir": "runs", "device": "auto",
+            "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
 }
 
 
@@ -409,7 +410,8 @@ def main(argv=None):
         data.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
                             n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
         log(f"generated the synthetic dataset in {root} ({time.time() - t0:.1f}s)")
-    torch.set_num_threads(torch.get_num_threads())
+    if cfg["run"]["threads"]:
+        torch.set_num_threads(cfg["run"]["threads"])
     device = resolve_device(cfg["run"]["device"])
     folds = folds_for(cfg, root)
     started, done_epochs = time.time(), [0]
