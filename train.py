@@ -216,15 +216,21 @@ def forward(model, b, device, **kw):
                      unit=b["unit"], **kw)
 
 
-def choose_genes(cfg, train_slides_meta, root: Path) -> list[str]:
+def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
+    """The fold's genes: a given list, or top-n by HVG / mean on the training slides' counts only, among
+    the genes that every slide of the fold has (`gene_lists`: the test slides' gene names, no counts)."""
     spec = cfg["data"]["genes"]
-    shared = [g for g in train_slides_meta[0].genes if all(g in set(s.genes) for s in train_slides_meta[1:])]
+    have = [set(s.genes) for s in train_slides] + [set(g) for g in gene_lists]
+    shared = [g for g in train_slides[0].genes if all(g in h for h in have)]
     if spec is None:
         return shared
     if isinstance(spec, str):
         path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
         return data.read_gene_list(path)
-    counts = [s.counts[:, [s.genes.index(g) for g in shared]].numpy() for s in train_slides_meta]
+    counts = []
+    for s in train_slides:
+        index = {g: i for i, g in enumerate(s.genes)}
+        counts.append(s.counts[:, [index[g] for g in shared]].numpy())
     return data.select_genes(counts, shared, n=int(spec["n"]), by=spec.get("by", "hvg"))
 
 
@@ -320,7 +326,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     tc, mc = cfg["train"], ModelConfig.from_dict(cfg["model"])
     fold_dir = run_dir / f"fold_{k}"
     train_slides = [data.read_slide(root / f"{s}.h5") for s in train_ids]
-    genes = choose_genes(cfg, train_slides, root)
+    test_genes = [data.read_slide_meta(root / f"{s}.h5").genes for s in test_ids]
+    genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
     train_slides = [data.read_slide(root / f"{s}.h5", genes=genes) for s in train_ids]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
