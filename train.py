@@ -108,7 +108,9 @@ def pearson_per_column(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> t
     """Pearson correlation of each column of a and b over the rows (spots): (N, G) -> (G,)."""
     a = a - a.mean(0)
     b = b - b.mean(0)
-    return (a * b).sum(0) / (a.pow(2).sum(0).sqrt() * b.pow(2).sum(0).sqrt() + eps)
+    # clamp before the square root: a constant column (a gene no pathway reaches, a gene absent from the
+    # slide) gets PCC 0 and a finite gradient, where sqrt(0) would give inf * 0 = NaN
+    return (a * b).sum(0) / (a.pow(2).sum(0) * b.pow(2).sum(0)).clamp_min(eps * eps).sqrt()
 
 
 def pcc_loss(pred, target):

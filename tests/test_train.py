@@ -35,6 +35,19 @@ def test_pcc_loss_matches_a_loop_and_has_correct_gradients():
     assert torch.autograd.gradcheck(lambda p: train.pcc_loss(p, y), (pred,))
 
 
+def test_pcc_loss_gradient_is_finite_for_constant_columns():
+    pred = torch.randn(6, 3, dtype=torch.float64)
+    pred[:, 1] = 0.7                                  # e.g. a gene that no pathway reaches
+    pred.requires_grad_(True)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    y[:, 2] = 0.0                                     # a gene absent from the slide
+    loss = train.pcc_loss(pred, y)
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+    a = [train.pearson_per_column(pred[:, [j]], y[:, [j]]).item() for j in range(3)]
+    assert abs(a[1]) < 1e-9 and abs(a[2]) < 1e-9
+
+
 def zinb_pmf(x, mu, theta, pi):
     """ZINB probability mass written out with lgamma, in plain Python."""
     log_nb = (math.lgamma(x + theta) - math.lgamma(theta) - math.lgamma(x + 1)
