@@ -97,7 +97,12 @@ def load_config(path, overrides=()) -> dict:
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
-        ModelConfig.from_dict(cfg["model"])
+        mc = ModelConfig.from_dict(cfg["model"])
+        if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
+            raise ValueError("train.loss = zinb and model.head = zinb go together")
+        if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
+            raise ValueError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
+                             "set data.normalize=true so that metrics compare like with like")
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg

@@ -98,6 +98,10 @@ def test_unknown_keys_are_refused_with_the_valid_ones(tmp_path):
         train.load_config(bad)
     with pytest.raises(SystemExit, match="valid keys"):
         train.load_config(ROOT / "configs/default.yaml", ["model.dimm=3"])
+    with pytest.raises(SystemExit, match="normalize"):
+        train.load_config(ROOT / "configs/default.yaml", ["train.loss=zinb", "model.head=zinb"])
+    with pytest.raises(SystemExit, match="go together"):
+        train.load_config(ROOT / "configs/default.yaml", ["train.loss=zinb"])
     cfg = train.load_config(ROOT / "configs/default.yaml", ["train.epochs=7", "data.genes={by: mean, n: 5}"])
     assert cfg["train"]["epochs"] == 7 and cfg["data"]["genes"] == {"by": "mean", "n": 5}
 
