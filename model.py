@@ -323,8 +323,6 @@ class Tessera(nn.Module):
             index = self._knn_index(level, blocks)
             for block in blocks:
                 x, tokens = block(x, tokens, level, knn_index=index, attn_maps=maps)
-        if len(self.decoder) < L - 1:
-            raise RuntimeError("unreachable: check_config guarantees one decoder stage per level")
 
         x = self.norm(x)[torch.argsort(order)]                   # back to the caller's spot order (N x d,
         out = {}                                                 # not N x G: cheaper than moving outputs)

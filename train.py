@@ -24,6 +24,7 @@ import yaml
 
 import data
 import eval as evaluation
+import lattice
 from model import ModelConfig, build_model
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -178,18 +179,13 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
     lib = slide.library_size if slide.library_size is not None else (
         counts.sum(1) if counts is not None else None)
     b = {"slide": slide, "features": slide.features, "coords": slide.coords,
-         "unit": unit_um or _default_unit(slide.coords)}
+         "unit": unit_um or lattice.default_unit(slide.coords)}
     if counts is not None:
         b["counts"], b["library_size"] = counts, lib.clamp_min(1)
         b["target"] = data.log_targets(counts, lib, normalize=cfg["data"]["normalize"])
     if cfg["data"]["pseudo"] and slide.pseudo_features is not None:
         b["pseudo_features"], b["pseudo_coords"] = slide.pseudo_features, slide.pseudo_coords
     return b
-
-
-def _default_unit(coords):
-    import lattice
-    return lattice.default_unit(coords)
 
 
 def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict:
