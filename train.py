@@ -270,12 +270,6 @@ def save_atomic(obj, path: Path):
         torch.save(obj, tmp)
 
 
-@torch.no_grad()
-def predict(model, b, device) -> torch.Tensor:
-    model.eval()
-    return forward(model, b, device)["pred"].float().cpu()
-
-
 def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     tc = cfg["train"]
     epochs, steps_per_epoch = tc["epochs"], len(train_b)
@@ -311,7 +305,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             total_loss += loss.detach()
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
-            score = evaluation.pcc_gene(torch.cat([predict(model, b, device) for b in val_b]),
+            score = evaluation.pcc_gene(torch.cat([evaluation.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
+                                                                            device) for b in val_b]),
                                         torch.cat([b["target"] for b in val_b]))
             line += f" val_pcc_gene {score:.4f}"
             if score > best[0]:
@@ -320,7 +315,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
                          "sched": sched.state_dict(), "epoch": epoch, "best": best}, ckpt)
-        log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
+        log(f"{line} {seconds:.1f}s/epoch eta {eta()}")
     if best[1] is not None:
         model.load_state_dict(best[1])
 
@@ -427,7 +422,7 @@ def main(argv=None):
     started, done_epochs = time.time(), [0]
     todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
 
-    def eta(seconds_per_epoch, left_in_fold):
+    def eta():  # time left: epochs still to run x mean seconds per epoch so far
         done_epochs[0] += 1
         rate = (time.time() - started) / done_epochs[0]
         left = max(0, todo_epochs - done_epochs[0]) * rate
