@@ -9,6 +9,8 @@ Shapes: N spots, H heads, D head dim, W windows of S = (2w)^2 slots, K neighbour
 Every function takes and returns tensors; the modules hold the projections. Memory is linear in N
 everywhere except `full_attention`, which is O(chunk * N * H).
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,53 +70,122 @@ def distance_bias(xy_q, xy_k, slopes):
     return -slopes[:, None, None] * dist
 
 
-def window_attention(q, k, v, rulebook, bias=None, beta=0.0, tau=1.0, chunk=None, *, dropout_p=0.0):
-    """HiST eq. 2-3: attention among the tokens of each window of a rulebook.
+def window_attention(q, k, v, windows, bias=None, beta=0.0, tau=1.0, *, dropout_p=0.0):
+    """HiST eq. 2-3: attention among the tokens of each window, with FEAST's negative branch when beta > 0.
 
-    q, k, v (N, H, D); rulebook (W, S) token ids, -1 = empty slot, each token in exactly one row
-    (a token in no row gets zeros); bias (H, S, S) shared by all windows (relative table or ALiBi on slot
-    offsets). `chunk` = windows per batch (None = all): memory O(chunk * H * S^2), never O(N^2).
-    Windows are batched by their number of tokens rounded up to a power of two (at most log2(S) + 2
-    batches, so few attention calls even on a small slide), each batch one dense (windows, H, c, c)
-    attention over its filled slots; the few padding slots are masked keys whose outputs are dropped.
-    On HiST's lattice (spots 1.8 units apart) a window is about a third full. Returns (N, H, D)."""
-    N, H, _ = q.shape
-    S = rulebook.shape[1]
-    filled = rulebook >= 0
-    count = filled.sum(1)
-    size = (2 ** torch.log2(count.clamp(min=1).float()).ceil()).long().clamp(max=S) * (count > 0)
-    order = torch.argsort(size, stable=True)  # windows by padded size
-    slots = torch.argsort(~filled[order], dim=1, stable=True)  # (W, S): filled slots first, in slot order
-    ids = rulebook[order].gather(1, slots)  # (W, S) token ids, filled first, then -1
-    batches, start = [], 0  # (rows of ids, padded tokens per window)
-    sizes, n_windows = torch.unique_consecutive(size[order], return_counts=True)
-    for c, n in zip(sizes.tolist(), n_windows.tolist()):  # the one host sync
-        step = chunk or n
-        batches += [(slice(s, min(s + step, start + n)), c) for s in range(start, start + n, step) if c]
-        start += n
-    toks = [ids[rows, :c].flatten() for rows, c in batches]  # token ids of each batch, window-major, -1 = pad
-    out = q.new_zeros(N, H, v.shape[-1])
-    if not toks:
+    q, k, v (N, H, D); `windows` = lattice.window_batches(rulebook), or a rulebook (W, S) (token ids,
+    -1 = empty slot, each token in at most one row; a token in no row gets zeros); bias (H, S, S) shared by
+    all windows (relative table or ALiBi on slot offsets). Dropout drops attention weights.
+
+    Windows with the same number of tokens c are one dense (w, H, c, c) attention: no padding, no mask.
+    Forward and backward are written by hand (`_WindowAttention`) and run batch by batch, so every
+    temporary is the size of one batch (about 8k pairs per head), and only the gathered q, k, v and the
+    weights of each batch are kept for the backward: memory O(N H D), never O(N^2) or O(pairs H D).
+    Returns (N, H, D)."""
+    if isinstance(windows, torch.Tensor):
+        windows = lattice.window_batches(windows)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    return _WindowAttention.apply(q, k, v, bias, windows, beta, tau, dropout_p, grad)
+
+
+def _softmax_(s):
+    """Softmax over the last dimension, in place (faster than torch.softmax on short rows on the CPU)."""
+    s -= s.amax(-1, keepdim=True)
+    s.exp_()
+    return s.div_(s.sum(-1, keepdim=True))
+
+
+def _rows(x):
+    """x (N, H, D) as rows of D numbers: (R, step) with x[n, h] == R[n * step + h]. A view when each token's
+    heads lie D apart in memory (contiguous, or a head slice of a packed q/k/v projection), else a copy."""
+    N, H, D = x.shape
+    if N and x.stride(2) == 1 and x.stride(1) == D and x.stride(0) % D == 0 and x.stride(0) >= H * D:
+        step = x.stride(0) // D
+        return x.as_strided(((N - 1) * step + H, D), (D, 1)), step
+    return x.reshape(N * H, D), H
+
+
+class _WindowAttention(torch.autograd.Function):
+    """window_attention's forward and backward, one batch of equal-sized windows at a time.
+
+    q, k, v are read as rows of D numbers (`_rows`): gathering the rows of a batch's tokens in (window, head,
+    token) order gives (w, H, c, D) directly, ready for batched matmuls, and the result goes back with one
+    index_copy_. Scores and softmax in float32 at least (also under bf16 autocast). Only the weights are
+    kept for the backward, which gathers q, k, v again.
+    With a = softmax(S + B) - beta * softmax((B - S) / tau), dropout mask m, out = (a * m / (1 - p)) V:
+      dV = a'^T dO,  dA = m / (1 - p) * dO V^T,
+      g+ = P+ (dA - rowsum(P+ dA)),  g- = -beta P- (dA - rowsum(P- dA)),
+      dS = g+ - g- / tau,  dB = g+ + g- / tau,  dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D)."""
+
+    @staticmethod
+    def gather(xs, tokens, heads):
+        """Each (rows, step) of xs at the tokens (w, c) -> (w, H, c, D) tensors."""
+        w, c = tokens.shape
+        return [r.index_select(0, (tokens[:, None, :] * step + heads[:, None]).flatten()).view(w, len(heads), c, -1)
+                for r, step in xs]
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, q, k, v, bias, batches, beta, tau, dropout_p, grad):
+        N, H, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        table = None if bias is None else bias.flatten(1).T.contiguous()  # (S*S, H): row a*S + b = slots (a, b)
+        heads = torch.arange(H, device=q.device)
+        covered = sum(t.numel() for t, _ in batches) == N    # every token in a window: no zero fill needed
+        out = (v.new_empty if covered else v.new_zeros)(N, H, v.shape[-1])
+        qkv, saved = [_rows(x) for x in (q, k, v)], []
+        for tokens, pairs in batches:
+            w, c = tokens.shape
+            qw, kw, vw = _WindowAttention.gather(qkv, tokens, heads)  # (w, H, c, D)
+            s = (qw @ kw.transpose(-1, -2)).to(acc) / math.sqrt(D)  # (w, H, c, c)
+            b = 0.0 if table is None else table.index_select(0, pairs).view(w, c, c, H).permute(0, 3, 1, 2)
+            pos = _softmax_(s + b)
+            neg = _softmax_((b - s) / tau) if beta else None
+            a = pos - beta * neg if beta else pos
+            keep = torch.rand_like(a) >= dropout_p if dropout_p else None
+            if keep is not None:
+                a = a * keep / (1 - dropout_p)
+            rows = (tokens[:, None, :] * H + heads[:, None]).flatten()
+            out.view(N * H, -1).index_copy_(0, rows, (a.to(vw.dtype) @ vw).view(w * H * c, -1))
+            if grad:  # keep the weights of this batch for the backward (nothing is kept for inference)
+                saved += [tokens, pairs, pos, neg, keep]
+        ctx.save_for_backward(q, k, v, *saved)  # freed by autograd after the backward
+        ctx.info = (covered, None if bias is None else (bias.shape, bias.dtype), beta, tau, dropout_p)
         return out
-    valid = [t >= 0 for t in toks]
-    toks = [t.clamp(min=0) for t in toks]  # a pad gathers token 0: masked as a key, dropped as a query
-    # with autograd one gather per tensor (one index_add backward); without, one per batch (less memory)
-    lazy = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    gather = lambda t: (t.index_select(0, i) for i in toks) if lazy else \
-        t.index_select(0, torch.cat(toks)).split([len(i) for i in toks])
-    outs = []
-    for (rows, c), tok, ok, qb, kb, vb in zip(batches, toks, valid, gather(q), gather(k), gather(v)):
-        w, sl = rows.stop - rows.start, slots[rows, :c]
-        b = None if bias is None else bias.flatten(1)[:, sl[:, :, None] * S + sl[:, None, :]].transpose(0, 1)
-        mask = None if bool(ok.all()) else ok.view(w, 1, 1, c)  # (w, 1, 1, c): keys that exist
-        heads = lambda t: t.view(w, c, H, -1).transpose(1, 2)  # (w*c, H, D) -> (w, H, c, D)
-        o = signed_attention(heads(qb), heads(kb), heads(vb), b, mask, beta, tau, dropout_p=dropout_p)
-        o = o.transpose(1, 2).reshape(w * c, H, -1)[ok]  # (tokens, H, D), in the order of tok[ok]
-        if lazy:
-            out.index_copy_(0, tok[ok], o)  # scatter back: each token sits in exactly one window
-        else:
-            outs.append(o)
-    return out if lazy else out.index_copy(0, torch.cat([t[ok] for t, ok in zip(toks, valid)]), torch.cat(outs))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        covered, bias_like, beta, tau, dropout_p = ctx.info
+        q, k, v, *saved = ctx.saved_tensors
+        N, H, D = q.shape
+        heads = torch.arange(H, device=q.device)
+        dq, dk, dv = ((x.new_empty if covered else x.new_zeros)(N * H, x.shape[-1]) for x in (q, k, v))
+        dtable = None if bias_like is None or not ctx.needs_input_grad[3] else \
+            dout.new_zeros(bias_like[0][1:].numel(), H, dtype=torch.promote_types(dout.dtype, torch.float32))
+        qkvo = [_rows(x) for x in (q, k, v, dout)]
+        for i in range(0, len(saved), 5):
+            tokens, pairs, pos, neg, keep = saved[i:i + 5]
+            w, c = tokens.shape
+            qw, kw, vw, do = _WindowAttention.gather(qkvo, tokens, heads)
+            a = pos - beta * neg if beta else pos
+            da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
+            if keep is not None:
+                a, da = a * keep / (1 - dropout_p), da * keep / (1 - dropout_p)
+            rows = (tokens[:, None, :] * H + heads[:, None]).flatten()
+            dv.index_copy_(0, rows, (a.transpose(-1, -2).to(do.dtype) @ do).view(w * H * c, -1))
+            g = pos * (da - (pos * da).sum(-1, keepdim=True))  # through softmax(S + B)
+            gb = g
+            if beta:  # through -beta * softmax((B - S) / tau)
+                gn = -beta * neg * (da - (neg * da).sum(-1, keepdim=True))
+                g, gb = g - gn / tau, g + gn / tau
+            if dtable is not None:
+                dtable.index_add_(0, pairs, gb.permute(0, 2, 3, 1).reshape(-1, H))
+            g = (g / math.sqrt(D)).to(qw.dtype)
+            dq.index_copy_(0, rows, (g @ kw).view(w * H * c, -1))
+            dk.index_copy_(0, rows, (g.transpose(-1, -2) @ qw).view(w * H * c, -1))
+        dbias = None if dtable is None else dtable.T.reshape(bias_like[0]).to(bias_like[1])
+        return dq.view(N, H, -1), dk.view(N, H, -1), dv.view(N, H, -1), dbias, None, None, None, None, None
 
 
 def knn(xy_q, xy_k, k, exclude_self=False, chunk=None):
@@ -198,7 +269,8 @@ class SpotAttention(nn.Module):
     projection (HiST eq. 1). Window mode uses both partitions in every block: the first H/2 heads attend
     within level.rulebook, the other H/2 within level.rulebook_shifted. Bias 'rpb' (window only),
     'alibi' (distance on slot offsets in window mode, each half with the full slope range; on
-    level.sites otherwise) or 'none'. `chunk`: windows per batch (window) or queries per batch (full)."""
+    level.sites otherwise) or 'none'. `chunk`: queries per batch (knn, full); window mode runs the
+    level's window batches (lattice.window_batches)."""
 
     def __init__(self, dim, heads, mode="window", w=3, bias="rpb", signed=False, beta=1.5, tau=0.6,
                  attn_drop=0.0, chunk=4096):
@@ -230,7 +302,7 @@ class SpotAttention(nn.Module):
             self.register_buffer("slopes", alibi_slopes(heads), persistent=False)  # (H,)
 
     def forward(self, x, level, knn_index=None, return_attention=False):
-        """x (N, dim); level with .sites (N, 2), .rulebook, .rulebook_shifted -> (N, dim) concatenated heads,
+        """x (N, dim); a lattice.Level (.sites (N, 2), the rulebooks and their batches) -> (N, dim) heads,
         or (out, diagnostics dict) with return_attention."""
         N = x.shape[0]
         if self.mode == "none":
@@ -240,9 +312,9 @@ class SpotAttention(nn.Module):
         args = dict(beta=self.beta, tau=self.tau, dropout_p=self.attn_drop if self.training else 0.0)
         bias = self._bias(level, knn_index)
         if self.mode == "window":
-            outs = [window_attention(q[:, heads], k[:, heads], v[:, heads], rulebook,
-                                     None if bias is None else bias[heads], chunk=self.chunk, **args)
-                    for _, heads, rulebook in self._partitions(level)]
+            outs = [window_attention(q[:, heads], k[:, heads], v[:, heads], batches,
+                                     None if bias is None else bias[heads], **args)
+                    for _, heads, _, batches in self._partitions(level)]
             out = torch.cat(outs, 1)  # (N, H, Dh): standard-window heads, then shifted-window heads
         elif self.mode == "knn":
             if knn_index is None:
@@ -256,7 +328,8 @@ class SpotAttention(nn.Module):
 
     def _partitions(self, level):
         h = self.heads // 2
-        return ("standard", slice(0, h), level.rulebook), ("shifted", slice(h, None), level.rulebook_shifted)
+        return (("standard", slice(0, h), level.rulebook, level.batches),
+                ("shifted", slice(h, None), level.rulebook_shifted, level.batches_shifted))
 
     def _bias(self, level, knn_index):
         if self.bias == "none":
@@ -277,7 +350,7 @@ class SpotAttention(nn.Module):
         n = min(q.shape[0], 8)
         if self.mode == "window":
             info = {}
-            for name, heads, rulebook in self._partitions(level):
+            for name, heads, rulebook, _ in self._partitions(level):
                 if len(rulebook):
                     slots = rulebook[0]  # (S,)
                     qw, kw = (t[slots.clamp(min=0), heads].transpose(0, 1) for t in (q, k))  # (H/2, S, Dh)

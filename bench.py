@@ -13,7 +13,8 @@ peak memory is its own):
            D = 32, w = 3, a (H, S, S) bias, against `edge` (explicit (query, key) pair list, per-query
            softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries compute it) and
            `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to --max-n).
-           The geometry (rulebook, pair list, window ids) is built before the timed call for all three.
+           The geometry (rulebook and its window batches, pair list, window ids) is built before the
+           timed call for all three.
   step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
            pass (eval, no_grad) of configs/hist.yaml and configs/default.yaml on one synthetic slide
   memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
@@ -154,10 +155,11 @@ def _timed(fn, repeats, sync):
 def _window_case(spec, dev):
     n, impl, kind = spec["n"], spec["name"], spec["layout"]
     rulebook = lattice.window_rulebook(sites_of(kind, n), W).to(dev)
+    batches = lattice.window_batches(rulebook)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, H, D, generator=g).to(dev).requires_grad_() for _ in range(3))
     bias = (0.5 * torch.randn(H, 4 * W * W, 4 * W * W, generator=g)).to(dev).requires_grad_()
-    ours = lambda: window_attention(q, k, v, rulebook, bias)
+    ours = lambda: window_attention(q, k, v, batches, bias)
     if impl == "edge":
         pairs = [t.to(dev) for t in pair_list(rulebook.cpu())]
         f = lambda: edge_attention(q, k, v, *pairs, bias)
@@ -182,9 +184,9 @@ def _memory_case(spec, dev):
     n, (h, d), g = spec["n"], MEMORY_HEADS, torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, h, d, generator=g).to(dev).requires_grad_() for _ in range(3))
     if spec["name"] == "window_attention":
-        rulebook = lattice.window_rulebook(sites_of(spec["layout"], n), W).to(dev)
+        batches = lattice.window_batches(lattice.window_rulebook(sites_of(spec["layout"], n), W).to(dev))
         bias = torch.randn(h, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
-        return lambda: window_attention(q, k, v, rulebook, bias).sum().backward(), {}
+        return lambda: window_attention(q, k, v, batches, bias).sum().backward(), {}
     # K = 16 keys per query: a band of row-major neighbours (local, like k-NN; memory does not depend on
     # which keys, and attention.knn itself is brute force, O(N^2), too slow to build at 160k)
     index = (torch.arange(n)[:, None] + torch.arange(-8, 8)).clamp(0, n - 1).to(dev)

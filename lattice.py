@@ -28,7 +28,7 @@ Everything is sort / unique / scatter on int64 keys: no Python loop over spots o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -208,18 +208,55 @@ def coarsen(sites):
     return parent_sites, parent, 2 * (sites[:, 0] % 2) + sites[:, 1] % 2
 
 
+def window_batches(rulebook, max_pairs=8192) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows of a rulebook (W, S), grouped for batched attention: windows holding the same number
+    of tokens c go together, at most max(1, max_pairs // c^2) windows per batch, so a batch has about
+    `max_pairs` (query, key) pairs per head whatever the occupancy. Each batch is
+      tokens (w, c): the token ids of its w windows, in slot order;
+      pairs (w * c * c,): a * S + b for every (query slot a, key slot b) of each window, row-major,
+    which indexes a flattened (S, S) bias. Empty windows are dropped. Built once per rulebook; the
+    batch sizes are read on the host (one sync on a GPU)."""
+    S = rulebook.shape[1]
+    filled = rulebook >= 0
+    count = filled.sum(1)
+    order = torch.argsort(count, stable=True)                    # windows by number of tokens
+    slots = torch.argsort(~filled[order], dim=1, stable=True)    # (W, S): filled slots first, in slot order
+    tokens = rulebook[order].gather(1, slots)
+    sizes, n_windows = torch.unique_consecutive(count[order], return_counts=True)
+    batches, start = [], 0
+    for c, n in zip(sizes.tolist(), n_windows.tolist()):
+        step = max(1, max_pairs // max(c * c, 1))
+        for first in range(start, start + n, step) if c else ():
+            rows = slice(first, min(first + step, start + n))
+            a = slots[rows, :c]
+            batches.append((tokens[rows, :c], (a[:, :, None] * S + a[:, None, :]).flatten()))
+        start += n
+    return batches
+
+
 @dataclass
 class Level:
-    """One scale of the pyramid; N_l tokens, W windows, S = 4w^2 slots."""
+    """One scale of the pyramid; N_l tokens, W windows, S = 4w^2 slots. The window batches are derived
+    from the rulebooks (`window_batches`) once, when the level is made."""
     sites: torch.Tensor                   # (N_l, 2)
     rulebook: torch.Tensor                # (W, S) standard windows
     rulebook_shifted: torch.Tensor        # (W', S) windows of the grid shifted by w
     parent: torch.Tensor | None = None    # (N_l,) row of the parent in the next level; None at the coarsest
     slot: torch.Tensor | None = None      # (N_l,) child slot 0..3 inside the parent
+    batches: list | None = None           # window_batches(rulebook)
+    batches_shifted: list | None = None   # window_batches(rulebook_shifted)
+
+    def __post_init__(self):
+        if self.batches is None:
+            self.batches = window_batches(self.rulebook)
+        if self.batches_shifted is None:
+            self.batches_shifted = window_batches(self.rulebook_shifted)
 
     def to(self, device):
-        tensors = [getattr(self, f.name) for f in fields(self)]
-        return Level(*(None if t is None else t.to(device) for t in tensors))
+        move = lambda t: None if t is None else t.to(device)
+        batches = lambda bs: [(t.to(device), p.to(device)) for t, p in bs]
+        return Level(*(move(getattr(self, f)) for f in ("sites", "rulebook", "rulebook_shifted", "parent", "slot")),
+                     batches(self.batches), batches(self.batches_shifted))
 
 
 @dataclass

@@ -207,8 +207,8 @@ def test_distance_bias_by_loops():
 
 # ---- window attention ------------------------------------------------------------------------------
 @pytest.mark.parametrize("shift", [0, 2])
-@pytest.mark.parametrize("beta,chunk", [(0.0, None), (1.5, 3)])
-def test_window_attention_matches_pair_list(shift, beta, chunk):
+@pytest.mark.parametrize("beta,max_pairs", [(0.0, 8192), (1.5, 20)])
+def test_window_attention_matches_pair_list(shift, beta, max_pairs):
     w, H, D = 2, 3, 4
     sites = random_sites(40, 9)  # ~50% occupancy: empty slots, plus one isolated token
     N, S = len(sites), 4 * w * w
@@ -216,21 +216,50 @@ def test_window_attention_matches_pair_list(shift, beta, chunk):
     assert (rulebook >= 0).sum(1).min() == 1
     q, k, v = torch.randn(N, H, D), torch.randn(N, H, D), torch.randn(N, H, D)
     bias = torch.randn(H, S, S)
-    out = window_attention(q, k, v, rulebook, bias, beta=beta, tau=0.6, chunk=chunk)
+    batches = lattice.window_batches(rulebook, max_pairs=max_pairs)  # 20: a batch per window or two
+    out = window_attention(q, k, v, batches, bias, beta=beta, tau=0.6)
     torch.testing.assert_close(out, ref_window(q, k, v, rulebook, bias, beta, 0.6).float(), **TOL)
     ref = ref_window(q, k, v, rulebook, None).float()
     torch.testing.assert_close(window_attention(q, k, v, rulebook, None), ref, **TOL)
 
 
-def test_window_attention_random_rulebook_and_gradcheck():
-    N, W, S, H, D = 12, 5, 4, 1, 2
-    rulebook = random_rulebook(N, W, S)  # includes a one-token window and an empty window
-    q, k, v = (torch.randn(N, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    bias = torch.randn(H, S, S, dtype=torch.float64)
-    out = window_attention(q, k, v, rulebook, bias, beta=1.5, tau=0.6, chunk=3)
-    torch.testing.assert_close(out, ref_window(q.detach(), k.detach(), v.detach(), rulebook, bias, 1.5, 0.6))
-    fn = lambda q, k, v: window_attention(q, k, v, rulebook, bias, 1.5, 0.6, chunk=2)
-    assert torch.autograd.gradcheck(fn, (q, k, v))
+def test_window_attention_gradients_match_the_reference():
+    """Backward (written by hand) against autograd through the loop reference, for q, k, v and the bias;
+    random rulebook with a one-token window, an empty window and a token in no window."""
+    N, W, S, H, D = 13, 6, 5, 2, 3
+    rulebook = random_rulebook(N - 1, W, S)  # token N - 1 is in no window: output and gradients 0
+    x = [torch.randn(N, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(H, S, S, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(N, H, D, dtype=torch.float64)
+    for beta in (0.0, 1.5):
+        out = window_attention(*x, lattice.window_batches(rulebook, max_pairs=8), bias, beta=beta, tau=0.6)
+        ref = ref_window(*x, rulebook, bias, beta, 0.6)
+        torch.testing.assert_close(out, ref)
+        got = torch.autograd.grad(out, [*x, bias], dout)
+        want = torch.autograd.grad(ref, [*x, bias], dout)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r)
+        assert all((g[N - 1] == 0).all() for g in got[:3])
+
+
+def test_window_attention_gradcheck_and_dropout():
+    N, W, S, H, D = 12, 5, 4, 2, 2
+    rulebook = random_rulebook(N, W, S)
+    x = [torch.randn(N, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(H, S, S, dtype=torch.float64, requires_grad=True)
+    batches = lattice.window_batches(rulebook, max_pairs=4)
+    fn = lambda q, k, v, b: window_attention(q, k, v, batches, b, 1.5, 0.6)
+    assert torch.autograd.gradcheck(fn, (*x, bias))
+
+    def dropped(q, k, v, b):  # the same dropout mask on every call: reseed before each
+        torch.manual_seed(7)
+        return window_attention(q, k, v, batches, b, 1.5, 0.6, dropout_p=0.4)
+    assert torch.autograd.gradcheck(dropped, (*x, bias))
+    assert not torch.allclose(dropped(*x, bias), fn(*x, bias))  # some weights were dropped
+    # dropout is unbiased: averaged over many masks, the output approaches the one without dropout
+    with torch.no_grad():
+        mean = torch.stack([window_attention(*x, batches, bias, 1.5, 0.6, dropout_p=0.4) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, fn(*x, bias).detach(), atol=0.08, rtol=0)
 
 
 # ---- k-NN --------------------------------------------------------------------------------------------
@@ -446,15 +475,22 @@ def test_window_and_knn_attention_peak_memory_grows_linearly():
     H, D, w, K = 2, 8, 3, 8
     S, rows = 4 * w * w, []
     for N in (10_000, 40_000, 160_000):
-        q, k, v = torch.randn(N, H, D), torch.randn(N, H, D), torch.randn(N, H, D)
+        x = [torch.randn(N, H, D, requires_grad=True) for _ in range(3)]
         rulebook = random_rulebook(N, N // 18 + 2, S)  # ~50% occupancy, as on a Visium lattice
+        batches = lattice.window_batches(rulebook)
         with torch.no_grad(), measure_peak() as win:
-            window_attention(q, k, v, rulebook, torch.randn(H, S, S), beta=1.5)
+            window_attention(*x, batches, torch.randn(H, S, S), beta=1.5)
+        with measure_peak() as win_grad:
+            window_attention(*x, batches, torch.randn(H, S, S), beta=1.5).sum().backward()
         index = torch.randint(0, N, (N, K))
         with torch.no_grad(), measure_peak() as nn_:
-            knn_attention(q, k, v, index, torch.randn(H, N, K), beta=1.5)
-        rows.append((N, win.peak, nn_.peak))
-        print(f"N={N:>7}  window_attention peak {win.peak / 2**20:7.1f} MiB   "
-              f"knn_attention peak {nn_.peak / 2**20:7.1f} MiB")
-    for (n0, w0, k0), (n1, w1, k1) in zip(rows, rows[1:]):  # 4x the tokens, 4x the peak (not 16x)
-        assert 3.6 < w1 / w0 < 4.4 and 3.6 < k1 / k0 < 4.4, (n0, w0, w1, k0, k1)
+            knn_attention(*x, index, torch.randn(H, N, K), beta=1.5)
+        rows.append((N, win.peak, win_grad.peak, nn_.peak))
+        print(f"N={N:>7}  window_attention peak {win.peak / 2**20:7.1f} MiB (with backward "
+              f"{win_grad.peak / 2**20:7.1f})  knn_attention peak {nn_.peak / 2**20:7.1f} MiB")
+    for N, fwd, both, _ in rows:  # inference: the output plus one batch's temporaries (a constant)
+        output = N * H * D * 4
+        assert fwd < output + 4 * 2**20, (N, fwd)
+        assert both < 16 * output + 8 * 2**20, (N, both)  # backward: (N, H, D) tensors and weights
+    for (n0, _, b0, k0), (n1, _, b1, k1) in zip(rows, rows[1:]):  # 4x the tokens, 4x the peak (not 16x)
+        assert 3.3 < b1 / b0 < 4.4 and 3.6 < k1 / k0 < 4.4, (n0, b0, b1, k0, k1)
