@@ -9,6 +9,7 @@ Shapes: N spots, H heads, D head dim, W windows of S = (2w)^2 slots, K neighbour
 Every function takes and returns tensors; the modules hold the projections. Memory is linear in N
 everywhere except `full_attention`, which is O(chunk * N * H).
 """
+import itertools
 import math
 
 import torch
@@ -326,6 +327,31 @@ class SpotAttention(nn.Module):
         out = out.reshape(N, self.dim)
         return (out, self._diagnostics(q, k, level, knn_index, bias)) if return_attention else out
 
+    @torch.no_grad()
+    def forward_lowmem(self, h, N, level):
+        """Inference in window (or none) mode without an (N, 3 dim) q, k, v: for each window batch, project
+        only its tokens for the partition's heads, then attend (the same maths as forward). h(rows) gives
+        the normalised input of those spots. Returns (N, dim)."""
+        if self.mode == "none":
+            return torch.zeros(N, self.dim, device=level.sites.device)
+        H, h2 = self.heads, self.heads // 2
+        W, b = self.qkv.weight.view(3, H, -1, self.dim), self.qkv.bias.view(3, H, -1)
+        bias, out = self._bias(level, None), None
+        for _, heads, _, batches in self._partitions(level):
+            Wp, bp = W[:, heads].reshape(-1, self.dim), b[:, heads].reshape(-1)  # this partition's q, k, v
+            bias_p = None if bias is None else bias[heads]
+            for tokens, pairs in batches:
+                w, c = tokens.shape
+                rows = tokens.flatten()
+                q, k, v = F.linear(h(rows), Wp, bp).view(w * c, 3, h2, -1).unbind(1)
+                local = torch.arange(w * c, device=rows.device).view(w, c)  # the batch's tokens, renumbered
+                o = window_attention(q, k, v, [(local, pairs)], bias_p, self.beta, self.tau)
+                if out is None:
+                    out = o.new_zeros(N, H, o.shape[-1])  # zeros: a token in no window gets zeros
+                out[rows, heads] = o
+        return (out.reshape(N, self.dim) if out is not None else
+                torch.zeros(N, self.dim, device=W.device, dtype=W.dtype))
+
     def _partitions(self, level):
         h = self.heads // 2
         return (("standard", slice(0, h), level.rulebook, level.batches),
@@ -391,18 +417,45 @@ class GlobalAttention(nn.Module):
             self.kv_context = nn.Linear(dim, 2 * dim)
             self.proj = nn.Linear(dim, dim)
 
+    def split(self, t):
+        return t.reshape(t.shape[0], self.heads, -1).transpose(0, 1)  # (L, dim) -> (H, L, Dh)
+
+    def merge(self, t):
+        return t.transpose(0, 1).reshape(t.shape[1], self.dim)  # (H, L, Dh) -> (L, dim)
+
     def forward(self, x, tokens):
         """x (N, dim), tokens (T, dim) -> x_out (N, dim) (zeros when h2p is off), tokens_out (T, dim)."""
-        split = lambda t: t.reshape(t.shape[0], self.heads, -1).transpose(0, 1)  # (L, dim) -> (H, L, Dh)
-        merge = lambda t: t.transpose(0, 1).reshape(t.shape[1], self.dim)  # (H, L, Dh) -> (L, dim)
-        x_out = x.new_zeros(x.shape[0], self.dim)
-        if self.h2p:  # (H, N, T) scores
-            k, v = self.kv_token(tokens).chunk(2, -1)
-            x_out = merge(signed_attention(split(self.q_spot(x)), split(k), split(v)))
+        x_out = self.spots_read_tokens(x, tokens) if self.h2p else x.new_zeros(x.shape[0], self.dim)
         tokens_out = tokens
         if self.p2h or self.p2p:  # (H, T, N + T) scores, one softmax over spots and tokens
             context = torch.cat([x] * self.p2h + [tokens] * self.p2p)  # (N + T, dim)
             k, v = self.kv_context(context).chunk(2, -1)
-            update = signed_attention(split(self.q_token(tokens)), split(k), split(v))  # (H, T, Dh)
-            tokens_out = tokens + self.proj(merge(update))
+            update = signed_attention(self.split(self.q_token(tokens)), self.split(k), self.split(v))  # (H, T, Dh)
+            tokens_out = tokens + self.proj(self.merge(update))
         return x_out, tokens_out
+
+    def spots_read_tokens(self, x, tokens):
+        """h2p, MCA(X, C): (N, dim) spots attend to the (T, dim) tokens, (H, N, T) scores -> (N, dim)."""
+        k, v = self.kv_token(tokens).chunk(2, -1)
+        return self.merge(signed_attention(self.split(self.q_spot(x)), self.split(k), self.split(v)))
+
+    @torch.no_grad()
+    def tokens_read_lowmem(self, h, chunks, tokens):
+        """The p2h / p2p update of `forward` without an (N, 2 dim) context: the one softmax over
+        [spots; tokens] accumulated chunk by chunk with a running maximum (online softmax). h(rows) gives
+        the normalised spots of a chunk. Returns tokens_out (T, dim)."""
+        if not (self.p2h or self.p2p):
+            return tokens
+        q = self.split(self.q_token(tokens)) / math.sqrt(self.dim // self.heads)  # (H, T, Dh)
+        top = torch.full((*q.shape[:2], 1), float("-inf"), device=q.device)  # running max of the scores
+        total, acc = torch.zeros_like(top), torch.zeros_like(q, dtype=top.dtype)
+        spots = (h(rows) for rows in chunks) if self.p2h else ()
+        for context in itertools.chain(spots, [tokens] if self.p2p else []):
+            k, v = (self.split(t) for t in self.kv_context(context).chunk(2, -1))
+            s = (q @ k.transpose(-1, -2)).float()  # (H, T, n)
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+            p, fade = torch.exp(s - new_top), torch.exp(top - new_top)
+            total = total * fade + p.sum(-1, keepdim=True)
+            acc = acc * fade + p @ v.float()
+            top = new_top
+        return tokens + self.proj(self.merge((acc / total).to(tokens.dtype)))

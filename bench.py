@@ -16,7 +16,8 @@ peak memory is its own):
            The geometry (rulebook and its window batches, pair list, window ids) is built before the
            timed call for all three.
   step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
-           pass (eval, no_grad) of configs/hist.yaml and configs/default.yaml on one synthetic slide
+           pass (eval, no_grad: the low-memory path, float16 outputs) of configs/hist.yaml and
+           configs/default.yaml on one synthetic slide (--set changes their configs)
   memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
            demo's width (4 heads of 16), to show memory linear in N (issue 4)
 
@@ -197,16 +198,16 @@ def _memory_case(spec, dev):
 def _step_case(spec, dev):
     import train
     from model import ModelConfig, build_model
-    cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml")
+    cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml", spec.get("overrides", ()))
     C, G = FEATURES[spec["name"]]
     n, g = spec["n"], torch.Generator().manual_seed(0)
     xy = layout(spec["layout"], n)
     b = {"features": torch.randn(n, C, generator=g), "coords": xy, "unit": lattice.default_unit(xy)}
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(cfg["model"]), C, G).to(dev)
-    if spec["mode"] == "infer":            # train.predict without the copy to the host
+    if spec["mode"] == "infer":            # eval.predict_slide without the copy to the host
         model.eval()
-        return no_grad(lambda: train.forward(model, b, dev)), {}
+        return no_grad(lambda: train.forward(model, b, dev, out_dtype=torch.float16)), {}
     b["target"] = torch.randn(n, G, generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     batch = {"target": b["target"].to(dev)}
@@ -326,7 +327,7 @@ def table(rows, cuda=False):
 def plan(args):
     """The rows to measure, in order; a row whose N is above its --max-n cap is left out."""
     specs, base = [], dict(device=args.device, repeats=args.repeats, mem_limit_gb=args.mem_limit_gb,
-                           threads=args.threads)
+                           threads=args.threads, overrides=args.overrides)
     fits = lambda key, n: n <= min(args.max_n.get(k, n) for k in (key, key.split(".")[0]))
     for part in args.parts:
         for kind in args.layouts:
@@ -350,6 +351,8 @@ def main(argv=None):
     ap.add_argument("--layouts", type=words, default=["visium", "hd"])
     ap.add_argument("--parts", type=words, default=["pyramid", "window", "step", "memory"])
     ap.add_argument("--configs", type=words, default=["hist", "default"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the step part, as train.py takes them (model.checkpoint=true)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads per child (default: torch's, all cores)")

@@ -31,6 +31,12 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _f32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
 def _pair(pred, true) -> tuple[np.ndarray, np.ndarray]:
     p, t = _f64(pred), _f64(true)
     if p.shape != t.shape or p.ndim != 2 or len(p) == 0 or not (np.isfinite(p).all() and np.isfinite(t).all()):
@@ -129,10 +135,9 @@ def compute_metrics(preds, trues) -> dict:
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
     optional `true` (N, G); written to a temporary name and renamed."""
-    pred = _f64(pred).astype(np.float32)
-    coords = _f64(coords).astype(np.float32)
+    pred, coords = _f32(pred), _f32(coords)  # no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     n, g = pred.shape
-    true = None if true is None else _f64(true).astype(np.float32)
+    true = None if true is None else _f32(true)
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              "true": (n, g) if true is None else true.shape}
     expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g)}
@@ -229,15 +234,16 @@ def format_table(results_list: list[dict]) -> str:
 
 # ---------------------------------------------------------------- prediction of new slides
 @torch.no_grad()
-def predict_slide(model, slide, use_pseudo: bool, device) -> torch.Tensor:
-    """Log-space prediction (N, G) for one Slide, on the CPU; bf16 autocast on CUDA."""
+def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32) -> torch.Tensor:
+    """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
+    The model runs its low-memory inference path (eval, no grad)."""
     model.eval()
     pseudo = use_pseudo and slide.pseudo_features is not None
     args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
             slide.pseudo_coords if pseudo else None]
     args = [None if a is None else a.to(device) for a in args]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        return model(*args)["pred"].float().cpu()
+        return model(*args, out_dtype=dtype)["pred"].cpu()
 
 
 def load_fold_models(run_dir, device="cpu") -> list[tuple[torch.nn.Module, list[str]]]:

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import lattice
 from attention import GlobalAttention, SpotAttention, knn
+
+CHUNK = 1 << 16  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
 
 
 @dataclass
@@ -54,6 +57,7 @@ class ModelConfig:
     h2p: bool = True                  # spots read tokens
     head: str = "linear"              # linear | mlp | pathway | zinb
     hidden: int = 256                 # width of the mlp head / mlp baseline
+    checkpoint: bool = False          # training: recompute each block in the backward (less memory, more time)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
 
@@ -130,6 +134,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout)
 
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
+        if not (torch.is_grad_enabled() or self.training or attn_maps is not None) and \
+                self.spot.mode in ("window", "none"):
+            return self.forward_lowmem(x, tokens, level)
         h = self.norm1(x)
         want = attn_maps is not None
         y = self.spot(h, level, knn_index=knn_index, return_attention=want)
@@ -147,12 +154,34 @@ class Block(nn.Module):
             tokens = tokens + self.drop(self.ffn(self.norm2(tokens)))
         return x, tokens
 
+    @torch.no_grad()
+    def forward_lowmem(self, x, tokens, level):
+        """`forward` for inference (eval, no grad; window or none mode), the same maths in pieces: q, k, v
+        per window batch (SpotAttention.forward_lowmem), the tokens' read of the spots as an online softmax
+        over chunks, and proj / FFN per chunk of spots. No (N, 3d) or (N, 4d) tensor: the peak is x and
+        the result, two (N, d) tensors."""
+        chunks = torch.arange(x.shape[0], device=x.device).split(CHUNK)
+        h = lambda rows: self.norm1(x[rows])  # noqa: E731  (LayerNorm of some spots, on demand)
+        y = self.spot.forward_lowmem(h, x.shape[0], level)  # (N, d), before projection
+        if self.glob is not None:
+            t = self.norm_tokens(tokens)
+            if self.glob.h2p:
+                for rows in chunks:
+                    y[rows] += self.glob.spots_read_tokens(h(rows), t)
+            tokens = tokens + (self.glob.tokens_read_lowmem(h, chunks, t) - t)
+        for rows in chunks:  # y becomes the block's output, chunk by chunk
+            z = x[rows] + self.proj(y[rows])
+            y[rows] = z + self.ffn(self.norm2(z))
+        if tokens is not None and tokens.shape[0]:
+            tokens = tokens + self.ffn(self.norm2(tokens))
+        return y, tokens
+
 
 class Coarsen(nn.Module):
     """HiST eq. (4): x_parent = sum_delta m_delta W_delta x_child, one learned map per child slot.
 
-    Children are scattered into 4 slots per parent (zeros where a child is missing); one Linear(4d -> d)
-    on the concatenated slots is exactly the sum of the four per-slot maps. Then LayerNorm."""
+    The four maps are the four (d x d) blocks of one Linear(4d -> d) (its input = the 4 child slots
+    concatenated, zeros where a child is missing); computed slot by slot, no (4M, d) buffer. Then LayerNorm."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -163,9 +192,13 @@ class Coarsen(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, x, parent, slot, n_parents):
-        slots = x.new_zeros(n_parents * 4, x.shape[1])
-        slots[parent * 4 + slot] = x               # (M*4, d): every child owns one slot
-        return self.norm(self.linear(slots.view(n_parents, -1)))  # (M, d)
+        d = x.shape[1]
+        W = self.linear.weight.view(d, 4, d)       # W_delta = W[:, delta, :]
+        out = x.new_zeros(n_parents, d)
+        for delta in range(4):                     # sum over each parent's active children
+            child = torch.nonzero(slot == delta).squeeze(1)
+            out.index_add_(0, parent[child], F.linear(x[child], W[:, delta]).to(out.dtype))
+        return self.norm(out + self.linear.bias)   # (M, d)
 
 
 class Uncoarsen(nn.Module):
@@ -181,8 +214,13 @@ class Uncoarsen(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, x, parent, slot):
-        z = self.linear(x).view(-1, x.shape[1])     # (M*4, d)
-        return z[parent * 4 + slot]                 # (N, d)
+        d = x.shape[1]
+        W, b = self.linear.weight.view(4, d, d), self.linear.bias.view(4, d)  # slot delta: rows delta*d ...
+        up = x.new_empty(len(parent), d)
+        for delta in range(4):                      # each child reads its slot's map of its parent
+            child = torch.nonzero(slot == delta).squeeze(1)
+            up[child] = F.linear(x[parent[child]], W[delta], b[delta]).to(up.dtype)
+        return up                                   # (N, d), no (M, 4d) buffer
 
 
 class Fuse(nn.Linear):
@@ -194,6 +232,11 @@ class Fuse(nn.Linear):
         with torch.no_grad():
             self.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], 1) / 2)
             self.bias.zero_()
+
+    def forward(self, up, skip):
+        """Linear([up || skip]) as two products summed in place: no (N, 2d) concatenation."""
+        d = up.shape[1]
+        return F.linear(skip, self.weight[:, d:], self.bias).addmm_(up, self.weight[:, :d].T)
 
 
 class PathwayHead(nn.Module):
@@ -276,7 +319,11 @@ class Tessera(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False):
+                return_attention=False, out_dtype=None):
+        """features (N, C), coords (N, 2) in micrometres -> {"pred": (N, G), ...} in the caller's spot order.
+        `out_dtype`: dtype of the per-spot outputs (default float32; float16 halves a 1M-spot prediction).
+        Without grad in eval mode, every per-spot step runs in chunks of spots (`Block.forward_lowmem`),
+        so memory stays a few (N, d) tensors plus the outputs."""
         cfg, L = self.cfg, len(self.cfg.depths)
         unit = unit or cfg.unit_um or lattice.default_unit(coords)
         sites = lattice.to_lattice(coords, unit)
@@ -286,7 +333,7 @@ class Tessera(nn.Module):
         coords, sites = coords[order], sites[order]
         pyramid = lattice.build_pyramid(sites, L, cfg.w)          # built once, shared by every layer
         maps = [] if return_attention else None
-        x = self.stem((features[order] - self.feat_mean) / self.feat_std)  # (N, d); no (N, C) copy kept
+        x = torch.cat([self._stem(features[rows]) for rows in order.split(CHUNK)])  # (N, d), no (N, C) copy
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
@@ -294,24 +341,24 @@ class Tessera(nn.Module):
         if len(self.local) and pseudo_features is not None:  # FEAST local stage over spots + pseudo-spots
             n = x.shape[0]
             xy = torch.cat([coords, pseudo_coords]) / unit      # continuous lattice units, (N+M, 2)
-            x = torch.cat([x, self.stem((pseudo_features - self.feat_mean) / self.feat_std)])
+            x = torch.cat([x, self._stem(pseudo_features)])
             index = knn(xy, xy, min(cfg.knn_k, xy.shape[0]))
             spots = _Points(xy)
             for block in self.local:
-                x, _ = block(x, None, spots, knn_index=index, attn_maps=maps)
+                x, _ = self._run(block, x, None, spots, index, maps)
             x = x[:n]                                            # pseudo-spots are dropped
         elif len(self.local):  # no pseudo-spots: k-NN attention among the spots themselves
             spots = _Points(coords / unit)
             index = knn(spots.sites, spots.sites, min(cfg.knn_k, x.shape[0]))
             for block in self.local:
-                x, _ = block(x, None, spots, knn_index=index, attn_maps=maps)
+                x, _ = self._run(block, x, None, spots, index, maps)
 
         skips = []
         for l in range(L):                                       # encoder
             level = pyramid.levels[l]
             index = self._knn_index(level, self.encoder[l])
             for block in self.encoder[l]:
-                x, tokens = block(x, tokens, level, knn_index=index, attn_maps=maps)
+                x, tokens = self._run(block, x, tokens, level, index, maps)
             if l < L - 1:
                 skips.append(x)
                 x = self.coarsen[l](x, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0])
@@ -319,26 +366,51 @@ class Tessera(nn.Module):
             l = L - 2 - i
             level = pyramid.levels[l]
             up = self.uncoarsen[l](x, level.parent, level.slot)
-            x = self.fuse[l](torch.cat([up, skips[l]], dim=-1))  # upsampled coarse || lateral skip
+            x = self.fuse[l](up, skips.pop())                    # upsampled coarse || lateral skip
+            del up
             index = self._knn_index(level, blocks)
             for block in blocks:
-                x, tokens = block(x, tokens, level, knn_index=index, attn_maps=maps)
+                x, tokens = self._run(block, x, tokens, level, index, maps)
 
-        x = self.norm(x)[torch.argsort(order)]                   # back to the caller's spot order (N x d,
-        out = {}                                                 # not N x G: cheaper than moving outputs)
+        back = torch.argsort(order)                              # row of each caller's spot in x
+        if torch.is_grad_enabled() or self.training:
+            out = self._head(self.norm(x[back]), tokens)         # (N, d) rows moved, not (N, G) outputs
+            out = {k: v.to(out_dtype) if out_dtype else v for k, v in out.items()}
+        else:                                                    # chunks of spots, written into the outputs
+            out = {}
+            for start, rows in zip(range(0, len(back), CHUNK), back.split(CHUNK)):
+                for k, v in self._head(self.norm(x[rows]), tokens).items():
+                    if k not in out:
+                        out[k] = v.new_empty(len(back), *v.shape[1:], dtype=out_dtype or v.dtype)
+                    out[k][start:start + len(rows)] = v
+        if return_attention:
+            out["attention"] = maps
+        return out
+
+    def _run(self, block, x, tokens, level, knn_index, maps):
+        """One block; with model.checkpoint in training, its activations are recomputed in the backward
+        (only its inputs are kept), so training memory is a few (N, d) tensors per block, not ~12."""
+        if self.cfg.checkpoint and self.training and torch.is_grad_enabled() and maps is None:
+            return checkpoint(block, x, tokens, level, knn_index, use_reentrant=False)
+        return block(x, tokens, level, knn_index=knn_index, attn_maps=maps)
+
+    def _stem(self, features):
+        return self.stem((features - self.feat_mean) / self.feat_std)
+
+    def _head(self, x, tokens):
+        """Normalised tokens x (n, d) -> {"pred": (n, G), ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
+        cfg, out = self.cfg, {}
         if cfg.head == "pathway":
             out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
         elif cfg.head == "zinb":
-            log_rate, log_theta, pi_logit = self.head(x).chunk(3, dim=-1)
-            out["zinb"] = (log_rate, log_theta, pi_logit)
+            out["zinb"] = self.head(x)
+            log_rate, _, pi_logit = out["zinb"].chunk(3, dim=-1)
             out["pred"] = torch.log1p(torch.sigmoid(-pi_logit) * log_rate.exp())  # log1p E[x] per 1e4
         else:
             out["pred"] = self.head(x)
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-        if return_attention:
-            out["attention"] = maps
         return out
 
     def _knn_index(self, level, blocks):
@@ -377,8 +449,9 @@ class PerSpot(nn.Module):
             self.net[-1].bias.copy_(target_mean)
 
     def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False):
-        return {"pred": self.net((features - self.feat_mean) / self.feat_std)}
+                return_attention=False, out_dtype=None):
+        pred = self.net((features - self.feat_mean) / self.feat_std)
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
 
 class Ridge(nn.Module):
@@ -415,9 +488,10 @@ class Ridge(nn.Module):
         self.pca_mean.copy_(z.mean(0))
 
     def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False):
+                return_attention=False, out_dtype=None):
         z = (features - self.feat_mean) / self.feat_std - self.pca_mean
-        return {"pred": z @ self.components @ self.weight}
+        pred = z @ self.components @ self.weight
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:

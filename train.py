@@ -161,7 +161,7 @@ def compute_loss(out, batch, cfg, model):
     elif kind == "mse_pcc":
         loss = F.mse_loss(pred, y) + tc["pcc_alpha"] * pcc_loss(pred, y)
     elif kind == "zinb":
-        log_rate, log_theta, pi_logit = (t.float() for t in out["zinb"])
+        log_rate, log_theta, pi_logit = out["zinb"].float().chunk(3, dim=-1)
         mu = log_rate.exp() * batch["library_size"][:, None] / 1e4      # library size as offset
         loss = zinb_nll(batch["counts"], mu, log_theta.exp(), pi_logit)
     else:

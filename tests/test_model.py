@@ -219,3 +219,71 @@ def test_return_attention_gives_maps():
         out = model(feats, xy, return_attention=True)
     assert len(out["attention"]) >= 5 and "pathway_scores" in out
     assert out["pathway_scores"].shape == (feats.shape[0], 3)
+
+
+@pytest.mark.parametrize("cfg", [
+    small_cfg(),                                                          # window + rpb, signed, local k-NN
+    small_cfg(bias="alibi", head="pathway", pos_encoding=True, coarse_attention="same"),
+    small_cfg(attention="none", head="mlp", pathway_tokens=2),           # pathway bottleneck
+    small_cfg(head="zinb", p2p=False, calibration_tokens=2),
+    small_cfg(p2h=False, h2p=False, signed=False),
+])
+def test_low_memory_inference_equals_the_plain_forward(cfg, monkeypatch):
+    """Eval without grad runs the chunked path (Block.forward_lowmem, chunked stem and head); with grad
+    enabled the same model runs the plain path. Tiny chunks so that every chunk loop runs many times."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "CHUNK", 7)
+    feats, xy = hex_slide()
+    model = make(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # make the global tokens and biases matter
+            p.add_(0.05 * torch.randn_like(p))
+        low = model(feats, xy, out_dtype=torch.float64)
+    plain = model(feats, xy)
+    assert low["pred"].dtype == torch.float64 and plain["pred"].dtype == torch.float32
+    assert set(low) == set(plain)
+    for key in plain:
+        torch.testing.assert_close(low[key].float(), plain[key].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_uncoarsen_and_fuse_with_random_weights_by_definition():
+    """HiST eq. 5: z = Linear(d -> 4d)(x_parent) cut into 4 slots, child n reads slot[n] of its parent;
+    fusion = Linear(2d -> d) on [up || skip]. Loops and an explicit concatenation."""
+    from model import Fuse
+    torch.manual_seed(0)
+    d = 4
+    sites = torch.unique(torch.randint(0, 9, (30, 2)), dim=0)
+    parent_sites, parent, slot = lattice.coarsen(sites)
+    x = torch.randn(parent_sites.shape[0], d)
+    op = Uncoarsen(d)
+    torch.nn.init.normal_(op.linear.weight)
+    torch.nn.init.normal_(op.linear.bias)
+    up = op(x, parent, slot)
+    for n in range(sites.shape[0]):
+        z = op.linear.weight @ x[parent[n]] + op.linear.bias  # (4d,)
+        torch.testing.assert_close(up[n], z[slot[n] * d:(slot[n] + 1) * d])
+    fuse, skip = Fuse(d), torch.randn_like(up)
+    torch.nn.init.normal_(fuse.weight)
+    torch.testing.assert_close(fuse(up, skip), torch.cat([up, skip], 1) @ fuse.weight.T + fuse.bias)
+
+
+def test_checkpointing_gives_the_same_gradients(monkeypatch):
+    """model.checkpoint recomputes each block in the backward; with dropout the recomputation must draw
+    the same masks, so loss and gradients equal those of the plain run from the same seed."""
+    import model as model_module
+    calls = []
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or
+                        torch.utils.checkpoint.checkpoint(*a, **k))
+    feats, xy = hex_slide()
+    grads = []
+    for ckpt in (False, True):
+        model = make(small_cfg(checkpoint=ckpt, dropout=0.2, attn_dropout=0.3)).train()
+        torch.manual_seed(5)
+        loss = model(feats, xy)["pred"].pow(2).mean()
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert len(calls) == 1 + 3 + 2 and sum(g is not None for g in grads[1]) > 20  # local + encoder + decoder
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
