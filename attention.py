@@ -80,8 +80,8 @@ def window_attention(q, k, v, windows, bias=None, beta=0.0, tau=1.0, *, dropout_
 
     Windows with the same number of tokens c are one dense (w, H, c, c) attention: no padding, no mask.
     Forward and backward are written by hand (`_WindowAttention`) and run batch by batch, so every
-    temporary is the size of one batch (about 8k pairs per head), and only the gathered q, k, v and the
-    weights of each batch are kept for the backward: memory O(N H D), never O(N^2) or O(pairs H D).
+    temporary is the size of one batch (about 8k pairs per head); the backward keeps only the attention
+    weights (pairs x H) and gathers q, k, v again: memory O(N H D + pairs H), never O(N^2) or O(pairs H D).
     Returns (N, H, D)."""
     if isinstance(windows, torch.Tensor):
         windows = lattice.window_batches(windows)
@@ -94,6 +94,11 @@ def _softmax_(s):
     s -= s.amax(-1, keepdim=True)
     s.exp_()
     return s.div_(s.sum(-1, keepdim=True))
+
+
+def _pairs(slots, S):
+    """(w, c) slots -> (w * c * c,) flat index a * S + b of every (query slot a, key slot b), row-major."""
+    return (slots[:, :, None] * S + slots[:, None, :]).flatten()
 
 
 def _rows(x):
@@ -135,11 +140,12 @@ class _WindowAttention(torch.autograd.Function):
         covered = sum(t.numel() for t, _ in batches) == N    # every token in a window: no zero fill needed
         out = (v.new_empty if covered else v.new_zeros)(N, H, v.shape[-1])
         qkv, saved = [_rows(x) for x in (q, k, v)], []
-        for tokens, pairs in batches:
+        for tokens, slots in batches:
             w, c = tokens.shape
             qw, kw, vw = _WindowAttention.gather(qkv, tokens, heads)  # (w, H, c, D)
             s = (qw @ kw.transpose(-1, -2)).to(acc) / math.sqrt(D)  # (w, H, c, c)
-            b = 0.0 if table is None else table.index_select(0, pairs).view(w, c, c, H).permute(0, 3, 1, 2)
+            b = 0.0 if table is None else \
+                table.index_select(0, _pairs(slots, bias.shape[-1])).view(w, c, c, H).permute(0, 3, 1, 2)
             pos = _softmax_(s + b)
             neg = _softmax_((b - s) / tau) if beta else None
             a = pos - beta * neg if beta else pos
@@ -149,7 +155,7 @@ class _WindowAttention(torch.autograd.Function):
             rows = (tokens[:, None, :] * H + heads[:, None]).flatten()
             out.view(N * H, -1).index_copy_(0, rows, (a.to(vw.dtype) @ vw).view(w * H * c, -1))
             if grad:  # keep the weights of this batch for the backward (nothing is kept for inference)
-                saved += [tokens, pairs, pos, neg, keep]
+                saved += [tokens, slots, pos, neg, keep]
         ctx.save_for_backward(q, k, v, *saved)  # freed by autograd after the backward
         ctx.info = (covered, None if bias is None else (bias.shape, bias.dtype), beta, tau, dropout_p)
         return out
@@ -166,7 +172,7 @@ class _WindowAttention(torch.autograd.Function):
             dout.new_zeros(bias_like[0][1:].numel(), H, dtype=torch.promote_types(dout.dtype, torch.float32))
         qkvo = [_rows(x) for x in (q, k, v, dout)]
         for i in range(0, len(saved), 5):
-            tokens, pairs, pos, neg, keep = saved[i:i + 5]
+            tokens, slots, pos, neg, keep = saved[i:i + 5]
             w, c = tokens.shape
             qw, kw, vw, do = _WindowAttention.gather(qkvo, tokens, heads)
             a = pos - beta * neg if beta else pos
@@ -181,7 +187,7 @@ class _WindowAttention(torch.autograd.Function):
                 gn = -beta * neg * (da - (neg * da).sum(-1, keepdim=True))
                 g, gb = g - gn / tau, g + gn / tau
             if dtable is not None:
-                dtable.index_add_(0, pairs, gb.permute(0, 2, 3, 1).reshape(-1, H))
+                dtable.index_add_(0, _pairs(slots, bias_like[0][-1]), gb.permute(0, 2, 3, 1).reshape(-1, H))
             g = (g / math.sqrt(D)).to(qw.dtype)
             dq.index_copy_(0, rows, (g @ kw).view(w * H * c, -1))
             dk.index_copy_(0, rows, (g.transpose(-1, -2) @ qw).view(w * H * c, -1))
@@ -340,12 +346,12 @@ class SpotAttention(nn.Module):
         for _, heads, _, batches in self._partitions(level):
             Wp, bp = W[:, heads].reshape(-1, self.dim), b[:, heads].reshape(-1)  # this partition's q, k, v
             bias_p = None if bias is None else bias[heads]
-            for tokens, pairs in batches:
+            for tokens, slots in batches:
                 w, c = tokens.shape
                 rows = tokens.flatten()
                 q, k, v = F.linear(h(rows), Wp, bp).view(w * c, 3, h2, -1).unbind(1)
                 local = torch.arange(w * c, device=rows.device).view(w, c)  # the batch's tokens, renumbered
-                o = window_attention(q, k, v, [(local, pairs)], bias_p, self.beta, self.tau)
+                o = window_attention(q, k, v, [(local, slots)], bias_p, self.beta, self.tau)
                 if out is None:
                     out = o.new_zeros(N, H, o.shape[-1])  # zeros: a token in no window gets zeros
                 out[rows, heads] = o

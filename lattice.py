@@ -213,10 +213,8 @@ def window_batches(rulebook, max_pairs=8192) -> list[tuple[torch.Tensor, torch.T
     of tokens c go together, at most max(1, max_pairs // c^2) windows per batch, so a batch has about
     `max_pairs` (query, key) pairs per head whatever the occupancy. Each batch is
       tokens (w, c): the token ids of its w windows, in slot order;
-      pairs (w * c * c,): a * S + b for every (query slot a, key slot b) of each window, row-major,
-    which indexes a flattened (S, S) bias. Empty windows are dropped. Built once per rulebook; the
-    batch sizes are read on the host (one sync on a GPU)."""
-    S = rulebook.shape[1]
+      slots (w, c): their slots (row-major inside the window; a pair of slots indexes the (S, S) bias).
+    Empty windows are dropped. O(N) memory; built once per rulebook (batch sizes read on the host)."""
     filled = rulebook >= 0
     count = filled.sum(1)
     order = torch.argsort(count, stable=True)                    # windows by number of tokens
@@ -224,12 +222,11 @@ def window_batches(rulebook, max_pairs=8192) -> list[tuple[torch.Tensor, torch.T
     tokens = rulebook[order].gather(1, slots)
     sizes, n_windows = torch.unique_consecutive(count[order], return_counts=True)
     batches, start = [], 0
-    for c, n in zip(sizes.tolist(), n_windows.tolist()):
-        step = max(1, max_pairs // max(c * c, 1))
-        for first in range(start, start + n, step) if c else ():
-            rows = slice(first, min(first + step, start + n))
-            a = slots[rows, :c]
-            batches.append((tokens[rows, :c], (a[:, :, None] * S + a[:, None, :]).flatten()))
+    for c, n in zip(sizes.tolist(), n_windows.tolist()):  # one group per size, cut into batches (views)
+        if c:
+            step = max(1, max_pairs // (c * c))
+            group = slice(start, start + n)
+            batches += list(zip(tokens[group, :c].split(step), slots[group, :c].split(step)))
         start += n
     return batches
 

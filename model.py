@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 import lattice
 from attention import GlobalAttention, SpotAttention, knn
 
-CHUNK = 1 << 16  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
+CHUNK = 1 << 14  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
 
 
 @dataclass
