@@ -202,7 +202,8 @@ def _step_case(spec, dev):
     C, G = FEATURES[spec["name"]]
     n, g = spec["n"], torch.Generator().manual_seed(0)
     xy = layout(spec["layout"], n)
-    b = {"features": torch.randn(n, C, generator=g), "coords": xy, "unit": lattice.default_unit(xy)}
+    features = torch.randn(n, C, generator=g).to(getattr(torch, spec.get("features_dtype", "float32")))
+    b = {"features": features, "coords": xy, "unit": lattice.default_unit(xy)}
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(cfg["model"]), C, G).to(dev)
     if spec["mode"] == "infer":            # eval.predict_slide without the copy to the host
@@ -327,7 +328,7 @@ def table(rows, cuda=False):
 def plan(args):
     """The rows to measure, in order; a row whose N is above its --max-n cap is left out."""
     specs, base = [], dict(device=args.device, repeats=args.repeats, mem_limit_gb=args.mem_limit_gb,
-                           threads=args.threads, overrides=args.overrides)
+                           threads=args.threads, overrides=args.overrides, features_dtype=args.features_dtype)
     fits = lambda key, n: n <= min(args.max_n.get(k, n) for k in (key, key.split(".")[0]))
     for part in args.parts:
         for kind in args.layouts:
@@ -353,6 +354,8 @@ def main(argv=None):
     ap.add_argument("--configs", type=words, default=["hist", "default"])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the step part, as train.py takes them (model.checkpoint=true)")
+    ap.add_argument("--features-dtype", default="float32", choices=["float32", "float16"],
+                    help="step part: dtype of the slide's features (float16 = a float16 cache, as for Visium HD)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads per child (default: torch's, all cores)")

@@ -33,7 +33,9 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Slide:
-    """One slide in memory. Tensors are float32 on the CPU; N spots, C features, G genes."""
+    """One slide in memory. Tensors are float32 on the CPU, except features (and pseudo_features) that the
+    cache stores as float16: they stay float16 (half the memory of a Visium HD slide; the models
+    standardise them in float32). N spots, C features, G genes."""
     slide_id: str
     features: torch.Tensor                        # (N, C)
     coords: torch.Tensor                          # (N, 2) micrometres, x then y
@@ -208,7 +210,9 @@ def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) ->
             if k in a:
                 a[k] = np.where(cols >= 0, a[k][:, np.maximum(cols, 0)], 0)
         a["genes"] = np.asarray(genes, dtype=str)
-    t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float32)) for k in a if k not in STRING_KEYS}
+    half = lambda k: k in ("features", "pseudo_features") and a[k].dtype == np.float16  # noqa: E731
+    t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float16 if half(k) else np.float32))
+         for k in a if k not in STRING_KEYS}
     return Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None, **t)
 
 

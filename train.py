@@ -333,7 +333,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     if not train_slides:
         raise SystemExit(f"fold {k}: no training slides left after train.val_slides = {tc['val_slides']}")
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
-    feats = torch.cat([b["features"] for b in train_b])
+    feats = torch.cat([b["features"] for b in train_b]).float()
     targets = torch.cat([b["target"] for b in train_b])
     torch.manual_seed(tc["seed"] * 100003 + k)
     model = build_model(mc, feats.shape[1], len(genes))

@@ -70,6 +70,24 @@ def test_round_trip_is_exact(tmp_path):
     assert r.counts is None and r.genes is None and r.patient == "bare" and math.isnan(r.spot_pitch_um)
 
 
+def test_float16_features_stay_float16(tmp_path):
+    """A cache with float16 features (Visium HD) reads back as float16, the rest as float32; every model
+    standardises them in float32, so predictions equal those from the same values in float32."""
+    from model import ModelConfig, build_model
+    s = make_slide(n=40)
+    s.features, s.pseudo_features = s.features.half(), s.pseudo_features.half()
+    data.write_slide(tmp_path / "s1.h5", s)
+    r = data.read_slide(tmp_path / "s1.h5")
+    assert r.features.dtype == r.pseudo_features.dtype == torch.float16 and torch.equal(r.features, s.features)
+    assert r.coords.dtype == r.counts.dtype == torch.float32
+    for arch in ("tessera", "mlp", "ridge"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch=arch, dim=16, heads=2, depths=[1], decoder_depths=[])
+        m = build_model(cfg, r.features.shape[1], 3).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(r.features, r.coords)["pred"], m(r.features.float(), r.coords)["pred"])
+
+
 def test_write_refuses_overwrite_and_is_atomic(tmp_path):
     path = tmp_path / "s1.h5"
     data.write_slide(path, make_slide())
