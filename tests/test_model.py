@@ -139,6 +139,8 @@ def test_coarsen_is_hist_eq4_sum_of_per_slot_maps():
     parent_sites, parent, slot = lattice.coarsen(sites)
     x = torch.randn(sites.shape[0], d)
     op = Coarsen(d)
+    torch.nn.init.normal_(op.linear.weight)  # four different maps (they start as identities)
+    torch.nn.init.normal_(op.linear.bias)
     out = op(x, parent, slot, parent_sites.shape[0])
     W = op.linear.weight.view(d, 4, d)  # W_delta = W[:, delta, :]
     for u in range(parent_sites.shape[0]):  # explicit sum over active children, then LayerNorm

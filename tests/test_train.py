@@ -152,6 +152,33 @@ def test_every_config_trains_and_its_loss_decreases(name, tiny_root):
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
 
+def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch):
+    """train.val_slides: after every epoch the validation slides are scored (pcc_gene), and the fold ends
+    with the weights of the best-scoring epoch, not the last. Scores are scripted: best at epoch 2."""
+    cfg = train.load_config(ROOT / "configs/default.yaml", [f"data.root={tiny_root}", "train.epochs=4",
+                                                               "model.dim=16", "model.heads=2"])
+    from model import ModelConfig, build_model
+    mc = ModelConfig.from_dict(cfg["model"])
+    slides = [data.read_slide(p) for p in data.list_slides(tiny_root)[:3]]
+    genes = train.choose_genes({**cfg, "data": {**cfg["data"], "genes": {"by": "mean", "n": 20}}}, slides, tiny_root)
+    batches = [train.prepare(data.read_slide(p, genes=genes), cfg, mc.unit_um) for p in data.list_slides(tiny_root)[:3]]
+    torch.manual_seed(0)
+    model = build_model(mc, batches[0]["features"].shape[1], len(genes))
+    scores, states = iter([0.1, 0.7, 0.3, 0.2]), []
+
+    def scripted(pred, true):  # called once per epoch, after that epoch's training
+        assert pred.shape == true.shape == (batches[2]["target"].shape[0], len(genes))
+        states.append({n: t.clone() for n, t in model.state_dict().items()})
+        return next(scores)
+    monkeypatch.setattr(train.evaluation, "pcc_gene", scripted)
+    lines = []
+    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append, lambda: "")
+    assert len(states) == 4 and all("val_pcc_gene" in line for line in lines)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, states[1][name]), name
+    assert not all(torch.equal(t, states[3][n]) for n, t in model.state_dict().items())
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 def run_train(args, cwd, **kw):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
