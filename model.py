@@ -333,7 +333,7 @@ class Tessera(nn.Module):
         coords, sites = coords[order], sites[order]
         pyramid = lattice.build_pyramid(sites, L, cfg.w)          # built once, shared by every layer
         maps = [] if return_attention else None
-        x = torch.cat([self._stem(features[rows]) for rows in order.split(CHUNK)])  # (N, d), no (N, C) copy
+        x = self._ckpt(self._stem_rows, features, order)          # (N, d), no (N, C) copy
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
@@ -361,20 +361,18 @@ class Tessera(nn.Module):
                 x, tokens = self._run(block, x, tokens, level, index, maps)
             if l < L - 1:
                 skips.append(x)
-                x = self.coarsen[l](x, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0])
+                x = self._ckpt(self.coarsen[l], x, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0])
         for i, blocks in enumerate(self.decoder):                # decoder, deepest first
             l = L - 2 - i
             level = pyramid.levels[l]
-            up = self.uncoarsen[l](x, level.parent, level.slot)
-            x = self.fuse[l](up, skips.pop())                    # upsampled coarse || lateral skip
-            del up
+            x = self._ckpt(self._up_fuse, l, x, skips.pop(), level)  # upsampled coarse || lateral skip
             index = self._knn_index(level, blocks)
             for block in blocks:
                 x, tokens = self._run(block, x, tokens, level, index, maps)
 
         back = torch.argsort(order)                              # row of each caller's spot in x
         if torch.is_grad_enabled() or self.training:
-            out = self._head(self.norm(x[back]), tokens)         # (N, d) rows moved, not (N, G) outputs
+            out = self._ckpt(self._norm_head, x, back, tokens)   # (N, d) rows moved, not (N, G) outputs
             out = {k: v.to(out_dtype) if out_dtype else v for k, v in out.items()}
         else:                                                    # chunks of spots, written into the outputs
             out = {}
@@ -388,11 +386,26 @@ class Tessera(nn.Module):
         return out
 
     def _run(self, block, x, tokens, level, knn_index, maps):
-        """One block; with model.checkpoint in training, its activations are recomputed in the backward
-        (only its inputs are kept), so training memory is a few (N, d) tensors per block, not ~12."""
-        if self.cfg.checkpoint and self.training and torch.is_grad_enabled() and maps is None:
-            return checkpoint(block, x, tokens, level, knn_index, use_reentrant=False)
-        return block(x, tokens, level, knn_index=knn_index, attn_maps=maps)
+        if maps is not None:
+            return block(x, tokens, level, knn_index=knn_index, attn_maps=maps)
+        return self._ckpt(block, x, tokens, level, knn_index)
+
+    def _ckpt(self, fn, *args):
+        """fn(*args); with model.checkpoint in training, only its inputs are kept and it is recomputed in
+        the backward (blocks, stem, coarsening, upsampling + fusion, head): training memory is then about
+        one (N, d) tensor per step of the U-Net instead of all their activations."""
+        if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _stem_rows(self, features, order):
+        return torch.cat([self._stem(features[rows]) for rows in order.split(CHUNK)])
+
+    def _up_fuse(self, l, x, skip, level):
+        return self.fuse[l](self.uncoarsen[l](x, level.parent, level.slot), skip)
+
+    def _norm_head(self, x, rows, tokens):
+        return self._head(self.norm(x[rows]), tokens)
 
     def _stem(self, features):
         return self.stem((features - self.feat_mean) / self.feat_std)
