@@ -57,7 +57,7 @@ class ModelConfig:
     h2p: bool = True                  # spots read tokens
     head: str = "linear"              # linear | mlp | pathway | zinb
     hidden: int = 256                 # width of the mlp head / mlp baseline
-    checkpoint: bool = False          # training: recompute each block in the backward (less memory, more time)
+    checkpoint: bool = False          # training: recompute activations in the backward (less memory, more time)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
 
