@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -198,22 +199,28 @@ def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) ->
                 a[k] = _strings(f[k]) if h5py.check_string_dtype(f[k].dtype) or f[k].dtype.kind == "S" else f[k][()]
         meta = _attrs(path, f)
     _validate(path, a)
-    if genes is not None and "counts" in a:
-        index = {g: i for i, g in enumerate(a["genes"])}
-        missing = [g for g in genes if g not in index]
-        if missing and not zero_fill:
-            _fail(path, "genes", f"all {len(genes)} requested genes",
-                  f"{len(missing)} missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
-                  " (zero_fill=True fills them with zeros)")
-        cols = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
-        for k in ("counts", "expected"):
-            if k in a:
-                a[k] = np.where(cols >= 0, a[k][:, np.maximum(cols, 0)], 0)
-        a["genes"] = np.asarray(genes, dtype=str)
     half = lambda k: k in ("features", "pseudo_features") and a[k].dtype == np.float16  # noqa: E731
     t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float16 if half(k) else np.float32))
          for k in a if k not in STRING_KEYS}
-    return Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None, **t)
+    slide = Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None, **t)
+    return slide if genes is None else take_genes(slide, genes, zero_fill, path)
+
+
+def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=None) -> Slide:
+    """The slide with its count columns (and `expected`) for `genes`, in that order; a gene the slide lacks
+    is an error naming `path` unless zero_fill=True (then its column is 0). A slide without counts is
+    returned as it is."""
+    if slide.counts is None:
+        return slide
+    index = {g: i for i, g in enumerate(slide.genes)}
+    missing = [g for g in genes if g not in index]
+    if missing and not zero_fill:
+        _fail(path or slide.slide_id, "genes", f"all {len(genes)} requested genes",
+              f"{len(missing)} missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+              " (zero_fill=True fills them with zeros)")
+    cols = torch.tensor([index.get(g, -1) for g in genes], dtype=torch.long)
+    pick = lambda x: None if x is None else torch.where(cols >= 0, x[:, cols.clamp(min=0)], 0.0)  # noqa: E731
+    return dataclasses.replace(slide, genes=list(genes), counts=pick(slide.counts), expected=pick(slide.expected))
 
 
 @dataclass

@@ -326,7 +326,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     train_slides = [data.read_slide(root / f"{s}.h5") for s in train_ids]
     test_genes = [data.read_slide_meta(root / f"{s}.h5").genes for s in test_ids]
     genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
-    train_slides = [data.read_slide(root / f"{s}.h5", genes=genes) for s in train_ids]
+    train_slides = [data.take_genes(s, genes, path=root / f"{i}.h5") for s, i in zip(train_slides, train_ids)]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
     train_slides = train_slides[:len(train_slides) - len(val_slides)]

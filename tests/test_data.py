@@ -190,6 +190,11 @@ def test_gene_selection_on_read(tmp_path):
     assert "key 'genes'" in msg and "all 13 requested genes" in msg and "12 missing: x0, x1" in msg and "x9 ..." in msg
     r = data.read_slide(path, genes=["x0", "g2"], zero_fill=True)
     assert torch.equal(r.counts[:, 0], torch.zeros(7)) and torch.equal(r.counts[:, 1], s.counts[:, 2])
+    t = data.take_genes(s, ["g2", "g0"])  # the same selection on a slide in memory (train.py: no re-read)
+    assert t.genes == ["g2", "g0"] and torch.equal(t.counts, s.counts[:, [2, 0]])
+    assert s.genes == [f"g{j}" for j in range(4)]  # the original is untouched
+    with pytest.raises(CacheError, match="somewhere.h5: key 'genes'"):
+        data.take_genes(s, ["x0"], path="somewhere.h5")
 
 
 def test_meta_and_listing(tmp_path):
