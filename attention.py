@@ -124,10 +124,15 @@ class _WindowAttention(torch.autograd.Function):
       dS = g+ - g- / tau,  dB = g+ + g- / tau,  dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D)."""
 
     @staticmethod
+    def rows(tokens, step, heads):
+        """Row ids, in (window, head, token) order, of the tokens (w, c) in rows of `step` per token."""
+        return (tokens[:, None, :] * step + heads[:, None]).flatten()
+
+    @staticmethod
     def gather(xs, tokens, heads):
         """Each (rows, step) of xs at the tokens (w, c) -> (w, H, c, D) tensors."""
         w, c = tokens.shape
-        return [r.index_select(0, (tokens[:, None, :] * step + heads[:, None]).flatten()).view(w, len(heads), c, -1)
+        return [r.index_select(0, _WindowAttention.rows(tokens, step, heads)).view(w, len(heads), c, -1)
                 for r, step in xs]
 
     @staticmethod
@@ -152,7 +157,7 @@ class _WindowAttention(torch.autograd.Function):
             keep = torch.rand_like(a) >= dropout_p if dropout_p else None
             if keep is not None:
                 a = a * keep / (1 - dropout_p)
-            rows = (tokens[:, None, :] * H + heads[:, None]).flatten()
+            rows = _WindowAttention.rows(tokens, H, heads)  # in the fresh (N * H, D) outputs
             out.view(N * H, -1).index_copy_(0, rows, (a.to(vw.dtype) @ vw).view(w * H * c, -1))
             if grad:  # keep the weights of this batch for the backward (nothing is kept for inference)
                 saved += [tokens, slots, pos, neg, keep]
@@ -179,7 +184,7 @@ class _WindowAttention(torch.autograd.Function):
             da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
             if keep is not None:
                 a, da = a * keep / (1 - dropout_p), da * keep / (1 - dropout_p)
-            rows = (tokens[:, None, :] * H + heads[:, None]).flatten()
+            rows = _WindowAttention.rows(tokens, H, heads)  # in the fresh (N * H, D) outputs
             dv.index_copy_(0, rows, (a.transpose(-1, -2).to(do.dtype) @ do).view(w * H * c, -1))
             g = pos * (da - (pos * da).sum(-1, keepdim=True))  # through softmax(S + B)
             gb = g
@@ -338,8 +343,8 @@ class SpotAttention(nn.Module):
         """Inference in window (or none) mode without an (N, 3 dim) q, k, v: for each window batch, project
         only its tokens for the partition's heads, then attend (the same maths as forward). h(rows) gives
         the normalised input of those spots. Returns (N, dim)."""
-        if self.mode == "none":
-            return torch.zeros(N, self.dim, device=level.sites.device)
+        if self.mode == "none" or not (level.batches or level.batches_shifted):
+            return torch.zeros(N, self.dim, device=level.sites.device)  # no spot-to-spot attention
         H, h2 = self.heads, self.heads // 2
         W, b = self.qkv.weight.view(3, H, -1, self.dim), self.qkv.bias.view(3, H, -1)
         bias, out = self._bias(level, None), None
@@ -352,11 +357,10 @@ class SpotAttention(nn.Module):
                 q, k, v = F.linear(h(rows), Wp, bp).view(w * c, 3, h2, -1).unbind(1)
                 local = torch.arange(w * c, device=rows.device).view(w, c)  # the batch's tokens, renumbered
                 o = window_attention(q, k, v, [(local, slots)], bias_p, self.beta, self.tau)
-                if out is None:
+                if out is None:  # here, to take o's dtype (bf16 under autocast)
                     out = o.new_zeros(N, H, o.shape[-1])  # zeros: a token in no window gets zeros
                 out[rows, heads] = o
-        return (out.reshape(N, self.dim) if out is not None else
-                torch.zeros(N, self.dim, device=W.device, dtype=W.dtype))
+        return out.reshape(N, self.dim)
 
     def _partitions(self, level):
         h = self.heads // 2

@@ -52,8 +52,9 @@ H, D, W, LEVELS = 8, 32, 3, 4          # window part: 256 channels per call, as 
                                        # partition (d = 512, 4 heads of 64 each); w; pyramid levels
 MEMORY_HEADS = (4, 16)                 # memory part: heads, head dim of configs/default.yaml (d = 64)
 # Largest N per row on this 23 GB, 2-core machine: dense (H, N, N) scores are 2 GiB at 8k; the edge
-# list's (pairs, H, D) gathers ~1 GiB each at 64k; window_attention forward + backward keeps ~15 MB and
-# hist.yaml training ~0.3 GB per 1k spots; the demo's k-NN stage is brute force, O(N^2). See --max-n.
+# list's (pairs, H, D) gathers ~1 GiB each at 64k; window_attention forward + backward keeps ~7 MB and
+# hist.yaml training ~0.3 GB per 1k spots (64 MB with --set model.checkpoint=true); the demo's k-NN
+# stage is brute force, O(N^2). See --max-n.
 MAX_N = "dense=8k,edge=64k,tessera=256k,hist.train=32k,default=64k"
 FEATURES = {"hist": (1024, 2000), "default": (64, 250)}  # (C, G): UNI-sized features / demo's synthetic
 

@@ -25,20 +25,15 @@ STD_NOTE = "mean ± std over folds (population std, numpy ddof=0)"
 
 
 # ---------------------------------------------------------------- metrics
-def _f64(x) -> np.ndarray:
+def _array(x, dtype=np.float64) -> np.ndarray:
+    """A tensor or array-like as a numpy array of `dtype` (float64 or float32; bf16 tensors included)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _f32(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(x, dtype=np.float32)
+        return x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
+    return np.asarray(x, dtype=dtype)
 
 
 def _pair(pred, true) -> tuple[np.ndarray, np.ndarray]:
-    p, t = _f64(pred), _f64(true)
+    p, t = _array(pred), _array(true)
     if p.shape != t.shape or p.ndim != 2 or len(p) == 0 or not (np.isfinite(p).all() and np.isfinite(t).all()):
         raise ValueError(f"pred, true: expected finite (N, G) arrays of one shape; got {p.shape}, {t.shape}")
     return p, t
@@ -135,9 +130,10 @@ def compute_metrics(preds, trues) -> dict:
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
     optional `true` (N, G); written to a temporary name and renamed."""
-    pred, coords = _f32(pred), _f32(coords)  # no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
+    # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
+    pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
-    true = None if true is None else _f32(true)
+    true = None if true is None else _array(true, np.float32)
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              "true": (n, g) if true is None else true.shape}
     expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g)}

@@ -29,6 +29,11 @@ from attention import GlobalAttention, SpotAttention, knn
 CHUNK = 1 << 14  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
 
 
+def inference(module: nn.Module) -> bool:
+    """Eval mode without grad: the model takes its low-memory path (chunks of spots, no activations kept)."""
+    return not (torch.is_grad_enabled() or module.training)
+
+
 @dataclass
 class ModelConfig:
     arch: str = "tessera"             # tessera | linear | mlp | ridge
@@ -134,8 +139,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout)
 
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
-        if not (torch.is_grad_enabled() or self.training or attn_maps is not None) and \
-                self.spot.mode in ("window", "none"):
+        if inference(self) and attn_maps is None and self.spot.mode in ("window", "none"):
             return self.forward_lowmem(x, tokens, level)
         h = self.norm1(x)
         want = attn_maps is not None
@@ -371,13 +375,13 @@ class Tessera(nn.Module):
                 x, tokens = self._run(block, x, tokens, level, index, maps)
 
         back = torch.argsort(order)                              # row of each caller's spot in x
-        if torch.is_grad_enabled() or self.training:
+        if not inference(self):
             out = self._ckpt(self._norm_head, x, back, tokens)   # (N, d) rows moved, not (N, G) outputs
             out = {k: v.to(out_dtype) if out_dtype else v for k, v in out.items()}
         else:                                                    # chunks of spots, written into the outputs
             out = {}
             for start, rows in zip(range(0, len(back), CHUNK), back.split(CHUNK)):
-                for k, v in self._head(self.norm(x[rows]), tokens).items():
+                for k, v in self._norm_head(x, rows, tokens).items():
                     if k not in out:
                         out[k] = v.new_empty(len(back), *v.shape[1:], dtype=out_dtype or v.dtype)
                     out[k][start:start + len(rows)] = v

@@ -21,3 +21,12 @@ def shared_data() -> Path:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny ops on two shared cores can stall for ms waiting for a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

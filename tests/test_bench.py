@@ -12,13 +12,7 @@ import lattice
 from attention import window_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: tiny ops on a machine shared with other jobs stall waiting for a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("kind,pitch", [("visium", 100.0), ("hd", 8.0)])

@@ -8,13 +8,7 @@ import torch
 import lattice
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny; with two OpenMP threads on two shared cores, small ops can stall for ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---- layouts (micrometres, float64) --------------------------------------------------------------------

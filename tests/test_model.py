@@ -132,11 +132,16 @@ def test_parameter_counts_follow_the_config():
     assert diff == n_blocks * 2 * (4 * 3 - 1) ** 2  # heads x (4w-1)^2 per window block
 
 
-def test_coarsen_is_hist_eq4_sum_of_per_slot_maps():
+def random_coarsening(n):
+    """Up to n distinct random sites in a 9 x 9 square and their coarsening: sites, parent_sites, parent, slot."""
     torch.manual_seed(0)
+    sites = torch.unique(torch.randint(0, 9, (n, 2)), dim=0)
+    return (sites, *lattice.coarsen(sites))
+
+
+def test_coarsen_is_hist_eq4_sum_of_per_slot_maps():
     d = 5
-    sites = torch.unique(torch.randint(0, 9, (40, 2)), dim=0)
-    parent_sites, parent, slot = lattice.coarsen(sites)
+    sites, parent_sites, parent, slot = random_coarsening(40)
     x = torch.randn(sites.shape[0], d)
     op = Coarsen(d)
     torch.nn.init.normal_(op.linear.weight)  # four different maps (they start as identities)
@@ -154,8 +159,7 @@ def test_coarsen_is_hist_eq4_sum_of_per_slot_maps():
 
 def test_uncoarsen_starts_as_nearest_neighbour_copy():
     d = 6
-    sites = torch.unique(torch.randint(0, 9, (30, 2)), dim=0)
-    parent_sites, parent, slot = lattice.coarsen(sites)
+    sites, parent_sites, parent, slot = random_coarsening(30)
     x = torch.randn(parent_sites.shape[0], d)
     up = Uncoarsen(d)(x, parent, slot)
     for n in range(sites.shape[0]):
@@ -252,10 +256,8 @@ def test_uncoarsen_and_fuse_with_random_weights_by_definition():
     """HiST eq. 5: z = Linear(d -> 4d)(x_parent) cut into 4 slots, child n reads slot[n] of its parent;
     fusion = Linear(2d -> d) on [up || skip]. Loops and an explicit concatenation."""
     from model import Fuse
-    torch.manual_seed(0)
     d = 4
-    sites = torch.unique(torch.randint(0, 9, (30, 2)), dim=0)
-    parent_sites, parent, slot = lattice.coarsen(sites)
+    sites, parent_sites, parent, slot = random_coarsening(30)
     x = torch.randn(parent_sites.shape[0], d)
     op = Uncoarsen(d)
     torch.nn.init.normal_(op.linear.weight)
