@@ -70,6 +70,13 @@ def atomic_path(path):
             tmp.unlink()
 
 
+def not_an_input(out_dir, *inputs) -> None:
+    """Refuse an output folder that is one of the input folders: outputs are never written over inputs."""
+    for folder in inputs:
+        if Path(out_dir).resolve() == Path(folder).resolve():
+            raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
+
+
 # ----------------------------------------------------------------------------- cache format
 
 class CacheError(ValueError):
@@ -557,12 +564,6 @@ def load_encoder(spec: str | None):
     return getattr(importlib.import_module(module), name)
 
 
-def _not_an_input(out_dir, *inputs):
-    for folder in inputs:
-        if Path(out_dir).resolve() == Path(folder).resolve():
-            raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
-
-
 def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
                   overwrite: bool = False, log=print) -> list[Path]:
     """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
@@ -570,7 +571,7 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
     `encoder` is 'module:callable' for your own encoder: it is called on uint8 tensors (B, H, W, 3) and
     returns (B, C) floats (e.g. a foundation model wrapped with its own resizing and normalisation);
     None uses the built-in patch_statistics."""
-    _not_an_input(out_dir, patches_dir)
+    not_an_input(out_dir, patches_dir)
     fn, written = load_encoder(encoder), []
     for path in sorted(Path(patches_dir).glob("*.h5")):
         t0, out = time.time(), Path(out_dir) / path.name
@@ -631,7 +632,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
     list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
     always the total over all genes."""
-    _not_an_input(out_dir, st_dir, features_dir)
+    not_an_input(out_dir, st_dir, features_dir)
     table = read_metadata(meta) if meta else {}
     pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
     if not pairs:

@@ -279,7 +279,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     start, best = 0, (-math.inf, None)
     ckpt = fold_dir / "checkpoint.pt"
     if ckpt.exists():  # --resume: continue after the last finished epoch
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors, numbers, strings only
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
