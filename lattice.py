@@ -208,6 +208,28 @@ def coarsen(sites):
     return parent_sites, parent, 2 * (sites[:, 0] % 2) + sites[:, 1] % 2
 
 
+def sub_offsets(r) -> torch.Tensor:
+    """(r*r, 2): sub-patch s of an r x r split of a spot sits at (ix, iy) = (s // r, s % r), ix along x
+    (image columns), iy along y (image rows). For r = 2 this is the coarsening slot 2 * (i % 2) + (j % 2)."""
+    s = torch.arange(r * r)
+    return torch.stack([s // r, s % r], 1)
+
+
+def refine(sites, r) -> torch.Tensor:
+    """(N, 2) spot sites -> (N, r*r, 2) sub-spot sites r * site + (ix, iy) (HiFusion's intra-spot split on
+    the lattice). Coarsening them log2(r) times gives back exactly the spot sites: (r*i + ix) // r = i."""
+    if r not in (2, 4):
+        raise ValueError(f"refine: r must be 2 or 4 (sub_levels 1 or 2), got {r}")
+    return r * sites[:, None, :] + sub_offsets(r).to(sites.device)
+
+
+def sub_coords(coords, r, extent_um) -> torch.Tensor:
+    """(N, 2) spot centres in micrometres -> (N, r*r, 2) sub-spot centres:
+    centre + ((ix + 0.5) / r - 0.5, (iy + 0.5) / r - 0.5) * extent_um, with (ix, iy) = sub_offsets(r)."""
+    frac = (sub_offsets(r).to(coords.device, torch.float64) + 0.5) / r - 0.5
+    return (coords.double()[:, None, :] + frac * float(extent_um)).to(coords.dtype)
+
+
 def window_batches(rulebook, max_pairs=8192) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The windows of a rulebook (W, S), grouped for batched attention: windows holding the same number
     of tokens c go together, at most max(1, max_pairs // c^2) windows per batch, so a batch has about

@@ -321,3 +321,56 @@ def test_build_pyramid_is_repeated_coarsening(name):
 def test_build_pyramid_rejects_bad_arguments():
     with pytest.raises(ValueError, match="levels"):
         lattice.build_pyramid(SITES["hd"], 0, 3)
+
+
+# ---- sub-spot sites and coordinates (HiFusion's intra-spot split) ------------------------------------------
+@pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "single"])
+@pytest.mark.parametrize("r", [2, 4])
+def test_refined_sites_coarsen_back_exactly(name, r):
+    """Refine, keep a random subset of sub-positions (at least one per spot), coarsen log2(r) times: the
+    parents are the spot sites in row-major order and every sub-site's parent is its own spot."""
+    sites = SITES[name] - SITES[name].amin(0)                   # model sites are >= 0
+    g = torch.Generator().manual_seed(r)
+    sub = lattice.refine(sites, r)                              # (N, S, 2)
+    for n, (i, j) in enumerate(sites.tolist()):                 # the formula, one sub-position at a time
+        for s in range(r * r):
+            assert sub[n, s].tolist() == [r * i + s // r, r * j + s % r]
+    valid = torch.rand(len(sites), r * r, generator=g) < 0.6
+    valid[torch.arange(len(sites)), torch.randint(r * r, (len(sites),), generator=g)] = True
+    spot = torch.arange(len(sites))[:, None].expand(-1, r * r)[valid]
+    level, owner = sub[valid], spot
+    for _ in range({2: 1, 4: 2}[r]):
+        level, parent, _ = lattice.coarsen(level)
+        owner_of_parent = torch.full((len(level),), -1, dtype=torch.long)
+        owner_of_parent[parent] = owner
+        owner = owner_of_parent
+    order = sorted(range(len(sites)), key=lambda n: tuple(sites[n].tolist()))
+    assert torch.equal(level, sites[order]) and owner.tolist() == order
+
+
+def test_sub_offsets_follow_the_coarsening_slot_for_r2():
+    sites = torch.tensor([[3, 5]])
+    for s, (di, dj) in enumerate(lattice.sub_offsets(2).tolist()):
+        child = 2 * sites + torch.tensor([[di, dj]])
+        assert lattice.coarsen(child)[2].item() == s
+    with pytest.raises(ValueError, match="r must be 2 or 4"):
+        lattice.refine(sites, 3)
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_sub_coords_are_the_centres_of_the_image_blocks(r):
+    """A spot patch of h x w pixels covering `extent` um, centred on the spot: sub-patch s is the block
+    img[iy*h/r:(iy+1)*h/r, ix*w/r:(ix+1)*w/r]; its centre in micrometres, computed from pixel indices."""
+    rng = np.random.default_rng(r)
+    coords = torch.tensor(rng.uniform(0, 5000, (5, 2)), dtype=torch.float32)
+    h = w = 112
+    extent = 77.3
+    um_per_px = extent / w
+    got = lattice.sub_coords(coords, r, extent)
+    for n in range(len(coords)):
+        for s in range(r * r):
+            ix, iy = s // r, s % r
+            cols = np.arange(ix * w // r, (ix + 1) * w // r) + 0.5  # pixel centres of the block
+            rows = np.arange(iy * h // r, (iy + 1) * h // r) + 0.5
+            want = coords[n].double().numpy() + (np.array([cols.mean(), rows.mean()]) - w / 2) * um_per_px
+            np.testing.assert_allclose(got[n, s].double().numpy(), want, rtol=0, atol=1e-3)
