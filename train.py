@@ -150,6 +150,49 @@ def pathway_loss(scores, target, membership):
     return 1 - pearson_per_column(scores[:, keep], act).mean()
 
 
+# ---- losses across the levels of the pyramid (HiFusion, MagNet) ---------------------------------------
+# A level k is an offset from the spot level: k < 0 below the spot (sub-spots), k > 0 above (bins of
+# 2^k x 2^k lattice sites). `parents[k]` (N_k,) maps the rows of level k to the rows of level k + 1.
+def to_level(parents: dict, a: int, b: int) -> torch.Tensor:
+    """(N_a,) row at level b >= a of each row of level a: the parent maps composed; None for a = b."""
+    index = None
+    for k in range(a, b):
+        index = parents[k] if index is None else parents[k][index]
+    return index
+
+
+def aggregate_log(pred, index, n_rows):
+    """Log-space children (n, G) -> log-space parents (n_rows, G): log1p(sum over children of
+    expm1(pred)), the children summed in count space. expm1 is clipped at 0: a negative log prediction
+    counts as no counts (sum of counts >= 0, so the log1p is defined)."""
+    counts = torch.expm1(pred.float()).clamp_min(0)
+    return torch.log1p(counts.new_zeros(n_rows, pred.shape[1]).index_add_(0, index, counts))
+
+
+def aggregation_loss(pred_sub, index, target):
+    """A sub level has no truth: its children, aggregated in count space, must give the spot
+    (HiFusion's per-scale supervision): MSE(log1p(sum_s expm1(pred_sub)), target). index (n,) = spot row."""
+    return F.mse_loss(aggregate_log(pred_sub, index, target.shape[0]), target)
+
+
+def consistency_loss(pred_parent, pred_child, index):
+    """MagNet's cross-scale consistency: every predicted parent against its predicted children summed in
+    count space, MSE in log space. index (n_child,) = the child's parent row."""
+    return F.mse_loss(pred_parent.float(), aggregate_log(pred_child, index, pred_parent.shape[0]))
+
+
+def alignment_loss(pooled, own):
+    """HiFusion's cross-scale alignment: 1 - cosine similarity between the spot's pooled sub-tokens and
+    the spot's own embedding, mean over spots."""
+    return (1 - F.cosine_similarity(pooled.float(), own.float(), dim=-1)).mean()
+
+
+def level_target(counts, parents: dict, k: int, n_rows: int) -> torch.Tensor:
+    """Truth at a coarser level k > 0: log1p of the counts summed over each bin's spots."""
+    index = to_level(parents, 0, k)
+    return torch.log1p(counts.new_zeros(n_rows, counts.shape[1]).index_add_(0, index, counts))
+
+
 def compute_loss(out, batch, cfg, model):
     tc = cfg["train"]
     pred, y = out["pred"].float(), batch["target"]

@@ -79,6 +79,67 @@ def test_pathway_loss_against_explicit_reference():
     assert loss.item() == pytest.approx(1 - np.mean(pccs), rel=1e-5)
 
 
+def _parents(rng, sizes):
+    """Random parent maps between levels of the given sizes (every parent has at least one child)."""
+    maps = []
+    for n_child, n_parent in zip(sizes, sizes[1:]):
+        p = np.concatenate([np.arange(n_parent), rng.integers(0, n_parent, n_child - n_parent)])
+        maps.append(torch.tensor(rng.permutation(p)))
+    return maps
+
+
+def test_level_losses_against_explicit_formulas():
+    rng = np.random.default_rng(0)
+    n_sub, n, G = 40, 12, 5
+    up, = _parents(rng, [n_sub, n])
+    pred_sub = torch.tensor(rng.normal(1.0, 1.0, (n_sub, G)), dtype=torch.float32, requires_grad=True)
+    target = torch.tensor(rng.uniform(0, 4, (n, G)), dtype=torch.float32)
+    # aggregation: MSE(log1p(sum_s expm1(pred_sub)), target), children summed one by one
+    want = 0.0
+    for i in range(n):
+        for g in range(G):
+            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub) if up[c] == i)
+            want += (math.log1p(total) - target[i, g].item()) ** 2
+    loss = train.aggregation_loss(pred_sub, up, target)
+    assert loss.item() == pytest.approx(want / (n * G), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(pred_sub.grad).all() and pred_sub.grad.abs().sum() > 0
+    # consistency (MagNet): parent prediction against its children's, both predicted
+    pred_parent = torch.tensor(rng.normal(2.0, 1.0, (n, G)), dtype=torch.float32)
+    want = 0.0
+    for i in range(n):
+        for g in range(G):
+            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub) if up[c] == i)
+            want += (pred_parent[i, g].item() - math.log1p(total)) ** 2
+    assert train.consistency_loss(pred_parent, pred_sub, up).item() == pytest.approx(want / (n * G), rel=1e-5)
+    # alignment (HiFusion): 1 - cosine, mean over spots
+    a, b = rng.normal(size=(n, 7)), rng.normal(size=(n, 7))
+    want = np.mean([1 - a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i]) for i in range(n)])
+    got = train.alignment_loss(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_level_targets_and_composed_parent_maps():
+    rng = np.random.default_rng(1)
+    sizes = [60, 20, 9, 4, 2]                                    # levels -2 .. 2
+    maps = _parents(rng, sizes)
+    parents = {k: m for k, m in zip(range(-2, 2), maps)}
+    for a in range(-2, 3):
+        for b in range(a, 3):
+            got = train.to_level(parents, a, b)
+            for row in range(sizes[a + 2]):                      # follow the chain by hand
+                r = row
+                for k in range(a, b):
+                    r = int(parents[k][r])
+                assert (row if got is None else int(got[row])) == r
+    counts = torch.tensor(rng.poisson(3.0, (9, 4)), dtype=torch.float32)  # level 0: 9 spots
+    for k in (1, 2):
+        got = train.level_target(counts, parents, k, sizes[k + 2])
+        for row in range(sizes[k + 2]):
+            members = [s for s in range(9) if int(train.to_level(parents, 0, k)[s]) == row]
+            assert torch.allclose(got[row], torch.log1p(counts[members].sum(0)))
+
+
 def test_schedules():
     total, warm = 100, 10
     lrs = [train.lr_factor(s, total, warm) for s in range(total)]
