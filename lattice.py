@@ -28,6 +28,7 @@ Everything is sort / unique / scatter on int64 keys: no Python loop over spots o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,69 @@ def to_lattice(xy, unit) -> torch.Tensor:
         keep = torch.ones_like(pending, dtype=torch.bool).index_fill(0, win, False)  # the losers retry
         pending, rad = pending[keep], rad[keep]
     return site - site.amin(0)
+
+
+def _nn_vectors(xy, centre, size):
+    """Vectors to the nearest other spot from the spots of a square of side `size` around `centre`
+    (brute force inside the square, which holds a few thousand spots)."""
+    inside = torch.nonzero(((xy - centre).abs() <= size / 2).all(1)).squeeze(1)
+    p = xy[inside]
+    d = torch.cdist(p, p).fill_diagonal_(float("inf"))
+    return p[d.argmin(1)] - p
+
+
+def square_grid(xy, tolerance=0.4):
+    """Fit a square grid to spot centres (N, 2) in micrometres (Visium HD bins, legacy ST): returns
+    sites (N, 2) int64 >= 0, A (2, 2) and b (2,) float64 with xy ~ A @ site + b (A = pitch x rotation).
+    Gaps, jitter and a rotated image are fine. The rotation is the mean of the nearest-neighbour
+    directions modulo 90 degrees; A and b are then refitted by least squares on growing discs around the
+    centre (a pitch error would otherwise add up across a large slide). Raises ValueError when a spot lies
+    more than `tolerance` pitches off the fitted grid, two spots share a grid position, or the grid is not
+    square (a hexagonal Visium layout, for example)."""
+    p = xy.double()
+    n = len(p)
+    if n < 2:
+        raise ValueError(f"square_grid: expected at least 2 spots, found {n}")
+    pitch = _median_nn(p)
+    if pitch == 0:
+        raise ValueError("square_grid: more than half of the spots share their position with another spot")
+    centre = p.median(0).values
+    v = _nn_vectors(p, p[((p - centre) ** 2).sum(1).argmin()], 64 * pitch)
+    angle = torch.atan2(v[:, 1], v[:, 0]) * 4                   # directions modulo 90 degrees
+    theta = float(torch.atan2(angle.sin().mean(), angle.cos().mean())) / 4
+    c, s = math.cos(theta), math.sin(theta)
+    A = pitch * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    b = p[((p - centre) ** 2).sum(1).argmin()]                   # a spot on the grid: the most central one
+    radius, done = 3.0, False
+    while not done:
+        near = ((p - b) ** 2).sum(1) <= (radius * pitch) ** 2
+        done = bool(near.all())
+        for _ in range(2):                                      # refit twice: sites may change once
+            site = torch.round(torch.linalg.solve(A, (p[near] - b).T).T)
+            design = torch.cat([site, torch.ones(len(site), 1, dtype=torch.float64)], 1)
+            if torch.linalg.matrix_rank(design) == 3:           # spots in two directions: refit A and b
+                fit = torch.linalg.lstsq(design, p[near]).solution  # (3, 2): xy = site @ A.T + b
+                A, b = fit[:2].T.contiguous(), fit[2]
+        radius *= 1.5
+    u = torch.linalg.solve(A, (p - b).T).T                      # (N, 2) grid coordinates
+    site = torch.round(u)
+    off = (u - site).abs().amax(1)
+    scale = A.norm(dim=0)
+    if float((A[:, 0] @ A[:, 1]).abs() / (scale[0] * scale[1])) > 0.05 or float(scale.max() / scale.min()) > 1.05 \
+            or float(off.max()) > tolerance:
+        bad = int((off > tolerance).sum())
+        raise ValueError(f"square_grid: the spots do not lie on a square grid: {bad} of {n} spots are more than "
+                         f"{tolerance} pitches off the best-fitting grid (largest offset {float(off.max()):.2f}; "
+                         f"fitted axes {scale[0]:.2f} and {scale[1]:.2f} um at "
+                         f"{math.degrees(math.acos(min(1.0, float((A[:, 0] @ A[:, 1]).abs() / (scale[0] * scale[1]))))):.1f} "
+                         "degrees); only square grids (Visium HD bins, legacy ST) can be binned")
+    site = site.long()
+    lo = site.amin(0)
+    uniq = torch.unique(_key(site), return_counts=True)[1]
+    if (uniq > 1).any():
+        raise ValueError(f"square_grid: {int((uniq > 1).sum())} grid positions hold more than one spot "
+                         "(duplicated or overlapping spots); expected one spot per grid position")
+    return site - lo, A, b + A @ lo.double()
 
 
 def slot_offsets(w) -> torch.Tensor:

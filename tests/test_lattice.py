@@ -374,3 +374,54 @@ def test_sub_coords_are_the_centres_of_the_image_blocks(r):
             rows = np.arange(iy * h // r, (iy + 1) * h // r) + 0.5
             want = coords[n].double().numpy() + (np.array([cols.mean(), rows.mean()]) - w / 2) * um_per_px
             np.testing.assert_allclose(got[n, s].double().numpy(), want, rtol=0, atol=1e-3)
+
+
+# ---- square grids (binning Visium HD bins and legacy ST) ---------------------------------------------------
+def grid_layout(rng, side, pitch, degrees, jitter, gap=0.3):
+    """Grid positions ij (kept ones) and their centres: rotated by `degrees`, jittered by `jitter` pitches."""
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    ij = np.stack([i.ravel(), j.ravel()], 1)
+    ij = ij[(rng.random(len(ij)) > gap) & ~((ij[:, 0] > side // 3) & (ij[:, 0] < side // 2))]  # gaps, a band
+    t = math.radians(degrees)
+    xy = ij * pitch @ np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]]).T
+    return ij, torch.tensor(xy + [1234.5, 678.9] + rng.normal(0, jitter * pitch, xy.shape))
+
+
+@pytest.mark.parametrize("side, pitch, degrees, jitter", [(30, 200.0, 0.0, 0.03), (60, 8.0, 7.0, 0.05),
+                                                          (120, 8.0, -30.0, 0.03), (40, 16.0, 44.0, 0.02)])
+def test_square_grid_recovers_the_grid_positions(side, pitch, degrees, jitter):
+    ij, xy = grid_layout(np.random.default_rng(side), side, pitch, degrees, jitter)
+    site, A, b = lattice.square_grid(xy)
+    ij = torch.tensor(ij)
+    # the same grid up to one of its 8 symmetries and a translation
+    d, e = site - site[0], ij - ij[0]
+    sym = [torch.tensor(m) for m in ([[1, 0], [0, 1]], [[0, 1], [-1, 0]], [[-1, 0], [0, -1]], [[0, -1], [1, 0]])]
+    sym += [m @ torch.tensor([[0, 1], [1, 0]]) for m in sym]
+    assert any(torch.equal(d, e @ m) for m in sym)
+    assert site.amin(0).tolist() == [0, 0]
+    np.testing.assert_allclose(A.norm(dim=0).numpy(), [pitch, pitch], rtol=0.01)
+    # every spot within a few jitters of its fitted grid position
+    assert float((site.double() @ A.T + b - xy).norm(dim=1).max()) < 6 * jitter * pitch
+
+
+def test_square_grid_refuses_other_layouts():
+    i, j = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    hexagonal = np.stack([j.ravel() * 100 + (i.ravel() % 2) * 50, i.ravel() * 100 * math.sqrt(3) / 2], 1)
+    for xy in (hexagonal, np.random.default_rng(0).uniform(0, 3000, (400, 2))):
+        with pytest.raises(ValueError, match="do not lie on a square grid"):
+            lattice.square_grid(torch.tensor(xy))
+    ij, xy = grid_layout(np.random.default_rng(1), 20, 10.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="more than one spot"):
+        lattice.square_grid(torch.cat([xy, xy[:3] + 0.5]))
+
+
+def test_square_grid_on_her2st_recovers_the_array_positions(shared_data):
+    """Legacy ST (200 um pitch, real registration jitter): the fitted sites are the arrays' own positions."""
+    import data
+    meta = data.read_metadata(shared_data / "her2st" / "metadata.csv")
+    for sid in ("A1", "B3", "C6", "F3"):
+        h = data.read_h5ad(shared_data / "her2st" / "st" / f"{sid}.h5ad")
+        site, A, _ = lattice.square_grid(torch.tensor(h.xy * float(meta[sid]["pixel_size_um_estimated"])))
+        array = torch.tensor(np.stack([h.obs["array_col"], h.obs["array_row"]], 1).astype(np.int64))
+        assert torch.equal(site - site[0], array - array[0]), sid
+        np.testing.assert_allclose(A.norm(dim=0).numpy(), [200, 200], rtol=0.02)
