@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -127,9 +128,10 @@ def compute_metrics(preds, trues) -> dict:
 
 
 # ---------------------------------------------------------------- prediction files
-def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None) -> None:
+def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, levels=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
-    optional `true` (N, G); written to a temporary name and renamed."""
+    optional `true` (N, G); `levels` {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as
+    groups `level_<k>`; written to a temporary name and renamed."""
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
@@ -148,15 +150,85 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
         f["coords"] = coords
         if true is not None:
             f["true"] = true
+        for k, group in (levels or {}).items():
+            for key, x in group.items():
+                f[f"level_{k}/{key}"] = _array(x, np.float32)
         f.attrs["slide_id"] = str(slide_id if slide_id is not None else Path(path).stem)
 
 
 def read_predictions(path) -> dict:
-    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true (or None)}."""
+    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true (or None),
+    levels {k: {pred, coords, [true], [copy]}}}."""
     with h5py.File(path, "r") as f:
         return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": f["pred"][:],
                 "genes": list(f["genes"].asstr()[:]), "barcodes": np.array(f["barcodes"].asstr()[:], dtype=str),
-                "coords": f["coords"][:], "true": f["true"][:] if "true" in f else None}
+                "coords": f["coords"][:], "true": f["true"][:] if "true" in f else None,
+                "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
+                           for name in f if name.startswith("level_")}}
+
+
+# ---------------------------------------------------------------- levels of the pyramid
+def level_name(metric: str, k: int) -> str:
+    """`<metric>@<k>` for a level k != 0; level 0 (the spot) keeps the plain name."""
+    return metric if k == 0 else f"{metric}@{k}"
+
+
+def _sum_rows(x, index, n):
+    return x.new_zeros(n, *x.shape[1:]).index_add_(0, index, x)
+
+
+def level_outputs(out: dict, slide, normalize: bool = False) -> dict:
+    """The model's extra levels (`out["levels"]`) for one slide as prediction-file groups: {k: {"pred"
+    (N_k, G), "coords" (N_k, 2) um, "true" (N_k, G) log1p or absent, "copy" (N_k, G) for k < 0}}.
+    Below the spot (k < 0, r = 2^-k): rows are the sub-positions out["sub_index"][k] = n * r^2 + s; their
+    centres follow lattice.sub_coords; truth = the slide's sub_counts summed into r x r; `copy` gives
+    each sub-spot its spot's prediction, log1p(expm1(pred) / r^2) (the baseline a super-resolution model
+    must beat). Above (k > 0): rows are lattice bins; centre = mean of their spots' centres; truth =
+    log1p of the counts summed over the bin's spots (multi-level outputs need normalize=false)."""
+    import lattice
+    groups, n = {}, slide.n_spots
+    for k, pred in out.get("levels", {}).items():
+        pred = pred.float().cpu()
+        g = {"pred": pred}
+        if k < 0:
+            r = 2 ** -k
+            index = out["sub_index"][k].cpu()
+            spot, s = index // (r * r), index % (r * r)
+            extent = slide.sub_extent_um if slide.sub_extent_um == slide.sub_extent_um else slide.spot_pitch_um
+            g["coords"] = lattice.sub_coords(slide.coords, r, extent).reshape(-1, 2)[index]
+            g["copy"] = torch.log1p(torch.expm1(out["pred"].float().cpu()[spot]).clamp_min(0) / (r * r))
+            if slide.sub_counts is not None and not normalize:
+                rd = math.isqrt(slide.sub_counts.shape[1])              # the data's own split, r <= rd
+                sd = torch.arange(rd * rd)
+                s_k = r * ((sd // rd) * r // rd) + (sd % rd) * r // rd  # data sub-position -> level-k one
+                fine = torch.zeros(n, r * r, slide.sub_counts.shape[2]).index_add_(1, s_k, slide.sub_counts)
+                g["true"] = torch.log1p(fine.reshape(n * r * r, -1)[index])
+        else:
+            index = None
+            for j in range(k):                                          # spot -> bin of level k
+                index = out["parents"][j].cpu() if index is None else out["parents"][j].cpu()[index]
+            m = pred.shape[0]
+            size = _sum_rows(torch.ones(n), index, m).clamp_min(1)
+            g["coords"] = _sum_rows(slide.coords.double(), index, m) / size[:, None]
+            if slide.counts is not None and not normalize:
+                g["true"] = torch.log1p(_sum_rows(slide.counts.float(), index, m))
+        groups[k] = g
+    return groups
+
+
+def level_metrics(files: list[dict]) -> dict:
+    """Every metric at each extra level that all the fold's prediction files hold with truth, named
+    `<metric>@<k>`; below the spot also `pcc_gene@<k>_copy`, the copy baseline's pcc_gene."""
+    out = {}
+    levels = set.intersection(*(set(k for k, g in f["levels"].items() if "true" in g) for f in files))
+    for k in sorted(levels):
+        groups = [f["levels"][k] for f in files]
+        m = compute_metrics([g["pred"] for g in groups], [g["true"] for g in groups])
+        out.update({level_name(name, k): m[name] for name in METRICS})
+        if k < 0:
+            out[f"pcc_gene@{k}_copy"] = pcc_gene(np.concatenate([g["copy"] for g in groups]),
+                                                 np.concatenate([g["true"] for g in groups]))
+    return out
 
 
 # ---------------------------------------------------------------- runs and tables
@@ -176,13 +248,15 @@ def evaluate_run(run_dir) -> dict:
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
         m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files])
+        m.update(level_metrics(files))
         folds.append(m)
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
         slides.append([f["slide_id"] for f in files])
     all_genes = list(dict.fromkeys(g for pg in per_gene for g in pg))  # union over folds, first-seen order
     results = {"run": run.name, "n_folds": len(folds), "fold_names": [d.name for d in fold_dirs],
                "metrics": {k: {"folds": [m[k] for m in folds], "mean": float(np.mean([m[k] for m in folds])),
-                               "std": float(np.std([m[k] for m in folds], ddof=0))} for k in METRICS},
+                               "std": float(np.std([m[k] for m in folds], ddof=0))}
+                           for k in METRICS + [k for k in folds[0] if "@" in k and all(k in m for m in folds)]},
                "zero_variance_genes": {"folds": [m["zero_variance_genes"] for m in folds]},
                "genes": len(all_genes), "genes_per_fold": [len(pg) for pg in per_gene],
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
@@ -210,8 +284,7 @@ def _run_markdown(r: dict) -> str:
              f"{STD_NOTE}; {k} folds, {r['genes']} genes, test slides per fold: {r['slides_per_fold']}.", "",
              "| metric | mean ± std | " + " | ".join(r["fold_names"]) + " |",
              "| --- | --- |" + " --- |" * k]
-    for name in METRICS:
-        e = r["metrics"][name]
+    for name, e in r["metrics"].items():
         lines.append(f"| {name} | {_mean_std(e)} | " + " | ".join(f"{v:.4f}" for v in e["folds"]) + " |")
     zv = r["zero_variance_genes"]["folds"]
     lines += ["", f"Zero-variance genes (PCC set to 0) per fold: {zv}.", ""]

@@ -325,3 +325,76 @@ def test_predict_refuses_to_write_into_its_input_folders(tmp_path):
         assert "expected an output folder other than the inputs" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert (slides / "s1.h5").read_bytes() == b"input the user owns" and sorted(slides.iterdir()) == [slides / "s1.h5"]
+
+
+# ---------------------------------------------------------------- levels of the pyramid
+def test_level_outputs_against_loops():
+    """Sub levels -2 (4 x 4) and -1 (2 x 2) of a slide with 4 x 4 sub-counts, and bins at levels 1 and 2."""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(3)
+    n, G, extent = 6, 3, 50.0
+    valid = rng.random((n, 16)) < 0.7
+    valid[:, 0] = True
+    sub_counts = torch.tensor(rng.poisson(2.0, (n, 16, G)) * valid[..., None], dtype=torch.float32)
+    slide = SimpleNamespace(n_spots=n, coords=torch.tensor(rng.uniform(0, 1000, (n, 2)), dtype=torch.float32),
+                            counts=sub_counts.sum(1), sub_counts=sub_counts, sub_extent_um=extent,
+                            spot_pitch_um=100.0)
+    idx2 = torch.tensor([a * 16 + s for a in range(n) for s in range(16) if valid[a, s]])
+    idx1 = torch.tensor([a * 4 + s for a in range(n) for s in range(4)
+                         if any(valid[a, 4 * ix + iy] for ix in range(4) for iy in range(4) if 2 * (ix // 2) + iy // 2 == s)])
+    parents = {0: torch.tensor([0, 1, 0, 2, 1, 2]), 1: torch.tensor([1, 0, 0])}
+    out = {"pred": torch.tensor(rng.normal(2, 1, (n, G)), dtype=torch.float32),
+           "levels": {-2: torch.randn(len(idx2), G), -1: torch.randn(len(idx1), G), 1: torch.randn(3, G),
+                      2: torch.randn(2, G)},
+           "sub_index": {-2: idx2, -1: idx1}, "parents": parents}
+    got = ev.level_outputs(out, slide)
+    for k, index in ((-2, idx2), (-1, idx1)):
+        r = 2 ** -k
+        for row, flat in enumerate(index.tolist()):
+            a, s = divmod(flat, r * r)
+            ix, iy = divmod(s, r)
+            want_xy = slide.coords[a].double() + torch.tensor([(ix + 0.5) / r - 0.5, (iy + 0.5) / r - 0.5],
+                                                               dtype=torch.float64) * extent
+            assert torch.allclose(got[k]["coords"][row].double(), want_xy, atol=1e-3)
+            members = [4 * jx + jy for jx in range(4) for jy in range(4) if (jx * r // 4, jy * r // 4) == (ix, iy)]
+            assert torch.allclose(got[k]["true"][row], torch.log1p(sub_counts[a, members].sum(0)))
+            copy = torch.log1p(torch.expm1(out["pred"][a]).clamp_min(0) / (r * r))
+            assert torch.allclose(got[k]["copy"][row], copy)
+    for k, m in ((1, 3), (2, 2)):
+        for row in range(m):
+            spots = [a for a in range(n) if (parents[0][a] if k == 1 else parents[1][parents[0][a]]) == row]
+            assert torch.allclose(got[k]["true"][row], torch.log1p(slide.counts[spots].sum(0)))
+            assert torch.allclose(got[k]["coords"][row].double(), slide.coords[spots].double().mean(0), atol=1e-3)
+        assert torch.equal(got[k]["pred"], out["levels"][k])
+
+
+def test_levels_are_written_read_and_evaluated(tmp_path):
+    rng = np.random.default_rng(4)
+    run, files = tmp_path / "run", []
+    for k in range(2):
+        for i in range(2):
+            pred, true = make_slide(rng, 20, 4)
+            sub = {name: rng.normal(size=(50, 4)) for name in ("pred", "true", "copy")}
+            sub["coords"] = rng.uniform(size=(50, 2))
+            up = {name: rng.normal(size=(7, 4)) for name in ("pred", "true")}
+            up["coords"] = rng.uniform(size=(7, 2))
+            ev.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, list("ABCD"),
+                                 [f"b{j}" for j in range(20)], rng.uniform(size=(20, 2)), true=true,
+                                 levels={-1: sub, 1: up})
+            files.append((k, sub, up))
+    r = ev.read_predictions(run / "fold_0" / "pred" / "s00.h5")
+    assert sorted(r["levels"]) == [-1, 1] and sorted(r["levels"][-1]) == ["coords", "copy", "pred", "true"]
+    np.testing.assert_array_equal(r["levels"][1]["pred"], files[0][2]["pred"].astype(np.float32))
+    results = ev.evaluate_run(run)
+    for k in range(2):
+        subs = [f[1] for f in files if f[0] == k]
+        ups = [f[2] for f in files if f[0] == k]
+        want = ref_metrics([s["pred"].astype(np.float32) for s in subs], [s["true"].astype(np.float32) for s in subs])
+        for name in ev.METRICS:
+            assert_close([results["metrics"][f"{name}@-1"]["folds"][k]], [want[name]])
+        want = ref_metrics([s["pred"].astype(np.float32) for s in ups], [s["true"].astype(np.float32) for s in ups])
+        assert_close([results["metrics"]["pcc_gene@1"]["folds"][k]], [want["pcc_gene"]])
+        copy = ref_pcc_gene(np.concatenate([s["copy"] for s in subs]).astype(np.float32),
+                            np.concatenate([s["true"] for s in subs]).astype(np.float32))
+        assert_close([results["metrics"]["pcc_gene@-1_copy"]["folds"][k]], [copy])
+    assert "| pcc_gene@-1_copy |" in (run / "results.md").read_text()
