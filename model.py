@@ -63,6 +63,9 @@ class ModelConfig:
     head: str = "linear"              # linear | mlp | pathway | zinb
     hidden: int = 256                 # width of the mlp head / mlp baseline
     checkpoint: bool = False          # training: recompute activations in the backward (less memory, more time)
+    sub_levels: int = 0               # levels below the spot from sub_features: 1 = 2 x 2, 2 = 4 x 4 (HiFusion)
+    sub_pool: str = "linear"          # sub-tokens -> spot: linear (HiST eq. 4) | attention (HiFusion CCF)
+    out_levels: list = field(default_factory=lambda: [0])  # heads: offsets from the spot level (MagNet)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
 
@@ -79,12 +82,21 @@ def check_config(cfg: ModelConfig) -> None:
     """Refuse configurations that cannot work, with a message saying why."""
     choices = {"arch": ("tessera", "linear", "mlp", "ridge"), "attention": ("window", "knn", "full", "none"),
                "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"),
-               "head": ("linear", "mlp", "pathway", "zinb")}
+               "head": ("linear", "mlp", "pathway", "zinb"), "sub_pool": ("linear", "attention")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
     if cfg.arch != "tessera":
+        if cfg.sub_levels or list(cfg.out_levels) != [0]:
+            raise ValueError(f"model.sub_levels and model.out_levels need model.arch = tessera, got {cfg.arch!r}")
         return
+    if cfg.sub_levels not in (0, 1, 2):
+        raise ValueError(f"model.sub_levels = {cfg.sub_levels}; expected 0 (off), 1 (2 x 2 sub-patches) or 2 (4 x 4)")
+    levels = list(cfg.out_levels)
+    lo, hi = -cfg.sub_levels, len(cfg.depths) - 1
+    if 0 not in levels or len(set(levels)) != len(levels) or any(not lo <= k <= hi for k in levels):
+        raise ValueError(f"model.out_levels = {levels}: expected distinct offsets from the spot level, 0 among "
+                         f"them, each in [{lo}, {hi}] (-model.sub_levels .. len(model.depths) - 1)")
     if cfg.dim % cfg.heads:
         raise ValueError(f"model.dim = {cfg.dim} must be divisible by model.heads = {cfg.heads}")
     if cfg.attention == "window" and cfg.heads % 2:

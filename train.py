@@ -25,7 +25,7 @@ import yaml
 import data
 import eval as evaluation
 import lattice
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, check_config
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
@@ -52,6 +52,9 @@ DEFAULTS = {
         "loss": "mse",                # mse | pcc | mse_pcc | zinb
         "pcc_alpha": 1.0,             # mse_pcc = mse + alpha (1 - pcc)
         "pathway_lambda": 0.0,        # auxiliary pathway loss weight (STF)
+        "level_weights": None,        # one weight per model.out_levels entry (default 1 each)
+        "consistency_lambda": 0.0,    # MagNet: predicted parent vs its predicted children, summed in counts
+        "align_lambda": 0.0,          # HiFusion: pooled sub-tokens vs the spot's own embedding
         "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
@@ -104,9 +107,24 @@ def load_config(path, overrides=()) -> dict:
         if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
             raise ValueError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
                              "set data.normalize=true so that metrics compare like with like")
+        check_levels(cfg, mc)
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg
+
+
+def check_levels(cfg: dict, mc: ModelConfig) -> None:
+    """Config keys of the multi-level pyramid (HiFusion, MagNet) that only make sense together."""
+    check_config(mc)                                            # out_levels inside the pyramid, sub_levels 0-2
+    levels, tc = list(mc.out_levels), cfg["train"]
+    if (mc.sub_levels or levels != [0]) and cfg["data"]["normalize"]:
+        raise ValueError(f"model.out_levels = {levels} / model.sub_levels = {mc.sub_levels}: levels are tied "
+                         "by summing counts over children, which needs raw log1p targets: set data.normalize=false")
+    if tc["level_weights"] is not None and len(tc["level_weights"]) != len(levels):
+        raise ValueError(f"train.level_weights = {tc['level_weights']}: expected one weight per "
+                         f"model.out_levels entry ({levels})")
+    if tc["align_lambda"] and not mc.sub_levels:
+        raise ValueError("train.align_lambda needs model.sub_levels >= 1 (sub-tokens to align with the spot)")
 
 
 # ---- losses -----------------------------------------------------------------------------------
@@ -212,6 +230,31 @@ def compute_loss(out, batch, cfg, model):
     if tc["pathway_lambda"] and "pathway_scores" in out:
         loss = loss + tc["pathway_lambda"] * pathway_loss(out["pathway_scores"].float(), y,
                                                           model.pathway_membership)
+    if "levels" in out:
+        loss = level_loss(loss, out, batch, cfg)
+    return loss
+
+
+def level_loss(loss0, out, batch, cfg):
+    """The spot-level loss plus every other level's (weighted by train.level_weights): a coarser level
+    against log1p of its summed counts, a sub level through its children summed into the spot
+    (`aggregation_loss`); MagNet's consistency between consecutive predicted levels; HiFusion's alignment."""
+    tc, levels, parents = cfg["train"], cfg["model"]["out_levels"], out["parents"]
+    weight = dict(zip(levels, tc["level_weights"] or [1.0] * len(levels)))
+    loss = weight[0] * loss0
+    for k, pred in out["levels"].items():
+        if k < 0:
+            term = aggregation_loss(pred, to_level(parents, k, 0), batch["target"])
+        else:
+            term = F.mse_loss(pred.float(), level_target(batch["counts"], parents, k, pred.shape[0]))
+        loss = loss + weight[k] * term
+    if tc["consistency_lambda"]:
+        preds = {0: out["pred"], **out["levels"]}
+        ks = sorted(preds)
+        for a, b in zip(ks, ks[1:]):
+            loss = loss + tc["consistency_lambda"] * consistency_loss(preds[b], preds[a], to_level(parents, a, b))
+    if tc["align_lambda"] and "align" in out:
+        loss = loss + tc["align_lambda"] * alignment_loss(*out["align"])
     return loss
 
 

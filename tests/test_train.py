@@ -167,6 +167,22 @@ def test_unknown_keys_are_refused_with_the_valid_ones(tmp_path):
     assert cfg["train"]["epochs"] == 7 and cfg["data"]["genes"] == {"by": "mean", "n": 5}
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["model.out_levels=[0, 3]"], r"model\.out_levels = \[0, 3\].*\[0, 2\]"),
+    (["model.out_levels=[-1, 0]"], r"model\.out_levels.*\[0, 2\]"),
+    (["model.sub_levels=1", "model.out_levels=[-2, 0]"], r"model\.out_levels.*\[-1, 2\]"),
+    (["model.out_levels=[1]"], r"0 among"),
+    (["model.sub_levels=3"], r"model\.sub_levels = 3"),
+    (["model.sub_pool=max"], r"model\.sub_pool"),
+    (["model.out_levels=[0, 1]", "data.normalize=true"], r"data\.normalize=false"),
+    (["model.out_levels=[0, 1]", "train.level_weights=[1.0]"], r"train\.level_weights"),
+    (["train.align_lambda=1.0"], r"train\.align_lambda needs model\.sub_levels"),
+])
+def test_level_config_errors_name_the_key(overrides, match):
+    with pytest.raises(SystemExit, match=match):
+        train.load_config(ROOT / "configs/default.yaml", overrides)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
