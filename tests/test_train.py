@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import data
+import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_level_config_errors_name_the_key(overrides, match):
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data.make_synthetic(root, n_slides=4, seed=0, n_spots=250, pseudo=True)
+    synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=250, pseudo=True)
     return root
 
 
