@@ -43,6 +43,10 @@ class Slide:
     expected: torch.Tensor | None = None          # (N, G) noise-free mean counts (synthetic slides only)
     pseudo_features: torch.Tensor | None = None   # (M, C) off-grid pseudo-spots (FEAST)
     pseudo_coords: torch.Tensor | None = None     # (M, 2)
+    sub_features: torch.Tensor | None = None      # (N, S, C), S = r*r sub-patches, s = r * ix + iy (HiFusion)
+    sub_valid: torch.Tensor | None = None         # (N, S) bool: which sub-positions exist (absent = all)
+    sub_counts: torch.Tensor | None = None        # (N, S, G) truth at the sub scale (evaluation only)
+    sub_extent_um: float = float("nan")           # side of the square the r x r sub-patches tile
 
     @property
     def n_spots(self) -> int:
@@ -82,7 +86,7 @@ def fail(path, key, expected, found):
 
 STR = h5py.string_dtype("utf-8")
 ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size", "expected",
-              "pseudo_features", "pseudo_coords")
+              "pseudo_features", "pseudo_coords", "sub_features", "sub_valid", "sub_counts")
 STRING_KEYS = ("barcodes", "genes")
 
 
@@ -114,7 +118,7 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str):
         bad = ~np.isfinite(x.astype(np.float32))  # also catches values outside the float32 range
     if bad.any():
         fail(path, key, "finite float32 values", _first_bad(bad))
-    if key in ("counts", "library_size", "expected") and (x < 0).any():
+    if key in ("counts", "library_size", "expected", "sub_counts") and (x < 0).any():
         fail(path, key, "values >= 0", f"negative values: {_first_bad(x < 0)}")
 
 
@@ -140,6 +144,39 @@ def _validate(path, a: dict):
         fail(path, "pseudo_coords", "pseudo_features and pseudo_coords together", "only one of them")
     if "pseudo_coords" in a:
         _check(path, a, "pseudo_coords", (len(a["pseudo_features"]), 2), "float")
+    _validate_sub(path, a, n, c, g)
+
+
+def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
+    """The optional sub-spot keys: sub_features (N, S, C) with S = 4 or 16, sub_valid (N, S) bool with at
+    least one true per spot, sub_counts (N, S, G); the attribute sub_extent_um > 0 beside them."""
+    if "sub_features" not in a:
+        for key in ("sub_valid", "sub_counts"):
+            if key in a:
+                fail(path, "sub_features", f"a dataset beside '{key}'", "no such key")
+        return
+    x = a["sub_features"]
+    if x.ndim != 3 or x.shape[1] not in (4, 16) or x.shape[0] != n or x.shape[2] != c:
+        fail(path, "sub_features", f"shape ({n}, 4 or 16, {c}): the features of 2 x 2 or 4 x 4 sub-patches of "
+             "each spot, as many features as 'features'", f"shape {tuple(x.shape)}")
+    S = x.shape[1]
+    _check(path, a, "sub_features", (n, S, c), "float")
+    if "sub_valid" in a:
+        v = a["sub_valid"]
+        if v.dtype != np.bool_ or v.shape != (n, S):
+            fail(path, "sub_valid", f"bool shape ({n}, {S})", f"{v.dtype} shape {tuple(v.shape)}")
+        empty = ~v.any(1)
+        if empty.any():
+            fail(path, "sub_valid", "at least one valid sub-position per spot",
+                 f"{int(empty.sum())} spots with none, first spot {int(np.argmax(empty))}")
+    if "sub_counts" in a:
+        if g is None:
+            fail(path, "genes", "a gene list beside 'sub_counts'", "no such key")
+        _check(path, a, "sub_counts", (n, S, g), "number")
+    extent = a.get("attrs/sub_extent_um", float("nan"))
+    if not extent > 0 or not math.isfinite(extent):
+        fail(path, "attrs/sub_extent_um", "the side in micrometres of the square the sub-patches tile (> 0)",
+             extent)
 
 
 def _np(x):
@@ -155,7 +192,10 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
     for k in STRING_KEYS:
         if k in a:
             a[k] = a[k].astype(str)
+    if "sub_features" in a:
+        a["attrs/sub_extent_um"] = float(slide.sub_extent_um)
     _validate(path, a)  # never write a file that read_slide would reject
+    extent = a.pop("attrs/sub_extent_um", None)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for k, x in a.items():
             if k in STRING_KEYS:
@@ -163,11 +203,18 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
             elif k in ("counts", "expected"):  # (N, G) can be large: chunked, compressed
                 f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 1024), min(x.shape[1], 256)),
                                  compression="gzip", compression_opts=4, shuffle=True)
+            elif k == "sub_counts":
+                f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 256), x.shape[1],
+                                 min(x.shape[2], 256)), compression="gzip", compression_opts=4, shuffle=True)
+            elif k == "sub_valid":
+                f.create_dataset(k, data=x)
             else:
                 f.create_dataset(k, data=x if x.dtype == np.float16 else x.astype(np.float32))
         f.attrs.update(slide_id=slide.slide_id, patient=slide.patient or slide.slide_id,
                        spot_pitch_um=float(slide.spot_pitch_um), encoder=slide.encoder,
                        format_version=FORMAT_VERSION)
+        if extent is not None:
+            f.attrs["sub_extent_um"] = extent
     return path
 
 
@@ -198,16 +245,22 @@ def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) ->
                     fail(path, k, "a dataset", "a group")
                 a[k] = h5_strings(f[k]) if h5py.check_string_dtype(f[k].dtype) or f[k].dtype.kind == "S" else f[k][()]
         meta = _attrs(path, f)
+        if "sub_extent_um" in f.attrs:
+            a["attrs/sub_extent_um"] = float(f.attrs["sub_extent_um"])
     _validate(path, a)
-    half = lambda k: k in ("features", "pseudo_features") and a[k].dtype == np.float16  # noqa: E731
+    extent = a.pop("attrs/sub_extent_um", float("nan"))
+    half = lambda k: k in ("features", "pseudo_features", "sub_features") and a[k].dtype == np.float16  # noqa: E731
     t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float16 if half(k) else np.float32))
-         for k in a if k not in STRING_KEYS}
-    slide = Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None, **t)
+         for k in a if k not in STRING_KEYS + ("sub_valid",)}
+    if "sub_valid" in a:
+        t["sub_valid"] = torch.from_numpy(a["sub_valid"])
+    slide = Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None,
+                  sub_extent_um=extent, **t)
     return slide if genes is None else take_genes(slide, genes, zero_fill, path)
 
 
 def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=None) -> Slide:
-    """The slide with its count columns (and `expected`) for `genes`, in that order; a gene the slide lacks
+    """The slide with its count columns (and `expected`, `sub_counts`) for `genes`, in that order; a gene the slide lacks
     is an error naming `path` unless zero_fill=True (then its column is 0). A slide without counts is
     returned as it is."""
     if slide.counts is None:
@@ -219,8 +272,9 @@ def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=Non
               f"{len(missing)} missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
               " (zero_fill=True fills them with zeros)")
     cols = torch.tensor([index.get(g, -1) for g in genes], dtype=torch.long)
-    pick = lambda x: None if x is None else torch.where(cols >= 0, x[:, cols.clamp(min=0)], 0.0)  # noqa: E731
-    return dataclasses.replace(slide, genes=list(genes), counts=pick(slide.counts), expected=pick(slide.expected))
+    pick = lambda x: None if x is None else torch.where(cols >= 0, x[..., cols.clamp(min=0)], 0.0)  # noqa: E731
+    return dataclasses.replace(slide, genes=list(genes), counts=pick(slide.counts), expected=pick(slide.expected),
+                               sub_counts=pick(slide.sub_counts))
 
 
 @dataclass

@@ -164,6 +164,62 @@ def test_malformed_cache_is_rejected_with_a_clear_message(tmp_path, change, key,
     assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
 
 
+def sub_arrays(n=6, g=3, S=4):
+    a = raw_arrays(n, g)
+    r = np.random.default_rng(2)
+    a["sub_features"] = r.standard_normal((n, S, 4)).astype(np.float32)
+    a["sub_valid"] = r.random((n, S)) < 0.7
+    a["sub_valid"][:, 1] = True
+    a["sub_counts"] = r.poisson(1.0, (n, S, g)).astype(np.float32)
+    return a
+
+
+SUB_ATTRS = {"slide_id": "s1", "patient": "p1", "format_version": 1, "sub_extent_um": 55.0}
+BAD_SUB = [  # sub-spot keys (HiFusion / binned data): change, key, expected, found
+    (_set("sub_features", lambda a: a["sub_features"][:, :3]), "sub_features", "shape (6, 4 or 16, 4)", "shape (6, 3, 4)"),
+    (_set("sub_features", lambda a: np.zeros((6, 9, 4), np.float32)), "sub_features", "4 or 16", "shape (6, 9, 4)"),
+    (_set("sub_features", lambda a: a["sub_features"][..., :3]), "sub_features", "as many features", "shape (6, 4, 3)"),
+    (_set("sub_features", lambda a: a["sub_features"][:5]), "sub_features", "shape (6, 4 or 16, 4)", "shape (5, 4, 4)"),
+    (_poke("sub_features", (3, 2, 1), np.nan), "sub_features", "finite", "first at index (3, 2, 1)"),
+    (_poke("sub_valid", (4, slice(None)), False), "sub_valid", "at least one valid sub-position", "first spot 4"),
+    (_set("sub_valid", lambda a: a["sub_valid"].astype(np.uint8)), "sub_valid", "bool shape (6, 4)", "uint8"),
+    (_set("sub_counts", lambda a: a["sub_counts"][..., :2]), "sub_counts", "shape (6, 4, 3)", "shape (6, 4, 2)"),
+    (_poke("sub_counts", (0, 0, 0), -1.0), "sub_counts", "values >= 0", "negative"),
+    (_drop("sub_features"), "sub_features", "a dataset beside", "no such key"),
+]
+
+
+@pytest.mark.parametrize("change,key,expected,found", BAD_SUB, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_SUB)])
+def test_malformed_sub_spot_keys_are_rejected_with_a_clear_message(tmp_path, change, key, expected, found):
+    a = sub_arrays()
+    change(a)
+    path = tmp_path / "bad.h5"
+    write_raw(path, a, SUB_ATTRS)
+    with pytest.raises(CacheError) as e:
+        data.read_slide(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
+
+
+def test_sub_spot_keys_round_trip_and_follow_gene_selection(tmp_path):
+    a = sub_arrays(S=16)
+    a["sub_valid"] = np.ones((6, 16), bool)
+    write_raw(tmp_path / "ok.h5", a, SUB_ATTRS)
+    s = data.read_slide(tmp_path / "ok.h5")
+    assert s.sub_valid.dtype == torch.bool and s.sub_extent_um == 55.0
+    assert torch.equal(s.sub_features, torch.from_numpy(a["sub_features"]))
+    data.write_slide(tmp_path / "again.h5", s)
+    r = data.read_slide(tmp_path / "again.h5", genes=["g2", "g0"])
+    assert torch.equal(r.sub_counts, torch.from_numpy(a["sub_counts"][..., [2, 0]]))
+    assert torch.equal(r.sub_valid, s.sub_valid) and r.sub_extent_um == 55.0
+    write_raw(tmp_path / "noext.h5", a)                      # sub-patches without their extent
+    with pytest.raises(CacheError, match=r"noext\.h5: key 'attrs/sub_extent_um'"):
+        data.read_slide(tmp_path / "noext.h5")
+    half = dict(a, sub_features=a["sub_features"].astype(np.float16), features=a["features"].astype(np.float16))
+    write_raw(tmp_path / "half.h5", half, SUB_ATTRS)
+    assert data.read_slide(tmp_path / "half.h5").sub_features.dtype == torch.float16
+
+
 def test_unreadable_files_are_rejected_with_a_clear_message(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(CacheError, match=r"text\.h5: expected a readable HDF5"):
