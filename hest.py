@@ -2,6 +2,7 @@
 
     python hest.py embed --patches DIR --out DIR [--encoder module:callable]
     python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
+    python hest.py bin --slides DIR --factor 2|4 --out DIR
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, not_an_input, open_h5, read_gene_list,
-                  read_metadata, write_slide)
+import lattice
+from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, not_an_input, open_h5,
+                  read_gene_list, read_metadata, read_slide, write_slide)
 
 
 # ----------------------------------------------------------------------------- h5ad reader (h5py only)
@@ -290,6 +292,63 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
 
 # ----------------------------------------------------------------------------- command line
 
+# ----------------------------------------------------------------------------- binning square grids
+
+def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
+    """A slide whose spots lie on a square grid (Visium HD bins, legacy ST) -> the slide at `factor` (2 or
+    4) times the pitch. The grid is the lattice with unit = the pitch (lattice.square_grid: gaps, jitter
+    and a rotated image are fine); a coarse spot is one lattice parent, lattice.coarsen applied
+    log2(factor) times. Counts, library_size and expected are summed over the children, features
+    averaged; the children become sub_features / sub_valid / sub_counts at sub-position
+    s = factor * ix + iy ((ix, iy) = the child's site modulo factor, ix along the grid axis nearest to x),
+    and sub_extent_um = factor * pitch. A coarse spot's centre is the centre of its block of the fitted
+    grid. The input's own sub-spot keys and pseudo-spots are not carried over."""
+    if factor not in (2, 4):
+        raise ValueError(f"bin --factor: expected 2 or 4 (sub_features hold 2 x 2 or 4 x 4 sub-patches), found {factor}")
+    try:
+        site, A, b = lattice.square_grid(slide.coords)
+    except ValueError as e:
+        raise CacheError(f"{path or slide.slide_id}: key 'coords': {e}") from None
+    parent_site, parent = site, None
+    for _ in range(factor.bit_length() - 1):                       # 2 -> once, 4 -> twice
+        parent_site, up, _ = lattice.coarsen(parent_site)
+        parent = up if parent is None else up[parent]
+    ix, iy = (site % factor).unbind(1)
+    m, S = len(parent_site), factor * factor
+    flat = parent * S + factor * ix + iy                           # (N,) row of (parent, s); unique
+    valid = torch.zeros(m * S, dtype=torch.bool)
+    valid[flat] = True
+
+    def place(x):                                                  # (N, ...) -> (M, S, ...), zeros elsewhere
+        return None if x is None else x.new_zeros(m * S, *x.shape[1:]).index_copy_(0, flat, x).view(m, S, *x.shape[1:])
+
+    def total(x):                                                  # (N, ...) -> (M, ...) summed over children
+        return None if x is None else x.new_zeros(m, *x.shape[1:]).index_add_(0, parent, x)
+
+    sub_features = place(slide.features)
+    features = sub_features.float().sum(1) / valid.view(m, S).sum(1, keepdim=True)
+    pitch = float(A.norm(dim=0).mean())
+    centre = (factor * parent_site.double() + (factor - 1) / 2) @ A.T + b
+    return Slide(slide.slide_id, features.to(slide.features.dtype), centre.float(),
+                 np.array([f"x{i}_y{j}" for i, j in parent_site.tolist()]), patient=slide.patient,
+                 spot_pitch_um=factor * pitch, encoder=slide.encoder, counts=total(slide.counts), genes=slide.genes,
+                 library_size=total(slide.library_size), expected=total(slide.expected), sub_features=sub_features,
+                 sub_valid=valid.view(m, S), sub_counts=place(slide.counts), sub_extent_um=factor * pitch)
+
+
+def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=print) -> list[Path]:
+    """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input folder)."""
+    not_an_input(out_dir, slides_dir)
+    written = []
+    for path in list_slides(slides_dir):
+        t0, slide = time.time(), read_slide(path)
+        coarse = bin_slide(slide, factor, path)
+        written.append(write_slide(Path(out_dir) / path.name, coarse, overwrite))
+        log(f"bin {slide.slide_id}: {slide.n_spots} spots at {coarse.spot_pitch_um / factor:.1f} um -> "
+            f"{coarse.n_spots} at {coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> {written[-1]}")
+    return written
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="hest.py", description="Build tessera slide caches from HEST-1k (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -307,11 +366,17 @@ def main(argv=None):
     p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning (B, C) float; "
                    "default: the built-in colour/texture statistics (a weak stand-in for a foundation model)")
     p.add_argument("--batch-size", type=int, default=128)
-    for name in ("import-hest", "embed"):
+    p = sub.add_parser("bin", help="caches on a square grid -> caches at factor x the pitch, children as sub-spots")
+    p.add_argument("--slides", required=True, help="folder of slide caches whose spots lie on a square grid")
+    p.add_argument("--factor", type=int, default=2, choices=[2, 4], help="bin side in grid pitches")
+    p.add_argument("--out", required=True, help="output folder (never the input folder)")
+    for name in ("import-hest", "embed", "bin"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
     if a.cmd == "import-hest":
         import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
+    elif a.cmd == "bin":
+        bin_slides(a.slides, a.factor, a.out, a.overwrite)
     else:
         embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
 

@@ -332,3 +332,109 @@ def test_import_and_embed_error_paths(tmp_path):
         with pytest.raises(ValueError, match="expected an output folder other than the inputs, found an input"):
             call()
 
+
+
+# ----------------------------------------------------------------------------- binning square grids
+
+def grid_slide(rng, side=24, pitch=8.0, degrees=0.0, jitter=0.03, gap=0.3, C=3, G=4):
+    """A slide on a square grid with gaps, jittered and rotated; returns it and the grid positions ij."""
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    ij = np.stack([i.ravel(), j.ravel()], 1)
+    ij = ij[rng.random(len(ij)) > gap]
+    t = math.radians(degrees)
+    R = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    xy = ij * pitch @ R.T + [500.0, 300.0] + rng.normal(0, jitter * pitch, ij.shape)
+    n = len(ij)
+    counts = rng.poisson(2.0, (n, G)).astype(np.float32)
+    slide = data.Slide("g1", torch.tensor(rng.normal(size=(n, C)), dtype=torch.float32),
+                       torch.tensor(xy, dtype=torch.float32), np.array([f"b{k}" for k in range(n)]), patient="p",
+                       spot_pitch_um=pitch, counts=torch.from_numpy(counts), genes=[f"g{k}" for k in range(G)],
+                       library_size=torch.from_numpy(counts.sum(1) + 3), expected=torch.from_numpy(counts + 0.25))
+    return slide, ij, R
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("degrees, jitter", [(0.0, 0.0), (0.0, 0.04), (8.0, 0.03)])
+def test_bin_equals_a_loop_over_blocks(factor, degrees, jitter):
+    rng = np.random.default_rng(factor + int(degrees))
+    pitch = 8.0
+    slide, ij, R = grid_slide(rng, pitch=pitch, degrees=degrees, jitter=jitter)
+    out = hest.bin_slide(slide, factor)
+    ij = ij - ij.min(0)
+    blocks = {}                                                    # (bi, bj) -> [(spot, ix, iy)]
+    for k, (i, j) in enumerate(ij.tolist()):
+        blocks.setdefault((i // factor, j // factor), []).append((k, i % factor, j % factor))
+    assert out.barcodes.tolist() == [f"x{i}_y{j}" for i, j in sorted(blocks)]  # row-major lattice parents
+    assert out.sub_features.shape == (len(blocks), factor * factor, 3)
+    assert out.spot_pitch_um == pytest.approx(factor * pitch, rel=0.01)
+    assert out.sub_extent_um == out.spot_pitch_um
+    origin = slide.coords.double().numpy() - ij * pitch @ R.T       # per spot: origin + jitter
+    origin = origin.mean(0)
+    for row, key in enumerate(sorted(blocks)):
+        members = blocks[key]
+        spots = [k for k, _, _ in members]
+        assert torch.equal(out.counts[row], slide.counts[spots].sum(0))
+        assert torch.allclose(out.library_size[row], slide.library_size[spots].sum(0))
+        assert torch.allclose(out.expected[row], slide.expected[spots].sum(0))
+        assert torch.allclose(out.features[row], slide.features[spots].mean(0), atol=1e-6)
+        want_valid = torch.zeros(factor * factor, dtype=torch.bool)
+        for k, ix, iy in members:
+            s = factor * ix + iy
+            want_valid[s] = True
+            assert torch.equal(out.sub_features[row, s], slide.features[k])
+            assert torch.equal(out.sub_counts[row, s], slide.counts[k])
+        assert torch.equal(out.sub_valid[row], want_valid)
+        assert out.sub_features[row, ~want_valid].abs().sum() == 0 and out.sub_counts[row, ~want_valid].sum() == 0
+        centre = origin + (np.array(key) * factor + (factor - 1) / 2) * pitch @ R.T
+        np.testing.assert_allclose(out.coords[row].double().numpy(), centre, atol=0.1 * pitch)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bin_composes_and_round_trips(tmp_path):
+    slide, _, _ = grid_slide(np.random.default_rng(5), side=32, jitter=0.02)
+    four = hest.bin_slide(slide, 4)
+    twice = hest.bin_slide(hest.bin_slide(slide, 2), 2)              # 8 um -> 16 um -> 32 um
+    assert twice.barcodes.tolist() == four.barcodes.tolist()
+    assert torch.equal(twice.counts, four.counts) and torch.allclose(twice.coords, four.coords, atol=0.5)
+    data.write_slide(tmp_path / "g1.h5", slide)
+    hest.main(["bin", "--slides", str(tmp_path), "--factor", "2", "--out", str(tmp_path / "b")])
+    r = data.read_slide(tmp_path / "b" / "g1.h5")
+    assert r.sub_valid.sum() == slide.n_spots and r.counts.sum() == slide.counts.sum()
+    with pytest.raises(ValueError, match="output folder other than the inputs"):
+        hest.bin_slides(tmp_path, 2, tmp_path)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bin_refuses_a_layout_that_is_not_a_square_grid(tmp_path):
+    i, j = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
+    xy = np.stack([j.ravel() * 100 + (i.ravel() % 2) * 50, i.ravel() * 100 * math.sqrt(3) / 2], 1)  # Visium
+    n = len(xy)
+    slide = data.Slide("hex", torch.zeros(n, 2), torch.tensor(xy, dtype=torch.float32),
+                       np.array([f"b{k}" for k in range(n)]))
+    data.write_slide(tmp_path / "hex.h5", slide)
+    with pytest.raises(CacheError, match=r"hex\.h5: key 'coords': .*do not lie on a square grid"):
+        hest.bin_slides(tmp_path, 2, tmp_path / "out")
+    with pytest.raises(ValueError, match="expected 2 or 4"):
+        hest.bin_slide(slide, 3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
+    """All 36 her2st sections (legacy ST, 200 um grid with real registration jitter) by 2, every sixth by 4 too."""
+    meta = data.read_metadata(shared_data / "her2st" / "metadata.csv")
+    for number, path in enumerate(sorted((shared_data / "her2st" / "st").glob("*.h5ad"))):
+        h = hest.read_h5ad(path)
+        keep = np.argsort(-h.counts.sum(0))[:50]                     # 50 genes: every count of them
+        n = len(h.barcodes)
+        slide = data.Slide(path.stem, torch.zeros(n, 1), torch.tensor(h.xy * float(meta[path.stem]["pixel_size_um_estimated"])),
+                           h.barcodes, counts=torch.from_numpy(h.counts[:, keep]), genes=[h.genes[k] for k in keep],
+                           library_size=torch.from_numpy(h.library_size).float())
+        for factor in (2, 4) if number % 6 == 0 else (2,):
+            out = hest.bin_slide(slide, factor)
+            assert int(out.sub_valid.sum()) == n, path.stem               # every spot is one child
+            assert torch.equal(out.counts.sum(0), slide.counts.sum(0)), path.stem
+            assert float(out.library_size.sum()) == pytest.approx(float(slide.library_size.sum()), rel=1e-6)
+            got = out.sub_counts[out.sub_valid]                          # (N, G): the spots, in block order
+            assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, slide.counts.tolist())), path.stem
+            assert out.spot_pitch_um == pytest.approx(200.0 * factor, rel=0.02)
