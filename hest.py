@@ -1,6 +1,6 @@
 """HEST-1k to slide caches: an h5ad reader (h5py only), the placeholder patch encoder and the import.
 
-    python hest.py embed --patches DIR --out DIR [--encoder module:callable]
+    python hest.py embed --patches DIR --out DIR [--encoder module:callable] [--sub 2|4]
     python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
     python hest.py bin --slides DIR --factor 2|4 --out DIR
 """
@@ -172,13 +172,23 @@ def load_encoder(spec: str | None):
     return getattr(importlib.import_module(module), name)
 
 
+def sub_patches(images: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, W, 3) -> (B, r*r, H/r, W/r, 3): sub-patch s = r * ix + iy is the block
+    images[:, iy*H/r:(iy+1)*H/r, ix*W/r:(ix+1)*W/r] (ix along x = columns, iy along y = rows)."""
+    B, H, W, c = images.shape
+    x = images.view(B, r, H // r, r, W // r, c)                   # (B, iy, h, ix, w, 3)
+    return x.permute(0, 3, 1, 2, 4, 5).reshape(B, r * r, H // r, W // r, c)
+
+
 def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
-                  overwrite: bool = False, log=print) -> list[Path]:
+                  overwrite: bool = False, log=print, sub: int = 0) -> list[Path]:
     """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
     HEST-Benchmark embedding file <id>.h5 per slide (`embeddings`, `coords` copied, `barcodes`).
     `encoder` is 'module:callable' for your own encoder: it is called on uint8 tensors (B, H, W, 3) and
     returns (B, C) floats (e.g. a foundation model wrapped with its own resizing and normalisation);
-    None uses the built-in patch_statistics."""
+    None uses the built-in patch_statistics. `sub` = 2 or 4 also embeds the r x r sub-patches of every
+    patch with the same encoder (HiFusion's intra-spot hierarchy): `sub_embeddings` (N, r*r, C) in
+    sub_patches order, and the attribute `patch_size_px` (W) from which import-hest derives sub_extent_um."""
     not_an_input(out_dir, patches_dir)
     fn, written = load_encoder(encoder), []
     for path in sorted(Path(patches_dir).glob("*.h5")):
@@ -192,13 +202,23 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
             img = f["img"]
             if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
                 fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
+            if sub and (img.shape[1] % sub or img.shape[2] % sub):
+                fail(path, "img", f"patches whose height and width divide by --sub {sub}", f"shape {img.shape}")
             emb = torch.cat([torch.as_tensor(fn(torch.from_numpy(img[i:i + batch_size]))).float()
                              for i in range(0, img.shape[0], batch_size)]).numpy()
+            if sub:
+                step = max(1, batch_size // (sub * sub))
+                sub_emb = torch.cat([torch.as_tensor(fn(sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1)))
+                                     .float().view(-1, sub * sub, emb.shape[1])
+                                     for i in range(0, img.shape[0], step)]).numpy()
             coords, barcodes = f["coords"][()], h5_strings(f["barcode"]).reshape(-1)
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as g:
             g["embeddings"], g["coords"] = emb, coords
             g.create_dataset("barcodes", data=barcodes.astype(object), dtype=STR)
             g.attrs["encoder"] = encoder or "tessera-patch-statistics"
+            g.attrs["patch_size_px"] = img.shape[2]
+            if sub:
+                g["sub_embeddings"] = sub_emb
         log(f"embed {path.stem}: {len(emb)} patches -> {emb.shape[1]} features in {time.time() - t0:.1f} s")
         written.append(out)
     if not written:
@@ -208,8 +228,9 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
 
 # ----------------------------------------------------------------------------- HEST import
 
-def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str]:
-    """A HEST-Benchmark embedding file: `embeddings` (N, C), `barcodes` (N,) or (N, 1); -> (emb, barcodes, encoder)."""
+def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
+    """A HEST-Benchmark embedding file: `embeddings` (N, C), `barcodes` (N,) or (N, 1), optional
+    `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub, patch_size_px)."""
     with open_h5(path) as f:
         for key in ("embeddings", "barcodes"):
             if key not in f and not (key == "barcodes" and "barcode" in f):
@@ -217,11 +238,15 @@ def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str]:
         emb = f["embeddings"][()]
         barcodes = h5_strings(f["barcodes" if "barcodes" in f else "barcode"]).reshape(-1)
         encoder = _attr(f, "encoder", Path(path).parent.name)
+        sub = f["sub_embeddings"][()] if "sub_embeddings" in f else None
+        patch_px = float(f.attrs.get("patch_size_px", float("nan")))
+    if sub is not None and (sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]):
+        fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'", f"shape {sub.shape}")
     if emb.ndim != 2 or len(emb) != len(barcodes):
         fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
     if len(set(barcodes)) < len(barcodes):
         fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
-    return emb, barcodes, encoder
+    return emb, barcodes, encoder, sub, patch_px
 
 
 def _h5ad_gene_totals(path) -> dict[str, float]:
@@ -239,7 +264,8 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     and become micrometres with the metadata's pixel_size_um_estimated; patient from its `patient`
     column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
     list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
-    always the total over all genes."""
+    always the total over all genes. `sub_embeddings` (embed --sub) become sub_features, with
+    sub_extent_um = patch_size_px x the pixel size."""
     not_an_input(out_dir, st_dir, features_dir)
     table = read_metadata(meta) if meta else {}
     pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
@@ -259,7 +285,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     written = []
     for p, st in pairs:
         sid, row = p.stem, table.get(p.stem, {})
-        emb, feature_barcodes, encoder = _read_embeddings(p)
+        emb, feature_barcodes, encoder, sub_emb, patch_px = _read_embeddings(p)
         with open_h5(st) as f:
             have = set(_h5ad_frame(f, "var")[0])
         h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have])
@@ -284,13 +310,14 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
                       spot_pitch_um=float(row.get("inter_spot_dist") or "nan"), encoder=encoder,
                       counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
                       library_size=torch.from_numpy(h.library_size[matched]).float())
+        if sub_emb is not None:
+            if not patch_px > 0:
+                fail(p, "attrs/patch_size_px", "the patch width in pixels beside 'sub_embeddings'", patch_px)
+            slide.sub_features, slide.sub_extent_um = torch.from_numpy(sub_emb[rows]).float(), patch_px * px
         written.append(write_slide(Path(out_dir) / f"{sid}.h5", slide, overwrite))
         log(f"{line}; patient {slide.patient}{'' if row or not meta else ' (not in --meta)'} -> {written[-1]}")
     return written
 
-
-
-# ----------------------------------------------------------------------------- command line
 
 # ----------------------------------------------------------------------------- binning square grids
 
@@ -349,6 +376,8 @@ def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=pr
     return written
 
 
+# ----------------------------------------------------------------------------- command line
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="hest.py", description="Build tessera slide caches from HEST-1k (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -366,6 +395,8 @@ def main(argv=None):
     p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning (B, C) float; "
                    "default: the built-in colour/texture statistics (a weak stand-in for a foundation model)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--sub", type=int, default=0, choices=[0, 2, 4],
+                   help="also embed the 2 x 2 or 4 x 4 sub-patches of every patch (sub_embeddings)")
     p = sub.add_parser("bin", help="caches on a square grid -> caches at factor x the pitch, children as sub-spots")
     p.add_argument("--slides", required=True, help="folder of slide caches whose spots lie on a square grid")
     p.add_argument("--factor", type=int, default=2, choices=[2, 4], help="bin side in grid pitches")
@@ -378,7 +409,7 @@ def main(argv=None):
     elif a.cmd == "bin":
         bin_slides(a.slides, a.factor, a.out, a.overwrite)
     else:
-        embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
+        embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite, sub=a.sub)
 
 
 if __name__ == "__main__":

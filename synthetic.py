@@ -1,6 +1,7 @@
 """The synthetic demo dataset: slide caches whose expression depends on the spot and its neighbourhood.
 
     python synthetic.py --out DIR [--slides 12 --seed 0 --layout visium|square|hd --spots 1500 --pseudo]
+    python synthetic.py --out DIR --layout square --sub 2    # sub-spot truth for super-resolution
 """
 from __future__ import annotations
 
@@ -74,11 +75,21 @@ def _visible(z, rng):
 
 def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium", n_spots: int = 1500,
                    n_genes: int = 300, n_features: int = 64, pseudo: bool = False, overwrite: bool = False,
-                   log=print) -> list[Path]:
+                   log=print, sub: int = 0) -> list[Path]:
     """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
-    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i)."""
+    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i).
+    `sub` = 2 or 4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the
+    programs' length scales in those units), then binned into spots of the layout's pitch (hest.bin_slide):
+    each sub-patch's features show its own sub-spot, and sub_counts hold the sub-spot truth."""
     t0, out = time.time(), Path(out)
     pitch, hexagonal = LAYOUTS[layout]
+    if sub:
+        if hexagonal or pseudo or sub not in (2, 4):
+            raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout (square, hd) and no "
+                             f"--pseudo (sub-spots are a square grid binned into spots), found layout {layout}"
+                             f"{' with --pseudo' if pseudo else ''}")
+        from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
+        pitch, n_spots = pitch / sub, n_spots * sub * sub
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
     rng = np.random.default_rng(seed)
     P, S = len(PROGRAMS), len(FIELDS)
@@ -160,6 +171,9 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
             pz = fields(pxy)[:, :S] + patient_offset[pat]
             slide.pseudo_features = torch.tensor(embed(_visible(pz, srng)), dtype=torch.float32)
             slide.pseudo_coords = torch.tensor(pxy * pitch + offset, dtype=torch.float32)
+        if sub:
+            slide = bin_slide(slide, sub)
+            n = slide.n_spots
         paths.append(write_slide(out / f"{slide.slide_id}.h5", slide, overwrite))
         rows.append(f"{slide.slide_id},{slide.patient},{layout},{n}")
         total += n
@@ -187,9 +201,12 @@ def main(argv=None):
     ap.add_argument("--genes", type=int, default=300)
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--pseudo", action="store_true", help="also write off-grid pseudo-spots (FEAST)")
+    ap.add_argument("--sub", type=int, default=0, choices=[0, 2, 4],
+                    help="simulate 2 x 2 or 4 x 4 sub-spots per spot (sub_features, sub_counts); square layouts")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
-    make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite)
+    make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite,
+                   sub=a.sub)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,41 @@ def test_embed_custom_encoder_and_errors(tmp_path, monkeypatch):
         hest.embed_patches(patches, tmp_path / "emb2", log=lines.append)
 
 
+@pytest.mark.parametrize("r", [2, 4])
+def test_embed_sub_patches_are_the_image_blocks_and_import_carries_them(tmp_path, monkeypatch, r):
+    patches, emb_dir = tmp_path / "patches", tmp_path / "emb"
+    patches.mkdir()
+    img = np.random.default_rng(r).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    with h5py.File(patches / "s1.h5", "w") as f:
+        f["img"], f["coords"] = img, np.arange(10).reshape(5, 2) * 50.0
+        f["barcode"] = np.array([[f"b{i}".encode()] for i in range(5)])
+    (tmp_path / "enc.py").write_text("import torch\ndef stats(x):\n    x = x.float()\n"
+                                     "    return torch.cat([x.mean((1, 2)), x[:, 0, 0], x[:, -1, -1]], 1)\n")
+    monkeypatch.chdir(tmp_path)
+    hest.main(["embed", "--patches", str(patches), "--out", str(emb_dir), "--encoder", "enc:stats",
+               "--sub", str(r), "--batch-size", "3"])
+    with h5py.File(emb_dir / "s1.h5") as f:
+        sub, size = f["sub_embeddings"][()], f.attrs["patch_size_px"]
+    assert sub.shape == (5, r * r, 9) and size == 16
+    h = 16 // r
+    for n in range(5):
+        for s in range(r * r):
+            ix, iy = s // r, s % r
+            block = img[n, iy * h:(iy + 1) * h, ix * h:(ix + 1) * h].astype(np.float32)  # rows = y, columns = x
+            want = np.concatenate([block.mean((0, 1)), block[0, 0], block[-1, -1]])
+            np.testing.assert_allclose(sub[n, s], want, rtol=1e-6)
+    st = tmp_path / "st"
+    st.mkdir()
+    write_h5ad(st / "s1.h5ad", np.ones((5, 2)), [f"b{i}" for i in range(5)], ["A", "B"], "current",
+               np.arange(10).reshape(5, 2) * 50.0, ["t"] * 5)
+    (tmp_path / "meta.csv").write_text("id,patient,pixel_size_um_estimated,inter_spot_dist\ns1,P,0.5,100\n")
+    (path,) = hest.import_hest(st, emb_dir, tmp_path / "caches", tmp_path / "meta.csv", log=lambda s: None)
+    slide = data.read_slide(path)
+    assert torch.equal(slide.sub_features, torch.from_numpy(sub)) and slide.sub_extent_um == 8.0  # 16 px x 0.5 um
+    with pytest.raises(CacheError, match=r"key 'img': expected patches whose height and width divide by --sub 3"):
+        hest.embed_patches(patches, tmp_path / "e3", sub=3, log=lambda s: None)
+
+
 # ----------------------------------------------------------------------------- HEST import
 
 def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import lattice
 import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,33 @@ def test_synthetic_is_deterministic_and_has_layouts(tmp_path):
         assert ((d < 1.05 * pitch).sum(1) == 4).float().mean() > 0.6    # square lattice
         gap = torch.cdist(s.pseudo_coords, s.coords).min(1).values / pitch
         assert ((gap > 0.6) & (gap < 0.8)).all()                # square centres: pitch / sqrt(2) away
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_synthetic_sub_spots_are_a_fine_grid_binned(tmp_path):
+    """--sub 2: sub-spot truth whose sum is the spot, sub-patch features that see their own sub-spot."""
+    kw = dict(n_slides=2, n_spots=300, n_genes=40, n_features=16, log=lambda s: None, layout="square")
+    paths = synthetic.make_synthetic(tmp_path / "a", seed=2, sub=2, **kw)
+    again = synthetic.make_synthetic(tmp_path / "b", seed=2, sub=2, **kw)
+    for p, q in zip(paths, again):
+        s, t = data.read_slide(p), data.read_slide(q)
+        assert torch.equal(s.sub_features, t.sub_features) and torch.equal(s.sub_counts, t.sub_counts)
+        assert s.sub_features.shape == (s.n_spots, 4, 16) and s.sub_extent_um == pytest.approx(200.0, rel=0.01)
+        assert torch.equal(s.sub_counts.sum(1), s.counts) and s.sub_valid.float().mean() > 0.8
+        assert s.spot_pitch_um == pytest.approx(200.0, rel=0.01)
+        sub = lattice.sub_coords(s.coords, 2, s.sub_extent_um)          # sub-spots 100 um apart
+        d = torch.cdist(sub[s.sub_valid], sub[s.sub_valid]) + torch.eye(int(s.sub_valid.sum())) * 1e9
+        assert abs(d.min(1).values.median() / 100.0 - 1) < 0.05
+        # each sub-patch's features track its own sub-spot's counts better than a sibling's do
+        x, y = s.sub_features.double(), torch.log1p(s.sub_counts).double()
+        both = s.sub_valid.all(1)
+        proj = torch.linalg.lstsq(x[both].reshape(-1, 16), y[both].reshape(-1, 40)).solution
+        fit = (x[both] @ proj)                                           # (n, 4, G)
+        mine = np.mean([np.corrcoef(fit[:, 0, g], y[both, 0, g])[0, 1] for g in range(40)])
+        sibling = np.mean([np.corrcoef(fit[:, 3, g], y[both, 0, g])[0, 1] for g in range(40)])
+        assert mine > sibling + 0.02, (mine, sibling)
+    with pytest.raises(ValueError, match="--sub 2 or 4 with a square layout"):
+        synthetic.make_synthetic(tmp_path / "c", sub=2, **dict(kw, layout="visium"))
 
 
 # ----------------------------------------------------------------------------- command line
