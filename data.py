@@ -475,6 +475,40 @@ def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator
 
 
 
+def sub_inputs(slide: Slide, sub_levels: int) -> dict:
+    """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error naming the
+    slide and the config key when the cache does not have the r x r sub-patches it needs."""
+    if not sub_levels:
+        return {}
+    r = 2 ** sub_levels
+    found = "none" if slide.sub_features is None else f"{slide.sub_features.shape[1]} per spot"
+    if slide.sub_features is None or slide.sub_features.shape[1] != r * r:
+        raise ValueError(f"{slide.slide_id}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
+                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
+                         f"synthetic.py --sub {r}); found {found}")
+    valid = slide.sub_valid if slide.sub_valid is not None else torch.ones(slide.sub_features.shape[:2], dtype=torch.bool)
+    return {"sub_features": slide.sub_features, "sub_valid": valid}
+
+
+def sub_permutation(old_xy, new_xy, r) -> torch.Tensor:
+    """(S,) index: after an augmentation moved the spots from old_xy to new_xy, sub-position s of the
+    moved spot holds the old sub-patch index[s]. The transform's linear part (exact least squares, the
+    augmentation is affine) is snapped to the nearest of the 8 symmetries of the square (mirror, quarter
+    turns), which permutes the r x r sub-positions; the remaining small rotation and shear move whole spots only."""
+    a, b = old_xy.double() - old_xy.double().mean(0), new_xy.double() - new_xy.double().mean(0)
+    A = torch.linalg.lstsq(a, b).solution.T if len(a) > 2 else torch.eye(2, dtype=torch.float64)  # b = a @ A.T
+    turns = [torch.tensor(m, dtype=torch.float64) for m in ([[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]],
+                                                            [[0, 1], [-1, 0]])]
+    D = max(turns + [t @ torch.diag(torch.tensor([-1.0, 1.0], dtype=torch.float64)) for t in turns],
+            key=lambda m: float((m * A).sum()))
+    s = torch.arange(r * r)
+    ixy = torch.stack([s // r, s % r], 1).double() - (r - 1) / 2    # (S, 2) sub-positions (ix, iy), centred
+    moved = torch.round(ixy @ D.T + (r - 1) / 2).long()              # where each old sub-position goes
+    index = torch.empty(r * r, dtype=torch.long)
+    index[r * moved[:, 0] + moved[:, 1]] = torch.arange(r * r)
+    return index
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):

@@ -306,13 +306,30 @@ def format_table(results_list: list[dict]) -> str:
 def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32) -> torch.Tensor:
     """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
     The model runs its low-memory inference path (eval, no grad)."""
+    return predict_outputs(model, slide, use_pseudo, device, dtype)["pred"]
+
+
+@torch.no_grad()
+def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32) -> dict:
+    """The model's whole output for one Slide, on the CPU: "pred" (N, G) and, with model.out_levels, the
+    other levels ("levels", "parents", "sub_index"; see `level_outputs`)."""
     model.eval()
     pseudo = use_pseudo and slide.pseudo_features is not None
     args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
             slide.pseudo_coords if pseudo else None]
     args = [None if a is None else a.to(device) for a in args]
+    sub = {k: v.to(device) for k, v in data.sub_inputs(slide, getattr(model.cfg, "sub_levels", 0)).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        return model(*args, out_dtype=dtype)["pred"].cpu()
+        out = model(*args, out_dtype=dtype, **sub)
+    return _to_cpu(out)
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def load_fold_models(run_dir, device="cpu") -> list[tuple[torch.nn.Module, list[str]]]:
@@ -354,11 +371,17 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
                               "or pass --overwrite")
     for path, out in zip(paths, outs):
         slide = data.read_slide(path)
-        pred = 0
+        mean = {}                                          # every level's prediction, averaged over folds
         for model, gs in models:
             col = torch.tensor([gs.index(g) for g in genes])
-            pred = pred + predict_slide(model, slide, cfg["data"]["pseudo"], device)[:, col] / len(models)
-        write_predictions(out, pred, genes, slide.barcodes, slide.coords, slide_id=slide.slide_id)
+            o = predict_outputs(model, slide, cfg["data"]["pseudo"], device)
+            mean["pred"] = mean.get("pred", 0) + o["pred"][:, col] / len(models)
+            if "levels" in o:                              # the same geometry, so the same rows in every fold
+                mean.update({k: o[k] for k in ("parents", "sub_index")})
+                mean["levels"] = {k: mean.get("levels", {}).get(k, 0) + v[:, col] / len(models)
+                                  for k, v in o["levels"].items()}
+        write_predictions(out, mean["pred"], genes, slide.barcodes, slide.coords, slide_id=slide.slide_id,
+                          levels=level_outputs(mean, slide, cfg["data"]["normalize"]))
         print(f"{out}: {slide.n_spots} spots x {len(genes)} genes ({len(models)} fold model(s))")
     return outs
 

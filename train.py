@@ -272,6 +272,7 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
         b["target"] = data.log_targets(counts, lib, normalize=cfg["data"]["normalize"])
     if cfg["data"]["pseudo"] and slide.pseudo_features is not None:
         b["pseudo_features"], b["pseudo_coords"] = slide.pseudo_features, slide.pseudo_coords
+    b.update(data.sub_inputs(slide, cfg["model"].get("sub_levels", 0)))
     return b
 
 
@@ -289,9 +290,12 @@ def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict
     out = {k: v for k, v in b.items() if k not in ("pseudo_features", "pseudo_coords")}
     ks = keep[spots]
     out["coords"] = new[spots]
-    for key in ("features", "target", "counts", "library_size"):
+    for key in ("features", "target", "counts", "library_size", "sub_features", "sub_valid"):
         if key in b:
             out[key] = b[key][ks]
+    if "sub_features" in b and strength > 0:                 # sub-patches turn and mirror with their spot
+        index = data.sub_permutation(b["coords"][ks], out["coords"], math.isqrt(b["sub_features"].shape[1]))
+        out["sub_features"], out["sub_valid"] = out["sub_features"][:, index], out["sub_valid"][:, index]
     if "pseudo_coords" in b and (~spots).any():
         out["pseudo_coords"] = new[~spots]
         out["pseudo_features"] = b["pseudo_features"][keep[~spots] - n]
@@ -301,9 +305,10 @@ def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict
 def forward(model, b, device, **kw):
     args = {k: (b[k].to(device, non_blocking=True) if k in b else None)
             for k in ("features", "coords", "pseudo_features", "pseudo_coords")}
+    sub = {k: b[k].to(device) for k in ("sub_features", "sub_valid") if k in b}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return model(args["features"], args["coords"], args["pseudo_features"], args["pseudo_coords"],
-                     unit=b["unit"], **kw)
+                     unit=b["unit"], **sub, **kw)
 
 
 def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
@@ -440,9 +445,10 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     for s in test_slides:
         target = data.log_targets(s.counts, s.library_size, normalize=cfg["data"]["normalize"]) \
             if s.counts is not None else None
-        evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5",
-                                     evaluation.predict_slide(model, s, cfg["data"]["pseudo"], device),
-                                     genes, s.barcodes, s.coords, true=target, slide_id=s.slide_id)
+        out = evaluation.predict_outputs(model, s, cfg["data"]["pseudo"], device)
+        evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5", out["pred"], genes, s.barcodes,
+                                     s.coords, true=target, slide_id=s.slide_id,
+                                     levels=evaluation.level_outputs(out, s, cfg["data"]["normalize"]))
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")

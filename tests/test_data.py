@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import lattice
 import hest
 import synthetic
 from data import CacheError, Slide
@@ -445,6 +446,39 @@ def test_augment_coords():
 
 
 # ----------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_sub_patches_follow_their_spot_through_augmentation(r):
+    """Sub-spot centres moved with the slide's augmentation, then reordered by sub_permutation, are the
+    sub-positions of the moved spot: each lies nearest to the sub_coords formula's own position."""
+    rng = np.random.default_rng(r)
+    xy = torch.tensor(rng.uniform(0, 2000, (60, 2)))
+    extent = 80.0
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        keep, new = data.augment_coords(xy, 1.0, gen, p_drop=0.0, max_rot_deg=8.0, max_shear_deg=5.0)
+        A = torch.linalg.lstsq(xy - xy.mean(0), new - new.mean(0)).solution.T
+        sub = lattice.sub_coords(xy, r, extent)                          # (N, S, 2) before
+        moved = (sub - xy.mean(0)) @ A.T + new.mean(0)                     # the same affine map
+        moved = moved[:, data.sub_permutation(xy, new, r)]
+        want = lattice.sub_coords(new, r, extent)
+        for n in range(0, 60, 7):
+            d = torch.cdist(moved[n], want[n])                             # (S, S)
+            assert torch.equal(d.argmin(1), torch.arange(r * r)), (seed, n)
+    assert torch.equal(data.sub_permutation(xy, xy + 5.0, r), torch.arange(r * r))
+
+
+def test_sub_inputs_name_the_slide_and_the_config_key():
+    s = make_slide()
+    assert data.sub_inputs(s, 0) == {}
+    with pytest.raises(ValueError, match=r"s1: model\.sub_levels = 1 needs sub_features with 4 sub-patches.*found none"):
+        data.sub_inputs(s, 1)
+    s.sub_features, s.sub_extent_um = torch.zeros(7, 16, 5), 50.0
+    with pytest.raises(ValueError, match=r"sub_levels = 1 needs .* found 16 per spot"):
+        data.sub_inputs(s, 1)
+    got = data.sub_inputs(s, 2)
+    assert got["sub_valid"].shape == (7, 16) and got["sub_valid"].all()
+
 
 def test_genes_command_line(tmp_path):
     paths = synthetic.make_synthetic(tmp_path / "ds", n_slides=4, n_spots=200, n_genes=60, log=lambda s: None)
