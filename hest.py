@@ -3,6 +3,7 @@
     python hest.py embed --patches DIR --out DIR [--encoder module:callable] [--sub 2|4]
     python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
     python hest.py bin --slides DIR --factor 2|4 --out DIR
+    python hest.py bin --cells FILE.h5ad --bin-um 8 --out DIR [--pixel-size UM]
 """
 from __future__ import annotations
 
@@ -376,6 +377,63 @@ def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=pr
     return written
 
 
+def write_h5ad(path, rows, cols, values, shape, barcodes, genes, xy, obs: dict) -> None:
+    """A minimal AnnData file (anndata >= 0.8 encoding, h5py only): X as CSR from (rows, cols, values)
+    triplets with distinct (row, col), obs index + numeric columns, var index, obsm/spatial."""
+    order = np.lexsort((cols, rows))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": shape})
+        X["data"], X["indices"] = values[order].astype(np.float32), cols[order].astype(np.int32)
+        X["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))]).astype(np.int64)
+        for name, index, columns in (("obs", barcodes, obs), ("var", genes, {})):
+            g = f.create_group(name)
+            g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                            "column-order": list(columns)})
+            g.create_dataset("_index", data=np.asarray(index, dtype=object), dtype=STR)
+            for k, v in columns.items():
+                g[k] = v
+        f.create_group("obsm")["spatial"] = xy
+
+
+def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrite: bool = False, log=print) -> Path:
+    """A cell table (Xenium-like h5ad: one row per cell, counts, centres in obsm/spatial or obs x/y columns,
+    in pixels of `pixel_size_um`) -> the same layout with one row per square bin of side `bin_um`
+    micrometres, `<out>/<name>.h5ad`: counts summed over the bin's cells (sparse throughout), centre of the
+    bin in pixels (obsm/spatial), grid position obs array_col / array_row, cell count n_cells. Bins are
+    anchored at the smallest cell coordinate. import-hest then joins the bins with features embedded from
+    patches at their centres, and `bin --slides` coarsens them further."""
+    if not bin_um > 0 or not pixel_size_um > 0:
+        raise ValueError(f"bin --bin-um {bin_um} --pixel-size {pixel_size_um}: expected positive micrometres")
+    path, out = Path(path), Path(out_dir) / f"{Path(path).stem}.h5ad"
+    not_an_input(out_dir, path.parent)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+    t0 = time.time()
+    with open_h5(path) as f:
+        cells, obs = _h5ad_frame(f, "obs")
+        genes, _ = _h5ad_frame(f, "var")
+        rows, cols, values, shape = _h5ad_X(f)
+        spatial = f["obsm"]["spatial"][()][:, :2] if "obsm" in f and "spatial" in f["obsm"] else None
+    xy = spatial if spatial is not None else next(
+        (np.stack([obs[a], obs[b]], 1) for a, b in XY_COLUMNS if a in obs and b in obs), None)
+    if xy is None:
+        fail(path, "obsm/spatial", "cell centres (obsm/spatial or obs x/y columns)", "neither")
+    um = np.asarray(xy, dtype=np.float64) * pixel_size_um
+    lo = um.min(0)
+    ij = np.floor((um - lo) / bin_um).astype(np.int64)              # (cells, 2) bin of each cell
+    keys, bin_of = np.unique(ij[:, 0] * (ij[:, 1].max() + 1) + ij[:, 1], return_inverse=True)
+    bins = np.stack([keys // (ij[:, 1].max() + 1), keys % (ij[:, 1].max() + 1)], 1)
+    pair, summed = np.unique(bin_of[rows] * len(genes) + cols, return_inverse=True)
+    total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
+    centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
+    write_h5ad(out, pair // len(genes), pair % len(genes), total, (len(bins), len(genes)),
+               [f"x{i}_y{j}" for i, j in bins.tolist()], genes, centre,
+               {"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
+    log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in {time.time() - t0:.1f} s -> {out}")
+    return out
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -398,14 +456,22 @@ def main(argv=None):
     p.add_argument("--sub", type=int, default=0, choices=[0, 2, 4],
                    help="also embed the 2 x 2 or 4 x 4 sub-patches of every patch (sub_embeddings)")
     p = sub.add_parser("bin", help="caches on a square grid -> caches at factor x the pitch, children as sub-spots")
-    p.add_argument("--slides", required=True, help="folder of slide caches whose spots lie on a square grid")
-    p.add_argument("--factor", type=int, default=2, choices=[2, 4], help="bin side in grid pitches")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--slides", help="folder of slide caches whose spots lie on a square grid")
+    g.add_argument("--cells", help="a cell table .h5ad (Xenium-like) to bin into squares of --bin-um")
+    p.add_argument("--factor", type=int, default=2, choices=[2, 4], help="--slides: bin side in grid pitches")
+    p.add_argument("--bin-um", type=float, help="--cells: bin side in micrometres")
+    p.add_argument("--pixel-size", type=float, default=1.0, help="--cells: micrometres per coordinate unit")
     p.add_argument("--out", required=True, help="output folder (never the input folder)")
     for name in ("import-hest", "embed", "bin"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
     if a.cmd == "import-hest":
         import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
+    elif a.cmd == "bin" and a.cells:
+        if not a.bin_um:
+            ap.error("bin --cells needs --bin-um")
+        bin_cells(a.cells, a.bin_um, a.out, a.pixel_size, a.overwrite)
     elif a.cmd == "bin":
         bin_slides(a.slides, a.factor, a.out, a.overwrite)
     else:

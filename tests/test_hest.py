@@ -473,3 +473,29 @@ def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
             got = out.sub_counts[out.sub_valid]                          # (N, G): the spots, in block order
             assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, slide.counts.tolist())), path.stem
             assert out.spot_pitch_um == pytest.approx(200.0 * factor, rel=0.02)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bin_cells_against_a_loop_over_cells(shared_data, tmp_path):
+    """The real HEST-derived cell table (200 cells, dense X, coordinates in obs x_pixel / y_pixel)."""
+    src = shared_data / "hest_samples" / "NCBI858.h5ad"
+    cells = hest.read_h5ad(src)
+    px, side = 0.5, 20.0
+    hest.main(["bin", "--cells", str(src), "--bin-um", str(side), "--pixel-size", str(px), "--out", str(tmp_path)])
+    got = hest.read_h5ad(tmp_path / "NCBI858.h5ad")
+    lo = (cells.xy * px).min(0)
+    want = {}
+    for k in range(len(cells.barcodes)):                               # one cell at a time
+        i, j = (int(math.floor(v)) for v in ((cells.xy[k] * px - lo) / side))
+        want.setdefault((i, j), np.zeros(len(cells.genes)))
+        want[(i, j)] += cells.counts[k]
+    assert got.genes == cells.genes and sorted(got.barcodes) == sorted(f"x{i}_y{j}" for i, j in want)
+    for b, row, xy, col, rr in zip(got.barcodes, got.counts, got.xy, got.obs["array_col"], got.obs["array_row"]):
+        i, j = (int(v) for v in b[1:].split("_y"))
+        np.testing.assert_allclose(row, want[(i, j)], rtol=1e-6)
+        np.testing.assert_allclose(xy * px, lo + (np.array([i, j]) + 0.5) * side, rtol=1e-9)
+        assert (col, rr) == (i, j)
+    assert got.counts.sum() == pytest.approx(cells.counts.sum(), rel=1e-6)
+    assert int(got.obs["n_cells"].sum()) == len(cells.barcodes)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        hest.bin_cells(src, side, tmp_path, px, log=lambda s: None)
