@@ -205,6 +205,10 @@ def _step_case(spec, dev):
     xy = layout(spec["layout"], n)
     features = torch.randn(n, C, generator=g).to(getattr(torch, spec.get("features_dtype", "float32")))
     b = {"features": features, "coords": xy, "unit": lattice.default_unit(xy)}
+    S = 4 ** cfg["model"]["sub_levels"]     # --set model.sub_levels=1: 2 x 2 sub-patch features per spot
+    if S > 1:
+        b["sub_features"] = torch.randn(n, S, C, generator=g).to(features.dtype)
+        b["sub_valid"] = torch.ones(n, S, dtype=torch.bool)
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(cfg["model"]), C, G).to(dev)
     if spec["mode"] == "infer":            # eval.predict_slide without the copy to the host
