@@ -232,16 +232,34 @@ class SlideMeta:
     genes: list[str] | None        # None for a slide without counts
     spot_pitch_um: float
     encoder: str
+    coords_extent: float = 0.0     # the larger spread (max - min) of x and y; 0 when every spot is at one point
+    zero_library: int = 0          # spots whose library_size is 0 although their counts are not
 
 
 def read_slide_meta(path) -> SlideMeta:
-    """Attributes, sizes and the gene list of a cache without loading its arrays (fold building, gene lists)."""
+    """Attributes, sizes and the gene list of a cache, reading only the (N,)- and (N, 2)-sized arrays
+    (coords, library_size), never the features or the counts (fold building, checks before training)."""
     with open_h5(path) as f:
-        if "features" not in f:
-            fail(path, "features", "a dataset (required)", "no such key")
+        a = {}
+        for key in ("features", "coords"):
+            if key not in f:
+                fail(path, key, "a dataset (required)", "no such key")
+        if f["features"].ndim != 2:
+            fail(path, "features", "shape (any, any)", f"shape {f['features'].shape}")
         n, c = f["features"].shape
+        a["coords"] = f["coords"][()]
+        _check(path, a, "coords", (n, 2), "float")
+        zero = 0
+        if "library_size" in f and "counts" in f:
+            a["library_size"] = f["library_size"][()]
+            _check(path, a, "library_size", (n,), "number")
+            rows = np.flatnonzero(a["library_size"] == 0)
+            if rows.size:   # the counts of those spots only
+                zero = int((f["counts"][rows, :] > 0).any(1).sum())
         genes = h5_strings(f["genes"]).tolist() if "counts" in f and "genes" in f else None
-        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes)
+        extent = float(np.ptp(a["coords"], 0).max()) if n else 0.0
+        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes, coords_extent=extent,
+                         zero_library=zero)
 
 
 def list_slides(root) -> list[Path]:
@@ -433,6 +451,16 @@ def main(argv=None):
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--out", required=True, help="output JSON file")
     a = ap.parse_args(argv)
+    try:
+        genes_command(a)
+    except (ValueError, OSError) as e:  # the user's files or arguments: one line, no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
+
+
+def genes_command(a):
+    """`genes`: the top --n genes by --by on the chosen slides' counts, among the genes they all have."""
+    if a.n < 1:
+        raise ValueError(f"--n: expected an integer >= 1, found {a.n}")
     paths = [p for p in list_slides(a.slides) if (not a.ids or p.stem in a.ids) and read_slide_meta(p).genes]
     if not paths:
         raise SystemExit(f"{a.slides}: no slide with counts{' among --ids' if a.ids else ''}")
