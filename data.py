@@ -160,7 +160,7 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
         for k, x in a.items():
             if k in STRING_KEYS:
                 f.create_dataset(k, data=x.astype(object), dtype=STR)
-            elif k in ("counts", "expected"):  # (N, G) can be large: chunked, compressed
+            elif k in ("counts", "expected") and x.size:  # (N, G) can be large: chunked, compressed
                 f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 1024), min(x.shape[1], 256)),
                                  compression="gzip", compression_opts=4, shuffle=True)
             else:

@@ -79,7 +79,7 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
             try:  # YAML 1.1 reads 3e-4 as a string
                 out[key] = float(value)
             except ValueError:
-                raise ValueError(f"config key '{where}{key}' must be a number, got {value!r}") from None
+                raise ValueError(f"key '{where}{key}': expected a number, found {value!r}") from None
         else:
             out[key] = value
     return out

@@ -205,6 +205,13 @@ def test_meta_and_listing(tmp_path):
     assert [p.name for p in data.list_slides(tmp_path)] == ["a.h5", "b.h5"]
     m = data.read_slide_meta(tmp_path / "a.h5")
     assert (m.slide_id, m.patient, m.n_spots, m.n_features, m.genes) == ("s1", "p1", 7, 5, ["g0", "g1", "g2", "g3"])
+    xy = make_slide().coords.numpy()
+    assert m.coords_extent == pytest.approx(max(xy[:, 0].max() - xy[:, 0].min(), xy[:, 1].max() - xy[:, 1].min()))
+    s = make_slide()
+    s.counts[1] = 0
+    s.library_size[:3] = 0                      # spots 0 and 2 have counts, spot 1 has none
+    data.write_slide(tmp_path / "z.h5", s)
+    assert data.read_slide_meta(tmp_path / "z.h5").zero_library == 2 and m.zero_library == 0
     with pytest.raises(FileNotFoundError, match="found none"):
         data.list_slides(tmp_path / "empty")
     write_raw(tmp_path / "c.h5", {"coords": np.zeros((2, 2))})
@@ -399,3 +406,11 @@ def test_genes_command_line(tmp_path):
     chosen = data.read_gene_list(tmp_path / "g.json")
     counts = [data.read_slide(p).counts for p in paths[:3]]
     assert chosen == data.select_genes(counts, data.read_slide_meta(paths[0]).genes, 25, "hvg")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "0", "--out", "h.json"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == "--n: expected an integer >= 1, found 0\n" and not (tmp_path / "h.json").exists()
+
+
+def test_shared_genes_keep_the_first_lists_order():
+    assert data.shared_genes([["c", "a", "b"], ["a", "b", "c", "d"], ["b", "c"]]) == ["c", "b"]
+    assert data.shared_genes([["a"]]) == ["a"] and data.shared_genes([]) == []
