@@ -119,7 +119,7 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str):
 
 
 def _validate(path, a: dict):
-    """Every key of DESIGN.md's data contract; `a` maps keys to numpy arrays (absent keys left out)."""
+    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays (absent keys left out)."""
     for key in ("features", "coords", "barcodes"):
         if key not in a:
             fail(path, key, "a dataset (required)", "no such key")
