@@ -1,7 +1,7 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds · coordinate augmentation · command line. The HEST import and placeholder encoder are in
+targets · folds · command line. The HEST import and placeholder encoder are in
 hest.py, the synthetic generator in synthetic.py.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...]
 """
@@ -13,7 +13,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,35 +407,6 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0) -> list[tuple[list[st
     for p in sorted(people, key=lambda p: -size[p]):  # stable: shuffled order breaks ties
         min(folds, key=lambda fold: sum(size[q] for q in fold)).append(p)
     return [([s for s in of if of[s] not in f], [s for s in of if of[s] in f]) for f in folds]
-
-
-# ----------------------------------------------------------------------------- coordinate augmentation
-
-def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
-                   p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
-    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
-    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
-    p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
-    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
-    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
-    n = xy.shape[0]
-    if strength <= 0:
-        return torch.arange(n), xy.clone()
-    u = lambda: float(torch.rand((), generator=generator, dtype=torch.float64))  # noqa: E731
-    mirror = -1.0 if u() < 0.5 else 1.0
-    shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
-    angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
-    c, s = math.cos(angle), math.sin(angle)
-    rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
-    centre = xy.double().mean(0)
-    out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
-    keep = torch.rand(n, generator=generator) >= p_drop * strength
-    if not keep.any():
-        keep[int(torch.randint(n, (1,), generator=generator))] = True
-    keep = keep.nonzero().squeeze(1)
-    return keep, out[keep]
-
 
 
 # ----------------------------------------------------------------------------- command line

@@ -188,13 +188,39 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
     return b
 
 
+def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+                   p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
+    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
+    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
+    p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
+    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
+    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
+    n = xy.shape[0]
+    if strength <= 0:
+        return torch.arange(n), xy.clone()
+    u = lambda: float(torch.rand((), generator=generator, dtype=torch.float64))  # noqa: E731
+    mirror = -1.0 if u() < 0.5 else 1.0
+    shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
+    angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
+    c, s = math.cos(angle), math.sin(angle)
+    rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
+    centre = xy.double().mean(0)
+    out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
+    keep = torch.rand(n, generator=generator) >= p_drop * strength
+    if not keep.any():
+        keep[int(torch.randint(n, (1,), generator=generator))] = True
+    keep = keep.nonzero().squeeze(1)
+    return keep, out[keep]
+
+
 def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict:
     """HiST A.6: transform the coordinates (spots and pseudo-spots together) and drop spots; features untouched."""
     xy = b["coords"]
     n = xy.shape[0]
     if "pseudo_coords" in b:
         xy = torch.cat([xy, b["pseudo_coords"]])
-    keep, new = data.augment_coords(xy, strength, gen, p_drop=aug["p_drop"],
+    keep, new = augment_coords(xy, strength, gen, p_drop=aug["p_drop"],
                                     max_shear_deg=aug["shear_deg"], max_rot_deg=aug["rot_deg"])
     spots = keep < n
     if not spots.any():                                  # keep at least one real spot
