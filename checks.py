@@ -23,15 +23,15 @@ class ConfigError(ValueError):
     """A user's mistake in the config, its files or the run folder; train.main prints it as one line."""
 
 
-def _fail(key, expected, found, where=""):
-    raise ConfigError(f"{where}key '{key}': expected {expected}, found {found!r}")
+def _fail(key, expected, found):
+    raise ConfigError(f"key '{key}': expected {expected}, found {found!r}")
 
 
 # ---- types and ranges -------------------------------------------------------------------------
 KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
              "ints": "a list of integers", "mapping": "a mapping"}
 # keys whose default is None (any kind allowed there but this one, or null)
-NULLABLE = {"data.synthetic": "mapping", "data.split_dir": "str", "data.gmt": "str",
+NULLABLE = {"data.split_dir": "str", "data.gmt": "str",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
 
 
@@ -82,69 +82,72 @@ def _kind_of(default) -> str | None:
     return None
 
 
-def _check_value(name, value, default, where):
+def _check_value(name, value, default):
     nullable = NULLABLE.get(name)
     kind = nullable or _kind_of(default)
     if kind is None or (nullable and value is None):
         return
     if not _kind(value, kind):
-        _fail(name, KIND_TEXT[kind] + (" or null" if nullable else ""), value, where)
+        _fail(name, KIND_TEXT[kind] + (" or null" if nullable else ""), value)
     if name in RANGES:
         ok, text = RANGES[name]
         if not ok(value):
-            _fail(name, f"{KIND_TEXT[kind]} {text}", value, where)
+            _fail(name, f"{KIND_TEXT[kind]} {text}", value)
 
 
-def check_types(cfg: dict, defaults: dict, where: str = "", prefix: str = "") -> None:
+def check_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
     """Every key has the kind of its default (an integer where the default is one, ...) and a value in
-    its range (RANGES); `where` starts each message (the config file)."""
+    its range (RANGES). data.genes and data.synthetic take several forms: check_config."""
     for key, default in defaults.items():
         name, value = prefix + key, cfg[key]
         if name in ("data.genes", "data.synthetic"):
             continue
         if isinstance(default, dict):
             if not isinstance(value, dict):
-                _fail(name, "a mapping", value, where)
-            check_types(value, default, where, name + ".")
+                _fail(name, "a mapping", value)
+            check_types(value, default, name + ".")
         else:
-            _check_value(name, value, default, where)
+            _check_value(name, value, default)
 
 
-def check_config(cfg: dict, defaults: dict, where: str = "") -> None:
+def check_config(cfg: dict, defaults: dict) -> None:
     """The whole config, before anything is read or written: kinds, ranges, and the combinations that
     cannot work (model.check_config, zinb)."""
-    check_types(cfg, defaults, where)
+    check_types(cfg, defaults)
     genes = cfg["data"]["genes"]
     if isinstance(genes, dict):
         if set(genes) - {"by", "n"} or "n" not in genes:
-            _fail("data.genes", "{by: hvg|mean, n: N}", genes, where)
+            _fail("data.genes", "{by: hvg|mean, n: N}", genes)
         if genes.get("by", "hvg") not in ("hvg", "mean"):
-            _fail("data.genes.by", "hvg or mean", genes["by"], where)
+            _fail("data.genes.by", "hvg or mean", genes["by"])
         if not _kind(genes["n"], "int") or genes["n"] < 1:
-            _fail("data.genes.n", "an integer >= 1", genes["n"], where)
+            _fail("data.genes.n", "an integer >= 1", genes["n"])
     elif not (genes is None or isinstance(genes, str)):
-        _fail("data.genes", "a gene list file, {by: hvg|mean, n: N} or null", genes, where)
+        _fail("data.genes", "a gene list file, {by: hvg|mean, n: N} or null", genes)
     syn = cfg["data"]["synthetic"]
     if syn is not None:
         if not isinstance(syn, dict) or set(syn) - {"slides", "seed", "spots", "pseudo"}:
-            _fail("data.synthetic", "null or a mapping with slides, seed, spots, pseudo", syn, where)
+            _fail("data.synthetic", "null or a mapping with slides, seed, spots, pseudo", syn)
         for key, value in syn.items():
-            if not (_kind(value, "bool") if key == "pseudo" else _kind(value, "int") and value >= (key != "seed")):
-                _fail(f"data.synthetic.{key}", "true or false" if key == "pseudo" else "an integer >= 1", value, where)
+            lowest = 0 if key == "seed" else 1
+            if key == "pseudo" and not _kind(value, "bool"):
+                _fail("data.synthetic.pseudo", "true or false", value)
+            if key != "pseudo" and not (_kind(value, "int") and value >= lowest):
+                _fail(f"data.synthetic.{key}", f"an integer >= {lowest}", value)
     try:
         torch.device(cfg["run"]["device"])
     except RuntimeError:
         if cfg["run"]["device"] != "auto":
-            _fail("run.device", "auto, cpu, cuda or cuda:<index>", cfg["run"]["device"], where)
+            _fail("run.device", "auto, cpu, cuda or cuda:<index>", cfg["run"]["device"])
     try:
         mc = ModelConfig.from_dict(cfg["model"])
         check_model(mc)
     except ValueError as e:
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(str(e)) from None
     if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
-        raise ConfigError(f"{where}train.loss = zinb and model.head = zinb go together")
+        raise ConfigError("train.loss = zinb and model.head = zinb go together")
     if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
-        raise ConfigError(f"{where}train.loss = zinb predicts counts per 1e4 (library size as offset): "
+        raise ConfigError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
                           "set data.normalize=true so that metrics compare like with like")
 
 

@@ -79,6 +79,7 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["data.genes={by: top, n: 5}"], ["key 'data.genes.by': expected hvg or mean, found 'top'"]),
     (["data.genes=5"], ["key 'data.genes': expected a gene list file, {by: hvg|mean, n: N} or null, found 5"]),
     (["train=5"], ["key 'train': expected a mapping, found 5"]),
+    (["data.synthetic={slides: 0}"], ["key 'data.synthetic.slides': expected an integer >= 1, found 0"]),
     (["run.device=gpu"], ["key 'run.device': expected auto, cpu, cuda or cuda:<index>, found 'gpu'"]),
     (["model.heads=3"], ["model.dim = 64 must be divisible by model.heads = 3"]),
     (["model.dimm=3"], ["unknown config key 'model.dimm'; valid keys here"]),
