@@ -81,6 +81,9 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
     `sub` = 2 or 4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the
     programs' length scales halved, in those units), then binned into spots of the layout's pitch (hest.bin_slide):
     each sub-patch's features show its own sub-spot, and sub_counts hold the sub-spot truth."""
+    sizes = dict(slides=n_slides, spots=n_spots, genes=n_genes, features=n_features)
+    if min(sizes.values()) < 1:
+        raise ValueError(f"make_synthetic: expected every size >= 1, found {sizes}")
     t0, out = time.time(), Path(out)
     pitch, hexagonal = LAYOUTS[layout]
     if sub:
@@ -208,8 +211,11 @@ def main(argv=None):
                     help="simulate 2 x 2 or 4 x 4 sub-spots per spot (sub_features, sub_counts); square layouts")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
-    make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite,
-                   sub=a.sub)
+    try:
+        make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite,
+                       sub=a.sub)
+    except (ValueError, OSError) as e:  # e.g. an existing output file: one line, no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
 
 
 if __name__ == "__main__":
