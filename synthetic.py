@@ -66,10 +66,11 @@ def _region(z):
     return 1 / (1 + np.exp(-4 * (z - 0.5)))
 
 
-def _visible(z, rng):
-    """What the image shows of the latent fields z (M, len(FIELDS)): (M, len(FIELDS)) noisy signals."""
+def _visible(z, rng, clarity=1.0):
+    """What the image shows of the latent fields z (M, len(FIELDS)): (M, len(FIELDS)) noisy signals, the
+    noise divided by `clarity`."""
     sig = np.stack([_region(z[:, f]) if kind == "region" else z[:, f] for f, (_, kind, _) in enumerate(FIELDS)], 1)
-    noise = np.array([NOISE[kind] for _, kind, _ in FIELDS])
+    noise = np.array([NOISE[kind] for _, kind, _ in FIELDS]) / clarity
     return sig + noise * rng.standard_normal(sig.shape)
 
 
@@ -79,7 +80,7 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
     """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
     Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i).
     `sub` = 2 or 4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the
-    programs' length scales halved, in those units), then binned into spots of the layout's pitch (hest.bin_slide):
+    programs' length scales shortened, features clearer), then binned into spots of the layout's pitch (hest.bin_slide):
     each sub-patch's features show its own sub-spot, and sub_counts hold the sub-spot truth."""
     sizes = dict(slides=n_slides, spots=n_spots, genes=n_genes, features=n_features)
     if min(sizes.values()) < 1:
@@ -93,9 +94,11 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
                              f"{' with --pseudo' if pseudo else ''}")
         from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
         pitch, n_spots = pitch / sub, n_spots * sub * sub
-    scale = 0.5 if sub else 1.0  # sub: programs vary over half their usual length (in sub-spot pitches), so
-    # that the sub-spots of one spot differ visibly (with 1.0, a perfect sub-spot model beats copying the
-    # spot's own expectation into its sub-spots by only ~0.05 PCC; with 0.5, by ~0.09)
+    # sub: programs vary over a third of their usual length (in sub-spot pitches) and a sub-patch shows its
+    # sub-spot with half the usual noise, so that the sub-spots of one spot differ, visibly. (With the usual
+    # lengths, even a ridge fitted on the sub-spot truth beats copying the spot into its sub-spots by
+    # only ~0.02 PCC: count noise hides what little differs inside a spot.)
+    scale, clarity = (0.35, 2.0) if sub else (1.0, 1.0)
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
     rng = np.random.default_rng(seed)
     P, S = len(PROGRAMS), len(FIELDS)
@@ -158,11 +161,11 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
         counts = srng.negative_binomial(theta, theta / (theta + expected)).astype(np.float32)
         # features: mixed visible signals + noise, then a per-slide affine stain shift
         stain = patient_stain[pat] + 0.5 * srng.standard_normal(3)
-        embed = lambda vis: (vis @ mix + 0.3 * srng.standard_normal((len(vis), n_features))) \
+        embed = lambda vis: (vis @ mix + 0.3 / clarity * srng.standard_normal((len(vis), n_features))) \
             * np.exp(0.1 * stain @ stain_gain) + 0.35 * stain @ stain_shift  # noqa: E731
         offset = srng.uniform(0, 5000, 2)
         coords = grid[mask] * pitch + offset + 0.01 * pitch * srng.standard_normal((n, 2))
-        slide = Slide(f"synth_{i:02d}", torch.tensor(embed(_visible(z[mask, :S], srng)), dtype=torch.float32),
+        slide = Slide(f"synth_{i:02d}", torch.tensor(embed(_visible(z[mask, :S], srng, clarity)), dtype=torch.float32),
                       torch.tensor(coords, dtype=torch.float32), np.array([f"s{i:02d}_{j:05d}" for j in range(n)]),
                       patient=f"P{pat:02d}", spot_pitch_um=pitch, encoder="synthetic",
                       counts=torch.from_numpy(counts), genes=genes, library_size=torch.from_numpy(counts.sum(1)),
