@@ -79,8 +79,7 @@ def raster(coords, values, pitch: float, bounds=None, max_pixels: int = MAX_PIXE
 
 
 def _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label):
-    cm = _pyplot().get_cmap(cmap).copy()
-    cm.set_bad(alpha=0)  # no spot: transparent (the page, or the grey spots below)
+    cm = _pyplot().get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))  # no spot: transparent
     im = ax.imshow(np.ma.masked_invalid(img), extent=extent, cmap=cm, vmin=vmin, vmax=vmax,
                    interpolation="nearest")
     ax.set_title(title, fontsize=10)
