@@ -283,17 +283,10 @@ class Welford:
         self.mean, self.m2 = torch.zeros(n, g, dtype=dtype), torch.zeros(n, g, dtype=dtype)
 
     def add(self, x: torch.Tensor, cols=None) -> None:
-        x = x.to(self.mean.dtype)
-        if cols is None:                                       # every column: in place
-            self.count += 1
-            delta = x - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (x - self.mean)
-            return
-        cols = torch.as_tensor(cols, dtype=torch.long)
+        cols = slice(None) if cols is None else torch.as_tensor(cols, dtype=torch.long)
         self.count[cols] += 1
-        mean = self.mean[:, cols]
-        delta = x - mean
+        mean = self.mean[:, cols]                              # a view (every column) or a copy (some)
+        delta = x.to(mean.dtype) - mean
         mean += delta / self.count[cols]
         self.mean[:, cols] = mean
         self.m2[:, cols] += delta * (x - mean)
@@ -567,7 +560,10 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("predict", "plot", "attention") else None
+    if argv and argv[0] in ("plot", "attention"):  # pictures: plots.py, where matplotlib is imported lazily
+        import plots
+        return plots.main(argv)
+    command = "predict" if argv and argv[0] == "predict" else None
     p = argparse.ArgumentParser(prog=f"eval.py {command or ''}".strip())
     if command == "predict":
         p.description = "Predict slide caches (counts not needed) with a finished run's fold models."
@@ -582,21 +578,6 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--partial", action="store_true", help="predict with the finished folds of a partial run")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
-    elif command == "plot":
-        p.description = "Maps of measured, predicted, std and error per slide and gene, PCC histogram, density."
-        p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
-        p.add_argument("--slide", help="one slide id (default: every slide)")
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
-        g.add_argument("--top", type=int, help="the K best genes by PCC")
-    elif command == "attention":
-        p.description = "One spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps)."
-        p.add_argument("run", help="run folder")
-        p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
-        p.add_argument("--spot", required=True, help="barcode of the query spot")
-        p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
-        p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
-        p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
     else:
         p.description = "Re-evaluate runs (rewrites results.json, per_gene.csv, results.md), print one table."
         p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
@@ -606,22 +587,14 @@ def main(argv: list[str] | None = None) -> None:
             if a.mc < 0:
                 raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
             predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed)
-        elif command == "plot":
-            import plots
-            for path in plots.plot_run(a.run, a.slide, a.genes, a.top):
-                print(path)
-        elif command == "attention":
-            import plots
-            for path in plots.attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides):
-                print(path)
-        else:
-            results = [evaluate_run(d) for d in a.runs]
-            for r in results:
-                if r["missing_folds"]:
-                    print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
-            print(format_table(results))
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+            return
+        results = [evaluate_run(d) for d in a.runs]
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py{' ' + command if command else ''}: {e}")
+    for r in results:
+        if r["missing_folds"]:
+            print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
+    print(format_table(results))
 
 
 if __name__ == "__main__":

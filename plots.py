@@ -443,4 +443,37 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     result = spot_attention(model, data.read_slide(path), barcode, block, cfg["data"]["pseudo"])
     stem = run / "attention" / f"{_safe(slide_id)}__{_safe(barcode)}__block{block}"
     written = [write_attention(result, stem.with_name(stem.name + ".h5"))]
-    return written + [attention_figure(result, stem.with_name(stem.name + ".png"))]
+    try:
+        return written + [attention_figure(result, stem.with_name(stem.name + ".png"))]
+    except ImportError as e:
+        raise ImportError(f"{written[0]} written; the PNG not: {e}") from None
+
+
+def main(argv: list[str]) -> None:
+    """eval.py plot ... / eval.py attention ...: one-line errors, no traceback."""
+    import argparse
+    command = argv[0]
+    p = argparse.ArgumentParser(prog=f"eval.py {command}")
+    if command == "plot":
+        p.description = "Maps of measured, predicted, std and error per slide and gene, PCC histogram, density."
+        p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
+        p.add_argument("--slide", help="one slide id (default: every slide)")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
+        g.add_argument("--top", type=int, help="the K best genes by PCC")
+    else:
+        p.description = "One spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps)."
+        p.add_argument("run", help="run folder")
+        p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
+        p.add_argument("--spot", required=True, help="barcode of the query spot")
+        p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
+        p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
+        p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
+    a = p.parse_args(argv[1:])
+    try:
+        written = plot_run(a.run, a.slide, a.genes, a.top) if command == "plot" else \
+            attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"eval.py {command}: {e}") from None
+    for path in written:
+        print(path)
