@@ -348,15 +348,16 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     genes, pred, std, n_models = predict_with_std(models, slide, cfg["data"]["pseudo"], device, mc, seed)
     std = std if (len(models) > 1 or mc) else None
     space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
+    out = Path(out_dir) / slide.slide_id
     if "h5" in formats:
-        write_predictions(Path(out_dir) / f"{slide.slide_id}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
+        write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
                           slide_id=slide.slide_id, std=std, n_models=n_models.numpy())
     if "h5ad" in formats:
         import yaml
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
                            "config": yaml.safe_dump(cfg, sort_keys=False)}}
-        write_h5ad(Path(out_dir) / f"{slide.slide_id}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
+        write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
                    n_models=n_models.numpy(), uns=uns)
 
 
@@ -511,7 +512,8 @@ def run_folds(run_dir, fold: int | None = None, partial: bool = False) -> list[i
         if fold not in expected:
             raise ValueError(f"--fold {fold}: expected a fold number 0 ... {len(expected) - 1} of {run}")
         if fold not in have:
-            raise FileNotFoundError(f"--fold {fold}: {run / f'fold_{fold}' / 'model.pt'} does not exist (unfinished fold)")
+            raise FileNotFoundError(f"--fold {fold}: {run / f'fold_{fold}' / 'model.pt'} does not exist "
+                                    "(unfinished fold)")
         return [fold]
     missing = [f"fold_{k}" for k in expected if k not in have]
     if not have:

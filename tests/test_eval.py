@@ -501,6 +501,11 @@ def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_r
         assert a.var["n_models"].tolist() == h5["n_models"].tolist()
         assert a.uns["tessera"]["run"] == "tiny" and "log1p" in a.uns["tessera"]["X"]
         assert "model:" in a.uns["tessera"]["config"] and a.uns["tessera"]["mc_samples"] == 2
+    import hest  # the repository's own h5ad reader reads it too
+    back = hest.read_h5ad(tmp_path / "p" / "synth_03.h5ad")
+    np.testing.assert_array_equal(back.counts, h5["pred"])
+    assert back.genes == h5["genes"] and back.barcodes.tolist() == h5["barcodes"].tolist()
+    np.testing.assert_array_equal(back.xy, h5["coords"])
     a = anndata.read_h5ad(tiny_run / "fold_0" / "pred" / "synth_00.h5ad")  # the run's own test predictions
     h5 = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
     np.testing.assert_array_equal(a.layers["true"], h5["true"])
