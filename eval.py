@@ -402,7 +402,7 @@ def evaluate_run(run_dir) -> dict:
     folds, per_gene, slides, names, empty = [], [], [], [], []
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
-        if not files:
+        if not files or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
             empty.append(f"{fold / 'pred'}")
             continue
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]

@@ -555,6 +555,10 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     results = ev.evaluate_run(partial)  # the finished fold is evaluated, the missing one named
     assert results["fold_names"] == ["fold_0"] and results["missing_folds"] == ["fold_1"]
     assert "Not finished, not evaluated: fold_1" in (partial / "results.md").read_text()
+    killed = tmp_path / "killed"  # killed while writing fold_0's predictions: its checkpoint is still there
+    shutil.copytree(tiny_run, killed)
+    (killed / "fold_0" / "checkpoint.pt").write_bytes(b"")
+    assert ev.evaluate_run(killed)["missing_folds"] == ["fold_0"]
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
     assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
     # a run trained without dropout, asked for Monte-Carlo dropout
