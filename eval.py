@@ -540,13 +540,12 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         raise ValueError(f"--mc {mc}: the models of {run_dir} have no dropout (model.dropout and "
                          "model.attn_dropout are 0), so Monte-Carlo passes would all be equal")
     paths = data.list_slides(slides_dir)
-    width = models[0][0].feat_mean.shape[0]
-    for path in paths:
-        meta = data.read_slide_meta(path)
+    width, metas = models[0][0].feat_mean.shape[0], [data.read_slide_meta(p) for p in paths]
+    for path, meta in zip(paths, metas):
         if meta.n_features != width:
             raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
                              f"expect {width} (another encoder?)")
-    outs = [Path(out_dir) / f"{p.stem}.{ext}" for p in paths for ext in formats]
+    outs = [Path(out_dir) / f"{m.slide_id}.{ext}" for m in metas for ext in formats]  # as written below
     exists = [str(o) for o in outs if o.exists()]
     if exists and not overwrite:
         raise FileExistsError(f"{exists[0]} exists ({len(exists)} files in all); choose another --out "
