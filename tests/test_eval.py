@@ -562,7 +562,12 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
     assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
     # a run trained without dropout, asked for Monte-Carlo dropout
-    nodrop = train_tiny(tmp_path, "nodrop", "model.dropout=0", "model.attn_dropout=0", "data.root=" + str(slides))
+    nodrop = tmp_path / "nodrop"
+    shutil.copytree(tiny_run, nodrop)
+    for k in (0, 1):  # the same models saved as trained without dropout
+        ck = torch.load(nodrop / f"fold_{k}" / "model.pt", weights_only=True)
+        ck["model_config"].update(dropout=0.0, attn_dropout=0.0)
+        torch.save(ck, nodrop / f"fold_{k}" / "model.pt")
     r = predict_cli("--run", nodrop, "--slides", slides, "--out", out / "x", "--mc", "4", cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "--mc 4: the models of", out / "x")
     assert "have no dropout" in r.stderr
