@@ -403,7 +403,7 @@ def test_unc_spearman_and_coverage_match_references():
 
 
 # ---------------------------------------------------------------- a tiny trained run (2 folds, gene sets differ)
-TINY = ["data.root=data/syn", "data.synthetic={slides: 4, seed: 0, spots: 150}", "data.folds=2",
+TINY = ["data.root=data/synthetic", "data.synthetic={slides: 4, seed: 0, spots: 150}", "data.folds=2",
         "data.genes={by: hvg, n: 12}", "data.gmt=null", "model.dim=16", "model.heads=2", "model.depths=[1,1]",
         "model.decoder_depths=[1]", "model.pathway_tokens=0", "model.knn_k=4", "train.epochs=1", "run.threads=1"]
 
@@ -443,7 +443,7 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model
     import data
     models = ev.load_fold_models(tiny_run, folds=[0])
-    slide = data.read_slide(tiny_run.parents[1] / "data" / "syn" / "synth_00.h5", genes=models[0][1])
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
     passes = np.stack([ev.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
     np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f["std"], passes.std(0), rtol=1e-4, atol=1e-6)
@@ -453,7 +453,7 @@ def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_
     import data
     models = ev.load_fold_models(tiny_run)
     assert models[0][1] != models[1][1]  # genes chosen per fold
-    slide = data.read_slide(tiny_run.parents[1] / "data" / "syn" / "synth_01.h5")
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5")
     genes, mean, std, n_models = ev.predict_with_std(models, slide, True, "cpu")
     preds = [dict(zip(gs, ev.predict_slide(m, slide, True, "cpu").numpy().T)) for m, gs in models]
     assert genes == list(dict.fromkeys(models[0][1] + models[1][1]))
@@ -469,7 +469,7 @@ def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
     import data
     from model import ModelConfig, build_model
     model, genes = ev.load_fold_models(tiny_run, folds=[1])[0]
-    slide = data.read_slide(tiny_run.parents[1] / "data" / "syn" / "synth_02.h5")
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_02.h5")
     state = torch.random.get_rng_state()
     a = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
     b = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
@@ -488,7 +488,7 @@ def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
 
 def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_run, tmp_path):
     anndata = pytest.importorskip("anndata")
-    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "syn", "--out", tmp_path / "p",
+    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic", "--out", tmp_path / "p",
                     "--format", "h5", "h5ad", "--mc", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("synth_03", ):
@@ -521,7 +521,7 @@ def assert_one_line_and_nothing_written(r, message, out):
 
 def test_predict_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     import data
-    slides, out = tiny_run.parents[1] / "data" / "syn", tmp_path / "out"
+    slides, out = tiny_run.parents[1] / "data" / "synthetic", tmp_path / "out"
     assert_one_line_and_nothing_written(predict_cli("--run", tiny_run, "--slides", slides, "--out", out, "--fold",
                                                     "5", cwd=tmp_path), "--fold 5: expected a fold number 0 ... 1", out)
     for args, message in [(["--fold", "-1"], "--fold -1: expected a fold number 0 ... 1"),
@@ -540,7 +540,7 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
 
 def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     import shutil
-    slides, out = tiny_run.parents[1] / "data" / "syn", tmp_path / "out"
+    slides, out = tiny_run.parents[1] / "data" / "synthetic", tmp_path / "out"
     partial = tmp_path / "partial"
     shutil.copytree(tiny_run, partial)
     shutil.rmtree(partial / "fold_1" / "pred")

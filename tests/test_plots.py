@@ -193,7 +193,7 @@ def test_plot_and_attention_bad_input(tiny_run, tmp_path, monkeypatch):  # noqa:
     in_process_error(["plot", tiny_run, "--slide", "nope"], "slide nope: not among the 4 slides")
     in_process_error(["plot", tmp_path], "no prediction files")
     monkeypatch.chdir(tiny_run.parents[1])  # the run's data.root is relative
-    in_process_error(["attention", tiny_run, "--slide", "nope", "--spot", "x"], "slide nope: no data/syn/nope.h5")
+    in_process_error(["attention", tiny_run, "--slide", "nope", "--spot", "x"], "slide nope: no data/synthetic/nope.h5")
     in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "x"],
                      "spot x: no such barcode in slide synth_00")
     in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "s00_00003", "--block", "7"],
@@ -212,7 +212,7 @@ def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
     assert r.returncode == 0, r.stderr
     h5, png = (tiny_run / "attention" / f"synth_01__s01_00007__block1.{e}" for e in ("h5", "png"))
     model, _ = ev.load_fold_models(tiny_run, folds=[0])[0]  # synth_01 was tested by fold 0
-    want = plots.spot_attention(model, data.read_slide(tiny_run.parents[1] / "data" / "syn" / "synth_01.h5"),
+    want = plots.spot_attention(model, data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5"),
                                 "s01_00007", 1)
     with h5py.File(h5, "r") as f:
         for k in ("excitatory", "inhibitory", "attends", "keys_xy", "keys"):
