@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lattice
-from attention import GlobalAttention, SpotAttention, knn
+from attention import GlobalAttention, SpotAttention, child_attention, knn
 
 CHUNK = 1 << 14  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
 
@@ -255,6 +255,32 @@ class Fuse(nn.Linear):
         return F.linear(skip, self.weight[:, d:], self.bias).addmm_(up, self.weight[:, :d].T)
 
 
+class SubPool(nn.Module):
+    """Sub-tokens -> the next level up (the spot, or a coarser sub level). `linear`: HiST eq. (4), a learned
+    map per child slot (Coarsen). `attention`: HiFusion's CCF, the parent's query (the spot's own embedding;
+    at a sub level without features of its own, the mean of its children) attends over its <= 4 children."""
+
+    def __init__(self, dim: int, heads: int, kind: str):
+        super().__init__()
+        self.heads = heads
+        if kind == "linear":
+            self.coarsen = Coarsen(dim)
+        else:
+            self.coarsen, self.q, self.kv = None, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+            self.proj, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, x, parent, slot, n_parents, query=None):
+        if self.coarsen is not None:
+            return self.coarsen(x, parent, slot, n_parents)
+        d, H = x.shape[1], self.heads
+        if query is None:                                                # mean of the children
+            count = x.new_zeros(n_parents).index_add_(0, parent, x.new_ones(len(parent)))
+            query = x.new_zeros(n_parents, d).index_add_(0, parent, x) / count.clamp_min(1)[:, None]
+        k, v = self.kv(x).view(-1, 2, H, d // H).unbind(1)               # (n, H, d/H) each
+        y = child_attention(self.q(query).view(-1, H, d // H), k, v, parent)
+        return self.norm(self.proj(y.flatten(1)))                        # (M, d)
+
+
 class PathwayHead(nn.Module):
     """STF: scores = cos(spot token, pathway token) * temperature -> (N, P); genes = Linear(P -> G)."""
 
@@ -300,6 +326,18 @@ class Tessera(nn.Module):
         self.decoder = nn.ModuleList(
             nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
             for i, n in enumerate(cfg.decoder_depths))
+        # HiFusion: levels below the spot, one block each, coarsened into the spot (sub_pool) and fused
+        # with the spot's own features; the decoder continues below the spot down to the finest out level
+        K, low = cfg.sub_levels, -min(cfg.out_levels)
+        self.sub_encoder = nn.ModuleList(Block(cfg, cfg.attention, n_tokens) for _ in range(K))
+        self.sub_pool = nn.ModuleList(SubPool(d, cfg.heads, cfg.sub_pool) for _ in range(K))
+        self.sub_fuse = Fuse(d) if K else None                           # pooled sub-tokens || own features
+        self.sub_uncoarsen = nn.ModuleList(Uncoarsen(d) for _ in range(low))  # [i]: level -1-i from -i
+        self.sub_skip = nn.ModuleList(Fuse(d) for _ in range(low))
+        self.sub_decoder = nn.ModuleList(Block(cfg, cfg.attention, n_tokens) for _ in range(low))
+        # MagNet: an independent regression head per extra output level, on that level's decoder tokens
+        self.level_heads = nn.ModuleDict({str(k): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_genes))
+                                          for k in cfg.out_levels if k != 0})
         self.norm = nn.LayerNorm(d)
         if cfg.head == "pathway":
             self.head = PathwayHead(cfg.pathway_tokens, n_genes)
@@ -328,6 +366,8 @@ class Tessera(nn.Module):
                 last.bias[2 * G:].fill_(-3.0)
             else:
                 last.bias.copy_(target_mean)
+            for k, head in self.level_heads.items():  # a bin of 4^k spots (or a 1 / 4^-k sub-spot) on average
+                head[-1].bias.copy_(torch.log1p(torch.expm1(target_mean).clamp_min(0) * 4.0 ** int(k)))
         if membership is not None and self.cfg.pathway_tokens:
             self.pathway_membership.copy_(membership)
             if self.cfg.head == "pathway":
@@ -335,7 +375,7 @@ class Tessera(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
+                return_attention=False, out_dtype=None, sub_features=None, sub_valid=None):
         """features (N, C), coords (N, 2) in micrometres -> {"pred": (N, G), ...} in the caller's spot order.
         `out_dtype`: dtype of the per-spot outputs (default float32; float16 halves a 1M-spot prediction).
         Without grad in eval mode, every per-spot step runs in chunks of spots (`Block.forward_lowmem`),
@@ -347,12 +387,38 @@ class Tessera(nn.Module):
         # of the input spots, and neighbour ties (k-NN on integer sites) break the same way for any input order.
         order = torch.argsort(sites[:, 0] * (int(sites[:, 1].max()) + 1) + sites[:, 1])
         coords, sites = coords[order], sites[order]
-        pyramid = lattice.build_pyramid(sites, L, cfg.w)          # built once, shared by every layer
+        K, N = cfg.sub_levels, features.shape[0]
+        if K:  # HiFusion: sub-spot sites are the spot sites refined by r = 2^K (lattice.refine); coarsening
+            # them K times gives back exactly the spot sites, so one pyramid holds the sub and spot levels
+            r = 2 ** K
+            if sub_features is None or tuple(sub_features.shape[:2]) != (N, r * r):
+                raise ValueError(f"model.sub_levels = {K} needs sub_features of shape ({N}, {r * r}, C), found "
+                                 f"{None if sub_features is None else tuple(sub_features.shape)}")
+            valid = torch.ones(N, r * r, dtype=torch.bool, device=sites.device) if sub_valid is None else sub_valid
+            spot_of, s_of = torch.nonzero(valid[order], as_tuple=True)    # sub-tokens by (sorted spot, s)
+            pyramid = lattice.build_pyramid(lattice.refine(sites, r)[spot_of, s_of], K + L, cfg.w)
+        else:
+            pyramid = lattice.build_pyramid(sites, L, cfg.w)      # built once, shared by every layer
+        levels = pyramid.levels[K:]                               # the spot level and the coarser ones
         maps = [] if return_attention else None
         x = self._ckpt(self._stem_rows, features, order)          # (N, d), no (N, C) copy
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
+
+        align, sub_skips = None, []
+        if K:  # levels below the spot: stem on the sub-patches, a block per level, pooled into the spot
+            xs = torch.cat([self._stem(sub_features[order[spot_of[rows]], s_of[rows]])
+                            for rows in torch.arange(len(s_of), device=x.device).split(CHUNK)])
+            for l in range(K):
+                level = pyramid.levels[l]
+                xs, tokens = self._run(self.sub_encoder[l], xs, tokens, level,
+                                       self._knn_index(level, self.sub_encoder[l:l + 1]), maps)
+                sub_skips.append(xs)
+                own = x if l == K - 1 else None                   # the spot's own embedding queries (CCF)
+                xs = self._ckpt(self.sub_pool[l], xs, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0], own)
+            align = None if inference(self) else (xs, x)          # HiFusion's alignment: pooled vs own
+            x = self.sub_fuse(xs, x)                              # (N, d)
 
         if len(self.local) and pseudo_features is not None:  # FEAST local stage over spots + pseudo-spots
             n = x.shape[0]
@@ -371,20 +437,31 @@ class Tessera(nn.Module):
 
         skips = []
         for l in range(L):                                       # encoder
-            level = pyramid.levels[l]
+            level = levels[l]
             index = self._knn_index(level, self.encoder[l])
             for block in self.encoder[l]:
                 x, tokens = self._run(block, x, tokens, level, index, maps)
             if l < L - 1:
                 skips.append(x)
-                x = self._ckpt(self.coarsen[l], x, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0])
+                x = self._ckpt(self.coarsen[l], x, level.parent, level.slot, levels[l + 1].sites.shape[0])
+        decoded = {L - 1: x}                                     # every level's decoder tokens, for its head
         for i, blocks in enumerate(self.decoder):                # decoder, deepest first
             l = L - 2 - i
-            level = pyramid.levels[l]
+            level = levels[l]
             x = self._ckpt(self._up_fuse, l, x, skips.pop(), level)  # upsampled coarse || lateral skip
             index = self._knn_index(level, blocks)
             for block in blocks:
                 x, tokens = self._run(block, x, tokens, level, index, maps)
+            decoded[l] = x
+        for i, block in enumerate(self.sub_decoder):             # below the spot, down to the finest out level
+            level = pyramid.levels[K - 1 - i]
+
+            def up_skip(x, skip, i=i, level=level):
+                return self.sub_skip[i](self.sub_uncoarsen[i](x, level.parent, level.slot), skip)
+            x = self._ckpt(up_skip, x, sub_skips[K - 1 - i])
+            x, tokens = self._run(block, x, tokens, level, self._knn_index(level, [block]), maps)
+            decoded[-1 - i] = x
+        x = decoded[0]
 
         back = torch.argsort(order)                              # row of each caller's spot in x
         if not inference(self):
@@ -397,8 +474,49 @@ class Tessera(nn.Module):
                     if k not in out:
                         out[k] = v.new_empty(len(back), *v.shape[1:], dtype=out_dtype or v.dtype)
                     out[k][start:start + len(rows)] = v
+        if K or list(cfg.out_levels) != [0]:
+            out.update(self._levels(pyramid, order, decoded, out_dtype))
+        if align is not None:
+            out["align"] = align
         if return_attention:
             out["attention"] = maps
+        return out
+
+    def _levels(self, pyramid, order, decoded, out_dtype):
+        """The extra out_levels' predictions {"levels": {k: (N_k, G)}}, the parent maps between all levels
+        {"parents": {k: (N_k,) row at level k + 1}} and, below the spot, {"sub_index": {k: (N_k,) n * r^2 + s}},
+        rows in the order train.level_loss and eval.level_outputs read: caller's spots at level 0, sorted by
+        (caller's spot, sub-position s = r * ix + iy, r = 2^-k) below it, lattice row-major above it."""
+        K, L = self.cfg.sub_levels, len(self.cfg.depths)
+        levels, N = pyramid.levels, len(order)
+        parents = {j: levels[K + j].parent for j in range(1, L - 1)}
+        parents[0] = levels[K].parent[torch.argsort(order)] if L > 1 else None
+        perm, sub_index, spot, inv = {}, {}, torch.arange(N, device=order.device), None
+        for l in range(K - 1, -1, -1):                           # from just below the spot downwards
+            k, r, lvl = l - K, 2 ** (K - l), levels[l]
+            spot = spot[lvl.parent]                              # sorted spot row of each row of level l
+            key = order[spot] * r * r + r * (lvl.sites[:, 0] % r) + lvl.sites[:, 1] % r
+            perm[k] = torch.argsort(key)
+            sub_index[k] = key[perm[k]]
+            up = lvl.parent[perm[k]]
+            parents[k] = order[up] if inv is None else inv[up]   # caller's rows of the level above
+            inv = torch.argsort(perm[k])
+        preds = {}
+        for name, head in self.level_heads.items():
+            k = int(name)
+            t, idx = decoded[k], perm.get(k)
+            n = t.shape[0]
+            chunks = [slice(a, a + CHUNK) for a in range(0, n, CHUNK)]
+            rows = (lambda rows, t=t, idx=idx, head=head: head(t[rows if idx is None else idx[rows]]))
+            if inference(self):
+                preds[k] = t.new_empty(n, head[-1].out_features, dtype=out_dtype or torch.float32)
+                for c in chunks:
+                    preds[k][c] = rows(c)
+            else:
+                preds[k] = torch.cat([rows(c) for c in chunks]).to(out_dtype or torch.float32)
+        out = {"levels": preds, "parents": {k: v for k, v in parents.items() if v is not None}}
+        if sub_index:
+            out["sub_index"] = sub_index
         return out
 
     def _run(self, block, x, tokens, level, knn_index, maps):

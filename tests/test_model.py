@@ -292,3 +292,136 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+# ---- levels below and above the spot (HiFusion sub-spots, MagNet multi-resolution heads) ------------------
+def test_child_attention_against_a_loop():
+    from attention import child_attention
+    g = torch.Generator().manual_seed(0)
+    M, H, dh = 5, 2, 3
+    parent = torch.tensor([0, 0, 1, 3, 3, 3, 3, 1, 4])                 # parent 2 has no children
+    q, k, v = torch.randn(M, H, dh, generator=g), torch.randn(9, H, dh, generator=g), torch.randn(9, H, dh, generator=g)
+    got = child_attention(q, k, v, parent)
+    for m in range(M):
+        kids = [c for c in range(9) if parent[c] == m]
+        for h in range(H):
+            if not kids:
+                assert got[m, h].abs().sum() == 0
+                continue
+            s = torch.stack([q[m, h] @ k[c, h] / dh ** 0.5 for c in kids])
+            w = torch.exp(s - s.max()) / torch.exp(s - s.max()).sum()
+            torch.testing.assert_close(got[m, h], sum(w[i] * v[c, h] for i, c in enumerate(kids)))
+
+
+def sub_inputs(n, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = 4 ** K
+    valid = torch.rand(n, S, generator=g) < 0.7
+    valid[torch.arange(n), torch.randint(S, (n,), generator=g)] = True
+    return torch.randn(n, S, C, generator=g), valid
+
+
+LEVEL_CFGS = [small_cfg(sub_levels=1, out_levels=[-1, 0, 2]),
+              small_cfg(sub_levels=2, sub_pool="attention", out_levels=[-2, -1, 0, 1]),
+              small_cfg(sub_levels=1, sub_pool="attention", out_levels=[0], head="pathway", attention="knn",
+                        bias="alibi"),
+              small_cfg(out_levels=[0, 1, 2], unit_um=100.0)]
+
+
+@pytest.mark.parametrize("cfg", LEVEL_CFGS)
+def test_level_outputs_follow_their_contract(cfg):
+    """Rows below the spot are the valid (caller's spot, sub-position) pairs in that order; each parent map
+    sends a row to the row of the level above that holds it (checked with the sub-positions by hand)."""
+    feats, xy = hex_slide()
+    n, K = len(xy), cfg.sub_levels
+    sub, valid = sub_inputs(n, K) if K else (None, None)
+    out = make(cfg)(feats, xy, sub_features=sub, sub_valid=valid)
+    assert out["pred"].shape == (n, G)
+    assert sorted(out["levels"]) == sorted(k for k in cfg.out_levels if k != 0)
+    for k in range(-K, 0):
+        r = 2 ** -k
+        rows = []
+        for a in range(n):                          # a sub-position of level k exists if any data child does
+            R = 2 ** K
+            have = {r * ((s // R) * r // R) + (s % R) * r // R for s in range(R * R) if valid[a, s]}
+            rows += [a * r * r + t for t in sorted(have)]
+        assert out["sub_index"][k].tolist() == rows
+        up = out["parents"][k]
+        for row, flat in enumerate(rows):
+            a, t = divmod(flat, r * r)
+            if k == -1:
+                assert up[row] == a
+            else:                                   # the level above (r / 2) holds (a, coarser position)
+                ix, iy = divmod(t, r)
+                assert out["sub_index"][k + 1][up[row]] == a * (r // 2) ** 2 + (r // 2) * (ix // 2) + iy // 2
+        if k in out["levels"]:
+            assert out["levels"][k].shape == (len(rows), G)
+    if K:
+        pooled, own = out["align"]
+        assert pooled.shape == own.shape == (n, cfg.dim)
+    for k in [k for k in cfg.out_levels if k > 0]:
+        assert out["levels"][k].shape == (int(out["parents"][k - 1].max()) + 1, G)
+    # the level above the spot: a spot's parent holds it in the lattice (sites // 2 of the spot level)
+    sites = lattice.to_lattice(xy, cfg.unit_um or lattice.default_unit(xy))
+    key = {}
+    for a in range(n):
+        key.setdefault(tuple((sites[a] // 2).tolist()), set()).add(int(out["parents"][0][a]))
+    assert all(len(v) == 1 for v in key.values()) and len(key) == len({int(p) for p in out["parents"][0]})
+
+
+@pytest.mark.parametrize("cfg", LEVEL_CFGS[:3])
+def test_levels_are_equivariant_to_the_spot_order(cfg):
+    feats, xy = hex_slide()
+    n = len(xy)
+    sub, valid = sub_inputs(n, cfg.sub_levels)
+    model = make(cfg)
+    with torch.no_grad():
+        a = model(feats, xy, sub_features=sub, sub_valid=valid)
+        p = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+        b = model(feats[p], xy[p], sub_features=sub[p], sub_valid=valid[p])
+    torch.testing.assert_close(b["pred"], a["pred"][p], rtol=1e-4, atol=1e-5)
+    for k, pred in a["levels"].items():
+        if k < 0:
+            S = 4 ** -k
+            where = {int(f): i for i, f in enumerate(a["sub_index"][k])}
+            rows = [where[int(p[f // S]) * S + int(f % S)] for f in b["sub_index"][k]]
+            torch.testing.assert_close(b["levels"][k], pred[rows], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", LEVEL_CFGS)
+def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
+    """Inference (eval, no grad, chunks of 7 rows, window batches of at most 20 pairs) gives every level
+    what one chunk gives with grad enabled."""
+    import attention
+    import model as model_module
+    where = attention if hasattr(attention, "CHUNK") else model_module   # the per-spot chunk size
+    feats, xy = hex_slide()
+    K = cfg.sub_levels
+    sub, valid = sub_inputs(len(xy), K) if K else (None, None)
+    model = make(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    monkeypatch.setattr(where, "CHUNK", 1 << 20)
+    whole = model(feats, xy, sub_features=sub, sub_valid=valid)
+    monkeypatch.setattr(where, "CHUNK", 7)
+    batches = lattice.window_batches
+    monkeypatch.setattr(lattice, "window_batches", lambda rulebook: batches(rulebook, max_pairs=20))
+    with torch.no_grad():
+        chunked = model(feats, xy, out_dtype=torch.float64, sub_features=sub, sub_valid=valid)
+    torch.testing.assert_close(chunked["pred"].float(), whole["pred"].detach(), rtol=1e-4, atol=1e-5)
+    for k in whole["levels"]:
+        torch.testing.assert_close(chunked["levels"][k].float(), whole["levels"][k].detach(), rtol=1e-4, atol=1e-5)
+    for key in ("parents", "sub_index"):
+        for k in whole.get(key, {}):
+            assert torch.equal(chunked[key][k], whole[key][k])
+    assert "align" not in chunked and ("align" in whole) == bool(K)
+
+
+def test_sub_levels_need_their_sub_features():
+    feats, xy = hex_slide()
+    model = make(small_cfg(sub_levels=1, out_levels=[-1, 0]))
+    with pytest.raises(ValueError, match=r"model\.sub_levels = 1 needs sub_features of shape \(144, 4, C\)"):
+        model(feats, xy)
+    with pytest.raises(ValueError, match=r"found \(144, 16, 12\)"):
+        model(feats, xy, sub_features=torch.zeros(len(xy), 16, C))

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import data
+import eval as evaluation
 import lattice
 import synthetic
 import train
@@ -192,11 +193,28 @@ def tiny_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_sub_root(tmp_path_factory):
+    """Square slides with r x r sub-spots (synthetic --sub r), made on first use for r = 2 or 4."""
+    roots = {}
+
+    def get(r):
+        if r not in roots:
+            roots[r] = tmp_path_factory.mktemp(f"synth_sub{r}")
+            synthetic.make_synthetic(roots[r], n_slides=4, seed=0, n_spots=240 // r, layout="square", sub=r,
+                                     log=lambda s: None)
+        return roots[r]
+    return get
+
+
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_trains_and_its_loss_decreases(name, tiny_root):
+def test_every_config_trains_and_its_loss_decreases(name, tiny_root, tiny_sub_root):
+    sub_levels = train.load_config(ROOT / "configs" / name)["model"]["sub_levels"]
+    if sub_levels:                                      # HiFusion-like configs read sub-patch features
+        tiny_root = tiny_sub_root(2 ** sub_levels)
     cfg = train.load_config(ROOT / "configs" / name, [f"data.root={tiny_root}"])
     if cfg["data"]["gmt"]:
         cfg["data"]["gmt"] = str(tiny_root / "programs.gmt")
@@ -366,3 +384,32 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_root, tmp_path):
     b = json.loads((run / "results.json").read_text())["metrics"]
     for metric in a:
         np.testing.assert_allclose(a[metric]["folds"], b[metric]["folds"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
+    """superres.yaml on tiny 2 x 2 sub-spot slides, with a coarser head too: results per level with the
+    copy baseline; eval.py predict writes every level of model.out_levels."""
+    root = tiny_sub_root(2)
+    r = run_train([str(ROOT / "configs/superres.yaml"), f"data.root={root}", "run.name=levels", "data.folds=2",
+                   "data.genes={by: hvg, n: 20}", "model.dim=16", "model.heads=2", "train.epochs=2",
+                   "model.out_levels=[-1, 0, 1]", "train.level_weights=[1.0, 1.0, 0.5]",
+                   "train.consistency_lambda=0.5", "train.align_lambda=0.5"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "runs" / "levels" / "results.json").read_text())
+    for name in ("pcc_gene", "pcc_gene@-1", "mse@-1", "pcc_gene@-1_copy", "pcc_gene@1", "r2_flat@1"):
+        assert len(res["metrics"][name]["folds"]) == 2, name
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", "--run", "runs/levels", "--slides",
+                        str(root), "--out", "pred"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    slide = data.read_slide(data.list_slides(root)[0])
+    f = evaluation.read_predictions(tmp_path / "pred" / f"{slide.slide_id}.h5")
+    assert sorted(f["levels"]) == [-1, 1]
+    sub = f["levels"][-1]
+    n_sub = int(slide.sub_valid.sum())
+    assert sub["pred"].shape == (n_sub, len(f["genes"])) and sub["coords"].shape == (n_sub, 2)
+    want = lattice.sub_coords(slide.coords, 2, slide.sub_extent_um)[slide.sub_valid]   # (spot, s) order
+    np.testing.assert_allclose(sub["coords"], want.numpy(), atol=1e-3)
+    assert "copy" in sub and "true" not in sub                  # predict reads slides without gene selection
+    fold = [evaluation.read_predictions(q) for q in (tmp_path / "runs" / "levels").glob("fold_*/pred/*.h5")]
+    assert all("true" in g["levels"][-1] and "true" in g["levels"][1] for g in fold)
