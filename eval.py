@@ -3,6 +3,7 @@
 Usage:
     python eval.py runs/<name> [runs/<other> ...]              # re-evaluate runs, print one comparison table
     python eval.py predict --run runs/<name> --slides DIR --out DIR  # predict slides without counts
+    python eval.py runs/<name> --paper hist:brain                  # the paper's numbers beside the run's
 All metrics take log-space values (log1p of counts), numpy arrays or torch tensors, and compute in float64.
 """
 from __future__ import annotations
@@ -228,6 +229,40 @@ def format_table(results_list: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- a paper's numbers beside a run's
+PAPERS = Path(__file__).with_name("configs") / "protocols" / "papers.yaml"
+
+
+def pcc_spot(preds, trues) -> float:
+    """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
+    ps, ts = map(list, zip(*_slides(preds, trues)))
+    return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
+
+
+def paper_table(results: dict, run_dir, key: str) -> str:
+    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
+    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
+    import yaml
+    table = yaml.safe_load(PAPERS.read_text())
+    if key not in table:
+        raise ValueError(f"{PAPERS}: expected an entry --paper {key!r}; it has {', '.join(table)}")
+    entry, cells = table[key], []
+    for m in entry["metrics"]:
+        if m == "pcc_spot":
+            folds = [[read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
+                     for name in results["fold_names"]]
+            v = [pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
+                 for fs in folds]
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
+        else:
+            cells.append(_mean_std(results["metrics"][m]))
+    lines = [f"{entry['source']} ({key}), beside {results['run']} ({results['n_folds']} folds):", "",
+             "| method | " + " | ".join(entry["metrics"]) + " |", "| --- |" + " --- |" * len(entry["metrics"])]
+    lines += [f"| {name} (paper) | " + " | ".join(str(v) for v in row) + " |" for name, row in entry["rows"].items()]
+    lines.append(f"| {results['run']} (this run) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- prediction of new slides
 @torch.no_grad()
 def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32) -> torch.Tensor:
@@ -310,12 +345,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
                                      "per_gene.csv, results.md) and print one comparison table.")
     parser.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
+    parser.add_argument("--paper", help="also print a paper's numbers beside each run's, e.g. hist:brain "
+                        "(entries of configs/protocols/papers.yaml)")
     args = parser.parse_args(argv)
     try:
         results = [evaluate_run(d) for d in args.runs]
+        papers = [paper_table(r, d, args.paper) for r, d in zip(results, args.runs)] if args.paper else []
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
     print(format_table(results))
+    for table in papers:
+        print("\n" + table)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,15 @@ DEFAULTS = {
         "root": "data/synthetic",     # folder of <slide>.h5 caches
         "synthetic": None,            # e.g. {slides: 12, seed: 0, spots: 1500}: generate root if missing
         "folds": 4,                   # k folds grouped by patient; -1 = leave one patient out
+        "group": "patient",           # patient | slide: what no fold may split (HiST, MERGE, FEAST: slide)
+        "assign": "balanced",         # balanced | kfold (MERGE, FEAST) | hist: how groups go to folds
+        "fold_seed": None,            # seed of the fold assignment; null = train.seed
         "split_dir": None,            # HEST-Benchmark splits/ folder (train_i.csv / test_i.csv) instead
         "genes": {"by": "hvg", "n": 250},  # a gene list file, {by: hvg|mean, n: N}, or null = all genes
         "normalize": False,           # targets log1p(counts / library_size * 1e4) instead of log1p(counts)
         "gmt": None,                  # pathway gene sets (MSigDB GMT) for pathway tokens / head / loss
         "pseudo": True,               # use off-grid pseudo-spots when the caches have them
+        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (SMOOTH)
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
@@ -61,6 +65,13 @@ DEFAULTS = {
     "run": {"name": "demo", "dir": "runs", "device": "auto",
             "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
 }
+
+
+# SPCS label smoothing (MERGE, FEAST: data.spcs) with the parameters of MERGE's smoothing notebook;
+# rescale: MERGE's 'spcs_to_8n' targets, each gene min-max scaled onto the slide's range of 8-neighbour
+# means of log10 expression (data.eight_neighbour_mean, data.minmax_to_range).
+SMOOTH = {"method": "spcs", "alpha": 0.6, "beta": 0.4, "tau_p": 16, "tau_s": 2, "pcs": 10, "hexagonal": False,
+          "rescale": False}
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -99,6 +110,13 @@ def load_config(path, overrides=()) -> dict:
                 nested = {part: nested}
             cfg = merge(cfg, nested)
         mc = ModelConfig.from_dict(cfg["model"])
+        if cfg["data"]["smooth"] is not None:
+            cfg["data"]["smooth"] = merge(SMOOTH, cfg["data"]["smooth"], "data.smooth.")
+            if cfg["data"]["smooth"]["method"] != "spcs":
+                raise ValueError(f"data.smooth.method = {cfg['data']['smooth']['method']!r}; expected spcs")
+        for key, allowed in (("group", ("patient", "slide")), ("assign", ("balanced", "kfold", "hist"))):
+            if cfg["data"][key] not in allowed:
+                raise ValueError(f"data.{key} = {cfg['data'][key]!r}; expected one of {', '.join(allowed)}")
         if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
             raise ValueError("train.loss = zinb and model.head = zinb go together")
         if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
@@ -173,6 +191,25 @@ def compute_loss(out, batch, cfg, model):
 
 
 # ---- data of one fold ---------------------------------------------------------------------------
+def slide_targets(slide: data.Slide, cfg: dict) -> torch.Tensor:
+    """(N, G) regression targets of a slide with counts: log1p (data.normalize: of counts per 1e4), then
+    the label smoothing of data.smooth on the slide's spot array (MERGE, FEAST)."""
+    y = data.log_targets(slide.counts, slide.library_size, normalize=cfg["data"]["normalize"])
+    sm = cfg["data"]["smooth"]
+    if not sm:
+        return y
+    # integer array positions: the lattice of the spot pitch (a hexagonal array: half a pitch across,
+    # a row height down, as Visium's array_col and array_row)
+    pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
+    step = torch.tensor([pitch / 2, pitch * math.sqrt(3) / 2] if sm["hexagonal"] else [pitch, pitch])
+    grid = lattice.to_lattice(slide.coords.double() / step, 1.0).numpy()
+    out = data.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
+    if sm["rescale"]:
+        eight = data.eight_neighbour_mean(y.numpy() / math.log(10), grid)
+        out = data.minmax_to_range(out, eight.min(), eight.max())
+    return torch.from_numpy(out).float()
+
+
 def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
     """Tensors the model and the losses need, for one slide, on the CPU."""
     counts = slide.counts
@@ -182,7 +219,7 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
          "unit": unit_um or lattice.default_unit(slide.coords)}
     if counts is not None:
         b["counts"], b["library_size"] = counts, lib.clamp_min(1)
-        b["target"] = data.log_targets(counts, lib, normalize=cfg["data"]["normalize"])
+        b["target"] = slide_targets(slide, cfg)
     if cfg["data"]["pseudo"] and slide.pseudo_features is not None:
         b["pseudo_features"], b["pseudo_coords"] = slide.pseudo_features, slide.pseudo_coords
     return b
@@ -352,8 +389,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
     for s in test_slides:
-        target = data.log_targets(s.counts, s.library_size, normalize=cfg["data"]["normalize"]) \
-            if s.counts is not None else None
+        target = slide_targets(s, cfg) if s.counts is not None else None
         evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5",
                                      evaluation.predict_slide(model, s, cfg["data"]["pseudo"], device),
                                      genes, s.barcodes, s.coords, true=target, slide_id=s.slide_id)
@@ -363,14 +399,40 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
 
 
 def folds_for(cfg, root: Path):
-    if cfg["data"]["split_dir"]:
-        return data.read_split_csvs(cfg["data"]["split_dir"])
+    dc = cfg["data"]
+    if dc["split_dir"]:
+        return data.read_split_csvs(dc["split_dir"])
     paths = data.list_slides(root)
     if not paths:
         raise SystemExit(f"{root}: no <slide>.h5 caches found (data.root)")
     metas = [data.read_slide_meta(p) for p in paths]
-    return data.make_folds([m.slide_id for m in metas], [m.patient for m in metas],
-                           cfg["data"]["folds"], cfg["train"]["seed"])
+    ids = [m.slide_id for m in metas]
+    return data.make_folds(ids, ids if dc["group"] == "slide" else [m.patient for m in metas], dc["folds"],
+                           cfg["train"]["seed"] if dc["fold_seed"] is None else dc["fold_seed"], dc["assign"])
+
+
+def check_inputs(cfg, folds, root: Path) -> None:
+    """Before any training: every slide a split file names has a cache, and every slide has every gene
+    of a gene list file. The error names the file, the ids and what is missing."""
+    split_dir = cfg["data"]["split_dir"]
+    for k, (train_ids, test_ids) in enumerate(folds):
+        for part, ids in (("train", train_ids), ("test", test_ids)):
+            missing = [s for s in ids if not (root / f"{s}.h5").exists()]
+            if missing:
+                where = Path(split_dir) / f"{part}_{k}.csv" if split_dir else f"fold {k} ({part})"
+                raise SystemExit(f"{where}: {len(missing)} sample ids have no cache <id>.h5 in {root} (data.root): "
+                                 f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    spec = cfg["data"]["genes"]
+    if isinstance(spec, str):
+        path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
+        genes = data.read_gene_list(path)
+        for s in sorted({s for tr, te in folds for s in tr + te}):
+            have = data.read_slide_meta(root / f"{s}.h5").genes
+            missing = [g for g in genes if have is not None and g not in set(have)]
+            if missing:
+                raise SystemExit(f"{path} (data.genes): {len(missing)} of its {len(genes)} genes are missing from "
+                                 f"slide {s} ({root / f'{s}.h5'}): {', '.join(missing[:10])}"
+                                 f"{' ...' if len(missing) > 10 else ''}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -419,6 +481,7 @@ def main(argv=None):
         torch.set_num_threads(cfg["run"]["threads"])
     device = resolve_device(cfg["run"]["device"])
     folds = folds_for(cfg, root)
+    check_inputs(cfg, folds, root)
     started, done_epochs = time.time(), [0]
     todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
 
