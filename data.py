@@ -1,9 +1,10 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds · coordinate augmentation · command line. The HEST import and placeholder encoder are in
-hest.py, the synthetic generator in synthetic.py.
-    python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...]
+targets · folds · paper protocols (slide lists, gene-name harmonisation, the papers' fold assignments,
+SPCS label smoothing) · coordinate augmentation · command line. The HEST import and placeholder encoder
+are in hest.py, the synthetic generator in synthetic.py.
+    python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
 """
 from __future__ import annotations
 
