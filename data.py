@@ -507,7 +507,7 @@ def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau
     g = np.asarray(grid, dtype=np.int64)
     n = len(x)
     # pattern neighbours
-    u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(x - x.mean(0)), full_matrices=False))
     k = min(n_pcs, len(s))
     scores = u[:, :k] * s[:k]                                              # (N, k)
     scores *= np.sign(scores[np.abs(scores).argmax(0), np.arange(k)])     # sign convention

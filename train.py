@@ -427,8 +427,8 @@ def check_inputs(cfg, folds, root: Path) -> None:
         path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
         genes = data.read_gene_list(path)
         for s in sorted({s for tr, te in folds for s in tr + te}):
-            have = data.read_slide_meta(root / f"{s}.h5").genes
-            missing = [g for g in genes if have is not None and g not in set(have)]
+            have = set(data.read_slide_meta(root / f"{s}.h5").genes or genes)   # no counts: nothing to check
+            missing = [g for g in genes if g not in have]
             if missing:
                 raise SystemExit(f"{path} (data.genes): {len(missing)} of its {len(genes)} genes are missing from "
                                  f"slide {s} ({root / f'{s}.h5'}): {', '.join(missing[:10])}"
