@@ -1,6 +1,6 @@
 """Speed, memory and scaling of tessera, beside the edge-list and dense ways of computing window attention.
 
-HiST sec. 4.3 and Table 1. Tables from this machine, and the commands: BENCHMARKS.md.
+HiST sec. 4.3 and Table 1. Recorded tables, their machine and their commands: BENCHMARKS.md.
 
     python bench.py                                        # everything, CPU, N = 1k ... 256k (1M for some)
     python bench.py --parts window --sizes 4k,64k --layouts hd --json window.json
@@ -175,14 +175,14 @@ def _window_case(spec, dev):
         def grads(fn):
             out = fn()
             return [out.detach()] + list(torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
-        # largest difference relative to the largest magnitude of each tensor (the 1e-5 tolerance of BENCHMARKS.md)
+        # largest difference relative to the largest magnitude of each tensor (BENCHMARKS.md's 1e-5 target)
         extra["max_err"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1))
                                for a, b in zip(grads(f), grads(ours)))
     return (lambda: f().sum().backward()) if spec["mode"] == "fwd+bwd" else no_grad(f), extra
 
 
 def _memory_case(spec, dev):
-    """Memory: forward + backward of window_attention and knn_attention (K = 16) at the demo's width."""
+    """Forward + backward of window_attention and knn_attention (K = 16) at the demo's width."""
     n, (h, d), g = spec["n"], MEMORY_HEADS, torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, h, d, generator=g).to(dev).requires_grad_() for _ in range(3))
     if spec["name"] == "window_attention":

@@ -180,6 +180,37 @@ def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch)
     assert not all(torch.equal(t, states[3][n]) for n, t in model.state_dict().items())
 
 
+# ---- coordinate augmentation ----------------------------------------------------------------------
+
+def pairwise(xy):
+    return torch.cdist(xy.double(), xy.double())
+
+
+def test_augment_coords():
+    xy = torch.rand(300, 2) * 5000
+    keep, out = train.augment_coords(xy, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, torch.arange(300)) and torch.equal(out, xy)
+    angles = set()
+    for seed in range(8):     # mirror and rotation only: distances and the centroid are preserved
+        keep, out = train.augment_coords(xy, 1.0, torch.Generator().manual_seed(seed), p_drop=0.0, max_shear_deg=0)
+        assert len(keep) == 300 and torch.allclose(pairwise(out), pairwise(xy), atol=0.05)
+        assert torch.allclose(out.mean(0), xy.mean(0), atol=0.05)
+        v0, v1 = xy[1] - xy[0], out[1] - out[0]
+        angles.add(round(math.degrees(math.atan2(v1[1], v1[0]) - math.atan2(v0[1], v0[0])) % 360 / 45))
+    assert len(angles) > 2
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = train.augment_coords(xy, 0.7, g1), train.augment_coords(xy, 0.7, g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    keep, out = train.augment_coords(xy, 1.0, torch.Generator().manual_seed(1), max_rot_deg=0, max_shear_deg=15)
+    assert keep.dtype == torch.long and out.shape == (len(keep), 2) and 150 < len(keep) < 300
+    assert torch.equal(keep, keep.sort().values)
+    sheared = [not torch.allclose(pairwise(train.augment_coords(xy, 1.0, torch.Generator().manual_seed(s), p_drop=0)[1]),
+                                  pairwise(xy), atol=0.05) for s in range(4)]
+    assert any(sheared)
+    keep, out = train.augment_coords(xy[:3], 1.0, torch.Generator().manual_seed(0), p_drop=1.0)
+    assert len(keep) == 1 and out.shape == (1, 2)
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 def run_train(args, cwd, **kw):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
@@ -247,15 +278,15 @@ def test_bad_split_ids_and_gene_lists_stop_before_training(tiny_root, tmp_path):
     r = run_train([str(ROOT / "configs/mlp.yaml"), f"data.root={tiny_root}", f"data.split_dir={splits}",
                    "run.name=bad-split", *TINY], cwd=tmp_path)
     assert r.returncode != 0
-    assert f"{splits / 'train_0.csv'}: 2 sample ids have no cache <id>.h5 in {tiny_root} (data.root): NOPE1, NOPE2" \
-        in r.stderr.strip().splitlines()[-1]
+    assert (f"{splits / 'train_0.csv'}: key 'data.split_dir': expected a cache <id>.h5 in {tiny_root} for every "
+            "sample id, found none for 2: NOPE1, NOPE2") == r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs" / "bad-split" / "fold_0").exists()
     (tmp_path / "genes.json").write_text(json.dumps({"genes": ["G000", "G001", "NOT_A_GENE"]}))
     r = run_train([str(ROOT / "configs/mlp.yaml"), f"data.root={tiny_root}", f"data.genes={tmp_path / 'genes.json'}",
                    "run.name=bad-genes", "data.folds=2"], cwd=tmp_path)
     assert r.returncode != 0 and not (tmp_path / "runs" / "bad-genes" / "fold_0").exists()
-    assert (f"{tmp_path / 'genes.json'} (data.genes): 1 of its 3 genes are missing from slide {ids[0]} "
-            f"({tiny_root / (ids[0] + '.h5')}): NOT_A_GENE") in r.stderr
+    assert (f"{tmp_path / 'genes.json'}: key 'data.genes': expected genes the slides have, found 1 missing from "
+            f"{tiny_root / (ids[0] + '.h5')}: NOT_A_GENE") in r.stderr
 
 
 def test_slide_targets_smooth_on_the_spot_array():
@@ -280,5 +311,9 @@ def test_slide_targets_smooth_on_the_spot_array():
     np.testing.assert_allclose(t.max(0), eight.max(), rtol=1e-5)
     with pytest.raises(SystemExit, match=r"unknown config key 'data\.smooth\.tau'"):
         train.load_config(ROOT / "configs/feast.yaml", ["data.smooth.tau=3"])
-    with pytest.raises(SystemExit, match="data.group = 'donor'; expected one of patient, slide"):
+    with pytest.raises(SystemExit, match=r"key 'data.smooth.tau_s': expected an integer >= 1, found 0"):
+        train.load_config(ROOT / "configs/default.yaml", ["data.smooth={tau_s: 0}"])
+    assert train.load_config(ROOT / "configs/default.yaml", ["data.smooth={beta: 0.5}"])["data"]["smooth"] == \
+        {**data.SMOOTH, "beta": 0.5}
+    with pytest.raises(SystemExit, match=r"key 'data.group': expected a string \(one of patient, slide\), found 'donor'"):
         train.load_config(ROOT / "configs/feast.yaml", ["data.group=donor"])
