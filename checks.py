@@ -63,7 +63,7 @@ RANGES = {
     "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0),
     "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
     "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
-    "train.augment.rot_deg": at_least(0), "run.threads": at_least(0),
+    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "run.threads": at_least(0),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
 }
 

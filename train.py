@@ -64,7 +64,9 @@ DEFAULTS = {
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
         "seed": 0,
     },
-    "eval": {"save_predictions": True},
+    "eval": {"save_predictions": True,
+             "mc_samples": 0,         # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
+             "save_h5ad": False},     # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
     "run": {"name": "demo", "dir": "runs", "device": "auto",
             "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
 }
@@ -401,9 +403,9 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
-        evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5",
-                                     evaluation.predict_slide(model, s, cfg["data"]["pseudo"], device),
-                                     genes, s.barcodes, s.coords, true=target, slide_id=s.slide_id)
+        evaluation.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
+                                           fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
+                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")
