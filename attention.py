@@ -296,8 +296,8 @@ class SpotAttention(nn.Module):
     within level.rulebook, the other H/2 within level.rulebook_shifted. Bias 'rpb' (window only),
     'alibi' (distance on slot offsets in window mode, each half with the full slope range; on
     level.sites otherwise) or 'none'. `chunk`: queries per batch (knn, full); window mode runs the
-    level's window batches (lattice.window_batches) and projects q, k, v batch by batch: inference holds no
-    (N, 3 dim) tensor."""
+    level's window batches (lattice.window_batches); without grad it projects q, k, v batch by batch,
+    so inference holds no (N, 3 dim) tensor."""
 
     def __init__(self, dim, heads, mode="window", w=3, bias="rpb", signed=False, beta=1.5, tau=0.6,
                  attn_drop=0.0, chunk=4096):
@@ -352,30 +352,30 @@ class SpotAttention(nn.Module):
         return (out, self._diagnostics(qk, n, level, knn_index, bias)) if return_attention else out
 
     def _window(self, h, n, level, bias, dropout_p):
-        """HiST W-MSA with q, k, v projected per window batch, for the batch's tokens and the partition's
-        heads only: no (N, 3 dim) tensor. Returns (N, dim): standard-window heads, then shifted-window heads;
-        zeros for a token in no window."""
-        H, dim, out = self.heads, self.dim, None
-        Wqkv, bqkv = self.qkv.weight.view(3, H, -1, dim), self.qkv.bias.view(3, H, -1)
+        """HiST W-MSA over the level's window batches -> (N, dim): standard-window heads, then shifted-window
+        heads; zeros for a token in no window. With grad, q, k, v of all spots are projected at once and each
+        partition is one autograd node. Without, they are projected per window batch, for the batch's tokens
+        and the partition's heads only: no (N, 3 dim) tensor."""
+        H, dim = self.heads, self.dim
+        bias_of = lambda heads: None if bias is None else bias[heads]  # noqa: E731
+        if torch.is_grad_enabled():  # (projecting per batch with autograd: ~10% slower training, BENCHMARKS.md)
+            q, k, v = self.qkv(h(slice(None))).view(n, 3, H, -1).unbind(1)  # each (N, H, Dh)
+            return torch.cat([window_attention(q[:, heads], k[:, heads], v[:, heads], batches, bias_of(heads),
+                                               self.beta, self.tau, dropout_p=dropout_p)
+                              for _, heads, _, batches in self._partitions(level)], 1).reshape(n, dim)
+        Wqkv, bqkv, out = self.qkv.weight.view(3, H, -1, dim), self.qkv.bias.view(3, H, -1), None
         for _, heads, _, batches in self._partitions(level):
             W, b = Wqkv[:, heads].reshape(-1, dim), bqkv[:, heads].reshape(-1)  # this partition's q, k, v
-            done = []
             for tokens, slots in batches:
                 w, c = tokens.shape
                 rows = tokens.flatten()
                 q, k, v = F.linear(h(rows), W, b).view(w * c, 3, H // 2, -1).unbind(1)
                 local = torch.arange(w * c, device=rows.device).view(w, c)  # the batch's tokens, renumbered
-                o = window_attention(q, k, v, [(local, slots)], None if bias is None else bias[heads],
-                                     self.beta, self.tau, dropout_p=dropout_p)  # (w * c, H/2, Dh)
+                o = window_attention(q, k, v, [(local, slots)], bias_of(heads), self.beta, self.tau,
+                                     dropout_p=dropout_p)  # (w * c, H/2, Dh)
                 if out is None:  # here, to take o's dtype (bf16 under autocast)
                     out = o.new_zeros(n, H, o.shape[-1])
-                if torch.is_grad_enabled():
-                    done.append((rows, o))
-                else:  # inference: straight into the output
-                    out[rows, heads] = o
-            if done:  # one write per partition: autograd then keeps one node, not one per batch
-                rows, outs = zip(*done)
-                out[torch.cat(rows), heads] = torch.cat(outs)
+                out[rows, heads] = o
         return out.reshape(n, dim)
 
     def _partitions(self, level):
