@@ -407,7 +407,8 @@ class SpotAttention(nn.Module):
                 slots = rulebook[0]  # (S,)
                 qw, kw = (t[:, heads].transpose(0, 1) for t in qk(slots.clamp(min=0)))  # (H/2, S, Dh)
                 pairs = (slots >= 0)[:, None] & (slots >= 0)[None, :]  # (S, S): both slots filled
-                info[name] = dict(tokens=slots, weights=weights(qw, kw, None if bias is None else bias[heads], pairs))
+                b = None if bias is None else bias[heads]
+                info[name] = dict(tokens=slots, weights=weights(qw, kw, b, pairs))
             return info
         if self.mode == "none":
             return {}
