@@ -18,6 +18,13 @@ import torch.nn.functional as F
 
 import lattice
 
+CHUNK = 1 << 14  # spots per chunk of the per-spot steps (projections, FFN, stem, head, the tokens' read)
+
+
+def row_chunks(n):
+    """Slices of at most CHUNK rows covering 0 .. n (slices, so a chunk of a tensor is a view)."""
+    return [slice(start, start + CHUNK) for start in range(0, n, CHUNK)]
+
 
 def signed_attention(q, k, v, bias=None, mask=None, beta=0.0, tau=1.0, *, dropout_p=0.0):
     """FEAST negative attention: softmax(S + B) @ v - beta * softmax((-S + B) / tau) @ v, S = q k^T / sqrt(D).
@@ -42,16 +49,34 @@ def signed_attention(q, k, v, bias=None, mask=None, beta=0.0, tau=1.0, *, dropou
     return out
 
 
+def signed_softmax(s, b=0.0, beta=0.0, tau=1.0, dim=-1):
+    """FEAST negative attention weights from scores s and an additive bias b (-inf = not allowed):
+    a = softmax(s + b) - beta * softmax((b - s) / tau), over `dim`. Returns (a, pos, neg), the two softmaxes
+    kept for a hand-written backward (neg is None when beta = 0)."""
+    pos = _softmax(s + b, dim)
+    neg = _softmax((b - s) / tau, dim) if beta else None
+    return (pos - beta * neg if beta else pos), pos, neg
+
+
+def _softmax(s, dim):
+    """Softmax of a fresh tensor; in place when no gradient flows (faster than torch.softmax on short rows
+    on the CPU)."""
+    if s.requires_grad:
+        return torch.softmax(s, dim)
+    s -= s.amax(dim, keepdim=True)
+    s.exp_()
+    return s.div_(s.sum(dim, keepdim=True))
+
+
 def signed_weights(q, k, bias=None, mask=None, beta=0.0, tau=1.0):
     """The explicit weight matrix of `signed_attention`, (..., Lq, Lk), for inspection of small cases
     (FEAST's excitatory / inhibitory maps). Rows sum to 1 - beta; a row with no allowed key is zero."""
     s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    b = 0.0 if bias is None else bias.to(q.dtype)
+    b = torch.zeros_like(s) if bias is None else bias.to(q.dtype).expand_as(s)
     m = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.expand_as(s)
-    keep = m.any(-1, keepdim=True)
-    pos = torch.softmax((s + b).masked_fill(~m, float("-inf")).masked_fill(~keep, 0.0), -1)
-    neg = torch.softmax(((-s + b) / tau).masked_fill(~m, float("-inf")).masked_fill(~keep, 0.0), -1)
-    return torch.where(keep, pos - beta * neg, 0.0)
+    keep = m.any(-1, keepdim=True)  # a row with no allowed key: any finite weights, zeroed below
+    a, _, _ = signed_softmax(s, b.masked_fill(~m, float("-inf")).masked_fill(~keep, 0.0), beta, tau)
+    return torch.where(keep, a, 0.0)
 
 
 def alibi_slopes(H):
@@ -87,13 +112,6 @@ def window_attention(q, k, v, windows, bias=None, beta=0.0, tau=1.0, *, dropout_
         windows = lattice.window_batches(windows)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     return _WindowAttention.apply(q, k, v, bias, windows, beta, tau, dropout_p, grad)
-
-
-def _softmax_(s):
-    """Softmax over the last dimension, in place (faster than torch.softmax on short rows on the CPU)."""
-    s -= s.amax(-1, keepdim=True)
-    s.exp_()
-    return s.div_(s.sum(-1, keepdim=True))
 
 
 def _pairs(slots, S):
@@ -151,9 +169,7 @@ class _WindowAttention(torch.autograd.Function):
             s = (qw @ kw.transpose(-1, -2)).to(acc) / math.sqrt(D)  # (w, H, c, c)
             b = 0.0 if table is None else \
                 table.index_select(0, _pairs(slots, bias.shape[-1])).view(w, c, c, H).permute(0, 3, 1, 2)
-            pos = _softmax_(s + b)
-            neg = _softmax_((b - s) / tau) if beta else None
-            a = pos - beta * neg if beta else pos
+            a, pos, neg = signed_softmax(s, b, beta, tau)
             keep = torch.rand_like(a) >= dropout_p if dropout_p else None
             if keep is not None:
                 a = a * keep / (1 - dropout_p)
@@ -180,7 +196,7 @@ class _WindowAttention(torch.autograd.Function):
             tokens, slots, pos, neg, keep = saved[i:i + 5]
             w, c = tokens.shape
             qw, kw, vw, do = _WindowAttention.gather(qkvo, tokens, heads)
-            a = pos - beta * neg if beta else pos
+            a = pos - beta * neg if beta else pos  # the signed weights again, from the two saved softmaxes
             da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
             if keep is not None:
                 a, da = a * keep / (1 - dropout_p), da * keep / (1 - dropout_p)
@@ -229,16 +245,14 @@ def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, chunk=None, *, d
     O(chunk * K * H * D). Returns (Nq, H, D).
 
     With one query per row the scores are a product and a sum over D, cheaper than Nq * H tiny matrix
-    products; the weights are FEAST's softmax(S + B) - beta softmax((-S + B) / tau), as in signed_attention."""
+    products; the weights are FEAST's (`signed_softmax`)."""
     step, out = chunk or max(q.shape[0], 1), q.new_empty(q.shape[0], *v.shape[1:])
     for start in range(0, q.shape[0], step):
         rows = slice(start, start + step)
         kn, vn = k[index[rows]], v[index[rows]]                           # (c, K, H, D)
         s = (q[rows].unsqueeze(1) * kn).sum(-1) / q.shape[-1] ** 0.5       # (c, K, H)
         b = 0.0 if bias is None else bias[:, rows].permute(1, 2, 0).to(s.dtype)  # (c, K, H)
-        w = torch.softmax(s + b, dim=1)
-        if beta:
-            w = w - beta * torch.softmax((-s + b) / tau, dim=1)
+        w, _, _ = signed_softmax(s, b, beta, tau, dim=1)
         w = F.dropout(w, dropout_p) if dropout_p else w
         out[rows] = (w.unsqueeze(-1) * vn).sum(1)                          # (c, H, D)
     return out
@@ -282,7 +296,8 @@ class SpotAttention(nn.Module):
     within level.rulebook, the other H/2 within level.rulebook_shifted. Bias 'rpb' (window only),
     'alibi' (distance on slot offsets in window mode, each half with the full slope range; on
     level.sites otherwise) or 'none'. `chunk`: queries per batch (knn, full); window mode runs the
-    level's window batches (lattice.window_batches)."""
+    level's window batches (lattice.window_batches); without grad it projects q, k, v batch by batch,
+    so inference holds no (N, 3 dim) tensor."""
 
     def __init__(self, dim, heads, mode="window", w=3, bias="rpb", signed=False, beta=1.5, tau=0.6,
                  attn_drop=0.0, chunk=4096):
@@ -313,54 +328,55 @@ class SpotAttention(nn.Module):
         elif bias == "alibi":
             self.register_buffer("slopes", alibi_slopes(heads), persistent=False)  # (H,)
 
-    def forward(self, x, level, knn_index=None, return_attention=False):
-        """x (N, dim); a lattice.Level (.sites (N, 2), the rulebooks and their batches) -> (N, dim) heads,
-        or (out, diagnostics dict) with return_attention."""
-        N = x.shape[0]
+    def forward(self, h, n, level, knn_index=None, return_attention=False):
+        """h(rows) -> the (len(rows), dim) input of those of the n spots (rows: an index tensor or a slice;
+        computed where it is read, so the caller needs no (n, dim) copy); a lattice.Level (.sites (n, 2), the
+        rulebooks and their window batches) -> (n, dim) heads, or (out, diagnostics dict) with return_attention."""
+        H, dim = self.heads, self.dim
+        qk = lambda rows: self.qkv(h(rows)).view(-1, 3, H, dim // H).unbind(1)[:2]  # noqa: E731 (diagnostics)
+        bias, dropout_p = self._bias(level, knn_index), (self.attn_drop if self.training else 0.0)
         if self.mode == "none":
-            out = x.new_zeros(N, self.dim)
-            return (out, {}) if return_attention else out
-        q, k, v = self.qkv(x).view(N, 3, self.heads, -1).unbind(1)  # each (N, H, Dh)
-        args = dict(beta=self.beta, tau=self.tau, dropout_p=self.attn_drop if self.training else 0.0)
-        bias = self._bias(level, knn_index)
-        if self.mode == "window":
-            outs = [window_attention(q[:, heads], k[:, heads], v[:, heads], batches,
-                                     None if bias is None else bias[heads], **args)
-                    for _, heads, _, batches in self._partitions(level)]
-            out = torch.cat(outs, 1)  # (N, H, Dh): standard-window heads, then shifted-window heads
-        elif self.mode == "knn":
-            if knn_index is None:
-                raise ValueError("SpotAttention: mode 'knn' needs knn_index (N, K) from attention.knn")
-            out = knn_attention(q, k, v, knn_index, bias, chunk=self.chunk, **args)
+            out = torch.zeros(n, dim, device=level.sites.device)
+        elif self.mode == "window":
+            out = self._window(h, n, level, bias, dropout_p)
         else:
-            xy = level.sites.float() if self.bias == "alibi" else None
-            out = full_attention(q, k, v, xy, getattr(self, "slopes", None), chunk=self.chunk, **args)
-        out = out.reshape(N, self.dim)
-        return (out, self._diagnostics(q, k, level, knn_index, bias)) if return_attention else out
+            q, k, v = self.qkv(h(slice(None))).view(n, 3, H, -1).unbind(1)  # each (n, H, Dh)
+            args = dict(beta=self.beta, tau=self.tau, chunk=self.chunk, dropout_p=dropout_p)
+            if self.mode == "knn":
+                if knn_index is None:
+                    raise ValueError("SpotAttention: mode 'knn' needs knn_index (N, K) from attention.knn")
+                out = knn_attention(q, k, v, knn_index, bias, **args).reshape(n, dim)
+            else:
+                xy = level.sites.float() if self.bias == "alibi" else None
+                out = full_attention(q, k, v, xy, getattr(self, "slopes", None), **args).reshape(n, dim)
+        return (out, self._diagnostics(qk, n, level, knn_index, bias)) if return_attention else out
 
-    @torch.no_grad()
-    def forward_lowmem(self, h, N, level):
-        """Inference in window (or none) mode without an (N, 3 dim) q, k, v: for each window batch, project
-        only its tokens for the partition's heads, then attend (the same maths as forward). h(rows) gives
-        the normalised input of those spots. Returns (N, dim)."""
-        if self.mode == "none" or not (level.batches or level.batches_shifted):
-            return torch.zeros(N, self.dim, device=level.sites.device)  # no spot-to-spot attention
-        H, h2 = self.heads, self.heads // 2
-        W, b = self.qkv.weight.view(3, H, -1, self.dim), self.qkv.bias.view(3, H, -1)
-        bias, out = self._bias(level, None), None
+    def _window(self, h, n, level, bias, dropout_p):
+        """HiST W-MSA over the level's window batches -> (N, dim): standard-window heads, then shifted-window
+        heads; zeros for a token in no window. With grad, q, k, v of all spots are projected at once and each
+        partition is one autograd node. Without, they are projected per window batch, for the batch's tokens
+        and the partition's heads only: no (N, 3 dim) tensor."""
+        H, dim = self.heads, self.dim
+        bias_of = lambda heads: None if bias is None else bias[heads]  # noqa: E731
+        if torch.is_grad_enabled():  # (projecting per batch with autograd: ~10% slower training, BENCHMARKS.md)
+            q, k, v = self.qkv(h(slice(None))).view(n, 3, H, -1).unbind(1)  # each (N, H, Dh)
+            return torch.cat([window_attention(q[:, heads], k[:, heads], v[:, heads], batches, bias_of(heads),
+                                               self.beta, self.tau, dropout_p=dropout_p)
+                              for _, heads, _, batches in self._partitions(level)], 1).reshape(n, dim)
+        Wqkv, bqkv, out = self.qkv.weight.view(3, H, -1, dim), self.qkv.bias.view(3, H, -1), None
         for _, heads, _, batches in self._partitions(level):
-            Wp, bp = W[:, heads].reshape(-1, self.dim), b[:, heads].reshape(-1)  # this partition's q, k, v
-            bias_p = None if bias is None else bias[heads]
+            W, b = Wqkv[:, heads].reshape(-1, dim), bqkv[:, heads].reshape(-1)  # this partition's q, k, v
             for tokens, slots in batches:
                 w, c = tokens.shape
                 rows = tokens.flatten()
-                q, k, v = F.linear(h(rows), Wp, bp).view(w * c, 3, h2, -1).unbind(1)
+                q, k, v = F.linear(h(rows), W, b).view(w * c, 3, H // 2, -1).unbind(1)
                 local = torch.arange(w * c, device=rows.device).view(w, c)  # the batch's tokens, renumbered
-                o = window_attention(q, k, v, [(local, slots)], bias_p, self.beta, self.tau)
+                o = window_attention(q, k, v, [(local, slots)], bias_of(heads), self.beta, self.tau,
+                                     dropout_p=dropout_p)  # (w * c, H/2, Dh)
                 if out is None:  # here, to take o's dtype (bf16 under autocast)
-                    out = o.new_zeros(N, H, o.shape[-1])  # zeros: a token in no window gets zeros
+                    out = o.new_zeros(n, H, o.shape[-1])
                 out[rows, heads] = o
-        return out.reshape(N, self.dim)
+        return out.reshape(n, dim)
 
     def _partitions(self, level):
         h = self.heads // 2
@@ -379,30 +395,33 @@ class SpotAttention(nn.Module):
         return None  # full mode builds its bias per chunk inside full_attention
 
     @torch.no_grad()
-    def _diagnostics(self, q, k, level, knn_index, bias):
+    def _diagnostics(self, qk, n, level, knn_index, bias):
         """Explicit signed weights, small: the first window of each partition (window mode, (H/2, S, S)),
-        else the first 8 queries over their neighbours (knn, (H, n, K)) or over all tokens (full, (H, n, N))."""
-        weights = lambda q_, k_, b, m=None: signed_weights(q_, k_, b, m, self.beta, self.tau)
-        n = min(q.shape[0], 8)
+        else the first 8 queries over their neighbours (knn, (H, m, K)) or over all tokens (full, (H, m, N)).
+        qk(rows) projects the (q, k) of those spots."""
+        weights = lambda q_, k_, b, m=None: signed_weights(q_, k_, b, m, self.beta, self.tau)  # noqa: E731
+        m = min(n, 8)
         if self.mode == "window":
             info = {}
             for name, heads, rulebook, _ in self._partitions(level):
-                if len(rulebook):
-                    slots = rulebook[0]  # (S,)
-                    qw, kw = (t[slots.clamp(min=0), heads].transpose(0, 1) for t in (q, k))  # (H/2, S, Dh)
-                    pairs = (slots >= 0)[:, None] & (slots >= 0)[None, :]  # (S, S): both slots filled
-                    b = None if bias is None else bias[heads]
-                    info[name] = dict(tokens=slots, weights=weights(qw, kw, b, pairs))
+                slots = rulebook[0]  # (S,)
+                qw, kw = (t[:, heads].transpose(0, 1) for t in qk(slots.clamp(min=0)))  # (H/2, S, Dh)
+                pairs = (slots >= 0)[:, None] & (slots >= 0)[None, :]  # (S, S): both slots filled
+                b = None if bias is None else bias[heads]
+                info[name] = dict(tokens=slots, weights=weights(qw, kw, b, pairs))
             return info
+        if self.mode == "none":
+            return {}
+        q, k = qk(slice(None))
         if self.mode == "knn":
-            kn = k[knn_index[:n]].permute(2, 0, 1, 3)  # (H, n, K, Dh)
-            b = None if bias is None else bias[:, :n, None, :]  # (H, n, 1, K)
-            w = weights(q[:n].transpose(0, 1)[:, :, None], kn, b).squeeze(2)  # (H, n, K)
-            return dict(queries=torch.arange(n, device=q.device), keys=knn_index[:n], weights=w)
+            kn = k[knn_index[:m]].permute(2, 0, 1, 3)  # (H, m, K, Dh)
+            b = None if bias is None else bias[:, :m, None, :]  # (H, m, 1, K)
+            w = weights(q[:m].transpose(0, 1)[:, :, None], kn, b).squeeze(2)  # (H, m, K)
+            return dict(queries=torch.arange(m, device=q.device), keys=knn_index[:m], weights=w)
         slopes = getattr(self, "slopes", None)
-        b = None if slopes is None else distance_bias(level.sites[:n].float(), level.sites.float(), slopes)
-        w = weights(q[:n].transpose(0, 1), k.transpose(0, 1), b)  # (H, n, N)
-        return dict(queries=torch.arange(n, device=q.device), weights=w)
+        b = None if slopes is None else distance_bias(level.sites[:m].float(), level.sites.float(), slopes)
+        w = weights(q[:m].transpose(0, 1), k.transpose(0, 1), b)  # (H, m, N)
+        return dict(queries=torch.arange(m, device=q.device), weights=w)
 
 
 class GlobalAttention(nn.Module):
@@ -433,42 +452,34 @@ class GlobalAttention(nn.Module):
     def merge(self, t):
         return t.transpose(0, 1).reshape(t.shape[1], self.dim)  # (H, L, Dh) -> (L, dim)
 
-    def forward(self, x, tokens):
-        """x (N, dim), tokens (T, dim) -> x_out (N, dim) (zeros when h2p is off), tokens_out (T, dim)."""
-        x_out = self.spots_read_tokens(x, tokens) if self.h2p else x.new_zeros(x.shape[0], self.dim)
-        tokens_out = tokens
-        if self.p2h or self.p2p:  # (H, T, N + T) scores, one softmax over spots and tokens
-            context = torch.cat([x] * self.p2h + [tokens] * self.p2p)  # (N + T, dim)
-            k, v = self.kv_context(context).chunk(2, -1)
-            update = signed_attention(self.split(self.q_token(tokens)), self.split(k), self.split(v))  # (H, T, Dh)
-            tokens_out = tokens + self.proj(self.merge(update))
-        return x_out, tokens_out
-
     def spots_read_tokens(self, x, tokens):
-        """h2p, MCA(X, C): (N, dim) spots attend to the (T, dim) tokens, (H, N, T) scores -> (N, dim)."""
+        """h2p, MCA(X, C): (n, dim) spots attend to the (T, dim) tokens, (H, n, T) scores -> (n, dim) before
+        projection; zeros when h2p is off, so the caller can always add."""
+        if not self.h2p:
+            return x.new_zeros(x.shape[0], self.dim)
         k, v = self.kv_token(tokens).chunk(2, -1)
         return self.merge(signed_attention(self.split(self.q_spot(x)), self.split(k), self.split(v)))
 
-    @torch.no_grad()
-    def tokens_read_lowmem(self, h, chunks, tokens):
-        """The p2h / p2p update of `forward` without an (N, 2 dim) context: the one softmax over
-        [spots; tokens] accumulated chunk by chunk with a running maximum (online softmax). h(rows) gives
-        the normalised spots of a chunk. Returns tokens_out (T, dim)."""
+    def tokens_read(self, h, n, tokens):
+        """p2h / p2p: the tokens' update proj(Attn(C Wq, [X; C] Wk, [X; C] Wv)), (T, dim), one softmax over the
+        n spots (p2h) and the tokens (p2p); zeros when both are off. h(rows) gives the spots of a chunk of rows:
+        the softmax is accumulated chunk by chunk with a running maximum (online softmax), so there is no
+        (N, 2 dim) context and no (H, T, N) score tensor."""
         if not (self.p2h or self.p2p):
-            return tokens
+            return torch.zeros_like(tokens)
         q = self.split(self.q_token(tokens)) / math.sqrt(self.dim // self.heads)  # (H, T, Dh)
         top = torch.full((*q.shape[:2], 1), float("-inf"), device=q.device)  # running max of the scores
         total, acc = torch.zeros_like(top), torch.zeros_like(q, dtype=top.dtype)
-        spots = (h(rows) for rows in chunks) if self.p2h else ()
+        spots = (h(rows) for rows in row_chunks(n)) if self.p2h else ()
         for context in itertools.chain(spots, [tokens] if self.p2p else []):
             k, v = (self.split(t) for t in self.kv_context(context).chunk(2, -1))
-            s = (q @ k.transpose(-1, -2)).float()  # (H, T, n)
-            new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+            s = (q @ k.transpose(-1, -2)).float()  # (H, T, chunk)
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True)).detach()  # any shift gives the same softmax
             p, fade = torch.exp(s - new_top), torch.exp(top - new_top)
             total = total * fade + p.sum(-1, keepdim=True)
             acc = acc * fade + p @ v.float()
             top = new_top
-        return tokens + self.proj(self.merge((acc / total).to(tokens.dtype)))
+        return self.proj(self.merge((acc / total).to(tokens.dtype)))
 
 
 def child_attention(q, k, v, parent):

@@ -29,7 +29,7 @@ Everything is sort / unique / scatter on int64 keys: no Python loop over spots o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,11 @@ def _rowmajor(ij):
     d = ij - lo
     stride = int(d[:, 1].max()) + 1
     return d[:, 0] * stride + d[:, 1], lo, stride
+
+
+def rowmajor_order(sites):
+    """(N, 2) unique sites -> the permutation that sorts them row-major, by i then j."""
+    return torch.argsort(_rowmajor(sites)[0])
 
 
 def _group(key):
@@ -326,20 +331,12 @@ class Level:
     rulebook_shifted: torch.Tensor        # (W', S) windows of the grid shifted by w
     parent: torch.Tensor | None = None    # (N_l,) row of the parent in the next level; None at the coarsest
     slot: torch.Tensor | None = None      # (N_l,) child slot 0..3 inside the parent
-    batches: list | None = None           # window_batches(rulebook)
-    batches_shifted: list | None = None   # window_batches(rulebook_shifted)
+    batches: list = field(init=False)          # window_batches(rulebook)
+    batches_shifted: list = field(init=False)  # window_batches(rulebook_shifted)
 
     def __post_init__(self):
-        if self.batches is None:
-            self.batches = window_batches(self.rulebook)
-        if self.batches_shifted is None:
-            self.batches_shifted = window_batches(self.rulebook_shifted)
-
-    def to(self, device):
-        move = lambda t: None if t is None else t.to(device)
-        batches = lambda bs: [(t.to(device), p.to(device)) for t, p in bs]
-        return Level(*(move(getattr(self, f)) for f in ("sites", "rulebook", "rulebook_shifted", "parent", "slot")),
-                     batches(self.batches), batches(self.batches_shifted))
+        self.batches = window_batches(self.rulebook)
+        self.batches_shifted = window_batches(self.rulebook_shifted)
 
 
 @dataclass
@@ -347,9 +344,6 @@ class Pyramid:
     """The lattice levels of one slide, finest first; built once per forward, shared by all layers."""
     levels: list[Level]
     w: int
-
-    def to(self, device):
-        return Pyramid([level.to(device) for level in self.levels], self.w)
 
 
 def build_pyramid(sites, levels, w) -> Pyramid:

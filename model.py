@@ -24,14 +24,23 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lattice
-from attention import GlobalAttention, SpotAttention, child_attention, knn
-
-CHUNK = 1 << 14  # spots per chunk for the per-spot steps of the stem, the head and low-memory inference
+from attention import GlobalAttention, SpotAttention, child_attention, knn, row_chunks
 
 
 def inference(module: nn.Module) -> bool:
-    """Eval mode without grad: the model takes its low-memory path (chunks of spots, no activations kept)."""
+    """Eval mode without grad: per-spot results are written into preallocated outputs (no activations kept)."""
     return not (torch.is_grad_enabled() or module.training)
+
+
+def by_rows(fn, n, out=None):
+    """fn(rows) for chunks of rows (slices, attention.CHUNK each) of 0 .. n, stacked to (n, ...): concatenated
+    (autograd), or written into `out` when it is given (inference; `out` may be an input of fn that each chunk
+    reads only at its own rows, so a block's result can overwrite its attention output)."""
+    if out is None:
+        return torch.cat([fn(rows) for rows in row_chunks(n)])
+    for rows in row_chunks(n):
+        out[rows] = fn(rows)
+    return out
 
 
 @dataclass
@@ -151,46 +160,27 @@ class Block(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout)
 
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
-        if inference(self) and attn_maps is None and self.spot.mode in ("window", "none"):
-            return self.forward_lowmem(x, tokens, level)
-        h = self.norm1(x)
-        want = attn_maps is not None
-        y = self.spot(h, level, knn_index=knn_index, return_attention=want)
-        if want:
+        """x (N, d), tokens (T, d) or None -> the same. Every per-spot step works on chunks of rows and the
+        pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result."""
+        N = x.shape[0]
+        h = lambda rows: self.norm1(x[rows])  # noqa: E731  (normalised spots, on demand)
+        y = self.spot(h, N, level, knn_index, return_attention=attn_maps is not None)  # (N, d), before proj
+        if attn_maps is not None:
             y, maps = y
             attn_maps.append(maps)
         if self.glob is not None:
-            t = self.norm_tokens(tokens)
-            y_glob, t_new = self.glob(h, t)
-            y = y + y_glob
-            tokens = tokens + (t_new - t)  # residual on the un-normalised token stream
-        x = x + self.drop(self.proj(y))
-        x = x + self.drop(self.ffn(self.norm2(x)))
-        if tokens is not None and tokens.shape[0]:
+            t = self.norm_tokens(tokens)  # the spots read the tokens as they were at the start of the block
+            tokens = tokens + self.glob.tokens_read(h, N, t)  # residual on the un-normalised token stream
+
+        def spots(rows):  # x + Proj(spot attention + the spots' read of the tokens), then the FFN
+            a = y[rows] if self.glob is None else y[rows] + self.glob.spots_read_tokens(h(rows), t)
+            z = x[rows] + self.drop(self.proj(a))
+            return z + self.drop(self.ffn(self.norm2(z)))
+
+        x = by_rows(spots, N, out=y if inference(self) else None)  # inference: the result overwrites y
+        if tokens is not None:
             tokens = tokens + self.drop(self.ffn(self.norm2(tokens)))
         return x, tokens
-
-    @torch.no_grad()
-    def forward_lowmem(self, x, tokens, level):
-        """`forward` for inference (eval, no grad; window or none mode), the same maths in pieces: q, k, v
-        per window batch (SpotAttention.forward_lowmem), the tokens' read of the spots as an online softmax
-        over chunks, and proj / FFN per chunk of spots. No (N, 3d) or (N, 4d) tensor: the peak is x and
-        the result, two (N, d) tensors."""
-        chunks = torch.arange(x.shape[0], device=x.device).split(CHUNK)
-        h = lambda rows: self.norm1(x[rows])  # noqa: E731  (LayerNorm of some spots, on demand)
-        y = self.spot.forward_lowmem(h, x.shape[0], level)  # (N, d), before projection
-        if self.glob is not None:
-            t = self.norm_tokens(tokens)
-            if self.glob.h2p:
-                for rows in chunks:
-                    y[rows] += self.glob.spots_read_tokens(h(rows), t)
-            tokens = tokens + (self.glob.tokens_read_lowmem(h, chunks, t) - t)
-        for rows in chunks:  # y becomes the block's output, chunk by chunk
-            z = x[rows] + self.proj(y[rows])
-            y[rows] = z + self.ffn(self.norm2(z))
-        if tokens is not None and tokens.shape[0]:
-            tokens = tokens + self.ffn(self.norm2(tokens))
-        return y, tokens
 
 
 class Coarsen(nn.Module):
@@ -378,16 +368,23 @@ class Tessera(nn.Module):
                 return_attention=False, out_dtype=None, sub_features=None, sub_valid=None):
         """features (N, C), coords (N, 2) in micrometres -> {"pred": (N, G), ...} in the caller's spot order.
         `out_dtype`: dtype of the per-spot outputs (default float32; float16 halves a 1M-spot prediction).
-        Without grad in eval mode, every per-spot step runs in chunks of spots (`Block.forward_lowmem`),
-        so memory stays a few (N, d) tensors plus the outputs."""
-        cfg, L = self.cfg, len(self.cfg.depths)
+        Every per-spot step runs on chunks of spots; without grad in eval mode their results are written into
+        preallocated tensors, so memory stays a few (N, d) tensors plus the outputs."""
+        cfg, L, N = self.cfg, len(self.cfg.depths), features.shape[0]
+        maps = [] if return_attention else None
+        recompute = cfg.checkpoint and self.training and torch.is_grad_enabled() and maps is None
+
+        def call(fn, *args):  # model.checkpoint keeps only fn's inputs and recomputes fn in the backward:
+            # training memory is then about one (N, d) tensor per step of the U-Net, not all activations
+            return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
         unit = unit or cfg.unit_um or lattice.default_unit(coords)
         sites = lattice.to_lattice(coords, unit)
         # Work in row-major lattice order: sites are unique, so this order does not depend on the order
         # of the input spots, and neighbour ties (k-NN on integer sites) break the same way for any input order.
-        order = torch.argsort(sites[:, 0] * (int(sites[:, 1].max()) + 1) + sites[:, 1])
+        order = lattice.rowmajor_order(sites)
         coords, sites = coords[order], sites[order]
-        K, N = cfg.sub_levels, features.shape[0]
+        K = cfg.sub_levels
         if K:  # HiFusion: sub-spot sites are the spot sites refined by r = 2^K (lattice.refine); coarsening
             # them K times gives back exactly the spot sites, so one pyramid holds the sub and spot levels
             r = 2 ** K
@@ -400,80 +397,76 @@ class Tessera(nn.Module):
         else:
             pyramid = lattice.build_pyramid(sites, L, cfg.w)      # built once, shared by every layer
         levels = pyramid.levels[K:]                               # the spot level and the coarser ones
-        maps = [] if return_attention else None
-        x = self._ckpt(self._stem_rows, features, order)          # (N, d), no (N, C) copy
+        x = call(by_rows, lambda rows: self._stem(features[order[rows]]), N)  # (N, d), no (N, C) copy
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
 
         align, sub_skips = None, []
         if K:  # levels below the spot: stem on the sub-patches, a block per level, pooled into the spot
-            xs = torch.cat([self._stem(sub_features[order[spot_of[rows]], s_of[rows]])
-                            for rows in torch.arange(len(s_of), device=x.device).split(CHUNK)])
+            xs = call(by_rows, lambda rows: self._stem(sub_features[order[spot_of[rows]], s_of[rows]]), len(s_of))
             for l in range(K):
                 level = pyramid.levels[l]
-                xs, tokens = self._run(self.sub_encoder[l], xs, tokens, level,
-                                       self._knn_index(level, self.sub_encoder[l:l + 1]), maps)
+                xs, tokens = call(self.sub_encoder[l], xs, tokens, level, self._knn_index(level, self.sub_encoder[l:l + 1]), maps)
                 sub_skips.append(xs)
                 own = x if l == K - 1 else None                   # the spot's own embedding queries (CCF)
-                xs = self._ckpt(self.sub_pool[l], xs, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0], own)
+                xs = call(self.sub_pool[l], xs, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0], own)
             align = None if inference(self) else (xs, x)          # HiFusion's alignment: pooled vs own
             x = self.sub_fuse(xs, x)                              # (N, d)
 
-        if len(self.local) and pseudo_features is not None:  # FEAST local stage over spots + pseudo-spots
-            n = x.shape[0]
-            xy = torch.cat([coords, pseudo_coords]) / unit      # continuous lattice units, (N+M, 2)
-            x = torch.cat([x, self._stem(pseudo_features)])
+        if len(self.local):  # FEAST local stage: k-NN attention over the spots and any off-grid pseudo-spots
+            xy = coords / unit                                   # continuous lattice units, (N, 2)
+            if pseudo_features is not None:
+                xy = torch.cat([xy, pseudo_coords / unit])       # (N + M, 2)
+                x = torch.cat([x, self._stem(pseudo_features)])
             index = knn(xy, xy, min(cfg.knn_k, xy.shape[0]))
-            spots = _Points(xy)
+            points = _Points(xy)
             for block in self.local:
-                x, _ = self._run(block, x, None, spots, index, maps)
-            x = x[:n]                                            # pseudo-spots are dropped
-        elif len(self.local):  # no pseudo-spots: k-NN attention among the spots themselves
-            spots = _Points(coords / unit)
-            index = knn(spots.sites, spots.sites, min(cfg.knn_k, x.shape[0]))
-            for block in self.local:
-                x, _ = self._run(block, x, None, spots, index, maps)
+                x, _ = call(block, x, None, points, index, maps)
+            x = x[:N]                                            # pseudo-spots are dropped
 
         skips = []
         for l in range(L):                                       # encoder
             level = levels[l]
             index = self._knn_index(level, self.encoder[l])
             for block in self.encoder[l]:
-                x, tokens = self._run(block, x, tokens, level, index, maps)
+                x, tokens = call(block, x, tokens, level, index, maps)
             if l < L - 1:
                 skips.append(x)
-                x = self._ckpt(self.coarsen[l], x, level.parent, level.slot, levels[l + 1].sites.shape[0])
+                x = call(self.coarsen[l], x, level.parent, level.slot, levels[l + 1].sites.shape[0])
         decoded = {L - 1: x}                                     # every level's decoder tokens, for its head
         for i, blocks in enumerate(self.decoder):                # decoder, deepest first
             l = L - 2 - i
             level = levels[l]
-            x = self._ckpt(self._up_fuse, l, x, skips.pop(), level)  # upsampled coarse || lateral skip
+
+            def up_fuse(x, skip, l=l, level=level):  # HiST eq. 5 upsampling, 3.6.3 fusion with the lateral skip
+                return self.fuse[l](self.uncoarsen[l](x, level.parent, level.slot), skip)
+            x = call(up_fuse, x, skips.pop())  # (l, level bound as defaults: a checkpoint calls it again later)
             index = self._knn_index(level, blocks)
             for block in blocks:
-                x, tokens = self._run(block, x, tokens, level, index, maps)
+                x, tokens = call(block, x, tokens, level, index, maps)
             decoded[l] = x
         for i, block in enumerate(self.sub_decoder):             # below the spot, down to the finest out level
             level = pyramid.levels[K - 1 - i]
 
             def up_skip(x, skip, i=i, level=level):
                 return self.sub_skip[i](self.sub_uncoarsen[i](x, level.parent, level.slot), skip)
-            x = self._ckpt(up_skip, x, sub_skips[K - 1 - i])
-            x, tokens = self._run(block, x, tokens, level, self._knn_index(level, [block]), maps)
+            x = call(up_skip, x, sub_skips[K - 1 - i])
+            x, tokens = call(block, x, tokens, level, self._knn_index(level, [block]), maps)
             decoded[-1 - i] = x
         x = decoded[0]
 
         back = torch.argsort(order)                              # row of each caller's spot in x
-        if not inference(self):
-            out = self._ckpt(self._norm_head, x, back, tokens)   # (N, d) rows moved, not (N, G) outputs
-            out = {k: v.to(out_dtype) if out_dtype else v for k, v in out.items()}
-        else:                                                    # chunks of spots, written into the outputs
+        head = lambda x, rows: self._head(self.norm(x[back[rows]]), tokens)  # noqa: E731  (caller's rows)
+        if inference(self):                                      # chunks of spots, written into the outputs
             out = {}
-            for start, rows in zip(range(0, len(back), CHUNK), back.split(CHUNK)):
-                for k, v in self._norm_head(x, rows, tokens).items():
+            for rows in row_chunks(N):
+                for k, v in head(x, rows).items():
                     if k not in out:
-                        out[k] = v.new_empty(len(back), *v.shape[1:], dtype=out_dtype or v.dtype)
-                    out[k][start:start + len(rows)] = v
+                        out[k] = v.new_empty(N, *v.shape[1:], dtype=out_dtype or v.dtype)
+                    out[k][rows] = v
+        else:
+            out = {k: v.to(out_dtype or v.dtype) for k, v in call(head, x, slice(None)).items()}
         if K or list(cfg.out_levels) != [0]:
             out.update(self._levels(pyramid, order, decoded, out_dtype))
         if align is not None:
@@ -506,40 +499,16 @@ class Tessera(nn.Module):
             k = int(name)
             t, idx = decoded[k], perm.get(k)
             n = t.shape[0]
-            chunks = [slice(a, a + CHUNK) for a in range(0, n, CHUNK)]
             rows = (lambda rows, t=t, idx=idx, head=head: head(t[rows if idx is None else idx[rows]]))
             if inference(self):
-                preds[k] = t.new_empty(n, head[-1].out_features, dtype=out_dtype or torch.float32)
-                for c in chunks:
-                    preds[k][c] = rows(c)
+                preds[k] = by_rows(rows, n, out=t.new_empty(n, self.level_heads[name][-1].out_features,
+                                                            dtype=out_dtype or torch.float32))
             else:
-                preds[k] = torch.cat([rows(c) for c in chunks]).to(out_dtype or torch.float32)
+                preds[k] = by_rows(rows, n).to(out_dtype or torch.float32)
         out = {"levels": preds, "parents": {k: v for k, v in parents.items() if v is not None}}
         if sub_index:
             out["sub_index"] = sub_index
         return out
-
-    def _run(self, block, x, tokens, level, knn_index, maps):
-        if maps is not None:
-            return block(x, tokens, level, knn_index=knn_index, attn_maps=maps)
-        return self._ckpt(block, x, tokens, level, knn_index)
-
-    def _ckpt(self, fn, *args):
-        """fn(*args); with model.checkpoint in training, only its inputs are kept and it is recomputed in
-        the backward (blocks, stem, coarsening, upsampling + fusion, head): training memory is then about
-        one (N, d) tensor per step of the U-Net instead of all their activations."""
-        if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def _stem_rows(self, features, order):
-        return torch.cat([self._stem(features[rows]) for rows in order.split(CHUNK)])
-
-    def _up_fuse(self, l, x, skip, level):
-        return self.fuse[l](self.uncoarsen[l](x, level.parent, level.slot), skip)
-
-    def _norm_head(self, x, rows, tokens):
-        return self._head(self.norm(x[rows]), tokens)
 
     def _stem(self, features):
         return self.stem((features - self.feat_mean) / self.feat_std)

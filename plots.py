@@ -245,12 +245,12 @@ def attention_blocks(model) -> list[tuple[str, SpotAttention]]:
 
 def _capture(model, module, slide, use_pseudo):
     """The input x (n, dim), level and knn_index of `module` in the model's forward on `slide`, taken by a
-    forward pre-hook: independent of how the blocks call it. Grad mode with frozen parameters makes the
-    blocks take their plain path (the module is called), and nothing is kept for a backward."""
+    forward pre-hook: independent of how the blocks call it (the module reads its input as h(rows); x is
+    h of all rows). Grad mode with frozen parameters: nothing is kept for a backward."""
     seen = {}
 
     def hook(mod, args, kwargs):
-        names = ("x", "level", "knn_index")
+        names = ("h", "n", "level", "knn_index")
         seen.update({**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}})
         raise _Captured
 
@@ -268,9 +268,9 @@ def _capture(model, module, slide, use_pseudo):
         handle.remove()
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)
-    if "x" not in seen:
+    if "h" not in seen:
         raise ValueError("the chosen attention block was not called in the forward")
-    return seen["x"].detach(), seen["level"], seen.get("knn_index")
+    return seen["h"](slice(None)).detach(), seen["level"], seen.get("knn_index")
 
 
 def _branches(module, q, k, bias):

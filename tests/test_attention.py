@@ -381,9 +381,11 @@ def test_spot_attention_window_splits_heads_between_partitions(bias):
         bias_of_head = lambda h: -(2.0 ** (-4 * (h % 2 + 1))) * torch.cdist(offsets, offsets)
     else:
         bias_of_head = lambda h: torch.zeros(4 * w * w, 4 * w * w)
-    out, info = module(x, level, return_attention=True)
+    out, info = module(x.__getitem__, len(x), level, return_attention=True)  # q, k, v projected per batch
     by_definition = SimpleNamespace(rulebook=partition(sites, w, 0), rulebook_shifted=partition(sites, w, w))
     torch.testing.assert_close(out, spot_reference(module, x, by_definition, bias_of_head), **TOL)
+    with torch.no_grad():  # inference projects q, k, v per window batch
+        torch.testing.assert_close(module(x.__getitem__, len(x), level), out.detach(), **TOL)
     for part in ("standard", "shifted"):  # weights of the first window: rows of filled slots sum to 1 - beta
         weights, filled = info[part]["weights"], info[part]["tokens"] >= 0
         assert weights.shape == (H // 2, 4 * w * w, 4 * w * w) and (weights[:, ~filled] == 0).all()
@@ -407,17 +409,17 @@ def test_spot_attention_knn_full_none_and_errors():
             for h in range(H):
                 bias = -(2.0 ** (-4 * (h + 1))) * dist[i, keys]  # alibi_slopes(2) = 2^-4, 2^-8
                 ref[i, h] = ref_row(q[i, h], k[keys, h], v[keys, h], bias, 1.5, 0.6)
-        out, info = module(x, level, knn_index=index, return_attention=True)
+        out, info = module(x.__getitem__, N, level, knn_index=index, return_attention=True)
         torch.testing.assert_close(out, ref.view(N, dim).float(), **TOL)
         assert torch.allclose(info["weights"].sum(-1), torch.tensor(-0.5))
     none = SpotAttention(dim, H, mode="none")
-    assert (none(x, level) == 0).all() and none(x, level).shape == (N, dim)
+    assert (none(x.__getitem__, N, level) == 0).all() and none(x.__getitem__, N, level).shape == (N, dim)
     with pytest.raises(ValueError, match="even"):
         SpotAttention(dim * 3, 3, mode="window")
     with pytest.raises(ValueError, match="rpb"):
         SpotAttention(dim, H, mode="full", bias="rpb")
     with pytest.raises(ValueError, match="knn_index"):
-        SpotAttention(dim, H, mode="knn", bias="none")(x, level)
+        SpotAttention(dim, H, mode="knn", bias="none")(x.__getitem__, N, level)
 
 
 def global_reference(m, x, tokens):
@@ -444,21 +446,28 @@ def global_reference(m, x, tokens):
     return x_out.float(), tokens_out.float()
 
 
-def test_global_attention_quadrants_against_reference():
+def global_attention(m, x, tokens):
+    """The spots' read of the tokens (h2p) and the tokens after their read of [spots; tokens] (p2h, p2p)."""
+    return m.spots_read_tokens(x, tokens), tokens + m.tokens_read(x.__getitem__, len(x), tokens)
+
+
+def test_global_attention_quadrants_against_reference(monkeypatch):
+    """The tokens read the spots in chunks of 7 (online softmax over 3 chunks, then the tokens)."""
+    monkeypatch.setattr(attention, "CHUNK", 7)
     N, T, H, dim = 20, 3, 2, 8
     x, tokens = torch.randn(N, dim), torch.randn(T, dim)
     outputs = {}
     for switches in [(1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1)]:
         torch.manual_seed(1)  # same weights for every variant
         m = GlobalAttention(dim, H, *map(bool, switches))
-        x_out, tokens_out = m(x, tokens)
+        x_out, tokens_out = global_attention(m, x, tokens)
         ref_x, ref_tokens = global_reference(m, x, tokens)
         torch.testing.assert_close(x_out, ref_x, **TOL)
         torch.testing.assert_close(tokens_out, ref_tokens, **TOL)
         outputs[switches] = tokens_out
     assert not torch.allclose(outputs[1, 1, 1], outputs[0, 1, 1])  # p2h matters
     assert not torch.allclose(outputs[1, 1, 1], outputs[1, 0, 1])  # p2p matters
-    assert (GlobalAttention(dim, H, h2p=False)(x, tokens)[0] == 0).all()  # h2p off: spots read nothing
+    assert (global_attention(GlobalAttention(dim, H, h2p=False), x, tokens)[0] == 0).all()  # h2p off: nothing
     assert torch.equal(outputs[0, 0, 1], tokens)  # neither p2h nor p2p: tokens pass through
 
 
@@ -466,7 +475,7 @@ def test_global_attention_is_linear_in_spots():
     N, T, dim = 20000, 4, 16
     m = GlobalAttention(dim, 2)
     with torch.no_grad(), measure_peak() as mem:
-        m(torch.randn(N, dim), torch.randn(T, dim))
+        global_attention(m, torch.randn(N, dim), torch.randn(T, dim))
     assert mem.peak < 40 * N * dim * 4  # a few (N, dim) tensors; an (N+T)^2 mask would be 1.6 GB
 
 

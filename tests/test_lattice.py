@@ -312,10 +312,18 @@ def test_build_pyramid_is_repeated_coarsening(name):
         parent_sites, parent, slot = ref_coarsen(sites)
         assert torch.equal(level.parent, parent) and torch.equal(level.slot, slot)
         sites = parent_sites
-    moved = pyr.to("cpu")
-    assert moved is not pyr and moved.w == w and moved.levels[3].parent is None
-    for a, b in zip(moved.levels, pyr.levels):
-        assert a is not b and torch.equal(a.rulebook_shifted, b.rulebook_shifted) and torch.equal(a.sites, b.sites)
+    for level in pyr.levels:  # the window batches are those of the level's rulebooks
+        for got, want in ((level.batches, level.rulebook), (level.batches_shifted, level.rulebook_shifted)):
+            expected = lattice.window_batches(want)
+            assert len(got) == len(expected)
+            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", list(SITES))
+def test_rowmajor_order_sorts_by_i_then_j(name):
+    sites = SITES[name]
+    order = lattice.rowmajor_order(sites)
+    assert order.tolist() == sorted(range(len(sites)), key=lambda n: tuple(sites[n].tolist()))
 
 
 def test_build_pyramid_rejects_bad_arguments():

@@ -233,23 +233,30 @@ def test_return_attention_gives_maps():
     small_cfg(attention="none", head="mlp", pathway_tokens=2),           # pathway bottleneck
     small_cfg(head="zinb", p2p=False, calibration_tokens=2),
     small_cfg(p2h=False, h2p=False, signed=False),
+    small_cfg(attention="knn", bias="alibi"),                            # k-NN blocks, full coarsest level
 ])
-def test_low_memory_inference_equals_the_plain_forward(cfg, monkeypatch):
-    """Eval without grad runs the chunked path (Block.forward_lowmem, chunked stem and head); with grad
-    enabled the same model runs the plain path. Tiny chunks so that every chunk loop runs many times."""
-    import model as model_module
-    monkeypatch.setattr(model_module, "CHUNK", 7)
+def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
+    """Every per-spot step runs on chunks of spots (attention.CHUNK) and the window attention on batches of
+    windows. Chunks of 7 spots and batches of at most 20 pairs (every loop runs many times), in inference
+    (eval, no grad: results written into preallocated outputs, float64 outputs asked for), give what one
+    chunk and the default batches give with grad enabled (chunks concatenated for autograd)."""
+    import attention
     feats, xy = hex_slide()
     model = make(cfg)
     with torch.no_grad():
         for p in model.parameters():  # make the global tokens and biases matter
             p.add_(0.05 * torch.randn_like(p))
-        low = model(feats, xy, out_dtype=torch.float64)
-    plain = model(feats, xy)
-    assert low["pred"].dtype == torch.float64 and plain["pred"].dtype == torch.float32
-    assert set(low) == set(plain)
-    for key in plain:
-        torch.testing.assert_close(low[key].float(), plain[key].detach(), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(attention, "CHUNK", 1 << 20)
+    whole = model(feats, xy)
+    monkeypatch.setattr(attention, "CHUNK", 7)
+    batches = lattice.window_batches
+    monkeypatch.setattr(lattice, "window_batches", lambda rulebook: batches(rulebook, max_pairs=20))
+    with torch.no_grad():
+        chunked = model(feats, xy, out_dtype=torch.float64)
+    assert chunked["pred"].dtype == torch.float64 and whole["pred"].dtype == torch.float32
+    assert whole["pred"].requires_grad and set(chunked) == set(whole)
+    for key in whole:
+        torch.testing.assert_close(chunked[key].float(), whole[key].detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_uncoarsen_and_fuse_with_random_weights_by_definition():

@@ -78,9 +78,9 @@ def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_module
         for barcode in ("spot000", "spot060", "spot097"):
             r = plots.spot_attention(model, slide, barcode, block)
             module, x, level, knn_index = r["captured"]
-            # the captured input is what the module receives in a plain forward (a hook of this test)
+            # the captured input is what the module reads (h of all rows) in a forward (a hook of this test)
             seen = []
-            handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+            handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0](slice(None)), out)))
             model.requires_grad_(False)  # grad mode without a graph: the blocks call the module itself
             with torch.enable_grad():
                 model(slide.features, slide.coords, slide.pseudo_features if cfg.local_blocks else None,
