@@ -69,7 +69,7 @@ RANGES = {
 
 
 ANY = lambda v: True  # noqa: E731
-SMOOTH_KEYS = {  # data.smooth (data.SMOOTH, data.spcs): kind, range, what the error says was expected
+SMOOTH_KEYS = {  # data.smooth (protocols.SMOOTH, protocols.spcs): kind, range, what the error says was expected
     "method": ("str", lambda v: v == "spcs", "spcs"), "alpha": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "beta": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"), "tau_p": ("int", lambda v: v >= 0, "an integer >= 0"),
     "tau_s": ("int", lambda v: v >= 1, "an integer >= 1"), "pcs": ("int", lambda v: v >= 1, "an integer >= 1"),

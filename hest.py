@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (STR, CacheError, Slide, atomic_path, dataset_slides, fail, h5_strings, harmonise_gene_names,
-                  not_an_input, open_h5, read_gene_list, read_metadata, write_slide)
+from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, not_an_input, open_h5, read_gene_list,
+                  read_metadata, write_slide)
+from protocols import dataset_slides, harmonise_gene_names
 
 
 # ----------------------------------------------------------------------------- h5ad reader (h5py only)

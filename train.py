@@ -25,6 +25,7 @@ import yaml
 
 import checks
 import data
+import protocols
 import eval as evaluation
 import lattice
 import synthetic
@@ -47,7 +48,7 @@ DEFAULTS = {
         "normalize": False,           # targets log1p(counts / library_size * 1e4) instead of log1p(counts)
         "gmt": None,                  # pathway gene sets (MSigDB GMT) for pathway tokens / head / loss
         "pseudo": True,               # use off-grid pseudo-spots when the caches have them
-        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (data.SMOOTH)
+        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (protocols.SMOOTH)
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
@@ -113,7 +114,7 @@ def load_config(path, overrides=()) -> dict:
             cfg = merge(cfg, nested)
         checks.check_config(cfg, DEFAULTS)
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
-            cfg["data"]["smooth"] = {**data.SMOOTH, **cfg["data"]["smooth"]}
+            cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg
@@ -193,10 +194,10 @@ def slide_targets(slide: data.Slide, cfg: dict) -> torch.Tensor:
     pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
     step = torch.tensor([pitch / 2, pitch * math.sqrt(3) / 2] if sm["hexagonal"] else [pitch, pitch])
     grid = lattice.to_lattice(slide.coords.double() / step, 1.0).numpy()
-    out = data.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
+    out = protocols.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
     if sm["rescale"]:
-        eight = data.eight_neighbour_mean(y.numpy() / math.log(10), grid)
-        out = data.minmax_to_range(out, eight.min(), eight.max())
+        eight = protocols.eight_neighbour_mean(y.numpy() / math.log(10), grid)
+        out = protocols.minmax_to_range(out, eight.min(), eight.max())
     return torch.from_numpy(out).float()
 
 
