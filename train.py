@@ -343,7 +343,11 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))
         log(f"fold {k}: ridge fitted on {feats.shape[0]} spots")
-    else:
+    elif hasattr(model, "fit_slides"):  # the spatial ridge, alone or as tessera's start (closed form, CPU)
+        model.cpu().fit_slides(train_b)
+        model.to(device)
+        log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots")
+    if mc.arch not in ("ridge", "ridge_spatial"):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} test slides, "
             f"{len(genes)} genes, {n_params / 1e6:.2f}M parameters, device {device}")
