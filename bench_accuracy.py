@@ -34,13 +34,16 @@ NOISE = {"weak": 2.0, "strong": 0.5}      # noise standard deviation / signal st
 COMMON = ["run.threads=1", "eval.save_predictions=true", "data.synthetic=null", "data.gmt=null",
           "data.pseudo=false", "data.folds=-1"]
 # name -> (config file, overrides): widths and epochs a CPU trains in the benchmark's time
+NARROW = ["model.dim=32", "model.heads=2", "train.epochs=10", "train.lr=1e-3"]
 MODELS = {
     "ridge": ("ridge.yaml", []),
     "ridge_spatial": ("ridge_spatial.yaml", []),
+    "ridge_spatial_norm": ("ridge_spatial.yaml", ["model.slide_norm=true"]),
     "mlp": ("mlp.yaml", ["train.epochs=20"]),
-    "default": ("default.yaml", ["train.epochs=20", "model.dim=32", "model.heads=2"]),
-    "hist": ("hist.yaml", ["train.epochs=20", "model.dim=32", "model.heads=2", "train.lr=1e-3"]),
-    "feast": ("feast.yaml", ["train.epochs=20", "model.dim=32", "model.heads=2", "train.lr=1e-3"]),
+    "hist": ("hist.yaml", NARROW),                                   # tessera's recommended start
+    "hist_plain": ("hist.yaml", NARROW + ["model.slide_norm=false", "model.spatial_start=false"]),
+    "default": ("default.yaml", NARROW),
+    "feast": ("feast.yaml", NARROW),
 }
 DETERMINISTIC = {"ridge", "ridge_spatial"}
 

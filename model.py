@@ -559,9 +559,24 @@ def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float) -> torch.Te
 
 def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
     """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
-    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out."""
-    mean, std = x.float().mean(0), x.float().std(0, unbiased=False).clamp_min(1e-6)
-    out = [(x.float() - mean) / std] + [(o.float() - mean) / std if o is not None else None for o in others]
+    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. Statistics in
+    float64, the output in the input's dtype (float16 stays float16), one chunk of spots at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    square = torch.zeros_like(total)
+    for rows in x.split(CHUNK):
+        total += rows.double().sum(0)
+        square += rows.double().pow(2).sum(0)
+    mean = total / len(x)
+    std = (square / len(x) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+
+    def apply(a):
+        if a is None:
+            return None
+        out = torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
+        for start in range(0, len(a), CHUNK):
+            out[start:start + CHUNK] = ((a[start:start + CHUNK].double() - mean) / std).to(out.dtype)
+        return out
+    out = [apply(x)] + [apply(o) for o in others]
     return out if others else out[0]
 
 
@@ -588,7 +603,8 @@ class SpatialRidge(nn.Module):
 
     def design(self, features, coords) -> torch.Tensor:
         """(N, C), (N, 2) -> (N, C (1 + R)): [z, mean of z within r_1, ...], z the standardised features."""
-        z = slide_standardise(features) if self.cfg.slide_norm else (features.float() - self.feat_mean) / self.feat_std
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
         pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
         return torch.cat([z] + [neighbour_mean(z, coords, r * pitch) for r in self.cfg.radii], 1)
 
@@ -608,7 +624,16 @@ class SpatialRidge(nn.Module):
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None):
-        pred = (self.design(features, coords) - self.design_mean) @ self.weight + self.bias
+        # the same as (design - design_mean) @ weight + bias, but projected to genes before the neighbour
+        # means (both are linear): memory (N, G) per radius, never the (N, C (1 + R)) design
+        C, R = self.feat_mean.numel(), len(self.cfg.radii)
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
+        w = self.weight.view(1 + R, C, -1)
+        pred = z @ w[0] + (self.bias - self.design_mean @ self.weight)
+        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        for r, w_r in zip(self.cfg.radii, w[1:]):
+            pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
         return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
 

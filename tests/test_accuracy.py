@@ -163,3 +163,32 @@ def test_ema_keeps_the_moving_average_of_every_step(tmp_path):
     for n, value in m.state_dict().items():
         np.testing.assert_allclose(value.double().numpy(), avg[n].numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
     assert not torch.allclose(m.state_dict()["head.weight"], seen[-1]["head.weight"].float())  # not the last step
+
+
+# ---- the real-geometry accuracy benchmark ------------------------------------------------------------
+def test_accuracy_benchmark_skips_cleanly_without_the_data(tmp_path, capsys):
+    import bench_accuracy
+    assert bench_accuracy.main(["--her2st", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) is None
+    assert "skipping" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, tmp_path):
+    """Targets are the real counts of the 250 most expressed genes; features carry no target gene; every
+    section keeps its real spot coordinates (micrometres) and patient; a ridge fold runs end to end."""
+    import bench_accuracy
+    import data
+    her2st = shared_data / "her2st"
+    root = bench_accuracy.build_caches(her2st, tmp_path / "cache", "strong")
+    genes = (root / "genes.txt").read_text().split()
+    slides = data.list_slides(root)
+    assert len(genes) == 250 and len(slides) == 36
+    s = data.read_slide(slides[0])
+    h = data.read_h5ad(her2st / "st" / f"{s.slide_id}.h5ad", genes=genes)
+    np.testing.assert_array_equal(s.counts.numpy(), h.counts)
+    assert s.genes == genes and s.features.shape == (len(h.barcodes), 32) and s.patient == s.slide_id[0]
+    nn = torch.cdist(s.coords, s.coords).fill_diagonal_(float("inf")).amin(1).median()
+    assert 150 < float(nn) < 250                                          # legacy ST: 200 um pitch
+    rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--levels", "strong",
+                                "--out", str(tmp_path / "out"), "--models", "ridge", "--patients", "E", "--seeds", "0"])
+    assert len(rows) == 1 and 0.1 < rows[0]["pcc_gene"] < 0.9
