@@ -34,7 +34,7 @@ NOISE = {"weak": 2.0, "strong": 0.5}      # noise standard deviation / signal st
 COMMON = ["run.threads=1", "eval.save_predictions=true", "data.synthetic=null", "data.gmt=null",
           "data.pseudo=false", "data.folds=-1"]
 # name -> (config file, overrides): widths and epochs a CPU trains in the benchmark's time
-NARROW = ["model.dim=32", "model.heads=2", "train.epochs=10", "train.lr=1e-3"]
+NARROW = ["model.dim=32", "model.heads=2", "train.epochs=6", "train.lr=1e-3"]
 MODELS = {
     "ridge": ("ridge.yaml", []),
     "ridge_spatial": ("ridge_spatial.yaml", []),
@@ -45,7 +45,7 @@ MODELS = {
     "default": ("default.yaml", NARROW),
     "feast": ("feast.yaml", NARROW),
 }
-DETERMINISTIC = {"ridge", "ridge_spatial"}
+DETERMINISTIC = {"ridge", "ridge_spatial", "ridge_spatial_norm"}
 
 
 # ---- the stand-in dataset -------------------------------------------------------------------------
@@ -127,7 +127,26 @@ def table(rows: list[dict], level: str, models, patients) -> str:
             cell.append(f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 and m not in DETERMINISTIC else ""))
         if means:
             out.append(f"| {m} | {np.mean(means):.3f} | " + " | ".join(cell) + f" | {max(stds):.3f} |")
+    out.append("")
+    out += [line for m in models if m != "ridge_spatial" for line in [against(rows, level, m, patients)] if line]
     return "\n".join(out) + "\n"
+
+
+def against(rows, level, model, patients, base="ridge_spatial") -> str:
+    """The acceptance figures of `model` against the spatial ridge, over the patients both have."""
+    def per_patient(m):
+        got = {p: [r["pcc_gene"] for r in rows if (r["level"], r["model"], r["patient"]) == (level, m, p)]
+               for p in patients}
+        return {p: v for p, v in got.items() if v}
+    a, b = per_patient(model), per_patient(base)
+    both = [p for p in patients if p in a and p in b]
+    if not both:
+        return ""
+    diff = {p: np.mean(a[p]) - np.mean(b[p]) for p in both}
+    worst = min(both, key=diff.get)
+    return (f"- {model}: mean - {base} {np.mean([diff[p] for p in both]):+.3f} over {len(both)} patients; "
+            f"worst patient {worst} {diff[worst]:+.3f}; largest seed std {max(np.std(a[p]) for p in both):.3f} "
+            f"({min(len(a[p]) for p in both)} seeds)")
 
 
 def main(argv=None):
@@ -140,6 +159,7 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="MODEL:key=value", help="extra overrides for one model")
     p.add_argument("--patients", nargs="+", default=None, help="default: every patient")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--report", action="store_true", help="only print the tables of <out>/results.jsonl")
     args = p.parse_args(argv)
     her2st = Path(args.her2st)
     if not (her2st / "metadata.csv").exists():
@@ -164,6 +184,11 @@ def main(argv=None):
     log_path = out / "results.jsonl"
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     done = {(r["level"], r["model"], r["seed"], r["patient"]) for r in rows}
+    if args.report:
+        shown = list(dict.fromkeys(r["model"] for r in rows)) if args.models == list(MODELS) else names
+        for level in args.levels:
+            print(table(rows, level, shown, args.patients or sorted({r["patient"] for r in rows})))
+        return rows
     for level in args.levels:
         root = build_caches(her2st, Path(args.cache), level)
         all_patients = sorted({m.patient for m in map(data.read_slide_meta, data.list_slides(root))})
