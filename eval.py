@@ -247,7 +247,11 @@ def load_fold_models(run_dir, device="cpu") -> list[tuple[torch.nn.Module, list[
     from model import ModelConfig, build_model
     models = []
     for path in sorted(Path(run_dir).glob("fold_*/model.pt")):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: a shared or downloaded run folder can hold tensors, numbers and strings, never code
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (pickle and zip errors have no common base class)
+            raise ValueError(f"{path}: not loaded: expected a tessera model file of tensors, numbers and "
+                             f"strings, found {str(e).splitlines()[0]}") from None
         model = build_model(ModelConfig.from_dict(ck["model_config"]), ck["in_dim"], len(ck["genes"]))
         model.load_state_dict(ck["model"])
         models.append((model.to(device).eval(), ck["genes"]))
@@ -261,6 +265,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     """Predict every slide cache in `slides_dir` with the run's fold models, averaged over folds
     (on the genes every fold predicts), or with one fold; one prediction file per slide in `out_dir`."""
     import yaml
+    data.not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     models = load_fold_models(run_dir, device)
     if fold is not None:

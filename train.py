@@ -25,6 +25,7 @@ import yaml
 import data
 import eval as evaluation
 import lattice
+import synthetic
 from model import ModelConfig, build_model
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -224,8 +225,7 @@ def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
     """The fold's genes: a given list, or top-n by HVG / mean on the training slides' counts only, among
     the genes that every slide of the fold has (`gene_lists`: the test slides' gene names, no counts)."""
     spec = cfg["data"]["genes"]
-    have = [set(s.genes) for s in train_slides] + [set(g) for g in gene_lists]
-    shared = [g for g in train_slides[0].genes if all(g in h for h in have)]
+    shared = data.shared_genes([s.genes for s in train_slides] + list(gene_lists))
     if spec is None:
         return shared
     if isinstance(spec, str):
@@ -292,7 +292,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     avg = {n: t.detach().clone() for n, t in model.state_dict().items()} if tc["ema"] else None
     ckpt = fold_dir / "checkpoint.pt"
     if ckpt.exists():  # --resume: continue after the last finished epoch
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors, numbers, strings only
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -439,7 +439,7 @@ def main(argv=None):
     if not root.exists() and cfg["data"]["synthetic"]:
         syn = cfg["data"]["synthetic"]
         t0 = time.time()
-        data.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
+        synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
                             n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
         log(f"generated the synthetic dataset in {root} ({time.time() - t0:.1f}s)")
     if cfg["run"]["threads"]:

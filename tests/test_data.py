@@ -1,10 +1,9 @@
-"""Tests for data.py: cache format, h5ad reader, HEST import, placeholder encoder, gene selection,
-folds, coordinate augmentation and synthetic slides. References are written independently here."""
+"""Tests for data.py: cache format, small text formats, gene selection and targets, folds and
+coordinate augmentation. References are written independently here."""
 import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -13,6 +12,8 @@ import pytest
 import torch
 
 import data
+import hest
+import synthetic
 from data import CacheError, Slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,157 +212,6 @@ def test_meta_and_listing(tmp_path):
         data.read_slide_meta(tmp_path / "c.h5")
 
 
-# ----------------------------------------------------------------------------- h5ad reader
-
-def dense_from_csr(g):
-    """Independent reference: fill a dense matrix row by row from the CSR arrays."""
-    n, m = (int(v) for v in g.attrs["shape"])
-    out = np.zeros((n, m), np.float64)
-    data_, indices, indptr = g["data"][()], g["indices"][()], g["indptr"][()]
-    for i in range(n):
-        for j, v in zip(indices[indptr[i]:indptr[i + 1]], data_[indptr[i]:indptr[i + 1]]):
-            out[i, j] += v
-    return out
-
-
-def test_h5ad_her2st_matches_csr_rebuilt_by_hand(shared_data):
-    for sid in ("A1", "C3"):
-        path = shared_data / "her2st" / "st" / f"{sid}.h5ad"
-        h = data.read_h5ad(path)
-        with h5py.File(path) as f:
-            ref = dense_from_csr(f["X"])
-            obs_index = [s.decode() for s in f["obs/_index"][()]]
-            var_index = [s.decode() for s in f["var/_index"][()]]
-            spatial = f["obsm/spatial"][()]
-        assert np.array_equal(h.counts, ref.astype(np.float32))
-        assert list(h.barcodes) == obs_index and h.genes == var_index
-        assert np.array_equal(h.xy, spatial) and np.allclose(h.library_size, ref.sum(1))
-        assert set(h.obs) == {"array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"}
-        pick = [var_index[5], var_index[0], var_index[-1]]
-        sub = data.read_h5ad(path, genes=pick)
-        assert sub.genes == pick and np.array_equal(sub.counts, ref[:, [5, 0, -1]].astype(np.float32))
-        assert np.allclose(sub.library_size, ref.sum(1))  # library size is over all genes
-    with pytest.raises(CacheError, match=r"key 'var': expected all 2 requested genes, found 1 missing: NOPE"):
-        data.read_h5ad(path, genes=[var_index[0], "NOPE"])
-
-
-def test_h5ad_dense_with_custom_index_and_obs_coordinates(shared_data):
-    path = shared_data / "hest_samples" / "NCBI858.h5ad"
-    h = data.read_h5ad(path)
-    with h5py.File(path) as f:
-        X = f["X"][()]
-        cells = [s.decode() for s in f["obs/cell_id"][()]]
-        x, y = f["obs/x_pixel"][()], f["obs/y_pixel"][()]
-    assert h.counts.shape == (200, 338) and np.array_equal(h.counts, X.astype(np.float32))
-    assert list(h.barcodes) == cells and np.array_equal(h.xy, np.stack([x, y], 1))
-    assert h.obs["x_pixel"].shape == (200,)
-
-
-def write_h5ad(path, X, obs_names, var_names, style, xy=None, group=None):
-    """A small AnnData file in one of three on-disk encodings, written by hand with h5py."""
-    with h5py.File(path, "w") as f:
-        obs, var = f.create_group("obs"), f.create_group("var")
-        if style == "current":       # anndata >= 0.8: CSR, string-array index, categorical group, obsm
-            obs.attrs.update({"_index": "spot_id", "encoding-type": "dataframe"})
-            obs.create_dataset("spot_id", data=np.array(obs_names, dtype=object), dtype=STR)
-            var.attrs["_index"] = "_index"
-            var.create_dataset("_index", data=np.array(var_names, dtype=object), dtype=STR)
-            cat = obs.create_group("region")
-            cat.attrs["encoding-type"] = "categorical"
-            cats, codes = np.unique(group, return_inverse=True)
-            cat.create_dataset("categories", data=cats.astype(object), dtype=STR)
-            cat["codes"] = np.where(np.array(group) == "", -1, codes).astype(np.int8)
-            rows, cols = np.nonzero(X)
-            g = f.create_group("X")
-            g.attrs.update({"encoding-type": "csr_matrix", "shape": X.shape})
-            g["data"], g["indices"] = X[rows, cols].astype(np.float32), cols.astype(np.int32)
-            g["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=X.shape[0]))]).astype(np.int64)
-            f.create_group("obsm")["spatial"] = xy
-        elif style == "legacy":      # anndata 0.7: old h5sparse CSC, vlen strings, codes + categories reference
-            obs.attrs["_index"] = "index"
-            obs.create_dataset("index", data=np.array(obs_names, dtype=object), dtype=h5py.string_dtype())
-            var.attrs["_index"] = "index"
-            var.create_dataset("index", data=np.array(var_names, dtype=object), dtype=h5py.string_dtype())
-            cats, codes = np.unique(group, return_inverse=True)
-            ref = obs.create_group("__categories").create_dataset("region", data=cats.astype(object),
-                                                                   dtype=h5py.string_dtype())
-            obs["region"] = codes.astype(np.int8)
-            obs["region"].attrs["categories"] = ref.ref
-            Xc = X.T
-            rows, cols = np.nonzero(Xc)          # rows of X.T are columns of X
-            g = f.create_group("X")
-            g.attrs.update({"h5sparse_format": "csc", "h5sparse_shape": X.shape})
-            g["data"], g["indices"] = Xc[rows, cols], cols.astype(np.int64)
-            g["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=X.shape[1]))])
-            obs["pxl_col_in_fullres"], obs["pxl_row_in_fullres"] = xy[:, 0], xy[:, 1]
-        else:                        # dense X, fixed-length byte strings, x/y columns
-            obs.attrs["_index"] = "barcode"
-            obs["barcode"] = np.array([s.encode() for s in obs_names], dtype="S")
-            var.attrs["_index"] = "gene_ids"
-            var["gene_ids"] = np.array([s.encode() for s in var_names], dtype="S")
-            f["X"] = X.astype(np.int64)
-            obs["x"], obs["y"] = xy[:, 0], xy[:, 1]
-            obs["region"] = np.array(group, dtype="S")
-
-
-@pytest.mark.parametrize("style", ["current", "legacy", "dense"])
-def test_h5ad_encodings(tmp_path, style):
-    r = np.random.default_rng(0)
-    X = r.poisson(0.7, (9, 6)).astype(np.float64)
-    barcodes, genes = [f"AC{i}-1" for i in range(9)], ["MT-1", "KRT5", "ÉPI", "CD74", "a", "b"]
-    xy = r.uniform(0, 1000, (9, 2))
-    group = ["tumour", "stroma", "tumour", "", "stroma", "tumour", "stroma", "stroma", "tumour"]
-    if style != "current":
-        group = [g or "stroma" for g in group]
-    write_h5ad(tmp_path / "a.h5ad", X, barcodes, genes, style, xy, group)
-    h = data.read_h5ad(tmp_path / "a.h5ad")
-    assert np.array_equal(h.counts, X.astype(np.float32)) and h.counts.dtype == np.float32
-    assert list(h.barcodes) == barcodes and h.genes == genes and np.allclose(h.xy, xy)
-    assert np.array_equal(h.library_size, X.sum(1))
-    decoded = [g if g is not None else "" for g in h.obs["region"]]
-    assert decoded == group
-    sub = data.read_h5ad(tmp_path / "a.h5ad", genes=["CD74", "MT-1"])
-    assert np.array_equal(sub.counts, X[:, [3, 0]].astype(np.float32))
-
-
-def _h5ad_del(key):
-    return lambda f: f.__delitem__(key)
-
-
-def _h5ad_attr(key, name, value):
-    return lambda f: f[key].attrs.__setitem__(name, value)
-
-
-def _h5ad_replace(key, value):
-    def change(f):
-        del f[key]
-        f[key] = value
-    return change
-
-
-BAD_H5AD = [  # (change to a valid file, key, expected, found)
-    (_h5ad_attr("X", "shape", (9, 7)), "X", "shape (9, 6) from obs and var", "(9, 7)"),
-    (_h5ad_attr("X", "encoding-type", "coo_matrix"), "X", "dense, csr_matrix or csc_matrix", "'coo'"),
-    (_h5ad_replace("obsm/spatial", np.zeros((9, 1))), "obsm/spatial", "shape (9, 2)", "(9, 1)"),
-    (_h5ad_replace("var", np.zeros(3)), "var", "a dataframe group (anndata >= 0.7)", "a dataset"),
-    (_h5ad_attr("obs/region", "encoding-type", "awkward-array"), "/obs/region", "an array or categorical",
-     "encoding 'awkward-array'"),
-]
-
-
-@pytest.mark.parametrize("change,key,expected,found", BAD_H5AD, ids=[b[1] for b in BAD_H5AD])
-def test_malformed_h5ad_is_rejected_with_a_clear_message(tmp_path, change, key, expected, found):
-    path = tmp_path / "bad.h5ad"
-    X = np.ones((9, 6))
-    write_h5ad(path, X, [f"b{i}" for i in range(9)], list("abcdef"), "current", np.zeros((9, 2)), ["t"] * 9)
-    with h5py.File(path, "a") as f:
-        change(f)
-    with pytest.raises(CacheError) as e:
-        data.read_h5ad(path)
-    msg = str(e.value)
-    assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
-
-
 # ----------------------------------------------------------------------------- small text formats
 
 def test_hallmark_gmt(shared_data):
@@ -443,14 +293,14 @@ def hvg_reference(counts, n):
 
 def test_hvg_matches_an_independent_implementation_on_her2st(shared_data):
     paths = [shared_data / "her2st" / "st" / f"{s}.h5ad" for s in ("B1", "B2", "B3")]
-    genes = [data.read_h5ad(p, genes=[]).genes for p in paths[:0]] or None
+    genes = [hest.read_h5ad(p, genes=[]).genes for p in paths[:0]] or None
     with h5py.File(paths[0]) as f:
         common = [s.decode() for s in f["var/_index"][()]]
     for p in paths[1:]:
         with h5py.File(p) as f:
             have = {s.decode() for s in f["var/_index"][()]}
         common = [g for g in common if g in have]
-    counts = [data.read_h5ad(p, genes=common).counts for p in paths]
+    counts = [hest.read_h5ad(p, genes=common).counts for p in paths]
     chosen = data.select_genes(counts, common, 250, by="hvg")
     ref = [common[j] for j in hvg_reference(np.concatenate(counts), 250)]
     assert len(chosen) == 250 and genes is None
@@ -538,270 +388,14 @@ def test_augment_coords():
     assert len(keep) == 1 and out.shape == (1, 2)
 
 
-# ----------------------------------------------------------------------------- placeholder encoder
-
-def test_patch_statistics_against_a_direct_computation():
-    r = np.random.default_rng(0)
-    img = r.integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
-    img[1] = 255                                              # a blank (white) patch
-    f = data.patch_statistics(torch.from_numpy(img))
-    assert f.shape == (3, 48) and f.dtype == torch.float32 and torch.isfinite(f).all()
-    half = img.astype(np.float64).reshape(3, 8, 2, 12, 2, 3).mean((2, 4)) / 255   # 2x2 average, (B, 8, 12, 3)
-    assert np.allclose(f[:, :3].numpy(), half.mean((1, 2)), atol=1e-5)             # whole-patch RGB means
-    assert np.allclose(f[:, 8:11].numpy(), half.std((1, 2)), atol=1e-3)            # ... and stds
-    quads = half.reshape(3, 2, 4, 2, 6, 3).mean((2, 4)).reshape(3, 4, 3)          # 2x2 grid cell means
-    assert np.allclose(f[:, 24:27].numpy(), quads.std(1, ddof=1), atol=1e-4)       # heterogeneity between cells
-    assert f[1, 7] == 1.0 and f[1, 5] == 0.0 and f[1, 16:].abs().max() < 1e-3      # background 1, no gradient
-
-
-def test_embed_custom_encoder_and_errors(tmp_path, monkeypatch):
-    patches, out = tmp_path / "patches", tmp_path / "emb"
-    patches.mkdir()
-    with h5py.File(patches / "s1.h5", "w") as f:
-        f["img"] = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-        f["coords"] = np.arange(10).reshape(5, 2)
-        f["barcode"] = np.array([[f"b{i}".encode()] for i in range(5)])
-    (tmp_path / "my_encoder.py").write_text(
-        "import torch\ndef mean_rgb(x):\n    return x.float().mean((1, 2))\n")
-    monkeypatch.chdir(tmp_path)
-    lines = []
-    data.embed_patches(patches, out, encoder="my_encoder:mean_rgb", batch_size=2, log=lines.append)
-    with h5py.File(out / "s1.h5") as f:
-        with h5py.File(patches / "s1.h5") as p:
-            assert np.allclose(f["embeddings"][()], p["img"][()].astype(np.float32).mean((1, 2)))
-            assert np.array_equal(f["coords"][()], p["coords"][()])
-        assert list(f["barcodes"].asstr()[()]) == [f"b{i}" for i in range(5)]
-        assert f.attrs["encoder"] == "my_encoder:mean_rgb"
-    assert "s1: 5 patches -> 3 features" in lines[0]
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        data.embed_patches(patches, out, log=lines.append)
-    with pytest.raises(ValueError, match="expected 'module:callable', found 'my_encoder'"):
-        data.load_encoder("my_encoder")
-    with h5py.File(patches / "s1.h5", "a") as f:
-        del f["barcode"]
-    with pytest.raises(CacheError, match=r"s1\.h5: key 'barcode': expected a dataset \(HEST patches file\)"):
-        data.embed_patches(patches, tmp_path / "emb2", log=lines.append)
-
-
-# ----------------------------------------------------------------------------- HEST import
-
-def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):
-    her2st = shared_data / "her2st"
-    t0 = time.time()
-    data.main(["embed", "--patches", str(her2st / "patches"), "--out", str(tmp_path / "emb")])
-    seconds = time.time() - t0
-    data.main(["import-hest", "--st", str(her2st / "st"), "--features", str(tmp_path / "emb"),
-               "--out", str(tmp_path / "caches"), "--meta", str(her2st / "metadata.csv")])
-    out = capsys.readouterr().out
-    assert "B4: 283 spots matched, 0 only in st, 0 only in features" in out, out
-    paths = data.list_slides(tmp_path / "caches")
-    assert [p.stem for p in paths] == ["B4", "C2", "C3", "C4", "C5", "C6"] and seconds < 60
-    s = data.read_slide(paths[0])
-    meta = data.read_metadata(her2st / "metadata.csv")["B4"]
-    h = data.read_h5ad(her2st / "st" / "B4.h5ad")
-    assert (s.patient, s.spot_pitch_um, s.features.shape) == ("B", 200.0, (283, 48))
-    with h5py.File(her2st / "patches" / "B4.h5") as f:
-        assert list(s.barcodes) == [b[0].decode() for b in f["barcode"][()]]   # same spots, h5ad order
-    assert list(s.barcodes) == list(h.barcodes) and s.genes == h.genes
-    assert torch.allclose(s.coords, torch.from_numpy(h.xy * float(meta["pixel_size_um_estimated"])).float())
-    assert torch.equal(s.counts, torch.from_numpy(h.counts)) and torch.equal(s.library_size, s.counts.sum(1))
-    d = torch.cdist(s.coords, s.coords) + torch.eye(283) * 1e9
-    assert 150 < d.min(1).values.median() < 250               # ST spots ~200 um apart once in micrometres
-    assert torch.isfinite(s.features).all() and (s.features.std(0) > 0).all()
-
-
-def test_import_hest_joins_by_barcode_and_reports(tmp_path):
-    st, feats, out = tmp_path / "st", tmp_path / "feats", tmp_path / "out"
-    st.mkdir(), feats.mkdir()
-    r = np.random.default_rng(0)
-    X = r.poisson(2.0, (10, 5)).astype(np.float64)
-    xy = r.uniform(0, 500, (10, 2))
-    genes = ["A", "B", "C", "D", "E"]
-    write_h5ad(st / "s1.h5ad", X, [f"b{i}" for i in range(10)], genes, "current", xy, ["t"] * 10)
-    feature_barcodes = [f"b{i}" for i in (5, 2, 11, 7, 3, 4, 12, 6, 8, 9, 10)]   # b0, b1 missing; 3 extra
-    emb = r.standard_normal((11, 4)).astype(np.float32)
-    with h5py.File(feats / "s1.h5", "w") as f:
-        f["embeddings"], f["coords"] = emb, np.zeros((11, 2))
-        f["barcodes"] = np.array([[b.encode()] for b in feature_barcodes])        # (N, 1) bytes, as HEST
-    with h5py.File(feats / "lonely.h5", "w") as f:
-        f["embeddings"], f["barcodes"] = emb, np.array([b.encode() for b in feature_barcodes])
-    (tmp_path / "meta.csv").write_text("id,patient,pixel_size_um_estimated,inter_spot_dist\ns1,P7,0.5,100\n")
-    (tmp_path / "genes.txt").write_text("C\nA\nZZ\n")
-    lines = []
-    paths = data.import_hest(st, feats, out, tmp_path / "meta.csv", genes=tmp_path / "genes.txt", log=lines.append)
-    assert "lonely: skipped, no expression file" in lines[0]
-    assert lines[1].startswith("s1: 8 spots matched, 2 only in st, 3 only in features; 2 genes (1 of the list missing)")
-    s = data.read_slide(paths[0])
-    rows = [feature_barcodes.index(f"b{i}") for i in range(2, 10)]
-    assert list(s.barcodes) == [f"b{i}" for i in range(2, 10)] and s.genes == ["C", "A"]
-    assert torch.equal(s.features, torch.from_numpy(emb[rows]))
-    assert torch.allclose(s.coords, torch.from_numpy(xy[2:] * 0.5).float())
-    assert torch.equal(s.counts, torch.from_numpy(X[2:][:, [2, 0]]).float())
-    assert torch.equal(s.library_size, torch.from_numpy(X[2:].sum(1)).float())   # over all genes
-    assert (s.patient, s.spot_pitch_um) == ("P7", 100.0)
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        data.import_hest(st, feats, out, log=lines.append)
-    lines.clear()
-    (paths,) = [data.import_hest(st, feats, tmp_path / "out2", max_genes=2, log=lines.append)]
-    s = data.read_slide(paths[0])
-    top = [genes[j] for j in np.argsort(-X.sum(0), kind="stable")[:2]]
-    assert s.genes == top and s.patient == "s1" and math.isnan(s.spot_pitch_um)
-    assert "no pixel_size_um_estimated, coords stay in pixels" in lines[1]
-    with h5py.File(feats / "s1.h5", "a") as f:
-        del f["embeddings"]
-    with pytest.raises(CacheError, match=r"s1\.h5: key 'embeddings': expected a dataset"):
-        data.import_hest(st, feats, tmp_path / "out3", log=lines.append)
-
-
-# ----------------------------------------------------------------------------- synthetic slides
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """The demo dataset (12 slides of ~1,500 spots), generated once and timed."""
-    out = tmp_path_factory.mktemp("synth")
-    cpu, wall = time.process_time(), time.time()
-    paths = data.make_synthetic(out, log=lambda s: None)
-    return out, paths, time.process_time() - cpu, time.time() - wall
-
-
-def test_synthetic_dataset_is_fast_valid_and_grouped(synth):
-    out, paths, cpu_seconds, wall_seconds = synth
-    assert cpu_seconds < 10, f"12 slides took {cpu_seconds:.1f} s of CPU ({wall_seconds:.1f} s wall)"
-    assert len(paths) == 12 and data.list_slides(out) == paths
-    slides = [data.read_slide(p) for p in paths]              # read_slide validates every key
-    assert all(1275 <= s.n_spots <= 1725 and s.features.shape[1] == 64 and len(s.genes) == 300 for s in slides)
-    assert all(s.expected is not None and torch.equal(s.library_size, s.counts.sum(1)) for s in slides)
-    per_patient = {}
-    for s in slides:
-        per_patient[s.patient] = per_patient.get(s.patient, 0) + 1
-    assert sorted(per_patient.values()) == [2, 2, 2, 3, 3]     # slides grouped 2-3 per patient
-    s = slides[0]
-    d = torch.cdist(s.coords, s.coords) + torch.eye(s.n_spots) * 1e9
-    nearest = d.min(1).values
-    assert abs(nearest.median() - 100) < 3 and ((d < 103).sum(1) == 6).float().mean() > 0.7   # hexagonal, 100 um
-    lib = s.library_size
-    assert lib.std() / lib.mean() > 0.2                        # library size varies from spot to spot
-    slide_means = torch.stack([t.features.mean(0) for t in slides])
-    assert slide_means.std(0).mean() > 0.3                     # a per-slide stain shift on the features
-    programs = data.read_gmt(out / "programs.gmt")
-    assert 10 <= len(programs) <= 20 and all(set(m) <= set(s.genes) for m in programs.values())
-    member = {g for m in programs.values() for g in m}
-    assert 0.05 < 1 - len(member) / 300 < 0.3                  # some genes belong to no program
-    meta = data.read_metadata(out / "metadata.csv")
-    assert meta["synth_00"]["patient"] == s.patient
-
-
-def r2_held_out(x, y, train):
-    """Least squares (normal equations) with an intercept on the train spots; R^2 per column on the others."""
-    x1 = np.c_[x, np.ones(len(x))]
-    beta = np.linalg.solve(x1[train].T @ x1[train] + 1e-6 * np.eye(x1.shape[1]), x1[train].T @ y[train])
-    res = y[~train] - x1[~train] @ beta
-    return 1 - (res ** 2).sum(0) / ((y[~train] - y[~train].mean(0)) ** 2).sum(0)
-
-
-def test_synthetic_neighbourhood_signal_is_real(synth):
-    """For 'neigh' programs the spot's own features explain little of the expected expression and the
-    mean of the neighbours' features (within two rings) explains much more; 'local' programs are
-    mostly explained by the spot's own features."""
-    out, paths, _, _ = synth
-    programs = data.read_gmt(out / "programs.gmt")
-    for path in paths[:2]:
-        s = data.read_slide(path)
-        x, xy = s.features.double().numpy(), s.coords.double().numpy()
-        dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
-        ring = (dist > 0) & (dist <= 2.1 * s.spot_pitch_um)
-        neighbours = ring @ x / ring.sum(1, keepdims=True).clip(1)
-        y = np.log(s.expected.double().numpy())
-        train = np.random.default_rng(0).random(len(x)) < 0.5
-        for kind, own_range, min_gain in (("NEIGH", (0.0, 0.45), 0.3), ("LOCAL", (0.5, 1.0), 0.0)):
-            cols = [s.genes.index(g) for name, m in programs.items() if f"_{kind}_" in name for g in m]
-            own = r2_held_out(x, y[:, cols], train).mean()
-            both = r2_held_out(np.c_[x, neighbours], y[:, cols], train).mean()
-            assert own_range[0] < own < own_range[1] and both > own + min_gain, (kind, own, both)
-
-
-def test_synthetic_is_deterministic_and_has_layouts(tmp_path):
-    kw = dict(n_slides=2, n_spots=200, n_genes=40, n_features=16, log=lambda s: None)
-    a = data.make_synthetic(tmp_path / "a", seed=3, pseudo=True, **kw)
-    b = data.make_synthetic(tmp_path / "b", seed=3, pseudo=True, **kw)
-    c = data.make_synthetic(tmp_path / "c", seed=4, pseudo=True, **kw)
-    for pa, pb in zip(a, b):
-        sa, sb = data.read_slide(pa), data.read_slide(pb)
-        for k in ("features", "coords", "counts", "expected", "pseudo_features", "pseudo_coords"):
-            assert torch.equal(getattr(sa, k), getattr(sb, k)), k
-    assert (tmp_path / "a" / "programs.gmt").read_text() == (tmp_path / "b" / "programs.gmt").read_text()
-    assert not torch.equal(data.read_slide(a[0]).features[:5], data.read_slide(c[0]).features[:5])
-    s = data.read_slide(a[0])
-    assert s.pseudo_features.shape[1] == 16 and 0.5 * s.n_spots < len(s.pseudo_coords) < 2 * s.n_spots
-    gap = torch.cdist(s.pseudo_coords, s.coords).min(1).values
-    assert ((gap > 40) & (gap < 70)).all()                      # triangle centres: 100 / sqrt(3) um away
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        data.make_synthetic(tmp_path / "a", seed=3, **kw)
-    for layout, pitch in (("square", 200.0), ("hd", 8.0)):
-        p = data.make_synthetic(tmp_path / layout, layout=layout, pseudo=True, **dict(kw, n_slides=1))
-        s = data.read_slide(p[0])
-        d = torch.cdist(s.coords, s.coords) + torch.eye(s.n_spots) * 1e9
-        assert s.spot_pitch_um == pitch and abs(d.min(1).values.median() / pitch - 1) < 0.05
-        assert ((d < 1.05 * pitch).sum(1) == 4).float().mean() > 0.6    # square lattice
-        gap = torch.cdist(s.pseudo_coords, s.coords).min(1).values / pitch
-        assert ((gap > 0.6) & (gap < 0.8)).all()                # square centres: pitch / sqrt(2) away
-
-
 # ----------------------------------------------------------------------------- command line
 
-def test_command_line(tmp_path, synth):
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "data.py"), *a], capture_output=True,  # noqa: E731
-                                    text=True, cwd=tmp_path)
-    r = run("synth", "--out", "ds", "--slides", "2", "--spots", "150", "--seed", "1", "--layout", "square")
-    assert r.returncode == 0 and "synth: 2 slides" in r.stdout, r.stderr
-    assert len(data.list_slides(tmp_path / "ds")) == 2
-    r = run("import-hest", "--help")
-    assert r.returncode == 0 and "--max-genes" in r.stdout and "--meta" in r.stdout
-    out, paths, _, _ = synth
+def test_genes_command_line(tmp_path):
+    paths = synthetic.make_synthetic(tmp_path / "ds", n_slides=4, n_spots=200, n_genes=60, log=lambda s: None)
     ids = [p.stem for p in paths[:3]]
-    data.main(["genes", "--slides", str(out), "--n", "25", "--by", "hvg", "--out", str(tmp_path / "g.json"),
-               "--ids", *ids])
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "25", "--by", "hvg",
+                        "--out", "g.json", "--ids", *ids], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "genes: 25 by hvg from 3 slides (60 genes in common)" in r.stdout, r.stderr
     chosen = data.read_gene_list(tmp_path / "g.json")
     counts = [data.read_slide(p).counts for p in paths[:3]]
     assert chosen == data.select_genes(counts, data.read_slide_meta(paths[0]).genes, 25, "hvg")
-
-
-def test_import_and_embed_error_paths(tmp_path):
-    st, feats = tmp_path / "st", tmp_path / "feats"
-    st.mkdir(), feats.mkdir()
-    X = np.ones((4, 2))
-    write_h5ad(st / "s1.h5ad", X, ["a", "b", "c", "d"], ["G1", "G2"], "current", np.zeros((4, 2)), ["t"] * 4)
-
-    def features(barcodes, n_rows=None):
-        with h5py.File(feats / "s1.h5", "w") as f:
-            f["embeddings"] = np.zeros((n_rows or len(barcodes), 3), np.float32)
-            f["barcodes"] = np.array([b.encode() for b in barcodes])
-    lines = []
-    features(["a", "b", "c"], n_rows=2)
-    with pytest.raises(CacheError, match=r"s1\.h5: key 'embeddings': expected shape \(3, C\), one row per barcode"):
-        data.import_hest(st, feats, tmp_path / "o1", log=lines.append)
-    features(["a", "a", "b"])
-    with pytest.raises(CacheError, match=r"s1\.h5: key 'barcodes': expected unique barcodes, found 1 duplicates"):
-        data.import_hest(st, feats, tmp_path / "o2", log=lines.append)
-    features(["x-1", "y-1"])
-    assert data.import_hest(st, feats, tmp_path / "o3", log=lines.append) == []
-    assert lines[-1].endswith("skipped (check that barcodes use the same format)")
-    with h5py.File(st / "s1.h5ad", "a") as f:
-        del f["obsm"]
-    with pytest.raises(CacheError, match=r"s1\.h5ad: key 'obsm/spatial': expected spot centres"):
-        data.import_hest(st, feats, tmp_path / "o4", log=lines.append)
-    with pytest.raises(FileNotFoundError, match=r"expected embedding files \*\.h5, found none"):
-        data.import_hest(st, tmp_path / "none", tmp_path / "o5", log=lines.append)
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    with h5py.File(patches / "p.h5", "w") as f:
-        f["img"], f["coords"] = np.zeros((2, 8, 8, 3), np.float32), np.zeros((2, 2))
-        f["barcode"] = np.array([b"a", b"b"])
-    with pytest.raises(CacheError, match=r"p\.h5: key 'img': expected uint8 \(N, H, W, 3\), found float32 \(2, 8, "):
-        data.embed_patches(patches, tmp_path / "e", log=lines.append)
-    with pytest.raises(FileNotFoundError, match=r"expected HEST patch files \*\.h5, found none"):
-        data.embed_patches(tmp_path / "st", tmp_path / "e", log=lines.append)
-    for call in (lambda: data.embed_patches(patches, patches, overwrite=True),
-                 lambda: data.import_hest(st, feats, feats, overwrite=True)):
-        with pytest.raises(ValueError, match="expected an output folder other than the inputs, found an input"):
-            call()

@@ -290,3 +290,38 @@ def test_cli_reevaluates_and_prints_table(fake_run):
 def test_cli_reports_a_bad_run_folder(tmp_path):
     with pytest.raises(SystemExit, match="no fold_<k> folders"):
         ev.main([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- shared run folders are data, never code
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that would create a file if the loader executed it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_model_file_that_carries_code_is_refused_and_nothing_runs(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "executed"
+    (run / "fold_0").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {pseudo: false}\n")
+    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, run / "fold_0" / "model.pt")
+    with pytest.raises(ValueError, match="model.pt: not loaded"):
+        ev.load_fold_models(run)
+    assert not marker.exists()
+
+
+def test_predict_refuses_to_write_into_its_input_folders(tmp_path):
+    slides = tmp_path / "caches"
+    slides.mkdir()
+    (slides / "s1.h5").write_bytes(b"input the user owns")
+    for out in (slides, tmp_path / "run"):
+        r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", "--run", str(tmp_path / "run"),
+                            "--slides", str(slides), "--out", str(out), "--overwrite"],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "expected an output folder other than the inputs" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert (slides / "s1.h5").read_bytes() == b"input the user owns" and sorted(slides.iterdir()) == [slides / "s1.h5"]

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import data
+import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_unknown_keys_are_refused_with_the_valid_ones(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data.make_synthetic(root, n_slides=4, seed=0, n_spots=250, pseudo=True)
+    synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=250, pseudo=True)
     return root
 
 

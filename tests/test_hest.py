@@ -1,0 +1,334 @@
+"""Tests for hest.py: the h5ad reader, the placeholder encoder and the HEST import, against files
+written by hand here and the real her2st data."""
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+import hest
+from data import CacheError
+
+ROOT = Path(__file__).resolve().parents[1]
+STR = h5py.string_dtype("utf-8")
+
+
+# ----------------------------------------------------------------------------- h5ad reader
+
+def dense_from_csr(g):
+    """Independent reference: fill a dense matrix row by row from the CSR arrays."""
+    n, m = (int(v) for v in g.attrs["shape"])
+    out = np.zeros((n, m), np.float64)
+    data_, indices, indptr = g["data"][()], g["indices"][()], g["indptr"][()]
+    for i in range(n):
+        for j, v in zip(indices[indptr[i]:indptr[i + 1]], data_[indptr[i]:indptr[i + 1]]):
+            out[i, j] += v
+    return out
+
+
+def test_h5ad_her2st_matches_csr_rebuilt_by_hand(shared_data):
+    for sid in ("A1", "C3"):
+        path = shared_data / "her2st" / "st" / f"{sid}.h5ad"
+        h = hest.read_h5ad(path)
+        with h5py.File(path) as f:
+            ref = dense_from_csr(f["X"])
+            obs_index = [s.decode() for s in f["obs/_index"][()]]
+            var_index = [s.decode() for s in f["var/_index"][()]]
+            spatial = f["obsm/spatial"][()]
+        assert np.array_equal(h.counts, ref.astype(np.float32))
+        assert list(h.barcodes) == obs_index and h.genes == var_index
+        assert np.array_equal(h.xy, spatial) and np.allclose(h.library_size, ref.sum(1))
+        assert set(h.obs) == {"array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"}
+        pick = [var_index[5], var_index[0], var_index[-1]]
+        sub = hest.read_h5ad(path, genes=pick)
+        assert sub.genes == pick and np.array_equal(sub.counts, ref[:, [5, 0, -1]].astype(np.float32))
+        assert np.allclose(sub.library_size, ref.sum(1))  # library size is over all genes
+    with pytest.raises(CacheError, match=r"key 'var': expected all 2 requested genes, found 1 missing: NOPE"):
+        hest.read_h5ad(path, genes=[var_index[0], "NOPE"])
+
+
+def test_h5ad_dense_with_custom_index_and_obs_coordinates(shared_data):
+    path = shared_data / "hest_samples" / "NCBI858.h5ad"
+    h = hest.read_h5ad(path)
+    with h5py.File(path) as f:
+        X = f["X"][()]
+        cells = [s.decode() for s in f["obs/cell_id"][()]]
+        x, y = f["obs/x_pixel"][()], f["obs/y_pixel"][()]
+    assert h.counts.shape == (200, 338) and np.array_equal(h.counts, X.astype(np.float32))
+    assert list(h.barcodes) == cells and np.array_equal(h.xy, np.stack([x, y], 1))
+    assert h.obs["x_pixel"].shape == (200,)
+
+
+def write_h5ad(path, X, obs_names, var_names, style, xy=None, group=None):
+    """A small AnnData file in one of three on-disk encodings, written by hand with h5py."""
+    with h5py.File(path, "w") as f:
+        obs, var = f.create_group("obs"), f.create_group("var")
+        if style == "current":       # anndata >= 0.8: CSR, string-array index, categorical group, obsm
+            obs.attrs.update({"_index": "spot_id", "encoding-type": "dataframe"})
+            obs.create_dataset("spot_id", data=np.array(obs_names, dtype=object), dtype=STR)
+            var.attrs["_index"] = "_index"
+            var.create_dataset("_index", data=np.array(var_names, dtype=object), dtype=STR)
+            cat = obs.create_group("region")
+            cat.attrs["encoding-type"] = "categorical"
+            cats, codes = np.unique(group, return_inverse=True)
+            cat.create_dataset("categories", data=cats.astype(object), dtype=STR)
+            cat["codes"] = np.where(np.array(group) == "", -1, codes).astype(np.int8)
+            rows, cols = np.nonzero(X)
+            g = f.create_group("X")
+            g.attrs.update({"encoding-type": "csr_matrix", "shape": X.shape})
+            g["data"], g["indices"] = X[rows, cols].astype(np.float32), cols.astype(np.int32)
+            g["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=X.shape[0]))]).astype(np.int64)
+            f.create_group("obsm")["spatial"] = xy
+        elif style == "legacy":      # anndata 0.7: old h5sparse CSC, vlen strings, codes + categories reference
+            obs.attrs["_index"] = "index"
+            obs.create_dataset("index", data=np.array(obs_names, dtype=object), dtype=h5py.string_dtype())
+            var.attrs["_index"] = "index"
+            var.create_dataset("index", data=np.array(var_names, dtype=object), dtype=h5py.string_dtype())
+            cats, codes = np.unique(group, return_inverse=True)
+            ref = obs.create_group("__categories").create_dataset("region", data=cats.astype(object),
+                                                                   dtype=h5py.string_dtype())
+            obs["region"] = codes.astype(np.int8)
+            obs["region"].attrs["categories"] = ref.ref
+            Xc = X.T
+            rows, cols = np.nonzero(Xc)          # rows of X.T are columns of X
+            g = f.create_group("X")
+            g.attrs.update({"h5sparse_format": "csc", "h5sparse_shape": X.shape})
+            g["data"], g["indices"] = Xc[rows, cols], cols.astype(np.int64)
+            g["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=X.shape[1]))])
+            obs["pxl_col_in_fullres"], obs["pxl_row_in_fullres"] = xy[:, 0], xy[:, 1]
+        else:                        # dense X, fixed-length byte strings, x/y columns
+            obs.attrs["_index"] = "barcode"
+            obs["barcode"] = np.array([s.encode() for s in obs_names], dtype="S")
+            var.attrs["_index"] = "gene_ids"
+            var["gene_ids"] = np.array([s.encode() for s in var_names], dtype="S")
+            f["X"] = X.astype(np.int64)
+            obs["x"], obs["y"] = xy[:, 0], xy[:, 1]
+            obs["region"] = np.array(group, dtype="S")
+
+
+@pytest.mark.parametrize("style", ["current", "legacy", "dense"])
+def test_h5ad_encodings(tmp_path, style):
+    r = np.random.default_rng(0)
+    X = r.poisson(0.7, (9, 6)).astype(np.float64)
+    barcodes, genes = [f"AC{i}-1" for i in range(9)], ["MT-1", "KRT5", "ÉPI", "CD74", "a", "b"]
+    xy = r.uniform(0, 1000, (9, 2))
+    group = ["tumour", "stroma", "tumour", "", "stroma", "tumour", "stroma", "stroma", "tumour"]
+    if style != "current":
+        group = [g or "stroma" for g in group]
+    write_h5ad(tmp_path / "a.h5ad", X, barcodes, genes, style, xy, group)
+    h = hest.read_h5ad(tmp_path / "a.h5ad")
+    assert np.array_equal(h.counts, X.astype(np.float32)) and h.counts.dtype == np.float32
+    assert list(h.barcodes) == barcodes and h.genes == genes and np.allclose(h.xy, xy)
+    assert np.array_equal(h.library_size, X.sum(1))
+    decoded = [g if g is not None else "" for g in h.obs["region"]]
+    assert decoded == group
+    sub = hest.read_h5ad(tmp_path / "a.h5ad", genes=["CD74", "MT-1"])
+    assert np.array_equal(sub.counts, X[:, [3, 0]].astype(np.float32))
+
+
+def _h5ad_del(key):
+    return lambda f: f.__delitem__(key)
+
+
+def _h5ad_attr(key, name, value):
+    return lambda f: f[key].attrs.__setitem__(name, value)
+
+
+def _h5ad_replace(key, value):
+    def change(f):
+        del f[key]
+        f[key] = value
+    return change
+
+
+BAD_H5AD = [  # (change to a valid file, key, expected, found)
+    (_h5ad_attr("X", "shape", (9, 7)), "X", "shape (9, 6) from obs and var", "(9, 7)"),
+    (_h5ad_attr("X", "encoding-type", "coo_matrix"), "X", "dense, csr_matrix or csc_matrix", "'coo'"),
+    (_h5ad_replace("obsm/spatial", np.zeros((9, 1))), "obsm/spatial", "shape (9, 2)", "(9, 1)"),
+    (_h5ad_replace("var", np.zeros(3)), "var", "a dataframe group (anndata >= 0.7)", "a dataset"),
+    (_h5ad_attr("obs/region", "encoding-type", "awkward-array"), "/obs/region", "an array or categorical",
+     "encoding 'awkward-array'"),
+]
+
+
+@pytest.mark.parametrize("change,key,expected,found", BAD_H5AD, ids=[b[1] for b in BAD_H5AD])
+def test_malformed_h5ad_is_rejected_with_a_clear_message(tmp_path, change, key, expected, found):
+    path = tmp_path / "bad.h5ad"
+    X = np.ones((9, 6))
+    write_h5ad(path, X, [f"b{i}" for i in range(9)], list("abcdef"), "current", np.zeros((9, 2)), ["t"] * 9)
+    with h5py.File(path, "a") as f:
+        change(f)
+    with pytest.raises(CacheError) as e:
+        hest.read_h5ad(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
+
+
+# ----------------------------------------------------------------------------- placeholder encoder
+
+def test_patch_statistics_against_a_direct_computation():
+    r = np.random.default_rng(0)
+    img = r.integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    img[1] = 255                                              # a blank (white) patch
+    f = hest.patch_statistics(torch.from_numpy(img))
+    assert f.shape == (3, 48) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    half = img.astype(np.float64).reshape(3, 8, 2, 12, 2, 3).mean((2, 4)) / 255   # 2x2 average, (B, 8, 12, 3)
+    assert np.allclose(f[:, :3].numpy(), half.mean((1, 2)), atol=1e-5)             # whole-patch RGB means
+    assert np.allclose(f[:, 8:11].numpy(), half.std((1, 2)), atol=1e-3)            # ... and stds
+    quads = half.reshape(3, 2, 4, 2, 6, 3).mean((2, 4)).reshape(3, 4, 3)          # 2x2 grid cell means
+    assert np.allclose(f[:, 24:27].numpy(), quads.std(1, ddof=1), atol=1e-4)       # heterogeneity between cells
+    assert f[1, 7] == 1.0 and f[1, 5] == 0.0 and f[1, 16:].abs().max() < 1e-3      # background 1, no gradient
+
+
+def test_embed_custom_encoder_and_errors(tmp_path, monkeypatch):
+    patches, out = tmp_path / "patches", tmp_path / "emb"
+    patches.mkdir()
+    with h5py.File(patches / "s1.h5", "w") as f:
+        f["img"] = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+        f["coords"] = np.arange(10).reshape(5, 2)
+        f["barcode"] = np.array([[f"b{i}".encode()] for i in range(5)])
+    (tmp_path / "my_encoder.py").write_text(
+        "import torch\ndef mean_rgb(x):\n    return x.float().mean((1, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    hest.embed_patches(patches, out, encoder="my_encoder:mean_rgb", batch_size=2, log=lines.append)
+    with h5py.File(out / "s1.h5") as f:
+        with h5py.File(patches / "s1.h5") as p:
+            assert np.allclose(f["embeddings"][()], p["img"][()].astype(np.float32).mean((1, 2)))
+            assert np.array_equal(f["coords"][()], p["coords"][()])
+        assert list(f["barcodes"].asstr()[()]) == [f"b{i}" for i in range(5)]
+        assert f.attrs["encoder"] == "my_encoder:mean_rgb"
+    assert "s1: 5 patches -> 3 features" in lines[0]
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        hest.embed_patches(patches, out, log=lines.append)
+    with pytest.raises(ValueError, match="expected 'module:callable', found 'my_encoder'"):
+        hest.load_encoder("my_encoder")
+    with h5py.File(patches / "s1.h5", "a") as f:
+        del f["barcode"]
+    with pytest.raises(CacheError, match=r"s1\.h5: key 'barcode': expected a dataset \(HEST patches file\)"):
+        hest.embed_patches(patches, tmp_path / "emb2", log=lines.append)
+
+
+# ----------------------------------------------------------------------------- HEST import
+
+def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):
+    her2st = shared_data / "her2st"
+    t0 = time.time()
+    hest.main(["embed", "--patches", str(her2st / "patches"), "--out", str(tmp_path / "emb")])
+    seconds = time.time() - t0
+    hest.main(["import-hest", "--st", str(her2st / "st"), "--features", str(tmp_path / "emb"),
+               "--out", str(tmp_path / "caches"), "--meta", str(her2st / "metadata.csv")])
+    out = capsys.readouterr().out
+    assert "B4: 283 spots matched, 0 only in st, 0 only in features" in out, out
+    paths = data.list_slides(tmp_path / "caches")
+    assert [p.stem for p in paths] == ["B4", "C2", "C3", "C4", "C5", "C6"] and seconds < 60
+    s = data.read_slide(paths[0])
+    meta = data.read_metadata(her2st / "metadata.csv")["B4"]
+    h = hest.read_h5ad(her2st / "st" / "B4.h5ad")
+    assert (s.patient, s.spot_pitch_um, s.features.shape) == ("B", 200.0, (283, 48))
+    with h5py.File(her2st / "patches" / "B4.h5") as f:
+        assert list(s.barcodes) == [b[0].decode() for b in f["barcode"][()]]   # same spots, h5ad order
+    assert list(s.barcodes) == list(h.barcodes) and s.genes == h.genes
+    assert torch.allclose(s.coords, torch.from_numpy(h.xy * float(meta["pixel_size_um_estimated"])).float())
+    assert torch.equal(s.counts, torch.from_numpy(h.counts)) and torch.equal(s.library_size, s.counts.sum(1))
+    d = torch.cdist(s.coords, s.coords) + torch.eye(283) * 1e9
+    assert 150 < d.min(1).values.median() < 250               # ST spots ~200 um apart once in micrometres
+    assert torch.isfinite(s.features).all() and (s.features.std(0) > 0).all()
+
+
+def test_import_hest_joins_by_barcode_and_reports(tmp_path):
+    st, feats, out = tmp_path / "st", tmp_path / "feats", tmp_path / "out"
+    st.mkdir(), feats.mkdir()
+    r = np.random.default_rng(0)
+    X = r.poisson(2.0, (10, 5)).astype(np.float64)
+    xy = r.uniform(0, 500, (10, 2))
+    genes = ["A", "B", "C", "D", "E"]
+    write_h5ad(st / "s1.h5ad", X, [f"b{i}" for i in range(10)], genes, "current", xy, ["t"] * 10)
+    feature_barcodes = [f"b{i}" for i in (5, 2, 11, 7, 3, 4, 12, 6, 8, 9, 10)]   # b0, b1 missing; 3 extra
+    emb = r.standard_normal((11, 4)).astype(np.float32)
+    with h5py.File(feats / "s1.h5", "w") as f:
+        f["embeddings"], f["coords"] = emb, np.zeros((11, 2))
+        f["barcodes"] = np.array([[b.encode()] for b in feature_barcodes])        # (N, 1) bytes, as HEST
+    with h5py.File(feats / "lonely.h5", "w") as f:
+        f["embeddings"], f["barcodes"] = emb, np.array([b.encode() for b in feature_barcodes])
+    (tmp_path / "meta.csv").write_text("id,patient,pixel_size_um_estimated,inter_spot_dist\ns1,P7,0.5,100\n")
+    (tmp_path / "genes.txt").write_text("C\nA\nZZ\n")
+    lines = []
+    paths = hest.import_hest(st, feats, out, tmp_path / "meta.csv", genes=tmp_path / "genes.txt", log=lines.append)
+    assert "lonely: skipped, no expression file" in lines[0]
+    assert lines[1].startswith("s1: 8 spots matched, 2 only in st, 3 only in features; 2 genes (1 of the list missing)")
+    s = data.read_slide(paths[0])
+    rows = [feature_barcodes.index(f"b{i}") for i in range(2, 10)]
+    assert list(s.barcodes) == [f"b{i}" for i in range(2, 10)] and s.genes == ["C", "A"]
+    assert torch.equal(s.features, torch.from_numpy(emb[rows]))
+    assert torch.allclose(s.coords, torch.from_numpy(xy[2:] * 0.5).float())
+    assert torch.equal(s.counts, torch.from_numpy(X[2:][:, [2, 0]]).float())
+    assert torch.equal(s.library_size, torch.from_numpy(X[2:].sum(1)).float())   # over all genes
+    assert (s.patient, s.spot_pitch_um) == ("P7", 100.0)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        hest.import_hest(st, feats, out, log=lines.append)
+    lines.clear()
+    (paths,) = [hest.import_hest(st, feats, tmp_path / "out2", max_genes=2, log=lines.append)]
+    s = data.read_slide(paths[0])
+    top = [genes[j] for j in np.argsort(-X.sum(0), kind="stable")[:2]]
+    assert s.genes == top and s.patient == "s1" and math.isnan(s.spot_pitch_um)
+    assert "no pixel_size_um_estimated, coords stay in pixels" in lines[1]
+    with h5py.File(feats / "s1.h5", "a") as f:
+        del f["embeddings"]
+    with pytest.raises(CacheError, match=r"s1\.h5: key 'embeddings': expected a dataset"):
+        hest.import_hest(st, feats, tmp_path / "out3", log=lines.append)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_command_line_help():
+    r = subprocess.run([sys.executable, str(ROOT / "hest.py"), "import-hest", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--max-genes" in r.stdout and "--meta" in r.stdout
+
+
+def test_import_and_embed_error_paths(tmp_path):
+    st, feats = tmp_path / "st", tmp_path / "feats"
+    st.mkdir(), feats.mkdir()
+    X = np.ones((4, 2))
+    write_h5ad(st / "s1.h5ad", X, ["a", "b", "c", "d"], ["G1", "G2"], "current", np.zeros((4, 2)), ["t"] * 4)
+
+    def features(barcodes, n_rows=None):
+        with h5py.File(feats / "s1.h5", "w") as f:
+            f["embeddings"] = np.zeros((n_rows or len(barcodes), 3), np.float32)
+            f["barcodes"] = np.array([b.encode() for b in barcodes])
+    lines = []
+    features(["a", "b", "c"], n_rows=2)
+    with pytest.raises(CacheError, match=r"s1\.h5: key 'embeddings': expected shape \(3, C\), one row per barcode"):
+        hest.import_hest(st, feats, tmp_path / "o1", log=lines.append)
+    features(["a", "a", "b"])
+    with pytest.raises(CacheError, match=r"s1\.h5: key 'barcodes': expected unique barcodes, found 1 duplicates"):
+        hest.import_hest(st, feats, tmp_path / "o2", log=lines.append)
+    features(["x-1", "y-1"])
+    assert hest.import_hest(st, feats, tmp_path / "o3", log=lines.append) == []
+    assert lines[-1].endswith("skipped (check that barcodes use the same format)")
+    with h5py.File(st / "s1.h5ad", "a") as f:
+        del f["obsm"]
+    with pytest.raises(CacheError, match=r"s1\.h5ad: key 'obsm/spatial': expected spot centres"):
+        hest.import_hest(st, feats, tmp_path / "o4", log=lines.append)
+    with pytest.raises(FileNotFoundError, match=r"expected embedding files \*\.h5, found none"):
+        hest.import_hest(st, tmp_path / "none", tmp_path / "o5", log=lines.append)
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    with h5py.File(patches / "p.h5", "w") as f:
+        f["img"], f["coords"] = np.zeros((2, 8, 8, 3), np.float32), np.zeros((2, 2))
+        f["barcode"] = np.array([b"a", b"b"])
+    with pytest.raises(CacheError, match=r"p\.h5: key 'img': expected uint8 \(N, H, W, 3\), found float32 \(2, 8, "):
+        hest.embed_patches(patches, tmp_path / "e", log=lines.append)
+    with pytest.raises(FileNotFoundError, match=r"expected HEST patch files \*\.h5, found none"):
+        hest.embed_patches(tmp_path / "st", tmp_path / "e", log=lines.append)
+    for call in (lambda: hest.embed_patches(patches, patches, overwrite=True),
+                 lambda: hest.import_hest(st, feats, feats, overwrite=True)):
+        with pytest.raises(ValueError, match="expected an output folder other than the inputs, found an input"):
+            call()
+
