@@ -1,7 +1,9 @@
 """Accuracy on real tissue geometry: her2st sections with stand-in image features, leave-one-patient-out.
 
-    python bench_accuracy.py --her2st ../shared/data/her2st               # the full table (BENCHMARKS.md)
-    python bench_accuracy.py --patients A D --seeds 0 --models ridge_spatial tessera
+    python bench_accuracy.py                                   # every model, 3 seeds, both noise levels
+    python bench_accuracy.py --patients A D --seeds 0 --models ridge_spatial hist
+    python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20   # any config, any override
+    python bench_accuracy.py --report                          # the tables of what has run so far
 
 Real spot layouts and real counts (36 sections, 8 patients), but the image features are a stand-in built
 from the expression of other genes, so that how much a model gains from context can be measured where
@@ -28,6 +30,7 @@ import torch
 
 import data
 import eval as evaluation
+import hest
 import train
 
 NOISE = {"weak": 2.0, "strong": 0.5}      # noise standard deviation / signal standard deviation
@@ -56,7 +59,7 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
         return out
     meta = data.read_metadata(her2st / "metadata.csv")
     paths = sorted((her2st / "st").glob("*.h5ad"))
-    totals = [data._h5ad_gene_totals(p) for p in paths]
+    totals = [hest._h5ad_gene_totals(p) for p in paths]
     shared = set.intersection(*(set(t) for t in totals))
     rank = sorted(shared, key=lambda g: (-sum(t[g] for t in totals), g))
     targets, source = rank[:n_targets], rank[n_targets:n_targets + n_source]
@@ -64,7 +67,7 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
     proj = rng.normal(size=(n_source, dim)) / np.sqrt(n_source)
     slides, signals = [], []
     for p in paths:
-        h = data.read_h5ad(p, genes=targets + source)
+        h = hest.read_h5ad(p, genes=targets + source)
         lib = np.maximum(h.library_size, 1)[:, None]
         signals.append(np.log1p(h.counts[:, n_targets:] / lib * 1e4))
         xy = h.xy * float(meta[p.stem]["pixel_size_um_estimated"])
@@ -93,7 +96,8 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
 # ---- running the folds ----------------------------------------------------------------------------
 def run_one(name, config, overrides, root: Path, seed: int, patient: str, out: Path) -> dict:
     """Train / fit one model on every patient but `patient`, predict that patient's sections."""
-    cfg = train.load_config(Path(__file__).with_name("configs") / config, COMMON + overrides + [
+    path = Path(config) if Path(config).exists() else Path(__file__).with_name("configs") / config
+    cfg = train.load_config(path, COMMON + overrides + [
         f"data.root={root}", f"data.genes={root / 'genes.txt'}", f"train.seed={seed}", f"run.name={name}"])
     metas = {m.slide_id: m.patient for m in map(data.read_slide_meta, data.list_slides(root))}
     test = sorted(s for s, p in metas.items() if p == patient)

@@ -522,10 +522,12 @@ class Ridge(nn.Module):
 
 
 # ---- context without a network: neighbour means, the spatial ridge, tessera's linear start -------------
-def radius_pairs(xy: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ordered pair (i, j), i != j, of spots at most `radius` apart, by a grid hash: cells of side
-    `radius`, so the 3 x 3 cells around a spot hold all its neighbours. O(N x neighbours), never N x N."""
+def radius_pairs(xy: torch.Tensor, radius: float, queries: torch.Tensor | None = None):
+    """Every pair (i, j), i != j, of spots at most `radius` apart, i among `queries` (default: all spots),
+    by a grid hash: cells of side `radius`, so the 3 x 3 cells around a spot hold all its neighbours.
+    O(queries x neighbours) memory and time, never N x N."""
     p = xy.double()
+    queries = torch.arange(len(p), device=p.device) if queries is None else queries
     cell = torch.floor((p - p.min(0).values) / radius).long() + 1     # >= 1: offsets -1 stay >= 0
     width = int(cell[:, 1].max()) + 2
     key = cell[:, 0] * width + cell[:, 1]
@@ -534,27 +536,28 @@ def radius_pairs(xy: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.T
     src, dst = [], []
     for dx in (-1, 0, 1):
         for dy in (-1, 0, 1):
-            k = (cell[:, 0] + dx) * width + cell[:, 1] + dy
+            k = (cell[queries, 0] + dx) * width + cell[queries, 1] + dy
             lo = torch.searchsorted(sorted_key, k)
             count = torch.searchsorted(sorted_key, k, right=True) - lo
-            i = torch.repeat_interleave(torch.arange(len(p)), count)
+            i = torch.repeat_interleave(queries, count)
             first = torch.repeat_interleave(lo - (torch.cumsum(count, 0) - count), count)
-            j = order[first + torch.arange(len(i))]
             src.append(i)
-            dst.append(j)
+            dst.append(order[first + torch.arange(len(i), device=p.device)])
     i, j = torch.cat(src), torch.cat(dst)
     keep = (i != j) & ((p[i] - p[j]).pow(2).sum(1) <= radius * radius * (1 + 1e-9))
     return i[keep], j[keep]
 
 
 def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float) -> torch.Tensor:
-    """(N, C) -> (N, C): mean of x over the other spots within `radius`; a spot with none keeps its own x."""
-    i, j = radius_pairs(xy, radius)
-    total = torch.zeros_like(x, dtype=torch.float32)
-    for start in range(0, len(i), CHUNK * 16):                         # (pairs, C) one chunk at a time
-        total.index_add_(0, i[start:start + CHUNK * 16], x[j[start:start + CHUNK * 16]].float())
-    count = torch.bincount(i, minlength=len(x)).float()[:, None]
-    return torch.where(count > 0, total / count.clamp_min(1), x.float())
+    """(N, C) -> (N, C) float32: mean of x over the other spots within `radius`; a spot with none keeps its
+    own x. One chunk of query spots at a time, so memory is a chunk's pairs, not all of a slide's."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for queries in torch.arange(len(x), device=x.device).split(CHUNK):
+        i, j = radius_pairs(xy, radius, queries)
+        total = torch.zeros(len(queries), x.shape[1], device=x.device).index_add_(0, i - queries[0], x[j].float())
+        count = torch.bincount(i - queries[0], minlength=len(queries)).float()[:, None]
+        out[queries] = torch.where(count > 0, total / count.clamp_min(1), x[queries].float())
+    return out
 
 
 def slide_standardise(x: torch.Tensor, *others: torch.Tensor):

@@ -47,7 +47,10 @@ def test_radius_pairs_are_exactly_the_pairs_within_the_radius(radius):
     assert got == ref
 
 
-def test_neighbour_mean_matches_an_explicit_loop():
+@pytest.mark.parametrize("chunk", [7, 1 << 14])
+def test_neighbour_mean_matches_an_explicit_loop(chunk, monkeypatch):
+    import model
+    monkeypatch.setattr(model, "CHUNK", chunk)       # many chunks of query spots, or one
     f, xy, _ = grid_slide(seed=2, drop=0.5)          # holes: some spots have no neighbour within 1 pitch
     for r in (150.0, 300.0, 600.0):
         np.testing.assert_allclose(neighbour_mean(f, xy, r).numpy(),
@@ -178,13 +181,14 @@ def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, 
     section keeps its real spot coordinates (micrometres) and patient; a ridge fold runs end to end."""
     import bench_accuracy
     import data
+    import hest
     her2st = shared_data / "her2st"
     root = bench_accuracy.build_caches(her2st, tmp_path / "cache", "strong")
     genes = (root / "genes.txt").read_text().split()
     slides = data.list_slides(root)
     assert len(genes) == 250 and len(slides) == 36
     s = data.read_slide(slides[0])
-    h = data.read_h5ad(her2st / "st" / f"{s.slide_id}.h5ad", genes=genes)
+    h = hest.read_h5ad(her2st / "st" / f"{s.slide_id}.h5ad", genes=genes)
     np.testing.assert_array_equal(s.counts.numpy(), h.counts)
     assert s.genes == genes and s.features.shape == (len(h.barcodes), 32) and s.patient == s.slide_id[0]
     nn = torch.cdist(s.coords, s.coords).fill_diagonal_(float("inf")).amin(1).median()
