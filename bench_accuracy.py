@@ -116,11 +116,12 @@ def run_one(name, config, overrides, root: Path, seed: int, patient: str, out: P
 
 def table(rows: list[dict], level: str, models, patients) -> str:
     """Markdown: per patient mean over seeds (std over seeds), the mean over patients, the largest std."""
-    head = "| model | mean pcc_gene | " + " | ".join(patients) + " | largest seed std |"
+    head = "| model | seeds | mean pcc_gene | " + " | ".join(patients) + " | largest seed std |"
     out = [f"**{level}** features (noise {NOISE[level]} x signal)", "", head,
-           "|" + " --- |" * (len(patients) + 3)]
+           "|" + " --- |" * (len(patients) + 4)]
     for m in models:
         cell, stds, means = [], [], []
+        seeds = len({r["seed"] for r in rows if r["level"] == level and r["model"] == m})
         for p in patients:
             v = [r["pcc_gene"] for r in rows if r["level"] == level and r["model"] == m and r["patient"] == p]
             if not v:
@@ -130,7 +131,8 @@ def table(rows: list[dict], level: str, models, patients) -> str:
             stds.append(np.std(v) if len(v) > 1 else 0.0)
             cell.append(f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 and m not in DETERMINISTIC else ""))
         if means:
-            out.append(f"| {m} | {np.mean(means):.3f} | " + " | ".join(cell) + f" | {max(stds):.3f} |")
+            mean = f"{np.mean(means):.3f}" + (f" ({len(means)} of {len(patients)} patients)" if len(means) < len(patients) else "")
+            out.append(f"| {m} | {'-' if m in DETERMINISTIC else seeds} | {mean} | " + " | ".join(cell) + f" | {max(stds):.3f} |")
     out.append("")
     out += [line for m in models if m != "ridge_spatial" for line in [against(rows, level, m, patients)] if line]
     return "\n".join(out) + "\n"
@@ -150,7 +152,7 @@ def against(rows, level, model, patients, base="ridge_spatial") -> str:
     worst = min(both, key=diff.get)
     return (f"- {model}: mean - {base} {np.mean([diff[p] for p in both]):+.3f} over {len(both)} patients; "
             f"worst patient {worst} {diff[worst]:+.3f}; largest seed std {max(np.std(a[p]) for p in both):.3f} "
-            f"({min(len(a[p]) for p in both)} seeds)")
+            f"(seeds: {min(len(a[p]) for p in both)})")
 
 
 def main(argv=None):
