@@ -1,6 +1,6 @@
 """Speed, memory and scaling of tessera, beside the edge-list and dense ways of computing window attention.
 
-Issue 6; HiST sec. 4.3 and Table 1. Tables from this machine, and the commands: BENCHMARKS.md.
+HiST sec. 4.3 and Table 1. Recorded tables, their machine and their commands: BENCHMARKS.md.
 
     python bench.py                                        # everything, CPU, N = 1k ... 256k (1M for some)
     python bench.py --parts window --sizes 4k,64k --layouts hd --json window.json
@@ -19,7 +19,7 @@ peak memory is its own):
            pass (eval, no_grad: the low-memory path, float16 outputs) of configs/hist.yaml and
            configs/default.yaml on one synthetic slide (--set changes their configs)
   memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
-           demo's width (4 heads of 16), to show memory linear in N (issue 4)
+           demo's width (4 heads of 16), to show memory linear in N
 
 Time: median of --repeats runs (as many as fit in a minute, at least one) after an untimed warm-up; a
 run over two minutes is timed once, without warm-up.
@@ -175,14 +175,14 @@ def _window_case(spec, dev):
         def grads(fn):
             out = fn()
             return [out.detach()] + list(torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
-        # largest difference relative to the largest magnitude of each tensor (issue 4's 1e-5 tolerance)
+        # largest difference relative to the largest magnitude of each tensor (BENCHMARKS.md's 1e-5 target)
         extra["max_err"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1))
                                for a, b in zip(grads(f), grads(ours)))
     return (lambda: f().sum().backward()) if spec["mode"] == "fwd+bwd" else no_grad(f), extra
 
 
 def _memory_case(spec, dev):
-    """Issue 4: forward + backward of window_attention and knn_attention (K = 16) at the demo's width."""
+    """Forward + backward of window_attention and knn_attention (K = 16) at the demo's width."""
     n, (h, d), g = spec["n"], MEMORY_HEADS, torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, h, d, generator=g).to(dev).requires_grad_() for _ in range(3))
     if spec["name"] == "window_attention":

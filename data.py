@@ -1,7 +1,7 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds · coordinate augmentation · command line. The HEST import and placeholder encoder are in
+targets · folds · command line. The HEST import and placeholder encoder are in
 hest.py, the synthetic generator in synthetic.py.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...]
 """
@@ -13,7 +13,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +118,7 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str):
 
 
 def _validate(path, a: dict):
-    """Every key of DESIGN.md's data contract; `a` maps keys to numpy arrays (absent keys left out)."""
+    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays (absent keys left out)."""
     for key in ("features", "coords", "barcodes"):
         if key not in a:
             fail(path, key, "a dataset (required)", "no such key")
@@ -160,7 +159,7 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
         for k, x in a.items():
             if k in STRING_KEYS:
                 f.create_dataset(k, data=x.astype(object), dtype=STR)
-            elif k in ("counts", "expected"):  # (N, G) can be large: chunked, compressed
+            elif k in ("counts", "expected") and x.size:  # (N, G) can be large: chunked, compressed
                 f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 1024), min(x.shape[1], 256)),
                                  compression="gzip", compression_opts=4, shuffle=True)
             else:
@@ -232,16 +231,34 @@ class SlideMeta:
     genes: list[str] | None        # None for a slide without counts
     spot_pitch_um: float
     encoder: str
+    coords_extent: float = 0.0     # the larger spread (max - min) of x and y; 0 when every spot is at one point
+    zero_library: int = 0          # spots whose library_size is 0 although their counts are not
 
 
 def read_slide_meta(path) -> SlideMeta:
-    """Attributes, sizes and the gene list of a cache without loading its arrays (fold building, gene lists)."""
+    """Attributes, sizes and the gene list of a cache, reading only the (N,)- and (N, 2)-sized arrays
+    (coords, library_size), never the features or the counts (fold building, checks before training)."""
     with open_h5(path) as f:
-        if "features" not in f:
-            fail(path, "features", "a dataset (required)", "no such key")
+        a = {}
+        for key in ("features", "coords"):
+            if key not in f:
+                fail(path, key, "a dataset (required)", "no such key")
+        if f["features"].ndim != 2:
+            fail(path, "features", "shape (any, any)", f"shape {f['features'].shape}")
         n, c = f["features"].shape
+        a["coords"] = f["coords"][()]
+        _check(path, a, "coords", (n, 2), "float")
+        zero = 0
+        if "library_size" in f and "counts" in f:
+            a["library_size"] = f["library_size"][()]
+            _check(path, a, "library_size", (n,), "number")
+            rows = np.flatnonzero(a["library_size"] == 0)
+            if rows.size:   # the counts of those spots only
+                zero = int((f["counts"][rows, :] > 0).any(1).sum())
         genes = h5_strings(f["genes"]).tolist() if "counts" in f and "genes" in f else None
-        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes)
+        extent = float(np.ptp(a["coords"], 0).max()) if n else 0.0
+        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes, coords_extent=extent,
+                         zero_library=zero)
 
 
 def list_slides(root) -> list[Path]:
@@ -392,35 +409,6 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0) -> list[tuple[list[st
     return [([s for s in of if of[s] not in f], [s for s in of if of[s] in f]) for f in folds]
 
 
-# ----------------------------------------------------------------------------- coordinate augmentation
-
-def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
-                   p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
-    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
-    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
-    p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
-    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
-    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
-    n = xy.shape[0]
-    if strength <= 0:
-        return torch.arange(n), xy.clone()
-    u = lambda: float(torch.rand((), generator=generator, dtype=torch.float64))  # noqa: E731
-    mirror = -1.0 if u() < 0.5 else 1.0
-    shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
-    angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
-    c, s = math.cos(angle), math.sin(angle)
-    rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
-    centre = xy.double().mean(0)
-    out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
-    keep = torch.rand(n, generator=generator) >= p_drop * strength
-    if not keep.any():
-        keep[int(torch.randint(n, (1,), generator=generator))] = True
-    keep = keep.nonzero().squeeze(1)
-    return keep, out[keep]
-
-
-
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -433,6 +421,16 @@ def main(argv=None):
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--out", required=True, help="output JSON file")
     a = ap.parse_args(argv)
+    try:
+        genes_command(a)
+    except (ValueError, OSError) as e:  # the user's files or arguments: one line, no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
+
+
+def genes_command(a):
+    """`genes`: the top --n genes by --by on the chosen slides' counts, among the genes they all have."""
+    if a.n < 1:
+        raise ValueError(f"--n: expected an integer >= 1, found {a.n}")
     paths = [p for p in list_slides(a.slides) if (not a.ids or p.stem in a.ids) and read_slide_meta(p).genes]
     if not paths:
         raise SystemExit(f"{a.slides}: no slide with counts{' among --ids' if a.ids else ''}")

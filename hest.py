@@ -239,6 +239,8 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
     always the total over all genes."""
     not_an_input(out_dir, st_dir, features_dir)
+    if max_genes is not None and max_genes < 1:
+        raise ValueError(f"--max-genes: expected an integer >= 1, found {max_genes}")
     table = read_metadata(meta) if meta else {}
     pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
     if not pairs:
@@ -248,7 +250,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
             log(f"{p.stem}: skipped, no expression file {st}")
     pairs = [(p, st) for p, st in pairs if st.exists()]
     wanted = read_gene_list(genes) if genes else None
-    if max_genes:
+    if max_genes is not None:
         totals = {}
         for _, st in pairs:
             for g, t in _h5ad_gene_totals(st).items():
@@ -310,10 +312,13 @@ def main(argv=None):
     for name in ("import-hest", "embed"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
-    if a.cmd == "import-hest":
-        import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
-    else:
-        embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
+    try:
+        if a.cmd == "import-hest":
+            import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
+        else:
+            embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
+    except (ValueError, OSError) as e:  # the user's files or arguments: one line, no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
 
 
 if __name__ == "__main__":

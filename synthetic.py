@@ -77,6 +77,9 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
                    log=print) -> list[Path]:
     """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
     Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i)."""
+    sizes = dict(slides=n_slides, spots=n_spots, genes=n_genes, features=n_features)
+    if min(sizes.values()) < 1:
+        raise ValueError(f"make_synthetic: expected every size >= 1, found {sizes}")
     t0, out = time.time(), Path(out)
     pitch, hexagonal = LAYOUTS[layout]
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
@@ -189,7 +192,10 @@ def main(argv=None):
     ap.add_argument("--pseudo", action="store_true", help="also write off-grid pseudo-spots (FEAST)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
-    make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite)
+    try:
+        make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite)
+    except (ValueError, OSError) as e:  # e.g. an existing output file: one line, no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
 
 
 if __name__ == "__main__":

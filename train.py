@@ -5,7 +5,9 @@
     python train.py configs/hist.yaml run.name=hist --resume     # continue a killed run
 
 Outputs in runs/<name>/: config.yaml, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
-results.json, per_gene.csv, results.md (see DESIGN.md).
+results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header
+and the run folder are checked before anything is written (checks.py); a mistake ends the program
+with one line.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 
+import checks
 import data
 import eval as evaluation
 import lattice
@@ -59,7 +61,9 @@ DEFAULTS = {
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
         "seed": 0,
     },
-    "eval": {"save_predictions": True},
+    "eval": {"save_predictions": True,
+             "mc_samples": 0,         # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
+             "save_h5ad": False},     # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
     "run": {"name": "demo", "dir": "runs", "device": "auto",
             "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
 }
@@ -78,19 +82,23 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
             try:  # YAML 1.1 reads 3e-4 as a string
                 out[key] = float(value)
             except ValueError:
-                raise ValueError(f"config key '{where}{key}' must be a number, got {value!r}") from None
+                raise ValueError(f"key '{where}{key}': expected a number, found {value!r}") from None
         else:
             out[key] = value
     return out
 
 
 def load_config(path, overrides=()) -> dict:
+    """The config file merged over DEFAULTS, then the `key.sub=value` overrides; every key checked
+    (checks.check_config). A mistake ends the program with one line naming the file and key."""
     path = Path(path)
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"{path}: cannot read the config: {e}")
+        raise SystemExit(" ".join(f"{path}: cannot read the config: {e}".split()))
     try:
+        if not isinstance(cfg, dict):
+            raise ValueError(f"expected a mapping of sections (data, model, train, eval, run), found {cfg!r}")
         cfg = merge(DEFAULTS, cfg)
         for item in overrides:
             key, sep, value = item.partition("=")
@@ -100,12 +108,7 @@ def load_config(path, overrides=()) -> dict:
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
-        mc = ModelConfig.from_dict(cfg["model"])
-        if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
-            raise ValueError("train.loss = zinb and model.head = zinb go together")
-        if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
-            raise ValueError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
-                             "set data.normalize=true so that metrics compare like with like")
+        checks.check_config(cfg, DEFAULTS)
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg
@@ -162,12 +165,10 @@ def compute_loss(out, batch, cfg, model):
         loss = pcc_loss(pred, y)
     elif kind == "mse_pcc":
         loss = F.mse_loss(pred, y) + tc["pcc_alpha"] * pcc_loss(pred, y)
-    elif kind == "zinb":
+    else:  # zinb (checks.RANGES: no other value reaches here)
         log_rate, log_theta, pi_logit = out["zinb"].float().chunk(3, dim=-1)
         mu = log_rate.exp() * batch["library_size"][:, None] / 1e4      # library size as offset
         loss = zinb_nll(batch["counts"], mu, log_theta.exp(), pi_logit)
-    else:
-        raise ValueError(f"train.loss = {kind!r}; expected mse, pcc, mse_pcc or zinb")
     if tc["pathway_lambda"] and "pathway_scores" in out:
         loss = loss + tc["pathway_lambda"] * pathway_loss(out["pathway_scores"].float(), y,
                                                           model.pathway_membership)
@@ -190,13 +191,39 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
     return b
 
 
+def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+                   p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
+    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
+    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
+    p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
+    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
+    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
+    n = xy.shape[0]
+    if strength <= 0:
+        return torch.arange(n), xy.clone()
+    u = lambda: float(torch.rand((), generator=generator, dtype=torch.float64))  # noqa: E731
+    mirror = -1.0 if u() < 0.5 else 1.0
+    shear = math.tan(math.radians((2 * u() - 1) * strength * max_shear_deg))
+    angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
+    c, s = math.cos(angle), math.sin(angle)
+    rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
+    centre = xy.double().mean(0)
+    out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
+    keep = torch.rand(n, generator=generator) >= p_drop * strength
+    if not keep.any():
+        keep[int(torch.randint(n, (1,), generator=generator))] = True
+    keep = keep.nonzero().squeeze(1)
+    return keep, out[keep]
+
+
 def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict:
     """HiST A.6: transform the coordinates (spots and pseudo-spots together) and drop spots; features untouched."""
     xy = b["coords"]
     n = xy.shape[0]
     if "pseudo_coords" in b:
         xy = torch.cat([xy, b["pseudo_coords"]])
-    keep, new = data.augment_coords(xy, strength, gen, p_drop=aug["p_drop"],
+    keep, new = augment_coords(xy, strength, gen, p_drop=aug["p_drop"],
                                     max_shear_deg=aug["shear_deg"], max_rot_deg=aug["rot_deg"])
     spots = keep < n
     if not spots.any():                                  # keep at least one real spot
@@ -229,8 +256,7 @@ def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
     if spec is None:
         return shared
     if isinstance(spec, str):
-        path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
-        return data.read_gene_list(path)
+        return data.read_gene_list(checks.data_file(cfg, "genes", root))
     counts = []
     for s in train_slides:
         index = {g: i for i, g in enumerate(s.genes)}
@@ -238,13 +264,14 @@ def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
     return data.select_genes(counts, shared, n=int(spec["n"]), by=spec.get("by", "hvg"))
 
 
-def membership(cfg, genes: list[str], n_pathways: int) -> torch.Tensor | None:
+def membership(cfg, genes: list[str], n_pathways: int, root: Path = Path(".")) -> torch.Tensor | None:
+    """(P, G) 0/1: gene g is in the p-th set of data.gmt (looked for as checks.data_file says)."""
     if not n_pathways:
         return None
     m = torch.zeros(n_pathways, len(genes))
     if cfg["data"]["gmt"]:
         index = {g: i for i, g in enumerate(genes)}
-        sets = list(data.read_gmt(cfg["data"]["gmt"]).values())[:n_pathways]
+        sets = list(data.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
         for p, members in enumerate(sets):
             for g in members:
                 if g in index:
@@ -353,15 +380,13 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
     train_slides = train_slides[:len(train_slides) - len(val_slides)]
-    if not train_slides:
-        raise SystemExit(f"fold {k}: no training slides left after train.val_slides = {tc['val_slides']}")
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
     feats = torch.cat([b["features"] for b in train_b]).float()
     targets = torch.cat([b["target"] for b in train_b])
     torch.manual_seed(tc["seed"] * 100003 + k)
     model = build_model(mc, feats.shape[1], len(genes))
     model.init_from_data(feats.mean(0), feats.std(0), targets.mean(0),
-                         membership(cfg, genes, mc.pathway_tokens if mc.arch == "tessera" else 0))
+                         membership(cfg, genes, mc.pathway_tokens if mc.arch == "tessera" else 0, root))
     model.to(device)
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))
@@ -381,23 +406,12 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     for s in test_slides:
         target = data.log_targets(s.counts, s.library_size, normalize=cfg["data"]["normalize"]) \
             if s.counts is not None else None
-        evaluation.write_predictions(fold_dir / "pred" / f"{s.slide_id}.h5",
-                                     evaluation.predict_slide(model, s, cfg["data"]["pseudo"], device),
-                                     genes, s.barcodes, s.coords, true=target, slide_id=s.slide_id)
+        evaluation.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
+                                           fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
+                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")
-
-
-def folds_for(cfg, root: Path):
-    if cfg["data"]["split_dir"]:
-        return data.read_split_csvs(cfg["data"]["split_dir"])
-    paths = data.list_slides(root)
-    if not paths:
-        raise SystemExit(f"{root}: no <slide>.h5 caches found (data.root)")
-    metas = [data.read_slide_meta(p) for p in paths]
-    return data.make_folds([m.slide_id for m in metas], [m.patient for m in metas],
-                           cfg["data"]["folds"], cfg["train"]["seed"])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -409,6 +423,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(argv=None):
+    """The command line; a user's mistake (config, files, caches, run folder) ends it with one line."""
+    try:
+        return run(argv)
+    except (checks.ConfigError, data.CacheError) as e:
+        raise SystemExit(" ".join(str(e).split())) from None
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
     p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as YAML)")
@@ -419,12 +441,16 @@ def main(argv=None):
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.resume:
-            raise SystemExit(f"{run_dir} exists: pass --resume to continue it, or choose another run.name")
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if saved != cfg:
-            raise SystemExit(f"{run_dir}/config.yaml differs from the config given; --resume needs the same one")
+    notes = [checks.check_run_dir(run_dir, cfg, args.resume)]
+    device = resolve_device(cfg["run"]["device"])
+    root = Path(cfg["data"]["root"])
+    if not root.exists() and cfg["data"]["synthetic"] and root == checks.DEMO_ROOT:
+        syn, t0 = cfg["data"]["synthetic"], time.time()
+        synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
+                                 n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
+        notes.append(f"data.root {root} was missing: generated the synthetic dataset of data.synthetic there "
+                     f"({time.time() - t0:.1f}s)")
+    folds = checks.check_data(cfg, root, log=notes.append)
     run_dir.mkdir(parents=True, exist_ok=True)
     with data.atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -435,17 +461,10 @@ def main(argv=None):
         logfile.write(msg + "\n")
         logfile.flush()
 
-    root = Path(cfg["data"]["root"])
-    if not root.exists() and cfg["data"]["synthetic"]:
-        syn = cfg["data"]["synthetic"]
-        t0 = time.time()
-        synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
-                            n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
-        log(f"generated the synthetic dataset in {root} ({time.time() - t0:.1f}s)")
+    for note in filter(None, notes):
+        log(note)
     if cfg["run"]["threads"]:
         torch.set_num_threads(cfg["run"]["threads"])
-    device = resolve_device(cfg["run"]["device"])
-    folds = folds_for(cfg, root)
     started, done_epochs = time.time(), [0]
     todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
 

@@ -1,5 +1,5 @@
-"""Tests for data.py: cache format, small text formats, gene selection and targets, folds and
-coordinate augmentation. References are written independently here."""
+"""Tests for data.py: cache format, small text formats, gene selection and targets, folds.
+References are written independently here."""
 import json
 import math
 import subprocess
@@ -205,6 +205,13 @@ def test_meta_and_listing(tmp_path):
     assert [p.name for p in data.list_slides(tmp_path)] == ["a.h5", "b.h5"]
     m = data.read_slide_meta(tmp_path / "a.h5")
     assert (m.slide_id, m.patient, m.n_spots, m.n_features, m.genes) == ("s1", "p1", 7, 5, ["g0", "g1", "g2", "g3"])
+    xy = make_slide().coords.numpy()
+    assert m.coords_extent == pytest.approx(max(xy[:, 0].max() - xy[:, 0].min(), xy[:, 1].max() - xy[:, 1].min()))
+    s = make_slide()
+    s.counts[1] = 0
+    s.library_size[:3] = 0                      # spots 0 and 2 have counts, spot 1 has none
+    data.write_slide(tmp_path / "z.h5", s)
+    assert data.read_slide_meta(tmp_path / "z.h5").zero_library == 2 and m.zero_library == 0
     with pytest.raises(FileNotFoundError, match="found none"):
         data.list_slides(tmp_path / "empty")
     write_raw(tmp_path / "c.h5", {"coords": np.zeros((2, 2))})
@@ -357,37 +364,6 @@ def test_folds_group_patients_and_are_seeded():
         data.make_folds(["a", "a"], ["p", "q"], 2, 0)
 
 
-# ----------------------------------------------------------------------------- coordinate augmentation
-
-def pairwise(xy):
-    return torch.cdist(xy.double(), xy.double())
-
-
-def test_augment_coords():
-    xy = torch.rand(300, 2) * 5000
-    keep, out = data.augment_coords(xy, 0.0, torch.Generator().manual_seed(0))
-    assert torch.equal(keep, torch.arange(300)) and torch.equal(out, xy)
-    angles = set()
-    for seed in range(8):     # mirror and rotation only: distances and the centroid are preserved
-        keep, out = data.augment_coords(xy, 1.0, torch.Generator().manual_seed(seed), p_drop=0.0, max_shear_deg=0)
-        assert len(keep) == 300 and torch.allclose(pairwise(out), pairwise(xy), atol=0.05)
-        assert torch.allclose(out.mean(0), xy.mean(0), atol=0.05)
-        v0, v1 = xy[1] - xy[0], out[1] - out[0]
-        angles.add(round(math.degrees(math.atan2(v1[1], v1[0]) - math.atan2(v0[1], v0[0])) % 360 / 45))
-    assert len(angles) > 2
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a, b = data.augment_coords(xy, 0.7, g1), data.augment_coords(xy, 0.7, g2)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    keep, out = data.augment_coords(xy, 1.0, torch.Generator().manual_seed(1), max_rot_deg=0, max_shear_deg=15)
-    assert keep.dtype == torch.long and out.shape == (len(keep), 2) and 150 < len(keep) < 300
-    assert torch.equal(keep, keep.sort().values)
-    sheared = [not torch.allclose(pairwise(data.augment_coords(xy, 1.0, torch.Generator().manual_seed(s), p_drop=0)[1]),
-                                  pairwise(xy), atol=0.05) for s in range(4)]
-    assert any(sheared)
-    keep, out = data.augment_coords(xy[:3], 1.0, torch.Generator().manual_seed(0), p_drop=1.0)
-    assert len(keep) == 1 and out.shape == (1, 2)
-
-
 # ----------------------------------------------------------------------------- command line
 
 def test_genes_command_line(tmp_path):
@@ -399,3 +375,11 @@ def test_genes_command_line(tmp_path):
     chosen = data.read_gene_list(tmp_path / "g.json")
     counts = [data.read_slide(p).counts for p in paths[:3]]
     assert chosen == data.select_genes(counts, data.read_slide_meta(paths[0]).genes, 25, "hvg")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "0", "--out", "h.json"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == "--n: expected an integer >= 1, found 0\n" and not (tmp_path / "h.json").exists()
+
+
+def test_shared_genes_keep_the_first_lists_order():
+    assert data.shared_genes([["c", "a", "b"], ["a", "b", "c", "d"], ["b", "c"]]) == ["c", "b"]
+    assert data.shared_genes([["a"]]) == ["a"] and data.shared_genes([]) == []

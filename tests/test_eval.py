@@ -60,19 +60,36 @@ def ref_linear(x):
     return [max(math.expm1(v), 0.0) for row in x.tolist() for v in row]
 
 
+def ref_mean_defined(values):
+    """Mean over the slides where a per-slide metric is defined (None elsewhere); NaN when none is."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def ref_constant_truth(t):
+    """True when every gene of the slide is constant in truth (one spot, all counts zero)."""
+    rows = t.tolist()
+    return all(all(r[g] == rows[0][g] for r in rows) for g in range(len(rows[0])))
+
+
 def ref_pcc_flat(preds, trues):
-    return sum(ref_pearson(ref_linear(p), ref_linear(t)) for p, t in zip(preds, trues)) / len(preds)
+    return ref_mean_defined([None if len(set(ref_linear(t))) == 1 else ref_pearson(ref_linear(p), ref_linear(t))
+                             for p, t in zip(preds, trues)])
 
 
 def ref_r2_flat(preds, trues):
-    total = 0.0
+    scores = []
     for p, t in zip(preds, trues):
         lp, lt = ref_linear(p), ref_linear(t)
         mean = sum(lt) / len(lt)
         ss_tot = sum((v - mean) ** 2 for v in lt)
         ss_res = sum((a - b) ** 2 for a, b in zip(lp, lt))
-        total += 0.0 if ss_tot == 0 else 1.0 - ss_res / ss_tot
-    return total / len(preds)
+        scores.append(None if ss_tot == 0 else 1.0 - ss_res / ss_tot)
+    return ref_mean_defined(scores)
+
+
+def ref_pcc_gene_slide(preds, trues):
+    return ref_mean_defined([None if ref_constant_truth(t) else ref_pcc_gene(p, t) for p, t in zip(preds, trues)])
 
 
 def ref_mean_error(preds, trues, power):
@@ -88,11 +105,15 @@ def ref_mean_error(preds, trues, power):
 def ref_metrics(preds, trues):
     pooled_p, pooled_t = np.concatenate(preds), np.concatenate(trues)
     return {"pcc_gene": ref_pcc_gene(pooled_p, pooled_t),
-            "pcc_gene_slide": sum(ref_pcc_gene(p, t) for p, t in zip(preds, trues)) / len(preds),
+            "pcc_gene_slide": ref_pcc_gene_slide(preds, trues),
             "pcc_flat": ref_pcc_flat(preds, trues), "r2_flat": ref_r2_flat(preds, trues),
             "mse": ref_mean_error(preds, trues, 2), "mae": ref_mean_error(preds, trues, 1),
             "per_gene_pcc": ref_per_gene(pooled_p, pooled_t),
-            "zero_variance_genes": ref_zero_variance(pooled_p, pooled_t)}
+            "zero_variance_genes": ref_zero_variance(pooled_p, pooled_t),
+            "zero_variance_genes_slide": sum(ref_zero_variance(p, t) for p, t in zip(preds, trues)),
+            "slides_left_out": {"pcc_gene_slide": sum(map(ref_constant_truth, trues)),
+                                "pcc_flat": sum(len(set(ref_linear(t))) == 1 for t in trues),
+                                "r2_flat": sum(len(set(ref_linear(t))) == 1 for t in trues)}}
 
 
 def make_slide(rng, n, g, const_true=(), const_pred=()):
@@ -129,10 +150,15 @@ def test_slide_metrics_match_reference_including_one_spot_and_all_zero_slides():
               make_slide(rng, 1, 6), (rng.normal(size=(9, 6)).astype(np.float32), np.zeros((9, 6), np.float32))]
     preds, trues = [s[0] for s in slides], [s[1] for s in slides]
     got, want = ev.compute_metrics(preds, trues), ref_metrics(preds, trues)
-    assert set(got) == set(ev.METRICS) | {"per_gene_pcc", "zero_variance_genes"}
+    assert set(got) == set(ev.METRICS) | {"per_gene_pcc", "zero_variance_genes", "zero_variance_genes_slide",
+                                          "slides_left_out"}
     for key in ev.METRICS + ["per_gene_pcc"]:
         assert_close(got[key], want[key])
-    assert got["zero_variance_genes"] == want["zero_variance_genes"]
+    for key in ("zero_variance_genes", "zero_variance_genes_slide", "slides_left_out"):
+        assert got[key] == want[key]
+    # the one-spot slide and the all-zero slide are left out of pcc_gene_slide; their 12 constant genes counted
+    assert got["slides_left_out"] == {"pcc_gene_slide": 2, "pcc_flat": 1, "r2_flat": 1}
+    assert got["zero_variance_genes_slide"] == 1 + 1 + 6 + 6
     assert_close(ev.pcc_gene_slide(preds, trues), want["pcc_gene_slide"])
     assert_close(ev.pcc_flat(preds, trues), want["pcc_flat"])
     assert_close(ev.r2_flat(preds, trues), want["r2_flat"])
@@ -144,8 +170,10 @@ def test_one_spot_slide_gives_zero_pcc_without_nan():
     pred, true = make_slide(np.random.default_rng(3), 1, 5)
     assert ev.per_gene_pcc(pred, true).tolist() == [0.0] * 5
     assert ev.zero_variance_genes(pred, true) == 5
-    assert ev.pcc_gene(pred, true) == 0.0 and ev.pcc_gene_slide([pred], [true]) == 0.0
-    assert all(np.isfinite(v).all() for v in ev.compute_metrics([pred], [true]).values())
+    assert ev.pcc_gene(pred, true) == 0.0 and math.isnan(ev.pcc_gene_slide([pred], [true]))  # undefined
+    m = ev.compute_metrics([pred], [true])
+    assert m["slides_left_out"]["pcc_gene_slide"] == 1 and m["zero_variance_genes_slide"] == 5
+    assert all(np.isfinite(m[k]).all() for k in ("pcc_gene", "per_gene_pcc", "pcc_flat", "mse", "mae"))
 
 
 def test_perfect_prediction_scores():
@@ -325,3 +353,221 @@ def test_predict_refuses_to_write_into_its_input_folders(tmp_path):
         assert "expected an output folder other than the inputs" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert (slides / "s1.h5").read_bytes() == b"input the user owns" and sorted(slides.iterdir()) == [slides / "s1.h5"]
+
+
+# ---------------------------------------------------------------- uncertainty
+def test_welford_equals_the_two_pass_formula_also_on_column_subsets():
+    rng = np.random.default_rng(8)
+    samples = [rng.normal(3.0, 2.0, size=(7, 5)) for _ in range(6)]
+    cols = [None, [0, 2, 4], None, [1, 2], [4], None]          # some samples cover some genes only
+    acc = ev.Welford(7, 5, dtype=torch.float64)
+    for x, c in zip(samples, cols):
+        acc.add(torch.from_numpy(x if c is None else x[:, c]), c)
+    for g in range(5):  # two passes over the samples that have gene g: mean, then mean squared deviation
+        have = [x[:, g] for x, c in zip(samples, cols) if c is None or g in c]
+        mean = sum(have) / len(have)
+        var = sum((h - mean) ** 2 for h in have) / len(have)
+        assert acc.count[g] == len(have)
+        np.testing.assert_allclose(acc.mean[:, g].numpy(), mean, rtol=1e-12)
+        np.testing.assert_allclose(acc.std()[:, g].numpy(), np.sqrt(var), rtol=1e-10)
+    acc32 = ev.Welford(7, 5)  # the float32 accumulator predictions use
+    for x in samples:
+        acc32.add(torch.from_numpy(x))
+    np.testing.assert_allclose(acc32.std().numpy(), np.std(np.stack(samples), axis=0), rtol=1e-5)
+
+
+def ref_spearman_mean(std, pred, true):
+    """scipy.stats.spearmanr per gene between std and |error|, mean over genes where it is defined."""
+    stats = pytest.importorskip("scipy.stats")
+    values = []
+    for g in range(std.shape[1]):
+        err = np.abs(pred[:, g] - true[:, g])
+        if len(set(std[:, g].tolist())) > 1 and len(set(err.tolist())) > 1:
+            values.append(stats.spearmanr(std[:, g], err).statistic)
+    return sum(values) / len(values)
+
+
+def test_unc_spearman_and_coverage_match_references():
+    rng = np.random.default_rng(9)
+    pred, true = make_slide(rng, 60, 6)
+    std = np.abs(pred - true) * rng.uniform(0.2, 2, size=pred.shape) + rng.uniform(0, 0.3, size=pred.shape)
+    std[:, 1] = 0.5                                          # constant std: gene left out
+    std[:5, 2] = std[5:10, 2] = 0.25                         # ties
+    assert_close(ev.unc_spearman(std, pred, true), ref_spearman_mean(std, pred, true))
+    inside = sum(abs(t - p) <= 1.96 * s for p, t, s in zip(pred.ravel().tolist(), true.ravel().tolist(),
+                                                             std.ravel().tolist()))
+    assert ev.coverage(std, pred, true) == pytest.approx(inside / pred.size, abs=1e-12)
+    assert ev.unc_spearman(np.abs(pred - true), pred, true) == pytest.approx(1.0)  # std = |error| exactly
+    m = ev.compute_metrics([pred[:30], pred[30:]], [true[:30], true[30:]], [std[:30], std[30:]])
+    assert m["unc_spearman"] == ev.unc_spearman(std, pred, true) and m["coverage"] == ev.coverage(std, pred, true)
+
+
+# ---------------------------------------------------------------- a tiny trained run (2 folds, gene sets differ)
+TINY = ["data.root=data/synthetic", "data.synthetic={slides: 4, seed: 0, spots: 150}", "data.folds=2",
+        "data.genes={by: hvg, n: 12}", "data.gmt=null", "model.dim=16", "model.heads=2", "model.depths=[1,1]",
+        "model.decoder_depths=[1]", "model.pathway_tokens=0", "model.knn_k=4", "train.epochs=1", "run.threads=1"]
+
+
+def train_tiny(where, name, *extra):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"run.name={name}", *extra], cwd=where,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return where / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-fold run of a small tessera (k-NN local stage, windows, full attention at the coarse level) on
+    4 synthetic slides, with eval.mc_samples and eval.save_h5ad; genes are chosen per fold."""
+    where = tmp_path_factory.mktemp("tiny")
+    return train_tiny(where, "tiny", "eval.mc_samples=3", "eval.save_h5ad=true")
+
+
+def predict_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    for key in ("unc_spearman", "coverage"):
+        assert len(results["metrics"][key]["folds"]) == 2
+    f = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
+    assert f["std"] is not None and (f["std"] > 0).mean() > 0.9 and f["n_models"].tolist() == [1] * 12
+    # the fold's figures recomputed from the files with the references
+    files = [ev.read_predictions(p) for p in sorted((tiny_run / "fold_0" / "pred").glob("*.h5"))]
+    p, t, s = (np.concatenate([x[k] for x in files]).astype(np.float64) for k in ("pred", "true", "std"))
+    assert results["metrics"]["unc_spearman"]["folds"][0] == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9)
+    assert results["metrics"]["coverage"]["folds"][0] == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12)
+    assert "unc_spearman" in (tiny_run / "results.md").read_text()
+    # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model
+    import data
+    models = ev.load_fold_models(tiny_run, folds=[0])
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
+    passes = np.stack([ev.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
+    np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f["std"], passes.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_their_folds(tiny_run):
+    import data
+    models = ev.load_fold_models(tiny_run)
+    assert models[0][1] != models[1][1]  # genes chosen per fold
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5")
+    genes, mean, std, n_models = ev.predict_with_std(models, slide, True, "cpu")
+    preds = [dict(zip(gs, ev.predict_slide(m, slide, True, "cpu").numpy().T)) for m, gs in models]
+    assert genes == list(dict.fromkeys(models[0][1] + models[1][1]))
+    for i, g in enumerate(genes):
+        have = [p[g] for p in preds if g in p]
+        assert n_models[i] == len(have)
+        np.testing.assert_allclose(mean[:, i].numpy(), np.mean(have, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std[:, i].numpy(), np.std(have, axis=0), rtol=1e-4, atol=1e-6)
+    assert (n_models == 2).sum() < len(genes) and (std[:, n_models == 2] > 0).any()
+
+
+def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
+    import data
+    from model import ModelConfig, build_model
+    model, genes = ev.load_fold_models(tiny_run, folds=[1])[0]
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_02.h5")
+    state = torch.random.get_rng_state()
+    a = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
+    b = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and (a[2] > 0).float().mean() > 0.9
+    assert not torch.equal(a[2], ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=6)[2])
+    assert not model.training
+    cfg = dict(model.cfg.__dict__, dropout=0.0, attn_dropout=0.0)
+    off = build_model(ModelConfig(**cfg), slide.features.shape[1], len(genes))
+    off.load_state_dict(model.state_dict())
+    assert ev.has_dropout(model) and not ev.has_dropout(off)
+    _, mean, std, _ = ev.predict_with_std([(off.eval(), genes)], slide, True, "cpu", mc=4)
+    assert torch.equal(std, torch.zeros_like(std))
+    np.testing.assert_allclose(mean.numpy(), ev.predict_slide(off, slide, True, "cpu").numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_run, tmp_path):
+    anndata = pytest.importorskip("anndata")
+    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic", "--out", tmp_path / "p",
+                    "--format", "h5", "h5ad", "--mc", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("synth_03", ):
+        h5 = ev.read_predictions(tmp_path / "p" / f"{name}.h5")
+        a = anndata.read_h5ad(tmp_path / "p" / f"{name}.h5ad")
+        assert a.obs_names.tolist() == h5["barcodes"].tolist() and a.var_names.tolist() == h5["genes"]
+        np.testing.assert_array_equal(np.asarray(a.X), h5["pred"])
+        np.testing.assert_array_equal(a.layers["std"], h5["std"])
+        np.testing.assert_array_equal(a.obsm["spatial"], h5["coords"])
+        assert a.var["n_models"].tolist() == h5["n_models"].tolist()
+        assert a.uns["tessera"]["run"] == "tiny" and "log1p" in a.uns["tessera"]["X"]
+        assert "model:" in a.uns["tessera"]["config"] and a.uns["tessera"]["mc_samples"] == 2
+    import hest  # the repository's own h5ad reader reads it too
+    back = hest.read_h5ad(tmp_path / "p" / "synth_03.h5ad")
+    np.testing.assert_array_equal(back.counts, h5["pred"])
+    assert back.genes == h5["genes"] and back.barcodes.tolist() == h5["barcodes"].tolist()
+    np.testing.assert_array_equal(back.xy, h5["coords"])
+    a = anndata.read_h5ad(tiny_run / "fold_0" / "pred" / "synth_00.h5ad")  # the run's own test predictions
+    h5 = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
+    np.testing.assert_array_equal(a.layers["true"], h5["true"])
+    assert a.uns["tessera"]["fold"] == "0"
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing written
+def assert_one_line_and_nothing_written(r, message, out):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_predict_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
+    import data
+    slides, out = tiny_run.parents[1] / "data" / "synthetic", tmp_path / "out"
+    assert_one_line_and_nothing_written(predict_cli("--run", tiny_run, "--slides", slides, "--out", out, "--fold",
+                                                    "5", cwd=tmp_path), "--fold 5: expected a fold number 0 ... 1", out)
+    for args, message in [(["--fold", "-1"], "--fold -1: expected a fold number 0 ... 1"),
+                          (["--mc", "-2"], "--mc -2: expected")]:  # the same, in process (faster)
+        with pytest.raises(SystemExit) as e:
+            ev.main(["predict", "--run", str(tiny_run), "--slides", str(slides), "--out", str(out), *args])
+        assert message in str(e.value) and "\n" not in str(e.value) and not out.exists()
+    wide = tmp_path / "wide"  # caches of another encoder: more feature columns
+    s = data.read_slide(slides / "synth_00.h5")
+    s.features, s.pseudo_features, s.pseudo_coords = torch.cat([s.features, s.features], 1), None, None
+    data.write_slide(wide / "synth_00.h5", s)
+    r = predict_cli("--run", tiny_run, "--slides", wide, "--out", out, cwd=tmp_path)
+    assert_one_line_and_nothing_written(r, "synth_00.h5: features have", out)
+    assert f"expect {s.features.shape[1] // 2}" in r.stderr
+
+
+def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
+    import shutil
+    slides, out = tiny_run.parents[1] / "data" / "synthetic", tmp_path / "out"
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_run, partial)
+    shutil.rmtree(partial / "fold_1" / "pred")
+    (partial / "fold_1" / "model.pt").unlink()
+    r = predict_cli("--run", partial, "--slides", slides, "--out", out, cwd=tmp_path)
+    assert_one_line_and_nothing_written(r, "partial run, fold_1 not finished; pass --partial", out)
+    with pytest.raises(SystemExit, match="--fold 1: .*fold_1.model.pt does not exist .unfinished fold."):
+        ev.main(["predict", "--run", str(partial), "--slides", str(slides), "--out", str(out), "--fold", "1"])
+    assert not out.exists()
+    ev.main(["predict", "--run", str(partial), "--slides", str(slides), "--out", str(out), "--partial"])
+    assert len(list(out.glob("*.h5"))) == 4
+    results = ev.evaluate_run(partial)  # the finished fold is evaluated, the missing one named
+    assert results["fold_names"] == ["fold_0"] and results["missing_folds"] == ["fold_1"]
+    assert "Not finished, not evaluated: fold_1" in (partial / "results.md").read_text()
+    killed = tmp_path / "killed"  # killed while writing fold_0's predictions: its checkpoint is still there
+    shutil.copytree(tiny_run, killed)
+    (killed / "fold_0" / "checkpoint.pt").write_bytes(b"")
+    assert ev.evaluate_run(killed)["missing_folds"] == ["fold_0"]
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
+    # a run trained without dropout, asked for Monte-Carlo dropout
+    nodrop = tmp_path / "nodrop"
+    shutil.copytree(tiny_run, nodrop)
+    for k in (0, 1):  # the same models saved as trained without dropout
+        ck = torch.load(nodrop / f"fold_{k}" / "model.pt", weights_only=True)
+        ck["model_config"].update(dropout=0.0, attn_dropout=0.0)
+        torch.save(ck, nodrop / f"fold_{k}" / "model.pt")
+    r = predict_cli("--run", nodrop, "--slides", slides, "--out", out / "x", "--mc", "4", cwd=tmp_path)
+    assert_one_line_and_nothing_written(r, "--mc 4: the models of", out / "x")
+    assert "have no dropout" in r.stderr

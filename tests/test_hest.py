@@ -332,3 +332,13 @@ def test_import_and_embed_error_paths(tmp_path):
         with pytest.raises(ValueError, match="expected an output folder other than the inputs, found an input"):
             call()
 
+
+
+def test_max_genes_below_one_is_refused(tmp_path):
+    for n in (0, -3):
+        with pytest.raises(ValueError, match=f"--max-genes: expected an integer >= 1, found {n}"):
+            hest.import_hest(tmp_path / "st", tmp_path / "feats", tmp_path / "out", max_genes=n)
+    r = subprocess.run([sys.executable, str(ROOT / "hest.py"), "import-hest", "--st", "st", "--features", "f",
+                        "--out", "o", "--max-genes", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == "--max-genes: expected an integer >= 1, found 0\n", r.stderr
+    assert not (tmp_path / "o").exists()

@@ -116,3 +116,12 @@ def test_command_line(tmp_path):
                         "--seed", "1", "--layout", "square"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "synth: 2 slides" in r.stdout, r.stderr
     assert len(data.list_slides(tmp_path / "ds")) == 2
+
+
+def test_sizes_below_one_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"expected every size >= 1, found \{'slides': 0"):
+        synthetic.make_synthetic(tmp_path / "x", n_slides=0, log=lambda s: None)
+    r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "x", "--spots", "0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "'spots': 0" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

@@ -180,6 +180,37 @@ def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch)
     assert not all(torch.equal(t, states[3][n]) for n, t in model.state_dict().items())
 
 
+# ---- coordinate augmentation ----------------------------------------------------------------------
+
+def pairwise(xy):
+    return torch.cdist(xy.double(), xy.double())
+
+
+def test_augment_coords():
+    xy = torch.rand(300, 2) * 5000
+    keep, out = train.augment_coords(xy, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, torch.arange(300)) and torch.equal(out, xy)
+    angles = set()
+    for seed in range(8):     # mirror and rotation only: distances and the centroid are preserved
+        keep, out = train.augment_coords(xy, 1.0, torch.Generator().manual_seed(seed), p_drop=0.0, max_shear_deg=0)
+        assert len(keep) == 300 and torch.allclose(pairwise(out), pairwise(xy), atol=0.05)
+        assert torch.allclose(out.mean(0), xy.mean(0), atol=0.05)
+        v0, v1 = xy[1] - xy[0], out[1] - out[0]
+        angles.add(round(math.degrees(math.atan2(v1[1], v1[0]) - math.atan2(v0[1], v0[0])) % 360 / 45))
+    assert len(angles) > 2
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = train.augment_coords(xy, 0.7, g1), train.augment_coords(xy, 0.7, g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    keep, out = train.augment_coords(xy, 1.0, torch.Generator().manual_seed(1), max_rot_deg=0, max_shear_deg=15)
+    assert keep.dtype == torch.long and out.shape == (len(keep), 2) and 150 < len(keep) < 300
+    assert torch.equal(keep, keep.sort().values)
+    sheared = [not torch.allclose(pairwise(train.augment_coords(xy, 1.0, torch.Generator().manual_seed(s), p_drop=0)[1]),
+                                  pairwise(xy), atol=0.05) for s in range(4)]
+    assert any(sheared)
+    keep, out = train.augment_coords(xy[:3], 1.0, torch.Generator().manual_seed(0), p_drop=1.0)
+    assert len(keep) == 1 and out.shape == (1, 2)
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 def run_train(args, cwd, **kw):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,

@@ -1,0 +1,309 @@
+"""Every mistake a user can make in a config, the files it names, the slide caches and the run folder,
+caught before any fold trains: one line naming the file or key, what was expected and what was found.
+
+train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (the run
+folder: a new run, a restart of a run that never got anywhere, or --resume with the same config),
+check_data (data.root, slide headers via data.read_slide_meta, gene list, GMT, folds). Nothing here
+writes a file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+import data
+from model import ModelConfig, check_config as check_model
+
+DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
+
+
+class ConfigError(ValueError):
+    """A user's mistake in the config, its files or the run folder; train.main prints it as one line."""
+
+
+def _fail(key, expected, found):
+    raise ConfigError(f"key '{key}': expected {expected}, found {found!r}")
+
+
+# ---- types and ranges -------------------------------------------------------------------------
+KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
+             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping"}
+# keys whose default is None (any kind allowed there but this one, or null)
+NULLABLE = {"data.split_dir": "str", "data.gmt": "str",
+            "model.unit_um": "number", "model.ridge_alpha": "number"}
+KINDS = {"model.radii": "numbers"}    # lists whose entries need not be integers
+
+
+def at_least(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def above(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), f"(one of {', '.join(map(str, choices))})"
+
+
+PROBABILITY = (lambda v: 0 <= v < 1), "in [0, 1)"
+RANGES = {
+    "data.folds": ((lambda v: v == -1 or v >= 2), ">= 2, or -1 (leave one patient out)"),
+    "model.dim": at_least(1), "model.heads": at_least(1), "model.dropout": PROBABILITY,
+    "model.attn_dropout": PROBABILITY, "model.ffn_ratio": at_least(1), "model.unit_um": above(0),
+    "model.w": at_least(1), "model.depths": ((lambda v: len(v) > 0 and min(v) >= 1), "with one entry >= 1 per level"),
+    "model.decoder_depths": ((lambda v: all(d >= 1 for d in v)), "with entries >= 1"),
+    "model.beta": at_least(0), "model.tau": above(0), "model.knn_k": at_least(1), "model.local_blocks": at_least(0),
+    "model.calibration_tokens": at_least(0), "model.pathway_tokens": at_least(0), "model.hidden": at_least(1),
+    "model.pca": at_least(1), "model.ridge_alpha": above(0),
+    "model.radii": ((lambda v: len(v) > 0 and min(v) > 0), "with at least one radius, each > 0 (spot pitches)"),
+    "train.ema": PROBABILITY,
+    "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
+    "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb"),
+    "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0),
+    "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
+    "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
+    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "run.threads": at_least(0),
+    "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
+}
+
+
+def _kind(value, kind) -> bool:
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
+            "number": integer or isinstance(value, float), "mapping": isinstance(value, dict),
+            "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "numbers": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value),
+            }[kind]
+
+
+def _kind_of(default) -> str | None:
+    for kind, t in (("bool", bool), ("int", int), ("number", float), ("str", str), ("ints", list), ("mapping", dict)):
+        if isinstance(default, t):
+            return kind
+    return None
+
+
+def _check_value(name, value, default):
+    nullable = NULLABLE.get(name)
+    kind = nullable or KINDS.get(name) or _kind_of(default)
+    if kind is None or (nullable and value is None):
+        return
+    if not _kind(value, kind):
+        _fail(name, KIND_TEXT[kind] + (" or null" if nullable else ""), value)
+    if name in RANGES:
+        ok, text = RANGES[name]
+        if not ok(value):
+            _fail(name, f"{KIND_TEXT[kind]} {text}", value)
+
+
+def check_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
+    """Every key has the kind of its default (an integer where the default is one, ...) and a value in
+    its range (RANGES). data.genes and data.synthetic take several forms: check_config."""
+    for key, default in defaults.items():
+        name, value = prefix + key, cfg[key]
+        if name in ("data.genes", "data.synthetic"):
+            continue
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                _fail(name, "a mapping", value)
+            check_types(value, default, name + ".")
+        else:
+            _check_value(name, value, default)
+
+
+def check_config(cfg: dict, defaults: dict) -> None:
+    """The whole config, before anything is read or written: kinds, ranges, and the combinations that
+    cannot work (model.check_config, zinb)."""
+    check_types(cfg, defaults)
+    genes = cfg["data"]["genes"]
+    if isinstance(genes, dict):
+        if set(genes) - {"by", "n"} or "n" not in genes:
+            _fail("data.genes", "{by: hvg|mean, n: N}", genes)
+        if genes.get("by", "hvg") not in ("hvg", "mean"):
+            _fail("data.genes.by", "hvg or mean", genes["by"])
+        if not _kind(genes["n"], "int") or genes["n"] < 1:
+            _fail("data.genes.n", "an integer >= 1", genes["n"])
+    elif not (genes is None or isinstance(genes, str)):
+        _fail("data.genes", "a gene list file, {by: hvg|mean, n: N} or null", genes)
+    syn = cfg["data"]["synthetic"]
+    if syn is not None:
+        if not isinstance(syn, dict) or set(syn) - {"slides", "seed", "spots", "pseudo"}:
+            _fail("data.synthetic", "null or a mapping with slides, seed, spots, pseudo", syn)
+        for key, value in syn.items():
+            lowest = 0 if key == "seed" else 1
+            if key == "pseudo" and not _kind(value, "bool"):
+                _fail("data.synthetic.pseudo", "true or false", value)
+            if key != "pseudo" and not (_kind(value, "int") and value >= lowest):
+                _fail(f"data.synthetic.{key}", f"an integer >= {lowest}", value)
+    try:
+        torch.device(cfg["run"]["device"])
+    except RuntimeError:
+        if cfg["run"]["device"] != "auto":
+            _fail("run.device", "auto, cpu, cuda or cuda:<index>", cfg["run"]["device"])
+    try:
+        mc = ModelConfig.from_dict(cfg["model"])
+        check_model(mc)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
+        raise ConfigError("train.loss = zinb and model.head = zinb go together")
+    if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
+        raise ConfigError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
+                          "set data.normalize=true so that metrics compare like with like")
+
+
+# ---- the run folder ---------------------------------------------------------------------------
+def differences(saved, given, prefix="") -> list[str]:
+    """The dotted keys whose values differ between two configs, with both values."""
+    out = []
+    for key in list(saved) + [k for k in given if k not in saved]:
+        a, b = saved.get(key, "absent"), given.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (run {a!r}, given {b!r})")
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: dict, resume: bool) -> str | None:
+    """None for a new run folder; a note when the folder holds a run that never finished a fold nor saved
+    a checkpoint (it restarts cleanly, whatever the config); otherwise --resume and the same config."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
+    progress = [p for pattern in ("fold_*/done", "fold_*/checkpoint.pt", "fold_*/model.pt")
+                for p in run_dir.glob(pattern)]
+    if not progress:
+        return f"restarting {run_dir}: no fold of the earlier start had finished or saved a checkpoint"
+    if not resume:
+        raise ConfigError(f"{run_dir} exists with finished folds or checkpoints: pass --resume to continue it, "
+                          "or choose another run.name")
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: expected the config the run started with, found: {e}") from None
+    diff = differences(saved if isinstance(saved, dict) else {}, cfg)
+    if diff:
+        raise ConfigError(f"{path}: --resume expected the config the run started with, found other values for "
+                          f"{'; '.join(diff)}")
+    return None
+
+
+# ---- data: files, slide headers, folds --------------------------------------------------------
+def data_file(cfg: dict, key: str, root: Path, folder: bool = False) -> Path:
+    """The file (or folder) a `data.<key>` names: as given when absolute, else inside data.root, else
+    relative to the working folder."""
+    given = Path(cfg["data"][key])
+    places = [given] if given.is_absolute() else [root / given, given]
+    for p in places:
+        if p.is_dir() if folder else p.is_file():
+            return p
+    raise ConfigError(f"key 'data.{key}': expected {'a folder' if folder else 'a file'}, found none at "
+                      f"{' or '.join(str(p) for p in places)}")
+
+
+def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set[str], normalize: bool):
+    """Every slide's header: equal feature widths, spots, spread coordinates, slide id = file name,
+    counts on training slides, and library sizes that normalisation can divide by."""
+    first = metas[0]
+    for p, m in zip(paths, metas):
+        if m.slide_id != p.stem:
+            raise data.CacheError(f"{p}: key 'attrs/slide_id': expected {p.stem!r} (the file name), "
+                                  f"found {m.slide_id!r}")
+        if m.n_spots == 0:
+            raise data.CacheError(f"{p}: key 'features': expected at least one spot, found 0 rows")
+        if m.n_features != first.n_features:
+            raise data.CacheError(f"{p}: key 'features': expected {first.n_features} features per spot like "
+                                  f"{paths[0].name}, found {m.n_features}")
+        if m.n_spots > 1 and m.coords_extent == 0:
+            raise data.CacheError(f"{p}: key 'coords': expected spots at different positions, found all "
+                                  f"{m.n_spots} at one point")
+        if m.genes is None and p.stem in training:
+            raise data.CacheError(f"{p}: key 'counts': expected counts on a training slide, found none "
+                                  "(a slide without counts can only be predicted: eval.py predict)")
+        if normalize and m.zero_library:
+            raise data.CacheError(f"{p}: key 'library_size': expected the total counts of each spot for "
+                                  f"data.normalize=true, found {m.zero_library} spots with library_size 0 "
+                                  "and counts > 0")
+    return metas
+
+
+def _check_gmt(cfg: dict, root: Path, genes: list[str], log) -> None:
+    """The GMT parses; the pathway sets the model uses share genes with the data (a warning per set
+    otherwise), and at least one does when the pathway head is built from them."""
+    path = data_file(cfg, "gmt", root)
+    sets = data.read_gmt(path)
+    mc = ModelConfig.from_dict(cfg["model"])
+    used = list(sets.items())[:mc.pathway_tokens if mc.arch == "tessera" else 0]
+    have = set(genes)
+    overlap = [(name, len(have.intersection(members)), len(members)) for name, members in used]
+    empty = sum(k == 0 for _, k, _ in overlap)
+    if not empty:
+        return
+    table = ", ".join(f"{name} {k}/{n}" for name, k, n in overlap)
+    if empty == len(overlap) and mc.head == "pathway":
+        raise ConfigError(f"{path}: key 'data.gmt': expected pathway sets sharing genes with the data for "
+                          f"model.head = pathway, found none of the {len(overlap)} used sets does ({table})")
+    log(f"warning: {path}: {empty} of the {len(overlap)} pathway sets used share no gene with the data's "
+        f"{len(genes)} genes; genes in the data per set: {table}")
+
+
+def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[str]]]:
+    """data.root and every slide header, the gene list and GMT files, and the folds; returns the folds."""
+    dc, tc = cfg["data"], cfg["train"]
+    if not root.is_dir():
+        hint = (f" (the synthetic dataset of data.synthetic is generated only at {DEMO_ROOT}; "
+                f"`python synthetic.py --out {root}` makes one elsewhere)" if dc["synthetic"] else "")
+        raise ConfigError(f"key 'data.root': expected a folder of slide caches, found no folder {root}{hint}")
+    if dc["split_dir"]:
+        try:
+            folds = data.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
+        except FileNotFoundError as e:
+            raise ConfigError(f"key 'data.split_dir': {e}") from None
+        ids = sorted({s for train, test in folds for s in train + test})
+        missing = [s for s in ids if not (root / f"{s}.h5").is_file()]
+        if missing:
+            raise ConfigError(f"key 'data.split_dir': expected a cache <id>.h5 in {root} for every slide of the "
+                              f"split files, found none for {', '.join(missing[:5])}")
+        paths = [root / f"{s}.h5" for s in ids]
+        metas = [data.read_slide_meta(p) for p in paths]
+    else:
+        paths = sorted(root.glob("*.h5"))
+        if not paths:
+            raise ConfigError(f"key 'data.root': expected slide caches <slide>.h5 in {root}, found none")
+        metas = [data.read_slide_meta(p) for p in paths]
+        try:
+            folds = data.make_folds([p.stem for p in paths], [m.patient for m in metas], dc["folds"], tc["seed"])
+        except ValueError:
+            raise ConfigError(f"key 'data.folds': expected -1 or an integer from 2 to {len({m.patient for m in metas})} "
+                              f"(the number of patients in {root}), found {dc['folds']}") from None
+    training = {s for train, _ in folds for s in train}
+    _check_headers(paths, metas, training, dc["normalize"])
+    for k, (train, _) in enumerate(folds):
+        if len(train) <= tc["val_slides"]:
+            raise ConfigError(f"key 'train.val_slides': expected fewer than the {len(train)} training slides "
+                              f"of fold {k}, found {tc['val_slides']}")
+    counted = [(p, m) for p, m in zip(paths, metas) if m.genes is not None]
+    genes = data.shared_genes([m.genes for _, m in counted])
+    if not genes:
+        raise ConfigError(f"{root}: expected genes that every slide with counts has, found none in common")
+    if isinstance(dc["genes"], str):
+        path = data_file(cfg, "genes", root)
+        wanted = data.read_gene_list(path)
+        if not wanted:
+            raise ConfigError(f"{path}: key 'data.genes': expected a list of genes, found an empty one")
+        for p, m in counted:
+            missing = sorted(set(wanted) - set(m.genes))
+            if missing:
+                raise ConfigError(f"{path}: key 'data.genes': expected genes the slides have, found "
+                                  f"{len(missing)} missing from {p}: {', '.join(missing[:5])}")
+        genes = wanted
+    if dc["gmt"]:
+        _check_gmt(cfg, root, genes, log)
+    return folds

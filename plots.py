@@ -1,0 +1,479 @@
+"""Pictures of a run: spatial maps of measured, predicted, std and error per slide and gene, the per-gene
+PCC histogram, a predicted-vs-measured density, and one spot's signed attention over its neighbours
+(FEAST's excitatory / inhibitory maps) for any attention mode (window, k-NN, full).
+
+Separate from eval.py because matplotlib is an optional dependency: eval.py's `plot` and `attention`
+commands import this file, and matplotlib is imported only when a picture is drawn (`_pyplot`). The
+attention of one spot is computed here too (torch only), since only the attention command needs it.
+
+    python eval.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
+    python eval.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as evaluation
+import lattice
+from attention import SpotAttention, distance_bias, signed_weights
+
+MAX_PIXELS = 1200  # longest side of a rasterised map: a 1M-bin slide costs one image, not 1M patches
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("pictures need matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name))
+
+
+# ---------------------------------------------------------------- rasterised spots
+def pitch_um(coords) -> float:
+    """Spot pitch: the median distance to the nearest other spot (lattice.default_unit is that / 1.8)."""
+    return 1.8 * lattice.default_unit(torch.as_tensor(np.asarray(coords, dtype=np.float64)))
+
+
+def raster(coords, values, pitch: float, bounds=None, max_pixels: int = MAX_PIXELS):
+    """Spots as discs of diameter `pitch` on an image, NaN where there is no spot. coords (N, 2) in um,
+    values (N,). bounds (x0, x1, y0, y1) in um (default: the spots' extent plus half a pitch). Returns
+    the image (rows = y) and its extent for imshow. Vectorised: one assignment per pixel offset of a disc."""
+    xy, values = np.asarray(coords, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if bounds is None:
+        bounds = (xy[:, 0].min() - pitch / 2, xy[:, 0].max() + pitch / 2,
+                  xy[:, 1].min() - pitch / 2, xy[:, 1].max() + pitch / 2)
+    x0, x1, y0, y1 = bounds
+    px = max((x1 - x0) / max_pixels, (y1 - y0) / max_pixels, pitch / 16, 1e-9)  # um per pixel
+    w, h = max(1, int(np.ceil((x1 - x0) / px))), max(1, int(np.ceil((y1 - y0) / px)))
+    img = np.full((h, w), np.nan)
+    ix, iy = ((xy[:, 0] - x0) / px).astype(np.int64), ((xy[:, 1] - y0) / px).astype(np.int64)
+    r = pitch / 2 / px
+    d = np.arange(-int(np.ceil(r)), int(np.ceil(r)) + 1)
+    dx, dy = np.meshgrid(d, d)
+    disc = (dx ** 2 + dy ** 2 <= max(r, 0.5) ** 2)
+    for ox, oy in zip(dx[disc], dy[disc]):
+        jx, jy = ix + ox, iy + oy
+        ok = (jx >= 0) & (jx < w) & (jy >= 0) & (jy < h)
+        img[jy[ok], jx[ok]] = values[ok]
+    return img, (x0, x0 + w * px, y0 + h * px, y0)  # y down, as in the image of the slide
+
+
+def _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label):
+    cm = _pyplot().get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))  # no spot: transparent
+    im = ax.imshow(np.ma.masked_invalid(img), extent=extent, cmap=cm, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("x (µm)", fontsize=8)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(label, fontsize=8)
+
+
+# ---------------------------------------------------------------- maps of a run
+def prediction_files(run) -> list[Path]:
+    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (eval.py predict)."""
+    run = Path(run)
+    files = sorted(run.glob("fold_*/pred/*.h5")) or sorted(p for p in run.glob("*.h5") if _is_prediction(p))
+    if not files:
+        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from eval.py "
+                                "predict); train the run or predict first")
+    return files
+
+
+def _is_prediction(path) -> bool:
+    with h5py.File(path, "r") as f:
+        return "pred" in f and "genes" in f
+
+
+def gene_scores(files: list[dict]) -> dict[str, float]:
+    """Gene -> PCC over its test spots, pooled per fold (the fold's slides share their genes), mean over
+    folds; without truth, the spatial standard deviation of the prediction ranks the genes instead."""
+    by_fold: dict[tuple, list[dict]] = {}
+    for f in files:
+        by_fold.setdefault(tuple(f["genes"]), []).append(f)
+    scores: dict[str, list[float]] = {}
+    for genes, fs in by_fold.items():
+        labelled = [f for f in fs if f["true"] is not None]
+        if labelled:
+            values = evaluation.per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
+                                             np.concatenate([f["true"] for f in labelled]))
+        else:
+            values = np.concatenate([f["pred"] for f in fs]).astype(np.float64).std(0)
+        for g, v in zip(genes, values.tolist()):
+            scores.setdefault(g, []).append(v)
+    return {g: float(np.mean(v)) for g, v in scores.items()}
+
+
+def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
+    """The requested genes (each must exist), the `top` best, or the best, median and worst."""
+    if genes:
+        unknown = [g for g in genes if g not in scores]
+        if unknown:
+            raise ValueError(f"gene {unknown[0]}: not among the {len(scores)} predicted genes "
+                             f"(e.g. {', '.join(list(scores)[:5])})")
+        return list(genes)
+    ranked = sorted(scores, key=lambda g: -scores[g])
+    if top is not None:
+        if top < 1:
+            raise ValueError(f"--top {top}: expected a number of genes >= 1")
+        return ranked[:top]
+    return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2], ranked[-1]]))
+
+
+def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None):
+    """Measured, predicted, std and error of one gene on one slide, side by side on the spot geometry.
+    Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0."""
+    plt = _pyplot()
+    pitch = pitch_um(coords)
+    panels = []
+    both = pred if true is None else np.concatenate([pred, true])
+    lo, hi = np.percentile(both, [1, 99])
+    hi = hi if hi > lo else lo + 1e-6
+    if true is not None:
+        panels.append((true, "measured", "viridis", lo, hi, "log1p expression"))
+    panels.append((pred, "predicted", "viridis", lo, hi, "log1p expression"))
+    if std is not None:
+        panels.append((std, "std (uncertainty)", "magma", 0, max(float(np.percentile(std, 99)), 1e-6), "std"))
+    if true is not None:
+        err = pred - true
+        e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
+        panels.append((err, "error (predicted - measured)", "RdBu_r", -e, e, "error"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False, layout="constrained")
+    for ax, (values, title, cmap, vmin, vmax, label) in zip(axes[0], panels):
+        img, extent = raster(coords, values, pitch)
+        _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label)
+    axes[0][0].set_ylabel("y (µm)", fontsize=8)
+    pcc = "" if true is None else f", PCC {evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]:.3f}"
+    fig.suptitle(f"{gene} on slide {slide_id}{pcc} ({len(pred):,} spots)", fontsize=12)
+    return _save(fig, path) if path else fig
+
+
+def pcc_histogram(scores: dict[str, float], run_name: str, path):
+    plt = _pyplot()
+    v = np.array(list(scores.values()))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.hist(v, bins=min(40, max(5, len(v) // 5)), color="#4c72b0", edgecolor="white")
+    ax.axvline(v.mean(), color="black", linestyle="--", label=f"mean {v.mean():.3f}")
+    ax.axvline(np.median(v), color="#dd8452", linestyle=":", label=f"median {np.median(v):.3f}")
+    ax.set_xlabel("PCC per gene (test spots, mean over folds)")
+    ax.set_ylabel("genes")
+    ax.set_title(f"{run_name}: per-gene PCC, {len(v)} genes")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def density_plot(pred, true, run_name: str, path, bins: int = 120):
+    """2-D histogram of (measured, predicted) over every test spot and gene, log colour scale."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+    lo, hi = float(min(pred.min(), true.min())), float(max(pred.max(), true.max()))
+    hist, xe, ye = np.histogram2d(true, pred, bins=bins, range=[[lo, hi], [lo, hi]])
+    fig, ax = plt.subplots(figsize=(5.6, 4.8), layout="constrained")
+    im = ax.imshow(np.ma.masked_equal(hist.T, 0), origin="lower", extent=(xe[0], xe[-1], ye[0], ye[-1]),
+                   norm=LogNorm(), cmap="viridis", aspect="equal", interpolation="nearest")
+    ax.plot([lo, hi], [lo, hi], color="red", linewidth=0.8, label="predicted = measured")
+    r = evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]
+    ax.set_xlabel("measured (log1p)")
+    ax.set_ylabel("predicted (log1p)")
+    ax.set_title(f"{run_name}: {len(pred):,} values, PCC {r:.3f}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.colorbar(im, ax=ax, label="spot x gene values")
+    return _save(fig, path)
+
+
+def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
+    """Maps for each slide and gene, a PCC histogram and a density plot (with truth) in RUN/plots/."""
+    run = Path(run)
+    files = [evaluation.read_predictions(p) for p in prediction_files(run)]
+    if slide is not None:
+        ids = [f["slide_id"] for f in files]
+        if slide not in ids:
+            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({', '.join(ids[:8])})")
+    scores = gene_scores(files)
+    chosen = choose_genes(scores, genes, top)
+    out, written = run / "plots", []
+    for f in files:
+        if slide is not None and f["slide_id"] != slide:
+            continue
+        column = {g: i for i, g in enumerate(f["genes"])}
+        for g in (g for g in chosen if g in column):  # genes chosen per fold: a slide may lack one
+            i = column[g]
+            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
+                                      None if f["true"] is None else f["true"][:, i],
+                                      None if f["std"] is None else f["std"][:, i],
+                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png"))
+    labelled = [f for f in files if f["true"] is not None]
+    if labelled:
+        written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
+        written.append(density_plot(np.concatenate([f["pred"].ravel() for f in labelled]),
+                                    np.concatenate([f["true"].ravel() for f in labelled]), run.name,
+                                    out / "density.png"))
+    return written
+
+
+# ---------------------------------------------------------------- one spot's signed attention
+class _Captured(Exception):
+    """Raised by the hook once the block's input is captured: the rest of the forward is not needed."""
+
+
+def attention_blocks(model) -> list[tuple[str, SpotAttention]]:
+    """The spot-to-spot attention modules of a model, in forward order (local stage, encoder, decoder)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SpotAttention) and m.mode != "none"]
+
+
+def _capture(model, module, slide, use_pseudo):
+    """The input x (n, dim), level and knn_index of `module` in the model's forward on `slide`, taken by a
+    forward pre-hook: independent of how the blocks call it. Grad mode with frozen parameters makes the
+    blocks take their plain path (the module is called), and nothing is kept for a backward."""
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        names = ("x", "level", "knn_index")
+        seen.update({**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}})
+        raise _Captured
+
+    pseudo = use_pseudo and slide.pseudo_features is not None
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            model(slide.features, slide.coords, slide.pseudo_features if pseudo else None,
+                  slide.pseudo_coords if pseudo else None)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+        for p, f in zip(model.parameters(), frozen):
+            p.requires_grad_(f)
+    if "x" not in seen:
+        raise ValueError("the chosen attention block was not called in the forward")
+    return seen["x"].detach(), seen["level"], seen.get("knn_index")
+
+
+def _branches(module, q, k, bias):
+    """Excitatory softmax(S + B) and inhibitory beta * softmax((-S + B) / tau) (FEAST), q (H, 1, D),
+    k (H, K, D), bias (H, 1, K) or None -> two (H, K); their difference is signed_weights' row."""
+    exc = signed_weights(q, k, bias)
+    if not module.beta:
+        return exc[:, 0], torch.zeros_like(exc[:, 0])
+    inh = signed_weights(-q / module.tau, k, None if bias is None else bias / module.tau)
+    return exc[:, 0], module.beta * inh[:, 0]
+
+
+@torch.no_grad()
+def query_attention(module: SpotAttention, x, level, row: int, knn_index=None) -> dict:
+    """The signed attention weights of one query token `row` over its keys, with the module's own
+    projections and bias, without any other query: keys (K,) token rows, excitatory and inhibitory (H, K),
+    attends (H, K) (window mode: the first H/2 heads see the standard window, the others the shifted one)."""
+    H, dim = module.heads, module.dim
+    Wq, Wk = module.qkv.weight[:dim], module.qkv.weight[dim:2 * dim]
+    bq, bk = module.qkv.bias[:dim], module.qkv.bias[dim:2 * dim]
+    q = F.linear(x[row], Wq, bq).view(H, 1, -1)                                 # (H, 1, D)
+    key = lambda rows: F.linear(x[rows], Wk, bk).view(len(rows), H, -1).transpose(0, 1)  # noqa: E731 (H, K, D)
+    sites = level.sites.float()
+    slopes = getattr(module, "slopes", None)
+    if module.mode == "window":  # SpotAttention: heads [0, H/2) in level.rulebook, the rest in the shifted one
+        table = module.rpb() if module.bias == "rpb" else getattr(module, "alibi", None)  # (H, S, S)
+        parts = []
+        for heads, rulebook in ((slice(0, H // 2), level.rulebook), (slice(H // 2, H), level.rulebook_shifted)):
+            hit = (rulebook == row).nonzero()
+            if not len(hit):
+                continue
+            w, slot = hit[0].tolist()
+            slots = (rulebook[w] >= 0).nonzero().squeeze(1)
+            parts.append((heads, rulebook[w, slots], None if table is None else table[heads][:, slot:slot + 1, slots]))
+        keys = torch.unique(torch.cat([p[1] for p in parts])) if parts else torch.tensor([row])
+        exc, inh = torch.zeros(H, len(keys)), torch.zeros(H, len(keys))
+        attends = torch.zeros(H, len(keys), dtype=torch.bool)
+        for heads, tokens, bias in parts:
+            cols = torch.searchsorted(keys, tokens)
+            e, i = _branches(module, q[heads], key(tokens)[heads], bias)
+            exc[heads, cols], inh[heads, cols], attends[heads, cols] = e, i, True
+        return {"keys": keys, "excitatory": exc, "inhibitory": inh, "attends": attends}
+    keys = knn_index[row] if module.mode == "knn" else torch.arange(len(sites))  # full: every token, O(N H)
+    bias = None if slopes is None else distance_bias(sites[row:row + 1], sites[keys], slopes)  # (H, 1, K)
+    exc, inh = _branches(module, q, key(keys), bias)
+    return {"keys": keys, "excitatory": exc, "inhibitory": inh, "attends": torch.ones_like(exc, dtype=torch.bool)}
+
+
+def _site_key(s: torch.Tensor) -> torch.Tensor:
+    return s[:, 0] * (1 << 32) + s[:, 1]
+
+
+def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool = True) -> dict:
+    """One spot's attention in one block of a tessera model: the query (the spot, or at a coarse level
+    the region that holds it) and its keys with coordinates in um, labels (barcode, `token <row>` for a
+    coarse region, `pseudo <j>` for an off-grid pseudo-spot), excitatory and inhibitory weights per head.
+    Memory O(N): nothing is built over pairs of spots."""
+    hits = np.flatnonzero(np.asarray(slide.barcodes) == barcode)
+    if not len(hits):
+        raise ValueError(f"spot {barcode}: no such barcode in slide {slide.slide_id} "
+                         f"(e.g. {', '.join(map(str, slide.barcodes[:3]))})")
+    i = int(hits[0])
+    blocks = attention_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no spot-to-spot attention (a per-spot baseline, or model.attention = none)")
+    if not 0 <= block < len(blocks):
+        raise ValueError(f"--block {block}: expected 0 ... {len(blocks) - 1} "
+                         f"({', '.join(f'{k}: {n} ({m.mode})' for k, (n, m) in enumerate(blocks))})")
+    name, module = blocks[block]
+    x, level, knn_index = _capture(model, module, slide, use_pseudo)
+    coords = slide.coords.double()
+    unit = model.cfg.unit_um or lattice.default_unit(slide.coords)
+    if hasattr(level, "rulebook"):  # a pyramid level: its sites are the spot sites coarsened `scale` times
+        sites0, want = lattice.to_lattice(slide.coords, unit), torch.sort(_site_key(level.sites)).values
+        for scale in range(64):
+            anc = torch.div(sites0, 2 ** scale, rounding_mode="floor")
+            if torch.equal(torch.unique(_site_key(anc)), want):
+                break
+        else:
+            raise ValueError(f"block {name}: its level's sites are not coarsened spot sites")
+        order = torch.argsort(_site_key(level.sites))
+        rows = order[torch.searchsorted(_site_key(level.sites)[order], _site_key(anc))]  # (N,) each spot's token
+        n_tok = len(level.sites)
+        xy = torch.zeros(n_tok, 2, dtype=torch.float64).index_add_(0, rows, coords)
+        xy /= torch.bincount(rows, minlength=n_tok).clamp(min=1)[:, None]    # a token at the mean of its spots
+        query, level_name = int(rows[i]), f"level {scale}"
+        w = query_attention(module, x, level, query, knn_index)
+        spot_of = torch.full((n_tok,), -1, dtype=torch.long)
+        if scale == 0:
+            spot_of[rows] = torch.arange(len(rows))
+        labels = [f"token {k}" if spot_of[k] < 0 else str(slide.barcodes[spot_of[k]]) for k in w["keys"].tolist()]
+    else:  # the k-NN local stage: rows are the spots (in the model's order), then the pseudo-spots
+        xy, n = level.sites.double() * unit, len(coords)
+        query, level_name = int((xy - coords[i]).pow(2).sum(1).argmin()), "local stage (spots + pseudo-spots)"
+        w = query_attention(module, x, level, query, knn_index)
+        labels = [f"pseudo {k - n}" if k >= n else str(slide.barcodes[int((coords - xy[k]).pow(2).sum(1).argmin())])
+                  for k in w["keys"].tolist()]
+    keys = w["keys"]
+    return {"slide_id": slide.slide_id, "barcode": barcode, "block": block, "block_name": name,
+            "mode": module.mode, "level": level_name, "beta": float(module.beta), "tau": float(module.tau),
+            "query_row": query, "query_xy": xy[query].float(), "keys": keys, "keys_xy": xy[keys].float(),
+            "keys_label": np.array(labels, dtype=str), "excitatory": w["excitatory"],
+            "inhibitory": w["inhibitory"], "attends": w["attends"], "spots_xy": slide.coords,
+            "captured": (module, x, level, knn_index)}
+
+
+def write_attention(result: dict, path) -> Path:
+    """The h5 of one spot's attention: per head excitatory / inhibitory weights over the keys, keys'
+    coordinates (um) and labels, which keys each head attends to, the query and the block."""
+    strings = h5py.string_dtype("utf-8")
+    with data.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for k in ("excitatory", "inhibitory", "attends", "keys_xy", "query_xy", "keys"):
+            f[k] = result[k].numpy()
+        f.create_dataset("keys_label", data=list(result["keys_label"]), dtype=strings)
+        f.attrs.update({k: result[k] for k in ("slide_id", "barcode", "block", "block_name", "mode", "level",
+                                               "beta", "tau")})
+        f.attrs["signed"] = "signed = excitatory - inhibitory (FEAST); rows: heads"
+    return Path(path)
+
+
+def attention_figure(result: dict, path) -> Path:
+    """Per head, the excitatory and the inhibitory weights of the query over its keys, on the slide:
+    all spots in grey, keys coloured, the query marked."""
+    plt = _pyplot()
+    H = result["excitatory"].shape[0]
+    rows = 2 if result["beta"] else 1
+    fig, axes = plt.subplots(rows, H, figsize=(3.6 * H + 0.4, 3.3 * rows + 0.8), squeeze=False, layout="constrained")
+    kxy, qxy, spots = result["keys_xy"].numpy(), result["query_xy"].numpy(), result["spots_xy"].numpy()
+    pitch = pitch_um(kxy) if len(kxy) > 1 else pitch_um(spots)
+    pad = 1.5 * pitch
+    bounds = (kxy[:, 0].min() - pad, kxy[:, 0].max() + pad, kxy[:, 1].min() - pad, kxy[:, 1].max() + pad)
+    grey, extent = raster(spots, np.ones(len(spots)), pitch_um(spots), bounds)
+    branches = [("excitatory", "Reds")] + ([("inhibitory", "Blues")] if rows == 2 else [])
+    for r, (branch, cmap) in enumerate(branches):
+        w = result[branch].numpy()
+        for h in range(H):
+            ax = axes[r][h]
+            ax.imshow(np.ma.masked_invalid(grey), extent=extent, cmap="Greys", vmin=0, vmax=4,
+                      interpolation="nearest")
+            seen = result["attends"][h].numpy()
+            img, _ = raster(kxy[seen], w[h][seen], pitch, bounds)
+            vmax = max(float(w[h][seen].max()) if seen.any() else 0.0, 1e-9)
+            _panel(fig, ax, img, extent, f"head {h}: {branch}", cmap, 0.0, vmax, "weight")
+            ax.plot(*qxy, marker="*", color="black", markersize=11, markeredgecolor="white")
+    axes[0][0].set_ylabel("y (µm)", fontsize=8)
+    signed = f"signed, beta {result['beta']:g}, tau {result['tau']:g}" if rows == 2 else "unsigned"
+    fig.suptitle(f"spot {result['barcode']} on slide {result['slide_id']}, attention block {result['block']}\n"
+                 f"{result['block_name']}: {result['mode']}, {result['level']}, {signed}", fontsize=10)
+    return _save(fig, path)
+
+
+def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=None) -> list[Path]:
+    """eval.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so that
+    the weights are there even without matplotlib)."""
+    import yaml
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    root = Path(slides_dir or cfg["data"]["root"])
+    path = root / f"{slide_id}.h5"
+    if not path.exists():
+        known = sorted(p.stem for p in root.glob("*.h5"))
+        raise ValueError(f"slide {slide_id}: no {path} (slides there: {', '.join(known[:8]) or 'none'})")
+    if fold is None:  # the fold that tested the slide, else the first finished one
+        tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
+        fold = tested[0] if tested else evaluation.run_folds(run, partial=True)[0]
+    fold = evaluation.run_folds(run, fold)[0]
+    model, _ = evaluation.load_fold_models(run, "cpu", [fold])[0]
+    result = spot_attention(model, data.read_slide(path), barcode, block, cfg["data"]["pseudo"])
+    stem = run / "attention" / f"{_safe(slide_id)}__{_safe(barcode)}__block{block}"
+    written = [write_attention(result, stem.with_name(stem.name + ".h5"))]
+    try:
+        return written + [attention_figure(result, stem.with_name(stem.name + ".png"))]
+    except ImportError as e:
+        raise ImportError(f"{written[0]} written; the PNG not: {e}") from None
+
+
+def main(argv: list[str]) -> None:
+    """eval.py plot ... / eval.py attention ...: one-line errors, no traceback."""
+    import argparse
+    command = argv[0]
+    p = argparse.ArgumentParser(prog=f"eval.py {command}")
+    if command == "plot":
+        p.description = "Maps of measured, predicted, std and error per slide and gene, PCC histogram, density."
+        p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
+        p.add_argument("--slide", help="one slide id (default: every slide)")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
+        g.add_argument("--top", type=int, help="the K best genes by PCC")
+    else:
+        p.description = "One spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps)."
+        p.add_argument("run", help="run folder")
+        p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
+        p.add_argument("--spot", required=True, help="barcode of the query spot")
+        p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
+        p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
+        p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
+    a = p.parse_args(argv[1:])
+    try:
+        written = plot_run(a.run, a.slide, a.genes, a.top) if command == "plot" else \
+            attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"eval.py {command}: {e}") from None
+    for path in written:
+        print(path)

@@ -1,0 +1,223 @@
+"""plots.py: one spot's attention against the dense signed_weights matrix built here by loops over the
+windows / neighbours / all pairs, and against the module's own output; maps and figures on a tiny run."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import plots
+from attention import signed_weights
+from model import ModelConfig, build_model
+from test_eval import ROOT, tiny_run  # noqa: F401  (the module-scoped trained run)
+
+# ---------------------------------------------------------------- attention of one spot
+CONFIGS = {  # every attention mode and bias, signed and not, at the spot level and coarser
+    "window rpb, knn local stage, full coarse (signed)": dict(attention="window", bias="rpb", signed=True,
+                                                            local_blocks=1, depths=[1, 1], decoder_depths=[1]),
+    "window alibi (unsigned)": dict(attention="window", bias="alibi", coarse_attention="same",
+                                    depths=[1, 1], decoder_depths=[1]),
+    "knn alibi at every level (signed)": dict(attention="knn", bias="alibi", signed=True, depths=[1, 1],
+                                              decoder_depths=[1], coarse_attention="same"),
+    "full, one level, no bias (signed)": dict(attention="full", bias="none", signed=True, depths=[1],
+                                              decoder_depths=[]),
+}
+
+
+def hex_slide(n_side=11, pseudo=True, seed=0):
+    """A small Visium-like slide: hexagonal grid, pitch 100 um, random features, pseudo-spots between."""
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
+    xy = torch.stack([j * 100.0 + (i % 2) * 50.0, i * 86.6], -1).reshape(-1, 2) + 1000
+    feats = torch.randn(len(xy), 8, generator=g)
+    extra = dict(pseudo_features=torch.randn(len(xy[::2]), 8, generator=g),
+                 pseudo_coords=xy[::2] + torch.tensor([50.0, 28.9])) if pseudo else {}
+    return data.Slide("hex", feats, xy, np.array([f"spot{k:03d}" for k in range(len(xy))]), **extra)
+
+
+def dense_reference(module, x, level, knn_index):
+    """The (H, n, n) signed weight matrix of every query over every token, built by explicit loops over
+    the allowed pairs: windows of both partitions, k-NN lists, or all pairs; bias by definition."""
+    n, H = x.shape[0], module.heads
+    q, k, _ = module.qkv(x).double().view(n, 3, H, -1).unbind(1)
+    allowed = torch.zeros(H, n, n, dtype=torch.bool)
+    bias = torch.zeros(H, n, n, dtype=torch.float64)
+    sites = level.sites.double()
+    if module.mode == "window":
+        table = (module.rpb() if module.bias == "rpb" else module.alibi).double()
+        for heads, rulebook in ((range(0, H // 2), level.rulebook), (range(H // 2, H), level.rulebook_shifted)):
+            for row in rulebook.tolist():
+                for a, ta in enumerate(row):
+                    for b, tb in enumerate(row):
+                        if ta >= 0 and tb >= 0:
+                            for h in heads:
+                                allowed[h, ta, tb], bias[h, ta, tb] = True, table[h, a, b]
+    else:
+        for i in range(n):
+            for j in (knn_index[i].tolist() if module.mode == "knn" else range(n)):
+                allowed[:, i, j] = True
+                if module.bias == "alibi":
+                    dist = ((sites[i, 0] - sites[j, 0]) ** 2 + (sites[i, 1] - sites[j, 1]) ** 2) ** 0.5
+                    bias[:, i, j] = -module.slopes.double() * dist
+    return signed_weights(q.transpose(0, 1), k.transpose(0, 1), bias, allowed, module.beta, module.tau)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_modules_output(name, one_thread):
+    torch.manual_seed(1)
+    cfg = ModelConfig(dim=16, heads=4, knn_k=6, calibration_tokens=1, **CONFIGS[name])
+    model = build_model(cfg, 8, 5).eval()
+    slide = hex_slide()
+    blocks = plots.attention_blocks(model)
+    assert len(blocks) == (1 if cfg.local_blocks else 0) + sum(cfg.depths) + sum(cfg.decoder_depths)
+    for block in range(len(blocks)):
+        for barcode in ("spot000", "spot060", "spot097"):
+            r = plots.spot_attention(model, slide, barcode, block)
+            module, x, level, knn_index = r["captured"]
+            # the captured input is what the module receives in a plain forward (a hook of this test)
+            seen = []
+            handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+            model.requires_grad_(False)  # grad mode without a graph: the blocks call the module itself
+            with torch.enable_grad():
+                model(slide.features, slide.coords, slide.pseudo_features if cfg.local_blocks else None,
+                      slide.pseudo_coords if cfg.local_blocks else None)
+            handle.remove()
+            assert torch.equal(seen[0][0], x)
+            dense = dense_reference(module, x, level, knn_index)[:, r["query_row"]]       # (H, n)
+            signed = (r["excitatory"] - r["inhibitory"]).double()
+            full = torch.zeros_like(dense)
+            full[:, r["keys"]] = torch.where(r["attends"], signed, 0.0)
+            torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-6)
+            if not module.beta:
+                assert torch.equal(r["inhibitory"], torch.zeros_like(r["inhibitory"]))
+            # weights x values = the module's output for this query
+            H = module.heads
+            v = module.qkv(x).view(len(x), 3, H, -1)[:, 2].double()                       # (n, H, D)
+            out = torch.einsum("hn,nhd->hd", full, v).reshape(-1)
+            torch.testing.assert_close(out, seen[0][1][r["query_row"]].double(), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_labels_and_coordinates():
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(dim=16, heads=4, knn_k=6, local_blocks=1, depths=[1, 1], decoder_depths=[1]),
+                        8, 5).eval()
+    slide = hex_slide()
+    r = plots.spot_attention(model, slide, "spot060", 0)            # the k-NN local stage
+    assert r["level"].startswith("local") and len(r["keys"]) == 6
+    index = {b: k for k, b in enumerate(slide.barcodes)}
+    for label, xy in zip(r["keys_label"], r["keys_xy"]):
+        want = slide.coords[index[label]] if label in index else slide.pseudo_coords[int(label.split()[1])]
+        torch.testing.assert_close(xy, want.float(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(r["query_xy"], slide.coords[60].float(), rtol=0, atol=1e-3)
+    r = plots.spot_attention(model, slide, "spot060", 1)            # window, spot level: keys are spots
+    assert r["level"] == "level 0" and all(lab.startswith("spot") for lab in r["keys_label"])
+    r = plots.spot_attention(model, slide, "spot060", 2)            # full at level 1: regions of spots
+    assert r["level"] == "level 1" and r["mode"] == "full" and all(lab.startswith("token") for lab in r["keys_label"])
+    assert r["attends"].all() and len(r["keys"]) < slide.n_spots
+
+
+def test_attention_bad_input():
+    model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[]), 8, 5).eval()
+    with pytest.raises(ValueError, match="spot nope: no such barcode"):
+        plots.spot_attention(model, hex_slide(), "nope")
+    with pytest.raises(ValueError, match=r"--block 3: expected 0 \.\.\. 0 \(0: encoder.0.0.spot \(full\)\)"):
+        plots.spot_attention(model, hex_slide(), "spot000", 3)
+    with pytest.raises(ValueError, match="no spot-to-spot attention"):
+        plots.spot_attention(build_model(ModelConfig(arch="mlp"), 8, 5), hex_slide(), "spot000")
+
+
+# ---------------------------------------------------------------- pictures
+def image(path):
+    import matplotlib.image
+    return matplotlib.image.imread(path)
+
+
+def test_raster_puts_each_spot_at_its_position():
+    slide = hex_slide(pseudo=False)
+    values = np.arange(slide.n_spots, dtype=np.float64)
+    img, (x0, x1, y1, y0) = plots.raster(slide.coords.numpy(), values, 100.0)
+    px = (x1 - x0) / img.shape[1]
+    for (x, y), v in zip(slide.coords.tolist(), values):   # the pixel under each spot centre holds its value
+        assert img[int((y - y0) / px), int((x - x0) / px)] == v
+    assert np.isnan(img).any() and set(np.unique(img[~np.isnan(img)])) == set(values)
+    many = np.random.default_rng(0).uniform(0, 8000, size=(1_000_000, 2))  # Visium HD scale: one bounded image
+    img, _ = plots.raster(many, np.ones(len(many)), 8.0)
+    assert max(img.shape) <= plots.MAX_PIXELS
+
+
+def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    written = plots.plot_run(tiny_run, slide="synth_00")
+    names = sorted(p.name for p in written)
+    assert "pcc_hist.png" in names and "density.png" in names
+    maps = [p for p in written if p.name.startswith("synth_00__")]
+    assert 1 <= len(maps) <= 3 and all(p.parent == tiny_run / "plots" for p in written)
+    for p in written:
+        img = image(p)
+        want = {"pcc_hist.png": (400, 600), "density.png": (480, 560)}.get(p.name, (420, 1680))  # 4 panels
+        assert img.shape[:2] == want, p.name
+        assert img[..., :3].var() > 0, p.name
+    genes = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")["genes"]
+    written = plots.plot_run(tiny_run, slide="synth_00", genes=genes[:2])
+    assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
+    assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
+    scores = plots.gene_scores([ev.read_predictions(p) for p in plots.prediction_files(tiny_run)])
+    ranked = sorted(scores, key=lambda g: -scores[g])
+    assert plots.choose_genes(scores) == [ranked[0], ranked[len(ranked) // 2], ranked[-1]]
+    assert plots.choose_genes(scores, top=2) == ranked[:2]
+
+
+def run_eval(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_line_error(r, message):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def in_process_error(args, message):
+    """eval.main exits with a one-line message (what the command line prints, without a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(a) for a in args])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_plot_and_attention_bad_input(tiny_run, tmp_path, monkeypatch):  # noqa: F811
+    in_process_error(["plot", tiny_run, "--genes", "NOPE"], "gene NOPE: not among the 21 predicted")
+    in_process_error(["plot", tiny_run, "--slide", "nope"], "slide nope: not among the 4 slides")
+    in_process_error(["plot", tmp_path], "no prediction files")
+    monkeypatch.chdir(tiny_run.parents[1])  # the run's data.root is relative
+    in_process_error(["attention", tiny_run, "--slide", "nope", "--spot", "x"], "slide nope: no data/synthetic/nope.h5")
+    in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "x"],
+                     "spot x: no such barcode in slide synth_00")
+    in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "s00_00003", "--block", "7"],
+                     "--block 7: expected 0 ... 3")
+    assert not (tiny_run / "attention").exists() and not (tmp_path / "plots").exists()
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); import eval; "
+            "eval.main(['plot', sys.argv[2]])")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_run)], capture_output=True, text=True)
+    one_line_error(r, "pip install matplotlib")
+
+
+def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    r = run_eval("attention", tiny_run, "--slide", "synth_01", "--spot", "s01_00007", "--block", "1",
+                 cwd=tiny_run.parents[1])
+    assert r.returncode == 0, r.stderr
+    h5, png = (tiny_run / "attention" / f"synth_01__s01_00007__block1.{e}" for e in ("h5", "png"))
+    model, _ = ev.load_fold_models(tiny_run, folds=[0])[0]  # synth_01 was tested by fold 0
+    want = plots.spot_attention(model, data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5"),
+                                "s01_00007", 1)
+    with h5py.File(h5, "r") as f:
+        for k in ("excitatory", "inhibitory", "attends", "keys_xy", "keys"):
+            np.testing.assert_array_equal(f[k][:], want[k].numpy())
+        assert list(f["keys_label"].asstr()[:]) == want["keys_label"].tolist()
+        assert f.attrs["mode"] == "window" and f.attrs["barcode"] == "s01_00007"
+    img = image(png)
+    assert img.shape[:2] == (740, 760) and img[..., :3].var() > 0  # 2 heads x (excitatory, inhibitory)
