@@ -196,3 +196,16 @@ def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, 
     rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--levels", "strong",
                                 "--out", str(tmp_path / "out"), "--models", "ridge", "--patients", "E", "--seeds", "0"])
     assert len(rows) == 1 and 0.1 < rows[0]["pcc_gene"] < 0.9
+
+
+@pytest.mark.parametrize("override,message", [("model.radii=[]", "model.radii"), ("model.radii=[1.5, 0]", "model.radii"),
+                                              ("model.radii=[a]", "list of numbers"), ("train.ema=1.0", "train.ema"),
+                                              ("model.spatial_start=true", None)])
+def test_config_keys_of_the_spatial_start_are_checked(override, message):
+    import train
+    from conftest import ROOT
+    if message is None:
+        assert train.load_config(ROOT / "configs/hist.yaml", [override, "model.radii=[1, 2.5]"])["model"]["radii"] == [1, 2.5]
+        return
+    with pytest.raises(SystemExit, match=message):
+        train.load_config(ROOT / "configs/hist.yaml", [override])
