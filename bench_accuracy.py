@@ -34,8 +34,9 @@ import hest
 import train
 
 NOISE = {"weak": 2.0, "strong": 0.5}      # noise standard deviation / signal standard deviation
+# the same targets for every model (log1p counts, no normalisation or smoothing), its own patient split
 COMMON = ["run.threads=1", "eval.save_predictions=true", "data.synthetic=null", "data.gmt=null",
-          "data.pseudo=false", "data.folds=-1"]
+          "data.pseudo=false", "data.folds=-1", "data.normalize=false", "data.smooth=null"]
 # name -> (config file, overrides): widths and epochs a CPU trains in the benchmark's time
 NARROW = ["model.dim=32", "model.heads=2", "train.epochs=6", "train.lr=1e-3"]
 MODELS = {

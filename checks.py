@@ -31,7 +31,7 @@ def _fail(key, expected, found):
 KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
              "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping"}
 # keys whose default is None (any kind allowed there but this one, or null)
-NULLABLE = {"data.split_dir": "str", "data.gmt": "str",
+NULLABLE = {"data.split_dir": "str", "data.gmt": "str", "data.fold_seed": "int",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
 KINDS = {"model.radii": "numbers"}    # lists whose entries need not be integers
 
@@ -51,6 +51,7 @@ def one_of(*choices):
 PROBABILITY = (lambda v: 0 <= v < 1), "in [0, 1)"
 RANGES = {
     "data.folds": ((lambda v: v == -1 or v >= 2), ">= 2, or -1 (leave one patient out)"),
+    "data.group": one_of("patient", "slide"), "data.assign": one_of("balanced", "kfold", "hist"),
     "model.dim": at_least(1), "model.heads": at_least(1), "model.dropout": PROBABILITY,
     "model.attn_dropout": PROBABILITY, "model.ffn_ratio": at_least(1), "model.unit_um": above(0),
     "model.w": at_least(1), "model.depths": ((lambda v: len(v) > 0 and min(v) >= 1), "with one entry >= 1 per level"),
@@ -68,6 +69,14 @@ RANGES = {
     "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "run.threads": at_least(0),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
 }
+
+
+ANY = lambda v: True  # noqa: E731
+SMOOTH_KEYS = {  # data.smooth (data.SMOOTH, data.spcs): kind, range, what the error says was expected
+    "method": ("str", lambda v: v == "spcs", "spcs"), "alpha": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "beta": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"), "tau_p": ("int", lambda v: v >= 0, "an integer >= 0"),
+    "tau_s": ("int", lambda v: v >= 1, "an integer >= 1"), "pcs": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "hexagonal": ("bool", ANY, "true or false"), "rescale": ("bool", ANY, "true or false")}
 
 
 def _kind(value, kind) -> bool:
@@ -129,6 +138,14 @@ def check_config(cfg: dict, defaults: dict) -> None:
             _fail("data.genes.n", "an integer >= 1", genes["n"])
     elif not (genes is None or isinstance(genes, str)):
         _fail("data.genes", "a gene list file, {by: hvg|mean, n: N} or null", genes)
+    smooth = cfg["data"]["smooth"]
+    if smooth is not None:
+        if not isinstance(smooth, dict) or set(smooth) - set(SMOOTH_KEYS):
+            _fail("data.smooth", f"null or a mapping with {', '.join(SMOOTH_KEYS)}", smooth)
+        for key, value in smooth.items():
+            kind, ok, text = SMOOTH_KEYS[key]
+            if not (_kind(value, kind) and ok(value)):
+                _fail(f"data.smooth.{key}", text, value)
     syn = cfg["data"]["synthetic"]
     if syn is not None:
         if not isinstance(syn, dict) or set(syn) - {"slides", "seed", "spots", "pseudo"}:
@@ -266,11 +283,14 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
             folds = data.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
         except FileNotFoundError as e:
             raise ConfigError(f"key 'data.split_dir': {e}") from None
+        for k, fold in enumerate(folds):
+            for part, split_ids in zip(("train", "test"), fold):
+                missing = [s for s in split_ids if not (root / f"{s}.h5").is_file()]
+                if missing:
+                    split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
+                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} for every "
+                                      f"sample id, found none for {len(missing)}: {', '.join(missing[:5])}")
         ids = sorted({s for train, test in folds for s in train + test})
-        missing = [s for s in ids if not (root / f"{s}.h5").is_file()]
-        if missing:
-            raise ConfigError(f"key 'data.split_dir': expected a cache <id>.h5 in {root} for every slide of the "
-                              f"split files, found none for {', '.join(missing[:5])}")
         paths = [root / f"{s}.h5" for s in ids]
         metas = [data.read_slide_meta(p) for p in paths]
     else:
@@ -278,11 +298,13 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         if not paths:
             raise ConfigError(f"key 'data.root': expected slide caches <slide>.h5 in {root}, found none")
         metas = [data.read_slide_meta(p) for p in paths]
+        groups = [p.stem for p in paths] if dc["group"] == "slide" else [m.patient for m in metas]
         try:
-            folds = data.make_folds([p.stem for p in paths], [m.patient for m in metas], dc["folds"], tc["seed"])
+            folds = data.make_folds([p.stem for p in paths], groups, dc["folds"],
+                                    tc["seed"] if dc["fold_seed"] is None else dc["fold_seed"], dc["assign"])
         except ValueError:
-            raise ConfigError(f"key 'data.folds': expected -1 or an integer from 2 to {len({m.patient for m in metas})} "
-                              f"(the number of patients in {root}), found {dc['folds']}") from None
+            raise ConfigError(f"key 'data.folds': expected -1 or an integer from 2 to {len(set(groups))} "
+                              f"(the number of {dc['group']}s in {root}), found {dc['folds']}") from None
     training = {s for train, _ in folds for s in train}
     _check_headers(paths, metas, training, dc["normalize"])
     for k, (train, _) in enumerate(folds):

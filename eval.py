@@ -5,6 +5,7 @@ Usage:
     python eval.py predict --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5ad]
     python eval.py plot runs/<name> [--slide ID] [--genes G ... | --top K]      # maps (plots.py)
     python eval.py attention runs/<name> --slide ID --spot BARCODE [--block K]  # one spot's attention
+    python eval.py runs/<name> --paper hist:brain                  # the paper's numbers beside the run's
 All metrics take log-space values (log1p of counts), numpy arrays or torch tensors, and compute in float64.
 """
 from __future__ import annotations
@@ -481,6 +482,40 @@ def format_table(results_list: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- a paper's numbers beside a run's
+PAPERS = Path(__file__).with_name("configs") / "protocols" / "papers.yaml"
+
+
+def pcc_spot(preds, trues) -> float:
+    """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
+    ps, ts = map(list, zip(*_slides(preds, trues)))
+    return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
+
+
+def paper_table(results: dict, run_dir, key: str) -> str:
+    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
+    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
+    import yaml
+    table = yaml.safe_load(PAPERS.read_text())
+    if key not in table:
+        raise ValueError(f"{PAPERS}: expected an entry --paper {key!r}; it has {', '.join(table)}")
+    entry, cells = table[key], []
+    for m in entry["metrics"]:
+        if m == "pcc_spot":
+            folds = [[read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
+                     for name in results["fold_names"]]
+            v = [pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
+                 for fs in folds]
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
+        else:
+            cells.append(_mean_std(results["metrics"][m]))
+    lines = [f"{entry['source']} ({key}), beside {results['run']} ({results['n_folds']} folds):", "",
+             "| method | " + " | ".join(entry["metrics"]) + " |", "| --- |" + " --- |" * len(entry["metrics"])]
+    lines += [f"| {name} (paper) | " + " | ".join(str(v) for v in row) + " |" for name, row in entry["rows"].items()]
+    lines.append(f"| {results['run']} (this run) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- prediction of new slides
 def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.Module, list[str]]]:
     """The model of every finished fold of a run (or of the given fold numbers), with its gene list."""
@@ -582,6 +617,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         p.description = "Re-evaluate runs (rewrites results.json, per_gene.csv, results.md), print one table."
         p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
+        p.add_argument("--paper", help="also print a paper's numbers beside each run's, e.g. hist:brain "
+                       "(entries of configs/protocols/papers.yaml)")
     a = p.parse_args(argv[1:] if command else argv)
     try:
         if command == "predict":
@@ -590,12 +627,15 @@ def main(argv: list[str] | None = None) -> None:
             predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed)
             return
         results = [evaluate_run(d) for d in a.runs]
+        papers = [paper_table(r, d, a.paper) for r, d in zip(results, a.runs)] if a.paper else []
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py{' ' + command if command else ''}: {e}")
     for r in results:
         if r["missing_folds"]:
             print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
     print(format_table(results))
+    for table in papers:
+        print("\n" + table)
 
 
 if __name__ == "__main__":

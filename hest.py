@@ -2,6 +2,7 @@
 
     python hest.py embed --patches DIR --out DIR [--encoder module:callable]
     python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
+                               [--dataset hist:brain] [--harmonise]
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, not_an_input, open_h5, read_gene_list,
-                  read_metadata, write_slide)
+from data import (STR, CacheError, Slide, atomic_path, dataset_slides, fail, h5_strings, harmonise_gene_names,
+                  not_an_input, open_h5, read_gene_list, read_metadata, write_slide)
 
 
 # ----------------------------------------------------------------------------- h5ad reader (h5py only)
@@ -98,8 +99,10 @@ XY_COLUMNS = (("pxl_col_in_fullres", "pxl_row_in_fullres"), ("x_pixel", "y_pixel
               ("imagecol", "imagerow"))
 
 
-def read_h5ad(path, genes: list[str] | None = None) -> H5ad:
-    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata."""
+def read_h5ad(path, genes: list[str] | None = None, harmonise: bool = False) -> H5ad:
+    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
+    harmonise=True (HiST A.1): gene names through harmonise_gene_names, and the columns that then share a
+    name, and the rows that share a barcode, are summed (first-seen order; obs and xy of the first row)."""
     with open_h5(path) as f:
         barcodes, obs = _h5ad_frame(f, "obs")
         var_names, _ = _h5ad_frame(f, "var")
@@ -115,19 +118,32 @@ def read_h5ad(path, genes: list[str] | None = None) -> H5ad:
         fail(path, "X", f"shape ({n}, {len(var_names)}) from obs and var", f"{shape}")
     if xy is not None and xy.shape != (n, 2):
         fail(path, "obsm/spatial", f"shape ({n}, 2)", f"{xy.shape}")
-    index = {g: i for i, g in enumerate(var_names)}
-    genes = list(var_names) if genes is None else list(genes)
+    names = harmonise_gene_names(var_names) if harmonise else list(var_names)
+    row_of = np.arange(n)
+    if harmonise:                                   # duplicated barcodes: one row each, summed
+        first = {}
+        row_of = np.array([first.setdefault(b, len(first)) for b in barcodes])
+        keep_row = np.unique(row_of, return_index=True)[1]
+        barcodes, xy = barcodes[keep_row], None if xy is None else xy[keep_row]
+        obs = {k: np.asarray(v)[keep_row] for k, v in obs.items()}
+    index = {}
+    for i, g in enumerate(names):                   # duplicated names: all their columns, summed
+        if harmonise:
+            index.setdefault(g, []).append(i)
+        else:
+            index[g] = [i]                          # a repeated name keeps its last column, as before
+    genes = list(index) if genes is None else list(genes)
     missing = [g for g in genes if g not in index]
     if missing:
         fail(path, "var", f"all {len(genes)} requested genes", f"{len(missing)} missing: {', '.join(missing[:10])}")
     column_of = np.full(len(var_names), -1)
-    column_of[[index[g] for g in genes]] = np.arange(len(genes))
+    for j, g in enumerate(genes):
+        column_of[index[g]] = j
     keep = column_of[cols] >= 0
-    counts = np.zeros((n, len(genes)), dtype=np.float64)
-    np.add.at(counts, (rows[keep], column_of[cols[keep]]), values[keep])  # duplicates sum, as in scipy
-    library = np.bincount(rows, weights=values, minlength=n)
+    counts = np.zeros((len(barcodes), len(genes)), dtype=np.float64)
+    np.add.at(counts, (row_of[rows[keep]], column_of[cols[keep]]), values[keep])  # duplicates sum, as in scipy
+    library = np.bincount(row_of[rows], weights=values, minlength=len(barcodes))
     return H5ad(counts.astype(np.float32), barcodes, genes, xy, obs, library)
-
 
 
 # ----------------------------------------------------------------------------- placeholder encoder
@@ -222,27 +238,48 @@ def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str]:
     return emb, barcodes, encoder
 
 
-def _h5ad_gene_totals(path) -> dict[str, float]:
-    """Total counts per gene of one h5ad, straight from the sparse arrays."""
+def _h5ad_gene_totals(path, harmonise: bool = False) -> dict[str, float]:
+    """Total counts per gene of one h5ad, straight from the sparse arrays (harmonised names summed)."""
     with open_h5(path) as f:
         genes, _ = _h5ad_frame(f, "var")
         _, cols, values, _ = _h5ad_X(f)
-    return dict(zip(genes, np.bincount(cols, weights=values, minlength=len(genes))))
+    totals = {}
+    for g, t in zip(harmonise_gene_names(genes) if harmonise else genes,
+                    np.bincount(cols, weights=values, minlength=len(genes))):
+        totals[g] = totals.get(g, 0.0) + t if harmonise else t
+    return totals
+
+
+def _h5ad_gene_names(path, harmonise: bool = False) -> set[str]:
+    with open_h5(path) as f:
+        genes = _h5ad_frame(f, "var")[0]
+    return set(harmonise_gene_names(genes) if harmonise else genes)
 
 
 def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,
-                overwrite: bool = False, log=print) -> list[Path]:
+                overwrite: bool = False, log=print, dataset: str | None = None, harmonise: bool = False) -> list[Path]:
     """HEST-1k `st/<id>.h5ad` + HEST-Benchmark embedding files `<id>.h5` -> slide caches `<out>/<id>.h5`.
     Spots are joined by barcode (one line per slide reports the unmatched); centres come from the h5ad
     and become micrometres with the metadata's pixel_size_um_estimated; patient from its `patient`
     column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
     list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
-    always the total over all genes."""
+    always the total over all genes. `dataset` ('hist:brain') imports exactly the slides a paper lists
+    (configs/protocols/<paper>_slides.yaml) and refuses, before writing anything, if any is missing;
+    `harmonise` applies HiST's gene-name harmonisation (read_h5ad)."""
     not_an_input(out_dir, st_dir, features_dir)
     if max_genes is not None and max_genes < 1:
         raise ValueError(f"--max-genes: expected an integer >= 1, found {max_genes}")
     table = read_metadata(meta) if meta else {}
     pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
+    if dataset:
+        listing, ids = dataset_slides(dataset)
+        have = {p.stem for p, st in pairs if st.exists()}
+        missing = [s for s in ids if s not in have]
+        if missing:
+            raise CacheError(f"{listing}: {dataset}: {len(missing)} of {len(ids)} slides have no embedding file in "
+                             f"{features_dir} or no expression file in {st_dir}: {', '.join(missing[:20])}"
+                             f"{' ...' if len(missing) > 20 else ''}")
+        pairs = [(p, st) for p, st in pairs if p.stem in set(ids)]
     if not pairs:
         raise FileNotFoundError(f"{features_dir}: expected embedding files *.h5, found none")
     for p, st in pairs:
@@ -253,16 +290,15 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     if max_genes is not None:
         totals = {}
         for _, st in pairs:
-            for g, t in _h5ad_gene_totals(st).items():
+            for g, t in _h5ad_gene_totals(st, harmonise).items():
                 totals[g] = totals.get(g, 0.0) + t
         wanted = sorted(totals, key=lambda g: -totals[g])[:max_genes]
     written = []
     for p, st in pairs:
         sid, row = p.stem, table.get(p.stem, {})
         emb, feature_barcodes, encoder = _read_embeddings(p)
-        with open_h5(st) as f:
-            have = set(_h5ad_frame(f, "var")[0])
-        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have])
+        have = _h5ad_gene_names(st, harmonise)
+        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have], harmonise=harmonise)
         if h.xy is None:
             fail(st, "obsm/spatial", "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)",
                   "neither")
@@ -303,6 +339,10 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--genes", help="gene list: JSON {\"genes\": [...]} or one gene per line")
     g.add_argument("--max-genes", type=int, help="keep the N genes with the most counts over all slides")
+    p.add_argument("--dataset", help="import exactly the slides a paper lists, e.g. hist:brain "
+                   "(configs/protocols/<paper>_slides.yaml); an id missing from the inputs is an error")
+    p.add_argument("--harmonise", action="store_true", help="HiST's gene harmonisation: strip assembly prefixes "
+                   "and '.' suffixes, upper-case, sum genes and barcodes that then repeat")
     p = sub.add_parser("embed", help="HEST patch files <id>.h5 -> embedding files <id>.h5 (placeholder encoder)")
     p.add_argument("--patches", required=True, help="folder of HEST patch files (img, coords, barcode)")
     p.add_argument("--out", required=True, help="output folder")
@@ -314,7 +354,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.cmd == "import-hest":
-            import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite)
+            import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite,
+                        dataset=a.dataset, harmonise=a.harmonise)
         else:
             embed_patches(a.patches, a.out, a.encoder, a.batch_size, a.overwrite)
     except (ValueError, OSError) as e:  # the user's files or arguments: one line, no traceback

@@ -39,11 +39,15 @@ DEFAULTS = {
         "root": "data/synthetic",     # folder of <slide>.h5 caches
         "synthetic": None,            # e.g. {slides: 12, seed: 0, spots: 1500}: generate root if missing
         "folds": 4,                   # k folds grouped by patient; -1 = leave one patient out
+        "group": "patient",           # patient | slide: what no fold may split (HiST, MERGE, FEAST: slide)
+        "assign": "balanced",         # balanced | kfold (MERGE, FEAST) | hist: how groups go to folds
+        "fold_seed": None,            # seed of the fold assignment; null = train.seed
         "split_dir": None,            # HEST-Benchmark splits/ folder (train_i.csv / test_i.csv) instead
         "genes": {"by": "hvg", "n": 250},  # a gene list file, {by: hvg|mean, n: N}, or null = all genes
         "normalize": False,           # targets log1p(counts / library_size * 1e4) instead of log1p(counts)
         "gmt": None,                  # pathway gene sets (MSigDB GMT) for pathway tokens / head / loss
         "pseudo": True,               # use off-grid pseudo-spots when the caches have them
+        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (data.SMOOTH)
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
@@ -109,6 +113,8 @@ def load_config(path, overrides=()) -> dict:
                 nested = {part: nested}
             cfg = merge(cfg, nested)
         checks.check_config(cfg, DEFAULTS)
+        if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
+            cfg["data"]["smooth"] = {**data.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg
@@ -176,6 +182,25 @@ def compute_loss(out, batch, cfg, model):
 
 
 # ---- data of one fold ---------------------------------------------------------------------------
+def slide_targets(slide: data.Slide, cfg: dict) -> torch.Tensor:
+    """(N, G) regression targets of a slide with counts: log1p (data.normalize: of counts per 1e4), then
+    the label smoothing of data.smooth on the slide's spot array (MERGE, FEAST)."""
+    y = data.log_targets(slide.counts, slide.library_size, normalize=cfg["data"]["normalize"])
+    sm = cfg["data"]["smooth"]
+    if not sm:
+        return y
+    # integer array positions: the lattice of the spot pitch (a hexagonal array: half a pitch across,
+    # a row height down, as Visium's array_col and array_row)
+    pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
+    step = torch.tensor([pitch / 2, pitch * math.sqrt(3) / 2] if sm["hexagonal"] else [pitch, pitch])
+    grid = lattice.to_lattice(slide.coords.double() / step, 1.0).numpy()
+    out = data.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
+    if sm["rescale"]:
+        eight = data.eight_neighbour_mean(y.numpy() / math.log(10), grid)
+        out = data.minmax_to_range(out, eight.min(), eight.max())
+    return torch.from_numpy(out).float()
+
+
 def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
     """Tensors the model and the losses need, for one slide, on the CPU."""
     counts = slide.counts
@@ -185,7 +210,7 @@ def prepare(slide: data.Slide, cfg: dict, unit_um) -> dict:
          "unit": unit_um or lattice.default_unit(slide.coords)}
     if counts is not None:
         b["counts"], b["library_size"] = counts, lib.clamp_min(1)
-        b["target"] = data.log_targets(counts, lib, normalize=cfg["data"]["normalize"])
+        b["target"] = slide_targets(slide, cfg)
     if cfg["data"]["pseudo"] and slide.pseudo_features is not None:
         b["pseudo_features"], b["pseudo_coords"] = slide.pseudo_features, slide.pseudo_coords
     return b
@@ -404,8 +429,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
     for s in test_slides:
-        target = data.log_targets(s.counts, s.library_size, normalize=cfg["data"]["normalize"]) \
-            if s.counts is not None else None
+        target = slide_targets(s, cfg) if s.counts is not None else None
         evaluation.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
                                            fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
                                            formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))

@@ -571,3 +571,33 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     r = predict_cli("--run", nodrop, "--slides", slides, "--out", out / "x", "--mc", "4", cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "--mc 4: the models of", out / "x")
     assert "have no dropout" in r.stderr
+
+
+# ---------------------------------------------------------------- a paper's numbers beside a run's
+def test_pcc_spot_is_hifusions_per_spot_pearson():
+    rng = np.random.default_rng(3)
+    preds = [rng.normal(size=(7, 6)), rng.normal(size=(4, 6))]
+    trues = [rng.normal(size=(7, 6)), rng.normal(size=(4, 6))]
+    trues[1][2] = 1.5                                                   # a constant spot: PCC 0
+    per_spot = [0.0 if np.ptp(t) == 0 else np.corrcoef(p, t)[0, 1]
+                for P, T in zip(preds, trues) for p, t in zip(P, T)]
+    assert ev.pcc_spot(preds, trues) == pytest.approx(np.mean(per_spot), abs=1e-12)
+
+
+def test_paper_numbers_print_beside_the_run(fake_run):
+    run, folds, _ = fake_run
+    results = ev.evaluate_run(run)
+    text = ev.paper_table(results, run, "hifusion:her2st")
+    assert text.startswith('HiFusion (AAAI 2026), "Main Results", columns HER2-2D')
+    assert "| method | mse | pcc_spot |" in text and "| HiFusion (paper) | 0.5459 | 0.4961 |" in text
+    spot = [ev.pcc_spot([s[0] for s in slides], [s[1] for s in slides]) for slides in folds]
+    mse = results["metrics"]["mse"]
+    assert text.splitlines()[-1] == (f"| fake (this run) | {mse['mean']:.4f} ± {mse['std']:.4f} | "
+                                     f"{np.mean(spot):.4f} ± {np.std(spot):.4f} |")
+    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in ev.paper_table(results, run, "hist:brain")
+    r = subprocess.run([sys.executable, str(ev.Path(ev.__file__)), str(run), "--paper", "hist:nowhere"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "expected an entry --paper 'hist:nowhere'; it has hist:brain" in r.stderr
+    r = subprocess.run([sys.executable, str(ev.Path(ev.__file__)), str(run), "--paper", "feast:her2st"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "| FEAST (paper) | 0.5761 | 0.5782 | 0.5524 |" in r.stdout

@@ -342,3 +342,51 @@ def test_max_genes_below_one_is_refused(tmp_path):
                         "--out", "o", "--max-genes", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr == "--max-genes: expected an integer >= 1, found 0\n", r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_harmonised_h5ad_sums_renamed_genes_and_repeated_barcodes(tmp_path):
+    p = tmp_path / "h.h5ad"
+    var = np.array(["GRCh38_ERBB2", "erbb2", "ENSG00000141736.14", "human-ACTB", "AC012345.1"])
+    obs = np.array(["b1", "b2", "b1"])
+    X = np.array([[1, 2, 0, 4, 1], [0, 1, 3, 0, 0], [5, 0, 1, 1, 2]], dtype=np.float32)
+    with h5py.File(p, "w") as f:
+        f.create_dataset("X", data=X)
+        for name, index in (("obs", obs), ("var", var)):
+            g = f.create_group(name)
+            g.attrs["_index"] = "_index"
+            g.create_dataset("_index", data=index.astype(object), dtype=STR)
+        f.create_dataset("obsm/spatial", data=np.array([[0, 0], [1, 0], [9, 9]], dtype=np.float64))
+    assert data.harmonise_gene_names(var) == ["ERBB2", "ERBB2", "ENSG00000141736", "ACTB", "AC012345"]
+    h = hest.read_h5ad(p, harmonise=True)
+    assert h.genes == ["ERBB2", "ENSG00000141736", "ACTB", "AC012345"] and list(h.barcodes) == ["b1", "b2"]
+    np.testing.assert_array_equal(h.counts, [[1 + 2 + 5 + 0, 0 + 1, 4 + 1, 1 + 2], [0 + 1, 3, 0, 0]])
+    np.testing.assert_array_equal(h.library_size, [8 + 9, 4])
+    np.testing.assert_array_equal(h.xy, [[0, 0], [1, 0]])
+    h = hest.read_h5ad(p, genes=["ACTB"], harmonise=True)
+    np.testing.assert_array_equal(h.counts, [[5], [0]])
+    assert hest.read_h5ad(p).genes == list(var)                       # without harmonise: names as stored
+
+
+def test_import_of_one_papers_dataset_refuses_missing_slides_and_harmonises(tmp_path):
+    st, feats = tmp_path / "st", tmp_path / "feats"
+    st.mkdir(), feats.mkdir()
+    r, counts = np.random.default_rng(2), {}
+    for sid in ("NCBI534", "NCBI535", "NCBI536", "NCBI999"):           # Lung (NCBI) lists NCBI534-NCBI537
+        X = counts[sid] = r.poisson(2.0, (6, 3)).astype(np.float64)
+        write_h5ad(st / f"{sid}.h5ad", X, [f"b{i}" for i in range(6)], ["GRCh38_A", "a", "B.2"], "current",
+                   r.uniform(0, 500, (6, 2)), ["t"] * 6)
+        with h5py.File(feats / f"{sid}.h5", "w") as f:
+            f["embeddings"] = r.standard_normal((6, 4)).astype(np.float32)
+            f["barcodes"] = np.array([f"b{i}".encode() for i in range(6)])
+    with pytest.raises(CacheError, match=r"hist_slides\.yaml: hist:lung_ncbi: 1 of 4 slides have no embedding "
+                                         r"file in .*feats or no expression file in .*st: NCBI537$"):
+        hest.import_hest(st, feats, tmp_path / "out", dataset="hist:lung_ncbi", log=lambda m: None)
+    assert not (tmp_path / "out").exists()                                # nothing written before the check
+    with h5py.File(feats / "NCBI537.h5", "w") as f:
+        f["embeddings"], f["barcodes"] = np.zeros((1, 4), np.float32), np.array([b"b0"])
+    write_h5ad(st / "NCBI537.h5ad", np.ones((1, 3)), ["b0"], ["GRCh38_A", "a", "B.2"], "current",
+               np.zeros((1, 2)), ["t"])
+    paths = hest.import_hest(st, feats, tmp_path / "out", dataset="hist:lung_ncbi", harmonise=True, log=lambda m: None)
+    assert [p.stem for p in paths] == ["NCBI534", "NCBI535", "NCBI536", "NCBI537"]     # NCBI999 left out
+    s, X = data.read_slide(paths[0]), counts["NCBI534"]
+    assert s.genes == ["A", "B"] and torch.equal(s.counts, torch.from_numpy(np.stack([X[:, 0] + X[:, 1], X[:, 2]], 1)).float())

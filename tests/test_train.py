@@ -267,3 +267,53 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_root, tmp_path):
     b = json.loads((run / "results.json").read_text())["metrics"]
     for metric in a:
         np.testing.assert_allclose(a[metric]["folds"], b[metric]["folds"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_split_ids_and_gene_lists_stop_before_training(tiny_root, tmp_path):
+    ids = [p.stem for p in data.list_slides(tiny_root)]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "train_0.csv").write_text("sample_id\n" + "".join(f"{s}\n" for s in ids[:2]) + "NOPE1\nNOPE2\n")
+    (splits / "test_0.csv").write_text("sample_id\n" + "".join(f"{s}\n" for s in ids[2:]))
+    r = run_train([str(ROOT / "configs/mlp.yaml"), f"data.root={tiny_root}", f"data.split_dir={splits}",
+                   "run.name=bad-split", *TINY], cwd=tmp_path)
+    assert r.returncode != 0
+    assert (f"{splits / 'train_0.csv'}: key 'data.split_dir': expected a cache <id>.h5 in {tiny_root} for every "
+            "sample id, found none for 2: NOPE1, NOPE2") == r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs" / "bad-split" / "fold_0").exists()
+    (tmp_path / "genes.json").write_text(json.dumps({"genes": ["G000", "G001", "NOT_A_GENE"]}))
+    r = run_train([str(ROOT / "configs/mlp.yaml"), f"data.root={tiny_root}", f"data.genes={tmp_path / 'genes.json'}",
+                   "run.name=bad-genes", "data.folds=2"], cwd=tmp_path)
+    assert r.returncode != 0 and not (tmp_path / "runs" / "bad-genes" / "fold_0").exists()
+    assert (f"{tmp_path / 'genes.json'}: key 'data.genes': expected genes the slides have, found 1 missing from "
+            f"{tiny_root / (ids[0] + '.h5')}: NOT_A_GENE") in r.stderr
+
+
+def test_slide_targets_smooth_on_the_spot_array():
+    r = np.random.default_rng(0)
+    sites = r.choice(15 * 15, 80, replace=False)
+    grid = np.stack([sites % 15, sites // 15], 1)                     # x, y array positions
+    counts = torch.from_numpy(r.poisson(3.0, (80, 12)).astype(np.float32))
+    coords = torch.from_numpy(grid * 200.0 + 1000 + r.normal(0, 15, (80, 2))).float()   # legacy ST, jittered
+    slide = data.Slide("s", torch.zeros(80, 3), coords, np.array([f"b{i}" for i in range(80)]), spot_pitch_um=200.0,
+                       counts=counts, genes=[f"g{j}" for j in range(12)], library_size=counts.sum(1) + 7)
+    cfg = train.load_config(ROOT / "configs/feast.yaml", ["data.smooth=null"])
+    y = data.log_targets(counts, slide.library_size, normalize=True)
+    assert torch.equal(train.slide_targets(slide, cfg), y)
+    cfg = train.load_config(ROOT / "configs/feast.yaml", ["data.smooth.rescale=false"])
+    assert cfg["data"]["smooth"]["tau_p"] == 16 and cfg["data"]["smooth"]["alpha"] == 0.6
+    np.testing.assert_allclose(train.slide_targets(slide, cfg).numpy(), data.spcs(y.numpy(), grid), rtol=1e-5, atol=1e-6)
+    cfg = train.load_config(ROOT / "configs/feast.yaml")                # MERGE's spcs_to_8n labels
+    t = train.slide_targets(slide, cfg).numpy()
+    ln = y.numpy() / math.log(10)
+    eight = np.stack([ln[np.abs(grid - grid[i]).max(1) <= 1].mean(0) for i in range(80)])
+    np.testing.assert_allclose(t.min(0), eight.min(), rtol=1e-5)
+    np.testing.assert_allclose(t.max(0), eight.max(), rtol=1e-5)
+    with pytest.raises(SystemExit, match=r"unknown config key 'data\.smooth\.tau'"):
+        train.load_config(ROOT / "configs/feast.yaml", ["data.smooth.tau=3"])
+    with pytest.raises(SystemExit, match=r"key 'data.smooth.tau_s': expected an integer >= 1, found 0"):
+        train.load_config(ROOT / "configs/default.yaml", ["data.smooth={tau_s: 0}"])
+    assert train.load_config(ROOT / "configs/default.yaml", ["data.smooth={beta: 0.5}"])["data"]["smooth"] == \
+        {**data.SMOOTH, "beta": 0.5}
+    with pytest.raises(SystemExit, match=r"key 'data.group': expected a string \(one of patient, slide\), found 'donor'"):
+        train.load_config(ROOT / "configs/feast.yaml", ["data.group=donor"])
