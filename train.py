@@ -62,6 +62,7 @@ DEFAULTS = {
         "pathway_lambda": 0.0,        # auxiliary pathway loss weight (STF)
         "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
+        "ema": 0.0,                   # >0: predict with an exponential moving average of the weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
         "seed": 0,
     },
@@ -323,6 +324,17 @@ def save_atomic(obj, path: Path):
         torch.save(obj, tmp)
 
 
+def ema_update(avg: dict, model, decay: float, step: int) -> None:
+    """avg <- d avg + (1 - d) weights, d = min(decay, (1 + step) / (10 + step)) (short warm-up, so early
+    weights do not dominate). Integer buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            avg[name].mul_(d).add_(value.detach(), alpha=1 - d)
+        else:
+            avg[name].copy_(value)
+
+
 def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     tc = cfg["train"]
     epochs, steps_per_epoch = tc["epochs"], len(train_b)
@@ -330,6 +342,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     total, warmup = epochs * steps_per_epoch, tc["warmup_epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     start, best = 0, (-math.inf, None)
+    avg = {n: t.detach().clone() for n, t in model.state_dict().items()} if tc["ema"] else None
     ckpt = fold_dir / "checkpoint.pt"
     if ckpt.exists():  # --resume: continue after the last finished epoch
         state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors, numbers, strings only
@@ -337,6 +350,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, best = state["epoch"] + 1, state["best"]
+        avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
     for epoch in range(start, epochs):
         t0 = time.time()
@@ -355,22 +369,31 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
             opt.step()
             sched.step()
+            if avg is not None:
+                ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
+            live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
+            if avg is not None:                                  # score the weights that would be kept
+                model.load_state_dict(avg)
             score = evaluation.pcc_gene(torch.cat([evaluation.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
                                                                             device) for b in val_b]),
                                         torch.cat([b["target"] for b in val_b]))
             line += f" val_pcc_gene {score:.4f}"
             if score > best[0]:
                 best = (score, {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+            if live is not None:
+                model.load_state_dict(live)
         seconds = time.time() - t0
         if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
-                         "sched": sched.state_dict(), "epoch": epoch, "best": best}, ckpt)
+                         "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg}, ckpt)
         log(f"{line} {seconds:.1f}s/epoch eta {eta()}")
     if best[1] is not None:
         model.load_state_dict(best[1])
+    elif avg is not None:
+        model.load_state_dict(avg)
 
 
 def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, eta):
@@ -394,7 +417,11 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))
         log(f"fold {k}: ridge fitted on {feats.shape[0]} spots")
-    else:
+    elif hasattr(model, "fit_slides"):  # the spatial ridge, alone or as tessera's start (closed form, CPU)
+        model.cpu().fit_slides(train_b)
+        model.to(device)
+        log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots")
+    if mc.arch not in ("ridge", "ridge_spatial"):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} test slides, "
             f"{len(genes)} genes, {n_params / 1e6:.2f}M parameters, device {device}")

@@ -134,9 +134,9 @@ def test_every_config_trains_and_its_loss_decreases(name, tiny_root):
     model = build_model(mc, slide.features.shape[1], len(genes))
     model.init_from_data(b["features"].mean(0), b["features"].std(0), b["target"].mean(0),
                          train.membership(cfg, genes, mc.pathway_tokens))
-    if mc.arch == "ridge":
+    if mc.arch in ("ridge", "ridge_spatial"):
         before = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
-        model.fit(b["features"], b["target"])
+        model.fit(b["features"], b["target"]) if mc.arch == "ridge" else model.fit_slides([b])
         after = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
         assert after < before
         return
