@@ -29,10 +29,11 @@ def _fail(key, expected, found):
 
 # ---- types and ranges -------------------------------------------------------------------------
 KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
-             "ints": "a list of integers", "mapping": "a mapping"}
+             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping"}
 # keys whose default is None (any kind allowed there but this one, or null)
 NULLABLE = {"data.split_dir": "str", "data.gmt": "str", "data.fold_seed": "int",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
+KINDS = {"model.radii": "numbers"}    # lists whose entries need not be integers
 
 
 def at_least(lo):
@@ -58,6 +59,8 @@ RANGES = {
     "model.beta": at_least(0), "model.tau": above(0), "model.knn_k": at_least(1), "model.local_blocks": at_least(0),
     "model.calibration_tokens": at_least(0), "model.pathway_tokens": at_least(0), "model.hidden": at_least(1),
     "model.pca": at_least(1), "model.ridge_alpha": above(0),
+    "model.radii": ((lambda v: len(v) > 0 and min(v) > 0), "with at least one radius, each > 0 (spot pitches)"),
+    "train.ema": PROBABILITY,
     "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
     "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb"),
     "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0),
@@ -70,7 +73,7 @@ RANGES = {
 
 
 ANY = lambda v: True  # noqa: E731
-SMOOTH_KEYS = {  # data.smooth (data.SMOOTH, data.spcs): kind, range, what the error says was expected
+SMOOTH_KEYS = {  # data.smooth (protocols.SMOOTH, protocols.spcs): kind, range, what the error says was expected
     "method": ("str", lambda v: v == "spcs", "spcs"), "alpha": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "beta": ("number", lambda v: 0 <= v <= 1, "a number in [0, 1]"), "tau_p": ("int", lambda v: v >= 0, "an integer >= 0"),
     "tau_s": ("int", lambda v: v >= 1, "an integer >= 1"), "pcs": ("int", lambda v: v >= 1, "an integer >= 1"),
@@ -82,6 +85,8 @@ def _kind(value, kind) -> bool:
     return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
             "number": integer or isinstance(value, float), "mapping": isinstance(value, dict),
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "numbers": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value),
             }[kind]
 
 
@@ -94,7 +99,7 @@ def _kind_of(default) -> str | None:
 
 def _check_value(name, value, default):
     nullable = NULLABLE.get(name)
-    kind = nullable or _kind_of(default)
+    kind = nullable or KINDS.get(name) or _kind_of(default)
     if kind is None or (nullable and value is None):
         return
     if not _kind(value, kind):

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import lattice
-from data import (STR, CacheError, Slide, atomic_path, dataset_slides, fail, h5_strings, harmonise_gene_names,
-                  list_slides, not_an_input, open_h5, read_gene_list, read_metadata, read_slide, write_slide)
+from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, not_an_input, open_h5,
+                  read_gene_list, read_metadata, read_slide, write_slide)
+from protocols import dataset_slides, harmonise_gene_names
 
 
 # ----------------------------------------------------------------------------- h5ad reader (h5py only)

@@ -10,8 +10,10 @@
     head: linear | mlp (FEAST) | pathway (STF: cosine(spot, pathway token) -> Linear(P -> G))
           | zinb (mu, theta, pi for the ZINB loss)
 
-Baselines behind the same forward signature: `linear`, `mlp` (per spot, no spatial context) and
-`ridge` (closed form on standardised, PCA-reduced features; HEST-Benchmark).
+Baselines behind the same forward signature: `linear`, `mlp` (per spot, no spatial context),
+`ridge` (closed form on standardised, PCA-reduced features; HEST-Benchmark) and `ridge_spatial` (closed
+form on [own features, mean features of the neighbours within given radii]). `model.spatial_start` starts
+tessera at that spatial ridge and trains the network on the residual (`SpatialStart`).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def by_rows(fn, n, out=None):
 
 @dataclass
 class ModelConfig:
-    arch: str = "tessera"             # tessera | linear | mlp | ridge
+    arch: str = "tessera"             # tessera | linear | mlp | ridge | ridge_spatial
     dim: int = 128                    # token width d
     heads: int = 4
     dropout: float = 0.1
@@ -77,6 +79,9 @@ class ModelConfig:
     out_levels: list = field(default_factory=lambda: [0])  # heads: offsets from the spot level (MagNet)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
+    radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
+    slide_norm: bool = False          # standardise features over each slide's own spots (removes a stain shift)
+    spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -89,12 +94,14 @@ class ModelConfig:
 
 def check_config(cfg: ModelConfig) -> None:
     """Refuse configurations that cannot work, with a message saying why."""
-    choices = {"arch": ("tessera", "linear", "mlp", "ridge"), "attention": ("window", "knn", "full", "none"),
+    choices = {"arch": ("tessera", "linear", "mlp", "ridge", "ridge_spatial"), "attention": ("window", "knn", "full", "none"),
                "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"),
                "head": ("linear", "mlp", "pathway", "zinb"), "sub_pool": ("linear", "attention")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
+    if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
+        raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
     if cfg.arch != "tessera":
         if cfg.sub_levels or list(cfg.out_levels) != [0]:
             raise ValueError(f"model.sub_levels and model.out_levels need model.arch = tessera, got {cfg.arch!r}")
@@ -114,6 +121,9 @@ def check_config(cfg: ModelConfig) -> None:
     if len(cfg.decoder_depths) != len(cfg.depths) - 1:
         raise ValueError(f"model.decoder_depths needs one entry per level below the coarsest "
                          f"({len(cfg.depths) - 1} for depths {cfg.depths}), got {cfg.decoder_depths}")
+    if cfg.spatial_start and cfg.head == "zinb":
+        raise ValueError("model.spatial_start adds a log-space ridge to the prediction; model.head = zinb "
+                         "predicts count parameters: use head linear, mlp or pathway")
     if cfg.head == "pathway" and cfg.pathway_tokens < 1:
         raise ValueError("model.head = pathway needs model.pathway_tokens >= 1")
     if cfg.attention == "none":  # STF pathway bottleneck: spots talk only through the tokens
@@ -610,10 +620,179 @@ class Ridge(nn.Module):
         return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
 
+# ---- context without a network: neighbour means, the spatial ridge, tessera's linear start -------------
+def radius_pairs(xy: torch.Tensor, radius: float, queries: torch.Tensor | None = None):
+    """Every pair (i, j), i != j, of spots at most `radius` apart, i among `queries` (default: all spots),
+    by a grid hash: cells of side `radius`, so the 3 x 3 cells around a spot hold all its neighbours.
+    O(queries x neighbours) memory and time, never N x N."""
+    p = xy.double()
+    queries = torch.arange(len(p), device=p.device) if queries is None else queries
+    cell = torch.floor((p - p.min(0).values) / radius).long() + 1     # >= 1: offsets -1 stay >= 0
+    width = int(cell[:, 1].max()) + 2
+    key = cell[:, 0] * width + cell[:, 1]
+    order = torch.argsort(key)
+    sorted_key = key[order]
+    src, dst = [], []
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            k = (cell[queries, 0] + dx) * width + cell[queries, 1] + dy
+            lo = torch.searchsorted(sorted_key, k)
+            count = torch.searchsorted(sorted_key, k, right=True) - lo
+            i = torch.repeat_interleave(queries, count)
+            first = torch.repeat_interleave(lo - (torch.cumsum(count, 0) - count), count)
+            src.append(i)
+            dst.append(order[first + torch.arange(len(i), device=p.device)])
+    i, j = torch.cat(src), torch.cat(dst)
+    keep = (i != j) & ((p[i] - p[j]).pow(2).sum(1) <= radius * radius * (1 + 1e-9))
+    return i[keep], j[keep]
+
+
+def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float) -> torch.Tensor:
+    """(N, C) -> (N, C) float32: mean of x over the other spots within `radius`; a spot with none keeps its
+    own x. One chunk of query spots at a time, so memory is a chunk's pairs, not all of a slide's."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for queries in torch.arange(len(x), device=x.device).split(CHUNK):
+        i, j = radius_pairs(xy, radius, queries)
+        total = torch.zeros(len(queries), x.shape[1], device=x.device).index_add_(0, i - queries[0], x[j].float())
+        count = torch.bincount(i - queries[0], minlength=len(queries)).float()[:, None]
+        out[queries] = torch.where(count > 0, total / count.clamp_min(1), x[queries].float())
+    return out
+
+
+def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
+    """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
+    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. Statistics in
+    float64, the output in the input's dtype (float16 stays float16), one chunk of spots at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    square = torch.zeros_like(total)
+    for rows in x.split(CHUNK):
+        total += rows.double().sum(0)
+        square += rows.double().pow(2).sum(0)
+    mean = total / len(x)
+    std = (square / len(x) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+
+    def apply(a):
+        if a is None:
+            return None
+        out = torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
+        for start in range(0, len(a), CHUNK):
+            out[start:start + CHUNK] = ((a[start:start + CHUNK].double() - mean) / std).to(out.dtype)
+        return out
+    out = [apply(x)] + [apply(o) for o in others]
+    return out if others else out[0]
+
+
+class SpatialRidge(nn.Module):
+    """`ridge_spatial`: ridge regression with intercept on [own features, mean features of the neighbours
+    within each radius] (radii in spot pitches, the pitch = median nearest-neighbour distance of the slide).
+    The cheapest use of context; fitted in closed form on the training slides by `fit_slides`."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        D = in_dim * (1 + len(cfg.radii))
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.register_buffer("design_mean", torch.zeros(D))
+        self.register_buffer("weight", torch.zeros(D, n_genes))
+        self.register_buffer("bias", torch.zeros(n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        if not self.cfg.slide_norm:
+            self.feat_mean.copy_(feat_mean)
+            self.feat_std.copy_(feat_std.clamp_min(1e-6))
+        self.bias.copy_(target_mean)
+
+    def design(self, features, coords) -> torch.Tensor:
+        """(N, C), (N, 2) -> (N, C (1 + R)): [z, mean of z within r_1, ...], z the standardised features."""
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
+        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        return torch.cat([z] + [neighbour_mean(z, coords, r * pitch) for r in self.cfg.radii], 1)
+
+    @torch.no_grad()
+    def fit_slides(self, batches: list[dict]) -> None:
+        """batches: one dict per training slide with `features`, `coords`, `target` (log space)."""
+        x = torch.cat([self.design(b["features"], b["coords"]) for b in batches]).double()
+        y = torch.cat([b["target"] for b in batches]).double()
+        D, G = x.shape[1], y.shape[1]
+        alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
+        xm, ym = x.mean(0), y.mean(0)
+        xc = x - xm
+        w = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(D, dtype=x.dtype), xc.T @ (y - ym))
+        self.design_mean.copy_(xm)
+        self.weight.copy_(w)
+        self.bias.copy_(ym)
+
+    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        # the same as (design - design_mean) @ weight + bias, but projected to genes before the neighbour
+        # means (both are linear): memory (N, G) per radius, never the (N, C (1 + R)) design
+        C, R = self.feat_mean.numel(), len(self.cfg.radii)
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
+        w = self.weight.view(1 + R, C, -1)
+        pred = z @ w[0] + (self.bias - self.design_mean @ self.weight)
+        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        for r, w_r in zip(self.cfg.radii, w[1:]):
+            pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
+
+
+class SpatialStart(nn.Module):
+    """tessera with `model.spatial_start` and / or `model.slide_norm`. spatial_start: the output is the
+    closed-form spatial ridge (fitted first, then frozen) plus the network's prediction, whose head starts
+    at zero, so training begins at the linear spatial solution and the network learns the residual.
+    slide_norm: features (and pseudo-features) are standardised over each slide's spots first."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.net = Tessera(cfg, in_dim, n_genes)
+        self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start else None
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        if self.cfg.slide_norm:  # the network sees slide-standardised features
+            feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)
+        self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
+        if self.start is not None:
+            self.start.init_from_data(feat_mean, feat_std, target_mean)
+            with torch.no_grad():  # the residual starts at zero
+                for p in self._last().parameters():
+                    p.zero_()
+
+    def _last(self) -> nn.Module:
+        head = self.net.head
+        return head.genes if self.cfg.head == "pathway" else head[-1] if self.cfg.head == "mlp" else head
+
+    @torch.no_grad()
+    def fit_slides(self, batches: list[dict]) -> None:
+        if self.start is not None:
+            self.start.fit_slides(batches)
+
+    @property
+    def pathway_membership(self):
+        return self.net.pathway_membership
+
+    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        if self.cfg.slide_norm:
+            features, pseudo_features = slide_standardise(features, pseudo_features)
+        out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
+                       return_attention=return_attention, out_dtype=out_dtype)
+        if self.start is not None:
+            out["pred"] = out["pred"] + self.start(features, coords)["pred"].to(out["pred"].dtype)
+        return out
+
+
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:
     check_config(cfg)
+    if cfg.arch == "tessera" and (cfg.spatial_start or cfg.slide_norm):
+        return SpatialStart(cfg, in_dim, n_genes)
     if cfg.arch == "tessera":
         return Tessera(cfg, in_dim, n_genes)
+    if cfg.arch == "ridge_spatial":
+        return SpatialRidge(cfg, in_dim, n_genes)
     if cfg.arch in ("linear", "mlp"):
         return PerSpot(cfg, in_dim, n_genes)
     return Ridge(cfg, in_dim, n_genes)

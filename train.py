@@ -25,6 +25,7 @@ import yaml
 
 import checks
 import data
+import protocols
 import eval as evaluation
 import lattice
 import synthetic
@@ -47,7 +48,7 @@ DEFAULTS = {
         "normalize": False,           # targets log1p(counts / library_size * 1e4) instead of log1p(counts)
         "gmt": None,                  # pathway gene sets (MSigDB GMT) for pathway tokens / head / loss
         "pseudo": True,               # use off-grid pseudo-spots when the caches have them
-        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (data.SMOOTH)
+        "smooth": None,               # label smoothing of every slide's targets: {method: spcs, ...} (protocols.SMOOTH)
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
@@ -64,6 +65,7 @@ DEFAULTS = {
         "align_lambda": 0.0,          # HiFusion: pooled sub-tokens vs the spot's own embedding
         "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
+        "ema": 0.0,                   # >0: predict with an exponential moving average of the weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
         "seed": 0,
     },
@@ -116,7 +118,7 @@ def load_config(path, overrides=()) -> dict:
             cfg = merge(cfg, nested)
         checks.check_config(cfg, DEFAULTS)
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
-            cfg["data"]["smooth"] = {**data.SMOOTH, **cfg["data"]["smooth"]}
+            cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
     return cfg
@@ -264,10 +266,10 @@ def slide_targets(slide: data.Slide, cfg: dict) -> torch.Tensor:
     pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
     step = torch.tensor([pitch / 2, pitch * math.sqrt(3) / 2] if sm["hexagonal"] else [pitch, pitch])
     grid = lattice.to_lattice(slide.coords.double() / step, 1.0).numpy()
-    out = data.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
+    out = protocols.spcs(y.numpy(), grid, sm["alpha"], sm["beta"], sm["tau_p"], sm["tau_s"], sm["pcs"], sm["hexagonal"])
     if sm["rescale"]:
-        eight = data.eight_neighbour_mean(y.numpy() / math.log(10), grid)
-        out = data.minmax_to_range(out, eight.min(), eight.max())
+        eight = protocols.eight_neighbour_mean(y.numpy() / math.log(10), grid)
+        out = protocols.minmax_to_range(out, eight.min(), eight.max())
     return torch.from_numpy(out).float()
 
 
@@ -417,6 +419,17 @@ def save_atomic(obj, path: Path):
         torch.save(obj, tmp)
 
 
+def ema_update(avg: dict, model, decay: float, step: int) -> None:
+    """avg <- d avg + (1 - d) weights, d = min(decay, (1 + step) / (10 + step)) (short warm-up, so early
+    weights do not dominate). Integer buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            avg[name].mul_(d).add_(value.detach(), alpha=1 - d)
+        else:
+            avg[name].copy_(value)
+
+
 def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     tc = cfg["train"]
     epochs, steps_per_epoch = tc["epochs"], len(train_b)
@@ -424,6 +437,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
     total, warmup = epochs * steps_per_epoch, tc["warmup_epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     start, best = 0, (-math.inf, None)
+    avg = {n: t.detach().clone() for n, t in model.state_dict().items()} if tc["ema"] else None
     ckpt = fold_dir / "checkpoint.pt"
     if ckpt.exists():  # --resume: continue after the last finished epoch
         state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors, numbers, strings only
@@ -431,6 +445,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, best = state["epoch"] + 1, state["best"]
+        avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
     for epoch in range(start, epochs):
         t0 = time.time()
@@ -449,22 +464,31 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
             opt.step()
             sched.step()
+            if avg is not None:
+                ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
+            live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
+            if avg is not None:                                  # score the weights that would be kept
+                model.load_state_dict(avg)
             score = evaluation.pcc_gene(torch.cat([evaluation.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
                                                                             device) for b in val_b]),
                                         torch.cat([b["target"] for b in val_b]))
             line += f" val_pcc_gene {score:.4f}"
             if score > best[0]:
                 best = (score, {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+            if live is not None:
+                model.load_state_dict(live)
         seconds = time.time() - t0
         if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
-                         "sched": sched.state_dict(), "epoch": epoch, "best": best}, ckpt)
+                         "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg}, ckpt)
         log(f"{line} {seconds:.1f}s/epoch eta {eta()}")
     if best[1] is not None:
         model.load_state_dict(best[1])
+    elif avg is not None:
+        model.load_state_dict(avg)
 
 
 def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, eta):
@@ -488,7 +512,11 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))
         log(f"fold {k}: ridge fitted on {feats.shape[0]} spots")
-    else:
+    elif hasattr(model, "fit_slides"):  # the spatial ridge, alone or as tessera's start (closed form, CPU)
+        model.cpu().fit_slides(train_b)
+        model.to(device)
+        log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots")
+    if mc.arch not in ("ridge", "ridge_spatial"):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} test slides, "
             f"{len(genes)} genes, {n_params / 1e6:.2f}M parameters, device {device}")

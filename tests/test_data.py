@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import protocols
 import hest
 import synthetic
 from data import CacheError, Slide
@@ -456,27 +457,27 @@ def test_shared_genes_keep_the_first_lists_order():
 # ----------------------------------------------------------------------------- paper protocols
 
 def test_slide_lists_expand_the_printed_ranges_and_counts():
-    lists = data.read_slide_lists(ROOT / "configs/protocols/hist_slides.yaml")
+    lists = protocols.read_slide_lists(ROOT / "configs/protocols/hist_slides.yaml")
     assert lists["kidney"][:4] == ["NCBI538", "NCBI539", "NCBI540", "NCBI562"] and "NCBI599" in lists["kidney"]
     assert lists["heart"][35:37] == ["MISC136", "MISC138"]            # MISC137 is not in Table 4
     assert sum(map(len, lists.values())) == 14 + 41 + 41 + 34 + 14 + 20 + 27 + 59 + 15 + 104 + 4
-    path, ids = data.dataset_slides("hist:lung_ncbi")
+    path, ids = protocols.dataset_slides("hist:lung_ncbi")
     assert ids == ["NCBI534", "NCBI535", "NCBI536", "NCBI537"] and path.name == "hist_slides.yaml"
     with pytest.raises(CacheError, match=r"expected a dataset 'lung'; it has \["):
-        data.dataset_slides("hist:lung")
+        protocols.dataset_slides("hist:lung")
 
 
 def test_slide_lists_refuse_a_slide_in_two_datasets_and_a_wrong_count(tmp_path):
     p = tmp_path / "x_slides.yaml"
     p.write_text("a: {n: 3, slides: [S1-S3]}\nb: {n: 2, slides: [S3, S9]}\n")
     with pytest.raises(CacheError, match=r"x_slides\.yaml: slides listed in two datasets \(b and a\): S3"):
-        data.read_slide_lists(p)
+        protocols.read_slide_lists(p)
     p.write_text("a: {n: 4, slides: [S1-S3]}\n")
     with pytest.raises(CacheError, match=r"x_slides\.yaml: a: expected 4 slides as printed, found 3"):
-        data.read_slide_lists(p)
+        protocols.read_slide_lists(p)
     p.write_text("a: {slides: [S3-T5]}\n")
     with pytest.raises(CacheError, match=r"expected an id range like NCBI628-NCBI641, found 'S3-T5'"):
-        data.read_slide_lists(p)
+        protocols.read_slide_lists(p)
 
 
 @pytest.mark.parametrize("n,k,seed", [(36, 8, 3927), (12, 8, 3927), (68, 8, 3927), (9, 4, 1)])
@@ -560,10 +561,10 @@ def test_spcs_matches_its_definition(tau_p, tau_s, hexagonal, chunk):
     sites = r.choice(12 * 12, 60, replace=False)
     grid = np.stack([sites // 12, sites % 12], 1)
     E = np.log1p(r.poisson(r.gamma(1.0, 3.0, (1, 15)) * r.gamma(2.0, 0.5, (60, 1)), (60, 15)).astype(float))
-    got = data.spcs(E, grid, 0.6, 0.4, tau_p, tau_s, 10, hexagonal, chunk=chunk)
+    got = protocols.spcs(E, grid, 0.6, 0.4, tau_p, tau_s, 10, hexagonal, chunk=chunk)
     np.testing.assert_allclose(got, spcs_reference(E, grid, 0.6, 0.4, tau_p, tau_s, 10, hexagonal), atol=1e-10)
     with pytest.raises(ValueError, match="expected unique grid positions, found 1 repeated"):
-        data.spcs(E[:3], np.array([[0, 0], [0, 1], [0, 1]]))
+        protocols.spcs(E[:3], np.array([[0, 0], [0, 1], [0, 1]]))
 
 
 def test_eight_neighbour_mean_and_minmax_rescale():
@@ -571,9 +572,9 @@ def test_eight_neighbour_mean_and_minmax_rescale():
     grid = np.array([[0, 0], [0, 1], [1, 1], [3, 3], [2, 2]])
     x = r.normal(size=(5, 4))
     expect = np.stack([x[[j for j in range(5) if np.abs(grid[j] - grid[i]).max() <= 1]].mean(0) for i in range(5)])
-    np.testing.assert_allclose(data.eight_neighbour_mean(x, grid), expect)
+    np.testing.assert_allclose(protocols.eight_neighbour_mean(x, grid), expect)
     x[:, 2] = 7.0                                                   # a constant column maps to lo
-    y = data.minmax_to_range(x, -1.0, 2.0)
+    y = protocols.minmax_to_range(x, -1.0, 2.0)
     for c in (0, 1, 3):
         np.testing.assert_allclose(y[:, c], -1 + 3 * (x[:, c] - x[:, c].min()) / (x[:, c].max() - x[:, c].min()))
     assert (y[:, 2] == -1).all()

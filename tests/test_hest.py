@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import protocols
 import hest
 from data import CacheError
 
@@ -391,7 +392,7 @@ def test_harmonised_h5ad_sums_renamed_genes_and_repeated_barcodes(tmp_path):
             g.attrs["_index"] = "_index"
             g.create_dataset("_index", data=index.astype(object), dtype=STR)
         f.create_dataset("obsm/spatial", data=np.array([[0, 0], [1, 0], [9, 9]], dtype=np.float64))
-    assert data.harmonise_gene_names(var) == ["ERBB2", "ERBB2", "ENSG00000141736", "ACTB", "AC012345"]
+    assert protocols.harmonise_gene_names(var) == ["ERBB2", "ERBB2", "ENSG00000141736", "ACTB", "AC012345"]
     h = hest.read_h5ad(p, harmonise=True)
     assert h.genes == ["ERBB2", "ENSG00000141736", "ACTB", "AC012345"] and list(h.barcodes) == ["b1", "b2"]
     np.testing.assert_array_equal(h.counts, [[1 + 2 + 5 + 0, 0 + 1, 4 + 1, 1 + 2], [0 + 1, 3, 0, 0]])

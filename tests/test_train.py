@@ -1,7 +1,6 @@
 """train.py: losses against direct formulas, schedules, config handling, end-to-end runs and --resume."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import yaml
 import data
 import eval as evaluation
 import lattice
+import protocols
 import synthetic
 import train
 
@@ -230,9 +230,9 @@ def test_every_config_trains_and_its_loss_decreases(name, tiny_root, tiny_sub_ro
     model = build_model(mc, slide.features.shape[1], len(genes))
     model.init_from_data(b["features"].mean(0), b["features"].std(0), b["target"].mean(0),
                          train.membership(cfg, genes, mc.pathway_tokens))
-    if mc.arch == "ridge":
+    if mc.arch in ("ridge", "ridge_spatial"):
         before = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
-        model.fit(b["features"], b["target"])
+        model.fit(b["features"], b["target"]) if mc.arch == "ridge" else model.fit_slides([b])
         after = torch.nn.functional.mse_loss(model(b["features"], b["coords"])["pred"], b["target"])
         assert after < before
         return
@@ -419,7 +419,7 @@ def test_slide_targets_smooth_on_the_spot_array():
     assert torch.equal(train.slide_targets(slide, cfg), y)
     cfg = train.load_config(ROOT / "configs/feast.yaml", ["data.smooth.rescale=false"])
     assert cfg["data"]["smooth"]["tau_p"] == 16 and cfg["data"]["smooth"]["alpha"] == 0.6
-    np.testing.assert_allclose(train.slide_targets(slide, cfg).numpy(), data.spcs(y.numpy(), grid), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(train.slide_targets(slide, cfg).numpy(), protocols.spcs(y.numpy(), grid), rtol=1e-5, atol=1e-6)
     cfg = train.load_config(ROOT / "configs/feast.yaml")                # MERGE's spcs_to_8n labels
     t = train.slide_targets(slide, cfg).numpy()
     ln = y.numpy() / math.log(10)
@@ -431,7 +431,7 @@ def test_slide_targets_smooth_on_the_spot_array():
     with pytest.raises(SystemExit, match=r"key 'data.smooth.tau_s': expected an integer >= 1, found 0"):
         train.load_config(ROOT / "configs/default.yaml", ["data.smooth={tau_s: 0}"])
     assert train.load_config(ROOT / "configs/default.yaml", ["data.smooth={beta: 0.5}"])["data"]["smooth"] == \
-        {**data.SMOOTH, "beta": 0.5}
+        {**protocols.SMOOTH, "beta": 0.5}
     with pytest.raises(SystemExit, match=r"key 'data.group': expected a string \(one of patient, slide\), found 'donor'"):
         train.load_config(ROOT / "configs/feast.yaml", ["data.group=donor"])
 
