@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelConfig, build_model, neighbour_mean, radius_pairs
+from baselines import neighbour_mean, radius_pairs
+from model import ModelConfig, build_model
 
 C, G = 5, 3
 
