@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelConfig, build_model, neighbour_mean, radius_pairs
+from baselines import neighbour_mean, radius_pairs
+from model import ModelConfig, build_model
 
 C, G = 5, 3
 
@@ -49,8 +50,8 @@ def test_radius_pairs_are_exactly_the_pairs_within_the_radius(radius):
 
 @pytest.mark.parametrize("chunk", [7, 1 << 14])
 def test_neighbour_mean_matches_an_explicit_loop(chunk, monkeypatch):
-    import model
-    monkeypatch.setattr(model, "CHUNK", chunk)       # many chunks of query spots, or one
+    import baselines
+    monkeypatch.setattr(baselines, "CHUNK", chunk)       # many chunks of query spots, or one
     f, xy, _ = grid_slide(seed=2, drop=0.5)          # holes: some spots have no neighbour within 1 pitch
     for r in (150.0, 300.0, 600.0):
         np.testing.assert_allclose(neighbour_mean(f, xy, r).numpy(),

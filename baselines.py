@@ -1,0 +1,200 @@
+"""The baselines tessera is compared with, behind the model's forward signature (features, coords, ...):
+
+    linear, mlp     per spot, no spatial context (ST-Net-style probes), trained like tessera
+    ridge           HEST-Benchmark: standardise, PCA, ridge without intercept, closed form
+    ridge_spatial   ridge on [own features, mean features of the neighbours within given radii], closed form:
+                    the cheapest use of context, and tessera's starting point with model.spatial_start
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import lattice
+from attention import CHUNK
+
+
+class PerSpot(nn.Module):
+    """`linear`: Linear(C -> G). `mlp`: two hidden layers. No spatial context (ST-Net-style baselines)."""
+
+    def __init__(self, cfg, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        if cfg.arch == "linear":
+            self.net = nn.Sequential(nn.Linear(in_dim, n_genes))
+        else:
+            h = cfg.hidden
+            self.net = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Dropout(cfg.dropout),
+                                     nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        self.feat_mean.copy_(feat_mean)
+        self.feat_std.copy_(feat_std.clamp_min(1e-6))
+        with torch.no_grad():
+            self.net[-1].bias.copy_(target_mean)
+
+    def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        pred = self.net((features - self.feat_mean) / self.feat_std)
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
+
+
+class Ridge(nn.Module):
+    """HEST-Benchmark's baseline: standardise, PCA to 256 components, ridge with alpha = 100 / (D * G),
+    no intercept. Fitted in closed form by `fit`; no gradient training."""
+
+    def __init__(self, cfg, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.register_buffer("components", torch.zeros(in_dim, min(cfg.pca, in_dim)))
+        self.register_buffer("pca_mean", torch.zeros(in_dim))
+        self.register_buffer("weight", torch.zeros(min(cfg.pca, in_dim), n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        self.feat_mean.copy_(feat_mean)
+        self.feat_std.copy_(feat_std.clamp_min(1e-6))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """features (N, C) and targets (N, G) pooled over the training spots."""
+        z = ((features - self.feat_mean) / self.feat_std).double()
+        k = min(self.components.shape[1], *z.shape)
+        _, _, vt = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+        comps = torch.zeros_like(self.components, dtype=torch.float64)
+        comps[:, :k] = vt[:k].T
+        self.components.copy_(comps)
+        x = (z - z.mean(0)) @ comps                              # PCA scores, (N, D)
+        D, G = x.shape[1], targets.shape[1]
+        alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
+        gram = x.T @ x + alpha * torch.eye(D, dtype=x.dtype)
+        self.weight.copy_(torch.linalg.solve(gram, x.T @ targets.double()))
+        self.pca_mean.copy_(z.mean(0))
+
+    def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        z = (features - self.feat_mean) / self.feat_std - self.pca_mean
+        pred = z @ self.components @ self.weight
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
+
+
+# ---- context without a network: neighbour means, the spatial ridge, tessera's linear start -------------
+def radius_pairs(xy: torch.Tensor, radius: float, queries: torch.Tensor | None = None):
+    """Every pair (i, j), i != j, of spots at most `radius` apart, i among `queries` (default: all spots),
+    by a grid hash: cells of side `radius`, so the 3 x 3 cells around a spot hold all its neighbours.
+    O(queries x neighbours) memory and time, never N x N."""
+    p = xy.double()
+    queries = torch.arange(len(p), device=p.device) if queries is None else queries
+    cell = torch.floor((p - p.min(0).values) / radius).long() + 1     # >= 1: offsets -1 stay >= 0
+    width = int(cell[:, 1].max()) + 2
+    key = cell[:, 0] * width + cell[:, 1]
+    order = torch.argsort(key)
+    sorted_key = key[order]
+    src, dst = [], []
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            k = (cell[queries, 0] + dx) * width + cell[queries, 1] + dy
+            lo = torch.searchsorted(sorted_key, k)
+            count = torch.searchsorted(sorted_key, k, right=True) - lo
+            i = torch.repeat_interleave(queries, count)
+            first = torch.repeat_interleave(lo - (torch.cumsum(count, 0) - count), count)
+            src.append(i)
+            dst.append(order[first + torch.arange(len(i), device=p.device)])
+    i, j = torch.cat(src), torch.cat(dst)
+    keep = (i != j) & ((p[i] - p[j]).pow(2).sum(1) <= radius * radius * (1 + 1e-9))
+    return i[keep], j[keep]
+
+
+def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float) -> torch.Tensor:
+    """(N, C) -> (N, C) float32: mean of x over the other spots within `radius`; a spot with none keeps its
+    own x. One chunk of query spots at a time, so memory is a chunk's pairs, not all of a slide's."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for queries in torch.arange(len(x), device=x.device).split(CHUNK):
+        i, j = radius_pairs(xy, radius, queries)
+        total = torch.zeros(len(queries), x.shape[1], device=x.device).index_add_(0, i - queries[0], x[j].float())
+        count = torch.bincount(i - queries[0], minlength=len(queries)).float()[:, None]
+        out[queries] = torch.where(count > 0, total / count.clamp_min(1), x[queries].float())
+    return out
+
+
+def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
+    """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
+    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. Statistics in
+    float64, the output in the input's dtype (float16 stays float16), one chunk of spots at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    square = torch.zeros_like(total)
+    for rows in x.split(CHUNK):
+        total += rows.double().sum(0)
+        square += rows.double().pow(2).sum(0)
+    mean = total / len(x)
+    std = (square / len(x) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+
+    def apply(a):
+        if a is None:
+            return None
+        out = torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
+        for start in range(0, len(a), CHUNK):
+            out[start:start + CHUNK] = ((a[start:start + CHUNK].double() - mean) / std).to(out.dtype)
+        return out
+    out = [apply(x)] + [apply(o) for o in others]
+    return out if others else out[0]
+
+
+class SpatialRidge(nn.Module):
+    """`ridge_spatial`: ridge regression with intercept on [own features, mean features of the neighbours
+    within each radius] (radii in spot pitches, the pitch = median nearest-neighbour distance of the slide).
+    The cheapest use of context; fitted in closed form on the training slides by `fit_slides`."""
+
+    def __init__(self, cfg, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        D = in_dim * (1 + len(cfg.radii))
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.register_buffer("design_mean", torch.zeros(D))
+        self.register_buffer("weight", torch.zeros(D, n_genes))
+        self.register_buffer("bias", torch.zeros(n_genes))
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        if not self.cfg.slide_norm:
+            self.feat_mean.copy_(feat_mean)
+            self.feat_std.copy_(feat_std.clamp_min(1e-6))
+        self.bias.copy_(target_mean)
+
+    def design(self, features, coords) -> torch.Tensor:
+        """(N, C), (N, 2) -> (N, C (1 + R)): [z, mean of z within r_1, ...], z the standardised features."""
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
+        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        return torch.cat([z] + [neighbour_mean(z, coords, r * pitch) for r in self.cfg.radii], 1)
+
+    @torch.no_grad()
+    def fit_slides(self, batches: list[dict]) -> None:
+        """batches: one dict per training slide with `features`, `coords`, `target` (log space)."""
+        x = torch.cat([self.design(b["features"], b["coords"]) for b in batches]).double()
+        y = torch.cat([b["target"] for b in batches]).double()
+        D, G = x.shape[1], y.shape[1]
+        alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
+        xm, ym = x.mean(0), y.mean(0)
+        xc = x - xm
+        w = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(D, dtype=x.dtype), xc.T @ (y - ym))
+        self.design_mean.copy_(xm)
+        self.weight.copy_(w)
+        self.bias.copy_(ym)
+
+    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        # the same as (design - design_mean) @ weight + bias, but projected to genes before the neighbour
+        # means (both are linear): memory (N, G) per radius, never the (N, C (1 + R)) design
+        C, R = self.feat_mean.numel(), len(self.cfg.radii)
+        z = slide_standardise(features).float() if self.cfg.slide_norm else \
+            (features.float() - self.feat_mean) / self.feat_std
+        w = self.weight.view(1 + R, C, -1)
+        pred = z @ w[0] + (self.bias - self.design_mean @ self.weight)
+        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        for r, w_r in zip(self.cfg.radii, w[1:]):
+            pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
+        return {"pred": pred.to(out_dtype) if out_dtype else pred}
