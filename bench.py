@@ -211,7 +211,7 @@ def _step_case(spec, dev):
         b["sub_valid"] = torch.ones(n, S, dtype=torch.bool)
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(cfg["model"]), C, G).to(dev)
-    if spec["mode"] == "infer":            # eval.predict_slide without the copy to the host
+    if spec["mode"] == "infer":            # predict.predict_slide without the copy to the host
         model.eval()
         return no_grad(lambda: train.forward(model, b, dev, out_dtype=torch.float16)), {}
     b["target"] = torch.randn(n, G, generator=g)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 import eval as evaluation
+import predict
 import lattice
 from attention import SpotAttention, distance_bias, signed_weights
 
@@ -437,9 +438,9 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
         raise ValueError(f"slide {slide_id}: no {path} (slides there: {', '.join(known[:8]) or 'none'})")
     if fold is None:  # the fold that tested the slide, else the first finished one
         tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
-        fold = tested[0] if tested else evaluation.run_folds(run, partial=True)[0]
-    fold = evaluation.run_folds(run, fold)[0]
-    model, _ = evaluation.load_fold_models(run, "cpu", [fold])[0]
+        fold = tested[0] if tested else predict.run_folds(run, partial=True)[0]
+    fold = predict.run_folds(run, fold)[0]
+    model, _ = predict.load_fold_models(run, "cpu", [fold])[0]
     result = spot_attention(model, data.read_slide(path), barcode, block, cfg["data"]["pseudo"])
     stem = run / "attention" / f"{_safe(slide_id)}__{_safe(barcode)}__block{block}"
     written = [write_attention(result, stem.with_name(stem.name + ".h5"))]

@@ -27,6 +27,7 @@ import checks
 import data
 import protocols
 import eval as evaluation
+import predict
 import lattice
 import synthetic
 from model import ModelConfig, build_model
@@ -472,7 +473,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
             if avg is not None:                                  # score the weights that would be kept
                 model.load_state_dict(avg)
-            score = evaluation.pcc_gene(torch.cat([evaluation.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
+            score = evaluation.pcc_gene(torch.cat([predict.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
                                                                             device) for b in val_b]),
                                         torch.cat([b["target"] for b in val_b]))
             line += f" val_pcc_gene {score:.4f}"
@@ -526,7 +527,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
-        evaluation.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
+        predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
                                            fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
                                            formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+import predict
 
 ROOT = ev.Path(ev.__file__).resolve().parent
 
@@ -337,7 +338,7 @@ def test_a_model_file_that_carries_code_is_refused_and_nothing_runs(tmp_path):
     (run / "config.yaml").write_text("data: {pseudo: false}\n")
     torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, run / "fold_0" / "model.pt")
     with pytest.raises(ValueError, match="model.pt: not loaded"):
-        ev.load_fold_models(run)
+        predict.load_fold_models(run)
     assert not marker.exists()
 
 
@@ -360,7 +361,7 @@ def test_welford_equals_the_two_pass_formula_also_on_column_subsets():
     rng = np.random.default_rng(8)
     samples = [rng.normal(3.0, 2.0, size=(7, 5)) for _ in range(6)]
     cols = [None, [0, 2, 4], None, [1, 2], [4], None]          # some samples cover some genes only
-    acc = ev.Welford(7, 5, dtype=torch.float64)
+    acc = predict.Welford(7, 5, dtype=torch.float64)
     for x, c in zip(samples, cols):
         acc.add(torch.from_numpy(x if c is None else x[:, c]), c)
     for g in range(5):  # two passes over the samples that have gene g: mean, then mean squared deviation
@@ -370,7 +371,7 @@ def test_welford_equals_the_two_pass_formula_also_on_column_subsets():
         assert acc.count[g] == len(have)
         np.testing.assert_allclose(acc.mean[:, g].numpy(), mean, rtol=1e-12)
         np.testing.assert_allclose(acc.std()[:, g].numpy(), np.sqrt(var), rtol=1e-10)
-    acc32 = ev.Welford(7, 5)  # the float32 accumulator predictions use
+    acc32 = predict.Welford(7, 5)  # the float32 accumulator predictions use
     for x in samples:
         acc32.add(torch.from_numpy(x))
     np.testing.assert_allclose(acc32.std().numpy(), np.std(np.stack(samples), axis=0), rtol=1e-5)
@@ -442,20 +443,20 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     assert "unc_spearman" in (tiny_run / "results.md").read_text()
     # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model
     import data
-    models = ev.load_fold_models(tiny_run, folds=[0])
+    models = predict.load_fold_models(tiny_run, folds=[0])
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
-    passes = np.stack([ev.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
+    passes = np.stack([predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
     np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f["std"], passes.std(0), rtol=1e-4, atol=1e-6)
 
 
 def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_their_folds(tiny_run):
     import data
-    models = ev.load_fold_models(tiny_run)
+    models = predict.load_fold_models(tiny_run)
     assert models[0][1] != models[1][1]  # genes chosen per fold
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5")
-    genes, mean, std, n_models = ev.predict_with_std(models, slide, True, "cpu")
-    preds = [dict(zip(gs, ev.predict_slide(m, slide, True, "cpu").numpy().T)) for m, gs in models]
+    genes, mean, std, n_models = predict.predict_with_std(models, slide, True, "cpu")
+    preds = [dict(zip(gs, predict.predict_slide(m, slide, True, "cpu").numpy().T)) for m, gs in models]
     assert genes == list(dict.fromkeys(models[0][1] + models[1][1]))
     for i, g in enumerate(genes):
         have = [p[g] for p in preds if g in p]
@@ -468,22 +469,22 @@ def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_
 def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
     import data
     from model import ModelConfig, build_model
-    model, genes = ev.load_fold_models(tiny_run, folds=[1])[0]
+    model, genes = predict.load_fold_models(tiny_run, folds=[1])[0]
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_02.h5")
     state = torch.random.get_rng_state()
-    a = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
-    b = ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
+    a = predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
+    b = predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and (a[2] > 0).float().mean() > 0.9
-    assert not torch.equal(a[2], ev.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=6)[2])
+    assert not torch.equal(a[2], predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=6)[2])
     assert not model.training
     cfg = dict(model.cfg.__dict__, dropout=0.0, attn_dropout=0.0)
     off = build_model(ModelConfig(**cfg), slide.features.shape[1], len(genes))
     off.load_state_dict(model.state_dict())
-    assert ev.has_dropout(model) and not ev.has_dropout(off)
-    _, mean, std, _ = ev.predict_with_std([(off.eval(), genes)], slide, True, "cpu", mc=4)
+    assert predict.has_dropout(model) and not predict.has_dropout(off)
+    _, mean, std, _ = predict.predict_with_std([(off.eval(), genes)], slide, True, "cpu", mc=4)
     assert torch.equal(std, torch.zeros_like(std))
-    np.testing.assert_allclose(mean.numpy(), ev.predict_slide(off, slide, True, "cpu").numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), predict.predict_slide(off, slide, True, "cpu").numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_run, tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 import data
 import eval as ev
+import predict
 import plots
 from attention import signed_weights
 from model import ModelConfig, build_model
@@ -211,7 +212,7 @@ def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
                  cwd=tiny_run.parents[1])
     assert r.returncode == 0, r.stderr
     h5, png = (tiny_run / "attention" / f"synth_01__s01_00007__block1.{e}" for e in ("h5", "png"))
-    model, _ = ev.load_fold_models(tiny_run, folds=[0])[0]  # synth_01 was tested by fold 0
+    model, _ = predict.load_fold_models(tiny_run, folds=[0])[0]  # synth_01 was tested by fold 0
     want = plots.spot_attention(model, data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5"),
                                 "s01_00007", 1)
     with h5py.File(h5, "r") as f:

@@ -1,0 +1,242 @@
+"""Prediction with a trained run: the fold models of a run on slide caches (counts not needed), their
+average, and how sure it is (the spread of the fold models and of Monte-Carlo dropout passes, accumulated
+by Welford's update), written as h5 prediction files and / or AnnData .h5ad (eval.py's writers).
+
+    python eval.py predict --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
+train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are predicted
+the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+from eval import expected_folds, level_outputs, write_h5ad, write_predictions
+
+
+# ---------------------------------------------------------------- prediction with uncertainty
+class Welford:
+    """Running mean and spread of samples of an (N, G) array (Welford 1962): memory two (N, G) arrays
+    whatever the number of samples, never one per sample. A sample may cover some columns only (`cols`:
+    a fold model that predicts a subset of the genes); `count` (G,) says how many samples each column had."""
+
+    def __init__(self, n: int, g: int, dtype=torch.float32):
+        self.count = torch.zeros(g, dtype=torch.long)
+        self.mean, self.m2 = torch.zeros(n, g, dtype=dtype), torch.zeros(n, g, dtype=dtype)
+
+    def add(self, x: torch.Tensor, cols=None) -> None:
+        cols = slice(None) if cols is None else torch.as_tensor(cols, dtype=torch.long)
+        self.count[cols] += 1
+        mean = self.mean[:, cols]                              # a view (every column) or a copy (some)
+        delta = x.to(mean.dtype) - mean
+        mean += delta / self.count[cols]
+        self.mean[:, cols] = mean
+        self.m2[:, cols] += delta * (x - mean)
+
+    def std(self) -> torch.Tensor:
+        """Population standard deviation (numpy's default ddof=0) of each entry over its samples."""
+        return (self.m2 / self.count.clamp(min=1)).sqrt()
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether Monte-Carlo dropout can vary this model's output (a dropout or attention dropout > 0)."""
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attn_drop", 0) > 0
+               for m in model.modules())
+
+
+@torch.no_grad()
+def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None
+                  ) -> torch.Tensor:
+    """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
+    The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo dropout
+    pass instead: dropout active (train mode, still no grad), random numbers seeded by `mc_seed` so that
+    reruns are identical, the global random state left as it was."""
+    return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed)["pred"]
+
+
+@torch.no_grad()
+def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None
+                    ) -> dict:
+    """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels, the
+    other levels ("levels", "parents", "sub_index"; see `level_outputs`)."""
+    pseudo = use_pseudo and slide.pseudo_features is not None
+    args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
+            slide.pseudo_coords if pseudo else None]
+    args = [None if a is None else a.to(device) for a in args]
+    sub = {k: v.to(device) for k, v in data.sub_inputs(slide, getattr(model.cfg, "sub_levels", 0)).items()}
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
+        if mc_seed is not None:
+            torch.manual_seed(mc_seed)
+        model.train(mc_seed is not None)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                return _to_cpu(model(*args, out_dtype=dtype, **sub))
+        finally:
+            model.eval()
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+    """Mean and spread over the samples of the fold models (the ensemble) and, with mc > 0, of mc
+    Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is averaged
+    over the models that predict it. Returns genes (union, first-seen order), mean (N, G), std (N, G)
+    (population std over the samples) and n_models (G,) (models behind each gene)."""
+    genes = list(dict.fromkeys(g for _, gs in models for g in gs))
+    column = {g: i for i, g in enumerate(genes)}
+    acc = Welford(slide.n_spots, len(genes))
+    for m, (model, gs) in enumerate(models):
+        cols = None if gs == genes else [column[g] for g in gs]
+        for j in range(max(mc, 1)):
+            acc.add(predict_slide(model, slide, use_pseudo, device,
+                                  mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None), cols)
+    return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
+
+
+def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
+                            formats=("h5",), seed: int = 0) -> None:
+    """Predict one slide (predict_with_std) and write <slide>.h5 and/or <slide>.h5ad in out_dir; `std`
+    only where there is a spread (several models or mc > 0). `true` (N, G) on the first model's genes."""
+    genes, pred, std, n_models = predict_with_std(models, slide, cfg["data"]["pseudo"], device, mc, seed)
+    std = std if (len(models) > 1 or mc) else None
+    space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
+    out = Path(out_dir) / slide.slide_id
+    if "h5" in formats:
+        levels = ensemble_levels(models, slide, cfg, device, genes, pred, truth=true is not None)
+        write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
+                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels)
+    if "h5ad" in formats:
+        import yaml
+        uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
+                           "X": f"predicted expression, {space}", "mc_samples": int(mc),
+                           "config": yaml.safe_dump(cfg, sort_keys=False)}}
+        write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
+                   n_models=n_models.numpy(), uns=uns)
+
+
+def ensemble_levels(models, slide, cfg: dict, device, genes: list[str], pred, truth: bool = True) -> dict:
+    """The other levels of model.out_levels as prediction-file groups (`level_outputs`), each averaged over
+    the fold models like `pred` (a gene over the models that predict it); {} for spot-only models."""
+    if all(list(getattr(model.cfg, "out_levels", [0])) == [0] for model, _ in models):
+        return {}
+    column, acc, mean = {g: i for i, g in enumerate(genes)}, {}, {"pred": pred}
+    for model, gs in models:
+        o = predict_outputs(model, slide, cfg["data"]["pseudo"], device)
+        for k, v in o.get("levels", {}).items():
+            acc.setdefault(k, Welford(len(v), len(genes))).add(v.float(), [column[g] for g in gs])
+        mean.update({key: o[key] for key in ("parents", "sub_index") if key in o})  # one geometry for all folds
+    mean["levels"] = {k: a.mean for k, a in acc.items()}
+    return level_outputs(mean, slide, cfg["data"]["normalize"], truth)
+
+
+# ---------------------------------------------------------------- prediction of new slides
+def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.Module, list[str]]]:
+    """The model of every finished fold of a run (or of the given fold numbers), with its gene list."""
+    from model import ModelConfig, build_model
+    models = []
+    paths = sorted(Path(run_dir).glob("fold_*/model.pt")) if folds is None else \
+        [Path(run_dir) / f"fold_{k}" / "model.pt" for k in folds]
+    for path in paths:
+        try:  # weights_only: a shared or downloaded run folder can hold tensors, numbers and strings, never code
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (pickle and zip errors have no common base class)
+            raise ValueError(f"{path}: not loaded: expected a tessera model file of tensors, numbers and "
+                             f"strings, found {str(e).splitlines()[0]}") from None
+        model = build_model(ModelConfig.from_dict(ck["model_config"]), ck["in_dim"], len(ck["genes"]))
+        model.load_state_dict(ck["model"])
+        models.append((model.to(device).eval(), ck["genes"]))
+    if not models:
+        raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
+    return models
+
+
+def run_folds(run_dir, fold: int | None = None, partial: bool = False) -> list[int]:
+    """The fold numbers to use: `fold`, or every fold of the run; an unknown fold, an unfinished one, or
+    a partial run (unless `partial`) is an error that names the folds."""
+    run = Path(run_dir)
+    expected = expected_folds(run)
+    have = [k for k in expected if (run / f"fold_{k}" / "model.pt").exists()]
+    if fold is not None:
+        if fold not in expected:
+            raise ValueError(f"--fold {fold}: expected a fold number 0 ... {len(expected) - 1} of {run}")
+        if fold not in have:
+            raise FileNotFoundError(f"--fold {fold}: {run / f'fold_{fold}' / 'model.pt'} does not exist "
+                                    "(unfinished fold)")
+        return [fold]
+    missing = [f"fold_{k}" for k in expected if k not in have]
+    if not have:
+        raise FileNotFoundError(f"{run}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
+    if missing and not partial:
+        raise FileNotFoundError(f"{run}: partial run, {', '.join(missing)} not finished; pass --partial to "
+                                f"predict with the {len(have)} finished fold(s)")
+    return have
+
+
+def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu", overwrite: bool = False,
+                mc: int = 0, formats=("h5",), partial: bool = False, seed: int = 0) -> list[Path]:
+    """Predict every slide cache in `slides_dir` with the run's fold models (each gene averaged over the
+    folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one prediction
+    file per slide and format in `out_dir`. Every check runs before anything is written."""
+    import yaml
+    data.not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    folds = run_folds(run_dir, fold, partial)
+    models = load_fold_models(run_dir, device, folds)
+    if mc and not any(has_dropout(m) for m, _ in models):
+        raise ValueError(f"--mc {mc}: the models of {run_dir} have no dropout (model.dropout and "
+                         "model.attn_dropout are 0), so Monte-Carlo passes would all be equal")
+    paths = data.list_slides(slides_dir)
+    width, metas = models[0][0].feat_mean.shape[0], [data.read_slide_meta(p) for p in paths]
+    for path, meta in zip(paths, metas):
+        if meta.n_features != width:
+            raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
+                             f"expect {width} (another encoder?)")
+    outs = [Path(out_dir) / f"{m.slide_id}.{ext}" for m in metas for ext in formats]  # as written below
+    exists = [str(o) for o in outs if o.exists()]
+    if exists and not overwrite:
+        raise FileExistsError(f"{exists[0]} exists ({len(exists)} files in all); choose another --out "
+                              "or pass --overwrite")
+    for path in paths:
+        slide = data.read_slide(path)
+        write_slide_predictions(models, slide, cfg, device, out_dir, fold=",".join(map(str, folds)), mc=mc,
+                                formats=formats, seed=seed)
+        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
+              f"({len(models)} fold model(s){f', {mc} dropout passes each' if mc else ''})")
+    return outs
+
+
+def main(argv: list[str]) -> None:
+    """`eval.py predict ...` (argv without the word predict)."""
+    p = argparse.ArgumentParser(prog="eval.py predict",
+                                description="Predict slide caches (counts not needed) with a finished run's fold models.")
+    p.add_argument("--run", required=True, help="run folder, e.g. runs/demo")
+    p.add_argument("--slides", required=True, help="folder of <slide>.h5 caches")
+    p.add_argument("--out", required=True, help="output folder for the prediction files")
+    p.add_argument("--fold", type=int, default=None, help="use one fold's model instead of the ensemble")
+    p.add_argument("--mc", type=int, default=0, help="Monte-Carlo dropout passes per model (std)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo dropout passes")
+    p.add_argument("--format", choices=["h5", "h5ad"], nargs="+", default=["h5"],
+                   help="h5 prediction files and/or AnnData .h5ad")
+    p.add_argument("--partial", action="store_true", help="predict with the finished folds of a partial run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
+    a = p.parse_args(argv)
+    try:
+        if a.mc < 0:
+            raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
+        predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"eval.py predict: {e}")
