@@ -587,6 +587,10 @@ class SpatialStart(nn.Module):
     def pathway_membership(self):
         return self.net.pathway_membership
 
+    @property
+    def feat_mean(self):  # every model has one: its width is the feature width it expects
+        return self.net.feat_mean
+
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None):
         if self.cfg.slide_norm:

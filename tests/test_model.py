@@ -432,3 +432,11 @@ def test_sub_levels_need_their_sub_features():
         model(feats, xy)
     with pytest.raises(ValueError, match=r"found \(144, 16, 12\)"):
         model(feats, xy, sub_features=torch.zeros(len(xy), 16, C))
+
+
+@pytest.mark.parametrize("arch,extra", [("tessera", {}), ("tessera", {"spatial_start": True, "slide_norm": True}),
+                                        ("linear", {}), ("mlp", {}), ("ridge", {}), ("ridge_spatial", {})])
+def test_every_model_states_the_feature_width_it_expects(arch, extra):
+    """predict.py compares a cache's feature width with feat_mean's before predicting."""
+    m = build_model(ModelConfig(arch=arch, dim=8, heads=2, pathway_tokens=0, **extra), 7, 3)
+    assert m.feat_mean.shape == (7,)
