@@ -88,32 +88,47 @@ def _to_cpu(x):
     return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
+def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+    """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the spot
+    level and every other level of model.out_levels: genes (union, first-seen order), the spot level's
+    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds)."""
+    genes = list(dict.fromkeys(g for _, gs in models for g in gs))
+    column = {g: i for i, g in enumerate(genes)}
+    acc, levels, geometry = Welford(slide.n_spots, len(genes)), {}, {}
+    for m, (model, gs) in enumerate(models):
+        cols = None if gs == genes else [column[g] for g in gs]
+        for j in range(max(mc, 1)):
+            out = predict_outputs(model, slide, use_pseudo, device,
+                                  mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
+            acc.add(out["pred"], cols)
+            for k, v in out.get("levels", {}).items():
+                levels.setdefault(k, Welford(len(v), len(genes))).add(v.float(), cols)
+            geometry.update({key: out[key] for key in ("parents", "sub_index") if key in out})
+    return genes, acc, levels, geometry
+
+
 def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
     """Mean and spread over the samples of the fold models (the ensemble) and, with mc > 0, of mc
     Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is averaged
     over the models that predict it. Returns genes (union, first-seen order), mean (N, G), std (N, G)
     (population std over the samples) and n_models (G,) (models behind each gene)."""
-    genes = list(dict.fromkeys(g for _, gs in models for g in gs))
-    column = {g: i for i, g in enumerate(genes)}
-    acc = Welford(slide.n_spots, len(genes))
-    for m, (model, gs) in enumerate(models):
-        cols = None if gs == genes else [column[g] for g in gs]
-        for j in range(max(mc, 1)):
-            acc.add(predict_slide(model, slide, use_pseudo, device,
-                                  mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None), cols)
+    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed)
     return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
 
 
 def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
                             formats=("h5",), seed: int = 0) -> None:
-    """Predict one slide (predict_with_std) and write <slide>.h5 and/or <slide>.h5ad in out_dir; `std`
-    only where there is a spread (several models or mc > 0). `true` (N, G) on the first model's genes."""
-    genes, pred, std, n_models = predict_with_std(models, slide, cfg["data"]["pseudo"], device, mc, seed)
-    std = std if (len(models) > 1 or mc) else None
+    """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
+    <slide>.h5ad in out_dir; `std` only where there is a spread (several models or mc > 0). `true` (N, G)
+    on the first model's genes. The other levels of model.out_levels go to the h5 file (`level_outputs`)."""
+    genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed)
+    pred, n_models = acc.mean, acc.count // max(mc, 1)
+    std = acc.std() if (len(models) > 1 or mc) else None
     space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
     out = Path(out_dir) / slide.slide_id
     if "h5" in formats:
-        levels = ensemble_levels(models, slide, cfg, device, genes, pred, truth=true is not None)
+        levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
+                               slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
         write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
                           slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels)
     if "h5ad" in formats:
@@ -123,21 +138,6 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                            "config": yaml.safe_dump(cfg, sort_keys=False)}}
         write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
                    n_models=n_models.numpy(), uns=uns)
-
-
-def ensemble_levels(models, slide, cfg: dict, device, genes: list[str], pred, truth: bool = True) -> dict:
-    """The other levels of model.out_levels as prediction-file groups (`level_outputs`), each averaged over
-    the fold models like `pred` (a gene over the models that predict it); {} for spot-only models."""
-    if all(list(getattr(model.cfg, "out_levels", [0])) == [0] for model, _ in models):
-        return {}
-    column, acc, mean = {g: i for i, g in enumerate(genes)}, {}, {"pred": pred}
-    for model, gs in models:
-        o = predict_outputs(model, slide, cfg["data"]["pseudo"], device)
-        for k, v in o.get("levels", {}).items():
-            acc.setdefault(k, Welford(len(v), len(genes))).add(v.float(), [column[g] for g in gs])
-        mean.update({key: o[key] for key in ("parents", "sub_index") if key in o})  # one geometry for all folds
-    mean["levels"] = {k: a.mean for k, a in acc.items()}
-    return level_outputs(mean, slide, cfg["data"]["normalize"], truth)
 
 
 # ---------------------------------------------------------------- prediction of new slides
