@@ -593,12 +593,13 @@ class SpatialStart(nn.Module):
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None):
+        raw = features  # the spatial ridge reads raw features and applies its own slide_norm
         if self.cfg.slide_norm:
             features, pseudo_features = slide_standardise(features, pseudo_features)
         out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
                        return_attention=return_attention, out_dtype=out_dtype)
         if self.start is not None:
-            out["pred"] = out["pred"] + self.start(features, coords)["pred"].to(out["pred"].dtype)
+            out["pred"] = out["pred"] + self.start(raw, coords)["pred"].to(out["pred"].dtype)
         return out
 
 
