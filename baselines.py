@@ -168,7 +168,7 @@ class SpatialRidge(nn.Module):
         """(N, C), (N, 2) -> (N, C (1 + R)): [z, mean of z within r_1, ...], z the standardised features."""
         z = slide_standardise(features).float() if self.cfg.slide_norm else \
             (features.float() - self.feat_mean) / self.feat_std
-        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        pitch = lattice.median_nn_distance(coords) if len(coords) > 1 else 1.0
         return torch.cat([z] + [neighbour_mean(z, coords, r * pitch) for r in self.cfg.radii], 1)
 
     @torch.no_grad()
@@ -194,7 +194,7 @@ class SpatialRidge(nn.Module):
             (features.float() - self.feat_mean) / self.feat_std
         w = self.weight.view(1 + R, C, -1)
         pred = z @ w[0] + (self.bias - self.design_mean @ self.weight)
-        pitch = lattice._median_nn(coords) if len(coords) > 1 else 1.0
+        pitch = lattice.median_nn_distance(coords) if len(coords) > 1 else 1.0
         for r, w_r in zip(self.cfg.radii, w[1:]):
             pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
         return {"pred": pred.to(out_dtype) if out_dtype else pred}

@@ -61,7 +61,7 @@ def _group(key):
     return torch.nonzero(occupied).squeeze(1), (torch.cumsum(occupied, 0) - 1)[key]
 
 
-def _median_nn(xy):
+def median_nn_distance(xy):
     """Exact median over spots of the distance to the nearest other spot, with a grid hash (HiST App. A.2's
     index map). Cells of side h hold about one spot; the 3 x 3 cells around a spot hold every spot within
     h of it. h doubles until more than half of the spots found a neighbour within h, which fixes the median
@@ -113,7 +113,7 @@ def default_unit(xy) -> float:
     100 um pitch). A single spot gets 1.0 (any unit puts it on one site)."""
     if len(xy) < 2:
         return 1.0
-    unit = _median_nn(xy) / 1.8
+    unit = median_nn_distance(xy) / 1.8
     if unit == 0:
         raise ValueError(f"default_unit: more than half of the {len(xy)} spots share their coordinate with "
                          "another spot, so the median spacing is 0; pass the unit (unit_um) explicitly")
@@ -202,7 +202,7 @@ def square_grid(xy, tolerance=0.4):
     n = len(p)
     if n < 2:
         raise ValueError(f"square_grid: expected at least 2 spots, found {n}")
-    pitch = _median_nn(p)
+    pitch = median_nn_distance(p)
     if pitch == 0:
         raise ValueError("square_grid: more than half of the spots share their position with another spot")
     centre = p.median(0).values
