@@ -198,6 +198,7 @@ def _memory_case(spec, dev):
 
 def _step_case(spec, dev):
     import train
+    from losses import compute_loss
     from model import ModelConfig, build_model
     cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml", spec.get("overrides", ()))
     C, G = FEATURES[spec["name"]]
@@ -220,7 +221,7 @@ def _step_case(spec, dev):
 
     def step():                           # train.train_fold's inner loop, without augmentation
         model.train()
-        loss = train.compute_loss(train.forward(model, b, dev), batch, cfg, model)
+        loss = compute_loss(train.forward(model, b, dev), batch, cfg, model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip"])
