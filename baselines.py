@@ -4,6 +4,7 @@
     ridge           HEST-Benchmark: standardise, PCA, ridge without intercept, closed form
     ridge_spatial   ridge on [own features, mean features of the neighbours within given radii], closed form:
                     the cheapest use of context, and tessera's starting point with model.spatial_start
+                    (SpatialStart: the ridge plus a network's residual; model.build_model builds it)
 """
 from __future__ import annotations
 
@@ -198,3 +199,54 @@ class SpatialRidge(nn.Module):
         for r, w_r in zip(self.cfg.radii, w[1:]):
             pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
         return {"pred": pred.to(out_dtype) if out_dtype else pred}
+
+
+class SpatialStart(nn.Module):
+    """tessera with `model.spatial_start` and / or `model.slide_norm`. spatial_start: the output is the
+    closed-form spatial ridge (fitted first, then frozen) plus the network's prediction, whose head starts
+    at zero, so training begins at the linear spatial solution and the network learns the residual.
+    slide_norm: features (and pseudo-features) are standardised over each slide's spots first."""
+
+    def __init__(self, cfg, net: nn.Module, in_dim: int, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.net = net                                     # the tessera network (model.build_model)
+        self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start else None
+
+    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
+        if self.cfg.slide_norm:  # the network sees slide-standardised features
+            feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)
+        self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
+        if self.start is not None:
+            self.start.init_from_data(feat_mean, feat_std, target_mean)
+            with torch.no_grad():  # the residual starts at zero
+                for p in self._last().parameters():
+                    p.zero_()
+
+    def _last(self) -> nn.Module:
+        head = self.net.head
+        return head.genes if self.cfg.head == "pathway" else head[-1] if self.cfg.head == "mlp" else head
+
+    @torch.no_grad()
+    def fit_slides(self, batches: list[dict]) -> None:
+        if self.start is not None:
+            self.start.fit_slides(batches)
+
+    @property
+    def pathway_membership(self):
+        return self.net.pathway_membership
+
+    @property
+    def feat_mean(self):  # every model has one: its width is the feature width it expects
+        return self.net.feat_mean
+
+    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
+                return_attention=False, out_dtype=None):
+        raw = features  # the spatial ridge reads raw features and applies its own slide_norm
+        if self.cfg.slide_norm:
+            features, pseudo_features = slide_standardise(features, pseudo_features)
+        out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
+                       return_attention=return_attention, out_dtype=out_dtype)
+        if self.start is not None:
+            out["pred"] = out["pred"] + self.start(raw, coords)["pred"].to(out["pred"].dtype)
+        return out

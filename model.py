@@ -11,8 +11,8 @@
           | zinb (mu, theta, pi for the ZINB loss)
 
 The baselines behind the same forward signature (`linear`, `mlp`, `ridge`, `ridge_spatial`) are in
-baselines.py. `model.spatial_start` starts tessera at the spatial ridge and trains the network on the
-residual (`SpatialStart`).
+baselines.py, and so is `SpatialStart` (`model.spatial_start`: tessera started at the spatial ridge,
+the network trained on the residual; `model.slide_norm`), which build_model wraps around tessera.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lattice
 from attention import GlobalAttention, SpotAttention, child_attention, knn, row_chunks
-from baselines import PerSpot, Ridge, SpatialRidge, slide_standardise
+from baselines import PerSpot, Ridge, SpatialRidge, SpatialStart
 
 
 def inference(module: nn.Module) -> bool:
@@ -488,7 +488,7 @@ class Tessera(nn.Module):
     def _levels(self, pyramid, order, decoded, out_dtype):
         """The extra out_levels' predictions {"levels": {k: (N_k, G)}}, the parent maps between all levels
         {"parents": {k: (N_k,) row at level k + 1}} and, below the spot, {"sub_index": {k: (N_k,) n * r^2 + s}},
-        rows in the order train.level_loss and eval.level_outputs read: caller's spots at level 0, sorted by
+        rows in the order losses.level_loss and eval.level_outputs read: caller's spots at level 0, sorted by
         (caller's spot, sub-position s = r * ix + iy, r = 2^-k) below it, lattice row-major above it."""
         K, L = self.cfg.sub_levels, len(self.cfg.depths)
         levels, N = pyramid.levels, len(order)
@@ -552,61 +552,10 @@ class _Points:
     sites: torch.Tensor
 
 
-class SpatialStart(nn.Module):
-    """tessera with `model.spatial_start` and / or `model.slide_norm`. spatial_start: the output is the
-    closed-form spatial ridge (fitted first, then frozen) plus the network's prediction, whose head starts
-    at zero, so training begins at the linear spatial solution and the network learns the residual.
-    slide_norm: features (and pseudo-features) are standardised over each slide's spots first."""
-
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
-        super().__init__()
-        self.cfg = cfg
-        self.net = Tessera(cfg, in_dim, n_genes)
-        self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start else None
-
-    def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
-        if self.cfg.slide_norm:  # the network sees slide-standardised features
-            feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)
-        self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
-        if self.start is not None:
-            self.start.init_from_data(feat_mean, feat_std, target_mean)
-            with torch.no_grad():  # the residual starts at zero
-                for p in self._last().parameters():
-                    p.zero_()
-
-    def _last(self) -> nn.Module:
-        head = self.net.head
-        return head.genes if self.cfg.head == "pathway" else head[-1] if self.cfg.head == "mlp" else head
-
-    @torch.no_grad()
-    def fit_slides(self, batches: list[dict]) -> None:
-        if self.start is not None:
-            self.start.fit_slides(batches)
-
-    @property
-    def pathway_membership(self):
-        return self.net.pathway_membership
-
-    @property
-    def feat_mean(self):  # every model has one: its width is the feature width it expects
-        return self.net.feat_mean
-
-    def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
-        raw = features  # the spatial ridge reads raw features and applies its own slide_norm
-        if self.cfg.slide_norm:
-            features, pseudo_features = slide_standardise(features, pseudo_features)
-        out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
-                       return_attention=return_attention, out_dtype=out_dtype)
-        if self.start is not None:
-            out["pred"] = out["pred"] + self.start(raw, coords)["pred"].to(out["pred"].dtype)
-        return out
-
-
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:
     check_config(cfg)
     if cfg.arch == "tessera" and (cfg.spatial_start or cfg.slide_norm):
-        return SpatialStart(cfg, in_dim, n_genes)
+        return SpatialStart(cfg, Tessera(cfg, in_dim, n_genes), in_dim, n_genes)
     if cfg.arch == "tessera":
         return Tessera(cfg, in_dim, n_genes)
     if cfg.arch == "ridge_spatial":
