@@ -61,8 +61,7 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
     meta = data.read_metadata(her2st / "metadata.csv")
     paths = sorted((her2st / "st").glob("*.h5ad"))
     totals = [hest._h5ad_gene_totals(p) for p in paths]
-    shared = set.intersection(*(set(t) for t in totals))
-    rank = sorted(shared, key=lambda g: (-sum(t[g] for t in totals), g))
+    rank = sorted(data.shared_genes(totals), key=lambda g: (-sum(t[g] for t in totals), g))  # a total order
     targets, source = rank[:n_targets], rank[n_targets:n_targets + n_source]
     rng = np.random.default_rng(seed)
     proj = rng.normal(size=(n_source, dim)) / np.sqrt(n_source)

@@ -1,10 +1,12 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds (balanced by patient, and the papers' own fold assignments) · command line. The HEST
-import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
-protocols.py, the synthetic generator in synthetic.py.
+targets · folds (balanced by patient, or the papers' own assignments) · command line. The HEST import
+and placeholder encoder are in hest.py, the papers' slide lists, fold assignments and label smoothing
+in protocols.py, the synthetic generator in synthetic.py.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
+    python data.py embed | import-hest | bin ...     # the same as python hest.py ...
+    python data.py synth ...                         # the same as python synthetic.py ...
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,7 +449,7 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
     """k folds grouped by patient (no patient in both train and test), each slide tested once.
     assign='balanced': patients are shuffled by `seed` and dealt, largest first, to the fold with fewest
     slides; 'kfold': scikit-learn's shuffled KFold over the sorted patients (MERGE, FEAST); 'hist': HiST's
-    split (kfold_groups, hist_groups). k=-1 gives leave-one-patient-out. `patients` is aligned with
+    split (protocols.kfold_groups, protocols.hist_groups). k=-1 gives leave-one-patient-out. `patients` is aligned with
     slide_ids, or a dict slide id -> patient; pass the slide ids themselves to split by slide."""
     ids = [str(s) for s in slide_ids]
     pat = [str(patients[s]) for s in ids] if isinstance(patients, dict) else [str(p) for p in patients]
@@ -458,8 +461,9 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
     k = len(people) if k == -1 else k
     if k < 2 or k > len(people):
         raise ValueError(f"make_folds: expected 2 <= k <= {len(people)} (the number of patients) or k=-1, found k={k}")
-    if assign in ("kfold", "hist"):
-        tests = (kfold_groups if assign == "kfold" else hist_groups)(people, k, seed)
+    if assign in ("kfold", "hist"):                   # the papers' own assignments
+        import protocols                               # (it imports data: imported here, not at the top)
+        tests = (protocols.kfold_groups if assign == "kfold" else protocols.hist_groups)(people, k, seed)
         return [([s for s in of if of[s] not in t], [s for s in of if of[s] in t]) for t in map(set, tests)]
     if assign != "balanced":
         raise ValueError(f"make_folds: expected assign balanced, kfold or hist, found {assign!r}")
@@ -470,34 +474,6 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
     for p in sorted(people, key=lambda p: -size[p]):  # stable: shuffled order breaks ties
         min(folds, key=lambda fold: sum(size[q] for q in fold)).append(p)
     return [([s for s in of if of[s] not in f], [s for s in of if of[s] in f]) for f in folds]
-
-
-def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the sorted
-    group ids (MERGE and FEAST split their slide lists this way): a seeded permutation (numpy's legacy
-    RandomState.shuffle) cut into k consecutive parts, the first n % k parts one longer."""
-    ids = sorted(groups)
-    if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
-    order = np.arange(len(ids))
-    np.random.RandomState(seed).shuffle(order)
-    sizes = [len(ids) // k + (i < len(ids) % k) for i in range(k)]
-    starts = np.cumsum([0] + sizes)
-    return [sorted(ids[j] for j in order[starts[i]:starts[i + 1]]) for i in range(k)]
-
-
-def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's global
-    generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking the rest.
-    HiST lists slide files in directory order; here the list is sorted, so the parts are reproducible."""
-    ids = sorted(groups)
-    if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
-    order = list(range(len(ids)))
-    np.random.RandomState(seed).shuffle(order)
-    size = len(ids) // k
-    return [sorted(ids[j] for j in (order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:]))
-            for i in range(k)]
 
 
 # ----------------------------------------------------------------------------- sub-spot inputs
@@ -519,7 +495,19 @@ def sub_inputs(slide: Slide, sub_levels: int) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
+# the cache-building commands live in hest.py and synthetic.py; `python data.py <command>` still runs them
+FORWARDED = {"embed": "hest.py embed", "import-hest": "hest.py import-hest", "bin": "hest.py bin",
+             "synth": "synthetic.py"}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("embed", "import-hest", "bin"):
+        import hest                                    # imports data: imported here, not at the top
+        return hest.main(argv)
+    if argv and argv[0] == "synth":
+        import synthetic
+        return synthetic.main(argv[1:])
     ap = argparse.ArgumentParser(prog="data.py", description="Gene lists from slide caches (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
@@ -529,6 +517,8 @@ def main(argv=None):
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--skip-empty", action="store_true", help="leave out spots without counts (HiST's preprocessing)")
     p.add_argument("--out", required=True, help="output JSON file")
+    for name, where in FORWARDED.items():              # listed here, run above
+        sub.add_parser(name, add_help=False, help=f"the same as python {where} (see its --help)")
     a = ap.parse_args(argv)
     try:
         genes_command(a)

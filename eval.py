@@ -168,6 +168,12 @@ def coverage(std, pred, true, z: float = 1.96) -> float:
     return float(np.mean(np.abs(_array(true) - _array(pred)) <= z * _array(std)))
 
 
+def pcc_spot(preds, trues) -> float:
+    """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
+    ps, ts = map(list, zip(*_slides(preds, trues)))
+    return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
+
+
 def compute_metrics(preds, trues, stds=None) -> dict:
     """Every DESIGN.md metric on a fold's test slides (lists of per-slide (N_i, G) log-space arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
@@ -428,7 +434,8 @@ def evaluate_run(run_dir) -> dict:
     return results
 
 
-def _mean_std(entry: dict) -> str:
+def mean_std(entry: dict) -> str:
+    """A metric's entry of results.json as `mean ± std` over folds (4 decimals), n/a when undefined."""
     return "n/a" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
 
 
@@ -440,7 +447,7 @@ def _run_markdown(r: dict) -> str:
              "| --- | --- |" + " --- |" * k]
     for name, e in r["metrics"].items():
         cells = ["n/a" if v is None else f"{v:.4f}" for v in e["folds"]]
-        lines.append(f"| {name} | {_mean_std(e)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {mean_std(e)} | " + " | ".join(cells) + " |")
     lines += ["", f"Zero-variance genes (PCC set to 0) per fold: {r['zero_variance_genes']['folds']} over the "
               f"pooled test spots; (slide, gene) pairs constant within a slide: "
               f"{r['zero_variance_genes_slide']['folds']}."]
@@ -462,42 +469,8 @@ def format_table(results_list: list[dict]) -> str:
              "| run | folds | " + " | ".join(METRICS) + " |", "| --- | --- |" + " --- |" * len(METRICS)]
     for r in results_list:
         missing = f" (missing {', '.join(r['missing_folds'])})" if r.get("missing_folds") else ""
-        cells = [r["run"], f"{r['n_folds']}{missing}"] + [_mean_std(r["metrics"][m]) for m in METRICS]
+        cells = [r["run"], f"{r['n_folds']}{missing}"] + [mean_std(r["metrics"][m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- a paper's numbers beside a run's
-PAPERS = Path(__file__).with_name("configs") / "protocols" / "papers.yaml"
-
-
-def pcc_spot(preds, trues) -> float:
-    """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
-    ps, ts = map(list, zip(*_slides(preds, trues)))
-    return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
-
-
-def paper_table(results: dict, run_dir, key: str) -> str:
-    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
-    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
-    import yaml
-    table = yaml.safe_load(PAPERS.read_text())
-    if key not in table:
-        raise ValueError(f"{PAPERS}: expected an entry --paper {key!r}; it has {', '.join(table)}")
-    entry, cells = table[key], []
-    for m in entry["metrics"]:
-        if m == "pcc_spot":
-            folds = [[read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
-                     for name in results["fold_names"]]
-            v = [pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
-                 for fs in folds]
-            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
-        else:
-            cells.append(_mean_std(results["metrics"][m]))
-    lines = [f"{entry['source']} ({key}), beside {results['run']} ({results['n_folds']} folds):", "",
-             "| method | " + " | ".join(entry["metrics"]) + " |", "| --- |" + " --- |" * len(entry["metrics"])]
-    lines += [f"| {name} (paper) | " + " | ".join(str(v) for v in row) + " |" for name, row in entry["rows"].items()]
-    lines.append(f"| {results['run']} (this run) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -517,7 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         results = [evaluate_run(d) for d in a.runs]
-        papers = [paper_table(r, d, a.paper) for r, d in zip(results, a.runs)] if a.paper else []
+        papers = []
+        if a.paper:                                 # the papers' numbers: protocols.py
+            import protocols
+            papers = [protocols.paper_table(r, d, a.paper) for r, d in zip(results, a.runs)]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
     for r in results:

@@ -1,7 +1,7 @@
-"""The papers' own protocols, as pure functions: which slides a dataset has, how gene names are
-harmonised, how targets are smoothed (REPRODUCE.md says which paper uses which; each function is
-tested against a reference written in its test). The papers' fold assignments are in data.py's folds
-section, beside the default one.
+"""The papers' own protocols: which slides a dataset has, how its folds are assigned (data.make_folds
+calls these beside its default one), how gene names are harmonised, how targets are smoothed, all pure
+functions; and the papers' published numbers beside a run's (`eval.py RUN --paper KEY`). REPRODUCE.md
+says which paper uses which; each function is tested against a reference written in its test.
 """
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import eval as evaluation
 from data import CacheError
 
-# What the papers' own code does to slides, folds, gene names and targets, as pure functions
-# (REPRODUCE.md says which paper uses which; each is tested against a reference written in its test).
-
 PROTOCOLS = Path(__file__).with_name("configs") / "protocols"
+PAPERS = PROTOCOLS / "papers.yaml"
 
 
 def expand_slide_ranges(items: list, where="") -> list[str]:
@@ -67,6 +66,34 @@ def dataset_slides(spec: str) -> tuple[Path, list[str]]:
     return path, lists[key]
 
 
+def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
+    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the sorted
+    group ids (MERGE and FEAST split their slide lists this way): a seeded permutation (numpy's legacy
+    RandomState.shuffle) cut into k consecutive parts, the first n % k parts one longer."""
+    ids = sorted(groups)
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = [len(ids) // k + (i < len(ids) % k) for i in range(k)]
+    starts = np.cumsum([0] + sizes)
+    return [sorted(ids[j] for j in order[starts[i]:starts[i + 1]]) for i in range(k)]
+
+
+def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
+    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's global
+    generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking the rest.
+    HiST lists slide files in directory order; here the list is sorted, so the parts are reproducible."""
+    ids = sorted(groups)
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+    order = list(range(len(ids)))
+    np.random.RandomState(seed).shuffle(order)
+    size = len(ids) // k
+    return [sorted(ids[j] for j in (order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:]))
+            for i in range(k)]
+
+
 def harmonise_gene_names(genes) -> list[str]:
     """HiST A.1 (its preprocessing code): drop an assembly or species prefix (GRCh38_, GRCm39-, human_,
     mm10_, ...), drop everything from the first '.' (Ensembl version suffixes, and also the '.1' of
@@ -75,12 +102,30 @@ def harmonise_gene_names(genes) -> list[str]:
     return [prefix.sub("", str(g)).split(".")[0].upper() for g in genes]
 
 
-
 # data.smooth of a config: SPCS with the parameters of MERGE's smoothing notebook; rescale: MERGE's
 # 'spcs_to_8n' targets, each gene min-max scaled onto the slide's range of 8-neighbour means of log10
 # expression (eight_neighbour_mean, minmax_to_range; train.slide_targets).
 SMOOTH = {"method": "spcs", "alpha": 0.6, "beta": 0.4, "tau_p": 16, "tau_s": 2, "pcs": 10, "hexagonal": False,
           "rescale": False}
+
+
+def array_neighbours(grid):
+    """(N, 2) integer array positions -> (neighbour, n_sites): neighbour(di, dj) is the (N,) row of the spot
+    at each spot's position + (di, dj), -1 where there is none; n_sites is the number of distinct
+    positions (N when they are unique; a repeated position holds its last spot). One lookup table over
+    the bounding box, never N x N."""
+    g = np.asarray(grid, dtype=np.int64)
+    g = g - g.min(0)
+    table = np.full(g.max(0) + 1, -1, dtype=np.int64)
+    table[g[:, 0], g[:, 1]] = np.arange(len(g))
+
+    def neighbour(di: int, dj: int) -> np.ndarray:
+        i, j = g[:, 0] + di, g[:, 1] + dj
+        ok = (i >= 0) & (j >= 0) & (i < table.shape[0]) & (j < table.shape[1])
+        nb = np.full(len(g), -1)
+        nb[ok] = table[i[ok], j[ok]]
+        return nb
+    return neighbour, int((table >= 0).sum())
 
 
 def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau_s: int = 2,
@@ -96,7 +141,6 @@ def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau
     Component signs follow the largest-|score| entry of each component (R's randomised PCA leaves them
     arbitrary). Pattern neighbours are found `chunk` rows at a time (never N x N at once)."""
     x = np.asarray(expr, dtype=np.float64)
-    g = np.asarray(grid, dtype=np.int64)
     n = len(x)
     # pattern neighbours
     u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(x - x.mean(0)), full_matrices=False))
@@ -117,12 +161,10 @@ def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau
         w = np.take_along_axis(r, top, 1)
         w /= w.sum(1, keepdims=True) + 1e-8
         pattern[a:b] = np.einsum("bk,bkg->bg", w, x[top])
-    # spatial neighbours on the integer array: a lookup table over the bounding box
-    g = g - g.min(0)
-    table = np.full(g.max(0) + 1, -1, dtype=np.int64)
-    table[g[:, 0], g[:, 1]] = np.arange(n)
-    if (table >= 0).sum() != n:
-        raise ValueError(f"spcs: expected unique grid positions, found {n - int((table >= 0).sum())} repeated")
+    # spatial neighbours on the integer array
+    neighbour, n_sites = array_neighbours(grid)
+    if n_sites != n:
+        raise ValueError(f"spcs: expected unique grid positions, found {n - n_sites} repeated")
     t = 2 * tau_s if hexagonal else tau_s
     spatial, wsum = np.zeros_like(x), np.zeros(n)
     for di in range(-t, t + 1):
@@ -130,10 +172,7 @@ def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau
             dist = abs(di) + abs(dj)
             if not 0 < dist <= t:
                 continue
-            i, j = g[:, 0] + di, g[:, 1] + dj
-            ok = (i >= 0) & (j >= 0) & (i < table.shape[0]) & (j < table.shape[1])
-            nb = np.full(n, -1)
-            nb[ok] = table[i[ok], j[ok]]
+            nb = neighbour(di, dj)
             has = nb >= 0
             spatial[has] += x[nb[has]] / dist
             wsum[has] += 1.0 / dist
@@ -144,17 +183,11 @@ def spcs(expr, grid, alpha: float = 0.6, beta: float = 0.4, tau_p: int = 16, tau
 def eight_neighbour_mean(expr, grid) -> np.ndarray:
     """Each spot's mean over itself and its (up to) 8 array neighbours, |di|, |dj| <= 1 (MERGE's '8n')."""
     x = np.asarray(expr, dtype=np.float64)
-    g = np.asarray(grid, dtype=np.int64)
-    g = g - g.min(0)
-    table = np.full(g.max(0) + 1, -1, dtype=np.int64)
-    table[g[:, 0], g[:, 1]] = np.arange(len(x))
+    neighbour, _ = array_neighbours(grid)
     total, count = np.zeros_like(x), np.zeros(len(x))
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
-            i, j = g[:, 0] + di, g[:, 1] + dj
-            ok = (i >= 0) & (j >= 0) & (i < table.shape[0]) & (j < table.shape[1])
-            nb = np.full(len(x), -1)
-            nb[ok] = table[i[ok], j[ok]]
+            nb = neighbour(di, dj)
             total[nb >= 0] += x[nb[nb >= 0]]
             count[nb >= 0] += 1
     return total / count[:, None]
@@ -166,3 +199,28 @@ def minmax_to_range(x, lo: float, hi: float) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     span = x.max(0) - x.min(0)
     return (x - x.min(0)) / np.where(span > 0, span, 1.0) * (hi - lo) + lo
+
+
+# ---- a paper's numbers beside a run's -------------------------------------------------------------
+def paper_table(results: dict, run_dir, key: str) -> str:
+    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
+    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
+    import yaml
+    table = yaml.safe_load(PAPERS.read_text())
+    if key not in table:
+        raise ValueError(f"{PAPERS}: expected an entry --paper {key!r}; it has {', '.join(table)}")
+    entry, cells = table[key], []
+    for m in entry["metrics"]:
+        if m == "pcc_spot":
+            folds = [[evaluation.read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
+                     for name in results["fold_names"]]
+            v = [evaluation.pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
+                 for fs in folds]
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
+        else:
+            cells.append(evaluation.mean_std(results["metrics"][m]))
+    lines = [f"{entry['source']} ({key}), beside {results['run']} ({results['n_folds']} folds):", "",
+             "| method | " + " | ".join(entry["metrics"]) + " |", "| --- |" + " --- |" * len(entry["metrics"])]
+    lines += [f"| {name} (paper) | " + " | ".join(str(v) for v in row) + " |" for name, row in entry["rows"].items()]
+    lines.append(f"| {results['run']} (this run) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

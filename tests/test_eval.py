@@ -12,6 +12,7 @@ import torch
 
 import eval as ev
 import predict
+import protocols
 
 ROOT = ev.Path(ev.__file__).resolve().parent
 
@@ -588,14 +589,14 @@ def test_pcc_spot_is_hifusions_per_spot_pearson():
 def test_paper_numbers_print_beside_the_run(fake_run):
     run, folds, _ = fake_run
     results = ev.evaluate_run(run)
-    text = ev.paper_table(results, run, "hifusion:her2st")
+    text = protocols.paper_table(results, run, "hifusion:her2st")
     assert text.startswith('HiFusion (AAAI 2026), "Main Results", columns HER2-2D')
     assert "| method | mse | pcc_spot |" in text and "| HiFusion (paper) | 0.5459 | 0.4961 |" in text
     spot = [ev.pcc_spot([s[0] for s in slides], [s[1] for s in slides]) for slides in folds]
     mse = results["metrics"]["mse"]
     assert text.splitlines()[-1] == (f"| fake (this run) | {mse['mean']:.4f} ± {mse['std']:.4f} | "
                                      f"{np.mean(spot):.4f} ± {np.std(spot):.4f} |")
-    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in ev.paper_table(results, run, "hist:brain")
+    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in protocols.paper_table(results, run, "hist:brain")
     r = subprocess.run([sys.executable, str(ev.Path(ev.__file__)), str(run), "--paper", "hist:nowhere"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "expected an entry --paper 'hist:nowhere'; it has hist:brain" in r.stderr
