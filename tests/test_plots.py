@@ -12,9 +12,12 @@ import data
 import eval as ev
 import predict
 import plots
+import test_eval
 from attention import signed_weights
 from model import ModelConfig, build_model
-from test_eval import ROOT, tiny_run  # noqa: F401  (the module-scoped trained run)
+from test_eval import ROOT
+
+tiny_run = test_eval.tiny_run       # the module-scoped trained run, a fixture of test_eval.py
 
 # ---------------------------------------------------------------- attention of one spot
 CONFIGS = {  # every attention mode and bias, signed and not, at the spot level and coarser
