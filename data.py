@@ -1,9 +1,9 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds (balanced by patient, or the papers' own assignments) · command line. The HEST import
-and placeholder encoder are in hest.py, the papers' slide lists, fold assignments and label smoothing
-in protocols.py, the synthetic generator in synthetic.py.
+targets · folds (balanced by patient, and the papers' own fold assignments) · command line. The HEST
+import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
+protocols.py, the synthetic generator in synthetic.py.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
     python data.py embed | import-hest | bin ...     # the same as python hest.py ...
     python data.py synth ...                         # the same as python synthetic.py ...
@@ -79,7 +79,6 @@ def not_an_input(out_dir, *inputs) -> None:
 
 
 # ----------------------------------------------------------------------------- cache format
-
 class CacheError(ValueError):
     """A file that does not have the layout it should; the message names file, key, expected, found."""
 
@@ -328,9 +327,7 @@ def list_slides(root) -> list[Path]:
     return paths
 
 
-
 # ----------------------------------------------------------------------------- small text formats
-
 def read_gmt(path) -> dict[str, list[str]]:
     """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...`."""
     sets = {}
@@ -391,7 +388,6 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
 
 
 # ----------------------------------------------------------------------------- gene selection and targets
-
 def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> list[str]:
     """Top-n genes of the given slides' raw counts (list of (N_i, G) arrays sharing `genes`), best first.
     by='mean': mean raw count. by='hvg': scanpy's 'seurat' flavour: normalise each spot to 1e4, log1p,
@@ -444,12 +440,11 @@ def log_targets(counts, library_size=None, normalize: bool = False) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- folds
-
 def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanced") -> list[tuple[list[str], list[str]]]:
     """k folds grouped by patient (no patient in both train and test), each slide tested once.
     assign='balanced': patients are shuffled by `seed` and dealt, largest first, to the fold with fewest
     slides; 'kfold': scikit-learn's shuffled KFold over the sorted patients (MERGE, FEAST); 'hist': HiST's
-    split (protocols.kfold_groups, protocols.hist_groups). k=-1 gives leave-one-patient-out. `patients` is aligned with
+    split (kfold_groups, hist_groups). k=-1 gives leave-one-patient-out. `patients` is aligned with
     slide_ids, or a dict slide id -> patient; pass the slide ids themselves to split by slide."""
     ids = [str(s) for s in slide_ids]
     pat = [str(patients[s]) for s in ids] if isinstance(patients, dict) else [str(p) for p in patients]
@@ -461,9 +456,8 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
     k = len(people) if k == -1 else k
     if k < 2 or k > len(people):
         raise ValueError(f"make_folds: expected 2 <= k <= {len(people)} (the number of patients) or k=-1, found k={k}")
-    if assign in ("kfold", "hist"):                   # the papers' own assignments
-        import protocols                               # (it imports data: imported here, not at the top)
-        tests = (protocols.kfold_groups if assign == "kfold" else protocols.hist_groups)(people, k, seed)
+    if assign in ("kfold", "hist"):
+        tests = (kfold_groups if assign == "kfold" else hist_groups)(people, k, seed)
         return [([s for s in of if of[s] not in t], [s for s in of if of[s] in t]) for t in map(set, tests)]
     if assign != "balanced":
         raise ValueError(f"make_folds: expected assign balanced, kfold or hist, found {assign!r}")
@@ -476,8 +470,35 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
     return [([s for s in of if of[s] not in f], [s for s in of if of[s] in f]) for f in folds]
 
 
-# ----------------------------------------------------------------------------- sub-spot inputs
+def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
+    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the sorted
+    group ids (MERGE and FEAST split their slide lists this way): a seeded permutation (numpy's legacy
+    RandomState.shuffle) cut into k consecutive parts, the first n % k parts one longer."""
+    ids = sorted(groups)
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = [len(ids) // k + (i < len(ids) % k) for i in range(k)]
+    starts = np.cumsum([0] + sizes)
+    return [sorted(ids[j] for j in order[starts[i]:starts[i + 1]]) for i in range(k)]
 
+
+def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
+    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's global
+    generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking the rest.
+    HiST lists slide files in directory order; here the list is sorted, so the parts are reproducible."""
+    ids = sorted(groups)
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+    order = list(range(len(ids)))
+    np.random.RandomState(seed).shuffle(order)
+    size = len(ids) // k
+    return [sorted(ids[j] for j in (order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:]))
+            for i in range(k)]
+
+
+# ----------------------------------------------------------------------------- sub-spot inputs
 def sub_inputs(slide: Slide, sub_levels: int) -> dict:
     """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error naming the
     slide and the config key when the cache does not have the r x r sub-patches it needs."""
@@ -494,7 +515,6 @@ def sub_inputs(slide: Slide, sub_levels: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-
 # the cache-building commands live in hest.py and synthetic.py; `python data.py <command>` still runs them
 FORWARDED = {"embed": "hest.py embed", "import-hest": "hest.py import-hest", "bin": "hest.py bin",
              "synth": "synthetic.py"}
@@ -502,12 +522,10 @@ FORWARDED = {"embed": "hest.py embed", "import-hest": "hest.py import-hest", "bi
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("embed", "import-hest", "bin"):
-        import hest                                    # imports data: imported here, not at the top
-        return hest.main(argv)
-    if argv and argv[0] == "synth":
+    if argv and argv[0] in FORWARDED:                  # they import data: imported here, not at the top
+        import hest
         import synthetic
-        return synthetic.main(argv[1:])
+        return synthetic.main(argv[1:]) if argv[0] == "synth" else hest.main(argv)
     ap = argparse.ArgumentParser(prog="data.py", description="Gene lists from slide caches (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")

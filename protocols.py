@@ -1,7 +1,8 @@
-"""The papers' own protocols: which slides a dataset has, how its folds are assigned (data.make_folds
-calls these beside its default one), how gene names are harmonised, how targets are smoothed, all pure
-functions; and the papers' published numbers beside a run's (`eval.py RUN --paper KEY`). REPRODUCE.md
-says which paper uses which; each function is tested against a reference written in its test.
+"""The papers' own protocols, as pure functions: which slides a dataset has, how gene names are
+harmonised, how targets are smoothed (REPRODUCE.md says which paper uses which; each function is
+tested against a reference written in its test); and the papers' published numbers beside a run's
+(`eval.py RUN --paper KEY`). The papers' fold assignments are in data.py's folds section, beside the
+default one.
 """
 from __future__ import annotations
 
@@ -64,34 +65,6 @@ def dataset_slides(spec: str) -> tuple[Path, list[str]]:
     if key not in lists:
         raise CacheError(f"{path}: expected a dataset {key!r}; it has {sorted(lists)}")
     return path, lists[key]
-
-
-def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the sorted
-    group ids (MERGE and FEAST split their slide lists this way): a seeded permutation (numpy's legacy
-    RandomState.shuffle) cut into k consecutive parts, the first n % k parts one longer."""
-    ids = sorted(groups)
-    if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
-    order = np.arange(len(ids))
-    np.random.RandomState(seed).shuffle(order)
-    sizes = [len(ids) // k + (i < len(ids) % k) for i in range(k)]
-    starts = np.cumsum([0] + sizes)
-    return [sorted(ids[j] for j in order[starts[i]:starts[i + 1]]) for i in range(k)]
-
-
-def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's global
-    generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking the rest.
-    HiST lists slide files in directory order; here the list is sorted, so the parts are reproducible."""
-    ids = sorted(groups)
-    if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
-    order = list(range(len(ids)))
-    np.random.RandomState(seed).shuffle(order)
-    size = len(ids) // k
-    return [sorted(ids[j] for j in (order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:]))
-            for i in range(k)]
 
 
 def harmonise_gene_names(genes) -> list[str]:

@@ -1,13 +1,13 @@
-"""Tests for protocols.py: the papers' slide lists, fold assignments and label smoothing, each against a
-reference written here (the papers' own code restated, dense loops). Gene-name harmonisation is tested
-with the h5ad import (test_hest.py), the papers' numbers beside a run's with eval.py (test_eval.py)."""
+"""Tests for protocols.py: the papers' slide lists and label smoothing, each against a reference written
+here (the papers' own code restated, dense loops). Gene-name harmonisation is tested with the h5ad
+import (test_hest.py), the papers' numbers beside a run's with eval.py (test_eval.py), the papers'
+fold assignments with the other folds (test_data.py)."""
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import data
 import protocols
 from data import CacheError
 
@@ -36,52 +36,6 @@ def test_slide_lists_refuse_a_slide_in_two_datasets_and_a_wrong_count(tmp_path):
     p.write_text("a: {slides: [S3-T5]}\n")
     with pytest.raises(CacheError, match=r"expected an id range like NCBI628-NCBI641, found 'S3-T5'"):
         protocols.read_slide_lists(p)
-
-
-@pytest.mark.parametrize("n,k,seed", [(36, 8, 3927), (12, 8, 3927), (68, 8, 3927), (9, 4, 1)])
-def test_kfold_groups_are_scikit_learns_shuffled_kfold(n, k, seed):
-    ids = [f"s{i:03d}" for i in range(n)][::-1]                       # any order in: sorted inside
-    # reference: sklearn's KFold(shuffle=True) = a RandomState permutation cut into k consecutive parts,
-    # the first n % k one longer, each part's ids in index order
-    perm = np.random.RandomState(seed).permutation(n)
-    expect, start = [], 0
-    for i in range(k):
-        size = n // k + (1 if i < n % k else 0)
-        expect.append([sorted(ids)[j] for j in sorted(perm[start:start + size])])
-        start += size
-    assert protocols.kfold_groups(ids, k, seed) == expect
-    try:
-        from sklearn.model_selection import KFold
-    except ImportError:
-        return
-    s = np.array(sorted(ids))
-    assert [s[t].tolist() for _, t in KFold(k, shuffle=True, random_state=seed).split(s)] == expect
-
-
-@pytest.mark.parametrize("n,k", [(14, 4), (41, 4), (4, 4), (15, 4)])
-def test_hist_groups_are_hists_split(n, k):
-    ids = [f"NCBI{600 + i}" for i in range(n)]
-    # reference: HiST's lib/utils/data.py split_datasets with numpy's global generator seeded 0
-    np.random.seed(0)
-    shuffled = sorted(ids)
-    np.random.shuffle(shuffled)
-    size = len(shuffled) // k
-    expect = [sorted(shuffled[i * size:(i + 1) * size] if i < k - 1 else shuffled[i * size:]) for i in range(k)]
-    assert protocols.hist_groups(ids, k, 0) == expect
-    folds = data.make_folds(ids, ids, k, 0, assign="hist")
-    assert [te for _, te in folds] == expect and all(not set(tr) & set(te) for tr, te in folds)
-
-
-def test_make_folds_by_slide_and_by_patient_with_kfold():
-    ids = [f"{p}{i}" for p in "ABCDEFGH" for i in range(1, 4)]
-    by_patient = data.make_folds(ids, [s[0] for s in ids], 4, 3927, assign="kfold")
-    tests = [te for _, te in by_patient]
-    assert sorted(s for t in tests for s in t) == sorted(ids)
-    assert all(len({s[0] for s in t}) == 2 and len(t) == 6 for t in tests)      # whole patients
-    expect = protocols.kfold_groups(list("ABCDEFGH"), 4, 3927)
-    assert [sorted({s[0] for s in t}) for t in tests] == expect
-    with pytest.raises(ValueError, match="expected assign balanced, kfold or hist"):
-        data.make_folds(ids, ids, 4, 0, assign="random")
 
 
 def spcs_reference(E, grid, alpha, beta, tau_p, tau_s, n_pcs, hexagonal):
