@@ -53,8 +53,8 @@ def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32, m
                   ) -> torch.Tensor:
     """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
     The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo dropout
-    pass instead: dropout active (train mode, still no grad), random numbers seeded by `mc_seed` so that
-    reruns are identical, the global random state left as it was."""
+    pass: the same path with only the dropout layers (and attention dropout) switched to training, random
+    numbers seeded by `mc_seed` so that reruns are identical, the global random state left as it was."""
     return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed)["pred"]
 
 
@@ -72,7 +72,10 @@ def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32,
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
         if mc_seed is not None:
             torch.manual_seed(mc_seed)
-        model.train(mc_seed is not None)
+        model.eval()
+        if mc_seed is not None:   # dropout on, everything else in eval: the low-memory path stays
+            for m in model.modules():
+                m.train(isinstance(m, torch.nn.Dropout) or hasattr(m, "attn_drop"))
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 return _to_cpu(model(*args, out_dtype=dtype, **sub))

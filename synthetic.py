@@ -94,11 +94,11 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
                              f"{' with --pseudo' if pseudo else ''}")
         from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
         pitch, n_spots = pitch / sub, n_spots * sub * sub
-    # sub: programs vary over a third of their usual length (in sub-spot pitches) and a sub-patch shows its
-    # sub-spot with half the usual noise, so that the sub-spots of one spot differ, visibly. (With the usual
-    # lengths, even a ridge fitted on the sub-spot truth beats copying the spot into its sub-spots by
+    # sub: programs vary over a quarter of their usual length (in sub-spot pitches) and a sub-patch shows its
+    # sub-spot with a third of the usual noise, so that the sub-spots of one spot differ, visibly. (With the
+    # usual lengths, even a ridge fitted on the sub-spot truth beats copying the spot into its sub-spots by
     # only ~0.02 PCC: count noise hides what little differs inside a spot.)
-    scale, clarity = (0.35, 2.0) if sub else (1.0, 1.0)
+    scale, clarity = (0.25, 3.0) if sub else (1.0, 1.0)
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
     rng = np.random.default_rng(seed)
     P, S = len(PROGRAMS), len(FIELDS)

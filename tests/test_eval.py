@@ -488,6 +488,31 @@ def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
     np.testing.assert_allclose(mean.numpy(), predict.predict_slide(off, slide, True, "cpu").numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_mc_dropout_pass_is_the_training_mode_forward_without_its_memory(tiny_run):
+    """A Monte-Carlo pass keeps the low-memory inference path, yet equals the plain training-mode forward
+    (every module in train mode, no grad) with the same random seed: same dropout, same draws."""
+    import data
+    model, genes = predict.load_fold_models(tiny_run, folds=[0])[0]
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_03.h5")
+    mc = predict.predict_slide(model, slide, True, "cpu", mc_seed=11)
+    args = [slide.features, slide.coords, slide.pseudo_features, slide.pseudo_coords]
+    torch.manual_seed(11)
+    with torch.no_grad():
+        ref = model.train()(*args)["pred"]
+    model.eval()
+    np.testing.assert_allclose(mc.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mc, predict.predict_slide(model, slide, True, "cpu"))  # dropout did act
+    seen = []
+    import model as tessera_model
+    real = tessera_model.inference
+    tessera_model.inference = lambda module: seen.append(real(module)) or seen[-1]
+    try:
+        predict.predict_slide(model, slide, True, "cpu", mc_seed=11)
+    finally:
+        tessera_model.inference = real
+    assert seen and all(seen)  # every block and the model took the inference path
+
+
 def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_run, tmp_path):
     anndata = pytest.importorskip("anndata")
     r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic", "--out", tmp_path / "p",
