@@ -109,22 +109,28 @@ def radius_pairs(xy: torch.Tensor, radius: float, queries: torch.Tensor | None =
     return i[keep], j[keep]
 
 
-def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float) -> torch.Tensor:
-    """(N, C) -> (N, C) float32: mean of x over the other spots within `radius`; a spot with none keeps its
-    own x. One chunk of query spots at a time, so memory is a chunk's pairs, not all of a slide's."""
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for queries in torch.arange(len(x), device=x.device).split(CHUNK):
+def neighbour_mean(x: torch.Tensor, xy: torch.Tensor, radius: float, start: int = 0, stop: int | None = None
+                   ) -> torch.Tensor:
+    """Rows start .. stop (default: all) of the (N, C) float32 mean of x over the other spots within
+    `radius`; a spot with none keeps its own x. Query spots and their pairs go a chunk at a time: memory is
+    a chunk's, never a slide's."""
+    stop = len(xy) if stop is None else stop
+    out = []
+    for q0 in range(start, stop, CHUNK):
+        queries = torch.arange(q0, min(q0 + CHUNK, stop), device=xy.device)
         i, j = radius_pairs(xy, radius, queries)
-        total = torch.zeros(len(queries), x.shape[1], device=x.device).index_add_(0, i - queries[0], x[j].float())
-        count = torch.bincount(i - queries[0], minlength=len(queries)).float()[:, None]
-        out[queries] = torch.where(count > 0, total / count.clamp_min(1), x[queries].float())
-    return out
+        own = x[queries].float()
+        total = torch.zeros_like(own)
+        for p in range(0, len(i), CHUNK):  # the pairs too: a chunk has ~30 times as many pairs as spots
+            total.index_add_(0, i[p:p + CHUNK] - q0, x[j[p:p + CHUNK]].float())
+        count = torch.bincount(i - q0, minlength=len(queries)).float()[:, None]
+        out.append(torch.where(count > 0, total / count.clamp_min(1), own))
+    return torch.cat(out) if len(out) != 1 else out[0]
 
 
-def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
-    """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
-    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. Statistics in
-    float64, the output in the input's dtype (float16 stays float16), one chunk of spots at a time."""
+def slide_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (C,) float32 of features (N, C) over the slide's own spots, accumulated
+    in float64 one chunk of spots at a time; std at least 1e-6."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     square = torch.zeros_like(total)
     for rows in x.split(CHUNK):
@@ -132,13 +138,21 @@ def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
         square += rows.double().pow(2).sum(0)
     mean = total / len(x)
     std = (square / len(x) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
+    """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
+    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. A copy in the
+    input's dtype (float16 stays float16), made one chunk of spots at a time."""
+    mean, std = slide_statistics(x)
 
     def apply(a):
         if a is None:
             return None
         out = torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
         for start in range(0, len(a), CHUNK):
-            out[start:start + CHUNK] = ((a[start:start + CHUNK].double() - mean) / std).to(out.dtype)
+            out[start:start + CHUNK] = ((a[start:start + CHUNK].float() - mean) / std).to(out.dtype)
         return out
     out = [apply(x)] + [apply(o) for o in others]
     return out if others else out[0]
@@ -187,18 +201,28 @@ class SpatialRidge(nn.Module):
         self.bias.copy_(ym)
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
-        # the same as (design - design_mean) @ weight + bias, but projected to genes before the neighbour
-        # means (both are linear): memory (N, G) per radius, never the (N, C (1 + R)) design
-        C, R = self.feat_mean.numel(), len(self.cfg.radii)
-        z = slide_standardise(features).float() if self.cfg.slide_norm else \
-            (features.float() - self.feat_mean) / self.feat_std
+                return_attention=False, out_dtype=None, into=None, **unused):
+        """(design - design_mean) @ weight + bias, a chunk of spots at a time: memory is the (N, G) output
+        and a chunk's design, never the (N, C (1 + R)) design nor a standardised copy of the features.
+        `into` (N, G): the prediction is added into it, in place, instead of returned in a new tensor."""
+        C, R, N = self.feat_mean.numel(), len(self.cfg.radii), len(features)
+        mean, std = slide_statistics(features) if self.cfg.slide_norm else (self.feat_mean, self.feat_std)
+        z = lambda x: (x.float() - mean) / std  # noqa: E731  (affine: the mean of z is z of the mean)
         w = self.weight.view(1 + R, C, -1)
-        pred = z @ w[0] + (self.bias - self.design_mean @ self.weight)
-        pitch = lattice.median_nn_distance(coords) if len(coords) > 1 else 1.0
-        for r, w_r in zip(self.cfg.radii, w[1:]):
-            pred = pred + neighbour_mean(z @ w_r, coords, r * pitch)
-        return {"pred": pred.to(out_dtype) if out_dtype else pred}
+        bias = self.bias - self.design_mean @ self.weight
+        pitch = lattice.median_nn_distance(coords) if N > 1 else 1.0
+        pred = into if into is not None else torch.empty(N, w.shape[2], dtype=out_dtype or torch.float32,
+                                                        device=features.device)
+        for q0 in range(0, N, CHUNK):
+            rows = slice(q0, min(q0 + CHUNK, N))
+            p = z(features[rows]) @ w[0] + bias
+            for r, w_r in zip(self.cfg.radii, w[1:]):
+                p += z(neighbour_mean(features, coords, r * pitch, rows.start, rows.stop)) @ w_r
+            if into is not None:
+                pred[rows] += p.to(pred.dtype)
+            else:
+                pred[rows] = p
+        return {"pred": pred}
 
 
 class SpatialStart(nn.Module):
@@ -241,12 +265,16 @@ class SpatialStart(nn.Module):
         return self.net.feat_mean
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
-        raw = features  # the spatial ridge reads raw features and applies its own slide_norm
-        if self.cfg.slide_norm:
-            features, pseudo_features = slide_standardise(features, pseudo_features)
+                return_attention=False, out_dtype=None, **sub):
+        """The network's output with the spatial ridge added to "pred". slide_norm hands the network the
+        slide's own feature statistics (no standardised copy of the features); in inference the ridge is
+        added into the network's prediction in place, so a large slide holds one (N, G) prediction."""
+        stats = slide_statistics(features) if self.cfg.slide_norm else None
         out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
-                       return_attention=return_attention, out_dtype=out_dtype)
-        if self.start is not None:
-            out["pred"] = out["pred"] + self.start(raw, coords)["pred"].to(out["pred"].dtype)
+                       return_attention=return_attention, out_dtype=out_dtype, feat_stats=stats, **sub)
+        if self.start is not None:  # the ridge reads the raw features and applies its own slide_norm
+            if torch.is_grad_enabled():
+                out["pred"] = out["pred"] + self.start(features, coords)["pred"].to(out["pred"].dtype)
+            else:
+                self.start(features, coords, into=out["pred"])
         return out

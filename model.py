@@ -375,9 +375,11 @@ class Tessera(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None, sub_features=None, sub_valid=None):
+                return_attention=False, out_dtype=None, sub_features=None, sub_valid=None, feat_stats=None):
         """features (N, C), coords (N, 2) in micrometres -> {"pred": (N, G), ...} in the caller's spot order.
         `out_dtype`: dtype of the per-spot outputs (default float32; float16 halves a 1M-spot prediction).
+        `feat_stats`: (mean, std), (C,) each, to standardise every feature (spots, sub-patches, pseudo-spots)
+        with instead of the training statistics (model.slide_norm: the slide's own, baselines.SpatialStart).
         Every per-spot step runs on chunks of spots; without grad in eval mode their results are written into
         preallocated tensors, so memory stays a few (N, d) tensors plus the outputs."""
         cfg, L, N = self.cfg, len(self.cfg.depths), features.shape[0]
@@ -407,14 +409,14 @@ class Tessera(nn.Module):
         else:
             pyramid = lattice.build_pyramid(sites, L, cfg.w)      # built once, shared by every layer
         levels = pyramid.levels[K:]                               # the spot level and the coarser ones
-        x = call(by_rows, lambda rows: self._stem(features[order[rows]]), N)  # (N, d), no (N, C) copy
+        x = call(by_rows, lambda rows: self._stem(features[order[rows]], feat_stats), N)  # (N, d), no (N, C) copy
         if cfg.pos_encoding:
             x = x + sinusoidal_2d(sites, cfg.dim)
         tokens = self.tokens
 
         align, sub_skips = None, []
         if K:  # levels below the spot: stem on the sub-patches, a block per level, pooled into the spot
-            xs = call(by_rows, lambda rows: self._stem(sub_features[order[spot_of[rows]], s_of[rows]]), len(s_of))
+            xs = call(by_rows, lambda rows: self._stem(sub_features[order[spot_of[rows]], s_of[rows]], feat_stats), len(s_of))
             for l in range(K):
                 level = pyramid.levels[l]
                 xs, tokens = call(self.sub_encoder[l], xs, tokens, level, self._knn_index(level, self.sub_encoder[l:l + 1]), maps)
@@ -428,7 +430,7 @@ class Tessera(nn.Module):
             xy = coords / unit                                   # continuous lattice units, (N, 2)
             if pseudo_features is not None:
                 xy = torch.cat([xy, pseudo_coords / unit])       # (N + M, 2)
-                x = torch.cat([x, self._stem(pseudo_features)])
+                x = torch.cat([x, self._stem(pseudo_features, feat_stats)])
             index = knn(xy, xy, min(cfg.knn_k, xy.shape[0]))
             points = _Points(xy)
             for block in self.local:
@@ -520,8 +522,9 @@ class Tessera(nn.Module):
             out["sub_index"] = sub_index
         return out
 
-    def _stem(self, features):
-        return self.stem((features - self.feat_mean) / self.feat_std)
+    def _stem(self, features, stats=None):
+        mean, std = (self.feat_mean, self.feat_std) if stats is None else stats  # training's, or the slide's
+        return self.stem((features - mean) / std)
 
     def _head(self, x, tokens):
         """Normalised tokens x (n, d) -> {"pred": (n, G), ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""

@@ -88,9 +88,13 @@ def fitted(cfg, train):
 
 
 @pytest.mark.parametrize("slide_norm", [False, True])
-def test_spatial_ridge_matches_explicit_neighbours_and_a_least_squares_solve(slide_norm):
+@pytest.mark.parametrize("chunk", [1 << 14, 7])
+def test_spatial_ridge_matches_explicit_neighbours_and_a_least_squares_solve(slide_norm, chunk, monkeypatch):
     """ridge_spatial: ridge with intercept on [z, mean z within r1 pitches, within r2 pitches], z the
-    standardised features (training statistics, or the slide's own with slide_norm)."""
+    standardised features (training statistics, or the slide's own with slide_norm); predicted in one
+    chunk of spots, or in chunks of 7 spots (and of 7 neighbour pairs)."""
+    import baselines
+    monkeypatch.setattr(baselines, "CHUNK", chunk)
     radii, alpha = [1.5, 3.0], 2.0
     slides = [grid_slide(seed=s) for s in range(3)]
     m = fitted(ModelConfig(arch="ridge_spatial", radii=radii, ridge_alpha=alpha, slide_norm=slide_norm), slides[:2])
@@ -117,6 +121,41 @@ def test_spatial_start_begins_at_the_spatial_ridge_and_then_learns_a_residual(he
     torch.nn.functional.mse_loss(m(f, xy)["pred"], y).backward()
     assert m._last().weight.grad.abs().sum() > 0
     assert all(not n.startswith("start.") for n, _ in m.named_parameters())
+
+
+def test_spatial_start_is_the_ridge_plus_the_network_on_slide_standardised_spots_and_sub_patches(monkeypatch):
+    """spatial_start + slide_norm with a sub-spot level: prediction = the spatial ridge (reference above) +
+    the plain network on spot and sub-patch features standardised by the slide's spot statistics (numpy),
+    in inference (chunks of 7 rows, the ridge added in place) as with grad."""
+    import attention
+    import baselines
+    radii, alpha = [1.5], 1.0
+    slides = [grid_slide(seed=s) for s in range(3)]
+    cfg = dict(TINY, sub_levels=1, coarse_attention="same")
+    m = fitted(ModelConfig(spatial_start=True, slide_norm=True, radii=radii, ridge_alpha=alpha, **cfg), slides[:2])
+    with torch.no_grad():
+        for p in m.net.parameters():                                  # a residual that is not zero
+            p.add_(0.1 * torch.randn_like(p))
+    plain = build_model(ModelConfig(**cfg), C, G).eval()
+    plain.load_state_dict(m.net.state_dict())
+    plain.feat_mean.zero_()
+    plain.feat_std.fill_(1.0)
+    f, xy, _ = slides[2]
+    sub = f[:, None] + torch.randn(len(f), 4, C, generator=torch.Generator().manual_seed(0))
+    F = f.numpy().astype(np.float64)
+    mean, std = F.mean(0), F.std(0)
+    z = torch.tensor((F - mean) / std, dtype=torch.float32)
+    zs = torch.tensor((sub.numpy() - mean) / std, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref_spatial_ridge(slides[:2], slides[2], radii, alpha, True) + \
+            plain(z, xy, sub_features=zs)["pred"].numpy()
+    with_grad = m(f, xy, sub_features=sub)["pred"]
+    assert with_grad.requires_grad
+    np.testing.assert_allclose(with_grad.detach().numpy(), want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(baselines, "CHUNK", 7)
+    monkeypatch.setattr(attention, "CHUNK", 7)
+    with torch.no_grad():
+        np.testing.assert_allclose(m(f, xy, sub_features=sub)["pred"].numpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_slide_norm_is_the_plain_network_on_slide_standardised_features():
