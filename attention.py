@@ -26,6 +26,22 @@ def row_chunks(n):
     return [slice(start, start + CHUNK) for start in range(0, n, CHUNK)]
 
 
+def rows_of(x: torch.Tensor):
+    """rows -> x[rows]. While autograd records, the slices of row_chunks are views from one x.split: the
+    backward then builds x's gradient once from every chunk's, where a read x[rows] per chunk would give
+    x a zero-filled gradient of all its rows per chunk (a term in N^2 / CHUNK)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x.__getitem__
+    parts = x.split(CHUNK)
+
+    def read(rows):
+        if isinstance(rows, slice) and rows.step is None and rows.start is not None \
+                and rows.start % CHUNK == 0 and rows.stop == rows.start + CHUNK:
+            return parts[rows.start // CHUNK]
+        return x[rows]
+    return read
+
+
 def signed_attention(q, k, v, bias=None, mask=None, beta=0.0, tau=1.0, *, dropout_p=0.0):
     """FEAST negative attention: softmax(S + B) @ v - beta * softmax((-S + B) / tau) @ v, S = q k^T / sqrt(D).
 

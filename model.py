@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lattice
-from attention import GlobalAttention, SpotAttention, child_attention, knn, row_chunks
+from attention import GlobalAttention, SpotAttention, child_attention, knn, row_chunks, rows_of
 from baselines import PerSpot, Ridge, SpatialRidge, SpatialStart
 
 
@@ -172,8 +172,8 @@ class Block(nn.Module):
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
         """x (N, d), tokens (T, d) or None -> the same. Every per-spot step works on chunks of rows and the
         pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result."""
-        N = x.shape[0]
-        h = lambda rows: self.norm1(x[rows])  # noqa: E731  (normalised spots, on demand)
+        N, x_rows = x.shape[0], rows_of(x)
+        h = lambda rows: self.norm1(x_rows(rows))  # noqa: E731  (normalised spots, on demand)
         y = self.spot(h, N, level, knn_index, return_attention=attn_maps is not None)  # (N, d), before proj
         if attn_maps is not None:
             y, maps = y
@@ -182,9 +182,11 @@ class Block(nn.Module):
             t = self.norm_tokens(tokens)  # the spots read the tokens as they were at the start of the block
             tokens = tokens + self.glob.tokens_read(h, N, t)  # residual on the un-normalised token stream
 
+        y_rows = rows_of(y)
+
         def spots(rows):  # x + Proj(spot attention + the spots' read of the tokens), then the FFN
-            a = y[rows] if self.glob is None else y[rows] + self.glob.spots_read_tokens(h(rows), t)
-            z = x[rows] + self.drop(self.proj(a))
+            a = y_rows(rows) if self.glob is None else y_rows(rows) + self.glob.spots_read_tokens(h(rows), t)
+            z = x_rows(rows) + self.drop(self.proj(a))
             return z + self.drop(self.ffn(self.norm2(z)))
 
         x = by_rows(spots, N, out=y if inference(self) else None)  # inference: the result overwrites y
@@ -515,8 +517,9 @@ class Tessera(nn.Module):
             if inference(self):
                 preds[k] = by_rows(rows, n, out=t.new_empty(n, self.level_heads[name][-1].out_features,
                                                             dtype=out_dtype or torch.float32))
-            else:
-                preds[k] = by_rows(rows, n).to(out_dtype or torch.float32)
+            else:  # gathered once, so each chunk reads a view (attention.rows_of)
+                read = rows_of(t if idx is None else t[idx])
+                preds[k] = by_rows(lambda rows, read=read, head=head: head(read(rows)), n).to(out_dtype or torch.float32)
         out = {"levels": preds, "parents": {k: v for k, v in parents.items() if v is not None}}
         if sub_index:
             out["sub_index"] = sub_index

@@ -395,6 +395,37 @@ def test_levels_are_equivariant_to_the_spot_order(cfg):
             torch.testing.assert_close(b["levels"][k], pred[rows], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", LEVEL_CFGS[:2])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_gradients_do_not_depend_on_the_chunk_size(cfg, checkpointed, monkeypatch):
+    """With autograd, chunks of 7 rows (each chunk read as a view of one split, attention.rows_of) give
+    every parameter the gradient one chunk gives, through every level's output, with and without
+    model.checkpoint."""
+    import attention
+    feats, xy = hex_slide()
+    sub, valid = sub_inputs(len(xy), cfg.sub_levels)
+    feats, sub = feats.double(), sub.double()                         # float64: summation order hardly shows
+    model = make(ModelConfig(**dict(cfg.__dict__, checkpoint=checkpointed))).double().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    weights = {k: torch.randn(G, dtype=torch.float64, generator=torch.Generator().manual_seed(abs(k)))
+               for k in [0, *cfg.out_levels]}
+
+    def grads(chunk):
+        monkeypatch.setattr(attention, "CHUNK", chunk)
+        model.zero_grad()
+        out = model(feats, xy, sub_features=sub, sub_valid=valid)
+        loss = (out["pred"] * weights[0]).sum() + sum((p * weights[k]).sum() for k, p in out["levels"].items())
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    whole, chunked = grads(1 << 20), grads(7)
+    assert set(whole) == set(chunked) and len(whole) > 20
+    for name in whole:
+        err = (chunked[name] - whole[name]).abs().max() / whole[name].abs().max().clamp_min(1e-12)
+        assert err < 1e-5, (name, float(err))   # float64, but the tokens' online softmax is in float32
+
+
 @pytest.mark.parametrize("cfg", LEVEL_CFGS)
 def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
     """Inference (eval, no grad, chunks of 7 rows, window batches of at most 20 pairs) gives every level
