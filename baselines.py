@@ -141,23 +141,6 @@ def slide_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
-def slide_standardise(x: torch.Tensor, *others: torch.Tensor):
-    """Standardise features over the slide's own spots (and apply the same map to `others`, e.g. the
-    pseudo-spots): a per-slide affine shift of every channel (stain, scanner) cancels out. A copy in the
-    input's dtype (float16 stays float16), made one chunk of spots at a time."""
-    mean, std = slide_statistics(x)
-
-    def apply(a):
-        if a is None:
-            return None
-        out = torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
-        for start in range(0, len(a), CHUNK):
-            out[start:start + CHUNK] = ((a[start:start + CHUNK].float() - mean) / std).to(out.dtype)
-        return out
-    out = [apply(x)] + [apply(o) for o in others]
-    return out if others else out[0]
-
-
 class SpatialRidge(nn.Module):
     """`ridge_spatial`: ridge regression with intercept on [own features, mean features of the neighbours
     within each radius] (radii in spot pitches, the pitch = median nearest-neighbour distance of the slide).
@@ -179,17 +162,24 @@ class SpatialRidge(nn.Module):
             self.feat_std.copy_(feat_std.clamp_min(1e-6))
         self.bias.copy_(target_mean)
 
-    def design(self, features, coords) -> torch.Tensor:
-        """(N, C), (N, 2) -> (N, C (1 + R)): [z, mean of z within r_1, ...], z the standardised features."""
-        z = slide_standardise(features).float() if self.cfg.slide_norm else \
-            (features.float() - self.feat_mean) / self.feat_std
-        pitch = lattice.median_nn_distance(coords) if len(coords) > 1 else 1.0
-        return torch.cat([z] + [neighbour_mean(z, coords, r * pitch) for r in self.cfg.radii], 1)
+    def designs(self, features, coords):
+        """(N, C), (N, 2) -> (rows, (len(rows), C (1 + R)) design of those rows), a chunk of spots at a time:
+        [z, mean of z within r_1 pitches, ...], z the standardised features (training statistics, or the
+        slide's own with slide_norm). The map to z is affine, so the mean of z is z of the mean of the raw
+        features: no standardised copy of the slide is made."""
+        mean, std = slide_statistics(features) if self.cfg.slide_norm else (self.feat_mean, self.feat_std)
+        z = lambda x: (x.float() - mean) / std  # noqa: E731
+        N = len(features)
+        pitch = lattice.median_nn_distance(coords) if N > 1 else 1.0
+        for q0 in range(0, N, CHUNK):
+            rows = slice(q0, min(q0 + CHUNK, N))
+            yield rows, torch.cat([z(features[rows])] + [z(neighbour_mean(features, coords, r * pitch, rows.start,
+                                                                        rows.stop)) for r in self.cfg.radii], 1)
 
     @torch.no_grad()
     def fit_slides(self, batches: list[dict]) -> None:
         """batches: one dict per training slide with `features`, `coords`, `target` (log space)."""
-        x = torch.cat([self.design(b["features"], b["coords"]) for b in batches]).double()
+        x = torch.cat([d for b in batches for _, d in self.designs(b["features"], b["coords"])]).double()
         y = torch.cat([b["target"] for b in batches]).double()
         D, G = x.shape[1], y.shape[1]
         alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
@@ -201,23 +191,14 @@ class SpatialRidge(nn.Module):
         self.bias.copy_(ym)
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None, into=None, **unused):
-        """(design - design_mean) @ weight + bias, a chunk of spots at a time: memory is the (N, G) output
-        and a chunk's design, never the (N, C (1 + R)) design nor a standardised copy of the features.
-        `into` (N, G): the prediction is added into it, in place, instead of returned in a new tensor."""
-        C, R, N = self.feat_mean.numel(), len(self.cfg.radii), len(features)
-        mean, std = slide_statistics(features) if self.cfg.slide_norm else (self.feat_mean, self.feat_std)
-        z = lambda x: (x.float() - mean) / std  # noqa: E731  (affine: the mean of z is z of the mean)
-        w = self.weight.view(1 + R, C, -1)
+                return_attention=False, out_dtype=None, into=None):
+        """(design - design_mean) @ weight + bias, a chunk of spots at a time (`designs`): memory is the
+        (N, G) output and a chunk's design. `into` (N, G): the prediction is added into it, in place."""
         bias = self.bias - self.design_mean @ self.weight
-        pitch = lattice.median_nn_distance(coords) if N > 1 else 1.0
-        pred = into if into is not None else torch.empty(N, w.shape[2], dtype=out_dtype or torch.float32,
+        pred = into if into is not None else torch.empty(len(features), len(bias), dtype=out_dtype or torch.float32,
                                                         device=features.device)
-        for q0 in range(0, N, CHUNK):
-            rows = slice(q0, min(q0 + CHUNK, N))
-            p = z(features[rows]) @ w[0] + bias
-            for r, w_r in zip(self.cfg.radii, w[1:]):
-                p += z(neighbour_mean(features, coords, r * pitch, rows.start, rows.stop)) @ w_r
+        for rows, design in self.designs(features, coords):
+            p = design @ self.weight + bias
             if into is not None:
                 pred[rows] += p.to(pred.dtype)
             else:
