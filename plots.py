@@ -255,14 +255,13 @@ def _capture(model, module, slide, use_pseudo):
         seen.update({**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}})
         raise _Captured
 
-    pseudo = use_pseudo and slide.pseudo_features is not None
+    args, sub = predict.model_inputs(model, slide, use_pseudo, slide.features.device)
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     frozen = [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
     try:
         with torch.enable_grad():
-            model(slide.features, slide.coords, slide.pseudo_features if pseudo else None,
-                  slide.pseudo_coords if pseudo else None)
+            model(*args, **sub)
     except _Captured:
         pass
     finally:

@@ -58,16 +58,23 @@ def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32, m
     return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed)["pred"]
 
 
+def model_inputs(model, slide, use_pseudo: bool, device) -> tuple[list, dict]:
+    """The model's arguments for one Slide, on `device`: [features, coords, pseudo-features, pseudo-coords]
+    (pseudo-spots only with use_pseudo and when the slide has them) and the sub-spot inputs its
+    model.sub_levels needs (data.sub_inputs)."""
+    pseudo = use_pseudo and slide.pseudo_features is not None
+    args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
+            slide.pseudo_coords if pseudo else None]
+    sub = data.sub_inputs(slide, getattr(model.cfg, "sub_levels", 0))
+    return [None if a is None else a.to(device) for a in args], {k: v.to(device) for k, v in sub.items()}
+
+
 @torch.no_grad()
 def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None
                     ) -> dict:
     """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels, the
     other levels ("levels", "parents", "sub_index"; see `level_outputs`)."""
-    pseudo = use_pseudo and slide.pseudo_features is not None
-    args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
-            slide.pseudo_coords if pseudo else None]
-    args = [None if a is None else a.to(device) for a in args]
-    sub = {k: v.to(device) for k, v in data.sub_inputs(slide, getattr(model.cfg, "sub_levels", 0)).items()}
+    args, sub = model_inputs(model, slide, use_pseudo, device)
     cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
         if mc_seed is not None:

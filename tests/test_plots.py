@@ -124,6 +124,21 @@ def test_attention_labels_and_coordinates():
     assert r["attends"].all() and len(r["keys"]) < slide.n_spots
 
 
+def test_attention_of_a_model_with_sub_spot_levels():
+    """The forward gets the slide's sub-patch features (predict.model_inputs); a spot-level block gives spot
+    keys, and a block below the spot says that its tokens are not spots."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(dim=16, heads=2, depths=[1, 1], decoder_depths=[1], sub_levels=1,
+                                    coarse_attention="same"), 8, 5).eval()
+    slide = hex_slide()
+    slide.sub_features = torch.randn(slide.n_spots, 4, 8)
+    names = [n for n, _ in plots.attention_blocks(model)]
+    r = plots.spot_attention(model, slide, "spot060", names.index("encoder.0.0.spot"))
+    assert r["level"] == "level 0" and all(lab.startswith("spot") for lab in r["keys_label"])
+    with pytest.raises(ValueError, match="not coarsened spot sites"):
+        plots.spot_attention(model, slide, "spot060", names.index("sub_encoder.0.spot"))
+
+
 def test_attention_bad_input():
     model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[]), 8, 5).eval()
     with pytest.raises(ValueError, match="spot nope: no such barcode"):
