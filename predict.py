@@ -70,11 +70,12 @@ def model_inputs(model, slide, use_pseudo: bool, device) -> tuple[list, dict]:
 
 
 @torch.no_grad()
-def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None
-                    ) -> dict:
+def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None,
+                    inputs: tuple | None = None) -> dict:
     """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels, the
-    other levels ("levels", "parents", "sub_index"; see `level_outputs`)."""
-    args, sub = model_inputs(model, slide, use_pseudo, device)
+    other levels ("levels", "parents", "sub_index"; see `level_outputs`). `inputs`: model_inputs of the
+    slide, already on the device (an ensemble moves a slide there once, not once per sample)."""
+    args, sub = inputs or model_inputs(model, slide, use_pseudo, device)
     cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
         if mc_seed is not None:
@@ -105,10 +106,11 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
     genes = list(dict.fromkeys(g for _, gs in models for g in gs))
     column = {g: i for i, g in enumerate(genes)}
     acc, levels, geometry = Welford(slide.n_spots, len(genes)), {}, {}
+    inputs = model_inputs(models[0][0], slide, use_pseudo, device)  # the fold models share one config
     for m, (model, gs) in enumerate(models):
         cols = None if gs == genes else [column[g] for g in gs]
         for j in range(max(mc, 1)):
-            out = predict_outputs(model, slide, use_pseudo, device,
+            out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs,
                                   mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
             acc.add(out["pred"], cols)
             for k, v in out.get("levels", {}).items():
