@@ -108,14 +108,16 @@ def _is_prediction(path) -> bool:
         return "pred" in f and "genes" in f
 
 
-def gene_scores(files: list[dict]) -> dict[str, float]:
-    """Gene -> PCC over its test spots, pooled per fold (the fold's slides share their genes), mean over
-    folds; without truth, the spatial standard deviation of the prediction ranks the genes instead."""
-    by_fold: dict[tuple, list[dict]] = {}
-    for f in files:
-        by_fold.setdefault(tuple(f["genes"]), []).append(f)
+def gene_scores(files: list[dict], folds: list) -> dict[str, float]:
+    """Gene -> PCC over its test spots, pooled per fold, mean over the folds that predict it; `folds`:
+    one key per file (its folder: fold_<k>/pred). Without truth, the spatial standard deviation of the
+    prediction ranks the genes instead."""
+    by_fold: dict = {}
+    for f, fold in zip(files, folds, strict=True):
+        by_fold.setdefault(fold, []).append(f)
     scores: dict[str, list[float]] = {}
-    for genes, fs in by_fold.items():
+    for fs in by_fold.values():
+        genes = fs[0]["genes"]
         labelled = [f for f in fs if f["true"] is not None]
         if labelled:
             values = evaluation.per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
@@ -207,12 +209,13 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
 def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     """Maps for each slide and gene, a PCC histogram and a density plot (with truth) in RUN/plots/."""
     run = Path(run)
-    files = [evaluation.read_predictions(p) for p in prediction_files(run)]
+    paths = prediction_files(run)
+    files = [evaluation.read_predictions(p) for p in paths]
     if slide is not None:
         ids = [f["slide_id"] for f in files]
         if slide not in ids:
             raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({', '.join(ids[:8])})")
-    scores = gene_scores(files)
+    scores = gene_scores(files, [p.parent for p in paths])
     chosen = choose_genes(scores, genes, top)
     out, written = run / "plots", []
     for f in files:

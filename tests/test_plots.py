@@ -184,10 +184,35 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
     written = plots.plot_run(tiny_run, slide="synth_00", genes=genes[:2])
     assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
     assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
-    scores = plots.gene_scores([ev.read_predictions(p) for p in plots.prediction_files(tiny_run)])
+    paths = plots.prediction_files(tiny_run)
+    scores = plots.gene_scores([ev.read_predictions(p) for p in paths], [p.parent for p in paths])
+    per_fold = {}                                       # reference: np.corrcoef per gene over each fold's spots
+    for fold in sorted({p.parent for p in paths}):
+        fs = [ev.read_predictions(p) for p in paths if p.parent == fold]
+        pred, true = (np.concatenate([f[k] for f in fs]).astype(np.float64) for k in ("pred", "true"))
+        for g, name in enumerate(fs[0]["genes"]):
+            per_fold.setdefault(name, []).append(np.corrcoef(pred[:, g], true[:, g])[0, 1])
+    assert scores.keys() == per_fold.keys()
+    for name, values in per_fold.items():
+        assert scores[name] == pytest.approx(np.mean(values), abs=1e-9), name
     ranked = sorted(scores, key=lambda g: -scores[g])
     assert plots.choose_genes(scores) == [ranked[0], ranked[len(ranked) // 2], ranked[-1]]
     assert plots.choose_genes(scores, top=2) == ranked[:2]
+
+
+def test_gene_scores_average_folds_that_share_their_genes():
+    """Folds with the same gene list (a gene-list file) are still scored apart, then averaged."""
+    g = np.random.default_rng(0)
+    files, folds, want = [], [], {"a": [], "b": []}
+    for fold in range(2):
+        true = g.normal(size=(30, 2))
+        pred = true * [1.0, 0.2] + g.normal(size=(30, 2)) * (fold + 1)
+        files.append({"genes": ["a", "b"], "pred": pred, "true": true})
+        folds.append(f"fold_{fold}")
+        for k, name in enumerate("ab"):
+            want[name].append(np.corrcoef(pred[:, k], true[:, k])[0, 1])
+    scores = plots.gene_scores(files, folds)
+    assert scores == pytest.approx({name: np.mean(v) for name, v in want.items()}, abs=1e-12)
 
 
 def run_eval(*args, cwd):
