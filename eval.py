@@ -17,6 +17,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -242,10 +243,22 @@ def read_predictions(path) -> dict:
                            for name in f if name.startswith("level_")}}
 
 
+class CSR(NamedTuple):
+    """A sparse matrix in compressed sparse row form, as AnnData stores one."""
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    shape: tuple
+
+
 def _h5ad_put(group, key, value) -> None:
-    """One entry in AnnData's on-disk format (anndata.readthedocs.io, "On-disk format"): arrays,
-    string arrays, string and numeric scalars, dicts as groups."""
-    if isinstance(value, dict):
+    """One entry in AnnData's on-disk format (anndata.readthedocs.io, "On-disk format"): arrays, CSR
+    matrices, string arrays, string and numeric scalars, dicts as groups."""
+    if isinstance(value, CSR):
+        sub = group.create_group(key)
+        sub.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": value.shape})
+        sub["data"], sub["indices"], sub["indptr"] = value.data, value.indices, value.indptr
+    elif isinstance(value, dict):
         sub = group.create_group(key)
         sub.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         for k, v in value.items():
@@ -268,11 +281,19 @@ def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_model
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
     expression (N, G), layers `std` / `true` when given, obs index = barcodes, var index = genes (column
     `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
+    write_anndata(path, _array(pred, np.float32), barcodes, genes,
+                  var={} if n_models is None else {"n_models": n_models},
+                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
+                  obsm={"spatial": _array(coords, np.float32)}, uns=uns)
+
+
+def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None, obsm=None, uns=None) -> None:
+    """An AnnData file, h5py only: X (an array or a CSR), obs / var dataframes (index + numeric columns),
+    layers, obsm, uns (dicts of arrays, strings and numbers)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        _h5ad_put(f, "X", _array(pred, np.float32))
-        for name, index, columns in (("obs", barcodes, {}),
-                                     ("var", genes, {} if n_models is None else {"n_models": n_models})):
+        _h5ad_put(f, "X", X)
+        for name, index, columns in (("obs", obs_names, obs or {}), ("var", var_names, var or {})):
             frame = f.create_group(name)
             frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index"})
             frame.attrs.create("column-order", np.array(list(columns), dtype=object),
@@ -280,9 +301,8 @@ def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_model
             _h5ad_put(frame, "_index", np.array([str(x) for x in index], dtype=object))
             for k, v in columns.items():
                 _h5ad_put(frame, k, np.asarray(v))
-        layers = {k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None}
-        for name, value in (("layers", layers), ("obsm", {"spatial": _array(coords, np.float32)}),
-                            ("uns", uns or {}), ("obsp", {}), ("varm", {}), ("varp", {})):
+        for name, value in (("layers", layers or {}), ("obsm", obsm or {}), ("uns", uns or {}), ("obsp", {}),
+                            ("varm", {}), ("varp", {})):
             _h5ad_put(f, name, value)
 
 

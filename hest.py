@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import eval as evaluation
 import lattice
 from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, not_an_input, open_h5,
                   read_gene_list, read_metadata, read_slide, write_slide)
@@ -416,25 +417,6 @@ def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=pr
     return written
 
 
-def write_h5ad(path, rows, cols, values, shape, barcodes, genes, xy, obs: dict) -> None:
-    """A minimal AnnData file (anndata >= 0.8 encoding, h5py only): X as CSR from (rows, cols, values)
-    triplets with distinct (row, col), obs index + numeric columns, var index, obsm/spatial."""
-    order = np.lexsort((cols, rows))
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        X = f.create_group("X")
-        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": shape})
-        X["data"], X["indices"] = values[order].astype(np.float32), cols[order].astype(np.int32)
-        X["indptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))]).astype(np.int64)
-        for name, index, columns in (("obs", barcodes, obs), ("var", genes, {})):
-            g = f.create_group(name)
-            g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
-                            "column-order": list(columns)})
-            g.create_dataset("_index", data=np.asarray(index, dtype=object), dtype=STR)
-            for k, v in columns.items():
-                g[k] = v
-        f.create_group("obsm")["spatial"] = xy
-
-
 def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrite: bool = False, log=print) -> Path:
     """A cell table (Xenium-like h5ad: one row per cell, counts, centres in obsm/spatial or obs x/y columns,
     in pixels of `pixel_size_um`) -> the same layout with one row per square bin of side `bin_um`
@@ -466,9 +448,12 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     pair, summed = np.unique(bin_of[rows] * len(genes) + cols, return_inverse=True)
     total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
     centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
-    write_h5ad(out, pair // len(genes), pair % len(genes), total, (len(bins), len(genes)),
-               [f"x{i}_y{j}" for i, j in bins.tolist()], genes, centre,
-               {"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
+    row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene): CSR order
+    X = evaluation.CSR(total.astype(np.float32), col.astype(np.int32),
+                       np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))]).astype(np.int64),
+                       (len(bins), len(genes)))
+    evaluation.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
+                             obs={"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
     log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in {time.time() - t0:.1f} s -> {out}")
     return out
 

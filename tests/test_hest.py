@@ -1,5 +1,6 @@
 """Tests for hest.py: the h5ad reader, the placeholder encoder and the HEST import, against files
 written by hand here and the real her2st data."""
+import importlib.util
 import math
 import subprocess
 import sys
@@ -556,5 +557,12 @@ def test_bin_cells_against_a_loop_over_cells(shared_data, tmp_path):
         assert (col, rr) == (i, j)
     assert got.counts.sum() == pytest.approx(cells.counts.sum(), rel=1e-6)
     assert int(got.obs["n_cells"].sum()) == len(cells.barcodes)
+    if importlib.util.find_spec("anndata"):                            # optional: anndata reads it the same
+        import anndata
+        ad = anndata.read_h5ad(tmp_path / "NCBI858.h5ad")
+        assert list(ad.obs_names) == list(got.barcodes) and list(ad.var_names) == got.genes
+        np.testing.assert_allclose(ad.X.toarray(), got.counts, rtol=1e-6)
+        np.testing.assert_allclose(ad.obsm["spatial"], got.xy, rtol=1e-9)
+        np.testing.assert_array_equal(ad.obs["n_cells"].to_numpy(), got.obs["n_cells"])
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         hest.bin_cells(src, side, tmp_path, px, log=lambda s: None)
