@@ -183,13 +183,13 @@ def compute_metrics(preds, trues, stds=None) -> dict:
     ps, ts = map(list, zip(*_slides(preds, trues)))
     p, t = np.concatenate(ps), np.concatenate(ts)
     per_gene = _pcc_columns(p, t)
-    out = {"pcc_gene": float(per_gene.mean()), "pcc_gene_slide": pcc_gene_slide(ps, ts),
-           "pcc_flat": pcc_flat(ps, ts), "r2_flat": r2_flat(ps, ts), "mse": mse(ps, ts), "mae": mae(ps, ts),
+    per_slide = {k: _per_slide(fn, ps, ts) for k, fn in  # each once: its mean, and how many slides it left out
+                 [("pcc_gene_slide", _slide_pcc), ("pcc_flat", _slide_pcc_flat), ("r2_flat", _slide_r2_flat)]}
+    out = {"pcc_gene": float(per_gene.mean()), **{k: _mean(v) for k, v in per_slide.items()},
+           "mse": mse(ps, ts), "mae": mae(ps, ts),
            "per_gene_pcc": per_gene, "zero_variance_genes": zero_variance_genes(p, t),
            "zero_variance_genes_slide": sum(zero_variance_genes(a, b) for a, b in zip(ps, ts)),
-           "slides_left_out": {k: len(ps) - len(_per_slide(fn, ps, ts)) for k, fn in
-                               [("pcc_gene_slide", _slide_pcc), ("pcc_flat", _slide_pcc_flat),
-                                ("r2_flat", _slide_r2_flat)]}}
+           "slides_left_out": {k: len(ps) - len(v) for k, v in per_slide.items()}}
     if stds is not None:
         s = np.concatenate([_array(x) for x in stds])
         out["unc_spearman"], out["coverage"] = unc_spearman(s, p, t), coverage(s, p, t)
