@@ -221,8 +221,10 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
             img = f["img"]
             if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
                 fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
-            if sub and (img.shape[1] % sub or img.shape[2] % sub):
-                fail(path, "img", f"patches whose height and width divide by --sub {sub}", f"shape {img.shape}")
+            if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
+                fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
+                     f"shape {img.shape}")
+            size_px = img.shape[2]
             emb = torch.cat([torch.as_tensor(fn(torch.from_numpy(img[i:i + batch_size]))).float()
                              for i in range(0, img.shape[0], batch_size)]).numpy()
             if sub:
@@ -235,7 +237,7 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
             g["embeddings"], g["coords"] = emb, coords
             g.create_dataset("barcodes", data=barcodes.astype(object), dtype=STR)
             g.attrs["encoder"] = encoder or "tessera-patch-statistics"
-            g.attrs["patch_size_px"] = img.shape[2]
+            g.attrs["patch_size_px"] = size_px
             if sub:
                 g["sub_embeddings"] = sub_emb
         log(f"embed {path.stem}: {len(emb)} patches -> {emb.shape[1]} features in {time.time() - t0:.1f} s")

@@ -250,6 +250,11 @@ def test_embed_sub_patches_are_the_image_blocks_and_import_carries_them(tmp_path
     assert torch.equal(slide.sub_features, torch.from_numpy(sub)) and slide.sub_extent_um == 8.0  # 16 px x 0.5 um
     with pytest.raises(CacheError, match=r"key 'img': expected patches whose height and width divide by --sub 3"):
         hest.embed_patches(patches, tmp_path / "e3", sub=3, log=lambda s: None)
+    with h5py.File(patches / "s2.h5", "w") as f:                       # 16 x 12 patches: not square
+        f["img"], f["coords"] = np.zeros((2, 16, 12, 3), np.uint8), np.zeros((2, 2))
+        f["barcode"] = np.array([[b"a"], [b"b"]])
+    with pytest.raises(CacheError, match=r"s2.h5: key 'img': expected .* and are equal .* found shape \(2, 16, 12, 3\)"):
+        hest.embed_patches(patches, tmp_path / "e4", sub=2, log=lambda s: None)
 
 
 # ----------------------------------------------------------------------------- HEST import
