@@ -29,11 +29,13 @@ def _fail(key, expected, found):
 
 # ---- types and ranges -------------------------------------------------------------------------
 KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
-             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping"}
+             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping",
+             "switch": "true, false or auto"}
 # keys whose default is None (any kind allowed there but this one, or null)
 NULLABLE = {"data.split_dir": "str", "data.gmt": "str", "data.fold_seed": "int",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
-KINDS = {"model.radii": "numbers"}    # lists whose entries need not be integers
+KINDS = {"model.radii": "numbers",    # lists whose entries need not be integers
+         "model.slide_norm": "switch"}  # true, false or auto
 
 
 def at_least(lo):
@@ -83,6 +85,7 @@ SMOOTH_KEYS = {  # data.smooth (protocols.SMOOTH, protocols.spcs): kind, range, 
 def _kind(value, kind) -> bool:
     integer = isinstance(value, int) and not isinstance(value, bool)
     return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
+            "switch": isinstance(value, bool) or value == "auto",
             "number": integer or isinstance(value, float), "mapping": isinstance(value, dict),
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
             "numbers": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)

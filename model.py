@@ -79,8 +79,10 @@ class ModelConfig:
     out_levels: list = field(default_factory=lambda: [0])  # heads: offsets from the spot level (MagNet)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
+    ridge_cv: bool = False            # spatial ridge: alpha chosen by leave-one-group-out on the training slides
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
-    slide_norm: bool = False          # standardise features over each slide's own spots (removes a stain shift)
+    slide_norm: bool | str = False    # standardise features over each slide's own spots (removes a stain shift);
+                                      # auto: chosen by the spatial ridge's leave-one-group-out score
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
 
     @classmethod
@@ -100,6 +102,8 @@ def check_config(cfg: ModelConfig) -> None:
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
+    if cfg.slide_norm not in (True, False, "auto"):
+        raise ValueError(f"model.slide_norm = {cfg.slide_norm!r}; expected true, false or auto")
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
     if cfg.arch != "tessera":
