@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import data
+import files
 from model import ModelConfig, check_config as check_model
 
 DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
@@ -260,7 +261,7 @@ def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set
                                   f"{m.n_spots} at one point")
         if m.genes is None and p.stem in training:
             raise data.CacheError(f"{p}: key 'counts': expected counts on a training slide, found none "
-                                  "(a slide without counts can only be predicted: eval.py predict)")
+                                  "(a slide without counts can only be predicted: predict.py)")
         if normalize and m.zero_library:
             raise data.CacheError(f"{p}: key 'library_size': expected the total counts of each spot for "
                                   f"data.normalize=true, found {m.zero_library} spots with library_size 0 "
@@ -272,7 +273,7 @@ def _check_gmt(cfg: dict, root: Path, genes: list[str], log) -> None:
     """The GMT parses; the pathway sets the model uses share genes with the data (a warning per set
     otherwise), and at least one does when the pathway head is built from them."""
     path = data_file(cfg, "gmt", root)
-    sets = data.read_gmt(path)
+    sets = files.read_gmt(path)
     mc = ModelConfig.from_dict(cfg["model"])
     used = list(sets.items())[:mc.pathway_tokens if mc.arch == "tessera" else 0]
     have = set(genes)
@@ -297,7 +298,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         raise ConfigError(f"key 'data.root': expected a folder of slide caches, found no folder {root}{hint}")
     if dc["split_dir"]:
         try:
-            folds = data.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
+            folds = files.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
         except FileNotFoundError as e:
             raise ConfigError(f"key 'data.split_dir': {e}") from None
         for k, fold in enumerate(folds):
@@ -334,7 +335,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         raise ConfigError(f"{root}: expected genes that every slide with counts has, found none in common")
     if isinstance(dc["genes"], str):
         path = data_file(cfg, "genes", root)
-        wanted = data.read_gene_list(path)
+        wanted = files.read_gene_list(path)
         if not wanted:
             raise ConfigError(f"{path}: key 'data.genes': expected a list of genes, found an empty one")
         for p, m in counted:

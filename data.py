@@ -1,24 +1,20 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
-Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds (balanced by patient, and the papers' own fold assignments) · command line. The HEST
+Sections: cache format (write, read, validate; DATA.md) · gene selection and targets · folds (balanced
+by patient, and the papers' own fold assignments) · command line. Every other file the project reads
+or writes (gene lists, gene sets, split CSVs, prediction files, AnnData) is files.py's. The HEST
 import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
-protocols.py, the synthetic generator in synthetic.py.
+protocols.py, the synthetic generator in synthetic.py: each with its own command line.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
-    python data.py embed | import-hest | bin ...     # the same as python hest.py ...
-    python data.py synth ...                         # the same as python synthetic.py ...
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import csv
 import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,66 +323,6 @@ def list_slides(root) -> list[Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------- small text formats
-def read_gmt(path) -> dict[str, list[str]]:
-    """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...`."""
-    sets = {}
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise CacheError(f"{path}: line {i}: expected 'name<TAB>url<TAB>genes...', found {line[:60]!r}")
-            sets[parts[0]] = [g for g in parts[2:] if g]
-    return sets
-
-
-def read_gene_list(path) -> list[str]:
-    """A gene list: JSON {"genes": [...]} (HEST-Benchmark) or a JSON list, or text with one gene per line."""
-    text = Path(path).read_text()
-    if text.lstrip()[:1] in "[{":
-        data = json.loads(text)
-        genes = data["genes"] if isinstance(data, dict) and "genes" in data else data
-        if not isinstance(genes, list):
-            raise CacheError(f"{path}: key 'genes': expected a list of gene names, found {type(genes).__name__}")
-    else:
-        genes = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("#")]
-    dup = sorted(g for g, k in collections.Counter(genes).items() if k > 1)
-    if dup:
-        raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {dup[:5]}")
-    return [str(g) for g in genes]
-
-
-def _csv_rows(path, columns: tuple) -> tuple[list[dict], str]:
-    """Rows of a CSV file and the first of `columns` it has."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    key = next((k for k in columns if rows and k in rows[0]), None)
-    if key is None:
-        fail(path, columns[0], f"a column {' or '.join(columns)} and rows", list(rows[0]) if rows else "no rows")
-    return rows, key
-
-
-def read_metadata(path) -> dict[str, dict[str, str]]:
-    """metadata.csv rows keyed by the `id` (or `sample_id`) column."""
-    rows, key = _csv_rows(path, ("id", "sample_id"))
-    return {r[key]: r for r in rows}
-
-
-def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
-    """HEST-Benchmark splits: train_{i}.csv / test_{i}.csv with a `sample_id` column, i = 0, 1, ..."""
-    folds, folder = [], Path(folder)
-    while any((folder / f"{part}_{len(folds)}.csv").exists() for part in ("train", "test")):
-        pair = [folder / f"{part}_{len(folds)}.csv" for part in ("train", "test")]
-        for p in pair:
-            if not p.exists():
-                raise FileNotFoundError(f"{p}: expected beside its partner split file, found nothing")
-        train, test = ([r["sample_id"] for r in _csv_rows(p, ("sample_id",))[0]] for p in pair)
-        folds.append((train, test))
-    if not folds:
-        raise FileNotFoundError(f"{folder}: expected train_0.csv and test_0.csv, found none")
-    return folds
-
-
 # ----------------------------------------------------------------------------- gene selection and targets
 def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> list[str]:
     """Top-n genes of the given slides' raw counts (list of (N_i, G) arrays sharing `genes`), best first.
@@ -515,17 +451,7 @@ def sub_inputs(slide: Slide, sub_levels: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-# the cache-building commands live in hest.py and synthetic.py; `python data.py <command>` still runs them
-FORWARDED = {"embed": "hest.py embed", "import-hest": "hest.py import-hest", "bin": "hest.py bin",
-             "synth": "synthetic.py"}
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in FORWARDED:                  # they import data: imported here, not at the top
-        import hest
-        import synthetic
-        return synthetic.main(argv[1:]) if argv[0] == "synth" else hest.main(argv)
     ap = argparse.ArgumentParser(prog="data.py", description="Gene lists from slide caches (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
@@ -535,8 +461,6 @@ def main(argv=None):
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--skip-empty", action="store_true", help="leave out spots without counts (HiST's preprocessing)")
     p.add_argument("--out", required=True, help="output JSON file")
-    for name, where in FORWARDED.items():              # listed here, run above
-        sub.add_parser(name, add_help=False, help=f"the same as python {where} (see its --help)")
     a = ap.parse_args(argv)
     try:
         genes_command(a)

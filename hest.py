@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import files
 import lattice
 from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, not_an_input, open_h5,
-                  read_gene_list, read_metadata, read_slide, write_slide)
+                  read_slide, write_slide)
+from files import read_gene_list, read_metadata
 from protocols import dataset_slides, harmonise_gene_names
 
 
@@ -451,10 +452,10 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
     centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
     row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene): CSR order
-    X = evaluation.CSR(total.astype(np.float32), col.astype(np.int32),
+    X = files.CSR(total.astype(np.float32), col.astype(np.int32),
                        np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))]).astype(np.int64),
                        (len(bins), len(genes)))
-    evaluation.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
+    files.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
                              obs={"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
     log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in {time.time() - t0:.1f} s -> {out}")
     return out

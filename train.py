@@ -24,11 +24,23 @@ import yaml
 
 import checks
 import data
-import protocols
 import eval as evaluation
+import files
 import predict
 import lattice
-import synthetic
+
+# protocols.py (the papers' label smoothing, data.smooth) and synthetic.py (the demo dataset, data.synthetic)
+# are programs a fork may delete: training imports them when they are there and names the missing file
+# only when a config asks for what it does. (Moving them below train.py would put a paper's smoothing and
+# the demo generator into the data contract, whose job is the files.)
+try:
+    import protocols
+except ModuleNotFoundError:
+    protocols = None
+try:
+    import synthetic
+except ModuleNotFoundError:  # synthetic.py, or hest.py whose binning it uses
+    synthetic = None
 from losses import compute_loss
 from model import ModelConfig, build_model
 
@@ -119,6 +131,9 @@ def load_config(path, overrides=()) -> dict:
             cfg = merge(cfg, nested)
         checks.check_config(cfg, DEFAULTS)
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
+            if protocols is None:
+                raise ValueError("key 'data.smooth': needs protocols.py (the papers' label smoothing), "
+                                 "which this copy does not have")
             cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
         raise SystemExit(f"{path}: {e}")
@@ -249,7 +264,7 @@ def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
     if spec is None:
         return shared
     if isinstance(spec, str):
-        return data.read_gene_list(checks.data_file(cfg, "genes", root))
+        return files.read_gene_list(checks.data_file(cfg, "genes", root))
     counts = []
     for s in train_slides:
         index = {g: i for i, g in enumerate(s.genes)}
@@ -264,7 +279,7 @@ def membership(cfg, genes: list[str], n_pathways: int, root: Path = Path(".")) -
     m = torch.zeros(n_pathways, len(genes))
     if cfg["data"]["gmt"]:
         index = {g: i for i, g in enumerate(genes)}
-        sets = list(data.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
+        sets = list(files.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
         for p, members in enumerate(sets):
             for g in members:
                 if g in index:
@@ -437,6 +452,9 @@ def run(argv=None):
     device = resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
     if not root.exists() and cfg["data"]["synthetic"] and root == checks.DEMO_ROOT:
+        if synthetic is None:
+            raise checks.ConfigError(f"key 'data.synthetic': data.root {root} is missing and synthetic.py (with "
+                                     "hest.py), which makes the demo dataset, is not in this copy")
         syn, t0 = cfg["data"]["synthetic"], time.time()
         synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
                                  n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))

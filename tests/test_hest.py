@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import files
 import protocols
 import hest
 from data import CacheError
@@ -271,7 +272,7 @@ def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):
     paths = data.list_slides(tmp_path / "caches")
     assert [p.stem for p in paths] == ["B4", "C2", "C3", "C4", "C5", "C6"] and seconds < 60
     s = data.read_slide(paths[0])
-    meta = data.read_metadata(her2st / "metadata.csv")["B4"]
+    meta = files.read_metadata(her2st / "metadata.csv")["B4"]
     h = hest.read_h5ad(her2st / "st" / "B4.h5ad")
     assert (s.patient, s.spot_pitch_um, s.features.shape) == ("B", 200.0, (283, 48))
     with h5py.File(her2st / "patches" / "B4.h5") as f:
@@ -522,7 +523,7 @@ def test_bin_refuses_a_layout_that_is_not_a_square_grid(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
     """All 36 her2st sections (legacy ST, 200 um grid with real registration jitter) by 2, every sixth by 4 too."""
-    meta = data.read_metadata(shared_data / "her2st" / "metadata.csv")
+    meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for number, path in enumerate(sorted((shared_data / "her2st" / "st").glob("*.h5ad"))):
         h = hest.read_h5ad(path)
         keep = np.argsort(-h.counts.sum(0))[:50]                     # 50 genes: every count of them

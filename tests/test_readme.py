@@ -23,7 +23,7 @@ def test_the_readme_has_the_main_commands():
     cmds = readme_commands()
     assert "python train.py" in cmds and "python -m pytest -q" in cmds
     assert any(c.startswith("python hest.py import-hest") for c in cmds)
-    assert any(c.startswith("python eval.py predict") for c in cmds)
+    assert any(c.startswith("python predict.py") for c in cmds)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import data
-import eval as evaluation
+import files
 import lattice
 import losses
 import protocols
@@ -333,7 +333,7 @@ def test_super_resolution_beats_copying_the_spot(tmp_path):
 @pytest.mark.slow
 def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     """superres.yaml on tiny 2 x 2 sub-spot slides, with a coarser head too: results per level with the
-    copy baseline; eval.py predict writes every level of model.out_levels."""
+    copy baseline; predict.py writes every level of model.out_levels."""
     root = tiny_sub_root(2)
     r = run_train([str(ROOT / "configs/superres.yaml"), f"data.root={root}", "run.name=levels", "data.folds=2",
                    "data.genes={by: hvg, n: 20}", "model.dim=16", "model.heads=2", "train.epochs=2",
@@ -343,11 +343,11 @@ def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     res = json.loads((tmp_path / "runs" / "levels" / "results.json").read_text())
     for name in ("pcc_gene", "pcc_gene@-1", "mse@-1", "pcc_gene@-1_copy", "pcc_gene@1", "r2_flat@1"):
         assert len(res["metrics"][name]["folds"]) == 2, name
-    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", "--run", "runs/levels", "--slides",
+    p = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run", "runs/levels", "--slides",
                         str(root), "--out", "pred"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     slide = data.read_slide(data.list_slides(root)[0])
-    f = evaluation.read_predictions(tmp_path / "pred" / f"{slide.slide_id}.h5")
+    f = files.read_predictions(tmp_path / "pred" / f"{slide.slide_id}.h5")
     assert sorted(f["levels"]) == [-1, 1]
     sub = f["levels"][-1]
     n_sub = int(slide.sub_valid.sum())
@@ -355,5 +355,5 @@ def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     want = lattice.sub_coords(slide.coords, 2, slide.sub_extent_um)[slide.sub_valid]   # (spot, s) order
     np.testing.assert_allclose(sub["coords"], want.numpy(), atol=1e-3)
     assert "copy" in sub and "true" not in sub                  # predict reads slides without gene selection
-    fold = [evaluation.read_predictions(q) for q in (tmp_path / "runs" / "levels").glob("fold_*/pred/*.h5")]
+    fold = [files.read_predictions(q) for q in (tmp_path / "runs" / "levels").glob("fold_*/pred/*.h5")]
     assert all("true" in g["levels"][-1] and "true" in g["levels"][1] for g in fold)
