@@ -458,16 +458,15 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plot", help="maps of measured, predicted, std and error per slide and gene, PCC "
-                       "histogram, density",
-                       description="Maps of measured, predicted, std and error per slide and gene, PCC histogram, density.")
+    text = "maps of measured, predicted, std and error per slide and gene, PCC histogram, density"
+    p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
     p.add_argument("--slide", help="one slide id (default: every slide)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
     g.add_argument("--top", type=int, help="the K best genes by PCC")
-    p = sub.add_parser("attention", help="one spot's signed attention over its neighbours",
-                       description="One spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps).")
+    p = sub.add_parser("attention", help="one spot's signed attention over its neighbours", description="One "
+                       "spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps).")
     p.add_argument("run", help="run folder")
     p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
     p.add_argument("--spot", required=True, help="barcode of the query spot")
