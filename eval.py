@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from pathlib import Path
+
 import numpy as np
 import torch
 

@@ -1,6 +1,6 @@
 """Every file the project reads or writes besides the slide caches (data.py): the small text files a
 run reads (gene lists, MSigDB gene sets, metadata.csv, HEST-Benchmark split CSVs) and the files it
-writes (prediction files, AnnData .h5ad; DATA.md, "Outputs"). Beside data.py, in the data-contract
+writes (prediction files, AnnData .h5ad). Beside data.py, in the data-contract
 layer, so that every program reads and writes them the same way without importing another program.
 """
 from __future__ import annotations

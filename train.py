@@ -28,6 +28,8 @@ import eval as evaluation
 import files
 import predict
 import lattice
+from losses import compute_loss
+from model import ModelConfig, build_model
 
 # protocols.py (the papers' label smoothing, data.smooth) and synthetic.py (the demo dataset, data.synthetic)
 # are programs a fork may delete: training imports them when they are there and names the missing file
@@ -41,8 +43,6 @@ try:
     import synthetic
 except ModuleNotFoundError:  # synthetic.py, or hest.py whose binning it uses
     synthetic = None
-from losses import compute_loss
-from model import ModelConfig, build_model
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
