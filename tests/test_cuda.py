@@ -170,15 +170,18 @@ def test_bf16_autocast_stays_within_its_tolerance(name, roots):
                                             ("hifusion.yaml", torch.float64, 1e-9), ("hist.yaml", torch.float32, 1e-2)])
 def test_checkpointing_gives_the_same_gradients(name, dtype, tol, roots):
     """model.checkpoint recomputes each step in the backward, with the random state of its forward (attention
-    dropout on, training mode): the gradients equal those of the plain backward. float32 runs under bf16
-    autocast (train.forward), which the recomputation must reproduce too."""
+    dropout on, training mode): the gradients equal those of the plain backward, to 1e-9 of each tensor's
+    largest magnitude in float64. float32 runs under bf16 autocast (train.forward), which the recomputation
+    must reproduce too: each gradient within 1e-2 of its norm (bf16 sums in another order differ by an ulp)."""
     results = []
     for flag in ("false", "true"):
         _, model, b = tiny_case(name, roots, [f"model.checkpoint={flag}", "model.attn_dropout=0.1"])
         torch.manual_seed(3)
         results.append(run(model, b, CUDA, dtype, autocast=dtype == torch.float32, train_mode=True)[1])
-    for (n, a), (_, r) in zip(*results):
-        assert max_rel(a, r) <= tol, f"{name}: {n} differs by {max_rel(a, r):.2e} with model.checkpoint=true"
+    scale = max(float(r.norm()) for _, r in results[0])
+    for (n, a), (_, r) in zip(*results):  # only the order of atomic additions (index_add_) may differ
+        err = max_rel(a, r) if dtype == torch.float64 else norm_rel(a, r, 1e-3 * scale)
+        assert err <= tol, f"{name}: {n} differs by {err:.2e} with model.checkpoint=true"
 
 
 def test_a_training_run_on_the_gpu_follows_the_cpu(roots, tmp_path):
