@@ -3,8 +3,9 @@
     python gpu_check.py --out gpu_check                  # everything; results in gpu_check/
     python gpu_check.py --out gpu_check --no-install --parts tests,bench --limit tests=300
 
-If the torch present is a CPU build, a CUDA build of the same version is installed first (the pip commands
-are printed; --no-install skips this). Then each part runs in its own subprocess with its own time limit
+If the torch present is a CPU build, a CUDA build of the same version is installed first, and
+requirements.txt if h5py, numpy, pyyaml or pytest is missing (the pip commands are printed; --no-install
+skips this). Then each part runs in its own subprocess with its own time limit
 (--limit; the limits add up to 9 minutes), so one failure or hang does not eat the rest:
   tests      the CUDA tests: python -m pytest -q -m cuda (tests/test_cuda.py)
   demo       the demo on the GPU (python train.py run.device=cuda run.name=demo-gpu), its table beside
@@ -81,7 +82,7 @@ def tests_summary(output: str) -> dict:
     return {"pytest": counts}
 
 
-def demo_summary(out: Path) -> Callable[[str], dict]:
+def demo_summary(runs: Path) -> Callable[[str], dict]:
     def summary(output: str) -> dict:
         lines = (ROOT / "README.md").read_text().splitlines()
         start = next((i for i, line in enumerate(lines) if line.startswith("| run | pcc_gene")), len(lines))
@@ -90,7 +91,7 @@ def demo_summary(out: Path) -> Callable[[str], dict]:
             if not line.startswith("|"):
                 break
             cpu.append(line)
-        results = out / "runs" / "demo-gpu" / "results.md"
+        results = runs / "demo-gpu" / "results.md"
         seconds = re.findall(r"finished in (\d+)s", output)
         return {"cpu_table_readme": "\n".join(cpu) or None,
                 "gpu_table": results.read_text() if results.exists() else None,
@@ -131,10 +132,11 @@ def plan(args) -> list[Part]:
     out, lim = args.out, {**LIMITS, **args.limit}
     data36 = ROOT / "data" / "visium36"
     have36 = len(list(data36.glob("*.h5"))) >= 36
-    runs = f"run.dir={out / 'runs'}"
+    runs = out / f"runs-{args.stamp}"                    # a rerun never meets a finished run folder
     return [
         Part("tests", lim["tests"], [PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"], tests_summary),
-        Part("demo", lim["demo"], [PY, "train.py", "run.device=cuda", "run.name=demo-gpu", runs], demo_summary(out)),
+        Part("demo", lim["demo"], [PY, "train.py", "run.device=cuda", "run.name=demo-gpu", f"run.dir={runs}"],
+             demo_summary(runs)),
         Part("bench", lim["bench"], [PY, "bench.py", "--device", "cuda", "--parts", "step", "--configs", "hist,default",
                                      "--layouts", "visium", "--sizes", "4k", "--json", str(out / "bench_cuda.json")],
              bench_summary(out / "bench_cuda.json")),
@@ -143,7 +145,7 @@ def plan(args) -> list[Part]:
              skip=f"{data36} has 36 slides" if have36 else None),
         Part("hist_full", lim["hist_full"], [PY, "train.py", "configs/hist.yaml", f"data.root={data36}",
                                              "data.genes={by: hvg, n: 250}", "train.epochs=3", "run.device=cuda",
-                                             "run.name=hist-full-gpu", runs], epochs_summary),
+                                             "run.name=hist-full-gpu", f"run.dir={runs}"], epochs_summary),
         Part("hd_1m", lim["hd_1m"], [PY, "bench.py", "--device", "cuda", "--parts", "step", "--configs", "hist",
                                      "--layouts", "hd", "--sizes", "1M", "--max-n", "hist.train=1M", "--repeats", "0",
                                      "--set", "model.checkpoint=true", "--features-dtype", "float16",
@@ -204,7 +206,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-install", action="store_true", help="never install a CUDA build of torch")
     args = ap.parse_args(argv)
     args.limit = {k: v for d in args.limit for k, v in d.items()}
-    args.out = args.out.resolve()
+    args.out, args.stamp = args.out.resolve(), time.strftime("%Y%m%d-%H%M%S")
     unknown = sorted((set(args.parts or []) | set(args.limit)) - set(LIMITS))
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; expected some of {', '.join(LIMITS)}")
@@ -217,9 +219,11 @@ def main(argv=None):
     meta = {"torch": info, "gpu": _nvidia_smi(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if not meta["gpu"] and not info.get("devices"):
         raise SystemExit("gpu_check.py: no NVIDIA GPU here (nvidia-smi finds none, torch sees none); nothing to check")
-    pre = []
-    for i, cmd in enumerate([] if args.no_install else install_commands(info)):
-        print("installing a CUDA build of torch:", " ".join(cmd), flush=True)
+    pre, cmds = [], [] if args.no_install else install_commands(info)
+    if not args.no_install and subprocess.run([PY, "-c", "import h5py, numpy, yaml, pytest"]).returncode:
+        cmds.append([PY, "-m", "pip", "install", "-r", str(ROOT / "requirements.txt")])  # a bare environment
+    for i, cmd in enumerate(cmds):
+        print("installing:", " ".join(cmd), flush=True)
         pre.append(Part(f"install{i}", args.limit.get("install", LIMITS["install"]), cmd))
     parts = [p for p in plan(args) if args.parts is None or p.name in args.parts]
     result = run_parts(pre + parts, args.out, meta)

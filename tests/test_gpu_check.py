@@ -28,6 +28,8 @@ def test_the_plan_runs_the_projects_own_commands(tmp_path):
     parts = {p.name: p for p in gpu_check.plan(gpu_check.parse_args(["--out", str(tmp_path)]))}
     assert parts["tests"].cmd[-3:] == ["-m", "cuda", "tests/test_cuda.py"]
     assert parts["demo"].cmd[1:4] == ["train.py", "run.device=cuda", "run.name=demo-gpu"]
+    run_dirs = {c for p in parts.values() for c in p.cmd if c.startswith("run.dir=")}
+    assert len(run_dirs) == 1 and "/runs-" in run_dirs.pop()            # one fresh folder per check
     hist = parts["hist_full"].cmd
     assert hist[1:3] == ["train.py", "configs/hist.yaml"] and "run.device=cuda" in hist
     assert "model.checkpoint=true" in parts["hd_1m"].cmd and "1M" in parts["hd_1m"].cmd
@@ -94,7 +96,7 @@ def test_summaries_read_the_parts_outputs(tmp_path):
     assert table[2] == gpu_check.HIST_TABLE1
     assert table[3] == "| tessera hist.yaml, N 4000 | 0.5 | 0.1 | 2.00 (0.50) | 4.00 (1.00) |"
     assert len(table) == 4                                         # a failed row adds nothing
-    demo = gpu_check.demo_summary(tmp_path)("finished in 77s")
+    demo = gpu_check.demo_summary(tmp_path / "runs")("finished in 77s")
     assert demo["seconds"] == 77 and demo["gpu_table"] is None
     assert demo["cpu_table_readme"].startswith("| run | pcc_gene") and "tessera (`default.yaml`)" in demo["cpu_table_readme"]
 
