@@ -1,5 +1,5 @@
 """A fork for one paper deletes the programs it does not need (README.md, "Files"): a copy of the
-repository without hest.py, synthetic.py, plots.py, protocols.py and bench*.py still trains and
+repository without hest.py, synthetic.py, plots.py, protocols.py, bench*.py and gpu_check.py still trains and
 evaluates on slide caches it already has, and a config that asks for a deleted file's work says so."""
 import shutil
 import subprocess
@@ -13,7 +13,7 @@ import torch
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
-DELETED = ["hest.py", "synthetic.py", "plots.py", "protocols.py", "bench.py", "bench_accuracy.py"]
+DELETED = ["hest.py", "synthetic.py", "plots.py", "protocols.py", "bench.py", "bench_accuracy.py", "gpu_check.py"]
 
 
 def tracked_copy(dest: Path) -> Path:

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # 1 geometry and maths, 2 model and data contract, 3 programs
     1: ["lattice", "attention"],
     2: ["model", "baselines", "losses", "data", "files"],
-    3: ["train", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench", "bench_accuracy"],
+    3: ["train", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench", "bench_accuracy",
+        "gpu_check"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
@@ -88,7 +89,7 @@ def test_the_files_keep_their_layers():
 def test_train_and_eval_import_no_program_a_fork_may_delete_without_a_guard():
     """train.py and eval.py run in a copy without hest, synthetic, plots, protocols and bench*: train.py
     imports protocols and synthetic only in a try / except ModuleNotFoundError at the top level."""
-    deletable = {"hest", "synthetic", "plots", "protocols", "bench", "bench_accuracy"}
+    deletable = {"hest", "synthetic", "plots", "protocols", "bench", "bench_accuracy", "gpu_check"}
     for name in ("train", "eval"):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         guarded = {a.name for node in tree.body if isinstance(node, ast.Try) for stmt in node.body
