@@ -157,7 +157,7 @@ def test_a_zero_library_size_is_fine_without_normalisation(root):
 
 def test_gmt_without_shared_genes_warns_per_set_and_refuses_a_pathway_head(root, tmp_path, capsys):
     (root / "sets.gmt").write_text("SET_A\turl\tG0\tX1\nSET_B\turl\tX2\tX3\n")
-    cfg = train.load_config(ROOT / "configs/default.yaml", base(root)[1:])
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
     assert len(lines) == 1 and "1 of the 2 pathway sets used share no gene" in lines[0], lines

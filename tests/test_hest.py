@@ -294,8 +294,9 @@ def test_import_hest_joins_by_barcode_and_reports(tmp_path):
     write_h5ad(st / "s1.h5ad", X, [f"b{i}" for i in range(10)], genes, "current", xy, ["t"] * 10)
     feature_barcodes = [f"b{i}" for i in (5, 2, 11, 7, 3, 4, 12, 6, 8, 9, 10)]   # b0, b1 missing; 3 extra
     emb = r.standard_normal((11, 4)).astype(np.float32)
+    corner = np.array([xy[int(b[1:])] if int(b[1:]) < 10 else (0, 0) for b in feature_barcodes]) - 56  # as HEST
     with h5py.File(feats / "s1.h5", "w") as f:
-        f["embeddings"], f["coords"] = emb, np.zeros((11, 2))
+        f["embeddings"], f["coords"] = emb, corner
         f["barcodes"] = np.array([[b.encode()] for b in feature_barcodes])        # (N, 1) bytes, as HEST
     with h5py.File(feats / "lonely.h5", "w") as f:
         f["embeddings"], f["barcodes"] = emb, np.array([b.encode() for b in feature_barcodes])
