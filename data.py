@@ -131,10 +131,13 @@ def h5_strings(ds) -> np.ndarray:
     return np.asarray(ds.asstr("utf-8")[()], dtype=str)
 
 
-def _first_bad(mask: np.ndarray, offset: int = 0) -> str:
-    first = np.argwhere(mask)[0]
-    first[0] += offset
-    return f"{int(mask.sum())} bad values, first at index {tuple(int(i) for i in first)}"
+def _bad(found: dict, name: str, mask: np.ndarray, offset: int) -> None:
+    """Add a block's bad values to found[name] = [count, index of the first]."""
+    if mask.any():
+        first = np.argwhere(mask)[0]
+        first[0] += offset
+        count = found.setdefault(name, [0, tuple(int(i) for i in first)])
+        count[0] += int(mask.sum())
 
 
 def _blocks(x):
@@ -149,22 +152,28 @@ def _blocks(x):
 
 
 def _check_values(path, key: str, x) -> int:
-    """Values of a numeric array (or dataset) block by block: finite in float32; counts >= 0; features within
+    """Values of a numeric array (or dataset), block by block: finite in float32; counts >= 0; features within
     FEATURE_BOUND. Returns the number of non-integer values of `counts` (0 for other keys)."""
-    fractional = 0
+    found, fractional, largest = {}, 0, 0.0
     for start, block in _blocks(x):
         with np.errstate(over="ignore", invalid="ignore"):
-            bad = ~np.isfinite(block.astype(np.float32))  # also catches values outside the float32 range
-        if bad.any():
-            fail(path, key, "finite float32 values", _first_bad(bad, start))
-        if key in COUNT_KEYS and (block < 0).any():
-            fail(path, key, "values >= 0", f"negative values: {_first_bad(block < 0, start)}")
-        if key in FEATURE_KEYS and (np.abs(block) > FEATURE_BOUND).any():
-            fail(path, key, f"features of magnitude <= {FEATURE_BOUND:g} (larger values overflow the "
-                 "standardisation)", f"values up to {float(np.abs(block).max()):.3g}: "
-                 f"{_first_bad(np.abs(block) > FEATURE_BOUND, start)}")
+            finite = np.isfinite(block.astype(np.float32))  # also catches values outside the float32 range
+        _bad(found, "finite", ~finite, start)
+        if key in COUNT_KEYS:
+            _bad(found, "negative", block < 0, start)
+        if key in FEATURE_KEYS:
+            _bad(found, "large", finite & (np.abs(block) > FEATURE_BOUND), start)
+            largest = max(largest, float(np.abs(np.where(finite, block, 0)).max(initial=0)))
         if key == "counts" and block.dtype.kind == "f":
-            fractional += int((block != np.round(block)).sum())
+            fractional += int((finite & (block != np.round(block))).sum())
+    text = {k: f"{n} bad values, first at index {first}" for k, (n, first) in found.items()}
+    if "finite" in found:
+        fail(path, key, "finite float32 values", text["finite"])
+    if "negative" in found:
+        fail(path, key, "values >= 0", f"negative values: {text['negative']}")
+    if "large" in found:
+        fail(path, key, f"features of magnitude <= {FEATURE_BOUND:g} (larger values overflow the "
+             "standardisation)", f"values up to {largest:.3g}: {text['large']}")
     return fractional
 
 

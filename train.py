@@ -113,7 +113,10 @@ def load_config(path, overrides=()) -> dict:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override '{item}' must look like key.sub=value")
-            nested = checks.load_yaml(value)
+            try:
+                nested = checks.load_yaml(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override '{item}': expected a YAML value, found: {e}") from None
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
@@ -121,7 +124,7 @@ def load_config(path, overrides=()) -> dict:
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
             cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
-        raise SystemExit(f"{path}: {e}")
+        raise SystemExit(" ".join(f"{path}: {e}".split()))
     return cfg
 
 
