@@ -345,7 +345,7 @@ def _check_gmt(cfg: dict, root: Path, genes: list[str], log) -> None:
     sets = data.read_gmt(path)
     mc = ModelConfig.from_dict(cfg["model"])
     if mc.arch == "tessera" and mc.pathway_tokens > len(sets):
-        log(f"warning: {path}: model.pathway_tokens = {mc.pathway_tokens} but data.gmt has {len(sets)} sets: "
+        log(f"note: {path}: model.pathway_tokens = {mc.pathway_tokens} but data.gmt has {len(sets)} sets: "
             f"{mc.pathway_tokens - len(sets)} tokens have no gene set (learned freely; the pathway loss skips them)")
     used = list(sets.items())[:mc.pathway_tokens if mc.arch == "tessera" else 0]
     have = set(genes)
@@ -486,11 +486,11 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
     return {"state": state, "activations": spots + sum(kept), "full attention": sum(full)}
 
 
-def available_memory(device: torch.device) -> int:
+def available_memory(device: torch.device) -> int | None:
     """Bytes free for a run: the GPU's free memory on CUDA, else MemAvailable of /proc/meminfo (or the
     physical pages, where there is no /proc)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -507,8 +507,9 @@ def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str,
     name = cfg["run"]["device"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     value_bytes = 2 if device.type == "cuda" else 4
-    if available is None:
-        available = available_memory(device)
+    available = available_memory(device) if available is None else available
+    if available is None:   # no such device: train.resolve_device says so
+        return
     parts = memory_estimate(mc, in_dim, n_genes, n_spots, value_bytes)
     need = sum(parts.values())
     if need <= available:
