@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def _unique_mapping(loader, node, deep=False):
 
 
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 reads 1e-6 (no dot) as a string; YAML 1.2 and every user read it as a number
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                      list("-+0123456789"))
 
 
 def load_yaml(text: str):
@@ -303,7 +307,8 @@ def data_file(cfg: dict, key: str, root: Path, folder: bool = False) -> Path:
                       f"{' or '.join(str(p) for p in places)}")
 
 
-def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set[str], normalize: bool, log=print):
+def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set[str], normalize: bool,
+                   sub_levels: int = 0, log=print):
     """Every slide's header: equal feature widths, spots, spread coordinates (at most half of the spots
     at a position another spot has: the default lattice unit is the median spacing), slide id = file name,
     counts on training slides, and library sizes that normalisation can divide by."""
@@ -328,6 +333,7 @@ def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set
             raise data.CacheError(f"{p}: key 'coords': expected spots at distinct positions, found {m.shared_position} "
                                   f"of {m.n_spots} at a position another spot has (collapsed coordinates; the "
                                   "lattice unit, the median spacing of the spots, would be 0)")
+        data.check_sub_levels(p, sub_levels, m.sub_per_spot)
         if m.genes is None and p.stem in training:
             raise data.CacheError(f"{p}: key 'counts': expected counts on a training slide, found none "
                                   "(a slide without counts can only be predicted: eval.py predict)")
@@ -396,7 +402,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
             raise ConfigError(f"key 'data.folds': expected -1 or an integer from 2 to {len(set(groups))} "
                               f"(the number of {dc['group']}s in {root}), found {dc['folds']}") from None
     training = {s for train, _ in folds for s in train}
-    _check_headers(paths, metas, training, dc["normalize"], log)
+    _check_headers(paths, metas, training, dc["normalize"], cfg["model"]["sub_levels"], log)
     for k, (train, _) in enumerate(folds):
         if len(train) <= tc["val_slides"]:
             raise ConfigError(f"key 'train.val_slides': expected fewer than the {len(train)} training slides "

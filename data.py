@@ -382,6 +382,7 @@ class SlideMeta:
     zero_library: int = 0          # spots whose library_size is 0 although their counts are not
     shared_position: int = 0       # spots at the position (x, y) of another spot
     library_size: bool = False     # the cache has library_size (data.normalize divides by it)
+    sub_per_spot: int | None = None  # sub-patches per spot in sub_features; None without them
 
 
 def read_slide_meta(path) -> SlideMeta:
@@ -414,7 +415,9 @@ def read_slide_meta(path) -> SlideMeta:
         _, at, many = np.unique(a["coords"], axis=0, return_inverse=True, return_counts=True)
         shared = int((many[at.reshape(-1)] > 1).sum())
         return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes, coords_extent=extent,
-                         zero_library=zero, shared_position=shared, library_size="library_size" in f)
+                         zero_library=zero, shared_position=shared, library_size="library_size" in f,
+                         sub_per_spot=f["sub_features"].shape[1] if "sub_features" in f and f["sub_features"].ndim == 3
+                         else None)
 
 
 def list_slides(root) -> list[Path]:
@@ -597,17 +600,22 @@ def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- sub-spot inputs
+def check_sub_levels(name, sub_levels: int, per_spot: int | None) -> None:
+    """A slide (`name`) with `per_spot` sub-patches (None: no sub_features) can feed a model with
+    `sub_levels` levels below the spot; an error naming the slide and the config key otherwise."""
+    r = 2 ** sub_levels
+    if sub_levels and per_spot != r * r:
+        raise CacheError(f"{name}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
+                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
+                         f"synthetic.py --sub {r}); found {'none' if per_spot is None else f'{per_spot} per spot'}")
+
+
 def sub_inputs(slide: Slide, sub_levels: int) -> dict:
     """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error naming the
     slide and the config key when the cache does not have the r x r sub-patches it needs."""
     if not sub_levels:
         return {}
-    r = 2 ** sub_levels
-    found = "none" if slide.sub_features is None else f"{slide.sub_features.shape[1]} per spot"
-    if slide.sub_features is None or slide.sub_features.shape[1] != r * r:
-        raise ValueError(f"{slide.slide_id}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
-                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
-                         f"synthetic.py --sub {r}); found {found}")
+    check_sub_levels(slide.slide_id, sub_levels, None if slide.sub_features is None else slide.sub_features.shape[1])
     valid = slide.sub_valid if slide.sub_valid is not None else torch.ones(slide.sub_features.shape[:2], dtype=torch.bool)
     return {"sub_features": slide.sub_features, "sub_valid": valid}
 

@@ -153,6 +153,8 @@ CASES = [
      ["cfg.yaml", "'lr' twice", "line 4"]),
     ("mc without dropout", overrides("eval.mc_samples=4", "model.dropout=0", "model.attn_dropout=0"),
      ["'eval.mc_samples'", "without dropout"]),
+    ("sub-levels without sub-patches", overrides("model.sub_levels=1"), ["s0.h5", "model.sub_levels = 1", "found none"]),
+    ("override that is not YAML", overrides("model.depths=[1, 2"), ["override 'model.depths=[1, 2'"]),
     ("read-only run.dir", overrides("run.dir=/proc/tessera-runs"), ["/proc", "'run.dir'", "cannot be written"]),
     ("encoder not importable", embed("nosuchmod:fn"), ["--encoder nosuchmod:fn", "nosuchmod"]),
     ("encoder returns NaN", embed("enc:nan"), ["p1.h5", "--encoder enc:nan", "finite"]),

@@ -370,3 +370,16 @@ def test_the_model_for_its_sizes_is_the_real_one_whether_built_or_on_the_meta_de
         meta = build_model(mc, 12, 7)
     assert [(n, p.shape) for n, p in real.named_parameters()] == [(n, p.shape) for n, p in meta.named_parameters()]
     assert all(p.device.type == "meta" for p in checks.meta_model(ModelConfig(w=200), 12, 7).parameters())
+
+
+def test_exponents_without_a_dot_are_numbers(root):
+    """YAML 1.1 reads 1e-6 as a string (model.unit_um, whose default is null, then refused it)."""
+    assert checks.load_yaml("a: 1e-6\nb: -2E+3\nc: 1.5e-3\nd: '1e-6'\ne: 12") == {"a": 1e-6, "b": -2000.0, "c": 1.5e-3,
+                                                                                 "d": "1e-6", "e": 12}
+    cfg = train.load_config(ROOT / "configs/default.yaml", ["model.unit_um=1e-2", "model.ridge_alpha=3e2"])
+    assert cfg["model"]["unit_um"] == 0.01 and cfg["model"]["ridge_alpha"] == 300.0
+
+
+def test_sub_levels_need_sub_patches_on_every_slide_before_anything_is_written(root, tmp_path, capsys):
+    expect(refused([*base(root), "model.sub_levels=1"], tmp_path, capsys),
+           "s0.h5: model.sub_levels = 1 needs sub_features with 4 sub-patches per spot", "found none")
