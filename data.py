@@ -118,7 +118,7 @@ ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size
               "pseudo_features", "pseudo_coords", "sub_features", "sub_valid", "sub_counts")
 STRING_KEYS = ("barcodes", "genes")
 COUNT_KEYS = ("counts", "library_size", "expected", "sub_counts")
-FEATURE_KEYS = ("features", "pseudo_features", "sub_features")
+FEATURE_KEYS = ("features", "pseudo_features", "sub_features", "embeddings", "sub_embeddings")  # (hest.py's names)
 # Features beyond this magnitude are refused: float16 caches hold at most 65504, patch embeddings are of
 # order 1-100, and the models standardise features with sums of squares in float32, where values near
 # 1e19 (and a slide's worth of values near 1e16) overflow to inf and make every prediction of the slide NaN.
@@ -151,7 +151,7 @@ def _blocks(x):
         yield start, x[start:start + step]
 
 
-def _check_values(path, key: str, x) -> int:
+def check_values(path, key: str, x) -> int:
     """Values of a numeric array (or dataset), block by block: finite in float32; counts >= 0; features within
     FEATURE_BOUND. Returns the number of non-integer values of `counts` (0 for other keys)."""
     found, fractional, largest = {}, 0, 0.0
@@ -179,7 +179,7 @@ def _check_values(path, key: str, x) -> int:
 
 def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
     """One array (or h5py dataset): kind 'float' | 'number' | 'str', shape with None for any size; unique
-    strings; the values (_check_values, whose count of non-integer counts it returns)."""
+    strings; the values (check_values, whose count of non-integer counts it returns)."""
     x = a[key]
     want = str(tuple("any" if s is None else s for s in shape)).replace("'", "")
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
@@ -193,7 +193,7 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
         return 0
     if x.dtype.kind not in ("f" if kind == "float" else "fiu"):
         fail(path, key, "float16/float32 values" if kind == "float" else "numeric values", f"dtype {x.dtype}")
-    return _check_values(path, key, x)
+    return check_values(path, key, x)
 
 
 def _validate(path, a: dict) -> int:
@@ -310,16 +310,24 @@ def _attrs(path, f) -> dict:
                 spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))))
 
 
+def dataset(path, f, key: str, expected: str = "a dataset") -> h5py.Dataset:
+    """f[key] when it is a dataset; otherwise an error naming the file and the key (absent, or a group)."""
+    if key not in f:
+        fail(path, key, expected, "no such key")
+    if not isinstance(f[key], h5py.Dataset):
+        fail(path, key, expected, "a group")
+    return f[key]
+
+
 def _datasets(path, f, read: bool) -> dict:
     """The cache's keys of the data contract: strings read as numpy str arrays, numbers read (read=True) or
     left as h5py datasets; a key that is a group is an error naming it."""
     a = {}
     for k in ARRAY_KEYS:
         if k in f:
-            if not isinstance(f[k], h5py.Dataset):
-                fail(path, k, "a dataset", "a group")
-            text = h5py.check_string_dtype(f[k].dtype) or f[k].dtype.kind == "S"
-            a[k] = h5_strings(f[k]) if text else f[k][()] if read else f[k]
+            x = dataset(path, f, k)
+            text = h5py.check_string_dtype(x.dtype) or x.dtype.kind == "S"
+            a[k] = h5_strings(x) if text else x[()] if read else x
     if "sub_extent_um" in f.attrs:
         a["attrs/sub_extent_um"] = float(f.attrs["sub_extent_um"])
     return a
@@ -390,12 +398,9 @@ def read_slide_meta(path) -> SlideMeta:
     (coords, library_size), never the features or the counts (fold building, checks before training)."""
     with open_h5(path) as f:
         a = {}
-        for key in ("features", "coords"):
-            if key not in f:
-                fail(path, key, "a dataset (required)", "no such key")
         for key in ARRAY_KEYS:
-            if key in f and not isinstance(f[key], h5py.Dataset):
-                fail(path, key, "a dataset", "a group")
+            if key in ("features", "coords") or key in f:
+                dataset(path, f, key, "a dataset (required)" if key in ("features", "coords") else "a dataset")
         if "counts" in f and "genes" not in f:
             fail(path, "genes", "a gene list beside 'counts'", "no such key")
         if f["features"].ndim != 2:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import eval as evaluation
 import lattice
-from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, listed, not_an_input,
-                  open_h5, read_gene_list, read_metadata, read_slide, refuse_existing, write_slide)
+from data import (STR, CacheError, Slide, atomic_path, check_values, dataset, fail, h5_strings, list_slides, listed,
+                  not_an_input, open_h5, read_gene_list, read_metadata, read_slide, refuse_existing, write_slide)
 from protocols import dataset_slides, harmonise_gene_names
 
 
@@ -74,6 +74,8 @@ def _h5ad_array(f, node):
 
 def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
     """(index, columns) of obs or var; the index dataset is whichever `_index` names."""
+    if name not in f:
+        fail(f.filename, name, "a dataframe group (AnnData)", "no such key")
     g = f[name]
     if not isinstance(g, h5py.Group):
         fail(f.filename, name, "a dataframe group (anndata >= 0.7)", "a dataset (re-save with a newer anndata)")
@@ -84,6 +86,8 @@ def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
 
 def _h5ad_X(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """X as coordinates (rows, cols, values) and shape; CSR, CSC (current or old h5sparse) or dense."""
+    if "X" not in f:
+        fail(f.filename, "X", "the count matrix (AnnData)", "no such key")
     X = f["X"]
     if isinstance(X, h5py.Dataset):
         dense = X[()]
@@ -222,6 +226,22 @@ def sub_patches(images: torch.Tensor, r: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4, 5).reshape(B, r * r, H // r, W // r, c)
 
 
+def _check_patch_file(path, f, sub: int) -> None:
+    """A HEST patch file: `img` uint8 (N, H, W, 3) (square patches dividing by `sub` when given), `coords`
+    (N, 2) and `barcode` (N,) or (N, 1)."""
+    what = "a dataset (HEST patches file)"
+    img, coords, barcode = (dataset(path, f, key, what) for key in ("img", "coords", "barcode"))
+    if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
+        fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
+    if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
+        fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
+             f"shape {img.shape}")
+    if coords.shape != (len(img), 2):
+        fail(path, "coords", f"shape ({len(img)}, 2), one row per patch", f"shape {coords.shape}")
+    if barcode.shape not in ((len(img),), (len(img), 1)):
+        fail(path, "barcode", f"shape ({len(img)},) or ({len(img)}, 1), one per patch", f"shape {barcode.shape}")
+
+
 def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
                   overwrite: bool = False, log=print, sub: int = 0) -> list[Path]:
     """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
@@ -235,18 +255,15 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
     fn, written = load_encoder(encoder), []
     paths = sorted(Path(patches_dir).glob("*.h5"))
     refuse_existing([Path(out_dir) / p.name for p in paths], overwrite)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, found {batch_size}")
+    for path in paths:                                      # every patch file's layout before the first write
+        with open_h5(path) as f:
+            _check_patch_file(path, f, sub)
     for path in paths:
         t0, out = time.time(), Path(out_dir) / path.name
         with open_h5(path) as f:
-            for key in ("img", "coords", "barcode"):
-                if key not in f:
-                    fail(path, key, "a dataset (HEST patches file)", "no such key")
             img = f["img"]
-            if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
-                fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
-            if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
-                fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
-                     f"shape {img.shape}")
             size_px = img.shape[2]
             emb = torch.cat([encode(fn, torch.from_numpy(img[i:i + batch_size]), encoder, path)
                              for i in range(0, img.shape[0], batch_size)]).numpy()
@@ -272,24 +289,43 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
 
 # ----------------------------------------------------------------------------- HEST import
 
-def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
-    """A HEST-Benchmark embedding file: `embeddings` (N, C), `barcodes` (N,) or (N, 1), optional
-    `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub, patch_size_px)."""
+def _check_embedding_file(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A HEST-Benchmark embedding file, checked without holding it: `embeddings` (N, C) finite and within
+    data.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords` (N, 2) and
+    `sub_embeddings` (N, S, C). Returns (barcodes, coords or None) for _check_positions."""
     with open_h5(path) as f:
-        for key in ("embeddings", "barcodes"):
-            if key not in f and not (key == "barcodes" and "barcode" in f):
-                fail(path, key, "a dataset (HEST-Benchmark embedding file)", "no such key")
+        emb = dataset(path, f, "embeddings", "a dataset (HEST-Benchmark embedding file)")
+        barcodes = h5_strings(dataset(path, f, "barcodes" if "barcodes" in f or "barcode" not in f else "barcode",
+                                      "a dataset (HEST-Benchmark embedding file)")).reshape(-1)
+        if emb.ndim != 2 or len(emb) != len(barcodes):
+            fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
+        if len(set(barcodes)) < len(barcodes):
+            fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
+        check_values(path, "embeddings", emb)
+        if "sub_embeddings" in f:
+            sub = dataset(path, f, "sub_embeddings")
+            if sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]:
+                fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'",
+                     f"shape {sub.shape}")
+            check_values(path, "sub_embeddings", sub)
+        coords = None
+        if "coords" in f:
+            coords = dataset(path, f, "coords")[()]
+            if coords.shape != (len(emb), 2):
+                fail(path, "coords", f"shape ({len(emb)}, 2), one row per barcode", f"shape {coords.shape}")
+    return barcodes, coords
+
+
+def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
+    """A HEST-Benchmark embedding file that _check_embedding_file accepted: `embeddings` (N, C), `barcodes`,
+    optional `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub,
+    patch_size_px)."""
+    with open_h5(path) as f:
         emb = f["embeddings"][()]
-        barcodes = h5_strings(f["barcodes" if "barcodes" in f else "barcode"]).reshape(-1)
+        barcodes = h5_strings(f["barcodes" if "barcodes" in f or "barcode" not in f else "barcode"]).reshape(-1)
         encoder = _attr(f, "encoder", Path(path).parent.name)
         sub = f["sub_embeddings"][()] if "sub_embeddings" in f else None
         patch_px = float(f.attrs.get("patch_size_px", float("nan")))
-    if sub is not None and (sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]):
-        fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'", f"shape {sub.shape}")
-    if emb.ndim != 2 or len(emb) != len(barcodes):
-        fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
-    if len(set(barcodes)) < len(barcodes):
-        fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
     return emb, barcodes, encoder, sub, patch_px
 
 
@@ -311,21 +347,19 @@ def _h5ad_gene_names(path, harmonise: bool = False) -> set[str]:
     return set(harmonise_gene_names(genes) if harmonise else genes)
 
 
-def _check_positions(emb_path, st_path) -> None:
+def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
     """The embedding file belongs to the expression file: for the barcodes both have, the patch centres
     (`coords`, pixels) sit where the spots are, up to one shift for the whole slide (HEST stores a
     patch's corner, half a patch from the spot). Barcodes repeat across Visium slides, so a swapped
     pair of files still joins; their positions do not. Refused when over 1% of the shared spots are off
     by more than a quarter of the spot spacing (files without `coords` are not checked)."""
-    with open_h5(emb_path) as f:
-        if "coords" not in f:
-            return
-        coords = np.asarray(f["coords"][()], dtype=np.float64).reshape(-1, 2)
-        emb_barcodes = h5_strings(f["barcodes" if "barcodes" in f else "barcode"]).reshape(-1)
+    if coords is None:
+        return
+    coords = np.asarray(coords, dtype=np.float64)
     with open_h5(st_path) as f:
         barcodes, obs = _h5ad_frame(f, "obs")
         xy = _h5ad_xy(f, obs)
-    if xy is None or len(coords) != len(emb_barcodes) or len(xy) != len(barcodes):
+    if xy is None or len(xy) != len(barcodes):
         return                                  # reported by the import itself
     row_of = {b: i for i, b in enumerate(emb_barcodes)}
     both = [(i, row_of[b]) for i, b in enumerate(barcodes) if b in row_of]
@@ -344,7 +378,7 @@ def _check_positions(emb_path, st_path) -> None:
 
 def _check_import(pairs, out_dir, wanted, genes_source, overwrite: bool, harmonise: bool) -> None:
     """Before the first file is written: no output exists (unless overwrite), every slide keeps a gene,
-    and every embedding file's patches lie on its expression file's spots."""
+    every embedding file is whole (_check_embedding_file) and its patches lie on its expression file's spots."""
     for p, st in pairs:
         refuse_existing([Path(out_dir) / f"{p.stem}.h5"], overwrite)
         if wanted is not None:
@@ -352,7 +386,7 @@ def _check_import(pairs, out_dir, wanted, genes_source, overwrite: bool, harmoni
             if not any(g in have for g in wanted):
                 raise CacheError(f"{genes_source}: expected genes that {st} has, found none of the {len(wanted)} "
                                  f"({listed(wanted)}): the cache would have 0 genes")
-        _check_positions(p, st)
+        _check_positions(p, st, *_check_embedding_file(p))
 
 
 def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,

@@ -90,15 +90,29 @@ ENCODERS = ("import torch\n"
             "def short(x):\n    return torch.zeros(len(x) - 1, 4)\n")
 
 
-def embed(encoder, existing=False):
+def patch_img_group(tmp):
+    with h5py.File(tmp / "patches" / "p1.h5", "a") as f:
+        del f["img"]
+        f.create_group("img")
+
+
+def patch_coords_rows(tmp):
+    with h5py.File(tmp / "patches" / "p1.h5", "a") as f:
+        del f["coords"]
+        f["coords"] = np.zeros((7, 2))
+
+
+def embed(encoder, existing=False, spoil=None, extra=()):
     def build(tmp):
         patches(tmp)
+        if spoil:
+            spoil(tmp)
         (tmp / "enc.py").write_text(ENCODERS)
         if existing:
             (tmp / "emb").mkdir()
             (tmp / "emb" / "p1.h5").write_bytes(b"mine")
         return [str(ROOT / "hest.py"), "embed", "--patches", "patches", "--out", "emb",
-                *(["--encoder", encoder] if encoder else [])]
+                *(["--encoder", encoder] if encoder else []), *extra]
     return build
 
 
@@ -120,9 +134,27 @@ def hest_inputs(tmp, swap=False):
             f["barcodes"] = np.array([[b.encode()] for b in barcodes])
 
 
-def import_hest(*extra, swap=False, existing=False):
+def emb_group(tmp):
+    with h5py.File(tmp / "emb" / "s2.h5", "a") as f:
+        del f["embeddings"]
+        f.create_group("embeddings")
+
+
+def emb_nan(tmp):
+    with h5py.File(tmp / "emb" / "s2.h5", "a") as f:
+        f["embeddings"][3, 1] = np.nan
+
+
+def no_obs(tmp):
+    with h5py.File(tmp / "st" / "s2.h5ad", "a") as f:
+        del f["obs"]
+
+
+def import_hest(*extra, swap=False, existing=False, spoil=None):
     def build(tmp):
         hest_inputs(tmp, swap)
+        if spoil:
+            spoil(tmp)
         (tmp / "genes.txt").write_text("ZZ\nYY\n")
         if existing:
             (tmp / "out").mkdir()
@@ -160,6 +192,12 @@ CASES = [
     ("encoder returns NaN", embed("enc:nan"), ["p1.h5", "--encoder enc:nan", "finite"]),
     ("encoder returns too few rows", embed("enc:short"), ["p1.h5", "--encoder enc:short", "(5, C)", "(4, 4)"]),
     ("embed over an existing file", embed(None, existing=True), ["p1.h5", "--overwrite"]),
+    ("patch images as a group", embed(None, spoil=patch_img_group), ["p1.h5", "'img'", "a group"]),
+    ("patch coords of other rows", embed(None, spoil=patch_coords_rows), ["p1.h5", "'coords'", "(5, 2)"]),
+    ("batch size 0", embed(None, extra=["--batch-size", "0"]), ["--batch-size", "found 0"]),
+    ("embeddings as a group", import_hest(spoil=emb_group), ["s2.h5", "'embeddings'", "a group"]),
+    ("a NaN embedding", import_hest(spoil=emb_nan), ["s2.h5", "'embeddings'", "finite"]),
+    ("h5ad without obs", import_hest(spoil=no_obs), ["s2.h5ad", "'obs'", "no such key"]),
     ("import keeps no gene", import_hest("--genes", "genes.txt"), ["genes.txt", "0 genes"]),
     ("embedding files swapped", import_hest(swap=True), ["s1.h5", "'coords'", "swapped"]),
     ("import over an existing file", import_hest(existing=True), ["s2.h5", "--overwrite"]),
