@@ -100,7 +100,8 @@ RANGES = {
     "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0),
     "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
     "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
-    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "run.threads": at_least(0),
+    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0),
+    "run.threads": ((lambda v: 0 <= v <= (os.cpu_count() or 1)), f"from 0 to {os.cpu_count() or 1} (this machine's cores)"),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
 }
 

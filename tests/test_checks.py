@@ -85,6 +85,7 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["model.heads=3"], ["model.dim = 64 must be divisible by model.heads = 3"]),
     (["model.dimm=3"], ["unknown config key 'model.dimm'; valid keys here"]),
     (["train.loss=zinb"], ["train.loss = zinb and model.head = zinb go together"]),
+    (["run.threads=100000"], ["key 'run.threads': expected an integer from 0 to", "found 100000"]),
 ]
 
 
