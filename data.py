@@ -74,13 +74,18 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        # h5py reports a failed write without errno, with the C library's text
-        if e.errno == errno.ENOSPC or "No space left on device" in str(e):
-            raise DiskFull(f"{path}: disk full (no space left on the device to write it)") from None
-        raise
+        raise disk_full(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def disk_full(path, e: OSError) -> OSError:
+    """A write error as DiskFull ("<file>: disk full") when the disk is full, else the error itself. h5py
+    reports a failed write without errno, with the C library's text."""
+    if e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        return DiskFull(f"{path}: disk full (no space left on the device to write it)")
+    return e
 
 
 def listed(items, n: int = 5) -> str:

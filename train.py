@@ -332,6 +332,10 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
     last = "none"   # the last finite epoch loss, for the message if training diverges
+
+    def diverged(what):  # the last checkpoint (if any) is left as it was: a NaN model is never saved
+        return Diverged(f"fold {k} epoch {epoch + 1}: {what}; stopped, {ckpt if ckpt.exists() else 'no checkpoint'} "
+                        f"kept as it was: lower train.lr ({tc['lr']}) or train.clip ({tc['clip']})")
     for epoch in range(start, epochs):
         t0 = time.time()
         torch.manual_seed(tc["seed"] * 100003 + k * 1009 + epoch)   # dropout: same stream after a resume
@@ -344,10 +348,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             out = forward(model, b, device)
             loss = compute_loss(out, {key: v.to(device) for key, v in b.items()
                                       if isinstance(v, torch.Tensor)}, cfg, model)
-            if not torch.isfinite(loss):   # stop at once: every later step would be NaN, and nothing is saved
-                raise Diverged(f"fold {k} epoch {epoch + 1}: the loss is {loss.item()} (last finite epoch loss "
-                               f"{last}); stopped, {ckpt if ckpt.exists() else 'no checkpoint'} kept as it was: "
-                               f"lower train.lr ({tc['lr']}) or train.clip ({tc['clip']})")
+            if not torch.isfinite(loss):   # stop at once: every later step would be NaN
+                raise diverged(f"the loss is {loss.item()} (last finite epoch loss {last})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
@@ -356,10 +358,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             if avg is not None:
                 ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
-        if not finite_weights(model):       # a finite loss, then a step to non-finite weights: never saved
-            raise Diverged(f"fold {k} epoch {epoch + 1}: the weights are no longer finite (epoch loss "
-                           f"{total_loss.item() / len(train_b):.4f}); stopped, {ckpt if ckpt.exists() else 'no checkpoint'} "
-                           f"kept as it was: lower train.lr ({tc['lr']}) or train.clip ({tc['clip']})")
+        if not finite_weights(model):       # a finite loss, then a step to non-finite weights
+            raise diverged(f"the weights are no longer finite (epoch loss {total_loss.item() / len(train_b):.4f})")
         last = f"{total_loss.item() / len(train_b):.4f} at epoch {epoch + 1}"
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
@@ -472,8 +472,11 @@ def run(argv=None):
 
     def log(msg):
         print(msg, flush=True)
-        logfile.write(msg + "\n")
-        logfile.flush()
+        try:
+            logfile.write(msg + "\n")
+            logfile.flush()
+        except OSError as e:
+            raise data.disk_full(run_dir / "log.txt", e) from None
 
     for note in filter(None, notes):
         log(note)

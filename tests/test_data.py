@@ -534,3 +534,19 @@ def test_cache_building_commands_still_run_through_data_py(tmp_path, capsys):
 def test_shared_genes_keep_the_first_lists_order():
     assert data.shared_genes([["c", "a", "b"], ["a", "b", "c", "d"], ["b", "c"]]) == ["c", "b"]
     assert data.shared_genes([["a"]]) == ["a"] and data.shared_genes([]) == []
+
+
+def test_a_full_disk_in_atomic_path_names_the_file_and_keeps_the_old_one(tmp_path):
+    import errno
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"old")
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")):
+        with pytest.raises(data.DiskFull, match=r"x\.h5: disk full"):
+            with data.atomic_path(path) as tmp:
+                tmp.write_bytes(b"partial")
+                raise error
+        assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.h5"]
+    with pytest.raises(PermissionError):                 # any other error passes through as it is
+        with data.atomic_path(path):
+            raise PermissionError(13, "denied")
