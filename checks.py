@@ -210,7 +210,7 @@ def check_config(cfg: dict, defaults: dict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mc_samples = cfg["eval"]["mc_samples"]
-    if mc_samples and not predict.has_dropout(meta_model(mc, 1, 1)):
+    if mc_samples and not predict.has_dropout(sized_model(mc, 1, 1)):
         raise ConfigError(f"key 'eval.mc_samples': expected 0 for a model without dropout (model.arch = {mc.arch}, "
                           f"model.dropout = {mc.dropout}, model.attn_dropout = {mc.attn_dropout}): Monte-Carlo "
                           f"passes would all be equal; found {mc_samples}")
@@ -437,7 +437,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
 
 
 # ---- memory -------------------------------------------------------------------------------------
-def meta_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
+def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
     """The model, for its sizes: built for real when a generous bound on its tensors is small (milliseconds),
     else with its tensors on the meta device (no memory, but seconds: torch imports its meta kernels)."""
     blocks = mc.local_blocks + sum(mc.depths) + sum(mc.decoder_depths) + mc.sub_levels + 4
@@ -466,7 +466,7 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
     `value_bytes`: 2 under CUDA autocast (bf16), 4 on the CPU. Measured on the CPU with the demo config
     (growth of the resident memory over two training steps): 0.55 GiB for a 6k-spot slide and 2.8 GiB for
     a 21k-spot one, where this gives 0.52 and 2.6 GiB."""
-    model = meta_model(mc, in_dim, n_genes)
+    model = sized_model(mc, in_dim, n_genes)
     params = sum(p.numel() for p in model.parameters())
     state = 16 * params + sum(b.numel() * b.element_size() for b in model.buffers())
     spots = n_spots * (in_dim + mc.dim + 3 * n_genes) * value_bytes

@@ -365,12 +365,12 @@ def test_an_override_that_is_not_yaml_is_one_line(root, tmp_path, capsys):
 def test_the_model_for_its_sizes_is_the_real_one_whether_built_or_on_the_meta_device(monkeypatch):
     from model import build_model
     mc = ModelConfig(dim=32, heads=4, w=2, pathway_tokens=3)
-    real = checks.meta_model(mc, 12, 7)
+    real = checks.sized_model(mc, 12, 7)
     assert all(p.device.type == "cpu" for p in real.parameters())
     with torch.device("meta"):
         meta = build_model(mc, 12, 7)
     assert [(n, p.shape) for n, p in real.named_parameters()] == [(n, p.shape) for n, p in meta.named_parameters()]
-    assert all(p.device.type == "meta" for p in checks.meta_model(ModelConfig(w=200), 12, 7).parameters())
+    assert all(p.device.type == "meta" for p in checks.sized_model(ModelConfig(w=200), 12, 7).parameters())
 
 
 def test_exponents_without_a_dot_are_numbers(root):
