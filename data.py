@@ -162,13 +162,15 @@ def check_values(path, key: str, x) -> int:
     found, fractional, largest = {}, 0, 0.0
     for start, block in _blocks(x):
         with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(block.astype(np.float32))  # also catches values outside the float32 range
+            x = block.astype(np.float32)
+        finite = np.isfinite(x)                     # also catches values outside the float32 range
         _bad(found, "finite", ~finite, start)
         if key in COUNT_KEYS:
             _bad(found, "negative", block < 0, start)
         if key in FEATURE_KEYS:
-            _bad(found, "large", finite & (np.abs(block) > FEATURE_BOUND), start)
-            largest = max(largest, float(np.abs(np.where(finite, block, 0)).max(initial=0)))
+            size = np.abs(np.where(finite, x, 0))
+            _bad(found, "large", size > FEATURE_BOUND, start)
+            largest = max(largest, float(size.max(initial=0)))
         if key == "counts" and block.dtype.kind == "f":
             fractional += int((finite & (block != np.round(block))).sum())
     text = {k: f"{n} bad values, first at index {first}" for k, (n, first) in found.items()}
