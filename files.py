@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from data import CacheError, atomic_path, fail
+from data import CacheError, atomic_path, fail, listed
 
 
 def _array(x, dtype=np.float64) -> np.ndarray:
@@ -50,7 +50,7 @@ def read_gene_list(path) -> list[str]:
         genes = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("#")]
     dup = sorted(g for g, k in collections.Counter(genes).items() if k > 1)
     if dup:
-        raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {dup[:5]}")
+        raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {listed(dup)}")
     return [str(g) for g in genes]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import eval as evaluation
-from data import CacheError
+from data import CacheError, listed
 from files import read_predictions
 
 PROTOCOLS = Path(__file__).with_name("configs") / "protocols"
@@ -53,7 +53,7 @@ def read_slide_lists(path) -> dict[str, list[str]]:
         twice = sorted({s for s in ids if s in owner} | {s for s, k in collections.Counter(ids).items() if k > 1})
         if twice:
             raise CacheError(f"{path}: slides listed in two datasets ({key} and {owner.get(twice[0], key)}): "
-                             f"{', '.join(twice[:10])}")
+                             f"{listed(twice, 10)}")
         owner.update({s: key for s in ids})
         lists[key] = ids
     return lists

@@ -114,7 +114,7 @@ def load_config(path, overrides=()) -> dict:
     (checks.check_config). A mistake ends the program with one line naming the file and key."""
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = checks.load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise SystemExit(" ".join(f"{path}: cannot read the config: {e}".split()))
     try:
@@ -125,7 +125,10 @@ def load_config(path, overrides=()) -> dict:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override '{item}' must look like key.sub=value")
-            nested = yaml.safe_load(value)
+            try:
+                nested = checks.load_yaml(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override '{item}': expected a YAML value, found: {e}") from None
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
@@ -136,7 +139,7 @@ def load_config(path, overrides=()) -> dict:
                                  "which this copy does not have")
             cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
-        raise SystemExit(f"{path}: {e}")
+        raise SystemExit(" ".join(f"{path}: {e}".split()))
     return cfg
 
 
@@ -302,8 +305,17 @@ def aug_strength(epoch: int, epochs: int, aug: dict) -> float:
 
 
 def save_atomic(obj, path: Path):
+    """torch.save through data.atomic_path: a kill or a full disk (data.DiskFull) leaves the old file whole."""
     with data.atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class Diverged(checks.ConfigError):
+    """Training produced a non-finite loss or non-finite weights; main prints it as one line."""
+
+
+def finite_weights(model) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def ema_update(avg: dict, model, decay: float, step: int) -> None:
@@ -334,6 +346,11 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         start, best = state["epoch"] + 1, state["best"]
         avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
+    last = "none"   # the last finite epoch loss, for the message if training diverges
+
+    def diverged(what):  # the last checkpoint (if any) is left as it was: a NaN model is never saved
+        return Diverged(f"fold {k} epoch {epoch + 1}: {what}; stopped, {ckpt if ckpt.exists() else 'no checkpoint'} "
+                        f"kept as it was: lower train.lr ({tc['lr']}) or train.clip ({tc['clip']})")
     for epoch in range(start, epochs):
         t0 = time.time()
         torch.manual_seed(tc["seed"] * 100003 + k * 1009 + epoch)   # dropout: same stream after a resume
@@ -346,6 +363,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             out = forward(model, b, device)
             loss = compute_loss(out, {key: v.to(device) for key, v in b.items()
                                       if isinstance(v, torch.Tensor)}, cfg, model)
+            if not torch.isfinite(loss):   # stop at once: every later step would be NaN
+                raise diverged(f"the loss is {loss.item()} (last finite epoch loss {last})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
@@ -354,6 +373,9 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             if avg is not None:
                 ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
+        if not finite_weights(model):       # a finite loss, then a step to non-finite weights
+            raise diverged(f"the weights are no longer finite (epoch loss {total_loss.item() / len(train_b):.4f})")
+        last = f"{total_loss.item() / len(train_b):.4f} at epoch {epoch + 1}"
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
             live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
@@ -433,7 +455,7 @@ def main(argv=None):
     """The command line; a user's mistake (config, files, caches, run folder) ends it with one line."""
     try:
         return run(argv)
-    except (checks.ConfigError, data.CacheError) as e:
+    except (checks.ConfigError, data.CacheError, data.DiskFull) as e:
         raise SystemExit(" ".join(str(e).split())) from None
 
 
@@ -468,8 +490,11 @@ def run(argv=None):
 
     def log(msg):
         print(msg, flush=True)
-        logfile.write(msg + "\n")
-        logfile.flush()
+        try:
+            logfile.write(msg + "\n")
+            logfile.flush()
+        except OSError as e:
+            raise data.disk_full(run_dir / "log.txt", e) from None
 
     for note in filter(None, notes):
         log(note)
