@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 import checks
 import data
 import protocols
+import runs
 import eval as evaluation
 import predict
 import lattice
@@ -422,20 +424,34 @@ def main(argv=None):
         raise SystemExit(" ".join(str(e).split())) from None
 
 
+def fold_numbers(given: list[str]) -> list[int]:
+    """--fold values ("0", "0,2", repeated) as sorted fold numbers; a value that is not one ends the program."""
+    out = set()
+    for item in given:
+        for part in item.split(","):
+            if not part.strip().isdigit():
+                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, found {part!r}")
+            out.add(int(part))
+    return sorted(out)
+
+
 def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
     p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name> where it stopped")
-    args = p.parse_args(argv)
+    p.add_argument("--fold", action="append", default=[], metavar="K",
+                   help="train only fold K (repeat, or K,L); other processes may train other folds of the run")
+    args = p.parse_intermixed_args(argv)
     if "=" in args.config:  # `python train.py key=value`: overrides on the default config
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
-    notes = [checks.check_run_dir(run_dir, cfg, args.resume)]
+    run_dir = checks.check_run_dir(cfg)
+    wanted = fold_numbers(args.fold)
     device = resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
+    notes = []
     if not root.exists() and cfg["data"]["synthetic"] and root == checks.DEMO_ROOT:
         syn, t0 = cfg["data"]["synthetic"], time.time()
         synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
@@ -443,9 +459,22 @@ def run(argv=None):
         notes.append(f"data.root {root} was missing: generated the synthetic dataset of data.synthetic there "
                      f"({time.time() - t0:.1f}s)")
     folds = checks.check_data(cfg, root, log=notes.append)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with data.atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    checks.check_folds(cfg, folds, root)
+    bad = [k for k in wanted if k >= len(folds)]
+    if bad:
+        raise checks.ConfigError(f"--fold {bad[0]}: expected one of the run's folds "
+                                 f"{', '.join(map(str, range(len(folds))))}, found {bad[0]}")
+    notes += runs.open_run(run_dir, cfg, runs.fold_record(cfg, folds, root), args.resume, joining=bool(wanted))
+    todo, claimed = runs.claim_folds(run_dir, wanted or list(range(len(folds))), args.resume)
+    try:
+        return train_folds(run_dir, cfg, folds, todo, notes + claimed, args.config, root, device)
+    finally:
+        for k in todo:
+            runs.release(run_dir / f"fold_{k}" / "lock")
+
+
+def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[str], config, root, device):
+    """Train the folds this process holds the locks of; the results once every fold of the run is done."""
     logfile = open(run_dir / "log.txt", "a")
 
     def log(msg):
@@ -458,7 +487,7 @@ def run(argv=None):
     if cfg["run"]["threads"]:
         torch.set_num_threads(cfg["run"]["threads"])
     started, done_epochs = time.time(), [0]
-    todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
+    todo_epochs = cfg["train"]["epochs"] * len(todo)
 
     def eta():  # time left: epochs still to run x mean seconds per epoch so far
         done_epochs[0] += 1
@@ -466,12 +495,15 @@ def run(argv=None):
         left = max(0, todo_epochs - done_epochs[0]) * rate
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
-    log(f"run {run_dir}: {len(folds)} folds, config {args.config}")
-    for k, (train_ids, test_ids) in enumerate(folds):
-        if (run_dir / f"fold_{k}" / "done").exists():
-            log(f"fold {k}: finished earlier, skipped")
-            continue
-        run_fold(k, train_ids, test_ids, cfg, root, run_dir, device, log, eta)
+    log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, config {config}")
+    for k in todo:
+        run_fold(k, *folds[k], cfg, root, run_dir, device, log, eta)
+        runs.release(run_dir / f"fold_{k}" / "lock")
+    missing = [f"fold_{k}" for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists()]
+    if missing:
+        log(f"finished in {time.time() - started:.0f}s; results wait for {', '.join(missing)} (train them with "
+            f"--fold, then: python eval.py {run_dir})")
+        return None
     results = evaluation.evaluate_run(run_dir)
     table = (run_dir / "results.md").read_text()
     log(f"finished in {time.time() - started:.0f}s\n{table}")
@@ -479,4 +511,6 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    # SIGTERM (a job scheduler's stop) unwinds like an exception, so this process's locks are released
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    main()
