@@ -35,6 +35,20 @@ WHERE_KEYS = ("device", "threads")   # run.<key>: where a run computes, not what
 WAIT_S = 120                          # how long a process waits for another to check the run folder
 
 
+def fold_numbers(given: list[str], n_folds: int) -> list[int]:
+    """--fold values ("0", "0,2", repeated) as sorted fold numbers of a run of n_folds folds."""
+    out = set()
+    for item in given:
+        for part in item.split(","):
+            if not part.strip().isdigit():
+                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, found {part!r}")
+            if int(part) >= n_folds:
+                raise checks.ConfigError(f"--fold {item}: expected one of the run's folds "
+                                         f"{', '.join(map(str, range(n_folds)))}, found {int(part)}")
+            out.add(int(part))
+    return sorted(out)
+
+
 # ---- the fold record --------------------------------------------------------------------------------
 def fingerprint(path: Path) -> dict:
     h = hashlib.sha1()
@@ -195,6 +209,11 @@ def release(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def release_folds(run_dir: Path, ks) -> None:
+    for k in ks:
+        release(run_dir / f"fold_{k}" / "lock")
+
+
 # ---- the run folder -----------------------------------------------------------------------------------
 def _what(cfg: dict) -> dict:
     out = copy.deepcopy(cfg)
@@ -293,7 +312,6 @@ def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], 
                 raise checks.ConfigError(f"{fold_dir}: fold {k} was begun earlier ({', '.join(begun)}): pass "
                                          "--resume to continue it")
     except BaseException:
-        for k in todo:
-            release(run_dir / f"fold_{k}" / "lock")
+        release_folds(run_dir, todo)
         raise
     return todo, notes

@@ -3,11 +3,13 @@
     python train.py                                  # the demo: synthetic slides + configs/default.yaml
     python train.py configs/hist.yaml data.root=caches/her2st run.name=hist
     python train.py configs/hist.yaml run.name=hist --resume     # continue a killed run
+    python train.py configs/hist.yaml run.name=hist --fold 2     # one fold; other processes train the others
 
-Outputs in runs/<name>/: config.yaml, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
-results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header
-and the run folder are checked before anything is written (checks.py); a mistake ends the program
-with one line. The losses it minimises are in losses.py.
+Outputs in runs/<name>/: config.yaml, folds.json, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
+results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header,
+the folds and the run folder are checked before anything is written (checks.py); a mistake ends the
+program with one line. Who may write the run folder, and with which data, is runs.py's. The losses it
+minimises are in losses.py.
 """
 from __future__ import annotations
 
@@ -424,17 +426,6 @@ def main(argv=None):
         raise SystemExit(" ".join(str(e).split())) from None
 
 
-def fold_numbers(given: list[str]) -> list[int]:
-    """--fold values ("0", "0,2", repeated) as sorted fold numbers; a value that is not one ends the program."""
-    out = set()
-    for item in given:
-        for part in item.split(","):
-            if not part.strip().isdigit():
-                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, found {part!r}")
-            out.add(int(part))
-    return sorted(out)
-
-
 def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
@@ -448,7 +439,6 @@ def run(argv=None):
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
     run_dir = checks.check_run_dir(cfg)
-    wanted = fold_numbers(args.fold)
     device = resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
     notes = []
@@ -460,17 +450,13 @@ def run(argv=None):
                      f"({time.time() - t0:.1f}s)")
     folds = checks.check_data(cfg, root, log=notes.append)
     checks.check_folds(cfg, folds, root)
-    bad = [k for k in wanted if k >= len(folds)]
-    if bad:
-        raise checks.ConfigError(f"--fold {bad[0]}: expected one of the run's folds "
-                                 f"{', '.join(map(str, range(len(folds))))}, found {bad[0]}")
+    wanted = runs.fold_numbers(args.fold, len(folds))
     notes += runs.open_run(run_dir, cfg, runs.fold_record(cfg, folds, root), args.resume, joining=bool(wanted))
     todo, claimed = runs.claim_folds(run_dir, wanted or list(range(len(folds))), args.resume)
     try:
         return train_folds(run_dir, cfg, folds, todo, notes + claimed, args.config, root, device)
     finally:
-        for k in todo:
-            runs.release(run_dir / f"fold_{k}" / "lock")
+        runs.release_folds(run_dir, todo)
 
 
 def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[str], config, root, device):
@@ -487,26 +473,24 @@ def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[st
     if cfg["run"]["threads"]:
         torch.set_num_threads(cfg["run"]["threads"])
     started, done_epochs = time.time(), [0]
-    todo_epochs = cfg["train"]["epochs"] * len(todo)
 
     def eta():  # time left: epochs still to run x mean seconds per epoch so far
         done_epochs[0] += 1
         rate = (time.time() - started) / done_epochs[0]
-        left = max(0, todo_epochs - done_epochs[0]) * rate
+        left = max(0, cfg["train"]["epochs"] * len(todo) - done_epochs[0]) * rate
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
     log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, config {config}")
     for k in todo:
         run_fold(k, *folds[k], cfg, root, run_dir, device, log, eta)
-        runs.release(run_dir / f"fold_{k}" / "lock")
+        runs.release_folds(run_dir, [k])
     missing = [f"fold_{k}" for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists()]
     if missing:
         log(f"finished in {time.time() - started:.0f}s; results wait for {', '.join(missing)} (train them with "
             f"--fold, then: python eval.py {run_dir})")
         return None
-    results = evaluation.evaluate_run(run_dir)
-    table = (run_dir / "results.md").read_text()
-    log(f"finished in {time.time() - started:.0f}s\n{table}")
+    results = evaluation.evaluate_run(run_dir)            # every fold is done: the last process writes them
+    log(f"finished in {time.time() - started:.0f}s\n{(run_dir / 'results.md').read_text()}")
     return results
 
 

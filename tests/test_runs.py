@@ -18,6 +18,7 @@ import yaml
 import checks
 import data
 import eval as evaluation
+import runs
 import synthetic
 import train
 from test_checks import expect, refused, write
@@ -209,7 +210,7 @@ def test_a_run_lock_of_a_dead_process_is_taken_over(root, tmp_path, capsys):
 def test_fold_arguments(root, tmp_path, capsys):
     expect(refused_here(linear(root, "--fold", "x"), tmp_path, capsys), "--fold", "'x'")
     expect(refused_here(linear(root, "--fold", "-1"), tmp_path, capsys), "--fold")
-    assert train.fold_numbers(["0,2", "3", "2"]) == [0, 2, 3]
+    assert runs.fold_numbers(["0,2", "3", "2"], 4) == [0, 2, 3]
 
 
 def predictions(run: Path) -> dict:
@@ -241,3 +242,21 @@ def test_folds_as_concurrent_jobs_give_the_single_process_results(tmp_path):
             assert np.array_equal(pa[name][key], pb[name][key]), (name, key)
     assert yaml.safe_load((tmp_path / "runs/one/folds.json").read_text())["folds"] == \
         yaml.safe_load((tmp_path / "runs/jobs/folds.json").read_text())["folds"]
+
+
+def test_locks_are_exclusive_and_a_broken_one_is_named(tmp_path):
+    path = tmp_path / "lock"
+    assert runs.take(path) == (None, None)
+    owner = json.loads(path.read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    assert runs.take(path) == (owner, None)                    # held: by this very process, which runs
+    runs.release(path)
+    assert not path.exists()
+    path.write_text("")                                         # created, never written: its owner died there
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    holder, note = runs.take(path)
+    assert holder == {} and note is None
+    assert "delete it if no process holds it" in runs.held(path, holder, "fold 0 is being trained by")
+    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "then"}))
+    holder, note = runs.take(path)
+    assert holder is None and "no longer running" in note and json.loads(path.read_text())["pid"] == os.getpid()
