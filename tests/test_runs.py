@@ -124,6 +124,8 @@ def test_resume_refuses_other_folds(root, tmp_path, capsys):
     expect(msg, "train.epochs")                                # the config differs first
     msg = refused_here([*args, "--resume"], tmp_path, capsys)
     expect(msg, "fold 0", "test", "s1", "s2")
+    msg = refused_here([*args, "--fold", "0"], tmp_path, capsys)  # a fold job with a conflicting assignment
+    expect(msg, "folds.json: --fold expected the folds and data the run started with", "fold 0 train slides differ")
 
 
 # ---- leaking folds ----------------------------------------------------------------------------------
@@ -211,6 +213,22 @@ def test_fold_arguments(root, tmp_path, capsys):
     expect(refused_here(linear(root, "--fold", "x"), tmp_path, capsys), "--fold", "'x'")
     expect(refused_here(linear(root, "--fold", "-1"), tmp_path, capsys), "--fold")
     assert runs.fold_numbers(["0,2", "3", "2"], 4) == [0, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_stopped_fold_job_leaves_no_lock(root, tmp_path):
+    """SIGTERM (a scheduler's stop, scancel) releases the fold's lock: a later --resume on any host finds
+    the fold free and continues it."""
+    job = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *linear(root, "train.epochs=200", "--fold", "1")],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in job.stdout:
+        if line.startswith("fold 1 epoch 1/200"):
+            assert (tmp_path / "runs" / "t" / "fold_1" / "lock").exists()
+            job.terminate()
+            break
+    job.wait(timeout=60)
+    assert job.returncode == 143 and not (tmp_path / "runs" / "t" / "fold_1" / "lock").exists()
+    assert (tmp_path / "runs" / "t" / "fold_1" / "checkpoint.pt").exists()
 
 
 def predictions(run: Path) -> dict:
