@@ -2,7 +2,7 @@
 new slides with a run's fold models is in predict.py, maps in plots.py.
 
 Usage:
-    python eval.py runs/<name> [runs/<other> ...]              # re-evaluate runs, print one comparison table
+    python eval.py runs/<name> [runs/<other> ...] [--partial]  # re-evaluate runs, print one comparison table
     python eval.py predict --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5ad]
     python eval.py plot runs/<name> [--slide ID] [--genes G ... | --top K]      # maps (plots.py)
     python eval.py attention runs/<name> --slide ID --spot BARCODE [--block K]  # one spot's attention
