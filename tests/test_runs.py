@@ -200,6 +200,11 @@ def test_fold_jobs_join_a_run_and_results_wait_for_every_fold(root, tmp_path, ca
     out = capsys.readouterr().out
     assert f"pid {pid}" in out and "no longer running" in out and "fold 0: finished earlier" in out
     assert (run / "results.json").exists() and not (run / "fold_1" / "lock").exists()
+    (run / "fold_1" / "done").unlink()                        # fold 1 predicting again: its files are not final
+    lock_as(run / "fold_1" / "lock", os.getpid())
+    with pytest.raises(FileNotFoundError, match="fold_1 missing"):
+        evaluation.evaluate_run(run, partial=False)
+    assert evaluation.evaluate_run(run)["missing_folds"] == ["fold_1"]
 
 
 def test_a_run_lock_of_a_dead_process_is_taken_over(root, tmp_path, capsys):
