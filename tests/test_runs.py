@@ -231,8 +231,8 @@ def test_a_stopped_fold_job_leaves_no_lock(root, tmp_path):
             assert (tmp_path / "runs" / "t" / "fold_1" / "lock").exists()
             job.terminate()
             break
-    job.wait(timeout=60)
-    assert job.returncode == 143 and not (tmp_path / "runs" / "t" / "fold_1" / "lock").exists()
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 143 and not (tmp_path / "runs" / "t" / "fold_1" / "lock").exists(), (job.returncode, err)
     assert (tmp_path / "runs" / "t" / "fold_1" / "checkpoint.pt").exists()
 
 
