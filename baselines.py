@@ -143,7 +143,7 @@ def slide_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- the ridge's alpha (and per-slide standardisation) chosen on the training slides ---------------------
-ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # model.ridge_cv: alpha / training spots, from almost none to strong
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # model.ridge_cv: alpha / training spots, almost none to strong
 
 
 def moments(x, y) -> tuple:
