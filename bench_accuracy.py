@@ -56,8 +56,8 @@ MODELS = {
     "ridge_spatial_fixed": ("ridge_spatial.yaml", ["model.ridge_cv=false", "model.slide_norm=false"]),
     "ridge_spatial_norm": ("ridge_spatial.yaml", ["model.ridge_cv=false", "model.slide_norm=true"]),
     "mlp": ("mlp.yaml", ["train.epochs=30", "train.lr=1e-3"]),
-    "recommended": ("recommended.yaml", NARROW),                      # tessera's recommended start
-    "recommended_net": ("recommended.yaml", NARROW + ["model.spatial_start=false"]),   # its network alone
+    "tessera": ("tessera.yaml", NARROW),                              # the network for your own data
+    "tessera_net": ("tessera.yaml", NARROW + ["model.spatial_start=false"]),   # its network alone
     "hist": ("hist.yaml", NARROW),                                    # the papers' recipes
     "default": ("default.yaml", NARROW),
     "feast": ("feast.yaml", NARROW),
