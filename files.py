@@ -427,10 +427,9 @@ def h5ad_xy(f, obs: dict) -> np.ndarray | None:
                  if a in obs and b in obs), None)
 
 
-def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
-    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
-    rename (HiST A.1: protocols.harmonise_gene_names) maps the gene names; the columns that then share a
-    name, and the rows that share a barcode, are summed (first-seen order; obs and xy of the first row)."""
+def read_h5ad_sparse(path) -> tuple[np.ndarray, dict, np.ndarray, tuple, np.ndarray | None]:
+    """An AnnData file as it is stored, its parts checked against each other: (obs index, obs columns, var
+    index, X as (rows, cols, values), xy or None). X stays sparse: a cell table can be large."""
     with open_h5(path, "AnnData file") as f:
         barcodes, obs = h5ad_frame(f, "obs")
         var_names, _ = h5ad_frame(f, "var")
@@ -441,6 +440,15 @@ def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
         fail(path, "X", f"shape ({n}, {len(var_names)}) from obs and var", f"{shape}")
     if xy is not None and xy.shape != (n, 2):
         fail(path, "obsm/spatial", f"shape ({n}, 2)", f"{xy.shape}")
+    return barcodes, obs, var_names, (rows, cols, values), xy
+
+
+def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
+    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
+    rename (HiST A.1: protocols.harmonise_gene_names) maps the gene names; the columns that then share a
+    name, and the rows that share a barcode, are summed (first-seen order; obs and xy of the first row)."""
+    barcodes, obs, var_names, (rows, cols, values), xy = read_h5ad_sparse(path)
+    n = len(barcodes)
     names = list(var_names) if rename is None else list(rename(var_names))
     row_of = np.arange(n)
     if rename is not None:                          # duplicated barcodes: one row each, summed

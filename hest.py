@@ -26,7 +26,8 @@ import files
 import lattice
 from data import STR, Slide, list_slides, read_slide, write_slide
 from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy,
-                   listed, not_an_input, open_h5, read_gene_list, read_h5ad, read_metadata, refuse_existing, text_attr)
+                   listed, not_an_input, open_h5, read_gene_list, read_h5ad, read_h5ad_sparse, read_metadata, refuse_existing,
+                   text_attr)
 from protocols import dataset_slides, harmonise_gene_names
 
 
@@ -407,11 +408,7 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     not_an_input(out_dir, path.parent)
     refuse_existing([out], overwrite)
     t0 = time.time()
-    with open_h5(path, "AnnData file") as f:
-        cells, obs = h5ad_frame(f, "obs")
-        genes, _ = h5ad_frame(f, "var")
-        rows, cols, values, shape = h5ad_matrix(f)
-        xy = h5ad_xy(f, obs)
+    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path)
     if xy is None:
         fail(path, "obsm/spatial", "cell centres (obsm/spatial or obs x/y columns)", "neither")
     um = np.asarray(xy, dtype=np.float64) * pixel_size_um

@@ -171,6 +171,9 @@ def test_malformed_h5ad_is_rejected_with_a_clear_message(tmp_path, change, key, 
         files.read_h5ad(path)
     msg = str(e.value)
     assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
+    with pytest.raises(CacheError) as e:                # binning a cell table reads it with the same checks
+        hest.bin_cells(path, 10.0, tmp_path / "out", log=lambda m: None)
+    assert str(e.value) == msg and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- placeholder encoder
