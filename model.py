@@ -176,7 +176,8 @@ class Block(nn.Module):
 
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
         """x (N, d), tokens (T, d) or None -> the same. Every per-spot step works on chunks of rows and the
-        pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result."""
+        pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result,
+        and writes the block's output into x."""
         N, x_rows = x.shape[0], rows_of(x)
         h = lambda rows: self.norm1(x_rows(rows))  # noqa: E731  (normalised spots, on demand)
         y = self.spot(h, N, level, knn_index, return_attention=attn_maps is not None)  # (N, d), before proj
@@ -194,7 +195,9 @@ class Block(nn.Module):
             z = x_rows(rows) + self.drop(self.proj(a))
             return z + self.drop(self.ffn(self.norm2(z)))
 
-        x = by_rows(spots, N, out=y if inference(self) else None)  # inference: the result overwrites y
+        # inference: the result overwrites x (each chunk reads x only at its own rows), so a caller still holding
+        # the block's input holds no extra (N, d); it overwrites y instead where autocast made their dtypes differ
+        x = by_rows(spots, N, out=(x if x.dtype == y.dtype else y) if inference(self) else None)
         if tokens is not None:
             tokens = tokens + self.drop(self.ffn(self.norm2(tokens)))
         return x, tokens
@@ -311,8 +314,9 @@ class Tessera(nn.Module):
         if cfg.sub_levels:                                        # HiFusion: the levels below the spot
             xs = self._embed(sub_features, sub_rows, feat_stats)  # (n, d) sub-tokens
             x, tokens, align = self._below_spot(x, xs, tokens, pyramid, skips, maps)
-        if len(self.local):                                       # FEAST local stage, with pseudo-spots
-            x = self._local_stage(x, coords[order] / unit, pseudo_features, pseudo_coords, unit, feat_stats, maps)
+        if len(self.local):                                       # FEAST local stage, over off-grid pseudo-spots too
+            x, xy = self._add_pseudo_spots(x, coords[order] / unit, pseudo_features, pseudo_coords, unit, feat_stats)
+            x = self._local_stage(x, xy, maps)[:len(order)]       # (N, d): the pseudo-spots are dropped
         levels = pyramid.levels[cfg.sub_levels:]                  # the spot level and the coarser ones
         x, tokens = self._encode(x, tokens, levels, skips, maps)  # (N_{L-1}, d) at the coarsest level
         decoded, tokens = self._decode(x, tokens, skips, pyramid, maps)  # {level offset k: (N_k, d)}
@@ -331,12 +335,10 @@ class Tessera(nn.Module):
         return checkpoint(fn, *args, use_reentrant=False) if self._recompute else fn(*args)
 
     def _lattice(self, coords, unit, sub_features, sub_valid):
-        """The slide's lattice sites in row-major order and its pyramid, built once and shared by every layer.
-        Sites are unique, so this order does not depend on the order of the input spots, and neighbour ties
-        (k-NN on integer sites) break the same way for any input order. With sub_levels = K (HiFusion) the
-        pyramid starts K levels below the spot: the spot sites refined by r = 2^K (lattice.refine), which
-        coarsened K times give back exactly the spot sites. -> order (N,) (caller's row of each sorted spot),
-        sites (N, 2) sorted, the pyramid, and (caller's spot, sub-position s) of each sub-token, or None."""
+        """-> order (N,): caller's row of each spot in row-major lattice order (sites are unique, so neither the
+        order nor how k-NN ties break depends on the input order), sites (N, 2) in that order, the pyramid (built
+        once, shared by every layer; with sub_levels = K it starts at the spot sites refined by r = 2^K, which
+        coarsened K times give back the spot sites), and (caller's spot, sub-position s) of each sub-token."""
         K, L, N = self.cfg.sub_levels, len(self.cfg.depths), coords.shape[0]
         sites = lattice.to_lattice(coords, unit)
         order = lattice.rowmajor_order(sites)
@@ -359,10 +361,9 @@ class Tessera(nn.Module):
         return self._maybe_checkpoint(by_rows, stem, len(index[0]))
 
     def _below_spot(self, x, xs, tokens, pyramid, skips, maps):
-        """HiFusion HISM: sub-tokens xs (n, d) through one block per level, pooled level by level up into the
-        spot (model.sub_pool; at the last step the spot's own embedding x (N, d) queries, CCF), then fused with
-        x. Each level's tokens are kept in skips[k] (k = offset from the spot level, < 0) for the decoder.
-        -> (x (N, d), tokens, (pooled, own) for HiFusion's alignment loss, None in inference)."""
+        """HiFusion HISM: sub-tokens xs (n, d) through a block per level (kept in skips[k], k < 0, for the decoder),
+        pooled up into the spot (model.sub_pool; the last step queried by the spot's own x (N, d), CCF), fused
+        with x. -> (x (N, d), tokens, (pooled, own) for HiFusion's alignment loss, None in inference)."""
         K = self.cfg.sub_levels
         for l in range(K):
             level = pyramid.levels[l]
@@ -373,17 +374,18 @@ class Tessera(nn.Module):
                                         pyramid.levels[l + 1].sites.shape[0], own)  # (n / 4, d)
         return self.sub_fuse(xs, x), tokens, None if inference(self) else (xs, x)
 
-    def _local_stage(self, x, xy, pseudo_features, pseudo_coords, unit, stats, maps):
-        """FEAST local stage: k-NN attention over the spots x (N, d) at xy (N, 2, continuous lattice units) and
-        any off-grid pseudo-spots, which are dropped after it. -> (N, d)."""
-        N = x.shape[0]
-        if pseudo_features is not None:
-            xy = torch.cat([xy, pseudo_coords / unit])           # (N + M, 2)
-            x = torch.cat([x, self._stem(pseudo_features, stats)])  # (N + M, d)
+    def _add_pseudo_spots(self, x, xy, pseudo_features, pseudo_coords, unit, stats):
+        """Spots x (N, d) at xy (N, 2, continuous lattice units) and any off-grid pseudo-spots (FEAST) after them
+        -> x (N + M, d), xy (N + M, 2)."""
+        if pseudo_features is None:
+            return x, xy
+        return torch.cat([x, self._stem(pseudo_features, stats)]), torch.cat([xy, pseudo_coords / unit])
+
+    def _local_stage(self, x, xy, maps):
+        """FEAST local stage: k-NN attention over x (n, d) at the continuous positions xy (n, 2). -> (n, d)."""
         index = knn(xy, xy, min(self.cfg.knn_k, xy.shape[0]))
         points = SimpleNamespace(sites=xy)                      # a level-like view of positions off the lattice
-        x, _ = self._blocks(self.local, x, None, points, maps, index)
-        return x[:N]
+        return self._blocks(self.local, x, None, points, maps, index)[0]
 
     def _encode(self, x, tokens, levels, skips, maps):
         """HiST encoder: at level l, depths[l] blocks, the result kept in skips[l], then coarsened (eq. 4).
@@ -408,7 +410,7 @@ class Tessera(nn.Module):
         decoded = {L - 1: x}
         for k, uncoarsen, fuse, blocks in steps:
             level = pyramid.levels[K + k]
-            x = self._maybe_checkpoint(self._upsample, uncoarsen, fuse, x, skips[k], level)  # (N_k, d)
+            x = self._maybe_checkpoint(self._upsample, uncoarsen, fuse, x, skips.pop(k), level)  # (N_k, d)
             x, tokens = self._blocks(blocks, x, tokens, level, maps)
             decoded[k] = x
         return decoded, tokens
@@ -471,10 +473,7 @@ class Tessera(nn.Module):
             else:                # gathered once, so each chunk reads a view (attention.rows_of)
                 read = rows_of(t if idx is None else t[idx])
                 preds[k] = torch.cat([head(read(rows)) for rows in row_chunks(t.shape[0])]).to(dtype)
-        out = {"levels": preds, "parents": parents}
-        if sub_index:
-            out["sub_index"] = sub_index
-        return out
+        return {"levels": preds, "parents": parents, **({"sub_index": sub_index} if sub_index else {})}
 
     def _stem(self, features, stats=None):
         mean, std = (self.feat_mean, self.feat_std) if stats is None else stats  # training's, or the slide's
