@@ -73,11 +73,7 @@ def slide_inputs(m: dict, seed: int) -> dict:
 
 
 def build(m: dict, dtype=torch.float64) -> torch.nn.Module:
-    """The model in float64; the spatial-ridge start of model.slide_norm stays float32, as its designs are."""
-    model = build_model(ModelConfig.from_dict(m), C, G).to(dtype)
-    if getattr(model, "start", None) is not None:
-        model.start.float()
-    return model
+    return build_model(ModelConfig.from_dict(m), C, G).to(dtype)
 
 
 def call(model, b: dict, **kw):
@@ -149,7 +145,6 @@ def make_case(m: dict, seed: int, dtype=torch.float64, maps: bool = False) -> di
 def main():
     cases = {name: make_case(m, seed, torch.float32 if name in FLOAT32 else torch.float64, name in ATTENTION)
              for seed, (name, m) in enumerate(configs().items())}
-    OUT.parent.mkdir(exist_ok=True)
     tmp = OUT.with_suffix(".tmp")
     torch.save(cases, tmp)
     tmp.replace(OUT)
