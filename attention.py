@@ -484,16 +484,17 @@ class GlobalAttention(nn.Module):
         if not (self.p2h or self.p2p):
             return torch.zeros_like(tokens)
         q = self.split(self.q_token(tokens)) / math.sqrt(self.dim // self.heads)  # (H, T, Dh)
-        top = torch.full((*q.shape[:2], 1), float("-inf"), device=q.device)  # running max of the scores
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float32 under bf16 autocast, float64 for float64
+        top = torch.full((*q.shape[:2], 1), float("-inf"), device=q.device, dtype=acc_dtype)  # running max
         total, acc = torch.zeros_like(top), torch.zeros_like(q, dtype=top.dtype)
         spots = (h(rows) for rows in row_chunks(n)) if self.p2h else ()
         for context in itertools.chain(spots, [tokens] if self.p2p else []):
             k, v = (self.split(t) for t in self.kv_context(context).chunk(2, -1))
-            s = (q @ k.transpose(-1, -2)).float()  # (H, T, chunk)
+            s = (q @ k.transpose(-1, -2)).to(acc_dtype)  # (H, T, chunk)
             new_top = torch.maximum(top, s.amax(-1, keepdim=True)).detach()  # any shift gives the same softmax
             p, fade = torch.exp(s - new_top), torch.exp(top - new_top)
             total = total * fade + p.sum(-1, keepdim=True)
-            acc = acc * fade + p @ v.float()
+            acc = acc * fade + p @ v.to(acc_dtype)
             top = new_top
         return self.proj(self.merge((acc / total).to(tokens.dtype)))
 

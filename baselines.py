@@ -71,14 +71,15 @@ class Ridge(nn.Module):
         x = (z - z.mean(0)) @ comps                              # PCA scores, (N, D)
         D, G = x.shape[1], targets.shape[1]
         alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
-        gram = x.T @ x + alpha * torch.eye(D, dtype=x.dtype)
+        gram = x.T @ x + alpha * torch.eye(D, dtype=x.dtype, device=x.device)
         self.weight.copy_(torch.linalg.solve(gram, x.T @ targets.double()))
         self.pca_mean.copy_(z.mean(0))
 
     def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None):
-        z = (features - self.feat_mean) / self.feat_std - self.pca_mean
-        pred = z @ self.components @ self.weight
+        with torch.autocast(features.device.type, enabled=False):  # weights solved in float64: no bf16 products
+            z = (features.to(self.weight.dtype) - self.feat_mean) / self.feat_std - self.pca_mean
+            pred = z @ self.components @ self.weight
         return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
 
@@ -185,7 +186,7 @@ class SpatialRidge(nn.Module):
         alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
         xm, ym = x.mean(0), y.mean(0)
         xc = x - xm
-        w = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(D, dtype=x.dtype), xc.T @ (y - ym))
+        w = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(D, dtype=x.dtype, device=x.device), xc.T @ (y - ym))
         self.design_mean.copy_(xm)
         self.weight.copy_(w)
         self.bias.copy_(ym)
@@ -194,15 +195,16 @@ class SpatialRidge(nn.Module):
                 return_attention=False, out_dtype=None, into=None):
         """(design - design_mean) @ weight + bias, a chunk of spots at a time (`designs`): memory is the
         (N, G) output and a chunk's design. `into` (N, G): the prediction is added into it, in place."""
-        bias = self.bias - self.design_mean @ self.weight
-        pred = into if into is not None else torch.empty(len(features), len(bias), dtype=out_dtype or torch.float32,
-                                                        device=features.device)
-        for rows, design in self.designs(features, coords):
-            p = design @ self.weight + bias
-            if into is not None:
-                pred[rows] += p.to(pred.dtype)
-            else:
-                pred[rows] = p
+        with torch.autocast(features.device.type, enabled=False):  # weights solved in float64: no bf16 products
+            bias = self.bias - self.design_mean @ self.weight
+            pred = into if into is not None else torch.empty(len(features), len(bias), dtype=out_dtype or self.weight.dtype,
+                                                            device=features.device)
+            for rows, design in self.designs(features, coords):
+                p = design.to(self.weight.dtype) @ self.weight + bias
+                if into is not None:
+                    pred[rows] += p.to(pred.dtype)
+                else:
+                    pred[rows] = p
         return {"pred": pred}
 
 

@@ -72,7 +72,8 @@ class Fuse(nn.Linear):
     def forward(self, up, skip):
         """Linear([up || skip]) as two products summed in place: no (N, 2d) concatenation."""
         d = up.shape[1]
-        return F.linear(skip, self.weight[:, d:], self.bias).addmm_(up, self.weight[:, :d].T)
+        out = F.linear(skip, self.weight[:, d:], self.bias)   # bf16 under autocast, which addmm_ (in place) is
+        return out.addmm_(up.to(out.dtype), self.weight[:, :d].T.to(out.dtype))  # not: its operands follow out
 
 
 def child_attention(q, k, v, parent):

@@ -25,13 +25,16 @@ OUT = ROOT / "tests" / "forward_reference.pt"
 C, G, SIDE = 6, 5, 9            # feature width, genes, spots per side of the slide (before some are dropped)
 TINY = dict(dim=8, heads=2, hidden=8, pca=4, ffn_ratio=1)
 ATTENTION = {"default", "feast", "stf", "superres", "default_knn_zinb"}  # one of each mode: the maps are large
-FLOAT32 = {"stf_bottleneck"}   # cases run in float32 (bit-for-bit all the same)
+FLOAT32 = {"stf_bottleneck", "default_bf16", "hifusion_bf16", "magnet_bf16"}  # float32 cases (bit for bit all the same)
 EXTRA = {  # switches no config file turns on, on top of a config
     "hist_checkpoint": ("hist", dict(checkpoint=True)),
     "default_knn_zinb": ("default", dict(attention="knn", bias="alibi", head="zinb", pos_encoding=True)),
     "default_mlp_alibi": ("default", dict(head="mlp", bias="alibi", coarse_attention="same")),
     "stf_bottleneck": ("stf", dict(attention="none")),   # float32: h2h off adds float32 zeros
     "hifusion_linear_pool": ("hifusion", dict(sub_pool="linear", out_levels=[-1, 0, 1], checkpoint=True)),
+    "default_bf16": ("default", dict(pos_encoding=True)),   # float32, and eval under the CPU's bf16 autocast
+    "hifusion_bf16": ("hifusion", {}),
+    "magnet_bf16": ("magnet", {}),
 }
 
 
@@ -97,14 +100,18 @@ def flatten(x, prefix: str, out: dict) -> dict:
 
 
 def run(model, b: dict, maps: bool) -> dict:
-    """Every output of the forward: eval (no grad; and the attention maps with `maps`), then training with
-    dropout, seeded, and the gradients of a fixed random weighting of every float output."""
+    """Every output of the forward: eval (no grad; and the attention maps with `maps`; a float32 model also
+    under bf16 autocast), then training with dropout, seeded, and the gradients of a fixed random weighting of
+    every float output."""
     out = {}
     model.eval()
     with torch.no_grad():
         flatten(call(model, b), "eval", out)
         if maps:
             flatten(call(model, b, return_attention=True)["attention"], "eval/attention", out)
+        if b["features"].dtype == torch.float32:  # as train.forward and predict.py run it on CUDA
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                flatten(call(model, b), "eval_bf16", out)
     model.train()
     torch.manual_seed(1)
     live = flatten(call(model, b), "train", {})

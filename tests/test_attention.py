@@ -422,7 +422,7 @@ def test_spot_attention_knn_full_none_and_errors():
         SpotAttention(dim, H, mode="knn", bias="none")(x.__getitem__, N, level)
 
 
-def global_reference(m, x, tokens):
+def global_reference(m, x, tokens, dtype=torch.float32):
     """Tokens attend over [spots if p2h; tokens if p2p] in one softmax; spots attend over tokens. Loops."""
     lin = lambda layer, t: t.double() @ layer.weight.double().T + layer.bias.double()
     N, T, H, dim = x.shape[0], tokens.shape[0], m.heads, m.dim
@@ -443,7 +443,7 @@ def global_reference(m, x, tokens):
                 hd = slice(h * Dh, (h + 1) * Dh)
                 upd[t, hd] = ref_row(q[t, hd], k[:, hd], v[:, hd], torch.zeros(len(context)))
         tokens_out = tokens_out + lin(m.proj, upd)
-    return x_out.float(), tokens_out.float()
+    return x_out.to(dtype), tokens_out.to(dtype)
 
 
 def global_attention(m, x, tokens):
@@ -469,6 +469,18 @@ def test_global_attention_quadrants_against_reference(monkeypatch):
     assert not torch.allclose(outputs[1, 1, 1], outputs[1, 0, 1])  # p2p matters
     assert (global_attention(GlobalAttention(dim, H, h2p=False), x, tokens)[0] == 0).all()  # h2p off: nothing
     assert torch.equal(outputs[0, 0, 1], tokens)  # neither p2h nor p2p: tokens pass through
+
+
+def test_global_attention_keeps_float64_in_float64(monkeypatch):
+    """The tokens' online softmax accumulates in float32 at least, not at most: a float64 module is float64
+    throughout (the CUDA tests compare float64 on both devices at float64 precision)."""
+    monkeypatch.setattr(attention, "CHUNK", 7)
+    m = GlobalAttention(8, 2).double()
+    x, tokens = torch.randn(20, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    x_out, tokens_out = global_attention(m, x, tokens)
+    ref_x, ref_tokens = global_reference(m, x, tokens, dtype=torch.float64)
+    torch.testing.assert_close(x_out, ref_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tokens_out, ref_tokens, rtol=1e-12, atol=1e-12)
 
 
 def test_global_attention_is_linear_in_spots():

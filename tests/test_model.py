@@ -1,4 +1,5 @@
 """model.py: shapes, permutation equivariance, every switch, coarsening maths, pathway head, baselines."""
+import copy
 import dataclasses
 
 import numpy as np
@@ -470,3 +471,28 @@ def test_every_model_states_the_feature_width_it_expects(arch, extra):
     """predict.py compares a cache's feature width with feat_mean's before predicting."""
     m = build_model(ModelConfig(arch=arch, dim=8, heads=2, pathway_tokens=0, **extra), 7, 3)
     assert m.feat_mean.shape == (7,)
+
+
+@pytest.mark.parametrize("arch", ["ridge", "ridge_spatial", "tessera"])
+def test_closed_forms_run_in_float64_and_never_in_bf16(arch):
+    """The closed-form models (the ridge, the spatial ridge, tessera's spatial start) evaluate their float64
+    solution in the model's own dtype: a float64 model runs (a float32 design met float64 weights before),
+    and under bf16 autocast (train.forward and predict.py use it on CUDA; here its CPU twin) the products
+    stay in float32, so the closed form's prediction is unchanged."""
+    feats, xy = hex_slide()
+    extra = {"spatial_start": True, "slide_norm": True} if arch == "tessera" else {}
+    torch.manual_seed(0)
+    model = build_model(small_cfg(arch=arch, pca=8, **extra), C, G).eval()
+    target = torch.randn(len(xy), G)
+    model.init_from_data(feats.mean(0), feats.std(0), target.mean(0))
+    batch = {"features": feats, "coords": xy, "target": target}
+    model.fit(feats, target) if arch == "ridge" else model.fit_slides([batch])
+    ridge = model.start if arch == "tessera" else model
+    with torch.no_grad():
+        pred = ridge(feats, xy)["pred"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ridge(feats, xy)["pred"], pred)
+        model64 = copy.deepcopy(model).double()
+        pred64 = model64(feats.double(), xy.double())["pred"]
+        assert pred64.dtype == torch.float64
+        torch.testing.assert_close(pred64.float(), model(feats, xy)["pred"], rtol=1e-4, atol=1e-4)

@@ -158,6 +158,38 @@ def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch)
 
 # ---- coordinate augmentation ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_under_bf16_autocast(name, tiny_root, tiny_sub_root):
+    """train.forward and predict.py run the model under bf16 autocast on CUDA; the CPU's bf16 autocast
+    casts the same kinds of ops (products to bf16, in-place ops left alone), so a dtype mismatch shows
+    here without a GPU. Outputs within 3e-2 (relative, Frobenius) of float32, the backward runs and
+    every gradient is finite (the tolerances on a GPU: tests/test_cuda.py)."""
+    sub_levels = train.load_config(ROOT / "configs" / name)["model"]["sub_levels"]
+    root = tiny_sub_root(2 ** sub_levels) if sub_levels else tiny_root
+    cfg = train.load_config(ROOT / "configs" / name, [f"data.root={root}", "data.genes={by: hvg, n: 20}",
+                                                      "model.dim=16", "model.hidden=16", "model.pca=8"])
+    from model import ModelConfig, build_model
+    mc = ModelConfig.from_dict(cfg["model"])
+    slide = data.read_slide(data.list_slides(root)[0])
+    b = train.prepare(data.read_slide(data.list_slides(root)[0], genes=slide.genes[:20]), cfg, mc.unit_um)
+    torch.manual_seed(0)
+    model = build_model(mc, slide.features.shape[1], 20).eval()         # eval: no dropout; grad on
+    feats = b["features"].float()
+    model.init_from_data(feats.mean(0), feats.std(0), b["target"].mean(0))
+    if mc.arch == "ridge":
+        model.fit(feats, b["target"])
+    elif hasattr(model, "fit_slides"):
+        model.fit_slides([b])
+    ref = train.forward(model, b, torch.device("cpu"))["pred"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = train.forward(model, b, torch.device("cpu"))
+    pred = out["pred"].float()
+    assert float((pred - ref).detach().norm() / ref.detach().norm()) <= 3e-2
+    if any(p.requires_grad for p in model.parameters()):
+        losses.compute_loss(out, b, cfg, model).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def pairwise(xy):
     return torch.cdist(xy.double(), xy.double())
 
