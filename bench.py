@@ -45,7 +45,10 @@ import torch
 import torch.nn.functional as F
 
 import lattice
+import train
 from attention import knn_attention, window_attention
+from losses import compute_loss
+from model import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parent
 H, D, W, LEVELS = 8, 32, 3, 4          # window part: 256 channels per call, as hist.yaml gives each window
@@ -197,9 +200,6 @@ def _memory_case(spec, dev):
 
 
 def _step_case(spec, dev):
-    import train
-    from losses import compute_loss
-    from model import ModelConfig, build_model
     cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml", spec.get("overrides", ()))
     C, G = FEATURES[spec["name"]]
     n, g = spec["n"], torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ import torch
 
 import data
 import eval as evaluation
+import files
 import hest
 import train
 
@@ -57,7 +58,7 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
     out = cache / level
     if (out / "genes.txt").exists():
         return out
-    meta = data.read_metadata(her2st / "metadata.csv")
+    meta = files.read_metadata(her2st / "metadata.csv")
     paths = sorted((her2st / "st").glob("*.h5ad"))
     totals = [hest._h5ad_gene_totals(p) for p in paths]
     rank = sorted(data.shared_genes(totals), key=lambda g: (-sum(t[g] for t in totals), g))  # a total order
@@ -105,11 +106,11 @@ def run_one(name, config, overrides, root: Path, seed: int, patient: str, out: P
     lines = []
     t0 = time.time()
     train.run_fold(0, trainset, test, cfg, root, run_dir, torch.device("cpu"), lines.append, lambda: "")
-    files = [evaluation.read_predictions(f) for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
-    pred = np.concatenate([f["pred"] for f in files])
-    true = np.concatenate([f["true"] for f in files])
+    written = [files.read_predictions(f) for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
+    pred = np.concatenate([f["pred"] for f in written])
+    true = np.concatenate([f["true"] for f in written])
     return {"pcc_gene": evaluation.pcc_gene(pred, true),
-            "pcc_gene_slide": evaluation.pcc_gene_slide([f["pred"] for f in files], [f["true"] for f in files]),
+            "pcc_gene_slide": evaluation.pcc_gene_slide([f["pred"] for f in written], [f["true"] for f in written]),
             "seconds": time.time() - t0, "log": lines[-1] if lines else ""}
 
 

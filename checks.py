@@ -1,20 +1,28 @@
 """Every mistake a user can make in a config, the files it names, the slide caches and the run folder,
 caught before any fold trains: one line naming the file or key, what was expected and what was found.
 
-train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (the run
-folder: a new run, a restart of a run that never got anywhere, or --resume with the same config),
-check_data (data.root, slide headers via data.read_slide_meta, gene list, GMT, folds). Nothing here
-writes a file.
+train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (where the
+run folder is: inside run.dir, apart from the data, writable), check_data (data.root, slide headers via
+data.read_slide_meta, every value of every slide the run reads via data.scan_slide, gene list, GMT, folds,
+the memory the largest slide needs), check_folds (no slide or patient in training and test). Nothing here
+writes a file, apart from the probe that tells whether run.dir can be written (removed at once); what the
+run folder may hold (a new run, --resume, fold jobs) is runs.py's.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
 import data
-from model import ModelConfig, check_config as check_model
+import files
+import predict
+from model import ModelConfig, build_model, check_config as check_model
 
 DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
 
@@ -25,6 +33,33 @@ class ConfigError(ValueError):
 
 def _fail(key, expected, found):
     raise ConfigError(f"key '{key}': expected {expected}, found {found!r}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key written twice in one mapping (YAML would keep the last silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                problem=f"found the key {key!r} twice in one mapping (line {key_node.start_mark.line + 1}); "
+                        "expected each key once")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 reads 1e-6 (no dot) as a string; YAML 1.2 and every user read it as a number
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                      list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """YAML text -> Python values, as yaml.safe_load, but a duplicated key is a yaml.YAMLError."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 # ---- types and ranges -------------------------------------------------------------------------
@@ -67,7 +102,8 @@ RANGES = {
     "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0),
     "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
     "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
-    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "run.threads": at_least(0),
+    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0),
+    "run.threads": ((lambda v: 0 <= v <= (os.cpu_count() or 1)), f"from 0 to {os.cpu_count() or 1} (this machine's cores)"),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
 }
 
@@ -80,13 +116,17 @@ SMOOTH_KEYS = {  # data.smooth (protocols.SMOOTH, protocols.spcs): kind, range, 
     "hexagonal": ("bool", ANY, "true or false"), "rescale": ("bool", ANY, "true or false")}
 
 
+def _number(value) -> bool:
+    """An int or a finite float (nan and inf are never a sensible setting: they turn training into NaN)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and math.isfinite(value))
+
+
 def _kind(value, kind) -> bool:
     integer = isinstance(value, int) and not isinstance(value, bool)
     return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
-            "number": integer or isinstance(value, float), "mapping": isinstance(value, dict),
+            "number": _number(value), "mapping": isinstance(value, dict),
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-            "numbers": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in value),
+            "numbers": isinstance(value, list) and all(_number(v) for v in value),
             }[kind]
 
 
@@ -103,7 +143,11 @@ def _check_value(name, value, default):
     if kind is None or (nullable and value is None):
         return
     if not _kind(value, kind):
-        _fail(name, KIND_TEXT[kind] + (" or null" if nullable else ""), value)
+        values = value if isinstance(value, list) else [value]
+        text = KIND_TEXT[kind]
+        if kind in ("number", "numbers") and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            text = text.replace("a number", "a finite number").replace("of numbers", "of finite numbers")
+        _fail(name, text + (" or null" if nullable else ""), value)
     if name in RANGES:
         ok, text = RANGES[name]
         if not ok(value):
@@ -167,6 +211,11 @@ def check_config(cfg: dict, defaults: dict) -> None:
         check_model(mc)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    mc_samples = cfg["eval"]["mc_samples"]
+    if mc_samples and not predict.has_dropout(sized_model(mc, 1, 1)):
+        raise ConfigError(f"key 'eval.mc_samples': expected 0 for a model without dropout (model.arch = {mc.arch}, "
+                          f"model.dropout = {mc.dropout}, model.attn_dropout = {mc.attn_dropout}): Monte-Carlo "
+                          f"passes would all be equal; found {mc_samples}")
     if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
         raise ConfigError("train.loss = zinb and model.head = zinb go together")
     if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
@@ -203,30 +252,74 @@ def differences(saved, given, prefix="") -> list[str]:
     return out
 
 
-def check_run_dir(run_dir: Path, cfg: dict, resume: bool) -> str | None:
-    """None for a new run folder; a note when the folder holds a run that never finished a fold nor saved
-    a checkpoint (it restarts cleanly, whatever the config); otherwise --resume and the same config."""
-    if not run_dir.exists():
-        return None
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
-    progress = [p for pattern in ("fold_*/done", "fold_*/checkpoint.pt", "fold_*/model.pt")
-                for p in run_dir.glob(pattern)]
-    if not progress:
-        return f"restarting {run_dir}: no fold of the earlier start had finished or saved a checkpoint"
-    if not resume:
-        raise ConfigError(f"{run_dir} exists with finished folds or checkpoints: pass --resume to continue it, "
-                          "or choose another run.name")
-    path = run_dir / "config.yaml"
+def check_writable(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, takes a new file: a probe file is created
+    and removed (os.access says yes to root on a read-only folder and to anyone on a read-only mount)."""
+    place = run_dir
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"{place}: key 'run.dir': expected a folder to hold the run folder {run_dir}, found a file")
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: expected the config the run started with, found: {e}") from None
-    diff = differences(saved if isinstance(saved, dict) else {}, cfg)
-    if diff:
-        raise ConfigError(f"{path}: --resume expected the config the run started with, found other values for "
-                          f"{'; '.join(diff)}")
-    return None
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{place}: key 'run.dir': expected a folder this user can write the run folder "
+                          f"{run_dir} in, found it cannot be written ({e.strerror or e})") from None
+
+
+def check_run_dir(cfg: dict) -> Path:
+    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so the
+    folder lies directly inside run.dir (also once links are followed), and apart from data.root (not it,
+    not inside it, not around it). Returns it as given; runs.py guards what is inside."""
+    name, base = cfg["run"]["name"], Path(cfg["run"]["dir"])
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if name in (".", "..") or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
+        _fail("run.name", "a folder name inside run.dir (no path separator, not '.', '..' or hidden)", name)
+    run_dir = base / name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
+    inside = base.resolve()
+    where = run_dir.resolve()
+    if where.parent != inside:
+        raise ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir {inside}, found a link "
+                          f"to {where}, outside run.dir")
+    data_root = Path(cfg["data"]["root"]).resolve()
+    if where == data_root or data_root in where.parents or where in data_root.parents:
+        relation = ("is" if where == data_root else "is inside" if data_root in where.parents else "holds")
+        raise ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder apart from the data, "
+                          f"found one that {relation} data.root {data_root}")
+    check_writable(run_dir)
+    return run_dir
+
+
+def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> None:
+    """No fold tests a slide it trains on (train.val_slides are taken from the training slides), and when
+    folds group patients (data.group = patient) no patient is in both training and test of a fold.
+    Split files (data.split_dir) can break both; check_data has made sure every slide exists."""
+    dc = cfg["data"]
+    split = data_file(cfg, "split_dir", root, folder=True) if dc["split_dir"] else None
+    where = lambda k: f"{split / f'test_{k}.csv'}: key 'data.split_dir'" if split else "key 'data.folds'"  # noqa: E731
+    patients = ({s: data.read_slide_meta(root / f"{s}.h5").patient for fold in folds for s in fold[0] + fold[1]}
+                if dc["group"] == "patient" else {})
+    for k, (train_ids, test_ids) in enumerate(folds):
+        both = sorted(set(train_ids) & set(test_ids))
+        if both:
+            raise ConfigError(f"{where(k)}: expected test slides that fold {k} does not train on, found "
+                              f"{len(both)} in both train_{k} and test_{k}: {', '.join(both[:10])}")
+        if not patients:
+            continue
+        trained = {}
+        for s in train_ids:
+            trained.setdefault(patients[s], []).append(s)
+        shared = [(p, trained[p], [s for s in test_ids if patients[s] == p])
+                  for p in sorted({patients[s] for s in test_ids} & set(trained))]
+        if shared:
+            listed = "; ".join(f"patient {p}: train {', '.join(a)}, test {', '.join(b)}" for p, a, b in shared[:5])
+            raise ConfigError(f"{where(k)}: expected no patient in both training and test of fold {k} "
+                              f"(data.group = patient), found {len(shared)}: {listed}; set data.group=slide if "
+                              "the folds are meant to split patients")
 
 
 # ---- data: files, slide headers, folds --------------------------------------------------------
@@ -242,10 +335,16 @@ def data_file(cfg: dict, key: str, root: Path, folder: bool = False) -> Path:
                       f"{' or '.join(str(p) for p in places)}")
 
 
-def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set[str], normalize: bool):
-    """Every slide's header: equal feature widths, spots, spread coordinates, slide id = file name,
+def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set[str], normalize: bool,
+                   sub_levels: int = 0, log=print):
+    """Every slide's header: equal feature widths, spots, spread coordinates (at most half of the spots
+    at a position another spot has: the default lattice unit is the median spacing), slide id = file name,
     counts on training slides, and library sizes that normalisation can divide by."""
     first = metas[0]
+    summed = [p.name for p, m in zip(paths, metas) if normalize and m.genes is not None and not m.library_size]
+    if summed:
+        log(f"note: data.normalize=true: {len(summed)} slides have no library_size ({data.listed(summed)}); "
+            "their counts summed over the genes of the cache stand in for it")
     for p, m in zip(paths, metas):
         if m.slide_id != p.stem:
             raise data.CacheError(f"{p}: key 'attrs/slide_id': expected {p.stem!r} (the file name), "
@@ -258,9 +357,14 @@ def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set
         if m.n_spots > 1 and m.coords_extent == 0:
             raise data.CacheError(f"{p}: key 'coords': expected spots at different positions, found all "
                                   f"{m.n_spots} at one point")
+        if 2 * m.shared_position > m.n_spots:
+            raise data.CacheError(f"{p}: key 'coords': expected spots at distinct positions, found {m.shared_position} "
+                                  f"of {m.n_spots} at a position another spot has (collapsed coordinates; the "
+                                  "lattice unit, the median spacing of the spots, would be 0)")
+        data.check_sub_levels(p, sub_levels, m.sub_per_spot)
         if m.genes is None and p.stem in training:
             raise data.CacheError(f"{p}: key 'counts': expected counts on a training slide, found none "
-                                  "(a slide without counts can only be predicted: eval.py predict)")
+                                  "(a slide without counts can only be predicted: predict.py)")
         if normalize and m.zero_library:
             raise data.CacheError(f"{p}: key 'library_size': expected the total counts of each spot for "
                                   f"data.normalize=true, found {m.zero_library} spots with library_size 0 "
@@ -272,8 +376,11 @@ def _check_gmt(cfg: dict, root: Path, genes: list[str], log) -> None:
     """The GMT parses; the pathway sets the model uses share genes with the data (a warning per set
     otherwise), and at least one does when the pathway head is built from them."""
     path = data_file(cfg, "gmt", root)
-    sets = data.read_gmt(path)
+    sets = files.read_gmt(path)
     mc = ModelConfig.from_dict(cfg["model"])
+    if mc.arch == "tessera" and mc.pathway_tokens > len(sets):
+        log(f"note: {path}: model.pathway_tokens = {mc.pathway_tokens} but data.gmt has {len(sets)} sets: "
+            f"{mc.pathway_tokens - len(sets)} tokens have no gene set (learned freely; the pathway loss skips them)")
     used = list(sets.items())[:mc.pathway_tokens if mc.arch == "tessera" else 0]
     have = set(genes)
     overlap = [(name, len(have.intersection(members)), len(members)) for name, members in used]
@@ -297,7 +404,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         raise ConfigError(f"key 'data.root': expected a folder of slide caches, found no folder {root}{hint}")
     if dc["split_dir"]:
         try:
-            folds = data.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
+            folds = files.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
         except FileNotFoundError as e:
             raise ConfigError(f"key 'data.split_dir': {e}") from None
         for k, fold in enumerate(folds):
@@ -306,7 +413,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
                 if missing:
                     split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
                     raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} for every "
-                                      f"sample id, found none for {len(missing)}: {', '.join(missing[:5])}")
+                                      f"sample id, found none for {len(missing)}: {data.listed(missing)}")
         ids = sorted({s for train, test in folds for s in train + test})
         paths = [root / f"{s}.h5" for s in ids]
         metas = [data.read_slide_meta(p) for p in paths]
@@ -323,7 +430,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
             raise ConfigError(f"key 'data.folds': expected -1 or an integer from 2 to {len(set(groups))} "
                               f"(the number of {dc['group']}s in {root}), found {dc['folds']}") from None
     training = {s for train, _ in folds for s in train}
-    _check_headers(paths, metas, training, dc["normalize"])
+    _check_headers(paths, metas, training, dc["normalize"], cfg["model"]["sub_levels"], log)
     for k, (train, _) in enumerate(folds):
         if len(train) <= tc["val_slides"]:
             raise ConfigError(f"key 'train.val_slides': expected fewer than the {len(train)} training slides "
@@ -334,15 +441,124 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         raise ConfigError(f"{root}: expected genes that every slide with counts has, found none in common")
     if isinstance(dc["genes"], str):
         path = data_file(cfg, "genes", root)
-        wanted = data.read_gene_list(path)
+        wanted = files.read_gene_list(path)
         if not wanted:
             raise ConfigError(f"{path}: key 'data.genes': expected a list of genes, found an empty one")
         for p, m in counted:
             missing = sorted(set(wanted) - set(m.genes))
             if missing:
                 raise ConfigError(f"{path}: key 'data.genes': expected genes the slides have, found "
-                                  f"{len(missing)} missing from {p}: {', '.join(missing[:5])}")
+                                  f"{len(missing)} missing from {p}: {data.listed(missing)}")
         genes = wanted
     if dc["gmt"]:
         _check_gmt(cfg, root, genes, log)
+    for p in paths:  # every value of every slide the run reads, in blocks of rows (read_slide's own checks)
+        fractional = data.scan_slide(p)
+        if fractional and p.stem in training:
+            log(f"warning: {p}: key 'counts': {fractional} non-integer values on a training slide: raw counts are "
+                "integers; counts already log-transformed or normalised would be transformed twice")
+    n_genes = len(genes) if not isinstance(dc["genes"], dict) else min(dc["genes"]["n"], len(genes))
+    largest = max((m.n_spots, str(p)) for p, m in zip(paths, metas) if p.stem in training)
+    check_memory(cfg, metas[0].n_features, n_genes, *largest)
     return folds
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
+    """The model, for its sizes: built for real when a generous bound on its tensors is small (milliseconds),
+    else with its tensors on the meta device (no memory, but seconds: torch imports its meta kernels)."""
+    blocks = mc.local_blocks + sum(mc.depths) + sum(mc.decoder_depths) + mc.sub_levels + 4
+    width = max(mc.dim, mc.hidden)
+    bound = (blocks * (6 + 2 * mc.ffn_ratio) * width ** 2 + 16 * mc.w ** 4 + mc.heads * (4 * mc.w) ** 2
+             + (in_dim + n_genes + mc.pathway_tokens + mc.calibration_tokens + mc.pca + 4) * width * 4)
+    if bound < 50_000_000:
+        return build_model(mc, in_dim, n_genes)
+    with torch.device("meta"):
+        return build_model(mc, in_dim, n_genes)
+
+
+def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, value_bytes: int = 4) -> dict:
+    """Bytes that one training step on a slide of n_spots needs, by part. Simple and deliberately generous:
+    - state: parameters and buffers, plus per parameter its gradient and AdamW's two moments (fp32);
+    - activations kept for the backward, per token and block: (24 + 4 ffn_ratio) d values (norms, q, k, v,
+      attention output, projection, residuals, the FFN's hidden layers, dropout masks, copies), plus twice
+      the attention weights (scores and weights): H (2w)^2 per token for window attention, H k for k-NN,
+      H per global token; doubled again when signed (two softmaxes). Tokens at level l: N for l <= 0
+      (N 4^-l below the spot), N 1.8^2 / 4^l above (the default lattice unit puts spots 1.8 sites apart; a
+      level-l site covers 2^l x 2^l sites). With model.checkpoint, a block keeps only its input (d per
+      token) and one block's activations are live;
+    - full attention (FEAST, the coarsest level when model.coarse_attention = full, or every level when
+      model.attention = full): per block the (H, M, M) bias and, per softmax branch, scores and weights;
+    - stem and heads: N (C + d + 3 G).
+    `value_bytes`: 2 under CUDA autocast (bf16), 4 on the CPU. Measured on the CPU with the demo config
+    (growth of the resident memory over two training steps): 0.55 GiB for a 6k-spot slide and 2.8 GiB for
+    a 21k-spot one, where this gives 0.52 and 2.6 GiB."""
+    model = sized_model(mc, in_dim, n_genes)
+    params = sum(p.numel() for p in model.parameters())
+    state = 16 * params + sum(b.numel() * b.element_size() for b in model.buffers())
+    spots = n_spots * (in_dim + mc.dim + 3 * n_genes) * value_bytes
+    if mc.arch != "tessera":
+        return {"state": state, "activations": spots + n_spots * 2 * mc.hidden * value_bytes, "full attention": 0}
+    L, d, H, sign = len(mc.depths), mc.dim, mc.heads, 2 if mc.signed else 1
+    tokens = mc.calibration_tokens + mc.pathway_tokens
+
+    def size(level):
+        return n_spots * 4 ** -level if level <= 0 else max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+
+    blocks = [(0, "knn")] * mc.local_blocks                           # (level, spot attention) of every block
+    for level in range(L):
+        mode = "full" if level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none" else mc.attention
+        blocks += [(level, mode)] * (mc.depths[level] + (mc.decoder_depths[L - 2 - level] if level < L - 1 else 0))
+    blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
+    slots = {"window": H * (2 * mc.w) ** 2, "knn": H * mc.knn_k, "full": 0, "none": 0}
+    kept = [size(lv) * ((24 + 4 * mc.ffn_ratio) * d + 2 * sign * (slots[mode] + H * tokens)) * value_bytes
+            for lv, mode in blocks]
+    full = [H * size(lv) ** 2 * (1 + 2 * sign) * value_bytes for lv, mode in blocks if mode == "full"]
+    if mc.checkpoint:
+        kept = [size(lv) * d * value_bytes for lv, _ in blocks] + [max(kept)]
+        full = full[:1]
+    return {"state": state, "activations": spots + sum(kept), "full attention": sum(full)}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run: the GPU's free memory on CUDA, else MemAvailable of /proc/meminfo (or the
+    physical pages, where there is no /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str, available: int | None = None):
+    """Refuse a config whose training step on the largest training slide cannot fit (memory_estimate), naming
+    the size and the keys that would fit."""
+    mc = ModelConfig.from_dict(cfg["model"])
+    name = cfg["run"]["device"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    value_bytes = 2 if device.type == "cuda" else 4
+    available = available_memory(device) if available is None else available
+    if available is None:   # no such device: train.resolve_device says so
+        return
+    parts = memory_estimate(mc, in_dim, n_genes, n_spots, value_bytes)
+    need = sum(parts.values())
+    if need <= available:
+        return
+    gib = lambda b: f"{b / 2 ** 30:.1f} GiB"  # noqa: E731
+    fits = []
+    for keys in ({"checkpoint": True}, {"coarse_attention": "same"}, {"checkpoint": True, "coarse_attention": "same"}):
+        change = {k: v for k, v in keys.items() if getattr(mc, k) != v}
+        other = ModelConfig.from_dict({**cfg["model"], **keys})
+        if change and mc.arch == "tessera" and sum(memory_estimate(other, in_dim, n_genes, n_spots, value_bytes).values()) <= available:
+            fits.append(" ".join(f"model.{k}={str(v).lower()}" for k, v in change.items()))
+    hint = (f"would fit: {' or '.join(fits)}" if fits else
+            "none of model.checkpoint=true, model.coarse_attention=same fits: lower model.dim, model.w, "
+            "model.depths or model.pathway_tokens")
+    raise ConfigError(f"{where}: {n_spots} spots need about {gib(need)} to train with this config (model.dim = "
+                      f"{mc.dim}, model.w = {mc.w}, model.heads = {mc.heads}; " +
+                      ", ".join(f"{k} {gib(v)}" for k, v in parts.items()) +
+                      f"), found {gib(available)} available on {device}; {hint}")

@@ -1,24 +1,21 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
-Sections: cache format (write, read, validate; DATA.md) · small text formats · gene selection and
-targets · folds (balanced by patient, and the papers' own fold assignments) · command line. The HEST
+Sections: cache format (write, read, validate; DATA.md) · gene selection and targets · folds (balanced
+by patient, and the papers' own fold assignments) · command line. Every other file the project reads
+or writes (gene lists, gene sets, split CSVs, prediction files, AnnData) is files.py's. The HEST
 import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
-protocols.py, the synthetic generator in synthetic.py.
+protocols.py, the synthetic generator in synthetic.py: each with its own command line.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
-    python data.py embed | import-hest | bin ...     # the same as python hest.py ...
-    python data.py synth ...                         # the same as python synthetic.py ...
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import csv
 import dataclasses
+import errno
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +54,48 @@ class Slide:
         return self.features.shape[0]
 
 
+class DiskFull(OSError):
+    """A write that ran out of space; the message is one line naming the file."""
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A full disk
+    (ENOSPC, from the block or the rename) becomes DiskFull, "<file>: disk full", and the partial
+    temporary file is removed: the file at `path`, if any, is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise disk_full(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def disk_full(path, e: OSError) -> OSError:
+    """A write error as DiskFull ("<file>: disk full") when the disk is full, else the error itself. h5py
+    reports a failed write without errno, with the C library's text."""
+    if e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        return DiskFull(f"{path}: disk full (no space left on the device to write it)")
+    return e
+
+
+def listed(items, n: int = 5) -> str:
+    """The first n items, comma-separated, and " ..." when some were cut: messages that show part of a list."""
+    items = [str(x) for x in items]
+    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
+
+
+def refuse_existing(outputs, overwrite: bool) -> None:
+    """Before a command writes its first file: none of its outputs exists yet, unless --overwrite."""
+    if not overwrite:
+        for out in outputs:
+            if Path(out).exists():
+                raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
 
 
 def not_an_input(out_dir, *inputs) -> None:
@@ -91,6 +118,13 @@ STR = h5py.string_dtype("utf-8")
 ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size", "expected",
               "pseudo_features", "pseudo_coords", "sub_features", "sub_valid", "sub_counts")
 STRING_KEYS = ("barcodes", "genes")
+COUNT_KEYS = ("counts", "library_size", "expected", "sub_counts")
+FEATURE_KEYS = ("features", "pseudo_features", "sub_features", "embeddings", "sub_embeddings")  # (hest.py's names)
+# Features beyond this magnitude are refused: float16 caches hold at most 65504, patch embeddings are of
+# order 1-100, and the models standardise features with sums of squares in float32, where values near
+# 1e19 (and a slide's worth of values near 1e16) overflow to inf and make every prediction of the slide NaN.
+FEATURE_BOUND = 1e6
+BLOCK = 1 << 24   # values per block when a dataset is checked from the file in blocks of rows (scan_slide)
 
 
 def h5_strings(ds) -> np.ndarray:
@@ -98,12 +132,57 @@ def h5_strings(ds) -> np.ndarray:
     return np.asarray(ds.asstr("utf-8")[()], dtype=str)
 
 
-def _first_bad(mask: np.ndarray) -> str:
-    return f"{int(mask.sum())} bad values, first at index {tuple(int(i) for i in np.argwhere(mask)[0])}"
+def _bad(found: dict, name: str, mask: np.ndarray, offset: int) -> None:
+    """Add a block's bad values to found[name] = [count, index of the first]."""
+    if mask.any():
+        first = np.argwhere(mask)[0]
+        first[0] += offset
+        count = found.setdefault(name, [0, tuple(int(i) for i in first)])
+        count[0] += int(mask.sum())
 
 
-def _check(path, a: dict, key: str, shape: tuple, kind: str):
-    """One array: kind 'float' | 'number' | 'str', shape with None for any size; finite and unique checks."""
+def _blocks(x):
+    """(first row, rows) of a numpy array (all of it) or of an h5py dataset (blocks of about BLOCK values,
+    so a slide is checked without holding it in memory)."""
+    if isinstance(x, np.ndarray) or x.ndim == 0:
+        yield 0, np.asarray(x)
+        return
+    step = max(1, BLOCK // max(1, int(np.prod(x.shape[1:]))))
+    for start in range(0, len(x), step):
+        yield start, x[start:start + step]
+
+
+def check_values(path, key: str, x) -> int:
+    """Values of a numeric array (or dataset), block by block: finite in float32; counts >= 0; features within
+    FEATURE_BOUND. Returns the number of non-integer values of `counts` (0 for other keys)."""
+    found, fractional, largest = {}, 0, 0.0
+    for start, block in _blocks(x):
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = block.astype(np.float32)
+        finite = np.isfinite(x)                     # also catches values outside the float32 range
+        _bad(found, "finite", ~finite, start)
+        if key in COUNT_KEYS:
+            _bad(found, "negative", block < 0, start)
+        if key in FEATURE_KEYS:
+            size = np.abs(np.where(finite, x, 0))
+            _bad(found, "large", size > FEATURE_BOUND, start)
+            largest = max(largest, float(size.max(initial=0)))
+        if key == "counts" and block.dtype.kind == "f":
+            fractional += int((finite & (block != np.round(block))).sum())
+    text = {k: f"{n} bad values, first at index {first}" for k, (n, first) in found.items()}
+    if "finite" in found:
+        fail(path, key, "finite float32 values", text["finite"])
+    if "negative" in found:
+        fail(path, key, "values >= 0", f"negative values: {text['negative']}")
+    if "large" in found:
+        fail(path, key, f"features of magnitude <= {FEATURE_BOUND:g} (larger values overflow the "
+             "standardisation)", f"values up to {largest:.3g}: {text['large']}")
+    return fractional
+
+
+def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
+    """One array (or h5py dataset): kind 'float' | 'number' | 'str', shape with None for any size; unique
+    strings; the values (check_values, whose count of non-integer counts it returns)."""
     x = a[key]
     want = str(tuple("any" if s is None else s for s in shape)).replace("'", "")
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
@@ -114,19 +193,15 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str):
         values, counts = np.unique(x, return_counts=True)
         if (counts > 1).any():
             fail(path, key, "unique values", f"{int((counts > 1).sum())} duplicated, e.g. '{values[counts > 1][0]}'")
-        return
+        return 0
     if x.dtype.kind not in ("f" if kind == "float" else "fiu"):
         fail(path, key, "float16/float32 values" if kind == "float" else "numeric values", f"dtype {x.dtype}")
-    with np.errstate(over="ignore"):
-        bad = ~np.isfinite(x.astype(np.float32))  # also catches values outside the float32 range
-    if bad.any():
-        fail(path, key, "finite float32 values", _first_bad(bad))
-    if key in ("counts", "library_size", "expected", "sub_counts") and (x < 0).any():
-        fail(path, key, "values >= 0", f"negative values: {_first_bad(x < 0)}")
+    return check_values(path, key, x)
 
 
-def _validate(path, a: dict):
-    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays (absent keys left out)."""
+def _validate(path, a: dict) -> int:
+    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays or h5py datasets (absent keys
+    left out; strings as numpy str arrays). Returns the number of non-integer values in `counts`."""
     for key in ("features", "coords", "barcodes"):
         if key not in a:
             fail(path, key, "a dataset (required)", "no such key")
@@ -139,15 +214,17 @@ def _validate(path, a: dict):
     if "genes" in a:
         _check(path, a, "genes", (None,), "str")
     g = len(a["genes"]) if "genes" in a else None
+    fractional = 0
     for key, shape, kind in (("counts", (n, g), "number"), ("expected", (n, g), "float"),
                              ("library_size", (n,), "number"), ("pseudo_features", (None, c), "float")):
         if key in a:
-            _check(path, a, key, shape, kind)
+            fractional += _check(path, a, key, shape, kind)
     if ("pseudo_features" in a) != ("pseudo_coords" in a):
         fail(path, "pseudo_coords", "pseudo_features and pseudo_coords together", "only one of them")
     if "pseudo_coords" in a:
         _check(path, a, "pseudo_coords", (len(a["pseudo_features"]), 2), "float")
     _validate_sub(path, a, n, c, g)
+    return fractional
 
 
 def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
@@ -165,7 +242,7 @@ def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
     S = x.shape[1]
     _check(path, a, "sub_features", (n, S, c), "float")
     if "sub_valid" in a:
-        v = a["sub_valid"]
+        v = np.asarray(a["sub_valid"])
         if v.dtype != np.bool_ or v.shape != (n, S):
             fail(path, "sub_valid", f"bool shape ({n}, {S})", f"{v.dtype} shape {tuple(v.shape)}")
         empty = ~v.any(1)
@@ -189,8 +266,7 @@ def _np(x):
 def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
     """Write one slide cache atomically; refuses to replace an existing file unless overwrite=True."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; refusing to overwrite it (pass overwrite=True)")
+    refuse_existing([path], overwrite)
     a = {k: _np(getattr(slide, k)) for k in ARRAY_KEYS if getattr(slide, k) is not None}
     for k in STRING_KEYS:
         if k in a:
@@ -237,19 +313,43 @@ def _attrs(path, f) -> dict:
                 spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))))
 
 
+def dataset(path, f, key: str, expected: str = "a dataset") -> h5py.Dataset:
+    """f[key] when it is a dataset; otherwise an error naming the file and the key (absent, or a group)."""
+    if key not in f:
+        fail(path, key, expected, "no such key")
+    if not isinstance(f[key], h5py.Dataset):
+        fail(path, key, expected, "a group")
+    return f[key]
+
+
+def _datasets(path, f, read: bool) -> dict:
+    """The cache's keys of the data contract: strings read as numpy str arrays, numbers read (read=True) or
+    left as h5py datasets; a key that is a group is an error naming it."""
+    a = {}
+    for k in ARRAY_KEYS:
+        if k in f:
+            x = dataset(path, f, k)
+            text = h5py.check_string_dtype(x.dtype) or x.dtype.kind == "S"
+            a[k] = h5_strings(x) if text else x[()] if read else x
+    if "sub_extent_um" in f.attrs:
+        a["attrs/sub_extent_um"] = float(f.attrs["sub_extent_um"])
+    return a
+
+
+def scan_slide(path) -> int:
+    """Every check read_slide makes (_validate), reading the numeric arrays from the file in blocks of rows
+    instead of holding the slide in memory: the checks before training, on every slide a run will read.
+    Returns the number of non-integer values in `counts` (raw counts are integers)."""
+    with open_h5(path) as f:
+        return _validate(path, _datasets(path, f, read=False))
+
+
 def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:
     """Read and validate one cache. `genes` selects and orders count columns; a gene the slide lacks is an
     error unless zero_fill=True (then its column is 0). Slides without counts ignore `genes`."""
     with open_h5(path) as f:
-        a = {}
-        for k in ARRAY_KEYS:
-            if k in f:
-                if not isinstance(f[k], h5py.Dataset):
-                    fail(path, k, "a dataset", "a group")
-                a[k] = h5_strings(f[k]) if h5py.check_string_dtype(f[k].dtype) or f[k].dtype.kind == "S" else f[k][()]
+        a = _datasets(path, f, read=True)
         meta = _attrs(path, f)
-        if "sub_extent_um" in f.attrs:
-            a["attrs/sub_extent_um"] = float(f.attrs["sub_extent_um"])
     _validate(path, a)
     extent = a.pop("attrs/sub_extent_um", float("nan"))
     half = lambda k: k in ("features", "pseudo_features", "sub_features") and a[k].dtype == np.float16  # noqa: E731
@@ -272,7 +372,7 @@ def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=Non
     missing = [g for g in genes if g not in index]
     if missing and not zero_fill:
         fail(path or slide.slide_id, "genes", f"all {len(genes)} requested genes",
-              f"{len(missing)} missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+              f"{len(missing)} missing: {listed(missing, 10)}"
               " (zero_fill=True fills them with zeros)")
     cols = torch.tensor([index.get(g, -1) for g in genes], dtype=torch.long)
     pick = lambda x: None if x is None else torch.where(cols >= 0, x[..., cols.clamp(min=0)], 0.0)  # noqa: E731
@@ -291,6 +391,9 @@ class SlideMeta:
     encoder: str
     coords_extent: float = 0.0     # the larger spread (max - min) of x and y; 0 when every spot is at one point
     zero_library: int = 0          # spots whose library_size is 0 although their counts are not
+    shared_position: int = 0       # spots at the position (x, y) of another spot
+    library_size: bool = False     # the cache has library_size (data.normalize divides by it)
+    sub_per_spot: int | None = None  # sub-patches per spot in sub_features; None without them
 
 
 def read_slide_meta(path) -> SlideMeta:
@@ -298,9 +401,11 @@ def read_slide_meta(path) -> SlideMeta:
     (coords, library_size), never the features or the counts (fold building, checks before training)."""
     with open_h5(path) as f:
         a = {}
-        for key in ("features", "coords"):
-            if key not in f:
-                fail(path, key, "a dataset (required)", "no such key")
+        for key in ARRAY_KEYS:
+            if key in ("features", "coords") or key in f:
+                dataset(path, f, key, "a dataset (required)" if key in ("features", "coords") else "a dataset")
+        if "counts" in f and "genes" not in f:
+            fail(path, "genes", "a gene list beside 'counts'", "no such key")
         if f["features"].ndim != 2:
             fail(path, "features", "shape (any, any)", f"shape {f['features'].shape}")
         n, c = f["features"].shape
@@ -315,8 +420,12 @@ def read_slide_meta(path) -> SlideMeta:
                 zero = int((f["counts"][rows, :] > 0).any(1).sum())
         genes = h5_strings(f["genes"]).tolist() if "counts" in f and "genes" in f else None
         extent = float(np.ptp(a["coords"], 0).max()) if n else 0.0
+        _, at, many = np.unique(a["coords"], axis=0, return_inverse=True, return_counts=True)
+        shared = int((many[at.reshape(-1)] > 1).sum())
         return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes, coords_extent=extent,
-                         zero_library=zero)
+                         zero_library=zero, shared_position=shared, library_size="library_size" in f,
+                         sub_per_spot=f["sub_features"].shape[1] if "sub_features" in f and f["sub_features"].ndim == 3
+                         else None)
 
 
 def list_slides(root) -> list[Path]:
@@ -325,66 +434,6 @@ def list_slides(root) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"{root}: expected slide caches *.h5, found none")
     return paths
-
-
-# ----------------------------------------------------------------------------- small text formats
-def read_gmt(path) -> dict[str, list[str]]:
-    """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...`."""
-    sets = {}
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise CacheError(f"{path}: line {i}: expected 'name<TAB>url<TAB>genes...', found {line[:60]!r}")
-            sets[parts[0]] = [g for g in parts[2:] if g]
-    return sets
-
-
-def read_gene_list(path) -> list[str]:
-    """A gene list: JSON {"genes": [...]} (HEST-Benchmark) or a JSON list, or text with one gene per line."""
-    text = Path(path).read_text()
-    if text.lstrip()[:1] in "[{":
-        data = json.loads(text)
-        genes = data["genes"] if isinstance(data, dict) and "genes" in data else data
-        if not isinstance(genes, list):
-            raise CacheError(f"{path}: key 'genes': expected a list of gene names, found {type(genes).__name__}")
-    else:
-        genes = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("#")]
-    dup = sorted(g for g, k in collections.Counter(genes).items() if k > 1)
-    if dup:
-        raise CacheError(f"{path}: key 'genes': expected unique names, found duplicates {dup[:5]}")
-    return [str(g) for g in genes]
-
-
-def _csv_rows(path, columns: tuple) -> tuple[list[dict], str]:
-    """Rows of a CSV file and the first of `columns` it has."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    key = next((k for k in columns if rows and k in rows[0]), None)
-    if key is None:
-        fail(path, columns[0], f"a column {' or '.join(columns)} and rows", list(rows[0]) if rows else "no rows")
-    return rows, key
-
-
-def read_metadata(path) -> dict[str, dict[str, str]]:
-    """metadata.csv rows keyed by the `id` (or `sample_id`) column."""
-    rows, key = _csv_rows(path, ("id", "sample_id"))
-    return {r[key]: r for r in rows}
-
-
-def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
-    """HEST-Benchmark splits: train_{i}.csv / test_{i}.csv with a `sample_id` column, i = 0, 1, ..."""
-    folds, folder = [], Path(folder)
-    while any((folder / f"{part}_{len(folds)}.csv").exists() for part in ("train", "test")):
-        pair = [folder / f"{part}_{len(folds)}.csv" for part in ("train", "test")]
-        for p in pair:
-            if not p.exists():
-                raise FileNotFoundError(f"{p}: expected beside its partner split file, found nothing")
-        train, test = ([r["sample_id"] for r in _csv_rows(p, ("sample_id",))[0]] for p in pair)
-        folds.append((train, test))
-    if not folds:
-        raise FileNotFoundError(f"{folder}: expected train_0.csv and test_0.csv, found none")
-    return folds
 
 
 # ----------------------------------------------------------------------------- gene selection and targets
@@ -499,33 +548,28 @@ def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- sub-spot inputs
+def check_sub_levels(name, sub_levels: int, per_spot: int | None) -> None:
+    """A slide (`name`) with `per_spot` sub-patches (None: no sub_features) can feed a model with
+    `sub_levels` levels below the spot; an error naming the slide and the config key otherwise."""
+    r = 2 ** sub_levels
+    if sub_levels and per_spot != r * r:
+        raise CacheError(f"{name}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
+                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
+                         f"synthetic.py --sub {r}); found {'none' if per_spot is None else f'{per_spot} per spot'}")
+
+
 def sub_inputs(slide: Slide, sub_levels: int) -> dict:
     """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error naming the
     slide and the config key when the cache does not have the r x r sub-patches it needs."""
     if not sub_levels:
         return {}
-    r = 2 ** sub_levels
-    found = "none" if slide.sub_features is None else f"{slide.sub_features.shape[1]} per spot"
-    if slide.sub_features is None or slide.sub_features.shape[1] != r * r:
-        raise ValueError(f"{slide.slide_id}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
-                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
-                         f"synthetic.py --sub {r}); found {found}")
+    check_sub_levels(slide.slide_id, sub_levels, None if slide.sub_features is None else slide.sub_features.shape[1])
     valid = slide.sub_valid if slide.sub_valid is not None else torch.ones(slide.sub_features.shape[:2], dtype=torch.bool)
     return {"sub_features": slide.sub_features, "sub_valid": valid}
 
 
 # ----------------------------------------------------------------------------- command line
-# the cache-building commands live in hest.py and synthetic.py; `python data.py <command>` still runs them
-FORWARDED = {"embed": "hest.py embed", "import-hest": "hest.py import-hest", "bin": "hest.py bin",
-             "synth": "synthetic.py"}
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in FORWARDED:                  # they import data: imported here, not at the top
-        import hest
-        import synthetic
-        return synthetic.main(argv[1:]) if argv[0] == "synth" else hest.main(argv)
     ap = argparse.ArgumentParser(prog="data.py", description="Gene lists from slide caches (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
@@ -535,8 +579,6 @@ def main(argv=None):
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
     p.add_argument("--skip-empty", action="store_true", help="leave out spots without counts (HiST's preprocessing)")
     p.add_argument("--out", required=True, help="output JSON file")
-    for name, where in FORWARDED.items():              # listed here, run above
-        sub.add_parser(name, add_help=False, help=f"the same as python {where} (see its --help)")
     a = ap.parse_args(argv)
     try:
         genes_command(a)

@@ -1,12 +1,9 @@
-"""Metrics, prediction files and result tables (DESIGN.md, "Training and evaluation"); prediction of
-new slides with a run's fold models is in predict.py, maps in plots.py.
+"""Metrics and result tables (DESIGN.md, "Training and evaluation"). Prediction files and AnnData are
+read and written by files.py; prediction of new slides with a run's fold models is predict.py's
+command, maps plots.py's, a paper's numbers beside a run's protocols.py's.
 
 Usage:
-    python eval.py runs/<name> [runs/<other> ...]              # re-evaluate runs, print one comparison table
-    python eval.py predict --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5ad]
-    python eval.py plot runs/<name> [--slide ID] [--genes G ... | --top K]      # maps (plots.py)
-    python eval.py attention runs/<name> --slide ID --spot BARCODE [--block K]  # one spot's attention
-    python eval.py runs/<name> --paper hist:brain                  # the paper's numbers beside the run's
+    python eval.py runs/<name> [runs/<other> ...] [--partial]  # re-evaluate runs, print one comparison table
 All metrics take log-space values (log1p of counts), numpy arrays or torch tensors, and compute in float64.
 """
 from __future__ import annotations
@@ -17,14 +14,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
-import h5py
 import numpy as np
 import torch
 
 import data
+import lattice
 from data import atomic_path
+from files import _array, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -32,13 +29,6 @@ STD_NOTE = "mean ± std over folds (population std, numpy ddof=0)"
 
 
 # ---------------------------------------------------------------- metrics
-def _array(x, dtype=np.float64) -> np.ndarray:
-    """A tensor or array-like as a numpy array of `dtype` (float64 or float32; bf16 tensors included)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 def _pair(pred, true) -> tuple[np.ndarray, np.ndarray]:
     p, t = _array(pred), _array(true)
     if p.shape != t.shape or p.ndim != 2 or len(p) == 0 or not (np.isfinite(p).all() and np.isfinite(t).all()):
@@ -196,116 +186,6 @@ def compute_metrics(preds, trues, stds=None) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- prediction files
-def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, std=None,
-                      n_models=None, levels=None) -> None:
-    """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
-    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `levels`
-    {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; written to a
-    temporary name and renamed."""
-    # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
-    pred, coords = _array(pred, np.float32), _array(coords, np.float32)
-    n, g = pred.shape
-    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std))}
-    found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
-             **{k: (n, g) if v is None else v.shape for k, v in extra.items()},
-             "n_models": (g,) if n_models is None else np.shape(n_models)}
-    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,)}
-    problems = [f"{k} has shape {found[k]}, expected {expected[k]}" for k in found if found[k] != expected[k]]
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
-    strings = h5py.string_dtype("utf-8")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["pred"] = pred
-        f.create_dataset("genes", data=[str(x) for x in genes], dtype=strings)
-        f.create_dataset("barcodes", data=[str(x) for x in barcodes], dtype=strings)
-        f["coords"] = coords
-        for k, v in extra.items():
-            if v is not None:
-                f[k] = v
-        if n_models is not None:
-            f["n_models"] = np.asarray(n_models, dtype=np.int32)
-        for k, group in (levels or {}).items():
-            for key, x in group.items():
-                f[f"level_{k}/{key}"] = _array(x, np.float32)
-        f.attrs["slide_id"] = str(slide_id if slide_id is not None else Path(path).stem)
-
-
-def read_predictions(path) -> dict:
-    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models}
-    (None where absent) and levels {k: {pred, coords, [true], [copy]}}."""
-    with h5py.File(path, "r") as f:
-        get = lambda k: f[k][:] if k in f else None  # noqa: E731
-        return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": f["pred"][:],
-                "genes": list(f["genes"].asstr()[:]), "barcodes": np.array(f["barcodes"].asstr()[:], dtype=str),
-                "coords": f["coords"][:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
-                "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
-                           for name in f if name.startswith("level_")}}
-
-
-class CSR(NamedTuple):
-    """A sparse matrix in compressed sparse row form, as AnnData stores one."""
-    data: np.ndarray
-    indices: np.ndarray
-    indptr: np.ndarray
-    shape: tuple
-
-
-def _h5ad_put(group, key, value) -> None:
-    """One entry in AnnData's on-disk format (anndata.readthedocs.io, "On-disk format"): arrays, CSR
-    matrices, string arrays, string and numeric scalars, dicts as groups."""
-    if isinstance(value, CSR):
-        sub = group.create_group(key)
-        sub.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": value.shape})
-        sub["data"], sub["indices"], sub["indptr"] = value.data, value.indices, value.indptr
-    elif isinstance(value, dict):
-        sub = group.create_group(key)
-        sub.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        for k, v in value.items():
-            _h5ad_put(sub, str(k), v)
-    elif isinstance(value, str):
-        group.create_dataset(key, data=value, dtype=h5py.string_dtype("utf-8"))
-        group[key].attrs.update({"encoding-type": "string", "encoding-version": "0.2.0"})
-    elif np.ndim(value) == 0:
-        group[key] = value
-        group[key].attrs.update({"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"})
-    elif np.asarray(value).dtype.kind in "USO":
-        group.create_dataset(key, data=[str(x) for x in value], dtype=h5py.string_dtype("utf-8"))
-        group[key].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
-    else:
-        group[key] = np.asarray(value)
-        group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-
-
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None) -> None:
-    """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` when given, obs index = barcodes, var index = genes (column
-    `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
-    write_anndata(path, _array(pred, np.float32), barcodes, genes,
-                  var={} if n_models is None else {"n_models": n_models},
-                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
-                  obsm={"spatial": _array(coords, np.float32)}, uns=uns)
-
-
-def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None, obsm=None, uns=None) -> None:
-    """An AnnData file, h5py only: X (an array or a CSR), obs / var dataframes (index + numeric columns),
-    layers, obsm, uns (dicts of arrays, strings and numbers)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        _h5ad_put(f, "X", X)
-        for name, index, columns in (("obs", obs_names, obs or {}), ("var", var_names, var or {})):
-            frame = f.create_group(name)
-            frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index"})
-            frame.attrs.create("column-order", np.array(list(columns), dtype=object),
-                               dtype=h5py.string_dtype("utf-8"))
-            _h5ad_put(frame, "_index", np.array([str(x) for x in index], dtype=object))
-            for k, v in columns.items():
-                _h5ad_put(frame, k, np.asarray(v))
-        for name, value in (("layers", layers or {}), ("obsm", obsm or {}), ("uns", uns or {}), ("obsp", {}),
-                            ("varm", {}), ("varp", {})):
-            _h5ad_put(f, name, value)
-
-
 # ---------------------------------------------------------------- levels of the pyramid
 def level_name(metric: str, k: int) -> str:
     """`<metric>@<k>` for a level k != 0; level 0 (the spot) keeps the plain name."""
@@ -325,7 +205,6 @@ def level_outputs(out: dict, slide, normalize: bool = False, truth: bool = True)
     must beat). Above (k > 0): rows are lattice bins; centre = mean of their spots' centres; truth =
     log1p of the counts summed over the bin's spots (multi-level outputs need normalize=false). `truth`
     False leaves `true` out (a slide read without the model's gene selection)."""
-    import lattice
     groups, n = {}, slide.n_spots
     for k, pred in out.get("levels", {}).items():
         pred = pred.float().cpu()
@@ -401,10 +280,11 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
-def evaluate_run(run_dir) -> dict:
+def evaluate_run(run_dir, partial: bool = True) -> dict:
     """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
-    that have predictions; the others are listed as `missing_folds`. Writes results.json, per_gene.csv
-    and results.md in the run folder and returns the results dict."""
+    that have predictions; the others are listed as `missing_folds` (partial=False: they are an error, and
+    nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and returns
+    the results dict."""
     run = Path(run_dir).resolve()
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
@@ -412,7 +292,8 @@ def evaluate_run(run_dir) -> dict:
     folds, per_gene, slides, names, empty = [], [], [], [], []
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
-        if not files or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
+        busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
+        if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
             empty.append(f"{fold / 'pred'}")
             continue
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]
@@ -430,6 +311,9 @@ def evaluate_run(run_dir) -> dict:
                                 f"in {', '.join(empty)}")
     done = {int(n[5:]) for n in names}
     missing = [f"fold_{k}" for k in expected_folds(run) if k not in done]
+    if missing and not partial:
+        raise FileNotFoundError(f"{run}: not finished, {', '.join(missing)} missing; results are written when every "
+                                "fold is done (--partial evaluates the finished folds)")
     all_genes = list(dict.fromkeys(g for pg in per_gene for g in pg))  # union over folds, first-seen order
     extra = [k for k in UNCERTAINTY if all(k in m for m in folds)]
     extra += [k for k in folds[0] if "@" in k and all(k in m for m in folds)]      # the other levels
@@ -495,33 +379,24 @@ def format_table(results_list: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("plot", "attention"):  # pictures: plots.py, where matplotlib is imported lazily
-        import plots
-        return plots.main(argv)
-    if argv and argv[0] == "predict":               # prediction of new slides: predict.py
-        import predict
-        return predict.main(argv[1:])
     p = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
                                 "per_gene.csv, results.md), print one table.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
-    p.add_argument("--paper", help="also print a paper's numbers beside each run's, e.g. hist:brain "
-                   "(entries of configs/protocols/papers.yaml)")
+    p.add_argument("--partial", action="store_true", help="evaluate the finished folds of an unfinished run")
     a = p.parse_args(argv)
     try:
-        results = [evaluate_run(d) for d in a.runs]
-        papers = []
-        if a.paper:                                 # the papers' numbers: protocols.py
-            import protocols
-            papers = [protocols.paper_table(r, d, a.paper) for r, d in zip(results, a.runs)]
+        results = [evaluate_run(d, a.partial) for d in a.runs]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    """Print the runs' table, after a line on stderr for each run that is not finished."""
     for r in results:
         if r["missing_folds"]:
             print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
     print(format_table(results))
-    for table in papers:
-        print("\n" + table)
 
 
 if __name__ == "__main__":

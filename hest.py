@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import files
 import lattice
-from data import (STR, CacheError, Slide, atomic_path, fail, h5_strings, list_slides, not_an_input, open_h5,
-                  read_gene_list, read_metadata, read_slide, write_slide)
+from data import (STR, CacheError, Slide, atomic_path, check_values, dataset, fail, h5_strings, list_slides, listed,
+                  not_an_input, open_h5, read_slide, refuse_existing, write_slide)
+from files import read_gene_list, read_metadata
 from protocols import dataset_slides, harmonise_gene_names
 
 
@@ -74,6 +75,8 @@ def _h5ad_array(f, node):
 
 def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
     """(index, columns) of obs or var; the index dataset is whichever `_index` names."""
+    if name not in f:
+        fail(f.filename, name, "a dataframe group (AnnData)", "no such key")
     g = f[name]
     if not isinstance(g, h5py.Group):
         fail(f.filename, name, "a dataframe group (anndata >= 0.7)", "a dataset (re-save with a newer anndata)")
@@ -84,6 +87,8 @@ def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
 
 def _h5ad_X(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """X as coordinates (rows, cols, values) and shape; CSR, CSC (current or old h5sparse) or dense."""
+    if "X" not in f:
+        fail(f.filename, "X", "the count matrix (AnnData)", "no such key")
     X = f["X"]
     if isinstance(X, h5py.Dataset):
         dense = X[()]
@@ -104,6 +109,14 @@ XY_COLUMNS = (("pxl_col_in_fullres", "pxl_row_in_fullres"), ("x_pixel", "y_pixel
               ("imagecol", "imagerow"))
 
 
+def _h5ad_xy(f, obs: dict) -> np.ndarray | None:
+    """(N, 2) spot centres in pixels: obsm/spatial, else the first pair of XY_COLUMNS in obs; None if neither."""
+    if "obsm" in f and "spatial" in f["obsm"]:
+        return np.asarray(f["obsm"]["spatial"][()], dtype=np.float64)[:, :2]
+    return next((np.stack([obs[a], obs[b]], 1).astype(np.float64) for a, b in XY_COLUMNS
+                 if a in obs and b in obs), None)
+
+
 def read_h5ad(path, genes: list[str] | None = None, harmonise: bool = False) -> H5ad:
     """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
     harmonise=True (HiST A.1): gene names through harmonise_gene_names, and the columns that then share a
@@ -112,12 +125,7 @@ def read_h5ad(path, genes: list[str] | None = None, harmonise: bool = False) -> 
         barcodes, obs = _h5ad_frame(f, "obs")
         var_names, _ = _h5ad_frame(f, "var")
         rows, cols, values, shape = _h5ad_X(f)
-        xy = None
-        if "obsm" in f and "spatial" in f["obsm"]:
-            xy = np.asarray(f["obsm"]["spatial"][()], dtype=np.float64)[:, :2]
-        else:
-            xy = next((np.stack([obs[a], obs[b]], 1).astype(np.float64) for a, b in XY_COLUMNS
-                       if a in obs and b in obs), None)
+        xy = _h5ad_xy(f, obs)
     n = len(barcodes)
     if shape != (n, len(var_names)):
         fail(path, "X", f"shape ({n}, {len(var_names)}) from obs and var", f"{shape}")
@@ -140,7 +148,7 @@ def read_h5ad(path, genes: list[str] | None = None, harmonise: bool = False) -> 
     genes = list(index) if genes is None else list(genes)
     missing = [g for g in genes if g not in index]
     if missing:
-        fail(path, "var", f"all {len(genes)} requested genes", f"{len(missing)} missing: {', '.join(missing[:10])}")
+        fail(path, "var", f"all {len(genes)} requested genes", f"{len(missing)} missing: {listed(missing, 10)}")
     column_of = np.full(len(var_names), -1)
     for j, g in enumerate(genes):
         column_of[index[g]] = j
@@ -188,7 +196,27 @@ def load_encoder(spec: str | None):
     if not name:
         raise ValueError(f"--encoder: expected 'module:callable', found {spec!r}")
     sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--encoder {spec}: expected an importable module:callable, found: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"--encoder {spec}: expected a callable, found {type(fn).__name__}")
+    return fn
+
+
+def encode(fn, images: torch.Tensor, spec: str | None, path) -> torch.Tensor:
+    """fn(images) as (B, C) float32, checked: one finite row per image (an encoder's mistake named with it)."""
+    name = spec or "tessera-patch-statistics"
+    out = torch.as_tensor(fn(images)).float()
+    if out.ndim != 2 or len(out) != len(images):
+        raise ValueError(f"{path}: --encoder {name}: expected ({len(images)}, C) features for {len(images)} "
+                         f"patches, found shape {tuple(out.shape)}")
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        raise ValueError(f"{path}: --encoder {name}: expected finite features, found {int(bad.sum())} NaN or "
+                         f"inf values in a batch of {len(images)} patches")
+    return out
 
 
 def sub_patches(images: torch.Tensor, r: int) -> torch.Tensor:
@@ -197,6 +225,22 @@ def sub_patches(images: torch.Tensor, r: int) -> torch.Tensor:
     B, H, W, c = images.shape
     x = images.view(B, r, H // r, r, W // r, c)                   # (B, iy, h, ix, w, 3)
     return x.permute(0, 3, 1, 2, 4, 5).reshape(B, r * r, H // r, W // r, c)
+
+
+def _check_patch_file(path, f, sub: int) -> None:
+    """A HEST patch file: `img` uint8 (N, H, W, 3) (square patches dividing by `sub` when given), `coords`
+    (N, 2) and `barcode` (N,) or (N, 1)."""
+    what = "a dataset (HEST patches file)"
+    img, coords, barcode = (dataset(path, f, key, what) for key in ("img", "coords", "barcode"))
+    if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
+        fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
+    if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
+        fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
+             f"shape {img.shape}")
+    if coords.shape != (len(img), 2):
+        fail(path, "coords", f"shape ({len(img)}, 2), one row per patch", f"shape {coords.shape}")
+    if barcode.shape not in ((len(img),), (len(img), 1)):
+        fail(path, "barcode", f"shape ({len(img)},) or ({len(img)}, 1), one per patch", f"shape {barcode.shape}")
 
 
 def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
@@ -210,27 +254,24 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
     sub_patches order, and the attribute `patch_size_px` (W) from which import-hest derives sub_extent_um."""
     not_an_input(out_dir, patches_dir)
     fn, written = load_encoder(encoder), []
-    for path in sorted(Path(patches_dir).glob("*.h5")):
-        t0, out = time.time(), Path(out_dir) / path.name
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+    paths = sorted(Path(patches_dir).glob("*.h5"))
+    refuse_existing([Path(out_dir) / p.name for p in paths], overwrite)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, found {batch_size}")
+    for path in paths:                                      # every patch file's layout before the first write
         with open_h5(path) as f:
-            for key in ("img", "coords", "barcode"):
-                if key not in f:
-                    fail(path, key, "a dataset (HEST patches file)", "no such key")
+            _check_patch_file(path, f, sub)
+    for path in paths:
+        t0, out = time.time(), Path(out_dir) / path.name
+        with open_h5(path) as f:
             img = f["img"]
-            if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
-                fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
-            if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
-                fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
-                     f"shape {img.shape}")
             size_px = img.shape[2]
-            emb = torch.cat([torch.as_tensor(fn(torch.from_numpy(img[i:i + batch_size]))).float()
+            emb = torch.cat([encode(fn, torch.from_numpy(img[i:i + batch_size]), encoder, path)
                              for i in range(0, img.shape[0], batch_size)]).numpy()
             if sub:
                 step = max(1, batch_size // (sub * sub))
-                sub_emb = torch.cat([torch.as_tensor(fn(sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1)))
-                                     .float().view(-1, sub * sub, emb.shape[1])
+                sub_emb = torch.cat([encode(fn, sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1),
+                                            encoder, path).view(-1, sub * sub, emb.shape[1])
                                      for i in range(0, img.shape[0], step)]).numpy()
             coords, barcodes = f["coords"][()], h5_strings(f["barcode"]).reshape(-1)
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as g:
@@ -249,24 +290,43 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
 
 # ----------------------------------------------------------------------------- HEST import
 
-def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
-    """A HEST-Benchmark embedding file: `embeddings` (N, C), `barcodes` (N,) or (N, 1), optional
-    `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub, patch_size_px)."""
+def _check_embedding_file(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A HEST-Benchmark embedding file, checked without holding it: `embeddings` (N, C) finite and within
+    data.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords` (N, 2) and
+    `sub_embeddings` (N, S, C). Returns (barcodes, coords or None) for _check_positions."""
     with open_h5(path) as f:
-        for key in ("embeddings", "barcodes"):
-            if key not in f and not (key == "barcodes" and "barcode" in f):
-                fail(path, key, "a dataset (HEST-Benchmark embedding file)", "no such key")
+        emb = dataset(path, f, "embeddings", "a dataset (HEST-Benchmark embedding file)")
+        barcodes = h5_strings(dataset(path, f, "barcodes" if "barcodes" in f or "barcode" not in f else "barcode",
+                                      "a dataset (HEST-Benchmark embedding file)")).reshape(-1)
+        if emb.ndim != 2 or len(emb) != len(barcodes):
+            fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
+        if len(set(barcodes)) < len(barcodes):
+            fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
+        check_values(path, "embeddings", emb)
+        if "sub_embeddings" in f:
+            sub = dataset(path, f, "sub_embeddings")
+            if sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]:
+                fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'",
+                     f"shape {sub.shape}")
+            check_values(path, "sub_embeddings", sub)
+        coords = None
+        if "coords" in f:
+            coords = dataset(path, f, "coords")[()]
+            if coords.shape != (len(emb), 2):
+                fail(path, "coords", f"shape ({len(emb)}, 2), one row per barcode", f"shape {coords.shape}")
+    return barcodes, coords
+
+
+def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
+    """A HEST-Benchmark embedding file that _check_embedding_file accepted: `embeddings` (N, C), `barcodes`,
+    optional `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub,
+    patch_size_px)."""
+    with open_h5(path) as f:
         emb = f["embeddings"][()]
-        barcodes = h5_strings(f["barcodes" if "barcodes" in f else "barcode"]).reshape(-1)
+        barcodes = h5_strings(f["barcodes" if "barcodes" in f or "barcode" not in f else "barcode"]).reshape(-1)
         encoder = _attr(f, "encoder", Path(path).parent.name)
         sub = f["sub_embeddings"][()] if "sub_embeddings" in f else None
         patch_px = float(f.attrs.get("patch_size_px", float("nan")))
-    if sub is not None and (sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]):
-        fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'", f"shape {sub.shape}")
-    if emb.ndim != 2 or len(emb) != len(barcodes):
-        fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
-    if len(set(barcodes)) < len(barcodes):
-        fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
     return emb, barcodes, encoder, sub, patch_px
 
 
@@ -286,6 +346,48 @@ def _h5ad_gene_names(path, harmonise: bool = False) -> set[str]:
     with open_h5(path) as f:
         genes = _h5ad_frame(f, "var")[0]
     return set(harmonise_gene_names(genes) if harmonise else genes)
+
+
+def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
+    """The embedding file belongs to the expression file: for the barcodes both have, the patch centres
+    (`coords`, pixels) sit where the spots are, up to one shift for the whole slide (HEST stores a
+    patch's corner, half a patch from the spot). Barcodes repeat across Visium slides, so a swapped
+    pair of files still joins; their positions do not. Refused when over 1% of the shared spots are off
+    by more than a quarter of the spot spacing (files without `coords` are not checked)."""
+    if coords is None:
+        return
+    coords = np.asarray(coords, dtype=np.float64)
+    with open_h5(st_path) as f:
+        barcodes, obs = _h5ad_frame(f, "obs")
+        xy = _h5ad_xy(f, obs)
+    if xy is None or len(xy) != len(barcodes):
+        return                                  # reported by the import itself
+    row_of = {b: i for i, b in enumerate(emb_barcodes)}
+    both = [(i, row_of[b]) for i, b in enumerate(barcodes) if b in row_of]
+    if len(both) < 2:
+        return
+    spot, patch = (np.array(x) for x in zip(*both))
+    shift = coords[patch] - xy[spot]
+    off = np.linalg.norm(shift - np.median(shift, 0), axis=1)
+    spacing = lattice.median_nn_distance(torch.from_numpy(xy[spot]))
+    far = off > max(0.25 * spacing, 1.0)
+    if far.mean() > 0.01:
+        fail(emb_path, "coords", f"the patch positions of the spots of {st_path} (the same barcodes at the same "
+             "places, up to one shift)", f"{int(far.sum())} of {len(both)} shared barcodes elsewhere, up to "
+             f"{off.max():.0f} px off (spot spacing {spacing:.0f} px): embedding files swapped between slides?")
+
+
+def _check_import(pairs, out_dir, wanted, genes_source, overwrite: bool, harmonise: bool) -> None:
+    """Before the first file is written: no output exists (unless overwrite), every slide keeps a gene,
+    every embedding file is whole (_check_embedding_file) and its patches lie on its expression file's spots."""
+    for p, st in pairs:
+        refuse_existing([Path(out_dir) / f"{p.stem}.h5"], overwrite)
+        if wanted is not None:
+            have = _h5ad_gene_names(st, harmonise)
+            if not any(g in have for g in wanted):
+                raise CacheError(f"{genes_source}: expected genes that {st} has, found none of the {len(wanted)} "
+                                 f"({listed(wanted)}): the cache would have 0 genes")
+        _check_positions(p, st, *_check_embedding_file(p))
 
 
 def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,
@@ -310,8 +412,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
         missing = [s for s in ids if s not in have]
         if missing:
             raise CacheError(f"{listing}: {dataset}: {len(missing)} of {len(ids)} slides have no embedding file in "
-                             f"{features_dir} or no expression file in {st_dir}: {', '.join(missing[:20])}"
-                             f"{' ...' if len(missing) > 20 else ''}")
+                             f"{features_dir} or no expression file in {st_dir}: {listed(missing, 20)}")
         pairs = [(p, st) for p, st in pairs if p.stem in set(ids)]
     if not pairs:
         raise FileNotFoundError(f"{features_dir}: expected embedding files *.h5, found none")
@@ -326,6 +427,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
             for g, t in _h5ad_gene_totals(st, harmonise).items():
                 totals[g] = totals.get(g, 0.0) + t
         wanted = sorted(totals, key=lambda g: -totals[g])[:max_genes]
+    _check_import(pairs, out_dir, wanted, genes or f"--max-genes {max_genes}", overwrite, harmonise)
     written = []
     for p, st in pairs:
         sid, row = p.stem, table.get(p.stem, {})
@@ -410,6 +512,7 @@ def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=pr
     """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input folder)."""
     not_an_input(out_dir, slides_dir)
     written = []
+    refuse_existing([Path(out_dir) / p.name for p in list_slides(slides_dir)], overwrite)
     for path in list_slides(slides_dir):
         t0, slide = time.time(), read_slide(path)
         coarse = bin_slide(slide, factor, path)
@@ -430,8 +533,7 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
         raise ValueError(f"bin --bin-um {bin_um} --pixel-size {pixel_size_um}: expected positive micrometres")
     path, out = Path(path), Path(out_dir) / f"{Path(path).stem}.h5ad"
     not_an_input(out_dir, path.parent)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+    refuse_existing([out], overwrite)
     t0 = time.time()
     with open_h5(path) as f:
         cells, obs = _h5ad_frame(f, "obs")
@@ -451,10 +553,10 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
     centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
     row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene): CSR order
-    X = evaluation.CSR(total.astype(np.float32), col.astype(np.int32),
+    X = files.CSR(total.astype(np.float32), col.astype(np.int32),
                        np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))]).astype(np.int64),
                        (len(bins), len(genes)))
-    evaluation.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
+    files.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
                              obs={"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
     log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in {time.time() - t0:.1f} s -> {out}")
     return out

@@ -2,12 +2,12 @@
 PCC histogram, a predicted-vs-measured density, and one spot's signed attention over its neighbours
 (FEAST's excitatory / inhibitory maps) for any attention mode (window, k-NN, full).
 
-Separate from eval.py because matplotlib is an optional dependency: eval.py's `plot` and `attention`
-commands import this file, and matplotlib is imported only when a picture is drawn (`_pyplot`). The
-attention of one spot is computed here too (torch only), since only the attention command needs it.
+Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is
+drawn (`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention
+command needs it.
 
-    python eval.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
-    python eval.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
+    python plots.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
+    python plots.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 import eval as evaluation
+import files
 import predict
 import lattice
 from attention import SpotAttention, distance_bias, signed_weights
@@ -94,12 +95,12 @@ def _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label):
 
 # ---------------------------------------------------------------- maps of a run
 def prediction_files(run) -> list[Path]:
-    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (eval.py predict)."""
+    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (predict.py)."""
     run = Path(run)
     files = sorted(run.glob("fold_*/pred/*.h5")) or sorted(p for p in run.glob("*.h5") if _is_prediction(p))
     if not files:
-        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from eval.py "
-                                "predict); train the run or predict first")
+        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from predict.py); "
+                                "train the run or predict first")
     return files
 
 
@@ -210,15 +211,15 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     """Maps for each slide and gene, a PCC histogram and a density plot (with truth) in RUN/plots/."""
     run = Path(run)
     paths = prediction_files(run)
-    files = [evaluation.read_predictions(p) for p in paths]
+    predictions = [files.read_predictions(p) for p in paths]
     if slide is not None:
-        ids = [f["slide_id"] for f in files]
+        ids = [f["slide_id"] for f in predictions]
         if slide not in ids:
             raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({', '.join(ids[:8])})")
-    scores = gene_scores(files, [p.parent for p in paths])
+    scores = gene_scores(predictions, [p.parent for p in paths])
     chosen = choose_genes(scores, genes, top)
     out, written = run / "plots", []
-    for f in files:
+    for f in predictions:
         if slide is not None and f["slide_id"] != slide:
             continue
         column = {g: i for i, g in enumerate(f["genes"])}
@@ -228,7 +229,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
                                       None if f["true"] is None else f["true"][:, i],
                                       None if f["std"] is None else f["std"][:, i],
                                       out / f"{_safe(f['slide_id'])}__{_safe(g)}.png"))
-    labelled = [f for f in files if f["true"] is not None]
+    labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
         written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
         written.append(density_plot(np.concatenate([f["pred"].ravel() for f in labelled]),
@@ -426,7 +427,7 @@ def attention_figure(result: dict, path) -> Path:
 
 
 def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=None) -> list[Path]:
-    """eval.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so that
+    """plots.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so that
     the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
@@ -452,31 +453,35 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
         raise ImportError(f"{written[0]} written; the PNG not: {e}") from None
 
 
-def main(argv: list[str]) -> None:
-    """eval.py plot ... / eval.py attention ...: one-line errors, no traceback."""
+def main(argv: list[str] | None = None) -> None:
+    """plots.py plot ... / plots.py attention ...: one-line errors, no traceback."""
     import argparse
-    command = argv[0]
-    p = argparse.ArgumentParser(prog=f"eval.py {command}")
-    if command == "plot":
-        p.description = "Maps of measured, predicted, std and error per slide and gene, PCC histogram, density."
-        p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
-        p.add_argument("--slide", help="one slide id (default: every slide)")
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
-        g.add_argument("--top", type=int, help="the K best genes by PCC")
-    else:
-        p.description = "One spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps)."
-        p.add_argument("run", help="run folder")
-        p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
-        p.add_argument("--spot", required=True, help="barcode of the query spot")
-        p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
-        p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
-        p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
-    a = p.parse_args(argv[1:])
+    ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    text = "maps of measured, predicted, std and error per slide and gene, PCC histogram, density"
+    p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
+    p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
+    p.add_argument("--slide", help="one slide id (default: every slide)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
+    g.add_argument("--top", type=int, help="the K best genes by PCC")
+    p = sub.add_parser("attention", help="one spot's signed attention over its neighbours", description="One "
+                       "spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps).")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
+    p.add_argument("--spot", required=True, help="barcode of the query spot")
+    p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
+    p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
+    p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
+    a = ap.parse_args(argv)
     try:
-        written = plot_run(a.run, a.slide, a.genes, a.top) if command == "plot" else \
+        written = plot_run(a.run, a.slide, a.genes, a.top) if a.command == "plot" else \
             attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"eval.py {command}: {e}") from None
+        raise SystemExit(f"plots.py {a.command}: {e}") from None
     for path in written:
         print(path)
+
+
+if __name__ == "__main__":
+    main()

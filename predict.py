@@ -1,8 +1,8 @@
 """Prediction with a trained run: the fold models of a run on slide caches (counts not needed), their
 average, and how sure it is (the spread of the fold models and of Monte-Carlo dropout passes, accumulated
-by Welford's update), written as h5 prediction files and / or AnnData .h5ad (eval.py's writers).
+by Welford's update), written as h5 prediction files and / or AnnData .h5ad (files.py's writers).
 
-    python eval.py predict --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
+    python predict.py --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
 train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are predicted
 the same way.
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 import data
-from eval import expected_folds, level_outputs, write_h5ad, write_predictions
+from eval import expected_folds, level_outputs
+from files import write_h5ad, write_predictions
+from model import ModelConfig, build_model
 
 
 # ---------------------------------------------------------------- prediction with uncertainty
@@ -155,7 +157,6 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
 # ---------------------------------------------------------------- prediction of new slides
 def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.Module, list[str]]]:
     """The model of every finished fold of a run (or of the given fold numbers), with its gene list."""
-    from model import ModelConfig, build_model
     models = []
     paths = sorted(Path(run_dir).glob("fold_*/model.pt")) if folds is None else \
         [Path(run_dir) / f"fold_{k}" / "model.pt" for k in folds]
@@ -230,9 +231,8 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     return outs
 
 
-def main(argv: list[str]) -> None:
-    """`eval.py predict ...` (argv without the word predict)."""
-    p = argparse.ArgumentParser(prog="eval.py predict",
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="predict.py",
                                 description="Predict slide caches (counts not needed) with a finished run's fold models.")
     p.add_argument("--run", required=True, help="run folder, e.g. runs/demo")
     p.add_argument("--slides", required=True, help="folder of <slide>.h5 caches")
@@ -251,4 +251,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
         predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"eval.py predict: {e}")
+        sys.exit(f"predict.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,20 +1,25 @@
 """The papers' own protocols, as pure functions: which slides a dataset has, how gene names are
 harmonised, how targets are smoothed (REPRODUCE.md says which paper uses which; each function is
 tested against a reference written in its test); and the papers' published numbers beside a run's
-(`eval.py RUN --paper KEY`). The papers' fold assignments are in data.py's folds section, beside the
+(its command below). The papers' fold assignments are in data.py's folds section, beside the
 default one.
+
+    python protocols.py runs/<name> [runs/<other> ...] --paper hist:brain   # eval.py's table, then the paper's
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import eval as evaluation
-from data import CacheError
+from data import CacheError, listed
+from files import read_predictions
 
 PROTOCOLS = Path(__file__).with_name("configs") / "protocols"
 PAPERS = PROTOCOLS / "papers.yaml"
@@ -48,7 +53,7 @@ def read_slide_lists(path) -> dict[str, list[str]]:
         twice = sorted({s for s in ids if s in owner} | {s for s, k in collections.Counter(ids).items() if k > 1})
         if twice:
             raise CacheError(f"{path}: slides listed in two datasets ({key} and {owner.get(twice[0], key)}): "
-                             f"{', '.join(twice[:10])}")
+                             f"{listed(twice, 10)}")
         owner.update({s: key for s in ids})
         lists[key] = ids
     return lists
@@ -185,7 +190,7 @@ def paper_table(results: dict, run_dir, key: str) -> str:
     entry, cells = table[key], []
     for m in entry["metrics"]:
         if m == "pcc_spot":
-            folds = [[evaluation.read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
+            folds = [[read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
                      for name in results["fold_names"]]
             v = [evaluation.pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
                  for fs in folds]
@@ -197,3 +202,23 @@ def paper_table(results: dict, run_dir, key: str) -> str:
     lines += [f"| {name} (paper) | " + " | ".join(str(v) for v in row) + " |" for name, row in entry["rows"].items()]
     lines.append(f"| {results['run']} (this run) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="protocols.py", description="Re-evaluate runs as eval.py does, print its "
+                                "table, then a paper's published numbers beside each run's.")
+    p.add_argument("runs", nargs="+", help="run folders, e.g. runs/hist-brain")
+    p.add_argument("--paper", required=True, help="an entry of configs/protocols/papers.yaml, e.g. hist:brain")
+    a = p.parse_args(argv)
+    try:
+        results = [evaluation.evaluate_run(d) for d in a.runs]
+        papers = [paper_table(r, d, a.paper) for r, d in zip(results, a.runs)]
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"protocols.py: {e}")
+    evaluation.report(results)
+    for table in papers:
+        print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

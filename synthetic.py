@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data import Slide, write_slide
+from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
 
 
 # ----------------------------------------------------------------------------- synthetic slides
@@ -92,7 +93,6 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
             raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout (square, hd) and no "
                              f"--pseudo (sub-spots are a square grid binned into spots), found layout {layout}"
                              f"{' with --pseudo' if pseudo else ''}")
-        from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
         pitch, n_spots = pitch / sub, n_spots * sub * sub
     # sub: programs vary over a quarter of their usual length (in sub-spot pitches) and a sub-patch shows its
     # sub-spot with a third of the usual noise, so that the sub-spots of one spot differ, visibly. (With the

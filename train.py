@@ -3,11 +3,13 @@
     python train.py                                  # the demo: synthetic slides + configs/default.yaml
     python train.py configs/hist.yaml data.root=caches/her2st run.name=hist
     python train.py configs/hist.yaml run.name=hist --resume     # continue a killed run
+    python train.py configs/hist.yaml run.name=hist --fold 2     # one fold; other processes train the others
 
-Outputs in runs/<name>/: config.yaml, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
-results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header
-and the run folder are checked before anything is written (checks.py); a mistake ends the program
-with one line. The losses it minimises are in losses.py.
+Outputs in runs/<name>/: config.yaml, folds.json, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
+results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header,
+the folds and the run folder are checked before anything is written (checks.py); a mistake ends the
+program with one line. Who may write the run folder, and with which data, is runs.py's. The losses it
+minimises are in losses.py.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,13 +27,26 @@ import yaml
 
 import checks
 import data
-import protocols
+import runs
 import eval as evaluation
+import files
 import predict
 import lattice
-import synthetic
 from losses import compute_loss
 from model import ModelConfig, build_model
+
+# protocols.py (the papers' label smoothing, data.smooth) and synthetic.py (the demo dataset, data.synthetic)
+# are programs a fork may delete: training imports them when they are there and names the missing file
+# only when a config asks for what it does. (Moving them below train.py would put a paper's smoothing and
+# the demo generator into the data contract, whose job is the files.)
+try:
+    import protocols
+except ModuleNotFoundError:
+    protocols = None
+try:
+    import synthetic
+except ModuleNotFoundError:  # synthetic.py, or hest.py whose binning it uses
+    synthetic = None
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
@@ -102,7 +118,7 @@ def load_config(path, overrides=()) -> dict:
     (checks.check_config). A mistake ends the program with one line naming the file and key."""
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = checks.load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise SystemExit(" ".join(f"{path}: cannot read the config: {e}".split()))
     try:
@@ -113,15 +129,21 @@ def load_config(path, overrides=()) -> dict:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override '{item}' must look like key.sub=value")
-            nested = yaml.safe_load(value)
+            try:
+                nested = checks.load_yaml(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override '{item}': expected a YAML value, found: {e}") from None
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
         checks.check_config(cfg, DEFAULTS)
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
+            if protocols is None:
+                raise ValueError("key 'data.smooth': needs protocols.py (the papers' label smoothing), "
+                                 "which this copy does not have")
             cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
-        raise SystemExit(f"{path}: {e}")
+        raise SystemExit(" ".join(f"{path}: {e}".split()))
     return cfg
 
 
@@ -249,7 +271,7 @@ def choose_genes(cfg, train_slides, root: Path, gene_lists=()) -> list[str]:
     if spec is None:
         return shared
     if isinstance(spec, str):
-        return data.read_gene_list(checks.data_file(cfg, "genes", root))
+        return files.read_gene_list(checks.data_file(cfg, "genes", root))
     counts = []
     for s in train_slides:
         index = {g: i for i, g in enumerate(s.genes)}
@@ -264,7 +286,7 @@ def membership(cfg, genes: list[str], n_pathways: int, root: Path = Path(".")) -
     m = torch.zeros(n_pathways, len(genes))
     if cfg["data"]["gmt"]:
         index = {g: i for i, g in enumerate(genes)}
-        sets = list(data.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
+        sets = list(files.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
         for p, members in enumerate(sets):
             for g in members:
                 if g in index:
@@ -287,8 +309,17 @@ def aug_strength(epoch: int, epochs: int, aug: dict) -> float:
 
 
 def save_atomic(obj, path: Path):
+    """torch.save through data.atomic_path: a kill or a full disk (data.DiskFull) leaves the old file whole."""
     with data.atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class Diverged(checks.ConfigError):
+    """Training produced a non-finite loss or non-finite weights; main prints it as one line."""
+
+
+def finite_weights(model) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def ema_update(avg: dict, model, decay: float, step: int) -> None:
@@ -319,6 +350,11 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         start, best = state["epoch"] + 1, state["best"]
         avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
+    last = "none"   # the last finite epoch loss, for the message if training diverges
+
+    def diverged(what):  # the last checkpoint (if any) is left as it was: a NaN model is never saved
+        return Diverged(f"fold {k} epoch {epoch + 1}: {what}; stopped, {ckpt if ckpt.exists() else 'no checkpoint'} "
+                        f"kept as it was: lower train.lr ({tc['lr']}) or train.clip ({tc['clip']})")
     for epoch in range(start, epochs):
         t0 = time.time()
         torch.manual_seed(tc["seed"] * 100003 + k * 1009 + epoch)   # dropout: same stream after a resume
@@ -331,6 +367,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             out = forward(model, b, device)
             loss = compute_loss(out, {key: v.to(device) for key, v in b.items()
                                       if isinstance(v, torch.Tensor)}, cfg, model)
+            if not torch.isfinite(loss):   # stop at once: every later step would be NaN
+                raise diverged(f"the loss is {loss.item()} (last finite epoch loss {last})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["clip"])
@@ -339,6 +377,9 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             if avg is not None:
                 ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
+        if not finite_weights(model):       # a finite loss, then a step to non-finite weights
+            raise diverged(f"the weights are no longer finite (epoch loss {total_loss.item() / len(train_b):.4f})")
+        last = f"{total_loss.item() / len(train_b):.4f} at epoch {epoch + 1}"
         line = f"fold {k} epoch {epoch + 1}/{epochs} loss {total_loss.item() / len(train_b):.4f}"
         if val_b:
             live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
@@ -418,7 +459,7 @@ def main(argv=None):
     """The command line; a user's mistake (config, files, caches, run folder) ends it with one line."""
     try:
         return run(argv)
-    except (checks.ConfigError, data.CacheError) as e:
+    except (checks.ConfigError, data.CacheError, data.DiskFull) as e:
         raise SystemExit(" ".join(str(e).split())) from None
 
 
@@ -427,56 +468,76 @@ def run(argv=None):
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
     p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name> where it stopped")
-    args = p.parse_args(argv)
+    p.add_argument("--fold", action="append", default=[], metavar="K",
+                   help="train only fold K (repeat, or K,L); other processes may train other folds of the run")
+    args = p.parse_intermixed_args(argv)
     if "=" in args.config:  # `python train.py key=value`: overrides on the default config
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
-    notes = [checks.check_run_dir(run_dir, cfg, args.resume)]
+    run_dir = checks.check_run_dir(cfg)
     device = resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
+    notes = []
     if not root.exists() and cfg["data"]["synthetic"] and root == checks.DEMO_ROOT:
+        if synthetic is None:
+            raise checks.ConfigError(f"key 'data.synthetic': data.root {root} is missing and synthetic.py (with "
+                                     "hest.py), which makes the demo dataset, is not in this copy")
         syn, t0 = cfg["data"]["synthetic"], time.time()
         synthetic.make_synthetic(root, n_slides=syn.get("slides", 12), seed=syn.get("seed", 0),
                                  n_spots=syn.get("spots", 1500), pseudo=syn.get("pseudo", True))
         notes.append(f"data.root {root} was missing: generated the synthetic dataset of data.synthetic there "
                      f"({time.time() - t0:.1f}s)")
     folds = checks.check_data(cfg, root, log=notes.append)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with data.atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    checks.check_folds(cfg, folds, root)
+    wanted = runs.fold_numbers(args.fold, len(folds))
+    notes += runs.open_run(run_dir, cfg, runs.fold_record(cfg, folds, root), args.resume, joining=bool(wanted))
+    todo, claimed = runs.claim_folds(run_dir, wanted or list(range(len(folds))), args.resume)
+    try:
+        return train_folds(run_dir, cfg, folds, todo, notes + claimed, args.config, root, device)
+    finally:
+        runs.release_folds(run_dir, todo)
+
+
+def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[str], config, root, device):
+    """Train the folds this process holds the locks of; the results once every fold of the run is done."""
     logfile = open(run_dir / "log.txt", "a")
 
     def log(msg):
         print(msg, flush=True)
-        logfile.write(msg + "\n")
-        logfile.flush()
+        try:
+            logfile.write(msg + "\n")
+            logfile.flush()
+        except OSError as e:
+            raise data.disk_full(run_dir / "log.txt", e) from None
 
     for note in filter(None, notes):
         log(note)
     if cfg["run"]["threads"]:
         torch.set_num_threads(cfg["run"]["threads"])
     started, done_epochs = time.time(), [0]
-    todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
 
     def eta():  # time left: epochs still to run x mean seconds per epoch so far
         done_epochs[0] += 1
         rate = (time.time() - started) / done_epochs[0]
-        left = max(0, todo_epochs - done_epochs[0]) * rate
+        left = max(0, cfg["train"]["epochs"] * len(todo) - done_epochs[0]) * rate
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
-    log(f"run {run_dir}: {len(folds)} folds, config {args.config}")
-    for k, (train_ids, test_ids) in enumerate(folds):
-        if (run_dir / f"fold_{k}" / "done").exists():
-            log(f"fold {k}: finished earlier, skipped")
-            continue
-        run_fold(k, train_ids, test_ids, cfg, root, run_dir, device, log, eta)
-    results = evaluation.evaluate_run(run_dir)
-    table = (run_dir / "results.md").read_text()
-    log(f"finished in {time.time() - started:.0f}s\n{table}")
+    log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, config {config}")
+    for k in todo:
+        run_fold(k, *folds[k], cfg, root, run_dir, device, log, eta)
+        runs.release_folds(run_dir, [k])
+    missing = [f"fold_{k}" for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists()]
+    if missing:
+        log(f"finished in {time.time() - started:.0f}s; results wait for {', '.join(missing)} (train them with "
+            f"--fold, then: python eval.py {run_dir})")
+        return None
+    results = evaluation.evaluate_run(run_dir)            # every fold is done: the last process writes them
+    log(f"finished in {time.time() - started:.0f}s\n{(run_dir / 'results.md').read_text()}")
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    # SIGTERM (a job scheduler's stop) unwinds like an exception, so this process's locks are released
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    main()

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import checks
+from model import ModelConfig
 import data
 import train
 
@@ -84,6 +85,7 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["model.heads=3"], ["model.dim = 64 must be divisible by model.heads = 3"]),
     (["model.dimm=3"], ["unknown config key 'model.dimm'; valid keys here"]),
     (["train.loss=zinb"], ["train.loss = zinb and model.head = zinb go together"]),
+    (["run.threads=100000"], ["key 'run.threads': expected an integer from 0 to", "found 100000"]),
 ]
 
 
@@ -157,7 +159,7 @@ def test_a_zero_library_size_is_fine_without_normalisation(root):
 
 def test_gmt_without_shared_genes_warns_per_set_and_refuses_a_pathway_head(root, tmp_path, capsys):
     (root / "sets.gmt").write_text("SET_A\turl\tG0\tX1\nSET_B\turl\tX2\tX3\n")
-    cfg = train.load_config(ROOT / "configs/default.yaml", base(root)[1:])
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
     assert len(lines) == 1 and "1 of the 2 pathway sets used share no gene" in lines[0], lines
@@ -182,35 +184,15 @@ def test_run_folders(root, tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "fold_0" / "done").write_text("finished\n")
     msg = refused(base(root), tmp_path, capsys)
-    expect(msg, "runs/t exists with finished folds or checkpoints: pass --resume to continue it")
+    expect(msg, "runs/t holds this run already: pass --resume to continue it, or choose another run.name")
     msg = refused([*base(root), "train.epochs=3", "model.dim=32", "--resume"], tmp_path, capsys)
     expect(msg, "runs/t/config.yaml: --resume expected the config the run started with, found other values for "
                 "model.dim (run 64, given 32); train.epochs (run 25, given 3)")
-    assert checks.check_run_dir(run, cfg, resume=True) is None
-    (run / "fold_0" / "done").unlink()
-    note = checks.check_run_dir(run, cfg, resume=False)     # nothing to lose: a clean restart
-    assert "restarting" in note and "no fold of the earlier start had finished" in note
-
-
-def test_a_run_whose_start_failed_restarts_with_the_corrected_config(root, tmp_path, capsys):
-    """A folder left by a start that never finished a fold is taken over by the next start, with or
-    without --resume, and its config is the new one."""
-    run = tmp_path / "runs" / "t"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text("train: {epochs: 7}\n")
-    (run / "log.txt").write_text("run runs/t: 2 folds\n")
-    args = [str(ROOT / "configs/linear.yaml"), f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 5}",
-            "train.epochs=1", "run.name=t", "run.threads=1"]
-    for flags in ([], ["--resume"]):
-        results = train.main([*args, *flags])
-        assert results is not None and (run / "fold_1" / "model.pt").exists()
-        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
-        if not flags:
-            assert "restarting runs/t" in capsys.readouterr().out
-            (run / "fold_0" / "done").unlink()        # as if killed before fold 0 ended ...
-            (run / "fold_1" / "done").unlink()
-            for p in run.rglob("model.pt"):           # ... with nothing saved
-                p.unlink()
+    msg = refused([*base(root), "train.epochs=3"], tmp_path, capsys)
+    expect(msg, "runs/t holds a run of another config (train.epochs (run 25, given 3)): choose another run.name")
+    assert checks.check_run_dir(cfg) == run.relative_to(tmp_path)
+    (run / "config.yaml").unlink()
+    expect(refused(base(root), tmp_path, capsys), "runs/t: expected a new run folder, found fold_0 and no config.yaml")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -226,3 +208,159 @@ def test_the_command_prints_one_line_and_no_traceback(root, tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and part in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists(), r.stderr
+
+
+# ---- every value of every slide, before anything is written -------------------------------------
+def test_scan_reads_in_blocks_and_names_the_first_bad_value(root, monkeypatch):
+    """scan_slide reads a dataset in blocks of rows (a few rows here) and reports the same count and first
+    index as a look at the whole array (numpy reference)."""
+    monkeypatch.setattr(data, "BLOCK", 3 * len(GENES))          # 3 rows of counts per block
+    import h5py
+    with h5py.File(root / "s1.h5", "a") as f:
+        x = f["counts"][()]
+        x[[7, 20, 31], [2, 0, 5]] = [-1, -2, -3]
+        del f["counts"]
+        f["counts"] = x
+    reads = []
+    real = data._blocks
+    monkeypatch.setattr(data, "_blocks", lambda d: [reads.append(b[0]) or b for b in real(d)])
+    with pytest.raises(data.CacheError) as e:
+        data.scan_slide(root / "s1.h5")
+    first = tuple(int(i) for i in np.argwhere(x < 0)[0])
+    assert f"negative values: {int((x < 0).sum())} bad values, first at index {first}" in str(e.value), str(e.value)
+    assert first == (7, 2) and max(reads) > 0                  # found in a later block, with the right offset
+
+
+def test_non_integer_counts_warn_once_per_training_slide(root):
+    import h5py
+    with h5py.File(root / "s2.h5", "a") as f:
+        x = np.log1p(f["counts"][()])
+        del f["counts"]
+        f["counts"] = x
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
+    lines = []
+    checks.check_data(cfg, root, log=lines.append)
+    warned = [line for line in lines if "non-integer" in line]
+    assert len(warned) == 1 and "s2.h5" in warned[0] and f"{int((x != np.round(x)).sum())} non-integer" in warned[0]
+
+
+def test_normalize_without_library_size_says_what_stands_in(root):
+    import h5py
+    for i in (0, 3):
+        with h5py.File(root / f"s{i}.h5", "a") as f:
+            del f["library_size"]
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2",
+                                                            "data.normalize=true"])
+    lines = []
+    checks.check_data(cfg, root, log=lines.append)
+    (note,) = [line for line in lines if "library_size" in line]
+    assert "2 slides have no library_size (s0.h5, s3.h5)" in note and "counts summed" in note
+
+
+@pytest.mark.parametrize("shared", [18, 20, 21, 22, 40])
+def test_collapsed_coordinates_are_refused_exactly_when_the_lattice_unit_would_be_0(root, shared):
+    """The header check and lattice.default_unit (the reference) agree: refused iff the median spacing is 0."""
+    import lattice
+    xy = torch.tensor([[100.0 * (j % 8), 100.0 * (j // 8)] for j in range(40)])
+    xy[:shared] = xy[0] if shared < 40 else torch.tensor([5.0, 5.0])
+    xy[:shared // 2] = xy[39] if 2 < shared < 40 else xy[:shared // 2]   # two crowded places, not one
+    write(root, 1, coords=xy)
+    try:
+        lattice.default_unit(xy)
+        fails = False
+    except ValueError:
+        fails = True
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
+    if fails:
+        with pytest.raises(data.CacheError, match=r"s1\.h5: key 'coords': expected spots at"):
+            checks.check_data(cfg, root, log=lambda s: None)
+    else:
+        checks.check_data(cfg, root, log=lambda s: None)
+
+
+def test_more_pathway_tokens_than_sets_warns(root):
+    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=50"])
+    lines = []
+    checks.check_data(cfg, root, log=lines.append)
+    assert any("model.pathway_tokens = 50 but data.gmt has 2 sets: 48 tokens have no gene set" in s for s in lines)
+
+
+def test_duplicate_yaml_keys_are_refused_in_files_and_overrides(root, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("model:\n  dim: 32\ntrain: {epochs: 2}\nmodel:\n  dim: 16\n")
+    expect(refused(["c.yaml"], tmp_path, capsys), "c.yaml: cannot read the config", "'model' twice", "line 4")
+    expect(refused([*base(root), "train.augment={p_drop: 0.1, p_drop: 0.3}"], tmp_path, capsys), "'p_drop' twice")
+    assert checks.load_yaml("a: {b: 1, c: 2}") == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize("item", ["train.lr=inf", "train.lr=.nan", "model.beta=-.inf", "model.radii=[1.0, .inf]",
+                                  "train.level_weights=[.nan]", "data.smooth={alpha: .nan}"])
+def test_config_numbers_must_be_finite(root, tmp_path, capsys, item):
+    msg = refused([*base(root), item], tmp_path, capsys)
+    expect(msg, f"key '{item.split('=')[0]}")
+
+
+def test_list_truncation_says_so():
+    assert data.listed(["a", "b"]) == "a, b" and data.listed(range(7), 5) == "0, 1, 2, 3, 4 ..."
+
+
+# ---- memory ------------------------------------------------------------------------------------
+def test_memory_estimate_counts_the_real_parameters():
+    """The meta-device model has exactly the parameters of the real one (the reference): 16 bytes each."""
+    from model import ModelConfig, build_model
+    mc = ModelConfig(dim=32, heads=4, pathway_tokens=3)
+    real = sum(p.numel() for p in build_model(mc, 12, 7).parameters())
+    buffers = sum(b.numel() * b.element_size() for b in build_model(mc, 12, 7).buffers())
+    assert checks.memory_estimate(mc, 12, 7, 100)["state"] == 16 * real + buffers
+
+
+def test_memory_check_refuses_with_the_keys_that_would_fit():
+    """A 100k-spot slide with the demo config against a fake 16 GiB: the coarsest level's full attention does
+    not fit, another model.coarse_attention does; against 1 TiB everything fits."""
+    cfg = train.load_config(ROOT / "configs/default.yaml", ["run.device=cpu"])
+    parts = checks.memory_estimate(ModelConfig.from_dict(cfg["model"]), 48, 250, 100_000)
+    m = 100_000 * 1.8 ** 2 / 16                                 # tokens at level 2
+    assert parts["full attention"] == pytest.approx(4 * m * m * 5 * 4)      # H M^2 (1 + 2 branches x 2) fp32
+    with pytest.raises(checks.ConfigError) as e:
+        checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=16 * 2 ** 30)
+    msg = str(e.value)
+    expect(msg, "big.h5: 100000 spots need about", "found 16.0 GiB available on cpu", "model.coarse_attention=same")
+    checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=2 ** 40)
+    with pytest.raises(checks.ConfigError, match="none of model.checkpoint=true, model.coarse_attention=same fits"):
+        checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=2 ** 20)
+
+
+def test_memory_grows_with_every_size_key():
+    small = sum(checks.memory_estimate(ModelConfig(), 48, 250, 5000).values())
+    for change in ({"dim": 256}, {"w": 6}, {"pathway_tokens": 500}, {"depths": [2, 2, 2]}):
+        assert sum(checks.memory_estimate(ModelConfig(**change), 48, 250, 5000).values()) > small, change
+    assert sum(checks.memory_estimate(ModelConfig(), 48, 250, 10000).values()) > small
+    assert sum(checks.memory_estimate(ModelConfig(checkpoint=True), 48, 250, 5000).values()) < small
+
+
+def test_an_override_that_is_not_yaml_is_one_line(root, tmp_path, capsys):
+    expect(refused([*base(root), "model.depths=[1, 2"], tmp_path, capsys), "override 'model.depths=[1, 2'",
+           "expected a YAML value")
+
+
+def test_the_model_for_its_sizes_is_the_real_one_whether_built_or_on_the_meta_device(monkeypatch):
+    from model import build_model
+    mc = ModelConfig(dim=32, heads=4, w=2, pathway_tokens=3)
+    real = checks.sized_model(mc, 12, 7)
+    assert all(p.device.type == "cpu" for p in real.parameters())
+    with torch.device("meta"):
+        meta = build_model(mc, 12, 7)
+    assert [(n, p.shape) for n, p in real.named_parameters()] == [(n, p.shape) for n, p in meta.named_parameters()]
+    assert all(p.device.type == "meta" for p in checks.sized_model(ModelConfig(w=200), 12, 7).parameters())
+
+
+def test_exponents_without_a_dot_are_numbers(root):
+    """YAML 1.1 reads 1e-6 as a string (model.unit_um, whose default is null, then refused it)."""
+    assert checks.load_yaml("a: 1e-6\nb: -2E+3\nc: 1.5e-3\nd: '1e-6'\ne: 12") == {"a": 1e-6, "b": -2000.0, "c": 1.5e-3,
+                                                                                 "d": "1e-6", "e": 12}
+    cfg = train.load_config(ROOT / "configs/default.yaml", ["model.unit_um=1e-2", "model.ridge_alpha=3e2"])
+    assert cfg["model"]["unit_um"] == 0.01 and cfg["model"]["ridge_alpha"] == 300.0
+
+
+def test_sub_levels_need_sub_patches_on_every_slide_before_anything_is_written(root, tmp_path, capsys):
+    expect(refused([*base(root), "model.sub_levels=1"], tmp_path, capsys),
+           "s0.h5: model.sub_levels = 1 needs sub_features with 4 sub-patches per spot", "found none")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import files
 import hest
 import synthetic
 from data import CacheError, Slide
@@ -278,7 +279,7 @@ def test_meta_and_listing(tmp_path):
 # ----------------------------------------------------------------------------- small text formats
 
 def test_hallmark_gmt(shared_data):
-    hallmark = data.read_gmt(shared_data / "msigdb" / "h.all.v7.0.symbols.gmt")
+    hallmark = files.read_gmt(shared_data / "msigdb" / "h.all.v7.0.symbols.gmt")
     assert len(hallmark) == 50 and "JUNB" in hallmark["HALLMARK_TNFA_SIGNALING_VIA_NFKB"]
     assert sum(len(m) for m in hallmark.values()) > 4384      # 4,384 distinct genes, some in several sets
 
@@ -286,33 +287,33 @@ def test_hallmark_gmt(shared_data):
 def test_gmt_gene_lists_and_split_files(tmp_path):
     (tmp_path / "bad.gmt").write_text("SET_A\turl\tG1\nSET_B\n")
     with pytest.raises(CacheError, match=r"bad\.gmt: line 2: expected 'name<TAB>url<TAB>genes...'"):
-        data.read_gmt(tmp_path / "bad.gmt")
+        files.read_gmt(tmp_path / "bad.gmt")
     (tmp_path / "g.json").write_text(json.dumps({"genes": ["A", "B"]}))
     (tmp_path / "g.txt").write_text("# header\nA\n\nB\n")
-    assert data.read_gene_list(tmp_path / "g.json") == data.read_gene_list(tmp_path / "g.txt") == ["A", "B"]
+    assert files.read_gene_list(tmp_path / "g.json") == files.read_gene_list(tmp_path / "g.txt") == ["A", "B"]
     (tmp_path / "d.txt").write_text("A\nB\nA\n")
-    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found duplicates \['A'\]"):
-        data.read_gene_list(tmp_path / "d.txt")
+    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found duplicates A"):
+        files.read_gene_list(tmp_path / "d.txt")
     (tmp_path / "n.json").write_text(json.dumps({"genes": "A"}))
     with pytest.raises(CacheError, match=r"n\.json: key 'genes': expected a list of gene names, found str"):
-        data.read_gene_list(tmp_path / "n.json")
+        files.read_gene_list(tmp_path / "n.json")
     splits = tmp_path / "splits"
     splits.mkdir()
     for i, (tr, te) in enumerate([(["a", "b"], ["c"]), (["c"], ["a", "b"])]):
         (splits / f"train_{i}.csv").write_text("sample_id,patient\n" + "".join(f"{s},x\n" for s in tr))
         (splits / f"test_{i}.csv").write_text("sample_id\n" + "".join(f"{s}\n" for s in te))
-    assert data.read_split_csvs(splits) == [(["a", "b"], ["c"]), (["c"], ["a", "b"])]
+    assert files.read_split_csvs(splits) == [(["a", "b"], ["c"]), (["c"], ["a", "b"])]
     (splits / "train_2.csv").write_text("sample_id\na\n")
     with pytest.raises(FileNotFoundError, match=r"test_2\.csv: expected beside its partner"):
-        data.read_split_csvs(splits)
+        files.read_split_csvs(splits)
     (splits / "test_2.csv").write_text("id\na\n")
     with pytest.raises(CacheError, match=r"test_2\.csv: key 'sample_id': expected a column sample_id and rows"):
-        data.read_split_csvs(splits)
+        files.read_split_csvs(splits)
     with pytest.raises(FileNotFoundError, match="expected train_0.csv"):
-        data.read_split_csvs(tmp_path)
+        files.read_split_csvs(tmp_path)
     (tmp_path / "m.csv").write_text("slide,patient\nx,y\n")
     with pytest.raises(CacheError, match=r"m\.csv: key 'id': expected a column id or sample_id"):
-        data.read_metadata(tmp_path / "m.csv")
+        files.read_metadata(tmp_path / "m.csv")
 
 
 # ----------------------------------------------------------------------------- gene selection and targets
@@ -486,7 +487,7 @@ def test_genes_command_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "25", "--by", "hvg",
                         "--out", "g.json", "--ids", *ids], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "genes: 25 by hvg from 3 slides (60 genes in common)" in r.stdout, r.stderr
-    chosen = data.read_gene_list(tmp_path / "g.json")
+    chosen = files.read_gene_list(tmp_path / "g.json")
     counts = [data.read_slide(p).counts for p in paths[:3]]
     assert chosen == data.select_genes(counts, data.read_slide_meta(paths[0]).genes, 25, "hvg")
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "0", "--out", "h.json"],
@@ -494,43 +495,38 @@ def test_genes_command_line(tmp_path):
     assert r.returncode == 1 and r.stderr == "--n: expected an integer >= 1, found 0\n" and not (tmp_path / "h.json").exists()
 
 
-def test_cache_building_commands_still_run_through_data_py(tmp_path, capsys):
-    """`python data.py synth | bin | embed | import-hest` are synthetic.py's and hest.py's commands."""
-    args = ["--slides", "2", "--spots", "60", "--genes", "8", "--features", "4", "--layout", "square"]
-    data.main(["synth", "--out", str(tmp_path / "a"), *args])
-    synthetic.main(["--out", str(tmp_path / "b"), *args])
-    data.main(["bin", "--slides", str(tmp_path / "a"), "--factor", "2", "--out", str(tmp_path / "a2")])
-    hest.main(["bin", "--slides", str(tmp_path / "b"), "--factor", "2", "--out", str(tmp_path / "b2")])
-    for a, b in (("a", "b"), ("a2", "b2")):
-        names = sorted(p.name for p in (tmp_path / a).iterdir())
-        assert names == sorted(p.name for p in (tmp_path / b).iterdir()) and len(names) >= 2
-        for name in names:
-            pa, pb = tmp_path / a / name, tmp_path / b / name
-            if name.endswith(".h5"):
-                x, y = data.read_slide(pa), data.read_slide(pb)
-                for key in ("features", "coords", "counts", "sub_features", "sub_counts"):
-                    u, v = getattr(x, key), getattr(y, key)
-                    assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), (name, key)
-                assert x.barcodes.tolist() == y.barcodes.tolist() and x.genes == y.genes
-            else:
-                assert pa.read_bytes() == pb.read_bytes(), name
-    # a mistake in a forwarded command: the same one line as the command itself, nothing written
-    for run in (lambda a: data.main(["bin", *a]), lambda a: hest.main(["bin", *a])):
+def test_each_command_is_in_the_file_that_does_the_work(capsys):
+    """data.py runs `genes` only: the cache-building commands are hest.py's and synthetic.py's, not forwarded."""
+    for cmd in ("synth", "bin", "embed", "import-hest"):
         with pytest.raises(SystemExit) as e:
-            run(["--slides", str(tmp_path / "none"), "--out", str(tmp_path / "c")])
-        assert str(e.value) == f"{tmp_path / 'none'}: expected slide caches *.h5, found none"
-    for run in (lambda a: data.main(["synth", *a]), synthetic.main):
-        with pytest.raises(SystemExit) as e:
-            run(["--out", str(tmp_path / "a"), *args])
-        assert "already exists" in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "c").exists()
-    capsys.readouterr()
+            data.main([cmd, "--out", "x"])
+        assert e.value.code == 2 and f"invalid choice: '{cmd}'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         data.main(["--help"])
     listed = capsys.readouterr().out
-    assert all(f"    {name} " in listed for name in ("genes", "embed", "import-hest", "bin", "synth")), listed
+    assert "    genes " in listed and not any(f"    {n} " in listed for n in ("embed", "import-hest", "bin", "synth"))
+    with pytest.raises(SystemExit):
+        hest.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"    {name} " in listed for name in ("embed", "import-hest", "bin")), listed
 
 
 def test_shared_genes_keep_the_first_lists_order():
     assert data.shared_genes([["c", "a", "b"], ["a", "b", "c", "d"], ["b", "c"]]) == ["c", "b"]
     assert data.shared_genes([["a"]]) == ["a"] and data.shared_genes([]) == []
+
+
+def test_a_full_disk_in_atomic_path_names_the_file_and_keeps_the_old_one(tmp_path):
+    import errno
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"old")
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")):
+        with pytest.raises(data.DiskFull, match=r"x\.h5: disk full"):
+            with data.atomic_path(path) as tmp:
+                tmp.write_bytes(b"partial")
+                raise error
+        assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.h5"]
+    with pytest.raises(PermissionError):                 # any other error passes through as it is
+        with data.atomic_path(path):
+            raise PermissionError(13, "denied")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+import files
 import predict
 import protocols
 
@@ -213,19 +214,19 @@ def test_prediction_file_round_trip(tmp_path):
     pred, true = make_slide(np.random.default_rng(6), 4, 3)
     genes, barcodes = ["CD3E", "Ménage", "MT-CO1"], [f"AAAC-{i}" for i in range(4)]
     coords = np.arange(8, dtype=np.float64).reshape(4, 2)
-    ev.write_predictions(tmp_path / "s1.h5", torch.from_numpy(pred), genes, barcodes, coords, true=true)
-    ev.write_predictions(tmp_path / "s2.h5", pred, genes, barcodes, coords, slide_id="slide two")
+    files.write_predictions(tmp_path / "s1.h5", torch.from_numpy(pred), genes, barcodes, coords, true=true)
+    files.write_predictions(tmp_path / "s2.h5", pred, genes, barcodes, coords, slide_id="slide two")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.h5", "s2.h5"]  # no temporary files left
-    r = ev.read_predictions(tmp_path / "s1.h5")
+    r = files.read_predictions(tmp_path / "s1.h5")
     assert r["slide_id"] == "s1" and r["genes"] == genes and r["barcodes"].tolist() == barcodes
     assert r["pred"].dtype == np.float32 and r["coords"].dtype == np.float32 and r["true"].dtype == np.float32
     np.testing.assert_array_equal(r["pred"], pred)
     np.testing.assert_array_equal(r["true"], true)
     np.testing.assert_array_equal(r["coords"], coords)
-    r2 = ev.read_predictions(tmp_path / "s2.h5")
+    r2 = files.read_predictions(tmp_path / "s2.h5")
     assert r2["true"] is None and r2["slide_id"] == "slide two"
     with pytest.raises(ValueError, match=r"s3\.h5.*barcodes"):
-        ev.write_predictions(tmp_path / "s3.h5", pred, genes, barcodes[:3], coords)
+        files.write_predictions(tmp_path / "s3.h5", pred, genes, barcodes[:3], coords)
     assert not (tmp_path / "s3.h5").exists()
 
 
@@ -242,11 +243,11 @@ def fake_run(tmp_path):
     for k in range(2):
         slides = [make_slide(rng, n, 5, const_true=[1] if k == 0 else ()) for n in sizes[k]]
         for i, (pred, true) in enumerate(slides):
-            ev.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, genes[k],
+            files.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, genes[k],
                                  [f"b{j}" for j in range(len(pred))], rng.uniform(0, 1e3, (len(pred), 2)), true=true)
         folds.append(slides)
     pred, _ = make_slide(rng, 6, 5)
-    ev.write_predictions(run / "fold_1" / "pred" / "unlabelled.h5", pred, genes[1], list("abcdef"), np.zeros((6, 2)))
+    files.write_predictions(run / "fold_1" / "pred" / "unlabelled.h5", pred, genes[1], list("abcdef"), np.zeros((6, 2)))
     (run / "config.yaml").write_text("run: {name: fake}\n")
     return run, folds, genes
 
@@ -348,7 +349,7 @@ def test_predict_refuses_to_write_into_its_input_folders(tmp_path):
     slides.mkdir()
     (slides / "s1.h5").write_bytes(b"input the user owns")
     for out in (slides, tmp_path / "run"):
-        r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", "--run", str(tmp_path / "run"),
+        r = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run", str(tmp_path / "run"),
                             "--slides", str(slides), "--out", str(out), "--overwrite"],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -426,7 +427,7 @@ def tiny_run(tmp_path_factory):
 
 
 def predict_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -434,11 +435,11 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
     for key in ("unc_spearman", "coverage"):
         assert len(results["metrics"][key]["folds"]) == 2
-    f = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
+    f = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
     assert f["std"] is not None and (f["std"] > 0).mean() > 0.9 and f["n_models"].tolist() == [1] * 12
     # the fold's figures recomputed from the files with the references
-    files = [ev.read_predictions(p) for p in sorted((tiny_run / "fold_0" / "pred").glob("*.h5"))]
-    p, t, s = (np.concatenate([x[k] for x in files]).astype(np.float64) for k in ("pred", "true", "std"))
+    fold = [files.read_predictions(p) for p in sorted((tiny_run / "fold_0" / "pred").glob("*.h5"))]
+    p, t, s = (np.concatenate([x[k] for x in fold]).astype(np.float64) for k in ("pred", "true", "std"))
     assert results["metrics"]["unc_spearman"]["folds"][0] == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9)
     assert results["metrics"]["coverage"]["folds"][0] == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12)
     assert "unc_spearman" in (tiny_run / "results.md").read_text()
@@ -519,7 +520,7 @@ def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_r
                     "--format", "h5", "h5ad", "--mc", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("synth_03", ):
-        h5 = ev.read_predictions(tmp_path / "p" / f"{name}.h5")
+        h5 = files.read_predictions(tmp_path / "p" / f"{name}.h5")
         a = anndata.read_h5ad(tmp_path / "p" / f"{name}.h5ad")
         assert a.obs_names.tolist() == h5["barcodes"].tolist() and a.var_names.tolist() == h5["genes"]
         np.testing.assert_array_equal(np.asarray(a.X), h5["pred"])
@@ -534,7 +535,7 @@ def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_r
     assert back.genes == h5["genes"] and back.barcodes.tolist() == h5["barcodes"].tolist()
     np.testing.assert_array_equal(back.xy, h5["coords"])
     a = anndata.read_h5ad(tiny_run / "fold_0" / "pred" / "synth_00.h5ad")  # the run's own test predictions
-    h5 = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
+    h5 = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
     np.testing.assert_array_equal(a.layers["true"], h5["true"])
     assert a.uns["tessera"]["fold"] == "0"
 
@@ -554,7 +555,7 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     for args, message in [(["--fold", "-1"], "--fold -1: expected a fold number 0 ... 1"),
                           (["--mc", "-2"], "--mc -2: expected")]:  # the same, in process (faster)
         with pytest.raises(SystemExit) as e:
-            ev.main(["predict", "--run", str(tiny_run), "--slides", str(slides), "--out", str(out), *args])
+            predict.main(["--run", str(tiny_run), "--slides", str(slides), "--out", str(out), *args])
         assert message in str(e.value) and "\n" not in str(e.value) and not out.exists()
     wide = tmp_path / "wide"  # caches of another encoder: more feature columns
     s = data.read_slide(slides / "synth_00.h5")
@@ -575,9 +576,9 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     r = predict_cli("--run", partial, "--slides", slides, "--out", out, cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "partial run, fold_1 not finished; pass --partial", out)
     with pytest.raises(SystemExit, match="--fold 1: .*fold_1.model.pt does not exist .unfinished fold."):
-        ev.main(["predict", "--run", str(partial), "--slides", str(slides), "--out", str(out), "--fold", "1"])
+        predict.main(["--run", str(partial), "--slides", str(slides), "--out", str(out), "--fold", "1"])
     assert not out.exists()
-    ev.main(["predict", "--run", str(partial), "--slides", str(slides), "--out", str(out), "--partial"])
+    predict.main(["--run", str(partial), "--slides", str(slides), "--out", str(out), "--partial"])
     assert len(list(out.glob("*.h5"))) == 4
     results = ev.evaluate_run(partial)  # the finished fold is evaluated, the missing one named
     assert results["fold_names"] == ["fold_0"] and results["missing_folds"] == ["fold_1"]
@@ -586,7 +587,12 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     shutil.copytree(tiny_run, killed)
     (killed / "fold_0" / "checkpoint.pt").write_bytes(b"")
     assert ev.evaluate_run(killed)["missing_folds"] == ["fold_0"]
+    before = (partial / "results.json").read_bytes()
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "fold_1 missing" in proc.stderr
+    assert (partial / "results.json").read_bytes() == before     # an unfinished run is evaluated only on request
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial), "--partial"], capture_output=True,
+                          text=True)
     assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
     # a run trained without dropout, asked for Monte-Carlo dropout
     nodrop = tmp_path / "nodrop"
@@ -622,10 +628,10 @@ def test_paper_numbers_print_beside_the_run(fake_run):
     assert text.splitlines()[-1] == (f"| fake (this run) | {mse['mean']:.4f} ± {mse['std']:.4f} | "
                                      f"{np.mean(spot):.4f} ± {np.std(spot):.4f} |")
     assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in protocols.paper_table(results, run, "hist:brain")
-    r = subprocess.run([sys.executable, str(ev.Path(ev.__file__)), str(run), "--paper", "hist:nowhere"],
+    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper", "hist:nowhere"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "expected an entry --paper 'hist:nowhere'; it has hist:brain" in r.stderr
-    r = subprocess.run([sys.executable, str(ev.Path(ev.__file__)), str(run), "--paper", "feast:her2st"],
+    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper", "feast:her2st"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "| FEAST (paper) | 0.5761 | 0.5782 | 0.5524 |" in r.stdout
 
@@ -673,7 +679,7 @@ def test_level_outputs_against_loops():
 
 def test_levels_are_written_read_and_evaluated(tmp_path):
     rng = np.random.default_rng(4)
-    run, files = tmp_path / "run", []
+    run, written = tmp_path / "run", []
     for k in range(2):
         for i in range(2):
             pred, true = make_slide(rng, 20, 4)
@@ -681,17 +687,17 @@ def test_levels_are_written_read_and_evaluated(tmp_path):
             sub["coords"] = rng.uniform(size=(50, 2))
             up = {name: rng.normal(size=(7, 4)) for name in ("pred", "true")}
             up["coords"] = rng.uniform(size=(7, 2))
-            ev.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, list("ABCD"),
+            files.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, list("ABCD"),
                                  [f"b{j}" for j in range(20)], rng.uniform(size=(20, 2)), true=true,
                                  levels={-1: sub, 1: up})
-            files.append((k, sub, up))
-    r = ev.read_predictions(run / "fold_0" / "pred" / "s00.h5")
+            written.append((k, sub, up))
+    r = files.read_predictions(run / "fold_0" / "pred" / "s00.h5")
     assert sorted(r["levels"]) == [-1, 1] and sorted(r["levels"][-1]) == ["coords", "copy", "pred", "true"]
-    np.testing.assert_array_equal(r["levels"][1]["pred"], files[0][2]["pred"].astype(np.float32))
+    np.testing.assert_array_equal(r["levels"][1]["pred"], written[0][2]["pred"].astype(np.float32))
     results = ev.evaluate_run(run)
     for k in range(2):
-        subs = [f[1] for f in files if f[0] == k]
-        ups = [f[2] for f in files if f[0] == k]
+        subs = [f[1] for f in written if f[0] == k]
+        ups = [f[2] for f in written if f[0] == k]
         want = ref_metrics([s["pred"].astype(np.float32) for s in subs], [s["true"].astype(np.float32) for s in subs])
         for name in ev.METRICS:
             assert_close([results["metrics"][f"{name}@-1"]["folds"][k]], [want[name]])

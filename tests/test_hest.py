@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import files
 import protocols
 import hest
 from data import CacheError
@@ -271,7 +272,7 @@ def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):
     paths = data.list_slides(tmp_path / "caches")
     assert [p.stem for p in paths] == ["B4", "C2", "C3", "C4", "C5", "C6"] and seconds < 60
     s = data.read_slide(paths[0])
-    meta = data.read_metadata(her2st / "metadata.csv")["B4"]
+    meta = files.read_metadata(her2st / "metadata.csv")["B4"]
     h = hest.read_h5ad(her2st / "st" / "B4.h5ad")
     assert (s.patient, s.spot_pitch_um, s.features.shape) == ("B", 200.0, (283, 48))
     with h5py.File(her2st / "patches" / "B4.h5") as f:
@@ -294,8 +295,9 @@ def test_import_hest_joins_by_barcode_and_reports(tmp_path):
     write_h5ad(st / "s1.h5ad", X, [f"b{i}" for i in range(10)], genes, "current", xy, ["t"] * 10)
     feature_barcodes = [f"b{i}" for i in (5, 2, 11, 7, 3, 4, 12, 6, 8, 9, 10)]   # b0, b1 missing; 3 extra
     emb = r.standard_normal((11, 4)).astype(np.float32)
+    corner = np.array([xy[int(b[1:])] if int(b[1:]) < 10 else (0, 0) for b in feature_barcodes]) - 56  # as HEST
     with h5py.File(feats / "s1.h5", "w") as f:
-        f["embeddings"], f["coords"] = emb, np.zeros((11, 2))
+        f["embeddings"], f["coords"] = emb, corner
         f["barcodes"] = np.array([[b.encode()] for b in feature_barcodes])        # (N, 1) bytes, as HEST
     with h5py.File(feats / "lonely.h5", "w") as f:
         f["embeddings"], f["barcodes"] = emb, np.array([b.encode() for b in feature_barcodes])
@@ -522,7 +524,7 @@ def test_bin_refuses_a_layout_that_is_not_a_square_grid(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
     """All 36 her2st sections (legacy ST, 200 um grid with real registration jitter) by 2, every sixth by 4 too."""
-    meta = data.read_metadata(shared_data / "her2st" / "metadata.csv")
+    meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for number, path in enumerate(sorted((shared_data / "her2st" / "st").glob("*.h5ad"))):
         h = hest.read_h5ad(path)
         keep = np.argsort(-h.counts.sum(0))[:50]                     # 50 genes: every count of them
@@ -571,3 +573,48 @@ def test_bin_cells_against_a_loop_over_cells(shared_data, tmp_path):
         np.testing.assert_array_equal(ad.obs["n_cells"].to_numpy(), got.obs["n_cells"])
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         hest.bin_cells(src, side, tmp_path, px, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- checks before writing
+def test_encoder_mistakes_name_the_encoder(tmp_path):
+    with pytest.raises(ValueError, match=r"--encoder nosuchmod:fn: expected an importable module:callable"):
+        hest.load_encoder("nosuchmod:fn")
+    with pytest.raises(ValueError, match=r"--encoder math:nosuchfn"):
+        hest.load_encoder("math:nosuchfn")
+    images = torch.zeros(5, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"p\.h5: --encoder enc:nan: expected finite features, found 8 NaN"):
+        hest.encode(lambda x: torch.full((len(x), 4), float("nan")).index_fill_(0, torch.tensor([1, 2, 3]), 0),
+                    images, "enc:nan", "p.h5")
+    with pytest.raises(ValueError, match=r"expected \(5, C\) features for 5 patches, found shape \(4, 4\)"):
+        hest.encode(lambda x: torch.zeros(len(x) - 1, 4), images, "enc:short", "p.h5")
+    assert hest.encode(hest.patch_statistics, images, None, "p.h5").shape == (5, 48)
+
+
+def test_import_refuses_swapped_embedding_files_and_gene_lists_that_keep_nothing(tmp_path):
+    """Two slides with the same barcodes (as Visium) at different places: the embedding files' patch corners
+    (HEST: centre - 56 px) must sit on their own slide's spots; a small jitter and one shift are fine."""
+    st, feats = tmp_path / "st", tmp_path / "feats"
+    st.mkdir(), feats.mkdir()
+    r = np.random.default_rng(0)
+    grid = np.array([[100.0 * (i % 6), 100.0 * (i // 6)] for i in range(30)])
+    places = {"a": grid, "b": grid[r.permutation(30)]}
+    for sid, xy in places.items():
+        write_h5ad(st / f"{sid}.h5ad", r.poisson(2.0, (30, 3)).astype(np.float64), [f"b{i}" for i in range(30)],
+                   ["A", "B", "C"], "current", xy, ["t"] * 30)
+
+    def embeddings(swap):
+        for sid in places:
+            with h5py.File(feats / f"{sid}.h5", "w") as f:
+                f["embeddings"] = r.standard_normal((30, 4)).astype(np.float32)
+                xy = places[{"a": "b", "b": "a"}[sid] if swap else sid]
+                f["coords"] = np.round(xy - 56 + r.uniform(-0.5, 0.5, xy.shape))
+                f["barcodes"] = np.array([f"b{i}".encode() for i in range(30)])
+    embeddings(swap=True)
+    with pytest.raises(CacheError, match=r"a\.h5: key 'coords': .* of 30 shared barcodes elsewhere"):
+        hest.import_hest(st, feats, tmp_path / "out", log=lambda s: None)
+    (tmp_path / "genes.txt").write_text("X\nY\n")
+    embeddings(swap=False)
+    with pytest.raises(CacheError, match=r"genes\.txt: expected genes that .*a\.h5ad has, found none of the 2"):
+        hest.import_hest(st, feats, tmp_path / "out", genes=tmp_path / "genes.txt", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+    assert len(hest.import_hest(st, feats, tmp_path / "out", log=lambda s: None)) == 2

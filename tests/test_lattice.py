@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import lattice
 
 
@@ -427,7 +428,7 @@ def test_square_grid_on_her2st_recovers_the_array_positions(shared_data):
     """Legacy ST (200 um pitch, real registration jitter): the fitted sites are the arrays' own positions."""
     import data
     import hest
-    meta = data.read_metadata(shared_data / "her2st" / "metadata.csv")
+    meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for sid in ("A1", "B3", "C6", "F3"):
         h = hest.read_h5ad(shared_data / "her2st" / "st" / f"{sid}.h5ad")
         site, A, _ = lattice.square_grid(torch.tensor(h.xy * float(meta[sid]["pixel_size_um_estimated"])))

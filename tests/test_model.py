@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import lattice
 from model import ModelConfig, PathwayHead, Ridge, build_model, check_config
 from pyramid import Coarsen, Fuse, Uncoarsen, child_attention
@@ -180,7 +181,7 @@ def test_pathway_head_initial_weights_are_l1_normalised_gmt_membership(tmp_path)
     m = train.membership(cfg, genes, 3)
     head = PathwayHead(3, len(genes))
     head.init_from_membership(m)
-    sets = data.read_gmt(gmt)
+    sets = files.read_gmt(gmt)
     for p, name in enumerate(["P1", "P2", "P3"]):
         present = [g for g in sets[name] if g in genes]
         for gi, g in enumerate(genes):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-import eval as ev
+import files
 import predict
 import plots
 import test_eval
@@ -180,15 +180,15 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
         want = {"pcc_hist.png": (400, 600), "density.png": (480, 560)}.get(p.name, (420, 1680))  # 4 panels
         assert img.shape[:2] == want, p.name
         assert img[..., :3].var() > 0, p.name
-    genes = ev.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")["genes"]
+    genes = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")["genes"]
     written = plots.plot_run(tiny_run, slide="synth_00", genes=genes[:2])
     assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
     assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
     paths = plots.prediction_files(tiny_run)
-    scores = plots.gene_scores([ev.read_predictions(p) for p in paths], [p.parent for p in paths])
+    scores = plots.gene_scores([files.read_predictions(p) for p in paths], [p.parent for p in paths])
     per_fold = {}                                       # reference: np.corrcoef per gene over each fold's spots
     for fold in sorted({p.parent for p in paths}):
-        fs = [ev.read_predictions(p) for p in paths if p.parent == fold]
+        fs = [files.read_predictions(p) for p in paths if p.parent == fold]
         pred, true = (np.concatenate([f[k] for f in fs]).astype(np.float64) for k in ("pred", "true"))
         for g, name in enumerate(fs[0]["genes"]):
             per_fold.setdefault(name, []).append(np.corrcoef(pred[:, g], true[:, g])[0, 1])
@@ -215,8 +215,8 @@ def test_gene_scores_average_folds_that_share_their_genes():
     assert scores == pytest.approx({name: np.mean(v) for name, v in want.items()}, abs=1e-12)
 
 
-def run_eval(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd, capture_output=True,
+def run_plots(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "plots.py"), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -226,9 +226,9 @@ def one_line_error(r, message):
 
 
 def in_process_error(args, message):
-    """eval.main exits with a one-line message (what the command line prints, without a traceback)."""
+    """plots.main exits with a one-line message (what the command line prints, without a traceback)."""
     with pytest.raises(SystemExit) as e:
-        ev.main([str(a) for a in args])
+        plots.main([str(a) for a in args])
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -243,15 +243,15 @@ def test_plot_and_attention_bad_input(tiny_run, tmp_path, monkeypatch):  # noqa:
     in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "s00_00003", "--block", "7"],
                      "--block 7: expected 0 ... 3")
     assert not (tiny_run / "attention").exists() and not (tmp_path / "plots").exists()
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); import eval; "
-            "eval.main(['plot', sys.argv[2]])")
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); import plots; "
+            "plots.main(['plot', sys.argv[2]])")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_run)], capture_output=True, text=True)
     one_line_error(r, "pip install matplotlib")
 
 
 def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
     pytest.importorskip("matplotlib")
-    r = run_eval("attention", tiny_run, "--slide", "synth_01", "--spot", "s01_00007", "--block", "1",
+    r = run_plots("attention", tiny_run, "--slide", "synth_01", "--spot", "s01_00007", "--block", "1",
                  cwd=tiny_run.parents[1])
     assert r.returncode == 0, r.stderr
     h5, png = (tiny_run / "attention" / f"synth_01__s01_00007__block1.{e}" for e in ("h5", "png"))

@@ -1,6 +1,6 @@
 """Tests for protocols.py: the papers' slide lists and label smoothing, each against a reference written
 here (the papers' own code restated, dense loops). Gene-name harmonisation is tested with the h5ad
-import (test_hest.py), the papers' numbers beside a run's with eval.py (test_eval.py), the papers'
+import (test_hest.py), the papers' numbers beside a run's with protocols.py's command (test_eval.py), the papers'
 fold assignments with the other folds (test_data.py)."""
 import math
 from pathlib import Path

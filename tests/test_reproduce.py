@@ -162,7 +162,7 @@ def reproduced(tmp_path_factory):
 def test_reproduce_has_a_recipe_per_paper():
     cmds = reproduce_commands()
     for key in ("hist:brain", "feast:her2st", "hifusion:her2st"):
-        assert any(c.startswith("python eval.py") and f"--paper {key}" in c for c in cmds), key
+        assert any(c.startswith("python protocols.py") and f"--paper {key}" in c for c in cmds), key
     assert any("--dataset hist:" in c for c in cmds) and any("data.split_dir=bench_data" in c for c in cmds)
     text = (ROOT / "REPRODUCE.md").read_text()
     work_log_words = "|".join(["issue", "ticket", "session", "helper"])  # the project speaks of itself only
@@ -176,7 +176,7 @@ def test_every_reproduce_command_runs_and_prints_the_papers_numbers(reproduced):
         if "--paper" in cmd:
             key = cmd.split("--paper ")[1].split()[0]
             assert f"({key})" in out and "(paper)" in out and "(this run)" in out, out
-    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in next(o for c, o in outputs.items() if c.startswith("python eval.py") and "hist:brain" in c)
+    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in next(o for c, o in outputs.items() if c.startswith("python protocols.py") and "hist:brain" in c)
     hist = json.loads((tmp / "runs" / "hist-brain" / "results.json").read_text())
     assert hist["n_folds"] == 4 and sorted(s for f in hist["slides"] for s in f) == [f"NCBI{628 + i}" for i in range(14)]
     assert json.loads((tmp / "runs" / "feast-her2st" / "results.json").read_text())["n_folds"] == 8

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import files
 import lattice
 import synthetic
 
@@ -46,11 +47,11 @@ def test_synthetic_dataset_is_fast_valid_and_grouped(synth):
     assert lib.std() / lib.mean() > 0.2                        # library size varies from spot to spot
     slide_means = torch.stack([t.features.mean(0) for t in slides])
     assert slide_means.std(0).mean() > 0.3                     # a per-slide stain shift on the features
-    programs = data.read_gmt(out / "programs.gmt")
+    programs = files.read_gmt(out / "programs.gmt")
     assert 10 <= len(programs) <= 20 and all(set(m) <= set(s.genes) for m in programs.values())
     member = {g for m in programs.values() for g in m}
     assert 0.05 < 1 - len(member) / 300 < 0.3                  # some genes belong to no program
-    meta = data.read_metadata(out / "metadata.csv")
+    meta = files.read_metadata(out / "metadata.csv")
     assert meta["synth_00"]["patient"] == s.patient
 
 
@@ -67,7 +68,7 @@ def test_synthetic_neighbourhood_signal_is_real(synth):
     mean of the neighbours' features (within two rings) explains much more; 'local' programs are
     mostly explained by the spot's own features."""
     out, paths, _, _ = synth
-    programs = data.read_gmt(out / "programs.gmt")
+    programs = files.read_gmt(out / "programs.gmt")
     for path in paths[:2]:
         s = data.read_slide(path)
         x, xy = s.features.double().numpy(), s.coords.double().numpy()

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import data
-import eval as evaluation
+import files
 import lattice
 import losses
 import protocols
@@ -292,6 +292,7 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_root, tmp_path):
     resumed = run_train([*args, "run.name=killed", "--resume"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "fold 0: finished earlier, skipped" in resumed.stdout and "resumed after epoch 1" in resumed.stdout
+    assert "fold_1/lock: took over the lock of pid" in resumed.stdout and not (run / "fold_1" / "lock").exists()
     a = json.loads((tmp_path / "runs/full/results.json").read_text())["metrics"]
     b = json.loads((run / "results.json").read_text())["metrics"]
     for metric in a:
@@ -365,7 +366,7 @@ def test_super_resolution_beats_copying_the_spot(tmp_path):
 @pytest.mark.slow
 def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     """superres.yaml on tiny 2 x 2 sub-spot slides, with a coarser head too: results per level with the
-    copy baseline; eval.py predict writes every level of model.out_levels."""
+    copy baseline; predict.py writes every level of model.out_levels."""
     root = tiny_sub_root(2)
     r = run_train([str(ROOT / "configs/superres.yaml"), f"data.root={root}", "run.name=levels", "data.folds=2",
                    "data.genes={by: hvg, n: 20}", "model.dim=16", "model.heads=2", "train.epochs=2",
@@ -375,11 +376,11 @@ def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     res = json.loads((tmp_path / "runs" / "levels" / "results.json").read_text())
     for name in ("pcc_gene", "pcc_gene@-1", "mse@-1", "pcc_gene@-1_copy", "pcc_gene@1", "r2_flat@1"):
         assert len(res["metrics"][name]["folds"]) == 2, name
-    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "predict", "--run", "runs/levels", "--slides",
+    p = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run", "runs/levels", "--slides",
                         str(root), "--out", "pred"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     slide = data.read_slide(data.list_slides(root)[0])
-    f = evaluation.read_predictions(tmp_path / "pred" / f"{slide.slide_id}.h5")
+    f = files.read_predictions(tmp_path / "pred" / f"{slide.slide_id}.h5")
     assert sorted(f["levels"]) == [-1, 1]
     sub = f["levels"][-1]
     n_sub = int(slide.sub_valid.sum())
@@ -387,5 +388,96 @@ def test_levels_end_to_end_train_evaluate_and_predict(tiny_sub_root, tmp_path):
     want = lattice.sub_coords(slide.coords, 2, slide.sub_extent_um)[slide.sub_valid]   # (spot, s) order
     np.testing.assert_allclose(sub["coords"], want.numpy(), atol=1e-3)
     assert "copy" in sub and "true" not in sub                  # predict reads slides without gene selection
-    fold = [evaluation.read_predictions(q) for q in (tmp_path / "runs" / "levels").glob("fold_*/pred/*.h5")]
+    fold = [files.read_predictions(q) for q in (tmp_path / "runs" / "levels").glob("fold_*/pred/*.h5")]
     assert all("true" in g["levels"][-1] and "true" in g["levels"][1] for g in fold)
+
+
+# ---- non-finite training and a full disk --------------------------------------------------------
+def fold_inputs(tiny_root, *overrides):
+    cfg = train.load_config(ROOT / "configs/default.yaml", [f"data.root={tiny_root}", "train.epochs=3",
+                                                               "model.dim=16", "model.heads=2", *overrides])
+    from model import ModelConfig, build_model
+    mc = ModelConfig.from_dict(cfg["model"])
+    paths = data.list_slides(tiny_root)[:2]
+    genes = train.choose_genes({**cfg, "data": {**cfg["data"], "genes": {"by": "mean", "n": 10}}},
+                               [data.read_slide(p) for p in paths], tiny_root)
+    batches = [train.prepare(data.read_slide(p, genes=genes), cfg, mc.unit_um) for p in paths]
+    torch.manual_seed(0)
+    return cfg, build_model(mc, batches[0]["features"].shape[1], len(genes)), batches
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity, whose gradient is NaN: a finite loss whose step leaves non-finite weights."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("bad_call, how, words", [
+    (3, "nan loss", ["fold 0 epoch 2: the loss is nan", "last finite epoch loss", "at epoch 1"]),
+    (4, "nan gradient", ["fold 0 epoch 2: the weights are no longer finite"]),
+])
+def test_a_non_finite_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(tiny_root, tmp_path, monkeypatch,
+                                                                               bad_call, how, words):
+    """Two slides, so two steps per epoch: the scripted mistake comes in epoch 2 (its first step: a NaN loss;
+    its last step: a finite loss whose gradient is NaN). Training stops with one message naming the fold, the
+    epoch and the last finite loss; the checkpoint of epoch 1 stays, finite, and nothing later is saved."""
+    cfg, model, batches = fold_inputs(tiny_root)
+    calls = [0]
+
+    def scripted(out, b, cfg, model):
+        calls[0] += 1
+        loss = losses.compute_loss(out, b, cfg, model)
+        if calls[0] == bad_call:
+            return loss * float("nan") if how == "nan loss" else NanGradient.apply(loss)
+        return loss
+    monkeypatch.setattr(train, "compute_loss", scripted)
+    saved = []
+    real_save = train.save_atomic
+    monkeypatch.setattr(train, "save_atomic", lambda obj, path: (saved.append(obj["epoch"]), real_save(obj, path)))
+    with pytest.raises(train.Diverged) as e:
+        train.train_fold(0, batches, [], cfg, model, torch.device("cpu"), tmp_path, lambda s: None, lambda: "")
+    msg = str(e.value)
+    for word in [*words, "checkpoint.pt kept", "train.lr"]:
+        assert word in msg, (word, msg)
+    assert saved == [0]                                    # epoch 1's checkpoint only
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values()
+                                       if t.is_floating_point())
+
+
+def test_a_learning_rate_that_diverges_ends_the_run_with_one_line(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main([str(ROOT / "configs/default.yaml"), f"data.root={tiny_root}", "run.name=lr", *TINY,
+                    "train.lr=1e6", "data.gmt=null"])
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg and "fold 0 epoch" in msg and "train.lr (1000000.0)" in msg, msg
+    print(msg)
+    assert not list((tmp_path / "runs" / "lr").glob("fold_*/model.pt"))      # no NaN model saved
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tiny_root, tmp_path, monkeypatch):
+    """torch.save (train's checkpoints and models, through data.atomic_path) runs out of space: one line
+    '<file>: disk full', no partial file left, the old file untouched."""
+    import errno
+
+    def full(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(data.DiskFull, match=r"model\.pt: disk full"):
+        train.save_atomic({"x": 1}, target)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main([str(ROOT / "configs/default.yaml"), f"data.root={tiny_root}", "run.name=full", *TINY,
+                    "data.gmt=null", "model.arch=ridge"])
+    assert isinstance(e.value.code, str) and e.value.code.endswith("model.pt: disk full (no space left on the "
+                                                                   "device to write it)"), e.value.code

@@ -1,0 +1,225 @@
+"""A table of bad inputs, each run as the user would run it (a subprocess on tiny data): every one ends the
+program with a non-zero status and exactly one line naming the file or key, no traceback, and writes
+nothing (no run folder; every file in the working folder byte-identical before and after)."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import data
+from test_checks import write
+from test_hest import write_h5ad
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # ~30 subprocesses, each importing torch
+
+
+# ---- builders: each makes the bad input in tmp (the working folder) and returns the command line ----------
+def caches(tmp: Path) -> Path:
+    root = tmp / "caches"
+    for i in range(4):
+        write(root, i)
+    return root
+
+
+def replace(tmp, slide, key, change, dtype=None):
+    """Slide s<slide>'s dataset `key` replaced by change(old values) (read_slide would refuse to write it)."""
+    with h5py.File(caches(tmp) / f"s{slide}.h5", "a") as f:
+        old = data.h5_strings(f[key]) if key in data.STRING_KEYS else f[key][()]
+        del f[key]
+        new = change(old)
+        f.create_dataset(key, data=new.astype(object) if key in data.STRING_KEYS else new,
+                         dtype=data.STR if key in data.STRING_KEYS else dtype)
+
+
+def at(x, index, value):
+    x = x.copy()
+    x[index] = value
+    return x
+
+
+def train(*overrides, config=None):
+    return [str(ROOT / "train.py"), config or str(ROOT / "configs/default.yaml"), "data.root=caches", "data.folds=2",
+            "data.genes={by: mean, n: 5}", "data.gmt=null", "run.name=t", "run.dir=runs", *overrides]
+
+
+def bad_slide(slide, key, change, dtype=None):
+    def build(tmp):
+        replace(tmp, slide, key, change, dtype)
+        return train()
+    return build
+
+
+def features_group(tmp):
+    with h5py.File(caches(tmp) / "s1.h5", "a") as f:
+        del f["features"]
+        f.create_group("features")["x"] = np.zeros(3)
+    return train()
+
+
+def config_file(text):
+    def build(tmp):
+        caches(tmp)
+        (tmp / "cfg.yaml").write_text(text)
+        return train(config="cfg.yaml")
+    return build
+
+
+def overrides(*items):
+    def build(tmp):
+        caches(tmp)
+        return train(*items)
+    return build
+
+
+def patches(tmp, n=5):
+    (tmp / "patches").mkdir()
+    with h5py.File(tmp / "patches" / "p1.h5", "w") as f:
+        f["img"] = np.random.default_rng(0).integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+        f["coords"] = np.arange(2 * n).reshape(n, 2) * 50.0
+        f["barcode"] = np.array([[f"b{i}".encode()] for i in range(n)])
+
+
+ENCODERS = ("import torch\n"
+            "def nan(x):\n    return torch.full((len(x), 4), float('nan'))\n"
+            "def short(x):\n    return torch.zeros(len(x) - 1, 4)\n")
+
+
+def patch_img_group(tmp):
+    with h5py.File(tmp / "patches" / "p1.h5", "a") as f:
+        del f["img"]
+        f.create_group("img")
+
+
+def patch_coords_rows(tmp):
+    with h5py.File(tmp / "patches" / "p1.h5", "a") as f:
+        del f["coords"]
+        f["coords"] = np.zeros((7, 2))
+
+
+def embed(encoder, existing=False, spoil=None, extra=()):
+    def build(tmp):
+        patches(tmp)
+        if spoil:
+            spoil(tmp)
+        (tmp / "enc.py").write_text(ENCODERS)
+        if existing:
+            (tmp / "emb").mkdir()
+            (tmp / "emb" / "p1.h5").write_bytes(b"mine")
+        return [str(ROOT / "hest.py"), "embed", "--patches", "patches", "--out", "emb",
+                *(["--encoder", encoder] if encoder else []), *extra]
+    return build
+
+
+def hest_inputs(tmp, swap=False):
+    """Two slides s1, s2 with the same barcodes (as Visium) at different places; embedding files with the
+    patch corners (HEST: centre - half a patch), swapped between the slides when swap."""
+    r = np.random.default_rng(1)
+    (tmp / "st").mkdir(), (tmp / "emb").mkdir()
+    barcodes = [f"b{i}" for i in range(30)]
+    grid = np.array([[100.0 * (i % 6), 100.0 * (i // 6)] for i in range(30)])
+    places = {"s1": grid + 1000, "s2": grid[r.permutation(30)] + 1000}
+    for sid, xy in places.items():
+        write_h5ad(tmp / "st" / f"{sid}.h5ad", r.poisson(2.0, (30, 4)).astype(np.float64), barcodes,
+                   ["A", "B", "C", "D"], "current", xy, ["t"] * 30)
+    for sid in places:
+        with h5py.File(tmp / "emb" / f"{sid}.h5", "w") as f:
+            f["embeddings"] = r.standard_normal((30, 4)).astype(np.float32)
+            f["coords"] = places[{"s1": "s2", "s2": "s1"}[sid] if swap else sid] - 56
+            f["barcodes"] = np.array([[b.encode()] for b in barcodes])
+
+
+def emb_group(tmp):
+    with h5py.File(tmp / "emb" / "s2.h5", "a") as f:
+        del f["embeddings"]
+        f.create_group("embeddings")
+
+
+def emb_nan(tmp):
+    with h5py.File(tmp / "emb" / "s2.h5", "a") as f:
+        f["embeddings"][3, 1] = np.nan
+
+
+def no_obs(tmp):
+    with h5py.File(tmp / "st" / "s2.h5ad", "a") as f:
+        del f["obs"]
+
+
+def import_hest(*extra, swap=False, existing=False, spoil=None):
+    def build(tmp):
+        hest_inputs(tmp, swap)
+        if spoil:
+            spoil(tmp)
+        (tmp / "genes.txt").write_text("ZZ\nYY\n")
+        if existing:
+            (tmp / "out").mkdir()
+            (tmp / "out" / "s2.h5").write_bytes(b"mine")
+        return [str(ROOT / "hest.py"), "import-hest", "--st", "st", "--features", "emb", "--out", "out", *extra]
+    return build
+
+
+# ---- the table: (case, builder -> argv, words the one line must contain) -----------------------------------
+CASES = [
+    ("nan feature", bad_slide(1, "features", lambda x: at(x, (3, 2), np.nan)), ["s1.h5", "'features'", "finite"]),
+    ("inf count", bad_slide(2, "counts", lambda x: at(x, (0, 0), np.inf)), ["s2.h5", "'counts'", "finite"]),
+    ("negative count", bad_slide(3, "counts", lambda x: at(x, (5, 1), -1)), ["s3.h5", "'counts'", ">= 0"]),
+    ("duplicate barcode", bad_slide(0, "barcodes", lambda x: at(x, 1, x[0])), ["s0.h5", "'barcodes'", "unique"]),
+    ("duplicate gene", bad_slide(1, "genes", lambda x: at(x, 1, x[0])), ["s1.h5", "'genes'", "unique"]),
+    ("integer features", bad_slide(2, "features", lambda x: (x * 10).astype(np.int32)),
+     ["s2.h5", "'features'", "float16/float32", "int32"]),
+    ("features as a group", features_group, ["s1.h5", "'features'", "a group"]),
+    ("collapsed coordinates", bad_slide(3, "coords", lambda x: at(x, slice(0, 25), 0.0)),
+     ["s3.h5", "'coords'", "25 of 40"]),
+    ("absurd feature", bad_slide(1, "features", lambda x: at(x, (0, 0), 3e38)), ["s1.h5", "'features'", "magnitude"]),
+    ("lr inf", overrides("train.lr=inf"), ["'train.lr'", "finite number", "inf"]),
+    ("lr nan", overrides("train.lr=.nan"), ["'train.lr'", "finite number", "nan"]),
+    ("beta inf in a file", config_file("model:\n  beta: .inf\n"), ["cfg.yaml", "'model.beta'", "finite"]),
+    ("dim too large", overrides("model.dim=100000"), ["s", "GiB", "model.dim = 100000"]),
+    ("window too large", overrides("model.w=1000"), ["GiB", "model.w = 1000"]),
+    ("duplicate yaml key", config_file("train:\n  lr: 0.001\n  epochs: 2\n  lr: 0.002\n"),
+     ["cfg.yaml", "'lr' twice", "line 4"]),
+    ("mc without dropout", overrides("eval.mc_samples=4", "model.dropout=0", "model.attn_dropout=0"),
+     ["'eval.mc_samples'", "without dropout"]),
+    ("sub-levels without sub-patches", overrides("model.sub_levels=1"), ["s0.h5", "model.sub_levels = 1", "found none"]),
+    ("override that is not YAML", overrides("model.depths=[1, 2"), ["override 'model.depths=[1, 2'"]),
+    ("read-only run.dir", overrides("run.dir=/proc/tessera-runs"), ["/proc", "'run.dir'", "cannot be written"]),
+    ("encoder not importable", embed("nosuchmod:fn"), ["--encoder nosuchmod:fn", "nosuchmod"]),
+    ("encoder returns NaN", embed("enc:nan"), ["p1.h5", "--encoder enc:nan", "finite"]),
+    ("encoder returns too few rows", embed("enc:short"), ["p1.h5", "--encoder enc:short", "(5, C)", "(4, 4)"]),
+    ("embed over an existing file", embed(None, existing=True), ["p1.h5", "--overwrite"]),
+    ("patch images as a group", embed(None, spoil=patch_img_group), ["p1.h5", "'img'", "a group"]),
+    ("patch coords of other rows", embed(None, spoil=patch_coords_rows), ["p1.h5", "'coords'", "(5, 2)"]),
+    ("batch size 0", embed(None, extra=["--batch-size", "0"]), ["--batch-size", "found 0"]),
+    ("embeddings as a group", import_hest(spoil=emb_group), ["s2.h5", "'embeddings'", "a group"]),
+    ("a NaN embedding", import_hest(spoil=emb_nan), ["s2.h5", "'embeddings'", "finite"]),
+    ("h5ad without obs", import_hest(spoil=no_obs), ["s2.h5ad", "'obs'", "no such key"]),
+    ("import keeps no gene", import_hest("--genes", "genes.txt"), ["genes.txt", "0 genes"]),
+    ("embedding files swapped", import_hest(swap=True), ["s1.h5", "'coords'", "swapped"]),
+    ("import over an existing file", import_hest(existing=True), ["s2.h5", "--overwrite"]),
+]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if "__pycache__" not in p.parts}
+
+
+@pytest.mark.parametrize("case,build,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path, case, build, words):
+    argv = build(tmp_path)
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                            "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode != 0, (case, r.stdout, r.stderr)
+    assert len(lines) == 1 and "Traceback" not in lines[0], (case, lines)
+    for word in words:
+        assert word in lines[0], (case, word, lines[0])
+    assert not (tmp_path / "runs").exists()
+    assert snapshot(tmp_path) == before          # nothing written, nothing changed
