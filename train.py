@@ -399,7 +399,7 @@ def run(argv=None):
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
-    run_dir = checks.check_run_dir(cfg)
+    run_dir = runs.check_run_dir(cfg)
     device = resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
     notes = []
