@@ -95,7 +95,7 @@ def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=
     mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)                    # the saturating layer's read-out
     slides, signals = [], []
     for p in paths:
-        h = hest.read_h5ad(p, genes=targets + source)
+        h = files.read_h5ad(p, genes=targets + source)
         lib = np.maximum(h.library_size, 1)[:, None]
         signals.append(np.log1p(h.counts[:, n_targets:] / lib * 1e4))
         xy = h.xy * float(meta[p.stem]["pixel_size_um_estimated"])
