@@ -86,8 +86,7 @@ class ModelConfig:
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
     ridge_cv: bool = False            # spatial ridge: alpha chosen by leave-one-group-out on the training slides
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
-    slide_norm: bool | str = False    # standardise features over each slide's own spots (removes a stain shift);
-                                      # auto: chosen by the spatial ridge's leave-one-group-out score
+    slide_norm: bool | str = False    # standardise features over each slide's spots (stain shifts); auto: ridge_cv's
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
 
     @classmethod
@@ -102,13 +101,11 @@ class ModelConfig:
 def check_config(cfg: ModelConfig) -> None:
     """Refuse configurations that cannot work, with a message saying why."""
     choices = {"arch": ("tessera", "linear", "mlp", "ridge", "ridge_spatial"), "attention": ("window", "knn", "full", "none"),
-               "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"),
+               "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"), "slide_norm": (True, False, "auto"),
                "head": ("linear", "mlp", "pathway", "zinb"), "sub_pool": ("linear", "attention")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
-    if cfg.slide_norm not in (True, False, "auto"):
-        raise ValueError(f"model.slide_norm = {cfg.slide_norm!r}; expected true, false or auto")
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
     if cfg.arch != "tessera":
