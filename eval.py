@@ -20,7 +20,7 @@ import torch
 
 import data
 import lattice
-from files import _array, atomic_path, read_predictions  # one reading of tensors and arrays for files and metrics
+from files import _array, atomic_path, check_writable, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -279,22 +279,42 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
-def evaluate_run(run_dir, partial: bool = True) -> dict:
+def missing_test_slides(run: Path, k: int, found: list[str]) -> list[str]:
+    """The test slides of fold k (the run's folds.json) that have no prediction file; [] for a run without
+    folds.json."""
+    record = run / "folds.json"
+    if not record.exists():
+        return []
+    folds = json.loads(record.read_text()).get("folds", [])
+    return [s for s in (folds[k].get("test", []) if k < len(folds) else []) if s not in found]
+
+
+def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> dict:
     """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
     that have predictions; the others are listed as `missing_folds` (partial=False: they are an error, and
     nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and returns
-    the results dict."""
+    the results dict. A test slide of folds.json without a prediction file is an error naming it
+    (allow_missing: a warning, and the metrics are over the other slides)."""
     run = Path(run_dir).resolve()
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
         raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
+    check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
     folds, per_gene, slides, names, empty = [], [], [], [], []
     for fold in fold_dirs:
-        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
+        read = [read_predictions(p) for p in sorted((fold / "pred").glob("*.h5"))]
+        files = [f for f in read if f["true"] is not None]
         busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
         if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
             empty.append(f"{fold / 'pred'}")
             continue
+        lost = missing_test_slides(run, int(fold.name[5:]), [f["slide_id"] for f in read])
+        if lost:
+            what = f"{fold / 'pred'}: no prediction file of test slide(s) {', '.join(lost)} (folds.json)"
+            if not allow_missing:
+                raise FileNotFoundError(f"{what}; predict them again, or pass --allow-missing to evaluate the "
+                                        f"other {len(files)}")
+            print(f"eval.py: warning: {what}; metrics over the other {len(files)}", file=sys.stderr)
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
@@ -382,9 +402,11 @@ def main(argv: list[str] | None = None) -> None:
                                 "per_gene.csv, results.md), print one table.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
     p.add_argument("--partial", action="store_true", help="evaluate the finished folds of an unfinished run")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate a fold whose test slides lack some prediction files (a warning names them)")
     a = p.parse_args(argv)
     try:
-        results = [evaluate_run(d, a.partial) for d in a.runs]
+        results = [evaluate_run(d, a.partial, a.allow_missing) for d in a.runs]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
     report(results)

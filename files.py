@@ -13,6 +13,7 @@ import csv
 import errno
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -71,6 +72,22 @@ def not_an_input(out_dir, *inputs) -> None:
     for folder in inputs:
         if Path(out_dir).resolve() == Path(folder).resolve():
             raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
+
+
+def check_writable(folder, what: str) -> None:
+    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
+    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
+    place = Path(folder)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
+        os.close(handle), os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
+                         f"be written ({e.strerror or e})") from None
 
 # ----------------------------------------------------------------------------- a bad file, named
 class CacheError(ValueError):
@@ -265,14 +282,19 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
 
 def read_predictions(path) -> dict:
     """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models}
-    (None where absent) and levels {k: {pred, coords, [true], [copy]}}."""
-    with h5py.File(path, "r") as f:
-        get = lambda k: f[k][:] if k in f else None  # noqa: E731
-        return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": f["pred"][:],
-                "genes": list(f["genes"].asstr()[:]), "barcodes": np.array(f["barcodes"].asstr()[:], dtype=str),
-                "coords": f["coords"][:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
-                "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
-                           for name in f if name.startswith("level_")}}
+    (None where absent) and levels {k: {pred, coords, [true], [copy]}}. A file that is not one (truncated,
+    corrupt, a key missing) is a CacheError naming it and the key."""
+    with open_h5(path, "prediction file") as f:
+        need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
+        try:
+            return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": need("pred")[:],
+                    "genes": list(need("genes").asstr()[:]),
+                    "barcodes": np.array(need("barcodes").asstr()[:], dtype=str),
+                    "coords": need("coords")[:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
+                    "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
+                               for name in f if name.startswith("level_")}}
+        except (OSError, KeyError) as e:   # a truncated or damaged file fails while its data are read
+            raise CacheError(f"{path}: expected a readable prediction file, found: {e}") from None
 
 
 class CSR(NamedTuple):

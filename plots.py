@@ -210,6 +210,7 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
 def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     """Maps for each slide and gene, a PCC histogram and a density plot (with truth) in RUN/plots/."""
     run = Path(run)
+    files.check_writable(run / "plots", "the plots folder")
     paths = prediction_files(run)
     predictions = [files.read_predictions(p) for p in paths]
     if slide is not None:
@@ -431,6 +432,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
+    files.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((run / "config.yaml").read_text())

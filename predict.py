@@ -16,7 +16,7 @@ import torch
 
 import data
 from eval import expected_folds, level_outputs
-from files import not_an_input, write_h5ad, write_predictions
+from files import check_writable, not_an_input, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -196,6 +196,27 @@ def run_folds(run_dir, fold: int | None = None, partial: bool = False) -> list[i
     return have
 
 
+def check_outputs(run_dir, out_dir, device) -> None:
+    """What predict_run needs before any work: a usable --device, and an --out folder (or a place to make
+    one) that is writable and outside every run folder: predicting into RUN/fold_<k>/pred would replace
+    the fold's test predictions, which eval.py reads."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:<k>, found {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; pass --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    out, run = Path(out_dir).resolve(), Path(run_dir).resolve()
+    for place in (out, *out.parents):   # a run folder: folds.json, or config.yaml beside fold_<k> folders
+        if place == run or (place / "folds.json").exists() or \
+                ((place / "config.yaml").exists() and any(place.glob("fold_*"))):
+            raise ValueError(f"{out_dir}: --out: expected a folder outside run folders, found one inside the run "
+                             f"folder {place} (its predictions are eval.py's input)")
+    check_writable(out_dir, "--out")
+
+
 def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu", overwrite: bool = False,
                 mc: int = 0, formats=("h5",), partial: bool = False, seed: int = 0) -> list[Path]:
     """Predict every slide cache in `slides_dir` with the run's fold models (each gene averaged over the
@@ -203,6 +224,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     file per slide and format in `out_dir`. Every check runs before anything is written."""
     import yaml
     not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
+    check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

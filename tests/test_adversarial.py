@@ -2,6 +2,7 @@
 program with a non-zero status and exactly one line naming the file or key, no traceback, and writes
 nothing (no run folder; every file in the working folder byte-identical before and after)."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -164,6 +165,62 @@ def import_hest(*extra, swap=False, existing=False, spoil=None):
     return build
 
 
+def fake_run(tmp, test=("s0", "s1"), preds=("s0", "s1")) -> Path:
+    """A finished-looking run folder: config.yaml, folds.json (one fold testing `test`) and fold_0/pred files
+    with measured values for `preds` (what eval.py and plots.py read; predict.py checks before its models)."""
+    run = tmp / "run"
+    (run / "fold_0" / "pred").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  folds: 1\n  pseudo: false\n  normalize: true\nrun:\n  name: run\n")
+    (run / "folds.json").write_text(json.dumps({"folds": [{"train": [], "val": [], "test": list(test)}]}))
+    r = np.random.default_rng(0)
+    for s in preds:
+        files.write_predictions(run / "fold_0" / "pred" / f"{s}.h5", r.random((6, 3)).astype(np.float32),
+                                ["A", "B", "C"], [f"b{i}" for i in range(6)], r.random((6, 2)) * 100,
+                                true=r.random((6, 3)).astype(np.float32), slide_id=s)
+    return run
+
+
+def fold_model(run: Path) -> None:
+    """A small model of the caches' 6 feature columns as fold_0/model.pt (as train.py saves one), so that
+    predict.py would predict."""
+    import dataclasses
+    import torch
+    from model import ModelConfig, build_model
+    mc = ModelConfig(dim=16, heads=2, hidden=16, pca=0)
+    torch.save({"model": build_model(mc, 6, 3).state_dict(), "model_config": dataclasses.asdict(mc),
+                "genes": ["A", "B", "C"], "in_dim": 6}, run / "fold_0" / "model.pt")
+
+
+def predict_into(out, *extra):
+    def build(tmp):
+        fold_model(fake_run(tmp))
+        caches(tmp)
+        (tmp / "out.txt").write_bytes(b"mine")
+        return [str(ROOT / "predict.py"), "--run", "run", "--slides", "caches", "--out", out, *extra]
+    return build
+
+
+def truncate(tmp):
+    path = fake_run(tmp) / "fold_0" / "pred" / "s1.h5"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def drop_genes(tmp):
+    with h5py.File(fake_run(tmp) / "fold_0" / "pred" / "s1.h5", "a") as f:
+        del f["genes"]
+
+
+def run_program(program, *args, spoil=None, **run):
+    def build(tmp):
+        (spoil or (lambda t: fake_run(t, **run)))(tmp)
+        return [str(ROOT / program), *args]
+    return build
+
+
+def plots_into_proc(tmp):
+    (fake_run(tmp) / "plots").symlink_to("/proc")
+
+
 # ---- the table: (case, builder -> argv, words the one line must contain) -----------------------------------
 CASES = [
     ("nan feature", bad_slide(1, "features", lambda x: at(x, (3, 2), np.nan)), ["s1.h5", "'features'", "finite"]),
@@ -202,6 +259,18 @@ CASES = [
     ("import keeps no gene", import_hest("--genes", "genes.txt"), ["genes.txt", "0 genes"]),
     ("embedding files swapped", import_hest(swap=True), ["s1.h5", "'coords'", "swapped"]),
     ("import over an existing file", import_hest(existing=True), ["s2.h5", "--overwrite"]),
+    ("predict into a file", predict_into("out.txt"), ["out.txt", "--out", "found a file"]),
+    ("predict into a run's fold", predict_into("run/fold_0/pred", "--overwrite"),
+     ["run/fold_0/pred", "--out", "inside the run folder"]),
+    ("predict on a missing CUDA device", predict_into("pred", "--device", "cuda:99"), ["--device cuda:99", "CUDA"]),
+    ("predict into a read-only folder", predict_into("/proc/tessera-pred"), ["/proc", "--out", "cannot be written"]),
+    ("eval without a test slide's predictions", run_program("eval.py", "run", preds=("s0",)),
+     ["fold_0/pred", "s1", "folds.json", "--allow-missing"]),
+    ("eval a truncated prediction file", run_program("eval.py", "run", spoil=truncate),
+     ["s1.h5", "readable HDF5 prediction file"]),
+    ("eval a prediction file without genes", run_program("eval.py", "run", spoil=drop_genes), ["s1.h5", "'genes'"]),
+    ("plots into a read-only folder", run_program("plots.py", "plot", "run", spoil=plots_into_proc),
+     ["run/plots", "cannot be written"]),
 ]
 
 
