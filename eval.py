@@ -8,6 +8,8 @@ All metrics take log-space values (log1p of counts), numpy arrays or torch tenso
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import csv
 import json
@@ -333,9 +335,21 @@ def evaluate_run(run_dir) -> dict:
     return results
 
 
+def number(x, digits: int = 4) -> str:
+    """A number as every table shows it: `digits` decimals, or scientific notation where decimals would
+    be unreadable (|x| >= 1e6: a diverged r2_flat has 28 digits; nonzero |x| < 1e-3: 0.0000 hides it);
+    n/a for None."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if x != 0 and math.isfinite(x) and not 1e-3 <= abs(x) < 1e6:
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}f}"
+
+
 def mean_std(entry: dict) -> str:
-    """A metric's entry of results.json as `mean ± std` over folds (4 decimals), n/a when undefined."""
-    return "n/a" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    """A metric's entry of results.json as `mean ± std` over folds (`number`), n/a when undefined."""
+    return "n/a" if entry["mean"] is None else f"{number(entry['mean'])} ± {number(entry['std'])}"
 
 
 def _run_markdown(r: dict) -> str:
@@ -345,7 +359,7 @@ def _run_markdown(r: dict) -> str:
              "| metric | mean ± std | " + " | ".join(r["fold_names"]) + " |",
              "| --- | --- |" + " --- |" * k]
     for name, e in r["metrics"].items():
-        cells = ["n/a" if v is None else f"{v:.4f}" for v in e["folds"]]
+        cells = [number(v) for v in e["folds"]]
         lines.append(f"| {name} | {mean_std(e)} | " + " | ".join(cells) + " |")
     lines += ["", f"Zero-variance genes (PCC set to 0) per fold: {r['zero_variance_genes']['folds']} over the "
               f"pooled test spots; (slide, gene) pairs constant within a slide: "

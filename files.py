@@ -166,11 +166,36 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None) -> None:
+# Visium's fiducial / spot diameter (spaceranger: fiducial_diameter_fullres / spot_diameter_fullres)
+FIDUCIAL_PER_SPOT = 1.615
+HIRES_PIXELS = 500  # longest side of the background image: small, the spots are drawn on top of it
+
+
+def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
+    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and squidpy
+    draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}. Full-resolution
+    pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
+    slide cache, so `hires` is a plain light background sized to the slide's extent at
+    tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
+    xy = _array(coords)
+    extent = float(max(xy.max(initial=1.0), 1.0)) + spot_diameter_um       # um, from the origin (full-res)
+    scalef = HIRES_PIXELS / extent
+    h, w = (int(np.ceil((xy[:, i].max(initial=0.0) + spot_diameter_um) * scalef)) + 1 for i in (1, 0))
+    return {str(slide_id): {
+        "images": {"hires": np.full((max(h, 1), max(w, 1), 3), 240, dtype=np.uint8)},
+        "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
+                         "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
+                         "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},
+        "metadata": {"source_image_path": "none: a plain background (no H&E in the slide cache)"}}}
+
+
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None
+               ) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` when given, obs index = barcodes, var index = genes (column
-    `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
-    write_anndata(path, _array(pred, np.float32), barcodes, genes,
+    expression (N, G), layers `std` / `true` when given, obs index = barcodes (columns `obs`, a dict of
+    (N,) arrays), var index = genes (column `n_models` when given), obsm['spatial'] = coords in
+    micrometres, `uns` a dict of strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
+    write_anndata(path, _array(pred, np.float32), barcodes, genes, obs=obs,
                   var={} if n_models is None else {"n_models": n_models},
                   layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)

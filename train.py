@@ -11,6 +11,8 @@ with one line. The losses it minimises are in losses.py.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import copy
 import dataclasses
@@ -65,9 +67,9 @@ DEFAULTS = {
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
-        "epochs": 30,
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
+        "epochs": 30,                 # passes over the training slides, per fold
+        "lr": 1e-3,                   # AdamW peak learning rate
+        "weight_decay": 1e-4,         # AdamW decoupled weight decay
         "warmup_epochs": 1,           # linear warm-up, then cosine to zero (per step)
         "clip": 1.0,                  # gradient norm clipping
         "loss": "mse",                # mse | pcc | mse_pcc | zinb
@@ -76,21 +78,57 @@ DEFAULTS = {
         "level_weights": None,        # one weight per model.out_levels entry (default 1 each)
         "consistency_lambda": 0.0,    # MagNet: predicted parent vs its predicted children, summed in counts
         "align_lambda": 0.0,          # HiFusion: pooled sub-tokens vs the spot's own embedding
-        "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
+        "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},  # HiST A.6/A.7: strength start -> end (cosine), spot drop, shear, rotation
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
         "ema": 0.0,                   # >0: predict with an exponential moving average of the weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
-        "seed": 0,
+        "seed": 0,                    # seeds initialisation, augmentation, dropout and (by default) folds
     },
-    "eval": {"save_predictions": True,
-             "mc_samples": 0,         # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
-             "save_h5ad": False},     # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
-    "run": {"name": "demo", "dir": "runs", "device": "auto",
-            "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
+    "eval": {
+        "save_predictions": True,     # write fold_<k>/pred/<slide>.h5 for the test slides
+        "mc_samples": 0,              # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
+        "save_h5ad": False,           # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
+    },
+    "run": {
+        "name": "demo",               # the run folder's name: run.dir/run.name
+        "dir": "runs",                # folder of run folders
+        "device": "auto",             # auto (cuda when available) | cuda | cpu
+        "threads": 0,                 # CPU threads for torch; 0 = torch's default (one per core)
+    },
 }
 
 
 # ---- config -----------------------------------------------------------------------------------
+def key_meanings() -> dict[str, str]:
+    """`section.key` -> the comment on its line in DEFAULTS above (model keys: model.ModelConfig's field
+    comments), read from the source so that the meaning is written once, beside the default."""
+    import inspect
+    import re
+    import model
+    text, out = inspect.getsource(sys.modules[__name__]), {}
+    body = text[text.index("DEFAULTS = {"):text.index("\n}\n", text.index("DEFAULTS = {"))]
+    for section in DEFAULTS:
+        part = body[body.index(f'"{section}":'):]
+        for key in DEFAULTS[section]:
+            hit = re.search(rf'^\s*"{key}":[^\n]*?#\s*(.*)$', part, flags=re.M)
+            out[f"{section}.{key}"] = hit.group(1) if hit else ""
+    fields = inspect.getsource(model.ModelConfig)
+    for key in DEFAULTS["model"]:
+        hit = re.search(rf"^\s*{key}:[^\n]*?#\s*(.*)$", fields, flags=re.M)
+        out[f"model.{key}"] = hit.group(1) if hit else ""
+    return out
+
+
+def keys_table() -> str:
+    """Every config key, its default and its meaning, one per line (`python train.py --keys`)."""
+    meaning = key_meanings()
+    rows = [(name, yaml.safe_dump(DEFAULTS[name.split(".")[0]][name.split(".")[1]], default_flow_style=True,
+                                  sort_keys=False, width=10 ** 6).strip().removesuffix("\n...").removesuffix(" ..."), text)
+            for name, text in meaning.items()]
+    width = min(max(len(n) + len(d) for n, d, _ in rows) + 4, 40)
+    return "\n".join(f"{f'{n} = {d}':<{width}} # {t}" for n, d, t in rows)
+
+
 def merge(base: dict, new: dict, where: str = "") -> dict:
     """Deep-merge `new` into a copy of `base`; a key `base` does not have is an error naming the valid ones."""
     out = copy.deepcopy(base)
@@ -310,6 +348,42 @@ def save_atomic(obj, path: Path):
         torch.save(obj, tmp)
 
 
+class Progress:
+    """The time left of a run, for the progress lines: the epochs still to run times the mean measured
+    epoch time, plus each fold's time outside its epochs (reading the slides, choosing genes, fitting a
+    ridge start, predicting the test slides) for the folds still to run, measured on the folds done (on
+    the current fold's set-up until one is done). `clock` is injectable so that tests can script time."""
+
+    def __init__(self, epochs: list[int], clock=time.monotonic):
+        self.left, self.clock = list(epochs), clock      # epochs still to run, per fold still to run
+        self.epoch_s, self.epochs_done, self.extra_s, self.folds_done = 0.0, 0, 0.0, 0
+        self.fold_t0, self.fold_epoch_s = None, 0.0
+
+    def start_fold(self) -> None:
+        self.fold_t0, self.fold_epoch_s = self.clock(), 0.0
+
+    def epoch(self, seconds: float, left_in_fold: int) -> str:
+        """Record one finished epoch of `seconds`, `left_in_fold` epochs still to run in this fold (a
+        resumed fold starts part-way); the estimate of the time left, as `1m05s`."""
+        self.epoch_s, self.epochs_done, self.fold_epoch_s = self.epoch_s + seconds, self.epochs_done + 1, \
+            self.fold_epoch_s + seconds
+        self.left[0] = left_in_fold
+        left = self.seconds_left()
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+    def end_fold(self) -> None:
+        self.extra_s += self.clock() - self.fold_t0 - self.fold_epoch_s
+        self.folds_done += 1
+        self.left.pop(0)
+        self.fold_t0 = None
+
+    def seconds_left(self) -> float:
+        per_epoch = self.epoch_s / max(self.epochs_done, 1)
+        spent = 0.0 if self.fold_t0 is None else self.clock() - self.fold_t0 - self.fold_epoch_s
+        per_fold = self.extra_s / self.folds_done if self.folds_done else spent   # outside the epochs
+        return sum(self.left) * per_epoch + len(self.left) * per_fold - min(spent, per_fold)
+
+
 class Diverged(checks.ConfigError):
     """Training produced a non-finite loss or non-finite weights; main prints it as one line."""
 
@@ -393,7 +467,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
                          "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg}, ckpt)
-        log(f"{line} {seconds:.1f}s/epoch eta {eta()}")
+        log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
     if best[1] is not None:
         model.load_state_dict(best[1])
     elif avg is not None:
@@ -432,7 +506,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
         train_fold(k, train_b, [prepare(s, cfg, mc.unit_um) for s in val_slides], cfg, model, device,
                    fold_dir, log, eta)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
-                 "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
+                 "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"],
+                 "train_slides": list(train_ids)}, fold_dir / "model.pt")   # predict.py: in-sample or not
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
@@ -464,7 +539,14 @@ def run(argv=None):
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: the demo)")
     p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue runs/<name> where it stopped")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch: the same as run.threads=N")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning, and exit")
     args = p.parse_args(argv)
+    if args.keys:
+        print(keys_table())
+        return {}
+    if args.threads is not None:
+        args.overrides.append(f"run.threads={args.threads}")
     if "=" in args.config:  # `python train.py key=value`: overrides on the default config
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
@@ -498,23 +580,19 @@ def run(argv=None):
 
     for note in filter(None, notes):
         log(note)
-    if cfg["run"]["threads"]:
-        torch.set_num_threads(cfg["run"]["threads"])
-    started, done_epochs = time.time(), [0]
-    todo_epochs = sum(cfg["train"]["epochs"] for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists())
-
-    def eta():  # time left: epochs still to run x mean seconds per epoch so far
-        done_epochs[0] += 1
-        rate = (time.time() - started) / done_epochs[0]
-        left = max(0, todo_epochs - done_epochs[0]) * rate
-        return f"{int(left // 60)}m{int(left % 60):02d}s"
+    predict.set_threads(cfg["run"]["threads"])
+    started = time.time()
+    progress = Progress([cfg["train"]["epochs"] for k in range(len(folds))
+                         if not (run_dir / f"fold_{k}" / "done").exists()])
 
     log(f"run {run_dir}: {len(folds)} folds, config {args.config}")
     for k, (train_ids, test_ids) in enumerate(folds):
         if (run_dir / f"fold_{k}" / "done").exists():
             log(f"fold {k}: finished earlier, skipped")
             continue
-        run_fold(k, train_ids, test_ids, cfg, root, run_dir, device, log, eta)
+        progress.start_fold()
+        run_fold(k, train_ids, test_ids, cfg, root, run_dir, device, log, progress.epoch)
+        progress.end_fold()
     results = evaluation.evaluate_run(run_dir)
     table = (run_dir / "results.md").read_text()
     log(f"finished in {time.time() - started:.0f}s\n{table}")
