@@ -225,6 +225,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     PCC histogram and a density plot (with truth) in RUN/plots/. Genes are ranked over the slides drawn;
     a chosen gene that a slide's fold did not predict is named in one line; nothing drawn is an error."""
     import sys
+    _pyplot()                      # without matplotlib: its one-line hint before anything else is said
     run = Path(run)
     paths = prediction_files(run)
     predictions = [files.read_predictions(p) for p in paths]

@@ -104,7 +104,6 @@ def key_meanings() -> dict[str, str]:
     comments), read from the source so that the meaning is written once, beside the default."""
     import inspect
     import re
-    import model
     text, out = inspect.getsource(sys.modules[__name__]), {}
     body = text[text.index("DEFAULTS = {"):text.index("\n}\n", text.index("DEFAULTS = {"))]
     for section in DEFAULTS:
@@ -112,7 +111,7 @@ def key_meanings() -> dict[str, str]:
         for key in DEFAULTS[section]:
             hit = re.search(rf'^\s*"{key}":[^\n]*?#\s*(.*)$', part, flags=re.M)
             out[f"{section}.{key}"] = hit.group(1) if hit else ""
-    fields = inspect.getsource(model.ModelConfig)
+    fields = inspect.getsource(ModelConfig)
     for key in DEFAULTS["model"]:
         hit = re.search(rf"^\s*{key}:[^\n]*?#\s*(.*)$", fields, flags=re.M)
         out[f"model.{key}"] = hit.group(1) if hit else ""

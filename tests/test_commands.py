@@ -131,3 +131,9 @@ def test_train_keys_lists_every_key_with_its_default_and_meaning(capsys):
     assert listed["data.root"].endswith("# folder of <slide>.h5 caches")
     assert listed["model.w"].endswith("# window half-size: windows are 2w x 2w sites (HiST)")
     assert listed["run.threads"].split(" # ")[1].startswith("CPU threads for torch")
+
+
+def test_lists_cut_in_error_messages_end_with_an_ellipsis():
+    import plots
+    with pytest.raises(ValueError, match=r"G0, G1, G2, G3, G4 \.\.\.\)"):
+        plots.choose_genes({f"G{i}": 0.0 for i in range(9)}, genes=["X"])
