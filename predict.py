@@ -50,6 +50,8 @@ class Welford:
 
 def set_threads(n: int | None) -> None:
     """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core)."""
+    if n is not None and n < 0:
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: one per core)")
     if n:
         torch.set_num_threads(int(n))
 
@@ -308,8 +310,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.mc < 0:
             raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
-        if a.threads is not None and a.threads < 0:
-            raise ValueError(f"--threads {a.threads}: expected a number of threads >= 0")
         predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed,
                     a.threads, a.exclude_training)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

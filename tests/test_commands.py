@@ -137,3 +137,9 @@ def test_lists_cut_in_error_messages_end_with_an_ellipsis():
     import plots
     with pytest.raises(ValueError, match=r"G0, G1, G2, G3, G4 \.\.\.\)"):
         plots.choose_genes({f"G{i}": 0.0 for i in range(9)}, genes=["X"])
+
+
+def test_a_negative_thread_count_is_one_line():
+    import plots
+    with pytest.raises(SystemExit, match=r"plots.py plot: --threads -1: expected a number of threads >= 0"):
+        plots.main(["plot", "nowhere", "--threads", "-1"])
