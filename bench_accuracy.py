@@ -29,6 +29,7 @@ import torch
 
 import data
 import eval as evaluation
+from eval import number
 import files
 import hest
 import train
@@ -129,10 +130,10 @@ def table(rows: list[dict], level: str, models, patients) -> str:
                 continue
             means.append(np.mean(v))
             stds.append(np.std(v) if len(v) > 1 else 0.0)
-            cell.append(f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 and m not in DETERMINISTIC else ""))
+            cell.append(number(np.mean(v), 3) + (f" ± {number(np.std(v), 3)}" if len(v) > 1 and m not in DETERMINISTIC else ""))
         if means:
-            mean = f"{np.mean(means):.3f}" + (f" ({len(means)} of {len(patients)} patients)" if len(means) < len(patients) else "")
-            out.append(f"| {m} | {'-' if m in DETERMINISTIC else seeds} | {mean} | " + " | ".join(cell) + f" | {max(stds):.3f} |")
+            mean = number(np.mean(means), 3) + (f" ({len(means)} of {len(patients)} patients)" if len(means) < len(patients) else "")
+            out.append(f"| {m} | {'-' if m in DETERMINISTIC else seeds} | {mean} | " + " | ".join(cell) + f" | {number(max(stds), 3)} |")
     out.append("")
     out += [line for m in models if m != "ridge_spatial" for line in [against(rows, level, m, patients)] if line]
     return "\n".join(out) + "\n"
