@@ -193,16 +193,22 @@ def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.M
                              f"strings, found {str(e).splitlines()[0]}") from None
         model = build_model(ModelConfig.from_dict(ck["model_config"]), ck["in_dim"], len(ck["genes"]))
         model.load_state_dict(ck["model"])
-        model.trained_on = ck.get("train_slides") or tested_elsewhere(path.parent)
+        model.trained_on = training_slides(path.parent)
         models.append((model.to(device).eval(), ck["genes"]))
     if not models:
         raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
     return models
 
 
-def tested_elsewhere(fold_dir: Path) -> list[str]:
-    """A fold's training slides when its model.pt does not list them (written before it did): the slides
-    the run's other folds tested (cross-validation trains each fold on the others' test slides)."""
+def training_slides(fold_dir: Path) -> list[str]:
+    """The slides a fold's model trained on (its training and validation slides): from the run's
+    folds.json (runs.py), or, for a run written before it, the slides the run's other folds tested
+    (cross-validation trains each fold on the others' test slides)."""
+    import json
+    record, k = fold_dir.parent / "folds.json", int(fold_dir.name.split("_")[1])
+    if record.exists():
+        fold = json.loads(record.read_text())["folds"][k]
+        return list(fold["train"]) + list(fold["val"])
     own = {p.stem for p in fold_dir.glob("pred/*.h5")}
     return sorted({p.stem for p in fold_dir.parent.glob("fold_*/pred/*.h5")} - own)
 

@@ -509,8 +509,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
         train_fold(k, train_b, [prepare(s, cfg, mc.unit_um) for s in val_slides], cfg, model, device,
                    fold_dir, log, eta)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
-                 "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"],
-                 "train_slides": list(train_ids)}, fold_dir / "model.pt")   # predict.py: in-sample or not
+                 "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
