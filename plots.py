@@ -138,7 +138,7 @@ def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
         unknown = [g for g in genes if g not in scores]
         if unknown:
             raise ValueError(f"gene {unknown[0]}: not among the {len(scores)} predicted genes "
-                             f"(e.g. {data.listed(scores)})")
+                             f"(e.g. {files.listed(scores)})")
         return list(genes)
     ranked = sorted(scores, key=lambda g: -scores[g])
     if top is not None:
@@ -232,7 +232,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     if slide is not None:
         ids = [f["slide_id"] for f in predictions]
         if slide not in ids:
-            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({data.listed(ids, 8)})")
+            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({files.listed(ids, 8)})")
         paths, predictions = zip(*[(p, f) for p, f in zip(paths, predictions) if f["slide_id"] == slide])
     scores = gene_scores(predictions, [p.parent for p in paths])
     chosen = choose_genes(scores, genes, top)
@@ -242,7 +242,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
         missing = [g for g in chosen if g not in column]
         if missing:   # genes are chosen per fold: a slide's fold may not predict one
             print(f"plots.py plot: slide {f['slide_id']}: not predicted there (its fold chose other genes): "
-                  f"{data.listed(missing, 8)}", file=sys.stderr)
+                  f"{files.listed(missing, 8)}", file=sys.stderr)
         for g in (g for g in chosen if g in column):
             i = column[g]
             n_models = None if f["n_models"] is None else int(f["n_models"][i])
@@ -257,7 +257,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
                                           f"level {k} ({'sub-spots' if k < 0 else 'coarser bins'})"))
             maps += 1
     if not maps:
-        raise ValueError(f"no map drawn: none of {data.listed(chosen, 8)} is predicted on "
+        raise ValueError(f"no map drawn: none of {files.listed(chosen, 8)} is predicted on "
                          f"{'slide ' + slide if slide else 'any slide'} of {run}")
     labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
@@ -365,7 +365,7 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
     hits = np.flatnonzero(np.asarray(slide.barcodes) == barcode)
     if not len(hits):
         raise ValueError(f"spot {barcode}: no such barcode in slide {slide.slide_id} "
-                         f"(e.g. {data.listed(slide.barcodes, 3)})")
+                         f"(e.g. {files.listed(slide.barcodes, 3)})")
     i = int(hits[0])
     blocks = attention_blocks(model)
     if not blocks:
@@ -468,7 +468,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     path = root / f"{slide_id}.h5"
     if not path.exists():
         known = sorted(p.stem for p in root.glob("*.h5"))
-        raise ValueError(f"slide {slide_id}: no {path} (slides there: {data.listed(known, 8) or 'none'})")
+        raise ValueError(f"slide {slide_id}: no {path} (slides there: {files.listed(known, 8) or 'none'})")
     if fold is None:  # the fold that tested the slide, else the first finished one
         tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
         fold = tested[0] if tested else predict.run_folds(run, partial=True)[0]

@@ -20,7 +20,7 @@ import torch
 import data
 import lattice
 from eval import expected_folds, level_outputs
-from files import visium_spatial, write_h5ad, write_predictions
+from files import listed, not_an_input, visium_spatial, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -253,7 +253,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     slide to predict is one of them (in-sample); `exclude_training`: each slide predicted only by the
     models that did not train on it. Every check runs before anything is written."""
     import yaml
-    data.not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
+    not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
@@ -270,7 +270,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
             raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
                              f"expect {width} (another encoder?)")
     for k, (m, _) in zip(folds, models):
-        print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {data.listed(m.trained_on, 12)}")
+        print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {listed(m.trained_on, 12)}")
     chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
     for meta in metas:
         seen = [str(k) for k, (m, _) in zip(folds, models) if meta.slide_id in m.trained_on]
