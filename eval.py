@@ -22,7 +22,7 @@ import torch
 
 import data
 import lattice
-from files import _array, atomic_path, read_predictions  # one reading of tensors and arrays for files and metrics
+from files import _array, atomic_path, listed, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -337,6 +337,44 @@ def evaluate_run(run_dir, partial: bool = True) -> dict:
     with atomic_path(run / "results.md") as tmp:
         tmp.write_text(_run_markdown(results))
     return results
+
+
+# ---- the genes a picture shows -------------------------------------------------------------------
+def gene_scores(files: list[dict], folds: list) -> dict[str, float]:
+    """Gene -> PCC over its test spots, pooled per fold, mean over the folds that predict it; `folds`:
+    one key per file (its folder: fold_<k>/pred). Without truth, the spatial standard deviation of the
+    prediction ranks the genes instead."""
+    by_fold: dict = {}
+    for f, fold in zip(files, folds, strict=True):
+        by_fold.setdefault(fold, []).append(f)
+    scores: dict[str, list[float]] = {}
+    for fs in by_fold.values():
+        genes = fs[0]["genes"]
+        labelled = [f for f in fs if f["true"] is not None]
+        if labelled:
+            values = per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
+                                  np.concatenate([f["true"] for f in labelled]))
+        else:
+            values = np.concatenate([f["pred"] for f in fs]).astype(np.float64).std(0)
+        for g, v in zip(genes, values.tolist()):
+            scores.setdefault(g, []).append(v)
+    return {g: float(np.mean(v)) for g, v in scores.items()}
+
+
+def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
+    """The requested genes (each must exist), the `top` best, or the best, median and worst."""
+    if genes:
+        unknown = [g for g in genes if g not in scores]
+        if unknown:
+            raise ValueError(f"gene {unknown[0]}: not among the {len(scores)} predicted genes "
+                             f"(e.g. {listed(scores)})")
+        return list(genes)
+    ranked = sorted(scores, key=lambda g: -scores[g])
+    if top is not None:
+        if top < 1:
+            raise ValueError(f"--top {top}: expected a number of genes >= 1")
+        return ranked[:top]
+    return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2], ranked[-1]]))
 
 
 def number(x, digits: int = 4) -> str:

@@ -320,12 +320,10 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
     pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
     slide cache, so `hires` is a plain light background sized to the slide's extent at
     tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
-    xy = _array(coords)
-    extent = float(max(xy.max(initial=1.0), 1.0)) + spot_diameter_um       # um, from the origin (full-res)
-    scalef = HIRES_PIXELS / extent
-    h, w = (int(np.ceil((xy[:, i].max(initial=0.0) + spot_diameter_um) * scalef)) + 1 for i in (1, 0))
-    return {str(slide_id): {
-        "images": {"hires": np.full((max(h, 1), max(w, 1), 3), 240, dtype=np.uint8)},
+    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um  # (x, y) um from the origin
+    scalef = HIRES_PIXELS / float(far.max())
+    w, h = (int(np.ceil(v * scalef)) + 1 for v in far)
+    return {str(slide_id): {"images": {"hires": np.full((h, w, 3), 240, dtype=np.uint8)},
         "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
                          "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
                          "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},

@@ -104,33 +104,19 @@ DEFAULTS = {
 
 
 # ---- config -----------------------------------------------------------------------------------
-def key_meanings() -> dict[str, str]:
-    """`section.key` -> the comment on its line in DEFAULTS above (model keys: model.ModelConfig's field
-    comments), read from the source so that the meaning is written once, beside the default."""
+def keys_table() -> str:
+    """Every config key, its default and the comment on its line in DEFAULTS above (model keys: the
+    ModelConfig field comments), read from the source so that each meaning is written once (--keys)."""
     import inspect
     import re
-    text, out = inspect.getsource(sys.modules[__name__]), {}
-    body = text[text.index("DEFAULTS = {"):text.index("\n}\n", text.index("DEFAULTS = {"))]
-    for section in DEFAULTS:
-        part = body[body.index(f'"{section}":'):]
-        for key in DEFAULTS[section]:
-            hit = re.search(rf'^\s*"{key}":[^\n]*?#\s*(.*)$', part, flags=re.M)
-            out[f"{section}.{key}"] = hit.group(1) if hit else ""
-    fields = inspect.getsource(ModelConfig)
-    for key in DEFAULTS["model"]:
-        hit = re.search(rf"^\s*{key}:[^\n]*?#\s*(.*)$", fields, flags=re.M)
-        out[f"model.{key}"] = hit.group(1) if hit else ""
-    return out
-
-
-def keys_table() -> str:
-    """Every config key, its default and its meaning, one per line (`python train.py --keys`)."""
-    meaning = key_meanings()
-    rows = [(name, yaml.safe_dump(DEFAULTS[name.split(".")[0]][name.split(".")[1]], default_flow_style=True,
-                                  sort_keys=False, width=10 ** 6).strip().removesuffix("\n...").removesuffix(" ..."), text)
-            for name, text in meaning.items()]
-    width = min(max(len(n) + len(d) for n, d, _ in rows) + 4, 40)
-    return "\n".join(f"{f'{n} = {d}':<{width}} # {t}" for n, d, t in rows)
+    text, rows = inspect.getsource(sys.modules[__name__]), []
+    for section, keys in DEFAULTS.items():
+        src = inspect.getsource(ModelConfig) if section == "model" else text[text.index(f'    "{section}": '):]
+        for key, value in keys.items():
+            hit = re.search(rf'^\s*"?{key}"?:[^\n]*?#\s*(.*)$', src, flags=re.M)
+            default = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10 ** 6)
+            rows.append((f"{section}.{key} = {default.strip().removesuffix('...').strip()}", hit.group(1) if hit else ""))
+    return "\n".join(f"{a:<40} # {b}" for a, b in rows)
 
 
 def merge(base: dict, new: dict, where: str = "") -> dict:
@@ -273,42 +259,6 @@ def save_atomic(obj, path: Path):
     """torch.save through data.atomic_path: a kill or a full disk (data.DiskFull) leaves the old file whole."""
     with data.atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-class Progress:
-    """The time left of a run, for the progress lines: the epochs still to run times the mean measured
-    epoch time, plus each fold's time outside its epochs (reading the slides, choosing genes, fitting a
-    ridge start, predicting the test slides) for the folds still to run, measured on the folds done (on
-    the current fold's set-up until one is done). `clock` is injectable so that tests can script time."""
-
-    def __init__(self, epochs: list[int], clock=time.monotonic):
-        self.left, self.clock = list(epochs), clock      # epochs still to run, per fold still to run
-        self.epoch_s, self.epochs_done, self.extra_s, self.folds_done = 0.0, 0, 0.0, 0
-        self.fold_t0, self.fold_epoch_s = None, 0.0
-
-    def start_fold(self) -> None:
-        self.fold_t0, self.fold_epoch_s = self.clock(), 0.0
-
-    def epoch(self, seconds: float, left_in_fold: int) -> str:
-        """Record one finished epoch of `seconds`, `left_in_fold` epochs still to run in this fold (a
-        resumed fold starts part-way); the estimate of the time left, as `1m05s`."""
-        self.epoch_s, self.epochs_done, self.fold_epoch_s = self.epoch_s + seconds, self.epochs_done + 1, \
-            self.fold_epoch_s + seconds
-        self.left[0] = left_in_fold
-        left = self.seconds_left()
-        return f"{int(left // 60)}m{int(left % 60):02d}s"
-
-    def end_fold(self) -> None:
-        self.extra_s += self.clock() - self.fold_t0 - self.fold_epoch_s
-        self.folds_done += 1
-        self.left.pop(0)
-        self.fold_t0 = None
-
-    def seconds_left(self) -> float:
-        per_epoch = self.epoch_s / max(self.epochs_done, 1)
-        spent = 0.0 if self.fold_t0 is None else self.clock() - self.fold_t0 - self.fold_epoch_s
-        per_fold = self.extra_s / self.folds_done if self.folds_done else spent   # outside the epochs
-        return sum(self.left) * per_epoch + len(self.left) * per_fold - min(spent, per_fold)
 
 
 class Diverged(checks.ConfigError):
@@ -519,7 +469,7 @@ def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[st
         log(note)
     predict.set_threads(cfg["run"]["threads"])
     started = time.time()
-    progress = Progress([cfg["train"]["epochs"]] * len(todo))
+    progress = runs.Progress([cfg["train"]["epochs"]] * len(todo))
 
     log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, config {config}")
     for k in todo:

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import eval as evaluation
+import runs
 import train
 from conftest import ROOT
 
@@ -19,7 +20,7 @@ def test_eta_is_within_a_quarter_of_the_truth_after_the_first_fold():
     script = [("setup", setup)] + [("epoch", e) for e in epochs] + [("predict", predict_s)]
     script = script * 3
     now = [0.0]
-    progress = train.Progress([len(epochs)] * 3, clock=lambda: now[0])
+    progress = runs.Progress([len(epochs)] * 3, clock=lambda: now[0])
     errors, fold, in_fold = [], 0, 0
     for i, (what, seconds) in enumerate(script):
         if what == "setup":
@@ -40,7 +41,7 @@ def test_eta_is_within_a_quarter_of_the_truth_after_the_first_fold():
 
 def test_eta_of_a_resumed_fold_counts_only_the_epochs_left():
     now = [0.0]
-    progress = train.Progress([10], clock=lambda: now[0])
+    progress = runs.Progress([10], clock=lambda: now[0])
     progress.start_fold()
     now[0] += 2.0
     assert progress.epoch(2.0, 1) == "0m02s"      # resumed at epoch 8 of 10: one epoch of 2 s left
