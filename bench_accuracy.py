@@ -36,6 +36,7 @@ import torch
 
 import data
 import eval as evaluation
+from eval import number
 import files
 import hest
 import train
@@ -178,13 +179,13 @@ def table(rows: list[dict], case: str, models, held) -> str:
         got = per_group(rows, case, m)
         if not got:
             continue
-        cell = [(f"{np.mean(got[g]):.3f}" + (f" ± {np.std(got[g]):.3f}" if len(got[g]) > 1 and m not in DETERMINISTIC
-                                              else "")) if g in got else "" for g in held]
+        cell = [(number(np.mean(got[g]), 3) + (f" ± {number(np.std(got[g]), 3)}" if len(got[g]) > 1
+                                                and m not in DETERMINISTIC else "")) if g in got else "" for g in held]
         means = [np.mean(got[g]) for g in held if g in got]
-        mean = f"{np.mean(means):.3f}" + (f" ({len(means)} of {len(held)})" if len(means) < len(held) else "")
+        mean = number(np.mean(means), 3) + (f" ({len(means)} of {len(held)})" if len(means) < len(held) else "")
         seeds = len({r["seed"] for r in rows if (r["level"], r["model"]) == (case, m)})
         out.append(f"| {m} | {'-' if m in DETERMINISTIC else seeds} | {mean} | " + " | ".join(cell)
-                   + f" | {max(np.std(v) for v in got.values()):.3f} |")
+                   + f" | {number(max(np.std(v) for v in got.values()), 3)} |")
     out.append("")
     out += [line for m in models if m not in CLOSED_FORM for line in [against(rows, case, m, held)] if line]
     return "\n".join(out) + "\n"

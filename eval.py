@@ -8,11 +8,14 @@ All metrics take log-space values (log1p of counts), numpy arrays or torch tenso
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import csv
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ import torch
 
 import data
 import lattice
-from files import _array, atomic_path, check_writable, read_predictions  # one reading of tensors and arrays for files and metrics
+from files import _array, atomic_path, listed, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -279,6 +282,22 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
+def check_writable(folder, what: str) -> None:
+    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
+    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
+    place = Path(folder)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
+        os.close(handle), os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
+                         f"be written ({e.strerror or e})") from None
+
+
 def missing_test_slides(run: Path, k: int, found: list[str]) -> list[str]:
     """The test slides of fold k (the run's folds.json) that have no prediction file; [] for a run without
     folds.json."""
@@ -357,9 +376,59 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
     return results
 
 
+# ---- the genes a picture shows -------------------------------------------------------------------
+def gene_scores(files: list[dict], folds: list) -> dict[str, float]:
+    """Gene -> PCC over its test spots, pooled per fold, mean over the folds that predict it; `folds`:
+    one key per file (its folder: fold_<k>/pred). Without truth, the spatial standard deviation of the
+    prediction ranks the genes instead."""
+    by_fold: dict = {}
+    for f, fold in zip(files, folds, strict=True):
+        by_fold.setdefault(fold, []).append(f)
+    scores: dict[str, list[float]] = {}
+    for fs in by_fold.values():
+        genes = fs[0]["genes"]
+        labelled = [f for f in fs if f["true"] is not None]
+        if labelled:
+            values = per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
+                                  np.concatenate([f["true"] for f in labelled]))
+        else:
+            values = np.concatenate([f["pred"] for f in fs]).astype(np.float64).std(0)
+        for g, v in zip(genes, values.tolist()):
+            scores.setdefault(g, []).append(v)
+    return {g: float(np.mean(v)) for g, v in scores.items()}
+
+
+def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
+    """The requested genes (each must exist), the `top` best, or the best, median and worst."""
+    if genes:
+        unknown = [g for g in genes if g not in scores]
+        if unknown:
+            raise ValueError(f"gene {unknown[0]}: not among the {len(scores)} predicted genes "
+                             f"(e.g. {listed(scores)})")
+        return list(genes)
+    ranked = sorted(scores, key=lambda g: -scores[g])
+    if top is not None:
+        if top < 1:
+            raise ValueError(f"--top {top}: expected a number of genes >= 1")
+        return ranked[:top]
+    return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2], ranked[-1]]))
+
+
+def number(x, digits: int = 4) -> str:
+    """A number as every table shows it: `digits` decimals, or scientific notation where decimals would
+    be unreadable (|x| >= 1e6: a diverged r2_flat has 28 digits; nonzero |x| < 1e-3: 0.0000 hides it);
+    n/a for None."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if x != 0 and math.isfinite(x) and not 1e-3 <= abs(x) < 1e6:
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}f}"
+
+
 def mean_std(entry: dict) -> str:
-    """A metric's entry of results.json as `mean ± std` over folds (4 decimals), n/a when undefined."""
-    return "n/a" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    """A metric's entry of results.json as `mean ± std` over folds (`number`), n/a when undefined."""
+    return "n/a" if entry["mean"] is None else f"{number(entry['mean'])} ± {number(entry['std'])}"
 
 
 def _run_markdown(r: dict) -> str:
@@ -369,7 +438,7 @@ def _run_markdown(r: dict) -> str:
              "| metric | mean ± std | " + " | ".join(r["fold_names"]) + " |",
              "| --- | --- |" + " --- |" * k]
     for name, e in r["metrics"].items():
-        cells = ["n/a" if v is None else f"{v:.4f}" for v in e["folds"]]
+        cells = [number(v) for v in e["folds"]]
         lines.append(f"| {name} | {mean_std(e)} | " + " | ".join(cells) + " |")
     lines += ["", f"Zero-variance genes (PCC set to 0) per fold: {r['zero_variance_genes']['folds']} over the "
               f"pooled test spots; (slide, gene) pairs constant within a slide: "

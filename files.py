@@ -13,7 +13,6 @@ import csv
 import errno
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -61,33 +60,15 @@ def listed(items, n: int = 5) -> str:
 
 def refuse_existing(outputs, overwrite: bool) -> None:
     """Before a command writes its first file: none of its outputs exists yet, unless --overwrite."""
-    if not overwrite:
-        for out in outputs:
-            if Path(out).exists():
-                raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+    for out in [] if overwrite else outputs:
+        if Path(out).exists():
+            raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
 
 
 def not_an_input(out_dir, *inputs) -> None:
     """Refuse an output folder that is one of the input folders: outputs are never written over inputs."""
-    for folder in inputs:
-        if Path(out_dir).resolve() == Path(folder).resolve():
-            raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
-
-
-def check_writable(folder, what: str) -> None:
-    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
-    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
-    place = Path(folder)
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
-    try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
-        os.close(handle), os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
-                         f"be written ({e.strerror or e})") from None
+    if any(Path(out_dir).resolve() == Path(folder).resolve() for folder in inputs):
+        raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
 
 # ----------------------------------------------------------------------------- a bad file, named
 class CacheError(ValueError):
@@ -282,18 +263,15 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
 
 def read_predictions(path) -> dict:
     """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models}
-    (None where absent) and levels {k: {pred, coords, [true], [copy]}}. A file that is not one (truncated,
-    corrupt, a key missing) is a CacheError naming it and the key."""
+    (None where absent) and levels {k: {pred, coords, [true], [copy]}}; a damaged file: a CacheError naming it."""
     with open_h5(path, "prediction file") as f:
         need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
-        try:
+        try:  # a truncated or damaged file fails while its data are read
             return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": need("pred")[:],
-                    "genes": list(need("genes").asstr()[:]),
-                    "barcodes": np.array(need("barcodes").asstr()[:], dtype=str),
+                    "genes": list(need("genes").asstr()[:]), "barcodes": need("barcodes").asstr()[:].astype(str),
                     "coords": need("coords")[:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
-                    "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
-                               for name in f if name.startswith("level_")}}
-        except (OSError, KeyError) as e:   # a truncated or damaged file fails while its data are read
+                    "levels": {int(n[6:]): {k: f[n][k][:] for k in f[n]} for n in f if n.startswith("level_")}}
+        except (OSError, KeyError) as e:
             raise CacheError(f"{path}: expected a readable prediction file, found: {e}") from None
 
 
@@ -331,11 +309,34 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None) -> None:
+# Visium's fiducial / spot diameter (spaceranger: fiducial_diameter_fullres / spot_diameter_fullres)
+FIDUCIAL_PER_SPOT = 1.615
+HIRES_PIXELS = 500  # longest side of the background image: small, the spots are drawn on top of it
+
+
+def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
+    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and squidpy
+    draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}. Full-resolution
+    pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
+    slide cache, so `hires` is a plain light background sized to the slide's extent at
+    tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
+    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um  # (x, y) um from the origin
+    scalef = HIRES_PIXELS / float(far.max())
+    w, h = (int(np.ceil(v * scalef)) + 1 for v in far)
+    return {str(slide_id): {"images": {"hires": np.full((h, w, 3), 240, dtype=np.uint8)},
+        "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
+                         "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
+                         "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},
+        "metadata": {"source_image_path": "none: a plain background (no H&E in the slide cache)"}}}
+
+
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None
+               ) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` when given, obs index = barcodes, var index = genes (column
-    `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
-    write_anndata(path, _array(pred, np.float32), barcodes, genes,
+    expression (N, G), layers `std` / `true` when given, obs index = barcodes (columns `obs`, a dict of
+    (N,) arrays), var index = genes (column `n_models` when given), obsm['spatial'] = coords in
+    micrometres, `uns` a dict of strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
+    write_anndata(path, _array(pred, np.float32), barcodes, genes, obs=obs,
                   var={} if n_models is None else {"n_models": n_models},
                   layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import sys
 import time
 from dataclasses import dataclass
@@ -464,7 +465,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder (never the input folder)")
     for name in ("import-hest", "embed", "bin"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
+        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one per core)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         if a.cmd == "import-hest":
             import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite,

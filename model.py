@@ -54,10 +54,10 @@ def by_rows(fn, n, out=None):
 class ModelConfig:
     arch: str = "tessera"             # tessera | linear | mlp | ridge | ridge_spatial
     dim: int = 128                    # token width d
-    heads: int = 4
-    dropout: float = 0.1
-    attn_dropout: float = 0.05        # HiST A.7
-    ffn_ratio: int = 4
+    heads: int = 4                    # attention heads per block
+    dropout: float = 0.1              # dropout after attention and feed-forward
+    attn_dropout: float = 0.05        # dropout on the attention weights (HiST A.7)
+    ffn_ratio: int = 4                # feed-forward width / d
     pos_encoding: bool = False        # STF: 2D sinusoidal encoding of the lattice coordinates
     unit_um: float | None = None      # lattice unit in micrometres; None = lattice.default_unit
     w: int = 3                        # window half-size: windows are 2w x 2w sites (HiST)
@@ -66,9 +66,9 @@ class ModelConfig:
     attention: str = "window"         # spot-to-spot mixing: window | knn | full | none (none = h2h off)
     bias: str = "rpb"                 # rpb | alibi | none
     signed: bool = False              # FEAST negative attention
-    beta: float = 1.5
-    tau: float = 0.6
-    knn_k: int = 32
+    beta: float = 1.5                 # FEAST: weight of the inhibitory branch
+    tau: float = 0.6                  # FEAST: temperature of the inhibitory branch
+    knn_k: int = 32                   # neighbours per spot in k-NN attention
     coarse_attention: str = "full"    # the coarsest level: full (FEAST) | same (as `attention`)
     local_blocks: int = 0             # FEAST local stage: k-NN blocks over spots + pseudo-spots
     calibration_tokens: int = 1       # HiST slide calibration token(s)
@@ -82,8 +82,8 @@ class ModelConfig:
     sub_levels: int = 0               # levels below the spot from sub_features: 1 = 2 x 2, 2 = 4 x 4 (HiFusion)
     sub_pool: str = "linear"          # sub-tokens -> spot: linear (HiST eq. 4) | attention (HiFusion CCF)
     out_levels: list = field(default_factory=lambda: [0])  # heads: offsets from the spot level (MagNet)
-    pca: int = 256                    # ridge baseline
-    ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
+    pca: int = 256                    # ridge baseline: PCA components of the features
+    ridge_alpha: float | None = None  # ridge penalty; None = HEST-Benchmark's 100 / (D * G)
     ridge_cv: bool = False            # spatial ridge: alpha chosen by leave-one-group-out on the training slides
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
     slide_norm: bool | str = False    # standardise features over each slide's spots (stain shifts); auto: ridge_cv's

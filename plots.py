@@ -11,6 +11,8 @@ command needs it.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import re
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 import data
 import eval as evaluation
+from eval import choose_genes, gene_scores  # the genes a map shows: ranked by their PCC
 import files
 import predict
 import lattice
@@ -109,46 +112,11 @@ def _is_prediction(path) -> bool:
         return "pred" in f and "genes" in f
 
 
-def gene_scores(files: list[dict], folds: list) -> dict[str, float]:
-    """Gene -> PCC over its test spots, pooled per fold, mean over the folds that predict it; `folds`:
-    one key per file (its folder: fold_<k>/pred). Without truth, the spatial standard deviation of the
-    prediction ranks the genes instead."""
-    by_fold: dict = {}
-    for f, fold in zip(files, folds, strict=True):
-        by_fold.setdefault(fold, []).append(f)
-    scores: dict[str, list[float]] = {}
-    for fs in by_fold.values():
-        genes = fs[0]["genes"]
-        labelled = [f for f in fs if f["true"] is not None]
-        if labelled:
-            values = evaluation.per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
-                                             np.concatenate([f["true"] for f in labelled]))
-        else:
-            values = np.concatenate([f["pred"] for f in fs]).astype(np.float64).std(0)
-        for g, v in zip(genes, values.tolist()):
-            scores.setdefault(g, []).append(v)
-    return {g: float(np.mean(v)) for g, v in scores.items()}
-
-
-def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
-    """The requested genes (each must exist), the `top` best, or the best, median and worst."""
-    if genes:
-        unknown = [g for g in genes if g not in scores]
-        if unknown:
-            raise ValueError(f"gene {unknown[0]}: not among the {len(scores)} predicted genes "
-                             f"(e.g. {', '.join(list(scores)[:5])})")
-        return list(genes)
-    ranked = sorted(scores, key=lambda g: -scores[g])
-    if top is not None:
-        if top < 1:
-            raise ValueError(f"--top {top}: expected a number of genes >= 1")
-        return ranked[:top]
-    return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2], ranked[-1]]))
-
-
-def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None):
+def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_models=None, level=""):
     """Measured, predicted, std and error of one gene on one slide, side by side on the spot geometry.
-    Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0."""
+    Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0.
+    `n_models`: the fold models behind the gene (in the title); a std of one model without dropout
+    passes is all zeros, so it gets a text panel instead of a map. `level`: e.g. "level -1" (sub-spots)."""
     plt = _pyplot()
     pitch = pitch_um(coords)
     panels = []
@@ -159,18 +127,27 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None):
         panels.append((true, "measured", "viridis", lo, hi, "log1p expression"))
     panels.append((pred, "predicted", "viridis", lo, hi, "log1p expression"))
     if std is not None:
-        panels.append((std, "std (uncertainty)", "magma", 0, max(float(np.percentile(std, 99)), 1e-6), "std"))
+        spread = n_models != 1 or np.any(std > 0)
+        panels.append((std if spread else "one model: no spread", "std (uncertainty)", "magma", 0,
+                       max(float(np.percentile(std, 99)), 1e-6), "std"))
     if true is not None:
         err = pred - true
         e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
         panels.append((err, "error (predicted - measured)", "RdBu_r", -e, e, "error"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False, layout="constrained")
     for ax, (values, title, cmap, vmin, vmax, label) in zip(axes[0], panels):
+        if isinstance(values, str):    # a note instead of a map of zeros
+            ax.text(0.5, 0.5, values, ha="center", va="center", fontsize=11, transform=ax.transAxes)
+            ax.set_title(title, fontsize=10)
+            ax.set_axis_off()
+            continue
         img, extent = raster(coords, values, pitch)
         _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label)
     axes[0][0].set_ylabel("y (µm)", fontsize=8)
     pcc = "" if true is None else f", PCC {evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]:.3f}"
-    fig.suptitle(f"{gene} on slide {slide_id}{pcc} ({len(pred):,} spots)", fontsize=12)
+    models = "" if n_models is None else f", n_models {int(n_models)}"
+    where = f"slide {slide_id}" + (f", {level}" if level else "")
+    fig.suptitle(f"{gene} on {where}{pcc}{models} ({len(pred):,} spots)", fontsize=12)
     return _save(fig, path) if path else fig
 
 
@@ -208,28 +185,45 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
 
 
 def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
-    """Maps for each slide and gene, a PCC histogram and a density plot (with truth) in RUN/plots/."""
+    """Maps for each slide and gene (and each other level the run predicts: sub-spots, coarser bins), a
+    PCC histogram and a density plot (with truth) in RUN/plots/. Genes are ranked over the slides drawn;
+    a chosen gene that a slide's fold did not predict is named in one line; nothing drawn is an error."""
+    import sys
+    _pyplot()                      # without matplotlib: its one-line hint before anything else is said
     run = Path(run)
-    files.check_writable(run / "plots", "the plots folder")
+    evaluation.check_writable(run / "plots", "the plots folder")
     paths = prediction_files(run)
     predictions = [files.read_predictions(p) for p in paths]
     if slide is not None:
         ids = [f["slide_id"] for f in predictions]
         if slide not in ids:
-            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({', '.join(ids[:8])})")
+            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({files.listed(ids, 8)})")
+        paths, predictions = zip(*[(p, f) for p, f in zip(paths, predictions) if f["slide_id"] == slide])
     scores = gene_scores(predictions, [p.parent for p in paths])
     chosen = choose_genes(scores, genes, top)
-    out, written = run / "plots", []
+    out, written, maps = run / "plots", [], 0
     for f in predictions:
-        if slide is not None and f["slide_id"] != slide:
-            continue
         column = {g: i for i, g in enumerate(f["genes"])}
-        for g in (g for g in chosen if g in column):  # genes chosen per fold: a slide may lack one
+        missing = [g for g in chosen if g not in column]
+        if missing:   # genes are chosen per fold: a slide's fold may not predict one
+            print(f"plots.py plot: slide {f['slide_id']}: not predicted there (its fold chose other genes): "
+                  f"{files.listed(missing, 8)}", file=sys.stderr)
+        for g in (g for g in chosen if g in column):
             i = column[g]
+            n_models = None if f["n_models"] is None else int(f["n_models"][i])
             written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
                                       None if f["true"] is None else f["true"][:, i],
                                       None if f["std"] is None else f["std"][:, i],
-                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png"))
+                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png", n_models))
+            for k, level in sorted(f["levels"].items()):   # model.out_levels: sub-spots (k < 0), bins (k > 0)
+                written.append(map_figure(f["slide_id"], g, level["coords"], level["pred"][:, i],
+                                          level["true"][:, i] if "true" in level else None, None,
+                                          out / f"{_safe(f['slide_id'])}__{_safe(g)}__level{k}.png", n_models,
+                                          f"level {k} ({'sub-spots' if k < 0 else 'coarser bins'})"))
+            maps += 1
+    if not maps:
+        raise ValueError(f"no map drawn: none of {files.listed(chosen, 8)} is predicted on "
+                         f"{'slide ' + slide if slide else 'any slide'} of {run}")
     labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
         written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
@@ -336,7 +330,7 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
     hits = np.flatnonzero(np.asarray(slide.barcodes) == barcode)
     if not len(hits):
         raise ValueError(f"spot {barcode}: no such barcode in slide {slide.slide_id} "
-                         f"(e.g. {', '.join(map(str, slide.barcodes[:3]))})")
+                         f"(e.g. {files.listed(slide.barcodes, 3)})")
     i = int(hits[0])
     blocks = attention_blocks(model)
     if not blocks:
@@ -432,7 +426,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
-    files.check_writable(run / "attention", "the attention folder")
+    evaluation.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -440,7 +434,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     path = root / f"{slide_id}.h5"
     if not path.exists():
         known = sorted(p.stem for p in root.glob("*.h5"))
-        raise ValueError(f"slide {slide_id}: no {path} (slides there: {', '.join(known[:8]) or 'none'})")
+        raise ValueError(f"slide {slide_id}: no {path} (slides there: {files.listed(known, 8) or 'none'})")
     if fold is None:  # the fold that tested the slide, else the first finished one
         tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
         fold = tested[0] if tested else predict.run_folds(run, partial=True)[0]
@@ -453,6 +447,13 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
         return written + [attention_figure(result, stem.with_name(stem.name + ".png"))]
     except ImportError as e:
         raise ImportError(f"{written[0]} written; the PNG not: {e}") from None
+
+
+def run_threads(run) -> int:
+    """The run's run.threads (0 when the folder is not a run, e.g. a folder of prediction files)."""
+    import yaml
+    path = Path(run) / "config.yaml"
+    return (yaml.safe_load(path.read_text()).get("run") or {}).get("threads", 0) if path.exists() else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,8 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
     p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
     p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
+    for p in sub.choices.values():
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
     a = ap.parse_args(argv)
     try:
+        predict.set_threads(run_threads(a.run) if a.threads is None else a.threads)
         written = plot_run(a.run, a.slide, a.genes, a.top) if a.command == "plot" else \
             attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides)
     except (FileNotFoundError, ValueError, ImportError) as e:

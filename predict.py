@@ -8,15 +8,19 @@ the same way.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
-from eval import expected_folds, level_outputs
-from files import check_writable, not_an_input, write_h5ad, write_predictions
+import lattice
+from eval import check_writable, expected_folds, level_outputs
+from files import listed, not_an_input, visium_spatial, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -42,6 +46,14 @@ class Welford:
     def std(self) -> torch.Tensor:
         """Population standard deviation (numpy's default ddof=0) of each entry over its samples."""
         return (self.m2 / self.count.clamp(min=1)).sqrt()
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core)."""
+    if n is not None and n < 0:
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: one per core)")
+    if n:
+        torch.set_num_threads(int(n))
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -147,11 +159,24 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                           slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels)
     if "h5ad" in formats:
         import yaml
+        in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ()) for m, _ in models)
+        pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
-                           "config": yaml.safe_dump(cfg, sort_keys=False)}}
+                           "in_training": int(in_training),
+                           "spatial_units": "obsm['spatial'] in micrometres; uns['spatial'] full-res pixels are "
+                                            "micrometres (1 um = 1 full-res unit); spot diameter = 0.55 x the "
+                                            "spot pitch (Visium: 55 um spots at 100 um)",
+                           "config": yaml.safe_dump(cfg, sort_keys=False)},
+               "spatial": visium_spatial(slide.slide_id, slide.coords, 0.55 * pitch)}
+        # array_row / array_col: the spots' lattice sites (lattice.py), as Visium's integer array positions
+        sites = lattice.to_lattice(slide.coords, lattice.default_unit(slide.coords)).numpy()
+        n = slide.n_spots
+        obs = {"slide": np.full(n, slide.slide_id, dtype=object), "array_row": sites[:, 1], "array_col": sites[:, 0],
+               "in_tissue": np.ones(n, dtype=np.int64), "fold": np.full(n, str(fold), dtype=object),
+               "in_training": np.full(n, in_training)}
         write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
-                   n_models=n_models.numpy(), uns=uns)
+                   n_models=n_models.numpy(), uns=uns, obs=obs)
 
 
 # ---------------------------------------------------------------- prediction of new slides
@@ -168,10 +193,33 @@ def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.M
                              f"strings, found {str(e).splitlines()[0]}") from None
         model = build_model(ModelConfig.from_dict(ck["model_config"]), ck["in_dim"], len(ck["genes"]))
         model.load_state_dict(ck["model"])
+        model.trained_on = training_slides(path.parent)
         models.append((model.to(device).eval(), ck["genes"]))
     if not models:
         raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
     return models
+
+
+def training_slides(fold_dir: Path) -> list[str]:
+    """The slides a fold's model trained on (its training and validation slides): from the run's
+    folds.json (runs.py), or, for a run written before it, the slides the run's other folds tested
+    (cross-validation trains each fold on the others' test slides)."""
+    import json
+    record, k = fold_dir.parent / "folds.json", int(fold_dir.name.split("_")[1])
+    if record.exists():
+        fold = json.loads(record.read_text())["folds"][k]
+        return list(fold["train"]) + list(fold["val"])
+    own = {p.stem for p in fold_dir.glob("pred/*.h5")}
+    return sorted({p.stem for p in fold_dir.parent.glob("fold_*/pred/*.h5")} - own)
+
+
+def out_of_fold(models, slide_id: str) -> list:
+    """The models that did not train on `slide_id` (out-of-fold prediction); none is an error naming it."""
+    unseen = [(m, gs) for m, gs in models if slide_id not in (getattr(m, "trained_on", None) or ())]
+    if not unseen:
+        raise ValueError(f"--exclude-training: slide {slide_id} was in the training set of every fold model "
+                         "of the run, so no model can predict it out of fold")
+    return unseen
 
 
 def run_folds(run_dir, fold: int | None = None, partial: bool = False) -> list[int]:
@@ -218,16 +266,20 @@ def check_outputs(run_dir, out_dir, device) -> None:
 
 
 def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu", overwrite: bool = False,
-                mc: int = 0, formats=("h5",), partial: bool = False, seed: int = 0) -> list[Path]:
+                mc: int = 0, formats=("h5",), partial: bool = False, seed: int = 0, threads: int | None = None,
+                exclude_training: bool = False) -> list[Path]:
     """Predict every slide cache in `slides_dir` with the run's fold models (each gene averaged over the
     folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one prediction
-    file per slide and format in `out_dir`. Every check runs before anything is written."""
+    file per slide and format in `out_dir`. Says which slides each fold model trained on and warns when a
+    slide to predict is one of them (in-sample); `exclude_training`: each slide predicted only by the
+    models that did not train on it. Every check runs before anything is written."""
     import yaml
     not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    set_threads(cfg["run"].get("threads", 0) if threads is None else threads)
     folds = run_folds(run_dir, fold, partial)
     models = load_fold_models(run_dir, device, folds)
     if mc and not any(has_dropout(m) for m, _ in models):
@@ -239,6 +291,15 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         if meta.n_features != width:
             raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
                              f"expect {width} (another encoder?)")
+    for k, (m, _) in zip(folds, models):
+        print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {listed(m.trained_on, 12)}")
+    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
+    for meta in metas:
+        seen = [str(k) for k, (m, _) in zip(folds, models) if meta.slide_id in m.trained_on]
+        if seen and not exclude_training:
+            print(f"predict.py: warning: slide {meta.slide_id} was in the training set of fold model(s) "
+                  f"{', '.join(seen)}: its prediction is in-sample (--exclude-training predicts it out of fold)",
+                  file=sys.stderr)
     outs = [Path(out_dir) / f"{m.slide_id}.{ext}" for m in metas for ext in formats]  # as written below
     exists = [str(o) for o in outs if o.exists()]
     if exists and not overwrite:
@@ -246,10 +307,12 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
                               "or pass --overwrite")
     for path in paths:
         slide = data.read_slide(path)
-        write_slide_predictions(models, slide, cfg, device, out_dir, fold=",".join(map(str, folds)), mc=mc,
+        use = chosen[slide.slide_id]
+        used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
+        write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)), mc=mc,
                                 formats=formats, seed=seed)
         print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
-              f"({len(models)} fold model(s){f', {mc} dropout passes each' if mc else ''})")
+              f"({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''})")
     return outs
 
 
@@ -267,11 +330,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partial", action="store_true", help="predict with the finished folds of a partial run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
+    p.add_argument("--exclude-training", action="store_true",
+                   help="predict each slide only with the fold models that did not train on it (out of fold)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
     a = p.parse_args(argv)
     try:
         if a.mc < 0:
             raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
-        predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed)
+        predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed,
+                    a.threads, a.exclude_training)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"predict.py: {e}")
 

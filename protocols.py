@@ -8,6 +8,8 @@ default one.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import collections
 import re
@@ -193,7 +195,7 @@ def paper_table(results: dict, run_dir, key: str) -> str:
                      for name in results["fold_names"]]
             v = [evaluation.pcc_spot([f["pred"] for f in fs if f["true"] is not None], [f["true"] for f in fs if f["true"] is not None])
                  for fs in folds]
-            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
+            cells.append(f"{evaluation.number(np.mean(v))} ± {evaluation.number(np.std(v))}")
         else:
             cells.append(evaluation.mean_std(results["metrics"][m]))
     lines = [f"{entry['source']} ({key}), beside {results['run']} ({results['n_folds']} folds):", "",

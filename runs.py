@@ -8,6 +8,8 @@ removed at once). Then:
                                  file's size and sha1, written once by the run's first process
     runs/<name>/fold_<k>/lock    held while a process trains fold k: its pid, host and start time
 
+and how long the rest of the run will take (`Progress`, the estimate on train.py's progress lines).
+
 A lock is a file created with O_CREAT | O_EXCL: exactly one process can create it, also on most shared
 file systems. A lock left by a process that is no longer running (same host, pid gone) is taken over
 with a one-line note; a lock of another host cannot be checked and is refused, naming the file to delete.
@@ -374,3 +376,39 @@ def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], 
         release_folds(run_dir, todo)
         raise
     return todo, notes
+
+
+class Progress:
+    """The time left of a run, for the progress lines: the epochs still to run times the mean measured
+    epoch time, plus each fold's time outside its epochs (reading the slides, choosing genes, fitting a
+    ridge start, predicting the test slides) for the folds still to run, measured on the folds done (on
+    the current fold's set-up until one is done). `clock` is injectable so that tests can script time."""
+
+    def __init__(self, epochs: list[int], clock=time.monotonic):
+        self.left, self.clock = list(epochs), clock      # epochs still to run, per fold still to run
+        self.epoch_s, self.epochs_done, self.extra_s, self.folds_done = 0.0, 0, 0.0, 0
+        self.fold_t0, self.fold_epoch_s = None, 0.0
+
+    def start_fold(self) -> None:
+        self.fold_t0, self.fold_epoch_s = self.clock(), 0.0
+
+    def epoch(self, seconds: float, left_in_fold: int) -> str:
+        """Record one finished epoch of `seconds`, `left_in_fold` epochs still to run in this fold (a
+        resumed fold starts part-way); the estimate of the time left, as `1m05s`."""
+        self.epoch_s, self.epochs_done, self.fold_epoch_s = self.epoch_s + seconds, self.epochs_done + 1, \
+            self.fold_epoch_s + seconds
+        self.left[0] = left_in_fold
+        left = self.seconds_left()
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+    def end_fold(self) -> None:
+        self.extra_s += self.clock() - self.fold_t0 - self.fold_epoch_s
+        self.folds_done += 1
+        self.left.pop(0)
+        self.fold_t0 = None
+
+    def seconds_left(self) -> float:
+        per_epoch = self.epoch_s / max(self.epochs_done, 1)
+        spent = 0.0 if self.fold_t0 is None else self.clock() - self.fold_t0 - self.fold_epoch_s
+        per_fold = self.extra_s / self.folds_done if self.folds_done else spent   # outside the epochs
+        return sum(self.left) * per_epoch + len(self.left) * per_fold - min(spent, per_fold)

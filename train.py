@@ -13,6 +13,8 @@ minimises are in losses.py.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import argparse
 import copy
 import dataclasses
@@ -70,9 +72,9 @@ DEFAULTS = {
     },
     "model": dataclasses.asdict(ModelConfig()),
     "train": {
-        "epochs": 30,
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
+        "epochs": 30,                 # passes over the training slides, per fold
+        "lr": 1e-3,                   # AdamW peak learning rate
+        "weight_decay": 1e-4,         # AdamW decoupled weight decay
         "warmup_epochs": 1,           # linear warm-up, then cosine to zero (per step)
         "clip": 1.0,                  # gradient norm clipping
         "loss": "mse",                # mse | pcc | mse_pcc | zinb
@@ -81,21 +83,42 @@ DEFAULTS = {
         "level_weights": None,        # one weight per model.out_levels entry (default 1 each)
         "consistency_lambda": 0.0,    # MagNet: predicted parent vs its predicted children, summed in counts
         "align_lambda": 0.0,          # HiFusion: pooled sub-tokens vs the spot's own embedding
-        "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},
+        "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},  # HiST A.6/A.7: strength start -> end (cosine), spot drop, shear, rotation
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
         "ema": 0.0,                   # >0: predict with an exponential moving average of the weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
-        "seed": 0,
+        "seed": 0,                    # seeds initialisation, augmentation, dropout and (by default) folds
     },
-    "eval": {"save_predictions": True,
-             "mc_samples": 0,         # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
-             "save_h5ad": False},     # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
-    "run": {"name": "demo", "dir": "runs", "device": "auto",
-            "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
+    "eval": {
+        "save_predictions": True,     # write fold_<k>/pred/<slide>.h5 for the test slides
+        "mc_samples": 0,              # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
+        "save_h5ad": False,           # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
+    },
+    "run": {
+        "name": "demo",               # the run folder's name: run.dir/run.name
+        "dir": "runs",                # folder of run folders
+        "device": "auto",             # auto (cuda when available) | cuda | cpu
+        "threads": 0,                 # CPU threads for torch; 0 = torch's default (one per core)
+    },
 }
 
 
 # ---- config -----------------------------------------------------------------------------------
+def keys_table() -> str:
+    """Every config key, its default and the comment on its line in DEFAULTS above (model keys: the
+    ModelConfig field comments), read from the source so that each meaning is written once (--keys)."""
+    import inspect
+    import re
+    text, rows = inspect.getsource(sys.modules[__name__]), []
+    for section, keys in DEFAULTS.items():
+        src = inspect.getsource(ModelConfig) if section == "model" else text[text.index(f'    "{section}": '):]
+        for key, value in keys.items():
+            hit = re.search(rf'^\s*"?{key}"?:[^\n]*?#\s*(.*)$', src, flags=re.M)
+            default = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10 ** 6)
+            rows.append((f"{section}.{key} = {default.strip().removesuffix('...').strip()}", hit.group(1) if hit else ""))
+    return "\n".join(f"{a:<40} # {b}" for a, b in rows)
+
+
 def merge(base: dict, new: dict, where: str = "") -> dict:
     """Deep-merge `new` into a copy of `base`; a key `base` does not have is an error naming the valid ones."""
     out = copy.deepcopy(base)
@@ -321,7 +344,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         if (epoch + 1) % tc["checkpoint_every"] == 0 and epoch + 1 < epochs:  # before the line: a kill
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
                          "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg}, ckpt)
-        log(f"{line} {seconds:.1f}s/epoch eta {eta()}")
+        log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
     if best[1] is not None:
         model.load_state_dict(best[1])
     elif avg is not None:
@@ -395,7 +418,14 @@ def run(argv=None):
     p.add_argument("--resume", action="store_true", help="continue runs/<name> where it stopped")
     p.add_argument("--fold", action="append", default=[], metavar="K",
                    help="train only fold K (repeat, or K,L); other processes may train other folds of the run")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch: the same as run.threads=N")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning, and exit")
     args = p.parse_intermixed_args(argv)
+    if args.keys:
+        print(keys_table())
+        return {}
+    if args.threads is not None:
+        args.overrides.append(f"run.threads={args.threads}")
     if "=" in args.config:  # `python train.py key=value`: overrides on the default config
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
@@ -438,19 +468,15 @@ def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[st
 
     for note in filter(None, notes):
         log(note)
-    if cfg["run"]["threads"]:
-        torch.set_num_threads(cfg["run"]["threads"])
-    started, done_epochs = time.time(), [0]
-
-    def eta():  # time left: epochs still to run x mean seconds per epoch so far
-        done_epochs[0] += 1
-        rate = (time.time() - started) / done_epochs[0]
-        left = max(0, cfg["train"]["epochs"] * len(todo) - done_epochs[0]) * rate
-        return f"{int(left // 60)}m{int(left % 60):02d}s"
+    predict.set_threads(cfg["run"]["threads"])
+    started = time.time()
+    progress = runs.Progress([cfg["train"]["epochs"]] * len(todo))
 
     log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, config {config}")
     for k in todo:
-        run_fold(k, *folds[k], cfg, root, run_dir, device, log, eta)
+        progress.start_fold()
+        run_fold(k, *folds[k], cfg, root, run_dir, device, log, progress.epoch)
+        progress.end_fold()
         runs.release_folds(run_dir, [k])
     missing = [f"fold_{k}" for k in range(len(folds)) if not (run_dir / f"fold_{k}" / "done").exists()]
     if missing:
