@@ -21,7 +21,7 @@ import torch
 import data
 import lattice
 from data import atomic_path
-from files import _array, read_predictions  # one reading of tensors and arrays for files and metrics
+from files import _array, read_calibration, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -159,17 +159,69 @@ def coverage(std, pred, true, z: float = 1.96) -> float:
     return float(np.mean(np.abs(_array(true) - _array(pred)) <= z * _array(std)))
 
 
+# ---------------------------------------------------------------- split-conformal intervals
+def conformal_quantile(scores, level: float) -> np.ndarray:
+    """Per column of scores (n, G) the split-conformal quantile at nominal coverage `level` (Vovk 2005;
+    Lei et al. 2018): the k-th smallest score, k = ceil((n + 1) level), i.e. the empirical quantile at
+    ceil((n + 1) level) / n, the finite-sample correction that makes coverage >= level for an exchangeable
+    new value; inf where k > n (too few calibration values for that level)."""
+    s = np.sort(_array(scores), axis=0)
+    n = s.shape[0]
+    k = max(1, math.ceil((n + 1) * level - 1e-9))  # the tolerance: (n + 1) * 0.9 is not exact in floating point
+    return s[k - 1] if k <= n else np.full(s.shape[1], np.inf)
+
+
+def interval_level_name(level: float) -> str:
+    """The percent a metric name carries: 0.9 -> "90", 0.975 -> "97.5"."""
+    return f"{100 * level:g}"
+
+
+def calibrate(preds, trues, sigmas, level: float) -> dict:
+    """Split-conformal calibration on held-out slides (lists of (N_i, G) arrays; sigmas None = constant
+    width): normalised scores |y - pred| / sigma and constant-width scores |y - pred| (n, G), and their
+    per-gene quantiles q, q_constant at `level`. An interval is then pred +- q sigma."""
+    ps, ts = map(list, zip(*_slides(preds, trues)))
+    res = np.abs(np.concatenate(ts) - np.concatenate(ps))
+    scores = res if sigmas is None else res / np.maximum(np.concatenate([_array(s) for s in sigmas]), 1e-12)
+    return {"level": level, "scores": scores.astype(np.float32), "scores_constant": res.astype(np.float32),
+            "q": conformal_quantile(scores, level), "q_constant": conformal_quantile(res, level)}
+
+
+def interval_metrics(lower, upper, true) -> dict:
+    """Share of the true values inside [lower, upper] and the mean width upper - lower (N, G arrays)."""
+    lo, hi, t = _array(lower), _array(upper), _array(true)
+    return {"coverage": float(np.mean((t >= lo) & (t <= hi))), "width": float(np.mean(hi - lo))}
+
+
+def _interval_entries(ps, ts, intervals) -> dict:
+    """coverage@<level>, width@<level> of the intervals over the pooled slides; with the constant-width
+    interval of the same calibration (`q_constant`) also its coverage and width and the width ratio."""
+    name = interval_level_name(intervals["level"])
+    t = np.concatenate(ts)
+    m = interval_metrics(np.concatenate(intervals["lower"]), np.concatenate(intervals["upper"]), t)
+    out = {f"coverage@{name}": m["coverage"], f"width@{name}": m["width"]}
+    if intervals.get("q_constant") is not None:
+        p, q = np.concatenate(ps), np.asarray(intervals["q_constant"], dtype=np.float64)
+        c = interval_metrics(p - q, p + q, t)
+        out.update({f"coverage@{name}_constant": c["coverage"], f"width@{name}_constant": c["width"],
+                    f"width_ratio@{name}": m["width"] / c["width"] if c["width"] > 0 else float("nan")})
+    return out
+
+
 def pcc_spot(preds, trues) -> float:
     """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
     return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
 
 
-def compute_metrics(preds, trues, stds=None) -> dict:
+def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
     """Every DESIGN.md metric on a fold's test slides (lists of per-slide (N_i, G) log-space arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
-    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage."""
+    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.
+    With `intervals` {"level", "lower", "upper" (lists like preds), optional "q_constant" (G,)}, also
+    coverage@<level>, width@<level> (and the constant-width interval's, `_interval_entries`) and "per_slide":
+    these and unc_spearman on each slide alone."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
     p, t = np.concatenate(ps), np.concatenate(ts)
     per_gene = _pcc_columns(p, t)
@@ -183,6 +235,15 @@ def compute_metrics(preds, trues, stds=None) -> dict:
     if stds is not None:
         s = np.concatenate([_array(x) for x in stds])
         out["unc_spearman"], out["coverage"] = unc_spearman(s, p, t), coverage(s, p, t)
+    if intervals is not None:
+        out.update(_interval_entries(ps, ts, intervals))
+        out["per_slide"] = []
+        for i in range(len(ps)):
+            one = {k: [v[i]] for k, v in intervals.items() if k in ("lower", "upper")}
+            e = _interval_entries([ps[i]], [ts[i]], {**intervals, **one})
+            if stds is not None:
+                e["unc_spearman"] = unc_spearman(stds[i], ps[i], ts[i])
+            out["per_slide"].append(e)
     return out
 
 
@@ -288,7 +349,7 @@ def evaluate_run(run_dir) -> dict:
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
         raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
-    folds, per_gene, slides, names, empty = [], [], [], [], []
+    folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
         if not files or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
@@ -298,7 +359,9 @@ def evaluate_run(run_dir) -> dict:
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
         stds = [f["std"] for f in files] if all(f["std"] is not None for f in files) else None
-        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds)
+        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds, fold_intervals(fold, files))
+        for f, e in zip(files, m.pop("per_slide", [])):
+            per_slide[f["slide_id"]] = {"fold": fold.name, **e}
         m.update(level_metrics(files))
         folds.append(m)
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
@@ -319,6 +382,8 @@ def evaluate_run(run_dir) -> dict:
                "slides_left_out": {k: [m["slides_left_out"][k] for m in folds] for k in folds[0]["slides_left_out"]},
                "genes": len(all_genes), "genes_per_fold": [len(pg) for pg in per_gene],
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
+    if per_slide:
+        results["per_slide"] = per_slide
     with atomic_path(run / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_path(run / "per_gene.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -331,6 +396,49 @@ def evaluate_run(run_dir) -> dict:
     with atomic_path(run / "results.md") as tmp:
         tmp.write_text(_run_markdown(results))
     return results
+
+
+def fold_intervals(fold: Path, files: list[dict]) -> dict | None:
+    """The intervals of a fold's prediction files for compute_metrics, when every file has them, with
+    the constant-width quantiles of the fold's calibration.h5 when it is there (same genes)."""
+    if not files or any(f["lower"] is None for f in files):
+        return None
+    levels = {f["interval"] for f in files}
+    if len(levels) != 1:
+        raise ValueError(f"{fold / 'pred'}: prediction files with intervals of different levels {sorted(levels)}")
+    out = {"level": levels.pop(), "lower": [f["lower"] for f in files], "upper": [f["upper"] for f in files]}
+    if (fold / "calibration.h5").exists():
+        cal = read_calibration(fold / "calibration.h5")
+        if cal["genes"] == files[0]["genes"] and cal["level"] == out["level"]:
+            out["q_constant"] = cal["q_constant"]
+    return out
+
+
+def calibration_curve(run_dir, levels=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
+    """Nominal level vs observed coverage on the test slides, pooled over the folds that have a
+    calibration.h5 and prediction files with truth: at each level the conformal quantile of the saved
+    calibration scores, then the share of test values with |y - pred| <= q sigma (sigma = the files' std,
+    or 1 for constant width); the same for the constant-width interval. {"levels", "observed",
+    "observed_constant", "sigma"}."""
+    inside, inside_c, total, sigma = np.zeros(len(levels)), np.zeros(len(levels)), 0, None
+    for fold in _fold_dirs(Path(run_dir)):
+        if not (fold / "calibration.h5").exists():
+            continue
+        cal = read_calibration(fold / "calibration.h5")
+        sigma = cal["sigma"]
+        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
+        for f in files:
+            res = np.abs(f["true"].astype(np.float64) - f["pred"])
+            s = f["std"] if sigma != "constant" else np.ones_like(res)
+            for i, a in enumerate(levels):
+                inside[i] += np.sum(res <= conformal_quantile(cal["scores"], a) * s)
+                inside_c[i] += np.sum(res <= conformal_quantile(cal["scores_constant"], a))
+            total += res.size
+    if not total:
+        raise FileNotFoundError(f"{run_dir}: no fold with calibration.h5 and prediction files with truth "
+                                "(train with eval.calibration_slides or train.val_slides > 0)")
+    return {"levels": list(levels), "observed": (inside / total).tolist(),
+            "observed_constant": (inside_c / total).tolist(), "sigma": sigma}
 
 
 def mean_std(entry: dict) -> str:
@@ -357,6 +465,15 @@ def _run_markdown(r: dict) -> str:
     if "unc_spearman" in r["metrics"]:
         lines.append("unc_spearman: per gene, Spearman between the predicted std and |error| over the test "
                      "spots, mean over genes; coverage: share of test values within pred ± 1.96 std.")
+    if any(k.startswith("coverage@") for k in r["metrics"]):
+        lines.append("coverage@L, width@L: share of test values inside the split-conformal interval of nominal "
+                     "level L% and its mean width (log1p units); _constant: the constant-width interval per "
+                     "gene of the same calibration slides; width_ratio: width / constant width.")
+    if r.get("per_slide"):
+        keys = list(next(iter(r["per_slide"].values())))[1:]
+        lines += ["", "| slide | fold | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+        lines += [f"| {sid} | {e['fold']} | " + " | ".join(f"{e[k]:.4f}" for k in keys) + " |"
+                  for sid, e in r["per_slide"].items()]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")
     return "\n".join(lines + [""])

@@ -87,20 +87,25 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
 
 # ----------------------------------------------------------------------------- prediction files
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, std=None,
-                      n_models=None, levels=None) -> None:
+                      n_models=None, levels=None, lower=None, upper=None, interval=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
-    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `levels`
+    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `lower`, `upper`
+    (N, G) a prediction interval of nominal coverage `interval` (attribute, e.g. 0.9); `levels`
     {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; written to a
     temporary name and renamed."""
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
-    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std))}
+    extra = {k: None if v is None else _array(v, np.float32)
+             for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              **{k: (n, g) if v is None else v.shape for k, v in extra.items()},
              "n_models": (g,) if n_models is None else np.shape(n_models)}
-    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,)}
+    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,),
+                "lower": (n, g), "upper": (n, g)}
     problems = [f"{k} has shape {found[k]}, expected {expected[k]}" for k in found if found[k] != expected[k]]
+    if (lower is None) != (upper is None) or (lower is not None) != (interval is not None):
+        problems.append("lower, upper and interval go together")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     strings = h5py.string_dtype("utf-8")
@@ -118,16 +123,20 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
             for key, x in group.items():
                 f[f"level_{k}/{key}"] = _array(x, np.float32)
         f.attrs["slide_id"] = str(slide_id if slide_id is not None else Path(path).stem)
+        if interval is not None:
+            f.attrs["interval"] = float(interval)
 
 
 def read_predictions(path) -> dict:
-    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models}
-    (None where absent) and levels {k: {pred, coords, [true], [copy]}}."""
+    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models,
+    lower, upper, interval} (None where absent) and levels {k: {pred, coords, [true], [copy]}}."""
     with h5py.File(path, "r") as f:
         get = lambda k: f[k][:] if k in f else None  # noqa: E731
         return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": f["pred"][:],
                 "genes": list(f["genes"].asstr()[:]), "barcodes": np.array(f["barcodes"].asstr()[:], dtype=str),
                 "coords": f["coords"][:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
+                "lower": get("lower"), "upper": get("upper"),
+                "interval": float(f.attrs["interval"]) if "interval" in f.attrs else None,
                 "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
                            for name in f if name.startswith("level_")}}
 
@@ -166,13 +175,15 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None) -> None:
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None,
+               lower=None, upper=None) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` when given, obs index = barcodes, var index = genes (column
+    expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`) when given, obs index = barcodes, var index = genes (column
     `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
     write_anndata(path, _array(pred, np.float32), barcodes, genes,
                   var={} if n_models is None else {"n_models": n_models},
-                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
+                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true), ("lower", lower),
+                                                                 ("upper", upper)) if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)
 
 
@@ -193,3 +204,27 @@ def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None
         for name, value in (("layers", layers or {}), ("obsm", obsm or {}), ("uns", uns or {}), ("obsp", {}),
                             ("varm", {}), ("varp", {})):
             _h5ad_put(f, name, value)
+
+
+
+# ----------------------------------------------------------------------------- conformal calibration
+def write_calibration(path, genes, level: float, sigma: str, q, q_constant, scores, scores_constant) -> None:
+    """A fold's split-conformal calibration (eval.calibrate): nominal `level`, what sigma was (predicted |
+    ensemble | predicted+ensemble | constant), per-gene quantiles `q` (normalised scores) and `q_constant`
+    (constant width) (G,), and the calibration spots' scores |y - pred| / sigma and |y - pred| (n, G)
+    float32, from which the quantile at any other level follows (the calibration plot)."""
+    n, g = np.shape(scores)
+    if len(genes) != g or np.shape(scores_constant) != (n, g) or np.shape(q) != (g,) or np.shape(q_constant) != (g,):
+        raise ValueError(f"{path}: expected scores (n, G), q (G,) for {len(genes)} genes")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("genes", data=[str(x) for x in genes], dtype=h5py.string_dtype("utf-8"))
+        for key, v in (("q", q), ("q_constant", q_constant), ("scores", scores), ("scores_constant", scores_constant)):
+            f[key] = _array(v, np.float32)
+        f.attrs["level"], f.attrs["sigma"] = float(level), str(sigma)
+
+
+def read_calibration(path) -> dict:
+    """Inverse of write_calibration: {genes, level, sigma, q, q_constant, scores, scores_constant}."""
+    with h5py.File(path, "r") as f:
+        return {"genes": list(f["genes"].asstr()[:]), "level": float(f.attrs["level"]),
+                "sigma": str(f.attrs["sigma"]), **{k: f[k][:] for k in ("q", "q_constant", "scores", "scores_constant")}}

@@ -82,6 +82,7 @@ class ModelConfig:
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
     slide_norm: bool = False          # standardise features over each slide's own spots (removes a stain shift)
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
+    head_var: bool = False            # tessera: also predict a log-variance per spot and gene ("log_var")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -102,6 +103,9 @@ def check_config(cfg: ModelConfig) -> None:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
+    if cfg.head_var and (cfg.arch != "tessera" or cfg.head == "zinb"):
+        raise ValueError(f"model.head_var needs model.arch = tessera and a log-space head (linear, mlp, "
+                         f"pathway); got arch {cfg.arch!r}, head {cfg.head!r}")
     if cfg.arch != "tessera":
         if cfg.sub_levels or list(cfg.out_levels) != [0]:
             raise ValueError(f"model.sub_levels and model.out_levels need model.arch = tessera, got {cfg.arch!r}")
@@ -304,6 +308,22 @@ class PathwayHead(nn.Module):
         return self.genes(scores), scores           # (N, G), (N, P)
 
 
+class VarianceHead(nn.Linear):
+    """A Gaussian predictive distribution's spread: log sigma^2 (n, G) of the log1p target per spot and gene
+    (heteroscedastic regression, Nix & Weigend 1994), beside the mean head. Starts at sigma = 1 everywhere
+    (zero weights); soft-bounded to (-LIMIT, LIMIT) so that exp never overflows nor a spot's weight in the
+    NLL explodes."""
+    LIMIT = 12.0
+
+    def __init__(self, dim: int, n_genes: int):
+        super().__init__(dim, n_genes)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return self.LIMIT * torch.tanh(super().forward(x) / self.LIMIT)
+
+
 class Tessera(nn.Module):
     def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
         super().__init__()
@@ -352,6 +372,7 @@ class Tessera(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
         self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
+        self.var_head = VarianceHead(d, n_genes) if cfg.head_var else None
 
     # ---- set-up from the training data of a fold -------------------------------------------------
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
@@ -531,7 +552,7 @@ class Tessera(nn.Module):
         return self.stem((features - mean) / std)
 
     def _head(self, x, tokens):
-        """Normalised tokens x (n, d) -> {"pred": (n, G), ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
+        """Normalised tokens x (n, d) -> {"pred": (n, G), ["log_var": (n, G)], ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
         cfg, out = self.cfg, {}
         if cfg.head == "pathway":
             out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
@@ -541,6 +562,8 @@ class Tessera(nn.Module):
             out["pred"] = torch.log1p(torch.sigmoid(-pi_logit) * log_rate.exp())  # log1p E[x] per 1e4
         else:
             out["pred"] = self.head(x)
+        if self.var_head is not None:
+            out["log_var"] = self.var_head(x)                    # (n, G) log sigma^2 of the log1p target
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T

@@ -16,7 +16,7 @@ import torch
 
 import data
 from eval import expected_folds, level_outputs
-from files import write_h5ad, write_predictions
+from files import read_calibration, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -104,10 +104,12 @@ def _to_cpu(x):
 def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
     """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the spot
     level and every other level of model.out_levels: genes (union, first-seen order), the spot level's
-    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds)."""
+    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds);
+    `acc.variance`: a Welford of the predicted variances exp(log_var) (model.head_var), else None."""
     genes = list(dict.fromkeys(g for _, gs in models for g in gs))
     column = {g: i for i, g in enumerate(genes)}
     acc, levels, geometry = Welford(slide.n_spots, len(genes)), {}, {}
+    acc.variance = None
     inputs = model_inputs(models[0][0], slide, use_pseudo, device)  # the fold models share one config
     for m, (model, gs) in enumerate(models):
         cols = None if gs == genes else [column[g] for g in gs]
@@ -115,6 +117,10 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
             out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs,
                                   mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
             acc.add(out["pred"], cols)
+            if "log_var" in out:                                 # mean predicted variance over the samples
+                if acc.variance is None:
+                    acc.variance = Welford(slide.n_spots, len(genes))
+                acc.variance.add(out["log_var"].float().exp(), cols)
             for k, v in out.get("levels", {}).items():
                 levels.setdefault(k, Welford(len(v), len(genes))).add(v.float(), cols)
             geometry.update({key: out[key] for key in ("parents", "sub_index") if key in out})
@@ -130,28 +136,59 @@ def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed:
     return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
 
 
+def predictive_std(acc: Welford, n_samples: int) -> torch.Tensor | None:
+    """The predictive std of an ensemble: sqrt(mean predicted variance (model.head_var) + variance of the
+    samples' means (folds, dropout passes)), the law of total variance; None where there is neither."""
+    var = acc.variance.mean.clone() if acc.variance is not None else None
+    if n_samples > 1:
+        var = acc.std() ** 2 if var is None else var.add_(acc.std() ** 2)
+    return None if var is None else var.sqrt_()
+
+
+def sigma_kind(model_cfg, n_samples: int) -> str:
+    """What the interval's sigma is: predicted | ensemble | predicted+ensemble | constant."""
+    kinds = ["predicted"] * bool(getattr(model_cfg, "head_var", False)) + ["ensemble"] * (n_samples > 1)
+    return "+".join(kinds) or "constant"
+
+
+def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+    """genes, mean (N, G), predictive std (N, G) or None (`predictive_std`), n_models (G,)."""
+    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed)
+    return genes, acc.mean, predictive_std(acc, len(models) * max(mc, 1)), acc.count // max(mc, 1)
+
+
 def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
-                            formats=("h5",), seed: int = 0) -> None:
+                            formats=("h5",), seed: int = 0, calibration: dict | None = None) -> None:
     """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
-    <slide>.h5ad in out_dir; `std` only where there is a spread (several models or mc > 0). `true` (N, G)
-    on the first model's genes. The other levels of model.out_levels go to the h5 file (`level_outputs`)."""
+    <slide>.h5ad in out_dir; `std` (`predictive_std`) only where there is a spread (a variance head,
+    several models or mc > 0). `true` (N, G) on the first model's genes. The other levels of
+    model.out_levels go to the h5 file (`level_outputs`). `calibration` {"q" (G,), "level"} (files.
+    read_calibration): the split-conformal interval pred -+ q std (q alone for constant width) as
+    `lower`, `upper`."""
     genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed)
     pred, n_models = acc.mean, acc.count // max(mc, 1)
-    std = acc.std() if (len(models) > 1 or mc) else None
+    std = predictive_std(acc, len(models) * max(mc, 1))
+    lower = upper = level = None
+    if calibration is not None:
+        half = torch.as_tensor(calibration["q"], dtype=pred.dtype)       # (G,)
+        half = half if std is None else half * std                      # (N, G)
+        lower, upper, level = pred - half, pred + half, calibration["level"]
     space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
     out = Path(out_dir) / slide.slide_id
     if "h5" in formats:
         levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
                                slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
         write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
-                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels)
+                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels,
+                          lower=lower, upper=upper, interval=level)
     if "h5ad" in formats:
         import yaml
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
+                           **({} if level is None else {"interval": float(level)}),
                            "config": yaml.safe_dump(cfg, sort_keys=False)}}
         write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
-                   n_models=n_models.numpy(), uns=uns)
+                   n_models=n_models.numpy(), uns=uns, lower=lower, upper=upper)
 
 
 # ---------------------------------------------------------------- prediction of new slides
@@ -222,10 +259,14 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     if exists and not overwrite:
         raise FileExistsError(f"{exists[0]} exists ({len(exists)} files in all); choose another --out "
                               "or pass --overwrite")
+    # conformal intervals hold for the model they were calibrated for: one fold's, as trained (same mc)
+    cal_path = Path(run_dir) / f"fold_{folds[0]}" / "calibration.h5"
+    calibration = read_calibration(cal_path) if len(folds) == 1 and cal_path.exists() and \
+        mc == cfg["eval"]["mc_samples"] else None
     for path in paths:
         slide = data.read_slide(path)
         write_slide_predictions(models, slide, cfg, device, out_dir, fold=",".join(map(str, folds)), mc=mc,
-                                formats=formats, seed=seed)
+                                formats=formats, seed=seed, calibration=calibration)
         print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
               f"({len(models)} fold model(s){f', {mc} dropout passes each' if mc else ''})")
     return outs

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -70,7 +71,8 @@ DEFAULTS = {
         "weight_decay": 1e-4,
         "warmup_epochs": 1,           # linear warm-up, then cosine to zero (per step)
         "clip": 1.0,                  # gradient norm clipping
-        "loss": "mse",                # mse | pcc | mse_pcc | zinb
+        "loss": "mse",                # mse | pcc | mse_pcc | zinb | gaussian (beta-NLL, model.head_var)
+        "nll_beta": 0.5,              # gaussian: beta of beta-NLL (0 = plain NLL, 1 = MSE's gradient on the mean)
         "pcc_alpha": 1.0,             # mse_pcc = mse + alpha (1 - pcc)
         "pathway_lambda": 0.0,        # auxiliary pathway loss weight (STF)
         "level_weights": None,        # one weight per model.out_levels entry (default 1 each)
@@ -84,7 +86,10 @@ DEFAULTS = {
     },
     "eval": {"save_predictions": True,
              "mc_samples": 0,         # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
-             "save_h5ad": False},     # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
+             "save_h5ad": False,      # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
+             "calibration_slides": 0,  # split-conformal intervals: hold out this many training slides (0: the
+                                       # train.val_slides calibrate, if any; neither: no intervals)
+             "interval": 0.9},        # the intervals' nominal coverage
     "run": {"name": "demo", "dir": "runs", "device": "auto",
             "threads": 0},                # CPU threads for torch; 0 = torch's default (all cores)
 }
@@ -408,6 +413,9 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
     train_slides = [data.take_genes(s, genes, path=root / f"{i}.h5") for s, i in zip(train_slides, train_ids)]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
+    n_cal = cfg["eval"]["calibration_slides"]       # held out from training and validation alike
+    cal_slides = train_slides[len(train_slides) - n_cal:] if n_cal else []
+    train_slides = train_slides[:len(train_slides) - n_cal]
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
     train_slides = train_slides[:len(train_slides) - len(val_slides)]
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
@@ -433,14 +441,38 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                    fold_dir, log, eta)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
+    calibration = None
+    if cal_slides or val_slides:  # never the test fold: the fold's own held-out training slides
+        calibration = calibrate_fold(model, genes, cal_slides or val_slides, cfg, device, fold_dir, log, k)
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
                                            fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
-                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))
+                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",),
+                                           calibration=calibration)
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")
+
+
+def calibrate_fold(model, genes, slides, cfg, device, fold_dir: Path, log, k) -> dict:
+    """Split-conformal calibration of a fold's model on its held-out training slides (predicted as the
+    test slides will be: same Monte-Carlo passes and seed): per-gene quantiles of |y - pred| / sigma at
+    eval.interval, saved with the scores in fold_<k>/calibration.h5; returns {"q", "level"}."""
+    level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
+    preds, stds, trues = [], [], []
+    for s in slides:
+        _, pred, std, _ = predict.predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed)
+        preds.append(pred)
+        stds.append(std)
+        trues.append(slide_targets(s, cfg))
+    sigma = predict.sigma_kind(model.cfg, max(mc, 1))
+    c = evaluation.calibrate(preds, trues, None if stds[0] is None else stds, level)
+    files.write_calibration(fold_dir / "calibration.h5", genes, level, sigma, c["q"], c["q_constant"],
+                            c["scores"], c["scores_constant"])
+    log(f"fold {k}: split-conformal {100 * level:g}% intervals from {len(c['scores'])} spots of "
+        f"{len(slides)} held-out slide(s), sigma {sigma}, median q {float(np.median(c['q'])):.3f}")
+    return {"q": c["q"], "level": level}
 
 
 def resolve_device(name: str) -> torch.device:
