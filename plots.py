@@ -1,5 +1,6 @@
-"""Pictures of a run: spatial maps of measured, predicted, std and error per slide and gene, the per-gene
-PCC histogram, a predicted-vs-measured density, and one spot's signed attention over its neighbours
+"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide and
+gene, the per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration (nominal
+vs observed coverage), and one spot's signed attention over its neighbours
 (FEAST's excitatory / inhibitory maps) for any attention mode (window, k-NN, full).
 
 Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is
@@ -146,9 +147,10 @@ def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
     return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2], ranked[-1]]))
 
 
-def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None):
-    """Measured, predicted, std and error of one gene on one slide, side by side on the spot geometry.
-    Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0."""
+def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, width=None, level=None):
+    """Measured, predicted, std, interval width and error of one gene on one slide, side by side on the
+    spot geometry. Measured and predicted share one colour scale; the error (predicted - measured) is
+    centred on 0; the width (upper - lower of the `level` interval) sits beside the error, in its units."""
     plt = _pyplot()
     pitch = pitch_um(coords)
     panels = []
@@ -160,6 +162,9 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None):
     panels.append((pred, "predicted", "viridis", lo, hi, "log1p expression"))
     if std is not None:
         panels.append((std, "std (uncertainty)", "magma", 0, max(float(np.percentile(std, 99)), 1e-6), "std"))
+    if width is not None:  # the full width: an error of magnitude width / 2 reaches the interval's edge
+        top = max(float(np.percentile(width[np.isfinite(width)], 99)) if np.isfinite(width).any() else 1.0, 1e-6)
+        panels.append((width, f"{100 * level:g}% interval width", "magma", 0, top, "upper - lower"))
     if true is not None:
         err = pred - true
         e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
@@ -185,6 +190,25 @@ def pcc_histogram(scores: dict[str, float], run_name: str, path):
     ax.set_ylabel("genes")
     ax.set_title(f"{run_name}: per-gene PCC, {len(v)} genes")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def calibration_plot(curve: dict, run_name: str, path):
+    """Nominal level vs observed coverage of the test values (eval.calibration_curve): the conformal
+    interval with its sigma and the constant-width interval; calibrated intervals lie on the diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), layout="constrained")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--", label="nominal")
+    ax.plot(curve["levels"], curve["observed"], "o-", color="#4c72b0", label=f"sigma {curve['sigma']}")
+    if curve["sigma"] != "constant":
+        ax.plot(curve["levels"], curve["observed_constant"], "s:", color="#dd8452", label="constant width")
+    lo = min(curve["levels"] + curve["observed"] + curve["observed_constant"]) - 0.05
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(lo, 1)
+    ax.set_xlabel("nominal level (calibration slides)")
+    ax.set_ylabel("observed coverage (test slides)")
+    ax.set_title(f"{run_name}: split-conformal calibration", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 
@@ -228,13 +252,17 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
             written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
                                       None if f["true"] is None else f["true"][:, i],
                                       None if f["std"] is None else f["std"][:, i],
-                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png"))
+                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png",
+                                      None if f["lower"] is None else f["upper"][:, i] - f["lower"][:, i],
+                                      f["interval"]))
     labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
         written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
         written.append(density_plot(np.concatenate([f["pred"].ravel() for f in labelled]),
                                     np.concatenate([f["true"].ravel() for f in labelled]), run.name,
                                     out / "density.png"))
+        if any(run.glob("fold_*/calibration.h5")):
+            written.append(calibration_plot(evaluation.calibration_curve(run), run.name, out / "calibration.png"))
     return written
 
 
@@ -458,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
     sub = ap.add_subparsers(dest="command", required=True)
-    text = "maps of measured, predicted, std and error per slide and gene, PCC histogram, density"
+    text = ("maps of measured, predicted, std, interval width and error per slide and gene, PCC histogram, "
+            "density, calibration")
     p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
     p.add_argument("--slide", help="one slide id (default: every slide)")

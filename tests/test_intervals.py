@@ -185,3 +185,20 @@ def test_gaussian_loss_without_the_variance_head_is_refused_in_one_line(tmp_path
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "train.loss = gaussian and model.head_var = true go together" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_maps_show_the_interval_width_beside_the_error_and_a_calibration_plot_is_drawn(interval_run):
+    pytest.importorskip("matplotlib")
+    import plots
+    written = plots.plot_run(interval_run, top=1)
+    assert interval_run / "plots" / "calibration.png" in written
+    f = files.read_predictions(sorted((interval_run / "fold_0" / "pred").glob("*.h5"))[0])
+    width = f["upper"][:, 0] - f["lower"][:, 0]
+    fig = plots.map_figure(f["slide_id"], f["genes"][0], f["coords"], f["pred"][:, 0], f["true"][:, 0],
+                           f["std"][:, 0], width=width, level=f["interval"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles.index("90% interval width") + 1 == titles.index("error (predicted - measured)")
+    shown = fig.axes[titles.index("90% interval width")].images[0].get_array()
+    expected, _ = plots.raster(f["coords"], width, plots.pitch_um(f["coords"]))
+    np.testing.assert_allclose(np.ma.filled(shown, np.nan), np.ma.filled(np.ma.masked_invalid(expected), np.nan),
+                               equal_nan=True, rtol=1e-6)
