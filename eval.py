@@ -414,33 +414,6 @@ def fold_intervals(fold: Path, files: list[dict]) -> dict | None:
     return out
 
 
-def calibration_curve(run_dir, levels=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
-    """Nominal level vs observed coverage on the test slides, pooled over the folds that have a
-    calibration.h5 and prediction files with truth: at each level the conformal quantile of the saved
-    calibration scores, then the share of test values with |y - pred| <= q sigma (sigma = the files' std,
-    or 1 for constant width); the same for the constant-width interval. {"levels", "observed",
-    "observed_constant", "sigma"}."""
-    inside, inside_c, total, sigma = np.zeros(len(levels)), np.zeros(len(levels)), 0, None
-    for fold in _fold_dirs(Path(run_dir)):
-        if not (fold / "calibration.h5").exists():
-            continue
-        cal = read_calibration(fold / "calibration.h5")
-        sigma = cal["sigma"]
-        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
-        for f in files:
-            res = np.abs(f["true"].astype(np.float64) - f["pred"])
-            s = f["std"] if sigma != "constant" else np.ones_like(res)
-            for i, a in enumerate(levels):
-                inside[i] += np.sum(res <= conformal_quantile(cal["scores"], a) * s)
-                inside_c[i] += np.sum(res <= conformal_quantile(cal["scores_constant"], a))
-            total += res.size
-    if not total:
-        raise FileNotFoundError(f"{run_dir}: no fold with calibration.h5 and prediction files with truth "
-                                "(train with eval.calibration_slides or train.val_slides > 0)")
-    return {"levels": list(levels), "observed": (inside / total).tolist(),
-            "observed_constant": (inside_c / total).tolist(), "sigma": sigma}
-
-
 def mean_std(entry: dict) -> str:
     """A metric's entry of results.json as `mean ± std` over folds (4 decimals), n/a when undefined."""
     return "n/a" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"

@@ -145,7 +145,8 @@ def test_intervals_in_files_are_the_calibrated_quantile_times_the_predicted_std_
 
 
 def test_calibration_curve_recomputed_with_the_reference_quantile(interval_run):
-    curve = ev.calibration_curve(interval_run, levels=(0.5, 0.9))
+    import plots
+    curve = plots.calibration_curve(interval_run, levels=(0.5, 0.9))
     inside = np.zeros(2)
     total = 0
     for fold in sorted(interval_run.glob("fold_*")):
