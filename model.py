@@ -320,6 +320,13 @@ class VarianceHead(nn.Linear):
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
 
+    @torch.no_grad()
+    def start_at(self, variance: torch.Tensor) -> None:
+        """Predict each gene's training variance (G,) at every spot: the model starts at the
+        constant-width Gaussian around the training mean, and learns where spots deviate from it."""
+        self.weight.zero_()
+        self.bias.copy_(self.LIMIT * torch.atanh(variance.clamp_min(1e-4).log() / self.LIMIT))
+
     def forward(self, x):
         return self.LIMIT * torch.tanh(super().forward(x) / self.LIMIT)
 

@@ -60,6 +60,14 @@ def test_variance_head_gives_the_same_log_var_in_training_and_in_the_low_memory_
     assert float(train_out["log_var"].detach().std()) > 0.01                # the spread depends on the spot
 
 
+def test_variance_head_starts_at_each_genes_variance_at_every_spot():
+    from model import VarianceHead
+    head = VarianceHead(8, 3)
+    torch.nn.init.normal_(head.weight)
+    head.start_at(torch.tensor([0.5, 2.0, 1e-9]))
+    torch.testing.assert_close(head(torch.randn(20, 8)).exp(), torch.tensor([[0.5, 2.0, 1e-4]] * 20))
+
+
 # ---------------------------------------------------------------- the conformal quantile
 def ref_conformal_quantile(column, level):
     """The k-th smallest value, k = ceil((n + 1) level) computed with exact fractions; inf when k > n."""
