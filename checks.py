@@ -1,11 +1,12 @@
 """Every mistake a user can make in a config, the files it names, the slide caches and the run folder,
 caught before any fold trains: one line naming the file or key, what was expected and what was found.
 
-train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (the run
-folder: a new run, a restart of a run that never got anywhere, or --resume with the same config),
-check_data (data.root, slide headers via data.read_slide_meta, every value of every slide the run reads
-via data.scan_slide, gene list, GMT, folds, the memory the largest slide needs). Nothing here writes a
-file, apart from the probe that tells whether run.dir can be written (removed at once).
+train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (where the
+run folder is: inside run.dir, apart from the data, writable), check_data (data.root, slide headers via
+data.read_slide_meta, every value of every slide the run reads via data.scan_slide, gene list, GMT, folds,
+the memory the largest slide needs), check_folds (no slide or patient in training and test). Nothing here
+writes a file, apart from the probe that tells whether run.dir can be written (removed at once); what the
+run folder may hold (a new run, --resume, fold jobs) is runs.py's.
 """
 from __future__ import annotations
 
@@ -273,32 +274,57 @@ def check_writable(run_dir: Path) -> None:
                           f"{run_dir} in, found it cannot be written ({e.strerror or e})") from None
 
 
-def check_run_dir(run_dir: Path, cfg: dict, resume: bool) -> str | None:
-    """None for a new run folder; a note when the folder holds a run that never finished a fold nor saved
-    a checkpoint (it restarts cleanly, whatever the config); otherwise --resume and the same config. In
-    every case the folder (or the folder it will be made in) must be writable."""
-    check_writable(run_dir)
-    if not run_dir.exists():
-        return None
-    if not run_dir.is_dir():
+def check_run_dir(cfg: dict) -> Path:
+    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so the
+    folder lies directly inside run.dir (also once links are followed), and apart from data.root (not it,
+    not inside it, not around it). Returns it as given; runs.py guards what is inside."""
+    name, base = cfg["run"]["name"], Path(cfg["run"]["dir"])
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if name in (".", "..") or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
+        _fail("run.name", "a folder name inside run.dir (no path separator, not '.', '..' or hidden)", name)
+    run_dir = base / name
+    if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
-    progress = [p for pattern in ("fold_*/done", "fold_*/checkpoint.pt", "fold_*/model.pt")
-                for p in run_dir.glob(pattern)]
-    if not progress:
-        return f"restarting {run_dir}: no fold of the earlier start had finished or saved a checkpoint"
-    if not resume:
-        raise ConfigError(f"{run_dir} exists with finished folds or checkpoints: pass --resume to continue it, "
-                          "or choose another run.name")
-    path = run_dir / "config.yaml"
-    try:
-        saved = load_yaml(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: expected the config the run started with, found: {e}") from None
-    diff = differences(saved if isinstance(saved, dict) else {}, cfg)
-    if diff:
-        raise ConfigError(f"{path}: --resume expected the config the run started with, found other values for "
-                          f"{'; '.join(diff)}")
-    return None
+    inside = base.resolve()
+    where = run_dir.resolve()
+    if where.parent != inside:
+        raise ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir {inside}, found a link "
+                          f"to {where}, outside run.dir")
+    data_root = Path(cfg["data"]["root"]).resolve()
+    if where == data_root or data_root in where.parents or where in data_root.parents:
+        relation = ("is" if where == data_root else "is inside" if data_root in where.parents else "holds")
+        raise ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder apart from the data, "
+                          f"found one that {relation} data.root {data_root}")
+    check_writable(run_dir)
+    return run_dir
+
+
+def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> None:
+    """No fold tests a slide it trains on (train.val_slides are taken from the training slides), and when
+    folds group patients (data.group = patient) no patient is in both training and test of a fold.
+    Split files (data.split_dir) can break both; check_data has made sure every slide exists."""
+    dc = cfg["data"]
+    split = data_file(cfg, "split_dir", root, folder=True) if dc["split_dir"] else None
+    where = lambda k: f"{split / f'test_{k}.csv'}: key 'data.split_dir'" if split else "key 'data.folds'"  # noqa: E731
+    patients = ({s: data.read_slide_meta(root / f"{s}.h5").patient for fold in folds for s in fold[0] + fold[1]}
+                if dc["group"] == "patient" else {})
+    for k, (train_ids, test_ids) in enumerate(folds):
+        both = sorted(set(train_ids) & set(test_ids))
+        if both:
+            raise ConfigError(f"{where(k)}: expected test slides that fold {k} does not train on, found "
+                              f"{len(both)} in both train_{k} and test_{k}: {', '.join(both[:10])}")
+        if not patients:
+            continue
+        trained = {}
+        for s in train_ids:
+            trained.setdefault(patients[s], []).append(s)
+        shared = [(p, trained[p], [s for s in test_ids if patients[s] == p])
+                  for p in sorted({patients[s] for s in test_ids} & set(trained))]
+        if shared:
+            listed = "; ".join(f"patient {p}: train {', '.join(a)}, test {', '.join(b)}" for p, a, b in shared[:5])
+            raise ConfigError(f"{where(k)}: expected no patient in both training and test of fold {k} "
+                              f"(data.group = patient), found {len(shared)}: {listed}; set data.group=slide if "
+                              "the folds are meant to split patients")
 
 
 # ---- data: files, slide headers, folds --------------------------------------------------------

@@ -3,7 +3,7 @@ read and written by files.py; prediction of new slides with a run's fold models 
 command, maps plots.py's, a paper's numbers beside a run's protocols.py's.
 
 Usage:
-    python eval.py runs/<name> [runs/<other> ...]              # re-evaluate runs, print one comparison table
+    python eval.py runs/<name> [runs/<other> ...] [--partial]  # re-evaluate runs, print one comparison table
 All metrics take log-space values (log1p of counts), numpy arrays or torch tensors, and compute in float64.
 """
 from __future__ import annotations
@@ -341,10 +341,11 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
-def evaluate_run(run_dir) -> dict:
+def evaluate_run(run_dir, partial: bool = True) -> dict:
     """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
-    that have predictions; the others are listed as `missing_folds`. Writes results.json, per_gene.csv
-    and results.md in the run folder and returns the results dict."""
+    that have predictions; the others are listed as `missing_folds` (partial=False: they are an error, and
+    nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and returns
+    the results dict."""
     run = Path(run_dir).resolve()
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
@@ -352,7 +353,8 @@ def evaluate_run(run_dir) -> dict:
     folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
-        if not files or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
+        busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
+        if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
             empty.append(f"{fold / 'pred'}")
             continue
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]
@@ -372,6 +374,9 @@ def evaluate_run(run_dir) -> dict:
                                 f"in {', '.join(empty)}")
     done = {int(n[5:]) for n in names}
     missing = [f"fold_{k}" for k in expected_folds(run) if k not in done]
+    if missing and not partial:
+        raise FileNotFoundError(f"{run}: not finished, {', '.join(missing)} missing; results are written when every "
+                                "fold is done (--partial evaluates the finished folds)")
     all_genes = list(dict.fromkeys(g for pg in per_gene for g in pg))  # union over folds, first-seen order
     extra = [k for k in UNCERTAINTY if all(k in m for m in folds)]
     extra += [k for k in folds[0] if "@" in k and all(k in m for m in folds)]      # the other levels
@@ -467,9 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
                                 "per_gene.csv, results.md), print one table.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
+    p.add_argument("--partial", action="store_true", help="evaluate the finished folds of an unfinished run")
     a = p.parse_args(argv)
     try:
-        results = [evaluate_run(d) for d in a.runs]
+        results = [evaluate_run(d, a.partial) for d in a.runs]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
     report(results)

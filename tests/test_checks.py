@@ -184,35 +184,15 @@ def test_run_folders(root, tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "fold_0" / "done").write_text("finished\n")
     msg = refused(base(root), tmp_path, capsys)
-    expect(msg, "runs/t exists with finished folds or checkpoints: pass --resume to continue it")
+    expect(msg, "runs/t holds this run already: pass --resume to continue it, or choose another run.name")
     msg = refused([*base(root), "train.epochs=3", "model.dim=32", "--resume"], tmp_path, capsys)
     expect(msg, "runs/t/config.yaml: --resume expected the config the run started with, found other values for "
                 "model.dim (run 64, given 32); train.epochs (run 25, given 3)")
-    assert checks.check_run_dir(run, cfg, resume=True) is None
-    (run / "fold_0" / "done").unlink()
-    note = checks.check_run_dir(run, cfg, resume=False)     # nothing to lose: a clean restart
-    assert "restarting" in note and "no fold of the earlier start had finished" in note
-
-
-def test_a_run_whose_start_failed_restarts_with_the_corrected_config(root, tmp_path, capsys):
-    """A folder left by a start that never finished a fold is taken over by the next start, with or
-    without --resume, and its config is the new one."""
-    run = tmp_path / "runs" / "t"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text("train: {epochs: 7}\n")
-    (run / "log.txt").write_text("run runs/t: 2 folds\n")
-    args = [str(ROOT / "configs/linear.yaml"), f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 5}",
-            "train.epochs=1", "run.name=t", "run.threads=1"]
-    for flags in ([], ["--resume"]):
-        results = train.main([*args, *flags])
-        assert results is not None and (run / "fold_1" / "model.pt").exists()
-        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
-        if not flags:
-            assert "restarting runs/t" in capsys.readouterr().out
-            (run / "fold_0" / "done").unlink()        # as if killed before fold 0 ended ...
-            (run / "fold_1" / "done").unlink()
-            for p in run.rglob("model.pt"):           # ... with nothing saved
-                p.unlink()
+    msg = refused([*base(root), "train.epochs=3"], tmp_path, capsys)
+    expect(msg, "runs/t holds a run of another config (train.epochs (run 25, given 3)): choose another run.name")
+    assert checks.check_run_dir(cfg) == run.relative_to(tmp_path)
+    (run / "config.yaml").unlink()
+    expect(refused(base(root), tmp_path, capsys), "runs/t: expected a new run folder, found fold_0 and no config.yaml")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -587,7 +587,12 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     shutil.copytree(tiny_run, killed)
     (killed / "fold_0" / "checkpoint.pt").write_bytes(b"")
     assert ev.evaluate_run(killed)["missing_folds"] == ["fold_0"]
+    before = (partial / "results.json").read_bytes()
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "fold_1 missing" in proc.stderr
+    assert (partial / "results.json").read_bytes() == before     # an unfinished run is evaluated only on request
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial), "--partial"], capture_output=True,
+                          text=True)
     assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
     # a run trained without dropout, asked for Monte-Carlo dropout
     nodrop = tmp_path / "nodrop"

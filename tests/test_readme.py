@@ -2,6 +2,7 @@
 
 Training commands get `train.epochs=1` appended so the test stays short; CI (.ci/run) also runs the
 demo and the results-table commands in full. Commands that read ../shared/data skip when it is absent.
+Blocks fenced as ```sh (a SLURM script, one fold per GPU) need a cluster or GPUs: they are shown, not run.
 """
 import re
 import shlex

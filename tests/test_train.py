@@ -292,6 +292,7 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_root, tmp_path):
     resumed = run_train([*args, "run.name=killed", "--resume"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "fold 0: finished earlier, skipped" in resumed.stdout and "resumed after epoch 1" in resumed.stdout
+    assert "fold_1/lock: took over the lock of pid" in resumed.stdout and not (run / "fold_1" / "lock").exists()
     a = json.loads((tmp_path / "runs/full/results.json").read_text())["metrics"]
     b = json.loads((run / "results.json").read_text())["metrics"]
     for metric in a:

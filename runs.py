@@ -1,0 +1,317 @@
+"""What a run folder holds and who may write it, so that a run is never mixed with another config, other
+data or another process's fold (README, "Folds on many machines"):
+
+    runs/<name>/lock             held while a process creates or checks config.yaml and folds.json
+    runs/<name>/folds.json       the fold assignment (train, val and test slide ids per fold) and each slide
+                                 file's size and sha1, written once by the run's first process
+    runs/<name>/fold_<k>/lock    held while a process trains fold k: its pid, host and start time
+
+A lock is a file created with O_CREAT | O_EXCL: exactly one process can create it, also on most shared
+file systems. A lock left by a process that is no longer running (same host, pid gone) is taken over
+with a one-line note; a lock of another host cannot be checked and is refused, naming the file to delete.
+
+A slide's fingerprint is its size and the sha1 of the whole file: a cache rewritten with other counts
+of the same shape keeps its size and often its first megabytes (HDF5 puts the header and the features
+first), so only the full content tells. Hashing reads each file once, at most what one fold's training
+reads anyway (about 20 ms for a 10 MB cache).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+import checks
+import data
+
+RECORD = "folds.json"
+WHERE_KEYS = ("device", "threads")   # run.<key>: where a run computes, not what; may differ between processes
+WAIT_S = 120                          # how long a process waits for another to check the run folder
+
+
+def fold_numbers(given: list[str], n_folds: int) -> list[int]:
+    """--fold values ("0", "0,2", repeated) as sorted fold numbers of a run of n_folds folds."""
+    out = set()
+    for item in given:
+        for part in item.split(","):
+            if not part.strip().isdigit():
+                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, found {part!r}")
+            if int(part) >= n_folds:
+                raise checks.ConfigError(f"--fold {item}: expected one of the run's folds "
+                                         f"{', '.join(map(str, range(n_folds)))}, found {int(part)}")
+            out.add(int(part))
+    return sorted(out)
+
+
+# ---- the fold record --------------------------------------------------------------------------------
+def fingerprint(path: Path) -> dict:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha1": h.hexdigest()}
+
+
+def fold_record(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> dict:
+    """The folds as train.run_fold uses them (the last train.val_slides training slides validate) and the
+    fingerprint of every slide and of the gene list and GMT files the config names."""
+    v = cfg["train"]["val_slides"]
+    ids = sorted({s for train, test in folds for s in train + test})
+    files = {key: checks.data_file(cfg, key, root) for key in ("genes", "gmt") if isinstance(cfg["data"][key], str)}
+    return {"folds": [{"train": train[:len(train) - v], "val": train[len(train) - v:], "test": test}
+                      for train, test in folds],
+            "slides": {s: fingerprint(root / f"{s}.h5") for s in ids},
+            "files": {f"data.{key}": {"path": str(p), **fingerprint(p)} for key, p in files.items()}}
+
+
+def _listed(ids) -> str:
+    ids = list(ids)
+    return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+
+
+def record_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between the record a run started with and the present one, in words."""
+    out = []
+    a, b = saved.get("slides", {}), now["slides"]
+    if set(b) - set(a):
+        out.append(f"slides added: {_listed(sorted(set(b) - set(a)))}")
+    if set(a) - set(b):
+        out.append(f"slides removed: {_listed(sorted(set(a) - set(b)))}")
+    changed = [s for s in sorted(set(a) & set(b)) if a[s] != b[s]]
+    if changed:
+        out.append("content changed: " + _listed(f"{s}.h5 ({a[s]['bytes']} -> {b[s]['bytes']} bytes, sha1 "
+                                                 f"{a[s]['sha1'][:8]} -> {b[s]['sha1'][:8]})" for s in changed))
+    fa, fb = saved.get("folds", []), now["folds"]
+    if len(fa) != len(fb):
+        out.append(f"{len(fb)} folds instead of {len(fa)}")
+    for k, (x, y) in enumerate(zip(fa, fb)):
+        for part in ("train", "val", "test"):
+            if x.get(part) != y[part]:
+                gone, new = sorted(set(x.get(part, [])) - set(y[part])), sorted(set(y[part]) - set(x.get(part, [])))
+                what = (f"without {_listed(gone) or '-'}, with {_listed(new) or '-'}" if gone or new
+                        else "the same slides in another order")
+                out.append(f"fold {k} {part} slides differ ({what})")
+    for key in sorted(set(saved.get("files", {})) | set(now["files"])):
+        x, y = saved.get("files", {}).get(key), now["files"].get(key)
+        if x != y:
+            out.append(f"{key} file {(y or x)['path']} changed")
+    return out
+
+
+# ---- locks --------------------------------------------------------------------------------------------
+def _holder(path: Path) -> dict | None:
+    """The lock's owner; {} while it is being written (or broken), None when there is no lock."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _running(owner: dict) -> bool | None:
+    """Whether the lock's process runs: True / False on this host, None where that cannot be told."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # another user's process
+        return True
+    return True
+
+
+def describe(owner: dict) -> str:
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
+
+
+def held(path: Path, owner: dict, what: str) -> str:
+    """The line that refuses a lock held by another process."""
+    if not owner:
+        return f"{path}: {what} another process (its lock is being written, or broken: delete it if no process holds it)"
+    line = f"{path}: {what} {describe(owner)}"
+    if _running(owner) is None:
+        line += f"; a process of another host cannot be checked from here: if it is gone, delete {path}"
+    return line
+
+
+def _take_over(path: Path, owner: dict) -> bool:
+    """Remove a dead process's lock, unless another process got there first: `<lock>.takeover` (O_EXCL)
+    lets one process at a time look and remove, so a fresh lock is never removed for a stale one."""
+    guard = path.with_name(path.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            if time.time() - guard.stat().st_mtime > 10:     # left by a process killed in these lines
+                guard.unlink()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+        return False
+    try:
+        if _holder(path) == owner:
+            path.unlink()
+            return True
+        return False
+    finally:
+        os.close(fd)
+        guard.unlink()
+
+
+def take(path: Path) -> tuple[dict | None, str | None]:
+    """Create the lock for this process: (None, a note if a dead process's lock was taken over), or
+    (the owner, None) when another process holds it."""
+    note = None
+    for _ in range(200):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _holder(path)
+            if owner is None:                                # released meanwhile
+                continue
+            if not owner:                                    # being written: look again shortly
+                try:
+                    young = time.time() - path.stat().st_mtime < 5
+                except FileNotFoundError:
+                    continue
+                if young:
+                    time.sleep(0.05)
+                    continue
+                return owner, None
+            if _running(owner) is not False:
+                return owner, None
+            if _take_over(path, owner):
+                note = f"{path}: took over the lock of {describe(owner)}, which is no longer running"
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        return None, note
+    return _holder(path) or {}, None
+
+
+def release(path: Path) -> None:
+    """Remove the lock if this process holds it."""
+    owner = _holder(path)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def release_folds(run_dir: Path, ks) -> None:
+    for k in ks:
+        release(run_dir / f"fold_{k}" / "lock")
+
+
+# ---- the run folder -----------------------------------------------------------------------------------
+def _what(cfg: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    for key in WHERE_KEYS:
+        out.get("run", {}).pop(key, None)
+    return out
+
+
+def open_run(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: bool) -> list[str]:
+    """Under the run lock: a new run writes folds.json and config.yaml; an existing run is continued only
+    with --resume, or joined by a fold job (--fold), and then only with the same config (run.device and
+    run.threads aside) and the same folds and data. Returns notes for the log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, notes, t0 = run_dir / "lock", [], time.time()
+    while True:
+        owner, note = take(lock)
+        notes += [note] if note else []
+        if owner is None:
+            break
+        if time.time() - t0 > WAIT_S:
+            raise checks.ConfigError(held(lock, owner, f"waited {WAIT_S} s for the run folder, held by"))
+        time.sleep(0.2)
+    try:
+        notes += _open_locked(run_dir, cfg, record, resume, joining)
+    finally:
+        release(lock)
+    return notes
+
+
+def _open_locked(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: bool) -> list[str]:
+    config, record_path = run_dir / "config.yaml", run_dir / RECORD
+    if not config.exists():
+        other = sorted(p.name for p in run_dir.iterdir()
+                       if not p.name.startswith(("lock", ".")) and p.name != RECORD)
+        if other:
+            raise checks.ConfigError(f"{run_dir}: expected a new run folder, found {_listed(other)} and no "
+                                     "config.yaml (not a run of train.py): choose another run.name")
+        with data.atomic_path(record_path) as tmp:         # the record first: config.yaml marks a run
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        with data.atomic_path(config) as tmp:
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return []
+    try:
+        saved = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise checks.ConfigError(f"{config}: expected the config the run started with, found: {e}") from None
+    diff = checks.differences(_what(saved if isinstance(saved, dict) else {}), _what(cfg))
+    flag = "--resume" if resume else "--fold"
+    if diff and (resume or joining):
+        raise checks.ConfigError(f"{config}: {flag} expected the config the run started with, found other values "
+                                 f"for {'; '.join(diff)}")
+    if diff:
+        raise checks.ConfigError(f"{run_dir} holds a run of another config ({'; '.join(diff)}): choose another "
+                                 "run.name")
+    if not (resume or joining):
+        raise checks.ConfigError(f"{run_dir} holds this run already: pass --resume to continue it, or choose "
+                                 "another run.name")
+    if not record_path.exists():                            # a run begun before runs kept this record
+        with data.atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        return [f"{record_path} was missing: recorded the present folds and data"]
+    try:
+        changes = record_changes(json.loads(record_path.read_text()), record)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise checks.ConfigError(f"{record_path}: expected the run's fold record, found: {e}") from None
+    if changes:
+        raise checks.ConfigError(f"{record_path}: {flag} expected the folds and data the run started with, "
+                                 f"found {'; '.join(changes)}")
+    return []
+
+
+def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], list[str]]:
+    """The fold locks of the folds to train (those without `done`), all or none; a fold that an earlier
+    process started (a checkpoint, a model, predictions) is continued only with --resume.
+    Returns (the folds now locked for this process, notes)."""
+    todo, notes = [], []
+    try:
+        for k in ks:
+            fold_dir = run_dir / f"fold_{k}"
+            if (fold_dir / "done").exists():
+                notes.append(f"fold {k}: finished earlier, skipped")
+                continue
+            fold_dir.mkdir(exist_ok=True)
+            owner, note = take(fold_dir / "lock")
+            if owner is not None:
+                raise checks.ConfigError(held(fold_dir / "lock", owner, f"fold {k} is being trained by"))
+            todo.append(k)
+            notes += [note] if note else []
+            if (fold_dir / "done").exists():                # finished by its owner while we looked
+                notes.append(f"fold {k}: finished earlier, skipped")
+                release(fold_dir / "lock")
+                todo.pop()
+                continue
+            begun = sorted(p.name for p in fold_dir.iterdir() if not p.name.startswith("lock"))
+            if begun and not resume:
+                raise checks.ConfigError(f"{fold_dir}: fold {k} was begun earlier ({', '.join(begun)}): pass "
+                                         "--resume to continue it")
+    except BaseException:
+        release_folds(run_dir, todo)
+        raise
+    return todo, notes
