@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import data
-from eval import expected_folds, level_outputs
-from files import read_calibration, write_h5ad, write_predictions
+from eval import calibrate, expected_folds, level_outputs
+from files import read_calibration, write_calibration, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -189,6 +189,23 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                            "config": yaml.safe_dump(cfg, sort_keys=False)}}
         write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
                    n_models=n_models.numpy(), uns=uns, lower=lower, upper=upper)
+
+
+def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dict:
+    """Split-conformal calibration of a fold's model on held-out slides (never its test slides),
+    predicted as its test slides will be (same eval.mc_samples and seed): per-gene quantiles of
+    |y - pred| / sigma at eval.interval (eval.calibrate), saved with the scores to `path`
+    (files.write_calibration); returns {"q", "level", "sigma"} for write_slide_predictions."""
+    level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
+    preds, stds = [], []
+    for s in slides:
+        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed)
+        preds.append(pred)
+        stds.append(std)
+    sigma = sigma_kind(model.cfg, max(mc, 1))
+    c = calibrate(preds, trues, None if stds[0] is None else stds, level)
+    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"], c["scores_constant"])
+    return {"q": c["q"], "level": level, "sigma": sigma}
 
 
 # ---------------------------------------------------------------- prediction of new slides

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -448,9 +447,13 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                    fold_dir, log, eta)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
-    calibration = None
-    if cal_slides or val_slides:  # never the test fold: the fold's own held-out training slides
-        calibration = calibrate_fold(model, genes, cal_slides or val_slides, cfg, device, fold_dir, log, k)
+    held, calibration = cal_slides or val_slides, None   # the fold's own held-out slides, never its test slides
+    if held:
+        calibration = predict.calibrate_model(model, genes, held, [slide_targets(s, cfg) for s in held], cfg,
+                                              device, fold_dir / "calibration.h5")
+        q = float(torch.as_tensor(calibration["q"]).median())
+        log(f"fold {k}: split-conformal {100 * calibration['level']:g}% intervals from {len(held)} held-out "
+            f"slide(s), sigma {calibration['sigma']}, median q {q:.3f}")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
@@ -460,26 +463,6 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")
-
-
-def calibrate_fold(model, genes, slides, cfg, device, fold_dir: Path, log, k) -> dict:
-    """Split-conformal calibration of a fold's model on its held-out training slides (predicted as the
-    test slides will be: same Monte-Carlo passes and seed): per-gene quantiles of |y - pred| / sigma at
-    eval.interval, saved with the scores in fold_<k>/calibration.h5; returns {"q", "level"}."""
-    level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
-    preds, stds, trues = [], [], []
-    for s in slides:
-        _, pred, std, _ = predict.predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed)
-        preds.append(pred)
-        stds.append(std)
-        trues.append(slide_targets(s, cfg))
-    sigma = predict.sigma_kind(model.cfg, max(mc, 1))
-    c = evaluation.calibrate(preds, trues, None if stds[0] is None else stds, level)
-    files.write_calibration(fold_dir / "calibration.h5", genes, level, sigma, c["q"], c["q_constant"],
-                            c["scores"], c["scores_constant"])
-    log(f"fold {k}: split-conformal {100 * level:g}% intervals from {len(c['scores'])} spots of "
-        f"{len(slides)} held-out slide(s), sigma {sigma}, median q {float(np.median(c['q'])):.3f}")
-    return {"q": c["q"], "level": level}
 
 
 def resolve_device(name: str) -> torch.device:
