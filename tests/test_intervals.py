@@ -211,3 +211,30 @@ def test_maps_show_the_interval_width_beside_the_error_and_a_calibration_plot_is
     expected, _ = plots.raster(f["coords"], width, plots.pitch_um(f["coords"]))
     np.testing.assert_allclose(np.ma.filled(shown, np.nan), np.ma.filled(np.ma.masked_invalid(expected), np.nan),
                                equal_nan=True, rtol=1e-6)
+
+
+def test_the_variance_head_learns_a_spread_that_follows_the_true_noise():
+    """Targets with noise sigma = exp(feature 0) at each spot: after a short beta-NLL training the
+    predicted sigma ranks the spots as the true sigma does (the head and the loss can learn a spread when
+    the features carry one)."""
+    g = torch.Generator().manual_seed(0)
+    feats, xy = torch.randn(400, 4, generator=g), torch.rand(400, 2, generator=g) * 4000
+    sigma = torch.exp(feats[:, :1].clamp(-1.5, 1.5)).expand(400, 3)
+    y = 2.0 + sigma * torch.randn(400, 3, generator=g)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[], dropout=0.0, attn_dropout=0.0,
+                                    head_var=True), 4, 3)
+    model.var_head.start_at(y.var(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = model.train()(feats, xy)
+        loss = losses.beta_nll(y, out["pred"], out["log_var"], 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        predicted = model.eval()(feats, xy)["log_var"]
+    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
+    for j in range(3):
+        r = np.corrcoef(rank(predicted[:, j]).numpy(), rank(sigma[:, j]).numpy())[0, 1]
+        assert r > 0.8, r
