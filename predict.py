@@ -4,7 +4,8 @@ by Welford's update), written as h5 prediction files and / or AnnData .h5ad (fil
 
     python predict.py --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
 train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are predicted
-the same way.
+the same way, and `calibrate_model` for a fold's split-conformal intervals; with one fold (--fold, or a
+one-fold run) and the run's eval.mc_samples as --mc, new slides get that fold's intervals too.
 """
 from __future__ import annotations
 
