@@ -311,7 +311,7 @@ class PathwayHead(nn.Module):
 class VarianceHead(nn.Linear):
     """A Gaussian predictive distribution's spread: log sigma^2 (n, G) of the log1p target per spot and gene
     (heteroscedastic regression, Nix & Weigend 1994), beside the mean head. Starts at sigma = 1 everywhere
-    (zero weights); soft-bounded to (-LIMIT, LIMIT) so that exp never overflows nor a spot's weight in the
+    (zero weights; training starts it at each gene's variance, `start_at`); soft-bounded to (-LIMIT, LIMIT) so that exp never overflows nor a spot's weight in the
     NLL explodes."""
     LIMIT = 12.0
 
