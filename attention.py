@@ -498,14 +498,3 @@ class GlobalAttention(nn.Module):
             top = new_top
         return self.proj(self.merge((acc / total).to(tokens.dtype)))
 
-
-def child_attention(q, k, v, parent):
-    """Each parent's query attends over its own children only (HiFusion CCF: the spot token queries its
-    sub-tokens). q (M, H, dh); k, v (n, H, dh); parent (n,) -> (M, H, dh): a softmax per parent and head
-    over its <= 4 children, by scatter (no padding); a parent without children gets 0."""
-    score = (q[parent] * k).sum(-1) / math.sqrt(q.shape[-1])            # (n, H)
-    index = parent[:, None].expand_as(score)
-    top = score.new_full(q.shape[:2], -math.inf).scatter_reduce(0, index, score, "amax")
-    e = (score - top[parent]).exp()
-    w = e / e.new_zeros(q.shape[:2]).index_add_(0, parent, e)[parent]   # (n, H), sums to 1 per parent
-    return q.new_zeros(q.shape).index_add_(0, parent, w[..., None] * v)

@@ -67,7 +67,7 @@ def build_caches(her2st: Path, cache: Path, level: str, n_targets=250, n_source=
     proj = rng.normal(size=(n_source, dim)) / np.sqrt(n_source)
     slides, signals = [], []
     for p in paths:
-        h = hest.read_h5ad(p, genes=targets + source)
+        h = files.read_h5ad(p, genes=targets + source)
         lib = np.maximum(h.library_size, 1)[:, None]
         signals.append(np.log1p(h.counts[:, n_targets:] / lib * 1e4))
         xy = h.xy * float(meta[p.stem]["pixel_size_um_estimated"])

@@ -1,8 +1,10 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
 Sections: cache format (write, read, validate; DATA.md) · gene selection and targets · folds (balanced
-by patient, and the papers' own fold assignments) · command line. Every other file the project reads
-or writes (gene lists, gene sets, split CSVs, prediction files, AnnData) is files.py's. The HEST
+by patient, and the papers' own fold assignments) · sub-spot inputs · command line. Every other file the
+project reads or writes (gene lists, gene sets, split CSVs, prediction files, AnnData), and the rules
+every file follows (atomic writes, errors naming file and key, values checked block by block), are
+files.py's. The HEST
 import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
 protocols.py, the synthetic generator in synthetic.py: each with its own command line.
     python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
@@ -10,18 +12,19 @@ protocols.py, the synthetic generator in synthetic.py: each with its own command
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import errno
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+
+from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, listed, open_h5,
+                   refuse_existing)
+from files import DiskFull, disk_full  # noqa: F401  (train.py names them data.DiskFull, data.disk_full)
 
 FORMAT_VERSION = 1
 
@@ -54,130 +57,11 @@ class Slide:
         return self.features.shape[0]
 
 
-class DiskFull(OSError):
-    """A write that ran out of space; the message is one line naming the file."""
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A full disk
-    (ENOSPC, from the block or the rename) becomes DiskFull, "<file>: disk full", and the partial
-    temporary file is removed: the file at `path`, if any, is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise disk_full(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def disk_full(path, e: OSError) -> OSError:
-    """A write error as DiskFull ("<file>: disk full") when the disk is full, else the error itself. h5py
-    reports a failed write without errno, with the C library's text."""
-    if e.errno == errno.ENOSPC or "No space left on device" in str(e):
-        return DiskFull(f"{path}: disk full (no space left on the device to write it)")
-    return e
-
-
-def listed(items, n: int = 5) -> str:
-    """The first n items, comma-separated, and " ..." when some were cut: messages that show part of a list."""
-    items = [str(x) for x in items]
-    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
-
-
-def refuse_existing(outputs, overwrite: bool) -> None:
-    """Before a command writes its first file: none of its outputs exists yet, unless --overwrite."""
-    if not overwrite:
-        for out in outputs:
-            if Path(out).exists():
-                raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
-
-
-def not_an_input(out_dir, *inputs) -> None:
-    """Refuse an output folder that is one of the input folders: outputs are never written over inputs."""
-    for folder in inputs:
-        if Path(out_dir).resolve() == Path(folder).resolve():
-            raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input folder")
-
-
 # ----------------------------------------------------------------------------- cache format
-class CacheError(ValueError):
-    """A file that does not have the layout it should; the message names file, key, expected, found."""
-
-
-def fail(path, key, expected, found):
-    raise CacheError(f"{path}: key '{key}': expected {expected}, found {found}")
-
-
 STR = h5py.string_dtype("utf-8")
 ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size", "expected",
               "pseudo_features", "pseudo_coords", "sub_features", "sub_valid", "sub_counts")
 STRING_KEYS = ("barcodes", "genes")
-COUNT_KEYS = ("counts", "library_size", "expected", "sub_counts")
-FEATURE_KEYS = ("features", "pseudo_features", "sub_features", "embeddings", "sub_embeddings")  # (hest.py's names)
-# Features beyond this magnitude are refused: float16 caches hold at most 65504, patch embeddings are of
-# order 1-100, and the models standardise features with sums of squares in float32, where values near
-# 1e19 (and a slide's worth of values near 1e16) overflow to inf and make every prediction of the slide NaN.
-FEATURE_BOUND = 1e6
-BLOCK = 1 << 24   # values per block when a dataset is checked from the file in blocks of rows (scan_slide)
-
-
-def h5_strings(ds) -> np.ndarray:
-    """Any HDF5 string dataset (fixed or variable length, bytes or str) as a numpy str array."""
-    return np.asarray(ds.asstr("utf-8")[()], dtype=str)
-
-
-def _bad(found: dict, name: str, mask: np.ndarray, offset: int) -> None:
-    """Add a block's bad values to found[name] = [count, index of the first]."""
-    if mask.any():
-        first = np.argwhere(mask)[0]
-        first[0] += offset
-        count = found.setdefault(name, [0, tuple(int(i) for i in first)])
-        count[0] += int(mask.sum())
-
-
-def _blocks(x):
-    """(first row, rows) of a numpy array (all of it) or of an h5py dataset (blocks of about BLOCK values,
-    so a slide is checked without holding it in memory)."""
-    if isinstance(x, np.ndarray) or x.ndim == 0:
-        yield 0, np.asarray(x)
-        return
-    step = max(1, BLOCK // max(1, int(np.prod(x.shape[1:]))))
-    for start in range(0, len(x), step):
-        yield start, x[start:start + step]
-
-
-def check_values(path, key: str, x) -> int:
-    """Values of a numeric array (or dataset), block by block: finite in float32; counts >= 0; features within
-    FEATURE_BOUND. Returns the number of non-integer values of `counts` (0 for other keys)."""
-    found, fractional, largest = {}, 0, 0.0
-    for start, block in _blocks(x):
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = block.astype(np.float32)
-        finite = np.isfinite(x)                     # also catches values outside the float32 range
-        _bad(found, "finite", ~finite, start)
-        if key in COUNT_KEYS:
-            _bad(found, "negative", block < 0, start)
-        if key in FEATURE_KEYS:
-            size = np.abs(np.where(finite, x, 0))
-            _bad(found, "large", size > FEATURE_BOUND, start)
-            largest = max(largest, float(size.max(initial=0)))
-        if key == "counts" and block.dtype.kind == "f":
-            fractional += int((finite & (block != np.round(block))).sum())
-    text = {k: f"{n} bad values, first at index {first}" for k, (n, first) in found.items()}
-    if "finite" in found:
-        fail(path, key, "finite float32 values", text["finite"])
-    if "negative" in found:
-        fail(path, key, "values >= 0", f"negative values: {text['negative']}")
-    if "large" in found:
-        fail(path, key, f"features of magnitude <= {FEATURE_BOUND:g} (larger values overflow the "
-             "standardisation)", f"values up to {largest:.3g}: {text['large']}")
-    return fractional
 
 
 def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
@@ -297,13 +181,6 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
     return path
 
 
-def open_h5(path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as e:
-        raise CacheError(f"{path}: expected a readable HDF5 slide cache, found: {e}") from None
-
-
 def _attrs(path, f) -> dict:
     version = int(f.attrs.get("format_version", FORMAT_VERSION))
     if version > FORMAT_VERSION:
@@ -311,15 +188,6 @@ def _attrs(path, f) -> dict:
     sid = str(f.attrs.get("slide_id", Path(path).stem))
     return dict(slide_id=sid, patient=str(f.attrs.get("patient", "")) or sid, encoder=str(f.attrs.get("encoder", "")),
                 spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))))
-
-
-def dataset(path, f, key: str, expected: str = "a dataset") -> h5py.Dataset:
-    """f[key] when it is a dataset; otherwise an error naming the file and the key (absent, or a group)."""
-    if key not in f:
-        fail(path, key, expected, "no such key")
-    if not isinstance(f[key], h5py.Dataset):
-        fail(path, key, expected, "a group")
-    return f[key]
 
 
 def _datasets(path, f, read: bool) -> dict:

@@ -20,8 +20,7 @@ import torch
 
 import data
 import lattice
-from data import atomic_path
-from files import _array, read_calibration, read_predictions  # one reading of tensors and arrays for files and metrics
+from files import _array, atomic_path, read_calibration, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)

@@ -1,4 +1,5 @@
-"""HEST-1k to slide caches: an h5ad reader (h5py only), the placeholder patch encoder and the import.
+"""HEST-1k to slide caches: the placeholder patch encoder, the import, and the binning of square grids
+and cell tables (the h5ad reader is files.py's).
 
     python hest.py embed --patches DIR --out DIR [--encoder module:callable] [--sub 2|4]
     python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
@@ -23,140 +24,11 @@ import torch.nn.functional as F
 
 import files
 import lattice
-from data import (STR, CacheError, Slide, atomic_path, check_values, dataset, fail, h5_strings, list_slides, listed,
-                  not_an_input, open_h5, read_slide, refuse_existing, write_slide)
-from files import read_gene_list, read_metadata
+from data import STR, Slide, list_slides, read_slide, write_slide
+from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy,
+                   listed, not_an_input, open_h5, read_gene_list, read_h5ad, read_h5ad_sparse, read_metadata, refuse_existing,
+                   text_attr)
 from protocols import dataset_slides, harmonise_gene_names
-
-
-# ----------------------------------------------------------------------------- h5ad reader (h5py only)
-
-@dataclass
-class H5ad:
-    counts: np.ndarray              # (N, G) float32, the requested genes in the requested order
-    barcodes: np.ndarray            # (N,) str, the obs index
-    genes: list[str]                # (G,)
-    xy: np.ndarray | None           # (N, 2) float64 spot centres in full-resolution pixels, x then y
-    obs: dict[str, np.ndarray]      # obs columns (categoricals decoded; missing entries None)
-    library_size: np.ndarray        # (N,) float64 total counts over all genes of the file
-
-
-def _attr(node, name, default="") -> str:
-    e = node.attrs.get(name, default)
-    return e.decode() if isinstance(e, bytes) else str(e)
-
-
-def _enc(node) -> str:
-    return _attr(node, "encoding-type")
-
-
-def _h5ad_array(f, node):
-    """A column or index: plain array, string array, or categorical in the old or current anndata encoding."""
-    if isinstance(node, h5py.Group):
-        if _enc(node) == "categorical":                              # anndata >= 0.8
-            codes, cats = node["codes"][()], _h5ad_array(f, node["categories"])
-        elif _enc(node).startswith("nullable"):
-            values = _h5ad_array(f, node["values"]).astype(object)
-            values[node["mask"][()].astype(bool)] = None
-            return values
-        else:
-            raise CacheError(f"{f.filename}: key '{node.name}': expected an array or categorical, "
-                             f"found encoding '{_enc(node)}'")
-    elif "categories" in node.attrs:                                 # anndata < 0.8: codes + reference
-        codes, cats = node[()], _h5ad_array(f, f[node.attrs["categories"]])
-    elif h5py.check_string_dtype(node.dtype) or node.dtype.kind == "S":
-        return h5_strings(node)
-    else:
-        return node[()]
-    out = np.asarray(cats, dtype=object)[np.maximum(codes, 0)]
-    out[codes < 0] = None
-    return out
-
-
-def _h5ad_frame(f, name) -> tuple[np.ndarray, dict]:
-    """(index, columns) of obs or var; the index dataset is whichever `_index` names."""
-    if name not in f:
-        fail(f.filename, name, "a dataframe group (AnnData)", "no such key")
-    g = f[name]
-    if not isinstance(g, h5py.Group):
-        fail(f.filename, name, "a dataframe group (anndata >= 0.7)", "a dataset (re-save with a newer anndata)")
-    index = _attr(g, "_index", "_index")
-    cols = {k: _h5ad_array(f, g[k]) for k in g if k not in (index, "__categories")}
-    return np.asarray(_h5ad_array(f, g[index]), dtype=str), cols
-
-
-def _h5ad_X(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
-    """X as coordinates (rows, cols, values) and shape; CSR, CSC (current or old h5sparse) or dense."""
-    if "X" not in f:
-        fail(f.filename, "X", "the count matrix (AnnData)", "no such key")
-    X = f["X"]
-    if isinstance(X, h5py.Dataset):
-        dense = X[()]
-        rows, cols = np.nonzero(dense)
-        return rows, cols, dense[rows, cols].astype(np.float64), dense.shape
-    fmt = _enc(X).replace("_matrix", "") or _attr(X, "h5sparse_format")
-    shape = tuple(int(s) for s in X.attrs.get("shape", X.attrs.get("h5sparse_shape", (0, 0))))
-    if fmt not in ("csr", "csc"):
-        raise CacheError(f"{f.filename}: key 'X': expected dense, csr_matrix or csc_matrix, found '{fmt}'")
-    indptr = X["indptr"][()]
-    major = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    minor = X["indices"][()]
-    rows, cols = (major, minor) if fmt == "csr" else (minor, major)
-    return rows, cols, X["data"][()].astype(np.float64), shape
-
-
-XY_COLUMNS = (("pxl_col_in_fullres", "pxl_row_in_fullres"), ("x_pixel", "y_pixel"), ("x", "y"),
-              ("imagecol", "imagerow"))
-
-
-def _h5ad_xy(f, obs: dict) -> np.ndarray | None:
-    """(N, 2) spot centres in pixels: obsm/spatial, else the first pair of XY_COLUMNS in obs; None if neither."""
-    if "obsm" in f and "spatial" in f["obsm"]:
-        return np.asarray(f["obsm"]["spatial"][()], dtype=np.float64)[:, :2]
-    return next((np.stack([obs[a], obs[b]], 1).astype(np.float64) for a, b in XY_COLUMNS
-                 if a in obs and b in obs), None)
-
-
-def read_h5ad(path, genes: list[str] | None = None, harmonise: bool = False) -> H5ad:
-    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
-    harmonise=True (HiST A.1): gene names through harmonise_gene_names, and the columns that then share a
-    name, and the rows that share a barcode, are summed (first-seen order; obs and xy of the first row)."""
-    with open_h5(path) as f:
-        barcodes, obs = _h5ad_frame(f, "obs")
-        var_names, _ = _h5ad_frame(f, "var")
-        rows, cols, values, shape = _h5ad_X(f)
-        xy = _h5ad_xy(f, obs)
-    n = len(barcodes)
-    if shape != (n, len(var_names)):
-        fail(path, "X", f"shape ({n}, {len(var_names)}) from obs and var", f"{shape}")
-    if xy is not None and xy.shape != (n, 2):
-        fail(path, "obsm/spatial", f"shape ({n}, 2)", f"{xy.shape}")
-    names = harmonise_gene_names(var_names) if harmonise else list(var_names)
-    row_of = np.arange(n)
-    if harmonise:                                   # duplicated barcodes: one row each, summed
-        first = {}
-        row_of = np.array([first.setdefault(b, len(first)) for b in barcodes])
-        keep_row = np.unique(row_of, return_index=True)[1]
-        barcodes, xy = barcodes[keep_row], None if xy is None else xy[keep_row]
-        obs = {k: np.asarray(v)[keep_row] for k, v in obs.items()}
-    index = {}
-    for i, g in enumerate(names):                   # duplicated names: all their columns, summed
-        if harmonise:
-            index.setdefault(g, []).append(i)
-        else:
-            index[g] = [i]                          # a repeated name keeps its last column, as before
-    genes = list(index) if genes is None else list(genes)
-    missing = [g for g in genes if g not in index]
-    if missing:
-        fail(path, "var", f"all {len(genes)} requested genes", f"{len(missing)} missing: {listed(missing, 10)}")
-    column_of = np.full(len(var_names), -1)
-    for j, g in enumerate(genes):
-        column_of[index[g]] = j
-    keep = column_of[cols] >= 0
-    counts = np.zeros((len(barcodes), len(genes)), dtype=np.float64)
-    np.add.at(counts, (row_of[rows[keep]], column_of[cols[keep]]), values[keep])  # duplicates sum, as in scipy
-    library = np.bincount(row_of[rows], weights=values, minlength=len(barcodes))
-    return H5ad(counts.astype(np.float32), barcodes, genes, xy, obs, library)
 
 
 # ----------------------------------------------------------------------------- placeholder encoder
@@ -292,7 +164,7 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
 
 def _check_embedding_file(path) -> tuple[np.ndarray, np.ndarray | None]:
     """A HEST-Benchmark embedding file, checked without holding it: `embeddings` (N, C) finite and within
-    data.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords` (N, 2) and
+    files.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords` (N, 2) and
     `sub_embeddings` (N, S, C). Returns (barcodes, coords or None) for _check_positions."""
     with open_h5(path) as f:
         emb = dataset(path, f, "embeddings", "a dataset (HEST-Benchmark embedding file)")
@@ -324,7 +196,7 @@ def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | No
     with open_h5(path) as f:
         emb = f["embeddings"][()]
         barcodes = h5_strings(f["barcodes" if "barcodes" in f or "barcode" not in f else "barcode"]).reshape(-1)
-        encoder = _attr(f, "encoder", Path(path).parent.name)
+        encoder = text_attr(f, "encoder", Path(path).parent.name)
         sub = f["sub_embeddings"][()] if "sub_embeddings" in f else None
         patch_px = float(f.attrs.get("patch_size_px", float("nan")))
     return emb, barcodes, encoder, sub, patch_px
@@ -332,9 +204,9 @@ def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | No
 
 def _h5ad_gene_totals(path, harmonise: bool = False) -> dict[str, float]:
     """Total counts per gene of one h5ad, straight from the sparse arrays (harmonised names summed)."""
-    with open_h5(path) as f:
-        genes, _ = _h5ad_frame(f, "var")
-        _, cols, values, _ = _h5ad_X(f)
+    with open_h5(path, "AnnData file") as f:
+        genes, _ = h5ad_frame(f, "var")
+        _, cols, values, _ = h5ad_matrix(f)
     totals = {}
     for g, t in zip(harmonise_gene_names(genes) if harmonise else genes,
                     np.bincount(cols, weights=values, minlength=len(genes))):
@@ -343,8 +215,8 @@ def _h5ad_gene_totals(path, harmonise: bool = False) -> dict[str, float]:
 
 
 def _h5ad_gene_names(path, harmonise: bool = False) -> set[str]:
-    with open_h5(path) as f:
-        genes = _h5ad_frame(f, "var")[0]
+    with open_h5(path, "AnnData file") as f:
+        genes = h5ad_frame(f, "var")[0]
     return set(harmonise_gene_names(genes) if harmonise else genes)
 
 
@@ -357,9 +229,9 @@ def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
     if coords is None:
         return
     coords = np.asarray(coords, dtype=np.float64)
-    with open_h5(st_path) as f:
-        barcodes, obs = _h5ad_frame(f, "obs")
-        xy = _h5ad_xy(f, obs)
+    with open_h5(st_path, "AnnData file") as f:
+        barcodes, obs = h5ad_frame(f, "obs")
+        xy = h5ad_xy(f, obs)
     if xy is None or len(xy) != len(barcodes):
         return                                  # reported by the import itself
     row_of = {b: i for i, b in enumerate(emb_barcodes)}
@@ -433,7 +305,8 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
         sid, row = p.stem, table.get(p.stem, {})
         emb, feature_barcodes, encoder, sub_emb, patch_px = _read_embeddings(p)
         have = _h5ad_gene_names(st, harmonise)
-        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have], harmonise=harmonise)
+        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have],
+                      rename=harmonise_gene_names if harmonise else None)
         if h.xy is None:
             fail(st, "obsm/spatial", "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)",
                   "neither")
@@ -535,13 +408,7 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     not_an_input(out_dir, path.parent)
     refuse_existing([out], overwrite)
     t0 = time.time()
-    with open_h5(path) as f:
-        cells, obs = _h5ad_frame(f, "obs")
-        genes, _ = _h5ad_frame(f, "var")
-        rows, cols, values, shape = _h5ad_X(f)
-        spatial = f["obsm"]["spatial"][()][:, :2] if "obsm" in f and "spatial" in f["obsm"] else None
-    xy = spatial if spatial is not None else next(
-        (np.stack([obs[a], obs[b]], 1) for a, b in XY_COLUMNS if a in obs and b in obs), None)
+    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path)
     if xy is None:
         fail(path, "obsm/spatial", "cell centres (obsm/spatial or obs x/y columns)", "neither")
     um = np.asarray(xy, dtype=np.float64) * pixel_size_um

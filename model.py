@@ -1,23 +1,27 @@
 """The tessera model: a U-Net on the sparse spot lattice with signed attention and pathway tokens.
+`Tessera.forward` runs these steps in order, one method each:
 
-    features (N, C) --stem--> x (N, d)                     [+ 2D sinusoidal PE, STF]
-        [FEAST local stage: k-NN attention over spots + off-grid pseudo-spots, pseudo-spots dropped]
-    encoder, level l = 0 .. L-1:   depths[l] x Block  ->  coarsen (HiST eq. 4)   (skip kept)
-        every Block: x += Proj(SpotAttention(x) + GlobalAttention(x, tokens))    (HiST eq. 1)
-                     tokens = calibration token(s) + pathway tokens, updated in every block
-        the coarsest level uses full attention (FEAST: every region talks to every region)
-    decoder, level l = L-2 .. 0:   uncoarsen (HiST eq. 5) || skip -> Linear -> decoder_depths x Block
-    head: linear | mlp (FEAST) | pathway (STF: cosine(spot, pathway token) -> Linear(P -> G))
-          | zinb (mu, theta, pi for the ZINB loss)
+    _lattice      coords -> collision-free integer sites (HiST), row-major order, the pyramid of levels
+    _embed        features (N, C) --stem--> x (N, d)                     [+ 2D sinusoidal PE, STF]
+    _below_spot   [HiFusion: sub-patch tokens, a Block per level below the spot, pooled into it, fused]
+    _local_stage  [FEAST: k-NN attention over spots + off-grid pseudo-spots, pseudo-spots dropped]
+    _encode       level l = 0 .. L-1:  depths[l] x Block -> coarsen (HiST eq. 4)   (skip kept)
+    _decode       level l = L-2 .. 0 (.. below the spot): uncoarsen (eq. 5) || skip -> Linear -> Blocks
+    _spot_head    linear | mlp (FEAST) | pathway (STF: cosine(spot, pathway token) -> Linear(P -> G))
+                  | zinb (mu, theta, pi for the ZINB loss);   _levels: a head per extra level (MagNet)
+    every Block: x += Proj(SpotAttention(x) + GlobalAttention(x, tokens))  (HiST eq. 1), then FFN;
+    tokens = calibration token(s) + pathway tokens, updated in every block; the coarsest level uses
+    full attention (FEAST: every region talks to every region).
 
-The baselines behind the same forward signature (`linear`, `mlp`, `ridge`, `ridge_spatial`) are in
-baselines.py, and so is `SpatialStart` (`model.spatial_start`: tessera started at the spatial ridge,
-the network trained on the residual; `model.slide_norm`), which build_model wraps around tessera.
+The maps between levels (coarsen, uncoarsen, fuse, sub-spot pooling) are in pyramid.py. The baselines
+behind the same forward signature (`linear`, `mlp`, `ridge`, `ridge_spatial`) are in baselines.py, and so
+is `SpatialStart` (`model.spatial_start`, `model.slide_norm`), which build_model wraps around tessera.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lattice
-from attention import GlobalAttention, SpotAttention, child_attention, knn, row_chunks, rows_of
+from attention import GlobalAttention, SpotAttention, knn, row_chunks, rows_of
 from baselines import PerSpot, Ridge, SpatialRidge, SpatialStart
+from pyramid import Coarsen, Fuse, SubPool, Uncoarsen, level_rows
 
 
 def inference(module: nn.Module) -> bool:
@@ -175,7 +180,8 @@ class Block(nn.Module):
 
     def forward(self, x, tokens, level, knn_index=None, attn_maps=None):
         """x (N, d), tokens (T, d) or None -> the same. Every per-spot step works on chunks of rows and the
-        pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result."""
+        pre-norm input is computed where it is read, so inference (eval, no grad) keeps x and one (N, d) result,
+        and writes the block's output into x."""
         N, x_rows = x.shape[0], rows_of(x)
         h = lambda rows: self.norm1(x_rows(rows))  # noqa: E731  (normalised spots, on demand)
         y = self.spot(h, N, level, knn_index, return_attention=attn_maps is not None)  # (N, d), before proj
@@ -193,99 +199,12 @@ class Block(nn.Module):
             z = x_rows(rows) + self.drop(self.proj(a))
             return z + self.drop(self.ffn(self.norm2(z)))
 
-        x = by_rows(spots, N, out=y if inference(self) else None)  # inference: the result overwrites y
+        # inference: the result overwrites x (each chunk reads x only at its own rows), so a caller still holding
+        # the block's input holds no extra (N, d); it overwrites y instead where autocast made their dtypes differ
+        x = by_rows(spots, N, out=(x if x.dtype == y.dtype else y) if inference(self) else None)
         if tokens is not None:
             tokens = tokens + self.drop(self.ffn(self.norm2(tokens)))
         return x, tokens
-
-
-class Coarsen(nn.Module):
-    """HiST eq. (4): x_parent = sum_delta m_delta W_delta x_child, one learned map per child slot.
-
-    The four maps are the four (d x d) blocks of one Linear(4d -> d) (its input = the 4 child slots
-    concatenated, zeros where a child is missing); computed slot by slot, no (4M, d) buffer. Then LayerNorm."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(4 * dim, dim)
-        self.norm = nn.LayerNorm(dim)
-        with torch.no_grad():  # start as sum pooling of the children (W_delta = I), then learn
-            self.linear.weight.copy_(torch.eye(dim).repeat(1, 4))
-            self.linear.bias.zero_()
-
-    def forward(self, x, parent, slot, n_parents):
-        d = x.shape[1]
-        W = self.linear.weight.view(d, 4, d)       # W_delta = W[:, delta, :]
-        out = x.new_zeros(n_parents, d)
-        for delta in range(4):                     # sum over each parent's active children
-            child = torch.nonzero(slot == delta).squeeze(1)
-            out.index_add_(0, parent[child], F.linear(x[child], W[:, delta]).to(out.dtype))
-        return self.norm(out + self.linear.bias)   # (M, d)
-
-
-class Uncoarsen(nn.Module):
-    """HiST eq. (5): z = Linear(d -> 4d)(x_parent), reshaped to 4 child slots, gathered at active children.
-
-    Initialised as a nearest-neighbour copy (every slot starts as the parent's vector)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 4 * dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dim).repeat(4, 1))
-            self.linear.bias.zero_()
-
-    def forward(self, x, parent, slot):
-        d = x.shape[1]
-        W, b = self.linear.weight.view(4, d, d), self.linear.bias.view(4, d)  # slot delta: rows delta*d ...
-        up = x.new_empty(len(parent), d)
-        for delta in range(4):                      # each child reads its slot's map of its parent
-            child = torch.nonzero(slot == delta).squeeze(1)
-            up[child] = F.linear(x[parent[child]], W[delta], b[delta]).to(up.dtype)
-        return up                                   # (N, d), no (M, 4d) buffer
-
-
-class Fuse(nn.Linear):
-    """HiST 3.6.3: [upsampled coarse || lateral skip] -> d, initialised as their average so that the
-    stem-to-head path starts as an identity and the coarse context is learned on top of it."""
-
-    def __init__(self, dim: int):
-        super().__init__(2 * dim, dim)
-        with torch.no_grad():
-            self.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], 1) / 2)
-            self.bias.zero_()
-
-    def forward(self, up, skip):
-        """Linear([up || skip]) as two products summed in place: no (N, 2d) concatenation."""
-        d = up.shape[1]
-        out = F.linear(skip, self.weight[:, d:], self.bias)   # bf16 under autocast, which addmm_ (in place) is
-        return out.addmm_(up.to(out.dtype), self.weight[:, :d].T.to(out.dtype))  # not: its operands follow out
-
-
-class SubPool(nn.Module):
-    """Sub-tokens -> the next level up (the spot, or a coarser sub level). `linear`: HiST eq. (4), a learned
-    map per child slot (Coarsen). `attention`: HiFusion's CCF, the parent's query (the spot's own embedding;
-    at a sub level without features of its own, the mean of its children) attends over its <= 4 children."""
-
-    def __init__(self, dim: int, heads: int, kind: str):
-        super().__init__()
-        self.heads = heads
-        if kind == "linear":
-            self.coarsen = Coarsen(dim)
-        else:
-            self.coarsen, self.q, self.kv = None, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
-            self.proj, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
-
-    def forward(self, x, parent, slot, n_parents, query=None):
-        if self.coarsen is not None:
-            return self.coarsen(x, parent, slot, n_parents)
-        d, H = x.shape[1], self.heads
-        if query is None:                                                # mean of the children
-            count = x.new_zeros(n_parents).index_add_(0, parent, x.new_ones(len(parent)))
-            query = x.new_zeros(n_parents, d).index_add_(0, parent, x) / count.clamp_min(1)[:, None]
-        k, v = self.kv(x).view(-1, 2, H, d // H).unbind(1)               # (n, H, d/H) each
-        y = child_attention(self.q(query).view(-1, H, d // H), k, v, parent)
-        return self.norm(self.proj(y.flatten(1)))                        # (M, d)
 
 
 class PathwayHead(nn.Module):
@@ -342,11 +261,8 @@ class Tessera(nn.Module):
         n_tokens = cfg.calibration_tokens + cfg.pathway_tokens
         self.tokens = nn.Parameter(torch.randn(n_tokens, d) * 0.02) if n_tokens else None
         self.local = nn.ModuleList(Block(cfg, "knn", 0) for _ in range(cfg.local_blocks))
-
-        def mode(level):
-            return "full" if level == L - 1 and cfg.coarse_attention == "full" and cfg.attention != "none" \
-                else cfg.attention
-
+        full = cfg.coarse_attention == "full" and cfg.attention != "none"      # at the coarsest level (FEAST)
+        mode = lambda level: "full" if level == L - 1 and full else cfg.attention  # noqa: E731
         self.encoder = nn.ModuleList(
             nn.ModuleList(Block(cfg, mode(l), n_tokens) for _ in range(cfg.depths[l])) for l in range(L))
         self.coarsen = nn.ModuleList(Coarsen(d) for _ in range(L - 1))
@@ -380,6 +296,7 @@ class Tessera(nn.Module):
             self.head = nn.Linear(d, n_genes)
         self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
         self.var_head = VarianceHead(d, n_genes) if cfg.head_var else None
+        self._recompute = False  # set by each forward: model.checkpoint in a training step
 
     # ---- set-up from the training data of a fold -------------------------------------------------
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
@@ -404,7 +321,7 @@ class Tessera(nn.Module):
             if self.cfg.head == "pathway":
                 self.head.init_from_membership(membership)
 
-    # ---- forward ----------------------------------------------------------------------------------
+    # ---- forward: the architecture, one step per line ----------------------------------------------
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None, sub_features=None, sub_valid=None, feat_stats=None):
         """features (N, C), coords (N, 2) in micrometres -> {"pred": (N, G), ...} in the caller's spot order.
@@ -413,154 +330,148 @@ class Tessera(nn.Module):
         with instead of the training statistics (model.slide_norm: the slide's own, baselines.SpatialStart).
         Every per-spot step runs on chunks of spots; without grad in eval mode their results are written into
         preallocated tensors, so memory stays a few (N, d) tensors plus the outputs."""
-        cfg, L, N = self.cfg, len(self.cfg.depths), features.shape[0]
-        maps = [] if return_attention else None
-        recompute = cfg.checkpoint and self.training and torch.is_grad_enabled() and maps is None
-
-        def call(fn, *args):  # model.checkpoint keeps only fn's inputs and recomputes fn in the backward:
-            # training memory is then about one (N, d) tensor per step of the U-Net, not all activations
-            return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
-
+        cfg = self.cfg
+        maps = [] if return_attention else None                  # attention diagnostics, one per block
+        self._recompute = cfg.checkpoint and self.training and torch.is_grad_enabled() and maps is None
         unit = unit or cfg.unit_um or lattice.default_unit(coords)
-        sites = lattice.to_lattice(coords, unit)
-        # Work in row-major lattice order: sites are unique, so this order does not depend on the order
-        # of the input spots, and neighbour ties (k-NN on integer sites) break the same way for any input order.
-        order = lattice.rowmajor_order(sites)
-        coords, sites = coords[order], sites[order]
-        K = cfg.sub_levels
-        if K:  # HiFusion: sub-spot sites are the spot sites refined by r = 2^K (lattice.refine); coarsening
-            # them K times gives back exactly the spot sites, so one pyramid holds the sub and spot levels
-            r = 2 ** K
-            if sub_features is None or tuple(sub_features.shape[:2]) != (N, r * r):
-                raise ValueError(f"model.sub_levels = {K} needs sub_features of shape ({N}, {r * r}, C), found "
-                                 f"{None if sub_features is None else tuple(sub_features.shape)}")
-            valid = torch.ones(N, r * r, dtype=torch.bool, device=sites.device) if sub_valid is None else sub_valid
-            spot_of, s_of = torch.nonzero(valid[order], as_tuple=True)    # sub-tokens by (sorted spot, s)
-            pyramid = lattice.build_pyramid(lattice.refine(sites, r)[spot_of, s_of], K + L, cfg.w)
-        else:
-            pyramid = lattice.build_pyramid(sites, L, cfg.w)      # built once, shared by every layer
-        levels = pyramid.levels[K:]                               # the spot level and the coarser ones
-        x = call(by_rows, lambda rows: self._stem(features[order[rows]], feat_stats), N)  # (N, d), no (N, C) copy
-        if cfg.pos_encoding:
+        order, sites, pyramid, sub_rows = self._lattice(coords, unit, sub_features, sub_valid)
+        x = self._embed(features, (order,), feat_stats)           # (N, d), spots in lattice order
+        if cfg.pos_encoding:                                      # STF: 2D sinusoidal position encoding
             x = x + sinusoidal_2d(sites, cfg.dim)
-        tokens = self.tokens
-
-        align, sub_skips = None, []
-        if K:  # levels below the spot: stem on the sub-patches, a block per level, pooled into the spot
-            xs = call(by_rows, lambda rows: self._stem(sub_features[order[spot_of[rows]], s_of[rows]], feat_stats), len(s_of))
-            for l in range(K):
-                level = pyramid.levels[l]
-                xs, tokens = call(self.sub_encoder[l], xs, tokens, level, self._knn_index(level, self.sub_encoder[l:l + 1]), maps)
-                sub_skips.append(xs)
-                own = x if l == K - 1 else None                   # the spot's own embedding queries (CCF)
-                xs = call(self.sub_pool[l], xs, level.parent, level.slot, pyramid.levels[l + 1].sites.shape[0], own)
-            align = None if inference(self) else (xs, x)          # HiFusion's alignment: pooled vs own
-            x = self.sub_fuse(xs, x)                              # (N, d)
-
-        if len(self.local):  # FEAST local stage: k-NN attention over the spots and any off-grid pseudo-spots
-            xy = coords / unit                                   # continuous lattice units, (N, 2)
-            if pseudo_features is not None:
-                xy = torch.cat([xy, pseudo_coords / unit])       # (N + M, 2)
-                x = torch.cat([x, self._stem(pseudo_features, feat_stats)])
-            index = knn(xy, xy, min(cfg.knn_k, xy.shape[0]))
-            points = _Points(xy)
-            for block in self.local:
-                x, _ = call(block, x, None, points, index, maps)
-            x = x[:N]                                            # pseudo-spots are dropped
-
-        skips = []
-        for l in range(L):                                       # encoder
-            level = levels[l]
-            index = self._knn_index(level, self.encoder[l])
-            for block in self.encoder[l]:
-                x, tokens = call(block, x, tokens, level, index, maps)
-            if l < L - 1:
-                skips.append(x)
-                x = call(self.coarsen[l], x, level.parent, level.slot, levels[l + 1].sites.shape[0])
-        decoded = {L - 1: x}                                     # every level's decoder tokens, for its head
-        for i, blocks in enumerate(self.decoder):                # decoder, deepest first
-            l = L - 2 - i
-            level = levels[l]
-
-            def up_fuse(x, skip, l=l, level=level):  # HiST eq. 5 upsampling, 3.6.3 fusion with the lateral skip
-                return self.fuse[l](self.uncoarsen[l](x, level.parent, level.slot), skip)
-            x = call(up_fuse, x, skips.pop())  # (l, level bound as defaults: a checkpoint calls it again later)
-            index = self._knn_index(level, blocks)
-            for block in blocks:
-                x, tokens = call(block, x, tokens, level, index, maps)
-            decoded[l] = x
-        for i, block in enumerate(self.sub_decoder):             # below the spot, down to the finest out level
-            level = pyramid.levels[K - 1 - i]
-
-            def up_skip(x, skip, i=i, level=level):
-                return self.sub_skip[i](self.sub_uncoarsen[i](x, level.parent, level.slot), skip)
-            x = call(up_skip, x, sub_skips[K - 1 - i])
-            x, tokens = call(block, x, tokens, level, self._knn_index(level, [block]), maps)
-            decoded[-1 - i] = x
-        x = decoded[0]
-
-        back = torch.argsort(order)                              # row of each caller's spot in x
-        head = lambda x, rows: self._head(self.norm(x[back[rows]]), tokens)  # noqa: E731  (caller's rows)
-        if inference(self):                                      # chunks of spots, written into the outputs
-            out = {}
-            for rows in row_chunks(N):
-                for k, v in head(x, rows).items():
-                    if k not in out:
-                        out[k] = v.new_empty(N, *v.shape[1:], dtype=out_dtype or v.dtype)
-                    out[k][rows] = v
-        else:
-            out = {k: v.to(out_dtype or v.dtype) for k, v in call(head, x, slice(None)).items()}
-        if K or list(cfg.out_levels) != [0]:
-            out.update(self._levels(pyramid, order, decoded, out_dtype))
+        tokens, skips, align = self.tokens, {}, None              # (T, d) calibration + pathway tokens
+        if cfg.sub_levels:                                        # HiFusion: the levels below the spot
+            xs = self._embed(sub_features, sub_rows, feat_stats)  # (n, d) sub-tokens
+            x, tokens, align = self._below_spot(x, xs, tokens, pyramid, skips, maps)
+        if len(self.local):                                       # FEAST local stage, over off-grid pseudo-spots too
+            x, xy = self._add_pseudo_spots(x, coords[order] / unit, pseudo_features, pseudo_coords, unit, feat_stats)
+            x = self._local_stage(x, xy, maps)[:len(order)]       # (N, d): the pseudo-spots are dropped
+        levels = pyramid.levels[cfg.sub_levels:]                  # the spot level and the coarser ones
+        x, tokens = self._encode(x, tokens, levels, skips, maps)  # (N_{L-1}, d) at the coarsest level
+        decoded, tokens = self._decode(x, tokens, skips, pyramid, maps)  # {level offset k: (N_k, d)}
+        out = self._spot_head(decoded[0], tokens, order, out_dtype)       # {"pred": (N, G), ...}
+        if cfg.sub_levels or list(cfg.out_levels) != [0]:
+            out.update(self._levels(pyramid, order, decoded, out_dtype))  # MagNet / sub-spot heads
         if align is not None:
             out["align"] = align
         if return_attention:
             out["attention"] = maps
         return out
 
-    def _levels(self, pyramid, order, decoded, out_dtype):
-        """The extra out_levels' predictions {"levels": {k: (N_k, G)}}, the parent maps between all levels
-        {"parents": {k: (N_k,) row at level k + 1}} and, below the spot, {"sub_index": {k: (N_k,) n * r^2 + s}},
-        rows in the order losses.level_loss and eval.level_outputs read: caller's spots at level 0, sorted by
-        (caller's spot, sub-position s = r * ix + iy, r = 2^-k) below it, lattice row-major above it."""
+    def _maybe_checkpoint(self, fn, *args):
+        """fn(*args). With model.checkpoint in training, only fn's inputs are kept and fn is recomputed in the
+        backward: training memory is then about one (N, d) tensor per step of the U-Net, not all activations."""
+        return checkpoint(fn, *args, use_reentrant=False) if self._recompute else fn(*args)
+
+    def _lattice(self, coords, unit, sub_features, sub_valid):
+        """-> order (N,): caller's row of each spot in row-major lattice order (sites are unique, so neither the
+        order nor how k-NN ties break depends on the input order), sites (N, 2) in that order, the pyramid (built
+        once, shared by every layer; with sub_levels = K it starts at the spot sites refined by r = 2^K, which
+        coarsened K times give back the spot sites), and (caller's spot, sub-position s) of each sub-token."""
+        K, L, N = self.cfg.sub_levels, len(self.cfg.depths), coords.shape[0]
+        sites = lattice.to_lattice(coords, unit)
+        order = lattice.rowmajor_order(sites)
+        sites = sites[order]
+        if not K:
+            return order, sites, lattice.build_pyramid(sites, L, self.cfg.w), None
+        r = 2 ** K
+        if sub_features is None or tuple(sub_features.shape[:2]) != (N, r * r):
+            raise ValueError(f"model.sub_levels = {K} needs sub_features of shape ({N}, {r * r}, C), found "
+                             f"{None if sub_features is None else tuple(sub_features.shape)}")
+        valid = torch.ones(N, r * r, dtype=torch.bool, device=sites.device) if sub_valid is None else sub_valid
+        spot, s = torch.nonzero(valid[order], as_tuple=True)     # sub-tokens by (sorted spot, s)
+        pyramid = lattice.build_pyramid(lattice.refine(sites, r)[spot, s], K + L, self.cfg.w)
+        return order, sites, pyramid, (order[spot], s)
+
+    def _embed(self, features, index, stats):
+        """The stem on features[index] (index: a tuple of (n,) row tensors) -> (n, d), a chunk of rows at a time:
+        no (n, C) gathered copy."""
+        stem = lambda rows: self._stem(features[tuple(i[rows] for i in index)], stats)  # noqa: E731
+        return self._maybe_checkpoint(by_rows, stem, len(index[0]))
+
+    def _below_spot(self, x, xs, tokens, pyramid, skips, maps):
+        """HiFusion HISM: sub-tokens xs (n, d) through a block per level (kept in skips[k], k < 0, for the decoder),
+        pooled up into the spot (model.sub_pool; the last step queried by the spot's own x (N, d), CCF), fused
+        with x. -> (x (N, d), tokens, (pooled, own) for HiFusion's alignment loss, None in inference)."""
+        K = self.cfg.sub_levels
+        for l in range(K):
+            level = pyramid.levels[l]
+            xs, tokens = self._blocks(self.sub_encoder[l:l + 1], xs, tokens, level, maps)
+            skips[l - K] = xs
+            own = x if l == K - 1 else None
+            xs = self._maybe_checkpoint(self.sub_pool[l], xs, level.parent, level.slot,
+                                        pyramid.levels[l + 1].sites.shape[0], own)  # (n / 4, d)
+        return self.sub_fuse(xs, x), tokens, None if inference(self) else (xs, x)
+
+    def _add_pseudo_spots(self, x, xy, pseudo_features, pseudo_coords, unit, stats):
+        """Spots x (N, d) at xy (N, 2, continuous lattice units) and any off-grid pseudo-spots (FEAST) after them
+        -> x (N + M, d), xy (N + M, 2)."""
+        if pseudo_features is None:
+            return x, xy
+        return torch.cat([x, self._stem(pseudo_features, stats)]), torch.cat([xy, pseudo_coords / unit])
+
+    def _local_stage(self, x, xy, maps):
+        """FEAST local stage: k-NN attention over x (n, d) at the continuous positions xy (n, 2). -> (n, d)."""
+        index = knn(xy, xy, min(self.cfg.knn_k, xy.shape[0]))
+        points = SimpleNamespace(sites=xy)                      # a level-like view of positions off the lattice
+        return self._blocks(self.local, x, None, points, maps, index)[0]
+
+    def _encode(self, x, tokens, levels, skips, maps):
+        """HiST encoder: at level l, depths[l] blocks, the result kept in skips[l], then coarsened (eq. 4).
+        x (N, d) at the spot level -> (N_{L-1}, d) at the coarsest, and the tokens."""
+        for l, blocks in enumerate(self.encoder):
+            x, tokens = self._blocks(blocks, x, tokens, levels[l], maps)
+            if l < len(self.encoder) - 1:
+                skips[l] = x
+                x = self._maybe_checkpoint(self.coarsen[l], x, levels[l].parent, levels[l].slot,
+                                           levels[l + 1].sites.shape[0])  # (N_{l+1}, d)
+        return x, tokens
+
+    def _decode(self, x, tokens, skips, pyramid, maps):
+        """HiST decoder, deepest level first: uncoarsen (eq. 5), fuse with the lateral skip (3.6.3), blocks;
+        below the spot it goes on down to the finest out level (model.out_levels). -> ({k: (N_k, d)}, tokens)
+        with every decoded level, k the offset from the spot level."""
         K, L = self.cfg.sub_levels, len(self.cfg.depths)
-        levels, N = pyramid.levels, len(order)
-        parents = {j: levels[K + j].parent for j in range(1, L - 1)}
-        parents[0] = levels[K].parent[torch.argsort(order)] if L > 1 else None
-        perm, sub_index, spot, inv = {}, {}, torch.arange(N, device=order.device), None
-        for l in range(K - 1, -1, -1):                           # from just below the spot downwards
-            k, r, lvl = l - K, 2 ** (K - l), levels[l]
-            spot = spot[lvl.parent]                              # sorted spot row of each row of level l
-            key = order[spot] * r * r + r * (lvl.sites[:, 0] % r) + lvl.sites[:, 1] % r
-            perm[k] = torch.argsort(key)
-            sub_index[k] = key[perm[k]]
-            up = lvl.parent[perm[k]]
-            parents[k] = order[up] if inv is None else inv[up]   # caller's rows of the level above
-            inv = torch.argsort(perm[k])
-        preds = {}
-        for name, head in self.level_heads.items():
-            k = int(name)
-            t, idx = decoded[k], perm.get(k)
-            n = t.shape[0]
-            rows = (lambda rows, t=t, idx=idx, head=head: head(t[rows if idx is None else idx[rows]]))
-            if inference(self):
-                preds[k] = by_rows(rows, n, out=t.new_empty(n, self.level_heads[name][-1].out_features,
-                                                            dtype=out_dtype or torch.float32))
-            else:  # gathered once, so each chunk reads a view (attention.rows_of)
-                read = rows_of(t if idx is None else t[idx])
-                preds[k] = by_rows(lambda rows, read=read, head=head: head(read(rows)), n).to(out_dtype or torch.float32)
-        out = {"levels": preds, "parents": {k: v for k, v in parents.items() if v is not None}}
-        if sub_index:
-            out["sub_index"] = sub_index
+        steps = [(L - 2 - i, self.uncoarsen[L - 2 - i], self.fuse[L - 2 - i], blocks)   # decoder[i]: level L-2-i
+                 for i, blocks in enumerate(self.decoder)]
+        steps += [(-1 - i, up, fuse, [block])  # and on below the spot
+                  for i, (up, fuse, block) in enumerate(zip(self.sub_uncoarsen, self.sub_skip, self.sub_decoder))]
+        decoded = {L - 1: x}
+        for k, uncoarsen, fuse, blocks in steps:
+            level = pyramid.levels[K + k]
+            x = self._maybe_checkpoint(self._upsample, uncoarsen, fuse, x, skips.pop(k), level)  # (N_k, d)
+            x, tokens = self._blocks(blocks, x, tokens, level, maps)
+            decoded[k] = x
+        return decoded, tokens
+
+    @staticmethod
+    def _upsample(uncoarsen, fuse, x, skip, level):
+        """HiST eq. 5 then 3.6.3: the parents' tokens x (M, d) to the level's children, fused with the skip."""
+        return fuse(uncoarsen(x, level.parent, level.slot), skip)
+
+    def _blocks(self, blocks, x, tokens, level, maps, knn_index=None):
+        """x (n, d) and the tokens through `blocks` at one level (k-NN neighbours found once for them all)."""
+        index = self._knn_index(level, blocks) if knn_index is None else knn_index
+        for block in blocks:
+            x, tokens = self._maybe_checkpoint(block, x, tokens, level, index, maps)
+        return x, tokens
+
+    def _spot_head(self, x, tokens, order, out_dtype):
+        """The head on the spot level's decoder tokens x (N, d), rows back in the caller's spot order."""
+        N, back = len(order), torch.argsort(order)               # row of each caller's spot in x
+        if not inference(self):
+            out = self._maybe_checkpoint(self._head, x, back, tokens)
+            return {k: v.to(out_dtype or v.dtype) for k, v in out.items()}
+        out = {}
+        for rows in row_chunks(N):                               # chunks of spots, written into the outputs
+            for k, v in self._head(x, back[rows], tokens).items():
+                if k not in out:
+                    out[k] = v.new_empty(N, *v.shape[1:], dtype=out_dtype or v.dtype)
+                out[k][rows] = v
         return out
 
-    def _stem(self, features, stats=None):
-        mean, std = (self.feat_mean, self.feat_std) if stats is None else stats  # training's, or the slide's
-        return self.stem((features - mean) / std)
-
-    def _head(self, x, tokens):
-        """Normalised tokens x (n, d) -> {"pred": (n, G), ["log_var": (n, G)], ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
-        cfg, out = self.cfg, {}
+    def _head(self, x, rows, tokens):
+        """Decoder tokens x[rows] (n, d) -> {"pred": (n, G), ["log_var": (n, G)], ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
+        cfg, out, x = self.cfg, {}, self.norm(x[rows])
         if cfg.head == "pathway":
             out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
         elif cfg.head == "zinb":
@@ -576,17 +487,33 @@ class Tessera(nn.Module):
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
         return out
 
+    def _levels(self, pyramid, order, decoded, out_dtype):
+        """The extra out_levels' predictions {"levels": {k: (N_k, G)}} with the maps between the levels'
+        rows (pyramid.level_rows: "parents" and, below the spot, "sub_index"), in the order
+        losses.level_loss and eval.level_outputs read."""
+        parents, perm, sub_index = level_rows(pyramid, order, self.cfg.sub_levels)
+        preds = {}
+        for name, head in self.level_heads.items():
+            k, dtype = int(name), out_dtype or torch.float32
+            t, idx = decoded[k], perm.get(k)
+            if inference(self):  # each chunk gathers its own rows: no reordered copy of the level
+                preds[k] = t.new_empty(t.shape[0], head[-1].out_features, dtype=dtype)
+                for rows in row_chunks(t.shape[0]):
+                    preds[k][rows] = head(t[rows if idx is None else idx[rows]])
+            else:                # gathered once, so each chunk reads a view (attention.rows_of)
+                read = rows_of(t if idx is None else t[idx])
+                preds[k] = torch.cat([head(read(rows)) for rows in row_chunks(t.shape[0])]).to(dtype)
+        return {"levels": preds, "parents": parents, **({"sub_index": sub_index} if sub_index else {})}
+
+    def _stem(self, features, stats=None):
+        mean, std = (self.feat_mean, self.feat_std) if stats is None else stats  # training's, or the slide's
+        return self.stem((features - mean) / std)
+
     def _knn_index(self, level, blocks):
         if self.cfg.attention != "knn" or not any(b.spot.mode == "knn" for b in blocks):
             return None
         xy = level.sites.float()
         return knn(xy, xy, min(self.cfg.knn_k, xy.shape[0]))
-
-
-@dataclass
-class _Points:
-    """A level-like view of continuous positions, for k-NN attention off the lattice."""
-    sites: torch.Tensor
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:

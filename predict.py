@@ -17,7 +17,7 @@ import torch
 
 import data
 from eval import calibrate, expected_folds, level_outputs
-from files import read_calibration, write_calibration, write_h5ad, write_predictions
+from files import not_an_input, read_calibration, write_calibration, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -257,7 +257,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one prediction
     file per slide and format in `out_dir`. Every check runs before anything is written."""
     import yaml
-    data.not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
+    not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

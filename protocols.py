@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 import eval as evaluation
-from data import CacheError, listed
-from files import read_predictions
+from files import CacheError, listed, read_predictions
 
 PROTOCOLS = Path(__file__).with_name("configs") / "protocols"
 PAPERS = PROTOCOLS / "papers.yaml"

@@ -221,14 +221,14 @@ def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, 
     section keeps its real spot coordinates (micrometres) and patient; a ridge fold runs end to end."""
     import bench_accuracy
     import data
-    import hest
+    import files
     her2st = shared_data / "her2st"
     root = bench_accuracy.build_caches(her2st, tmp_path / "cache", "strong")
     genes = (root / "genes.txt").read_text().split()
     slides = data.list_slides(root)
     assert len(genes) == 250 and len(slides) == 36
     s = data.read_slide(slides[0])
-    h = hest.read_h5ad(her2st / "st" / f"{s.slide_id}.h5ad", genes=genes)
+    h = files.read_h5ad(her2st / "st" / f"{s.slide_id}.h5ad", genes=genes)
     np.testing.assert_array_equal(s.counts.numpy(), h.counts)
     assert s.genes == genes and s.features.shape == (len(h.barcodes), 32) and s.patient == s.slide_id[0]
     nn = torch.cdist(s.coords, s.coords).fill_diagonal_(float("inf")).amin(1).median()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import data
+import files
 from test_checks import write
 from test_hest import write_h5ad
 
@@ -30,7 +31,7 @@ def caches(tmp: Path) -> Path:
 def replace(tmp, slide, key, change, dtype=None):
     """Slide s<slide>'s dataset `key` replaced by change(old values) (read_slide would refuse to write it)."""
     with h5py.File(caches(tmp) / f"s{slide}.h5", "a") as f:
-        old = data.h5_strings(f[key]) if key in data.STRING_KEYS else f[key][()]
+        old = files.h5_strings(f[key]) if key in data.STRING_KEYS else f[key][()]
         del f[key]
         new = change(old)
         f.create_dataset(key, data=new.astype(object) if key in data.STRING_KEYS else new,

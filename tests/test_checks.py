@@ -13,6 +13,7 @@ import yaml
 import checks
 from model import ModelConfig
 import data
+import files
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_the_command_prints_one_line_and_no_traceback(root, tmp_path):
 def test_scan_reads_in_blocks_and_names_the_first_bad_value(root, monkeypatch):
     """scan_slide reads a dataset in blocks of rows (a few rows here) and reports the same count and first
     index as a look at the whole array (numpy reference)."""
-    monkeypatch.setattr(data, "BLOCK", 3 * len(GENES))          # 3 rows of counts per block
+    monkeypatch.setattr(files, "BLOCK", 3 * len(GENES))          # 3 rows of counts per block
     import h5py
     with h5py.File(root / "s1.h5", "a") as f:
         x = f["counts"][()]
@@ -222,8 +223,8 @@ def test_scan_reads_in_blocks_and_names_the_first_bad_value(root, monkeypatch):
         del f["counts"]
         f["counts"] = x
     reads = []
-    real = data._blocks
-    monkeypatch.setattr(data, "_blocks", lambda d: [reads.append(b[0]) or b for b in real(d)])
+    real = files._blocks
+    monkeypatch.setattr(files, "_blocks", lambda d: [reads.append(b[0]) or b for b in real(d)])
     with pytest.raises(data.CacheError) as e:
         data.scan_slide(root / "s1.h5")
     first = tuple(int(i) for i in np.argwhere(x < 0)[0])
@@ -300,7 +301,7 @@ def test_config_numbers_must_be_finite(root, tmp_path, capsys, item):
 
 
 def test_list_truncation_says_so():
-    assert data.listed(["a", "b"]) == "a, b" and data.listed(range(7), 5) == "0, 1, 2, 3, 4 ..."
+    assert files.listed(["a", "b"]) == "a, b" and files.listed(range(7), 5) == "0, 1, 2, 3, 4 ..."
 
 
 # ---- memory ------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_write_refuses_overwrite_and_is_atomic(tmp_path):
     data.write_slide(path, make_slide(seed=1), overwrite=True)
     assert torch.equal(data.read_slide(path).features, make_slide(seed=1).features)
     with pytest.raises(RuntimeError):
-        with data.atomic_path(tmp_path / "x.h5") as tmp:
+        with files.atomic_path(tmp_path / "x.h5") as tmp:
             Path(tmp).write_text("partial")
             raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.h5"]
@@ -357,14 +357,14 @@ def hvg_reference(counts, n):
 
 def test_hvg_matches_an_independent_implementation_on_her2st(shared_data):
     paths = [shared_data / "her2st" / "st" / f"{s}.h5ad" for s in ("B1", "B2", "B3")]
-    genes = [hest.read_h5ad(p, genes=[]).genes for p in paths[:0]] or None
+    genes = [files.read_h5ad(p, genes=[]).genes for p in paths[:0]] or None
     with h5py.File(paths[0]) as f:
         common = [s.decode() for s in f["var/_index"][()]]
     for p in paths[1:]:
         with h5py.File(p) as f:
             have = {s.decode() for s in f["var/_index"][()]}
         common = [g for g in common if g in have]
-    counts = [hest.read_h5ad(p, genes=common).counts for p in paths]
+    counts = [files.read_h5ad(p, genes=common).counts for p in paths]
     chosen = data.select_genes(counts, common, 250, by="hvg")
     ref = [common[j] for j in hvg_reference(np.concatenate(counts), 250)]
     assert len(chosen) == 250 and genes is None
@@ -522,11 +522,11 @@ def test_a_full_disk_in_atomic_path_names_the_file_and_keeps_the_old_one(tmp_pat
     path.write_bytes(b"old")
     for error in (OSError(errno.ENOSPC, "No space left on device"),
                   OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")):
-        with pytest.raises(data.DiskFull, match=r"x\.h5: disk full"):
-            with data.atomic_path(path) as tmp:
+        with pytest.raises(files.DiskFull, match=r"x\.h5: disk full"):
+            with files.atomic_path(path) as tmp:
                 tmp.write_bytes(b"partial")
                 raise error
         assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.h5"]
     with pytest.raises(PermissionError):                 # any other error passes through as it is
-        with data.atomic_path(path):
+        with files.atomic_path(path):
             raise PermissionError(13, "denied")

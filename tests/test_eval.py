@@ -529,8 +529,7 @@ def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_r
         assert a.var["n_models"].tolist() == h5["n_models"].tolist()
         assert a.uns["tessera"]["run"] == "tiny" and "log1p" in a.uns["tessera"]["X"]
         assert "model:" in a.uns["tessera"]["config"] and a.uns["tessera"]["mc_samples"] == 2
-    import hest  # the repository's own h5ad reader reads it too
-    back = hest.read_h5ad(tmp_path / "p" / "synth_03.h5ad")
+    back = files.read_h5ad(tmp_path / "p" / "synth_03.h5ad")  # the repository's own h5ad reader reads it too
     np.testing.assert_array_equal(back.counts, h5["pred"])
     assert back.genes == h5["genes"] and back.barcodes.tolist() == h5["barcodes"].tolist()
     np.testing.assert_array_equal(back.xy, h5["coords"])

@@ -38,7 +38,7 @@ def dense_from_csr(g):
 def test_h5ad_her2st_matches_csr_rebuilt_by_hand(shared_data):
     for sid in ("A1", "C3"):
         path = shared_data / "her2st" / "st" / f"{sid}.h5ad"
-        h = hest.read_h5ad(path)
+        h = files.read_h5ad(path)
         with h5py.File(path) as f:
             ref = dense_from_csr(f["X"])
             obs_index = [s.decode() for s in f["obs/_index"][()]]
@@ -49,16 +49,16 @@ def test_h5ad_her2st_matches_csr_rebuilt_by_hand(shared_data):
         assert np.array_equal(h.xy, spatial) and np.allclose(h.library_size, ref.sum(1))
         assert set(h.obs) == {"array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"}
         pick = [var_index[5], var_index[0], var_index[-1]]
-        sub = hest.read_h5ad(path, genes=pick)
+        sub = files.read_h5ad(path, genes=pick)
         assert sub.genes == pick and np.array_equal(sub.counts, ref[:, [5, 0, -1]].astype(np.float32))
         assert np.allclose(sub.library_size, ref.sum(1))  # library size is over all genes
     with pytest.raises(CacheError, match=r"key 'var': expected all 2 requested genes, found 1 missing: NOPE"):
-        hest.read_h5ad(path, genes=[var_index[0], "NOPE"])
+        files.read_h5ad(path, genes=[var_index[0], "NOPE"])
 
 
 def test_h5ad_dense_with_custom_index_and_obs_coordinates(shared_data):
     path = shared_data / "hest_samples" / "NCBI858.h5ad"
-    h = hest.read_h5ad(path)
+    h = files.read_h5ad(path)
     with h5py.File(path) as f:
         X = f["X"][()]
         cells = [s.decode() for s in f["obs/cell_id"][()]]
@@ -125,13 +125,13 @@ def test_h5ad_encodings(tmp_path, style):
     if style != "current":
         group = [g or "stroma" for g in group]
     write_h5ad(tmp_path / "a.h5ad", X, barcodes, genes, style, xy, group)
-    h = hest.read_h5ad(tmp_path / "a.h5ad")
+    h = files.read_h5ad(tmp_path / "a.h5ad")
     assert np.array_equal(h.counts, X.astype(np.float32)) and h.counts.dtype == np.float32
     assert list(h.barcodes) == barcodes and h.genes == genes and np.allclose(h.xy, xy)
     assert np.array_equal(h.library_size, X.sum(1))
     decoded = [g if g is not None else "" for g in h.obs["region"]]
     assert decoded == group
-    sub = hest.read_h5ad(tmp_path / "a.h5ad", genes=["CD74", "MT-1"])
+    sub = files.read_h5ad(tmp_path / "a.h5ad", genes=["CD74", "MT-1"])
     assert np.array_equal(sub.counts, X[:, [3, 0]].astype(np.float32))
 
 
@@ -168,9 +168,12 @@ def test_malformed_h5ad_is_rejected_with_a_clear_message(tmp_path, change, key, 
     with h5py.File(path, "a") as f:
         change(f)
     with pytest.raises(CacheError) as e:
-        hest.read_h5ad(path)
+        files.read_h5ad(path)
     msg = str(e.value)
     assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
+    with pytest.raises(CacheError) as e:                # binning a cell table reads it with the same checks
+        hest.bin_cells(path, 10.0, tmp_path / "out", log=lambda m: None)
+    assert str(e.value) == msg and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- placeholder encoder
@@ -273,7 +276,7 @@ def test_embed_and_import_her2st_end_to_end(shared_data, tmp_path, capsys):
     assert [p.stem for p in paths] == ["B4", "C2", "C3", "C4", "C5", "C6"] and seconds < 60
     s = data.read_slide(paths[0])
     meta = files.read_metadata(her2st / "metadata.csv")["B4"]
-    h = hest.read_h5ad(her2st / "st" / "B4.h5ad")
+    h = files.read_h5ad(her2st / "st" / "B4.h5ad")
     assert (s.patient, s.spot_pitch_um, s.features.shape) == ("B", 200.0, (283, 48))
     with h5py.File(her2st / "patches" / "B4.h5") as f:
         assert list(s.barcodes) == [b[0].decode() for b in f["barcode"][()]]   # same spots, h5ad order
@@ -401,14 +404,14 @@ def test_harmonised_h5ad_sums_renamed_genes_and_repeated_barcodes(tmp_path):
             g.create_dataset("_index", data=index.astype(object), dtype=STR)
         f.create_dataset("obsm/spatial", data=np.array([[0, 0], [1, 0], [9, 9]], dtype=np.float64))
     assert protocols.harmonise_gene_names(var) == ["ERBB2", "ERBB2", "ENSG00000141736", "ACTB", "AC012345"]
-    h = hest.read_h5ad(p, harmonise=True)
+    h = files.read_h5ad(p, rename=protocols.harmonise_gene_names)
     assert h.genes == ["ERBB2", "ENSG00000141736", "ACTB", "AC012345"] and list(h.barcodes) == ["b1", "b2"]
     np.testing.assert_array_equal(h.counts, [[1 + 2 + 5 + 0, 0 + 1, 4 + 1, 1 + 2], [0 + 1, 3, 0, 0]])
     np.testing.assert_array_equal(h.library_size, [8 + 9, 4])
     np.testing.assert_array_equal(h.xy, [[0, 0], [1, 0]])
-    h = hest.read_h5ad(p, genes=["ACTB"], harmonise=True)
+    h = files.read_h5ad(p, genes=["ACTB"], rename=protocols.harmonise_gene_names)
     np.testing.assert_array_equal(h.counts, [[5], [0]])
-    assert hest.read_h5ad(p).genes == list(var)                       # without harmonise: names as stored
+    assert files.read_h5ad(p).genes == list(var)                       # without harmonise: names as stored
 
 
 def test_import_of_one_papers_dataset_refuses_missing_slides_and_harmonises(tmp_path):
@@ -526,7 +529,7 @@ def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
     """All 36 her2st sections (legacy ST, 200 um grid with real registration jitter) by 2, every sixth by 4 too."""
     meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for number, path in enumerate(sorted((shared_data / "her2st" / "st").glob("*.h5ad"))):
-        h = hest.read_h5ad(path)
+        h = files.read_h5ad(path)
         keep = np.argsort(-h.counts.sum(0))[:50]                     # 50 genes: every count of them
         n = len(h.barcodes)
         slide = data.Slide(path.stem, torch.zeros(n, 1), torch.tensor(h.xy * float(meta[path.stem]["pixel_size_um_estimated"])),
@@ -546,10 +549,10 @@ def test_bin_of_real_her2st_geometry_loses_no_spot_and_no_count(shared_data):
 def test_bin_cells_against_a_loop_over_cells(shared_data, tmp_path):
     """The real HEST-derived cell table (200 cells, dense X, coordinates in obs x_pixel / y_pixel)."""
     src = shared_data / "hest_samples" / "NCBI858.h5ad"
-    cells = hest.read_h5ad(src)
+    cells = files.read_h5ad(src)
     px, side = 0.5, 20.0
     hest.main(["bin", "--cells", str(src), "--bin-um", str(side), "--pixel-size", str(px), "--out", str(tmp_path)])
-    got = hest.read_h5ad(tmp_path / "NCBI858.h5ad")
+    got = files.read_h5ad(tmp_path / "NCBI858.h5ad")
     lo = (cells.xy * px).min(0)
     want = {}
     for k in range(len(cells.barcodes)):                               # one cell at a time

@@ -427,10 +427,9 @@ def test_square_grid_refuses_other_layouts():
 def test_square_grid_on_her2st_recovers_the_array_positions(shared_data):
     """Legacy ST (200 um pitch, real registration jitter): the fitted sites are the arrays' own positions."""
     import data
-    import hest
     meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for sid in ("A1", "B3", "C6", "F3"):
-        h = hest.read_h5ad(shared_data / "her2st" / "st" / f"{sid}.h5ad")
+        h = files.read_h5ad(shared_data / "her2st" / "st" / f"{sid}.h5ad")
         site, A, _ = lattice.square_grid(torch.tensor(h.xy * float(meta[sid]["pixel_size_um_estimated"])))
         array = torch.tensor(np.stack([h.obs["array_col"], h.obs["array_row"]], 1).astype(np.int64))
         assert torch.equal(site - site[0], array - array[0]), sid

@@ -8,7 +8,8 @@ import torch
 
 import files
 import lattice
-from model import Coarsen, ModelConfig, PathwayHead, Ridge, Uncoarsen, build_model, check_config
+from model import ModelConfig, PathwayHead, Ridge, build_model, check_config
+from pyramid import Coarsen, Fuse, Uncoarsen, child_attention
 
 C, G = 12, 7
 
@@ -264,7 +265,6 @@ def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
 def test_uncoarsen_and_fuse_with_random_weights_by_definition():
     """HiST eq. 5: z = Linear(d -> 4d)(x_parent) cut into 4 slots, child n reads slot[n] of its parent;
     fusion = Linear(2d -> d) on [up || skip]. Loops and an explicit concatenation."""
-    from model import Fuse
     d = 4
     sites, parent_sites, parent, slot = random_coarsening(30)
     x = torch.randn(parent_sites.shape[0], d)
@@ -305,7 +305,6 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch):
 
 # ---- levels below and above the spot (HiFusion sub-spots, MagNet multi-resolution heads) ------------------
 def test_child_attention_against_a_loop():
-    from attention import child_attention
     g = torch.Generator().manual_seed(0)
     M, H, dh = 5, 2, 3
     parent = torch.tensor([0, 0, 1, 3, 3, 3, 3, 1, 4])                 # parent 2 has no children
