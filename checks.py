@@ -1,19 +1,15 @@
-"""Every mistake a user can make in a config, the files it names, the slide caches and the run folder,
-caught before any fold trains: one line naming the file or key, what was expected and what was found.
-
-train.py calls, in order: check_config (types and ranges of every key, pure), check_run_dir (where the
-run folder is: inside run.dir, apart from the data, writable), check_data (data.root, slide headers via
-data.read_slide_meta, every value of every slide the run reads via data.scan_slide, gene list, GMT, folds,
-the memory the largest slide needs), check_folds (no slide or patient in training and test). Nothing here
-writes a file, apart from the probe that tells whether run.dir can be written (removed at once); what the
-run folder may hold (a new run, --resume, fold jobs) is runs.py's.
+"""Every mistake a user can make in a config, the files it names and the slide caches, caught before any
+fold trains: one line naming the file or key, what was expected and what was found. train.py calls, in
+order: check_config (types and ranges of every key, pure), runs.check_run_dir (where the run folder may be),
+check_data (data.root, slide headers via data.read_slide_meta, every value of every slide the run reads via
+data.scan_slide, gene list, GMT, folds, the memory the largest slide needs), check_folds (no slide or
+patient in training and test). Nothing here writes a file; the run folder is runs.py's.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,9 +40,8 @@ def _unique_mapping(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                problem=f"found the key {key!r} twice in one mapping (line {key_node.start_mark.line + 1}); "
-                        "expected each key once")
+            raise yaml.constructor.ConstructorError(problem=f"found the key {key!r} twice in one mapping (line "
+                                                    f"{key_node.start_mark.line + 1}); expected each key once")
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -95,8 +90,7 @@ RANGES = {
     "model.calibration_tokens": at_least(0), "model.pathway_tokens": at_least(0), "model.hidden": at_least(1),
     "model.pca": at_least(1), "model.ridge_alpha": above(0),
     "model.radii": ((lambda v: len(v) > 0 and min(v) > 0), "with at least one radius, each > 0 (spot pitches)"),
-    "train.ema": PROBABILITY,
-    "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
+    "train.ema": PROBABILITY, "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
     "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb", "gaussian"),
     "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0),
     "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0),
@@ -128,8 +122,7 @@ def _kind(value, kind) -> bool:
     return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
             "number": _number(value), "mapping": isinstance(value, dict),
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-            "numbers": isinstance(value, list) and all(_number(v) for v in value),
-            }[kind]
+            "numbers": isinstance(value, list) and all(_number(v) for v in value)}[kind]
 
 
 def _kind_of(default) -> str | None:
@@ -244,89 +237,6 @@ def check_levels(cfg: dict, mc: ModelConfig) -> None:
         raise ConfigError("train.align_lambda needs model.sub_levels >= 1 (sub-tokens to align with the spot)")
 
 
-# ---- the run folder ---------------------------------------------------------------------------
-def differences(saved, given, prefix="") -> list[str]:
-    """The dotted keys whose values differ between two configs, with both values."""
-    out = []
-    for key in list(saved) + [k for k in given if k not in saved]:
-        a, b = saved.get(key, "absent"), given.get(key, "absent")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} (run {a!r}, given {b!r})")
-    return out
-
-
-def check_writable(run_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, takes a new file: a probe file is created
-    and removed (os.access says yes to root on a read-only folder and to anyone on a read-only mount)."""
-    place = run_dir
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise ConfigError(f"{place}: key 'run.dir': expected a folder to hold the run folder {run_dir}, found a file")
-    try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{place}: key 'run.dir': expected a folder this user can write the run folder "
-                          f"{run_dir} in, found it cannot be written ({e.strerror or e})") from None
-
-
-def check_run_dir(cfg: dict) -> Path:
-    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so the
-    folder lies directly inside run.dir (also once links are followed), and apart from data.root (not it,
-    not inside it, not around it). Returns it as given; runs.py guards what is inside."""
-    name, base = cfg["run"]["name"], Path(cfg["run"]["dir"])
-    seps = {"/", "\\", os.sep, os.altsep} - {None}
-    if name in (".", "..") or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
-        _fail("run.name", "a folder name inside run.dir (no path separator, not '.', '..' or hidden)", name)
-    run_dir = base / name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
-    inside = base.resolve()
-    where = run_dir.resolve()
-    if where.parent != inside:
-        raise ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir {inside}, found a link "
-                          f"to {where}, outside run.dir")
-    data_root = Path(cfg["data"]["root"]).resolve()
-    if where == data_root or data_root in where.parents or where in data_root.parents:
-        relation = ("is" if where == data_root else "is inside" if data_root in where.parents else "holds")
-        raise ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder apart from the data, "
-                          f"found one that {relation} data.root {data_root}")
-    check_writable(run_dir)
-    return run_dir
-
-
-def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> None:
-    """No fold tests a slide it trains on (train.val_slides are taken from the training slides), and when
-    folds group patients (data.group = patient) no patient is in both training and test of a fold.
-    Split files (data.split_dir) can break both; check_data has made sure every slide exists."""
-    dc = cfg["data"]
-    split = data_file(cfg, "split_dir", root, folder=True) if dc["split_dir"] else None
-    where = lambda k: f"{split / f'test_{k}.csv'}: key 'data.split_dir'" if split else "key 'data.folds'"  # noqa: E731
-    patients = ({s: data.read_slide_meta(root / f"{s}.h5").patient for fold in folds for s in fold[0] + fold[1]}
-                if dc["group"] == "patient" else {})
-    for k, (train_ids, test_ids) in enumerate(folds):
-        both = sorted(set(train_ids) & set(test_ids))
-        if both:
-            raise ConfigError(f"{where(k)}: expected test slides that fold {k} does not train on, found "
-                              f"{len(both)} in both train_{k} and test_{k}: {', '.join(both[:10])}")
-        if not patients:
-            continue
-        trained = {}
-        for s in train_ids:
-            trained.setdefault(patients[s], []).append(s)
-        shared = [(p, trained[p], [s for s in test_ids if patients[s] == p])
-                  for p in sorted({patients[s] for s in test_ids} & set(trained))]
-        if shared:
-            listed = "; ".join(f"patient {p}: train {', '.join(a)}, test {', '.join(b)}" for p, a, b in shared[:5])
-            raise ConfigError(f"{where(k)}: expected no patient in both training and test of fold {k} "
-                              f"(data.group = patient), found {len(shared)}: {listed}; set data.group=slide if "
-                              "the folds are meant to split patients")
-
-
 # ---- data: files, slide headers, folds --------------------------------------------------------
 def data_file(cfg: dict, key: str, root: Path, folder: bool = False) -> Path:
     """The file (or folder) a `data.<key>` names: as given when absolute, else inside data.root, else
@@ -374,7 +284,6 @@ def _check_headers(paths: list[Path], metas: list[data.SlideMeta], training: set
             raise data.CacheError(f"{p}: key 'library_size': expected the total counts of each spot for "
                                   f"data.normalize=true, found {m.zero_library} spots with library_size 0 "
                                   "and counts > 0")
-    return metas
 
 
 def _check_gmt(cfg: dict, root: Path, genes: list[str], log) -> None:
@@ -470,6 +379,34 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
     return folds
 
 
+def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> None:
+    """No fold tests a slide it trains on (train.val_slides are taken from the training slides), and when
+    folds group patients (data.group = patient) no patient is in both training and test of a fold.
+    Split files (data.split_dir) can break both; check_data has made sure every slide exists."""
+    dc = cfg["data"]
+    split = data_file(cfg, "split_dir", root, folder=True) if dc["split_dir"] else None
+    where = lambda k: f"{split / f'test_{k}.csv'}: key 'data.split_dir'" if split else "key 'data.folds'"  # noqa: E731
+    patients = ({s: data.read_slide_meta(root / f"{s}.h5").patient for fold in folds for s in fold[0] + fold[1]}
+                if dc["group"] == "patient" else {})
+    for k, (train_ids, test_ids) in enumerate(folds):
+        both = sorted(set(train_ids) & set(test_ids))
+        if both:
+            raise ConfigError(f"{where(k)}: expected test slides that fold {k} does not train on, found "
+                              f"{len(both)} in both train_{k} and test_{k}: {', '.join(both[:10])}")
+        if not patients:
+            continue
+        trained = {}
+        for s in train_ids:
+            trained.setdefault(patients[s], []).append(s)
+        shared = [(p, trained[p], [s for s in test_ids if patients[s] == p])
+                  for p in sorted({patients[s] for s in test_ids} & set(trained))]
+        if shared:
+            listed = "; ".join(f"patient {p}: train {', '.join(a)}, test {', '.join(b)}" for p, a, b in shared[:5])
+            raise ConfigError(f"{where(k)}: expected no patient in both training and test of fold {k} "
+                              f"(data.group = patient), found {len(shared)}: {listed}; set data.group=slide if "
+                              "the folds are meant to split patients")
+
+
 # ---- memory -------------------------------------------------------------------------------------
 def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
     """The model, for its sizes: built for real when a generous bound on its tensors is small (milliseconds),
@@ -528,8 +465,7 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a run: the GPU's free memory on CUDA, else MemAvailable of /proc/meminfo (or the
-    physical pages, where there is no /proc)."""
+    """Bytes free for a run: the GPU's free memory on CUDA, else /proc/meminfo's MemAvailable (or free pages)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
     try:

@@ -1,5 +1,7 @@
-"""What a run folder holds and who may write it, so that a run is never mixed with another config, other
-data or another process's fold (README, "Folds on many machines"):
+"""Where a run folder may be, what it holds and who may write it, so that a run is never mixed with another
+config, other data or another process's fold (README, "Folds on many machines"). check_run_dir, before
+anything is read: a plain folder directly inside run.dir, apart from data.root, writable (a probe file,
+removed at once). Then:
 
     runs/<name>/lock             held while a process creates or checks config.yaml and folds.json
     runs/<name>/folds.json       the fold assignment (train, val and test slide ids per fold) and each slide
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,6 +218,62 @@ def release_folds(run_dir: Path, ks) -> None:
 
 
 # ---- the run folder -----------------------------------------------------------------------------------
+def differences(saved, given, prefix="") -> list[str]:
+    """The dotted keys whose values differ between two configs, with both values."""
+    out = []
+    for key in list(saved) + [k for k in given if k not in saved]:
+        a, b = saved.get(key, "absent"), given.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (run {a!r}, given {b!r})")
+    return out
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, takes a new file: a probe file is created
+    and removed (os.access says yes to root on a read-only folder and to anyone on a read-only mount)."""
+    place = run_dir
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise checks.ConfigError(f"{place}: key 'run.dir': expected a folder to hold the run folder {run_dir}, "
+                                 "found a file")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise checks.ConfigError(f"{place}: key 'run.dir': expected a folder this user can write the run folder "
+                                 f"{run_dir} in, found it cannot be written ({e.strerror or e})") from None
+
+
+def check_run_dir(cfg: dict) -> Path:
+    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so the
+    folder lies directly inside run.dir (also once links are followed), and apart from data.root (not it,
+    not inside it, not around it). Returns it as given; open_run guards what is inside."""
+    name, base = cfg["run"]["name"], Path(cfg["run"]["dir"])
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if name in (".", "..") or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
+        raise checks.ConfigError("key 'run.name': expected a folder name inside run.dir (no path separator, "
+                                 f"not '.', '..' or hidden), found {name!r}")
+    run_dir = base / name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise checks.ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
+    inside = base.resolve()
+    where = run_dir.resolve()
+    if where.parent != inside:
+        raise checks.ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir {inside}, found a "
+                                 f"link to {where}, outside run.dir")
+    data_root = Path(cfg["data"]["root"]).resolve()
+    if where == data_root or data_root in where.parents or where in data_root.parents:
+        relation = ("is" if where == data_root else "is inside" if data_root in where.parents else "holds")
+        raise checks.ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder apart from the "
+                                 f"data, found one that {relation} data.root {data_root}")
+    check_writable(run_dir)
+    return run_dir
+
+
 def _what(cfg: dict) -> dict:
     out = copy.deepcopy(cfg)
     for key in WHERE_KEYS:
@@ -260,7 +319,7 @@ def _open_locked(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: 
         saved = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise checks.ConfigError(f"{config}: expected the config the run started with, found: {e}") from None
-    diff = checks.differences(_what(saved if isinstance(saved, dict) else {}), _what(cfg))
+    diff = differences(_what(saved if isinstance(saved, dict) else {}), _what(cfg))
     flag = "--resume" if resume else "--fold"
     if diff and (resume or joining):
         raise checks.ConfigError(f"{config}: {flag} expected the config the run started with, found other values "

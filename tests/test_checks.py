@@ -14,6 +14,7 @@ import checks
 from model import ModelConfig
 import data
 import files
+import runs
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_run_folders(root, tmp_path, capsys):
                 "model.dim (run 64, given 32); train.epochs (run 25, given 3)")
     msg = refused([*base(root), "train.epochs=3"], tmp_path, capsys)
     expect(msg, "runs/t holds a run of another config (train.epochs (run 25, given 3)): choose another run.name")
-    assert checks.check_run_dir(cfg) == run.relative_to(tmp_path)
+    assert runs.check_run_dir(cfg) == run.relative_to(tmp_path)
     (run / "config.yaml").unlink()
     expect(refused(base(root), tmp_path, capsys), "runs/t: expected a new run folder, found fold_0 and no config.yaml")
 

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # 1 geometry and maths, 2 model and data contract, 3 programs
     1: ["lattice", "attention"],
     2: ["model", "pyramid", "baselines", "losses", "data", "files"],
-    3: ["train", "runs", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench", "bench_accuracy",
-        "gpu_check"],
+    3: ["train", "augment", "runs", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench",
+        "bench_accuracy", "gpu_check"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
