@@ -20,6 +20,7 @@ import torch
 
 import data
 import lattice
+from conformal import interval_entries
 from files import _array, atomic_path, read_calibration, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
@@ -158,55 +159,6 @@ def coverage(std, pred, true, z: float = 1.96) -> float:
     return float(np.mean(np.abs(_array(true) - _array(pred)) <= z * _array(std)))
 
 
-# ---------------------------------------------------------------- split-conformal intervals
-def conformal_quantile(scores, level: float) -> np.ndarray:
-    """Per column of scores (n, G) the split-conformal quantile at nominal coverage `level` (Vovk 2005;
-    Lei et al. 2018): the k-th smallest score, k = ceil((n + 1) level), i.e. the empirical quantile at
-    ceil((n + 1) level) / n, the finite-sample correction that makes coverage >= level for an exchangeable
-    new value; inf where k > n (too few calibration values for that level)."""
-    s = np.sort(_array(scores), axis=0)
-    n = s.shape[0]
-    k = max(1, math.ceil((n + 1) * level - 1e-9))  # the tolerance: (n + 1) * 0.9 is not exact in floating point
-    return s[k - 1] if k <= n else np.full(s.shape[1], np.inf)
-
-
-def interval_level_name(level: float) -> str:
-    """The percent a metric name carries: 0.9 -> "90", 0.975 -> "97.5"."""
-    return f"{100 * level:g}"
-
-
-def calibrate(preds, trues, sigmas, level: float) -> dict:
-    """Split-conformal calibration on held-out slides (lists of (N_i, G) arrays; sigmas None = constant
-    width): normalised scores |y - pred| / sigma and constant-width scores |y - pred| (n, G), and their
-    per-gene quantiles q, q_constant at `level`. An interval is then pred +- q sigma."""
-    ps, ts = map(list, zip(*_slides(preds, trues)))
-    res = np.abs(np.concatenate(ts) - np.concatenate(ps))
-    scores = res if sigmas is None else res / np.maximum(np.concatenate([_array(s) for s in sigmas]), 1e-12)
-    return {"level": level, "scores": scores.astype(np.float32), "scores_constant": res.astype(np.float32),
-            "q": conformal_quantile(scores, level), "q_constant": conformal_quantile(res, level)}
-
-
-def interval_metrics(lower, upper, true) -> dict:
-    """Share of the true values inside [lower, upper] and the mean width upper - lower (N, G arrays)."""
-    lo, hi, t = _array(lower), _array(upper), _array(true)
-    return {"coverage": float(np.mean((t >= lo) & (t <= hi))), "width": float(np.mean(hi - lo))}
-
-
-def _interval_entries(ps, ts, intervals) -> dict:
-    """coverage@<level>, width@<level> of the intervals over the pooled slides; with the constant-width
-    interval of the same calibration (`q_constant`) also its coverage and width and the width ratio."""
-    name = interval_level_name(intervals["level"])
-    t = np.concatenate(ts)
-    m = interval_metrics(np.concatenate(intervals["lower"]), np.concatenate(intervals["upper"]), t)
-    out = {f"coverage@{name}": m["coverage"], f"width@{name}": m["width"]}
-    if intervals.get("q_constant") is not None:
-        p, q = np.concatenate(ps), np.asarray(intervals["q_constant"], dtype=np.float64)
-        c = interval_metrics(p - q, p + q, t)
-        out.update({f"coverage@{name}_constant": c["coverage"], f"width@{name}_constant": c["width"],
-                    f"width_ratio@{name}": m["width"] / c["width"] if c["width"] > 0 else float("nan")})
-    return out
-
-
 def pcc_spot(preds, trues) -> float:
     """HiFusion's PCC: Pearson over the genes of each spot, mean over all spots (0 for a constant spot)."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
@@ -219,7 +171,7 @@ def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
     many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.
     With `intervals` {"level", "lower", "upper" (lists like preds), optional "q_constant" (G,)}, also
-    coverage@<level>, width@<level> (and the constant-width interval's, `_interval_entries`) and "per_slide":
+    coverage@<level>, width@<level> (and the constant-width interval's, conformal.interval_entries) and "per_slide":
     these and unc_spearman on each slide alone."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
     p, t = np.concatenate(ps), np.concatenate(ts)
@@ -235,11 +187,11 @@ def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
         s = np.concatenate([_array(x) for x in stds])
         out["unc_spearman"], out["coverage"] = unc_spearman(s, p, t), coverage(s, p, t)
     if intervals is not None:
-        out.update(_interval_entries(ps, ts, intervals))
+        out.update(interval_entries(ps, ts, intervals))
         out["per_slide"] = []
         for i in range(len(ps)):
             one = {k: [v[i]] for k, v in intervals.items() if k in ("lower", "upper")}
-            e = _interval_entries([ps[i]], [ts[i]], {**intervals, **one})
+            e = interval_entries([ps[i]], [ts[i]], {**intervals, **one})
             if stds is not None:
                 e["unc_spearman"] = unc_spearman(stds[i], ps[i], ts[i])
             out["per_slide"].append(e)

@@ -239,8 +239,7 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
-    extra = {k: None if v is None else _array(v, np.float32)
-             for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
+    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              **{k: (n, g) if v is None else v.shape for k, v in extra.items()},
              "n_models": (g,) if n_models is None else np.shape(n_models)}
@@ -278,8 +277,7 @@ def read_predictions(path) -> dict:
         return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": f["pred"][:],
                 "genes": list(f["genes"].asstr()[:]), "barcodes": np.array(f["barcodes"].asstr()[:], dtype=str),
                 "coords": f["coords"][:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
-                "lower": get("lower"), "upper": get("upper"),
-                "interval": float(f.attrs["interval"]) if "interval" in f.attrs else None,
+                "lower": get("lower"), "upper": get("upper"), "interval": f.attrs["interval"] if "interval" in f.attrs else None,
                 "levels": {int(name[6:]): {key: f[name][key][:] for key in f[name]}
                            for name in f if name.startswith("level_")}}
 
@@ -318,15 +316,13 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None,
-               lower=None, upper=None) -> None:
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, lower=None, upper=None):
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
     expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`) when given, obs index = barcodes, var index = genes (column
     `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of strings and numbers."""
     write_anndata(path, _array(pred, np.float32), barcodes, genes,
                   var={} if n_models is None else {"n_models": n_models},
-                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true), ("lower", lower),
-                                                                 ("upper", upper)) if v is not None},
+                  layers={k: _array(v, np.float32) for k, v in dict(std=std, true=true, lower=lower, upper=upper).items() if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)
 
 
@@ -486,16 +482,10 @@ def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
     np.add.at(counts, (row_of[rows[keep]], column_of[cols[keep]]), values[keep])  # duplicates sum, as in scipy
     library = np.bincount(row_of[rows], weights=values, minlength=len(barcodes))
     return H5ad(counts.astype(np.float32), barcodes, genes, xy, obs, library)
-
 # ----------------------------------------------------------------------------- conformal calibration
 def write_calibration(path, genes, level: float, sigma: str, q, q_constant, scores, scores_constant) -> None:
-    """A fold's split-conformal calibration (eval.calibrate): nominal `level`, what sigma was (predicted |
-    ensemble | predicted+ensemble | constant), per-gene quantiles `q` (normalised scores) and `q_constant`
-    (constant width) (G,), and the calibration spots' scores |y - pred| / sigma and |y - pred| (n, G)
-    float32, from which the quantile at any other level follows (the calibration plot)."""
-    n, g = np.shape(scores)
-    if len(genes) != g or np.shape(scores_constant) != (n, g) or np.shape(q) != (g,) or np.shape(q_constant) != (g,):
-        raise ValueError(f"{path}: expected scores (n, G), q (G,) for {len(genes)} genes")
+    """A fold's split-conformal calibration (conformal.calibrate): the level, what sigma was (predicted, ensemble,
+    both, constant), per-gene quantiles q and q_constant (G,) and the scores |y - pred| / sigma, |y - pred| (n, G)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("genes", data=[str(x) for x in genes], dtype=h5py.string_dtype("utf-8"))
         for key, v in (("q", q), ("q_constant", q_constant), ("scores", scores), ("scores_constant", scores_constant)):
@@ -506,5 +496,5 @@ def write_calibration(path, genes, level: float, sigma: str, q, q_constant, scor
 def read_calibration(path) -> dict:
     """Inverse of write_calibration: {genes, level, sigma, q, q_constant, scores, scores_constant}."""
     with h5py.File(path, "r") as f:
-        return {"genes": list(f["genes"].asstr()[:]), "level": float(f.attrs["level"]),
-                "sigma": str(f.attrs["sigma"]), **{k: f[k][:] for k in ("q", "q_constant", "scores", "scores_constant")}}
+        return {"genes": list(f["genes"].asstr()[:]), "level": float(f.attrs["level"]), "sigma": str(f.attrs["sigma"]),
+                **{k: f[k][:] for k in ("q", "q_constant", "scores", "scores_constant")}}

@@ -62,6 +62,24 @@ def beta_nll(y, mu, log_var, beta: float = 0.5):
     return (nll * torch.exp(beta * log_var.detach())).mean() if beta else nll.mean()
 
 
+LOG_VAR_LIMIT = 12.0
+
+
+def log_variance(raw):
+    """The variance head's output (model.head_var; Tessera._head writes this bound inline) soft-bounded to
+    (-12, 12): log sigma^2 of the log1p target per spot and gene (a Gaussian predictive distribution, Nix &
+    Weigend 1994); exp never overflows and no spot's weight in the NLL explodes."""
+    return LOG_VAR_LIMIT * torch.tanh(raw / LOG_VAR_LIMIT)
+
+
+@torch.no_grad()
+def start_variance(head: torch.nn.Linear, variance: torch.Tensor) -> None:
+    """Make the variance head predict each gene's training variance (G,) at every spot: the model starts at
+    the constant-width Gaussian around the training mean and learns where spots deviate from it."""
+    head.weight.zero_()
+    head.bias.copy_(LOG_VAR_LIMIT * torch.atanh(variance.clamp_min(1e-4).log() / LOG_VAR_LIMIT))
+
+
 def pathway_loss(scores, target, membership):
     """STF auxiliary loss: 1 - PCC(scores, target pathway activity) with target = genes z-scored over the
     slide's spots, averaged over each pathway's member genes. Pathways with no member gene are skipped."""

@@ -108,12 +108,9 @@ def check_config(cfg: ModelConfig) -> None:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
-    if cfg.head_var and (cfg.arch != "tessera" or cfg.head == "zinb"):
-        raise ValueError(f"model.head_var needs model.arch = tessera and a log-space head (linear, mlp, "
-                         f"pathway); got arch {cfg.arch!r}, head {cfg.head!r}")
     if cfg.arch != "tessera":
-        if cfg.sub_levels or list(cfg.out_levels) != [0]:
-            raise ValueError(f"model.sub_levels and model.out_levels need model.arch = tessera, got {cfg.arch!r}")
+        if cfg.sub_levels or list(cfg.out_levels) != [0] or cfg.head_var:
+            raise ValueError(f"model.sub_levels, model.out_levels and model.head_var need model.arch = tessera, got {cfg.arch!r}")
         return
     if cfg.sub_levels not in (0, 1, 2):
         raise ValueError(f"model.sub_levels = {cfg.sub_levels}; expected 0 (off), 1 (2 x 2 sub-patches) or 2 (4 x 4)")
@@ -130,8 +127,8 @@ def check_config(cfg: ModelConfig) -> None:
     if len(cfg.decoder_depths) != len(cfg.depths) - 1:
         raise ValueError(f"model.decoder_depths needs one entry per level below the coarsest "
                          f"({len(cfg.depths) - 1} for depths {cfg.depths}), got {cfg.decoder_depths}")
-    if cfg.spatial_start and cfg.head == "zinb":
-        raise ValueError("model.spatial_start adds a log-space ridge to the prediction; model.head = zinb "
+    if (cfg.spatial_start or cfg.head_var) and cfg.head == "zinb":
+        raise ValueError("model.spatial_start and model.head_var work on a log-space prediction; model.head = zinb "
                          "predicts count parameters: use head linear, mlp or pathway")
     if cfg.head == "pathway" and cfg.pathway_tokens < 1:
         raise ValueError("model.head = pathway needs model.pathway_tokens >= 1")
@@ -227,29 +224,6 @@ class PathwayHead(nn.Module):
         return self.genes(scores), scores           # (N, G), (N, P)
 
 
-class VarianceHead(nn.Linear):
-    """A Gaussian predictive distribution's spread: log sigma^2 (n, G) of the log1p target per spot and gene
-    (heteroscedastic regression, Nix & Weigend 1994), beside the mean head. Starts at sigma = 1 everywhere
-    (zero weights; training starts it at each gene's variance, `start_at`); soft-bounded to (-LIMIT, LIMIT) so that exp never overflows nor a spot's weight in the
-    NLL explodes."""
-    LIMIT = 12.0
-
-    def __init__(self, dim: int, n_genes: int):
-        super().__init__(dim, n_genes)
-        nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
-
-    @torch.no_grad()
-    def start_at(self, variance: torch.Tensor) -> None:
-        """Predict each gene's training variance (G,) at every spot: the model starts at the
-        constant-width Gaussian around the training mean, and learns where spots deviate from it."""
-        self.weight.zero_()
-        self.bias.copy_(self.LIMIT * torch.atanh(variance.clamp_min(1e-4).log() / self.LIMIT))
-
-    def forward(self, x):
-        return self.LIMIT * torch.tanh(super().forward(x) / self.LIMIT)
-
-
 class Tessera(nn.Module):
     def __init__(self, cfg: ModelConfig, in_dim: int, n_genes: int):
         super().__init__()
@@ -269,8 +243,7 @@ class Tessera(nn.Module):
         self.uncoarsen = nn.ModuleList(Uncoarsen(d) for _ in range(L - 1))
         self.fuse = nn.ModuleList(Fuse(d) for _ in range(L - 1))  # HiST 3.6.3 lateral fusion
         # decoder[i] works at level L-2-i (deepest first, as decoder_depths is written)
-        self.decoder = nn.ModuleList(
-            nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
+        self.decoder = nn.ModuleList(nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
             for i, n in enumerate(cfg.decoder_depths))
         # HiFusion: levels below the spot, one block each, coarsened into the spot (sub_pool) and fused
         # with the spot's own features; the decoder continues below the spot down to the finest out level
@@ -295,7 +268,7 @@ class Tessera(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
         self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
-        self.var_head = VarianceHead(d, n_genes) if cfg.head_var else None
+        self.var_head = nn.Linear(d, n_genes) if cfg.head_var else None  # log sigma^2 (losses.start_variance)
         self._recompute = False  # set by each forward: model.checkpoint in a training step
 
     # ---- set-up from the training data of a fold -------------------------------------------------
@@ -480,12 +453,10 @@ class Tessera(nn.Module):
             out["pred"] = torch.log1p(torch.sigmoid(-pi_logit) * log_rate.exp())  # log1p E[x] per 1e4
         else:
             out["pred"] = self.head(x)
-        if self.var_head is not None:
-            out["log_var"] = self.var_head(x)                    # (n, G) log sigma^2 of the log1p target
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-        return out
+        return out if self.var_head is None else {**out, "log_var": 12 * torch.tanh(self.var_head(x) / 12)}  # losses.log_variance
 
     def _levels(self, pyramid, order, decoded, out_dtype):
         """The extra out_levels' predictions {"levels": {k: (N_k, G)}} with the maps between the levels'

@@ -1,11 +1,9 @@
-"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide and
-gene, the per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration (nominal
-vs observed coverage), and one spot's signed attention over its neighbours
-(FEAST's excitatory / inhibitory maps) for any attention mode (window, k-NN, full).
+"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide and gene, the
+per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration (nominal vs observed coverage),
+and one spot's signed attention over its neighbours (FEAST's excitatory / inhibitory maps) for any attention mode.
 
-Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is
-drawn (`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention
-command needs it.
+Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is drawn
+(`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention command needs it.
 
     python plots.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
     python plots.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import conformal
 import data
 import eval as evaluation
 import files
@@ -148,9 +147,8 @@ def choose_genes(scores: dict[str, float], genes=None, top=None) -> list[str]:
 
 
 def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, width=None, level=None):
-    """Measured, predicted, std, interval width and error of one gene on one slide, side by side on the
-    spot geometry. Measured and predicted share one colour scale; the error (predicted - measured) is
-    centred on 0; the width (upper - lower of the `level` interval) sits beside the error, in its units."""
+    """Measured, predicted, std, interval width (upper - lower of the `level` interval) and error of one gene on one
+    slide on the spot geometry. Measured and predicted share one colour scale; the error is centred on 0."""
     plt = _pyplot()
     pitch = pitch_um(coords)
     panels = []
@@ -162,9 +160,9 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, wid
     panels.append((pred, "predicted", "viridis", lo, hi, "log1p expression"))
     if std is not None:
         panels.append((std, "std (uncertainty)", "magma", 0, max(float(np.percentile(std, 99)), 1e-6), "std"))
-    if width is not None:  # the full width: an error of magnitude width / 2 reaches the interval's edge
-        top = max(float(np.percentile(width[np.isfinite(width)], 99)) if np.isfinite(width).any() else 1.0, 1e-6)
-        panels.append((width, f"{100 * level:g}% interval width", "magma", 0, top, "upper - lower"))
+    if width is not None:  # the full width; inf (too few calibration spots for the level) left out of the scale
+        panels.append((width, f"{100 * level:g}% interval width", "magma", 0,
+                       max(float(np.percentile(np.nan_to_num(width, posinf=0.0), 99)), 1e-6), "upper - lower"))
     if true is not None:
         err = pred - true
         e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
@@ -180,63 +178,24 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, wid
 
 
 def pcc_histogram(scores: dict[str, float], run_name: str, path):
-    plt = _pyplot()
     v = np.array(list(scores.values()))
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
     ax.hist(v, bins=min(40, max(5, len(v) // 5)), color="#4c72b0", edgecolor="white")
     ax.axvline(v.mean(), color="black", linestyle="--", label=f"mean {v.mean():.3f}")
     ax.axvline(np.median(v), color="#dd8452", linestyle=":", label=f"median {np.median(v):.3f}")
-    ax.set_xlabel("PCC per gene (test spots, mean over folds)")
-    ax.set_ylabel("genes")
-    ax.set_title(f"{run_name}: per-gene PCC, {len(v)} genes")
+    ax.set(xlabel="PCC per gene (test spots, mean over folds)", ylabel="genes", title=f"{run_name}: per-gene PCC, {len(v)} genes")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def calibration_curve(run_dir, levels=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
-    """Nominal level vs observed coverage on the test slides, pooled over the folds that have a
-    calibration.h5 and prediction files with truth: at each level the conformal quantile of the saved
-    calibration scores, then the share of test values with |y - pred| <= q sigma (sigma = the files' std,
-    or 1 for constant width); the same for the constant-width interval. {"levels", "observed",
-    "observed_constant", "sigma"}."""
-    inside, inside_c, total, sigma = np.zeros(len(levels)), np.zeros(len(levels)), 0, None
-    for fold in evaluation._fold_dirs(Path(run_dir)):
-        if not (fold / "calibration.h5").exists():
-            continue
-        cal = files.read_calibration(fold / "calibration.h5")
-        sigma = cal["sigma"]
-        for f in map(files.read_predictions, sorted((fold / "pred").glob("*.h5"))):
-            if f["true"] is None:
-                continue
-            res = np.abs(f["true"].astype(np.float64) - f["pred"])
-            s = f["std"] if sigma != "constant" else np.ones_like(res)
-            for i, a in enumerate(levels):
-                inside[i] += np.sum(res <= evaluation.conformal_quantile(cal["scores"], a) * s)
-                inside_c[i] += np.sum(res <= evaluation.conformal_quantile(cal["scores_constant"], a))
-            total += res.size
-    if not total:
-        raise FileNotFoundError(f"{run_dir}: no fold with calibration.h5 and prediction files with truth "
-                                "(train with eval.calibration_slides or train.val_slides > 0)")
-    return {"levels": list(levels), "observed": (inside / total).tolist(),
-            "observed_constant": (inside_c / total).tolist(), "sigma": sigma}
-
-
 def calibration_plot(curve: dict, run_name: str, path):
-    """Nominal level vs observed coverage of the test values (`calibration_curve`): the conformal
-    interval with its sigma and the constant-width interval; calibrated intervals lie on the diagonal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.4), layout="constrained")
-    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--", label="nominal")
-    ax.plot(curve["levels"], curve["observed"], "o-", color="#4c72b0", label=f"sigma {curve['sigma']}")
-    if curve["sigma"] != "constant":
-        ax.plot(curve["levels"], curve["observed_constant"], "s:", color="#dd8452", label="constant width")
+    """Nominal level vs observed test coverage (conformal.calibration_curve), and the constant width's."""
+    fig, ax = _pyplot().subplots(figsize=(4.8, 4.4), layout="constrained")
     lo = min(curve["levels"] + curve["observed"] + curve["observed_constant"]) - 0.05
-    ax.set_xlim(lo, 1)
-    ax.set_ylim(lo, 1)
-    ax.set_xlabel("nominal level (calibration slides)")
-    ax.set_ylabel("observed coverage (test slides)")
-    ax.set_title(f"{run_name}: split-conformal calibration", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.plot(curve["levels"], curve["observed"], "o-", curve["levels"], curve["observed_constant"], "s:", [lo, 1], [lo, 1], "k--")
+    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="nominal level (calibration slides)", ylabel="observed coverage (test slides)",
+           title=f"{run_name}: split-conformal calibration")
+    ax.legend([f"sigma {curve['sigma']}", "constant width", "nominal"], fontsize=8, loc="upper left")
     return _save(fig, path)
 
 
@@ -251,8 +210,7 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
                    norm=LogNorm(), cmap="viridis", aspect="equal", interpolation="nearest")
     ax.plot([lo, hi], [lo, hi], color="red", linewidth=0.8, label="predicted = measured")
     r = evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]
-    ax.set_xlabel("measured (log1p)")
-    ax.set_ylabel("predicted (log1p)")
+    ax.set(xlabel="measured (log1p)", ylabel="predicted (log1p)")
     ax.set_title(f"{run_name}: {len(pred):,} values, PCC {r:.3f}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.colorbar(im, ax=ax, label="spot x gene values")
@@ -277,12 +235,10 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
         column = {g: i for i, g in enumerate(f["genes"])}
         for g in (g for g in chosen if g in column):  # genes chosen per fold: a slide may lack one
             i = column[g]
-            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
-                                      None if f["true"] is None else f["true"][:, i],
-                                      None if f["std"] is None else f["std"][:, i],
+            col = lambda k: None if f[k] is None else f[k][:, i]  # noqa: E731
+            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i], col("true"), col("std"),
                                       out / f"{_safe(f['slide_id'])}__{_safe(g)}.png",
-                                      None if f["lower"] is None else f["upper"][:, i] - f["lower"][:, i],
-                                      f["interval"]))
+                                      None if f["lower"] is None else col("upper") - col("lower"), f["interval"]))
     labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
         written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
@@ -290,7 +246,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
                                     np.concatenate([f["true"].ravel() for f in labelled]), run.name,
                                     out / "density.png"))
         if any(run.glob("fold_*/calibration.h5")):
-            written.append(calibration_plot(calibration_curve(run), run.name, out / "calibration.png"))
+            written.append(calibration_plot(conformal.calibration_curve(run), run.name, out / "calibration.png"))
     return written
 
 
@@ -514,8 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
     sub = ap.add_subparsers(dest="command", required=True)
-    text = ("maps of measured, predicted, std, interval width and error per slide and gene, PCC histogram, "
-            "density, calibration")
+    text = "maps (measured, predicted, std, interval width, error) per slide and gene, PCC histogram, density, calibration"
     p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
     p.add_argument("--slide", help="one slide id (default: every slide)")

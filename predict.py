@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import data
-from eval import calibrate, expected_folds, level_outputs
+from conformal import calibrate
+from eval import expected_folds, level_outputs
 from files import not_an_input, read_calibration, write_calibration, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
@@ -195,7 +196,7 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
 def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dict:
     """Split-conformal calibration of a fold's model on held-out slides (never its test slides),
     predicted as its test slides will be (same eval.mc_samples and seed): per-gene quantiles of
-    |y - pred| / sigma at eval.interval (eval.calibrate), saved with the scores to `path`
+    |y - pred| / sigma at eval.interval (conformal.calibrate), saved with the scores to `path`
     (files.write_calibration); returns {"q", "level", "sigma"} for write_slide_predictions."""
     level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
     preds, stds = [], []

@@ -33,8 +33,8 @@ import eval as evaluation
 import files
 import predict
 import lattice
-from losses import compute_loss
-from model import ModelConfig, VarianceHead, build_model
+from losses import compute_loss, start_variance
+from model import ModelConfig, build_model
 
 # protocols.py (the papers' label smoothing, data.smooth) and synthetic.py (the demo dataset, data.synthetic)
 # are programs a fork may delete: training imports them when they are there and names the missing file
@@ -352,9 +352,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     model = build_model(mc, feats.shape[1], len(genes))
     model.init_from_data(feats.mean(0), feats.std(0), targets.mean(0),
                          membership(cfg, genes, mc.pathway_tokens if mc.arch == "tessera" else 0, root))
-    for m in model.modules():  # the predicted spread starts at each gene's training variance
-        if isinstance(m, VarianceHead):
-            m.start_at(targets.var(0))
+    if mc.head_var:  # the predicted spread starts at each gene's training variance
+        start_variance((model.net if hasattr(model, "net") else model).var_head, targets.var(0))
     model.to(device)
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))

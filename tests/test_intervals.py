@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import conformal
 import eval as ev
 import files
 import losses
@@ -61,11 +62,14 @@ def test_variance_head_gives_the_same_log_var_in_training_and_in_the_low_memory_
 
 
 def test_variance_head_starts_at_each_genes_variance_at_every_spot():
-    from model import VarianceHead
-    head = VarianceHead(8, 3)
-    torch.nn.init.normal_(head.weight)
-    head.start_at(torch.tensor([0.5, 2.0, 1e-9]))
-    torch.testing.assert_close(head(torch.randn(20, 8)).exp(), torch.tensor([[0.5, 2.0, 1e-4]] * 20))
+    """losses.start_variance through the model's own bound (Tessera._head): exp(log_var) = the variance given."""
+    model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[], head_var=True), 4, 3).eval()
+    torch.nn.init.normal_(model.var_head.weight)
+    losses.start_variance(model.var_head, torch.tensor([0.5, 2.0, 1e-9]))
+    with torch.no_grad():
+        log_var = model(torch.randn(30, 4), torch.rand(30, 2) * 1000)["log_var"]
+    torch.testing.assert_close(log_var.exp(), torch.tensor([[0.5, 2.0, 1e-4]] * 30))
+    torch.testing.assert_close(losses.log_variance(torch.tensor([-1e3, 0.0, 1e3])), torch.tensor([-12.0, 0.0, 12.0]))
 
 
 # ---------------------------------------------------------------- the conformal quantile
@@ -81,7 +85,7 @@ def ref_conformal_quantile(column, level):
 def test_conformal_quantile_is_the_ceil_n_plus_1_level_th_smallest_score(n, level):
     scores = np.random.default_rng(n).exponential(size=(n, 6))
     scores[:, 5] = 1.0                                             # ties
-    ours = ev.conformal_quantile(scores, level)
+    ours = conformal.conformal_quantile(scores, level)
     assert ours.tolist() == [ref_conformal_quantile(scores[:, g].tolist(), level) for g in range(6)]
 
 
@@ -97,10 +101,10 @@ def test_normalised_conformal_intervals_cover_at_the_nominal_level_and_are_narro
             pred = rng.normal(size=(n, 400))
             return pred, pred + sigma * rng.normal(size=(n, 400)), sigma
         p, y, s = draw(99)
-        c = ev.calibrate([p], [y], [s], 0.9)
+        c = conformal.calibrate([p], [y], [s], 0.9)
         p, y, s = draw(200)
-        m = ev.interval_metrics(p - c["q"] * s, p + c["q"] * s, y)
-        mc = ev.interval_metrics(p - c["q_constant"], p + c["q_constant"], y)
+        m = conformal.interval_metrics(p - c["q"] * s, p + c["q"] * s, y)
+        mc = conformal.interval_metrics(p - c["q_constant"], p + c["q_constant"], y)
         cov.append(m["coverage"]), cov_c.append(mc["coverage"]), width.append(m["width"]), width_c.append(mc["width"])
     assert abs(np.mean(cov) - 0.9) < 0.02 and abs(np.mean(cov_c) - 0.9) < 0.02
     assert np.mean(width) < 0.9 * np.mean(width_c)
@@ -153,8 +157,7 @@ def test_intervals_in_files_are_the_calibrated_quantile_times_the_predicted_std_
 
 
 def test_calibration_curve_recomputed_with_the_reference_quantile(interval_run):
-    import plots
-    curve = plots.calibration_curve(interval_run, levels=(0.5, 0.9))
+    curve = conformal.calibration_curve(interval_run, levels=(0.5, 0.9))
     inside = np.zeros(2)
     total = 0
     for fold in sorted(interval_run.glob("fold_*")):
@@ -192,7 +195,7 @@ def test_predict_with_one_fold_writes_that_folds_calibrated_intervals(interval_r
 def test_gaussian_loss_without_the_variance_head_is_refused_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY[:13], "train.loss=gaussian", "run.name=x"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "train.loss = gaussian and model.head_var = true go together" in r.stderr
+    assert r.returncode != 0 and "train.loss = gaussian and model.head_var = true" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
@@ -224,7 +227,7 @@ def test_the_variance_head_learns_a_spread_that_follows_the_true_noise():
     torch.manual_seed(0)
     model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[], dropout=0.0, attn_dropout=0.0,
                                     head_var=True), 4, 3)
-    model.var_head.start_at(y.var(0))
+    losses.start_variance(model.var_head, y.var(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         out = model.train()(feats, xy)
