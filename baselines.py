@@ -142,6 +142,54 @@ def slide_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
+# ---- the ridge's alpha (and per-slide standardisation) chosen on the training slides ---------------------
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # model.ridge_cv: alpha / training spots, almost none to strong
+
+
+def moments(x, y) -> tuple:
+    """Sufficient statistics of a ridge with intercept: (n, sum x, x'x, x'y, sum y), float64."""
+    return len(x), x.sum(0), x.T @ x, x.T @ y, y.sum(0)
+
+
+def ridge_solutions(m: tuple, alphas):
+    """For each alpha: (x mean, y mean, W) minimising |(x - x mean) W - (y - y mean)|^2 + alpha |W|^2, from
+    moments; one eigendecomposition of the centred x'x serves every alpha."""
+    n, sx, xx, xy, sy = m
+    mx, my = sx / n, sy / n
+    lam, v = torch.linalg.eigh(xx - n * torch.outer(mx, mx))
+    vb = v.T @ (xy - n * torch.outer(mx, my))
+    for a in alphas:
+        yield mx, my, v @ (vb / (lam.clamp_min(0) + a)[:, None])
+
+
+def pcc_gene(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Mean over genes of the Pearson correlation over spots; a constant gene counts 0 (as eval.pcc_gene)."""
+    p, t = pred - pred.mean(0), true - true.mean(0)
+    den = (p.pow(2).sum(0) * t.pow(2).sum(0)).sqrt()
+    return float(torch.where(den > 0, (p * t).sum(0) / den.clamp_min(1e-300), torch.zeros_like(den)).mean())
+
+
+def cv_groups(batches: list[dict]) -> list[str]:
+    """What a validation fold holds out: a patient when the slides come from 3 or more patients (adjacent
+    sections of one patient would leak), else a slide."""
+    patients = [b["slide"].patient if "slide" in b else "" for b in batches]
+    return patients if len(set(patients)) >= 3 else [str(i) for i in range(len(batches))]
+
+
+def cv_scores(x: list, y: list, groups: list[str], alphas) -> list[float]:
+    """Per alpha, the mean over groups of pcc_gene on the group's spots, fitted on the other groups."""
+    per = [moments(a, b) for a, b in zip(x, y)]
+    total = [sum(m[i] for m in per) for i in range(5)]
+    scores = [[] for _ in alphas]
+    for g in sorted(set(groups)):
+        inside = [i for i, h in enumerate(groups) if h == g]
+        rest = tuple(total[i] - sum(per[j][i] for j in inside) for i in range(5))
+        xg, yg = torch.cat([x[j] for j in inside]), torch.cat([y[j] for j in inside])
+        for k, (mx, my, w) in enumerate(ridge_solutions(rest, alphas)):
+            scores[k].append(pcc_gene((xg - mx) @ w + my, yg))
+    return [sum(s) / len(s) for s in scores]
+
+
 class SpatialRidge(nn.Module):
     """`ridge_spatial`: ridge regression with intercept on [own features, mean features of the neighbours
     within each radius] (radii in spot pitches, the pitch = median nearest-neighbour distance of the slide).
@@ -156,19 +204,27 @@ class SpatialRidge(nn.Module):
         self.register_buffer("design_mean", torch.zeros(D))
         self.register_buffer("weight", torch.zeros(D, n_genes))
         self.register_buffer("bias", torch.zeros(n_genes))
+        if cfg.slide_norm == "auto":  # 1.0: per-slide standardisation was chosen on the training slides
+            self.register_buffer("slide_norm_on", torch.zeros(()))
+        self.chosen, self.alpha = "", None                # what fit_slides chose, for the run's log
 
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
-        if not self.cfg.slide_norm:
+        if self.cfg.slide_norm is not True:
             self.feat_mean.copy_(feat_mean)
             self.feat_std.copy_(feat_std.clamp_min(1e-6))
         self.bias.copy_(target_mean)
 
-    def designs(self, features, coords):
+    def norm_on(self) -> bool:
+        """Whether features are standardised over each slide's own spots (slide_norm true, or auto and chosen)."""
+        return self.cfg.slide_norm is True or (self.cfg.slide_norm == "auto" and bool(self.slide_norm_on))
+
+    def designs(self, features, coords, norm: bool | None = None):
         """(N, C), (N, 2) -> (rows, (len(rows), C (1 + R)) design of those rows), a chunk of spots at a time:
         [z, mean of z within r_1 pitches, ...], z the standardised features (training statistics, or the
-        slide's own with slide_norm). The map to z is affine, so the mean of z is z of the mean of the raw
-        features: no standardised copy of the slide is made."""
-        mean, std = slide_statistics(features) if self.cfg.slide_norm else (self.feat_mean, self.feat_std)
+        slide's own with slide_norm; `norm` overrides). The map to z is affine, so the mean of z is z of the
+        mean of the raw features: no standardised copy of the slide is made."""
+        norm = self.norm_on() if norm is None else norm
+        mean, std = slide_statistics(features) if norm else (self.feat_mean, self.feat_std)
         z = lambda x: (x.float() - mean) / std  # noqa: E731
         N = len(features)
         pitch = lattice.median_nn_distance(coords) if N > 1 else 1.0
@@ -179,17 +235,34 @@ class SpatialRidge(nn.Module):
 
     @torch.no_grad()
     def fit_slides(self, batches: list[dict]) -> None:
-        """batches: one dict per training slide with `features`, `coords`, `target` (log space)."""
-        x = torch.cat([d for b in batches for _, d in self.designs(b["features"], b["coords"])]).double()
-        y = torch.cat([b["target"] for b in batches]).double()
-        D, G = x.shape[1], y.shape[1]
-        alpha = self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)
-        xm, ym = x.mean(0), y.mean(0)
-        xc = x - xm
-        w = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(D, dtype=x.dtype, device=x.device), xc.T @ (y - ym))
-        self.design_mean.copy_(xm)
+        """batches: one dict per training slide with `features`, `coords`, `target` (log space), `slide`.
+        alpha: model.ridge_alpha, HEST-Benchmark's 100 / (D G) when null, or with model.ridge_cv the best of
+        ALPHAS x spots by leave-one-group-out on these slides; slide_norm auto is chosen the same way."""
+        norms = (False, True) if self.cfg.slide_norm == "auto" else (self.norm_on(),)
+        y = [b["target"].double() for b in batches]
+        x = {nm: [torch.cat([d for _, d in self.designs(b["features"], b["coords"], nm)]).double() for b in batches]
+             for nm in norms}
+        D, G, N = x[norms[0]][0].shape[1], y[0].shape[1], sum(len(t) for t in y)
+        alphas = [self.cfg.ridge_alpha if self.cfg.ridge_alpha is not None else 100.0 / (D * G)]
+        if self.cfg.ridge_cv:
+            alphas = [a * N for a in ALPHAS]
+        xs, ys, groups = x, y, cv_groups(batches)
+        if len(batches) == 1 and len(y[0]) >= 8:  # one slide: four bands of its spots along x stand in for slides
+            bands = torch.tensor_split(torch.argsort(batches[0]["coords"][:, 0]), 4)
+            xs, ys, groups = {nm: [v[0][b] for b in bands] for nm, v in x.items()}, [y[0][b] for b in bands], list("0123")
+        norm, k = norms[0], 0
+        if len(norms) * len(alphas) > 1 and len(set(groups)) > 1:
+            scores = {nm: cv_scores(xs[nm], ys, groups, alphas) for nm in norms}
+            norm, k = max(((nm, k) for nm in norms for k in range(len(alphas))), key=lambda t: scores[t[0]][t[1]])
+            self.chosen = (f"alpha {alphas[k]:.3g}" + (f", slide_norm {str(norm).lower()}" if len(norms) > 1 else "")
+                           + f" (leave-one-out pcc_gene {scores[norm][k]:.4f} over {len(set(groups))} groups)")
+        if self.cfg.slide_norm == "auto":
+            self.slide_norm_on.fill_(float(norm))
+        self.alpha = alphas[k]
+        mx, my, w = next(ridge_solutions(moments(torch.cat(x[norm]), torch.cat(y)), [self.alpha]))
+        self.design_mean.copy_(mx)
         self.weight.copy_(w)
-        self.bias.copy_(ym)
+        self.bias.copy_(my)
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
                 return_attention=False, out_dtype=None, into=None):
@@ -218,17 +291,22 @@ class SpatialStart(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.net = net                                     # the tessera network (model.build_model)
-        self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start else None
+        # the spatial ridge: the start, and with slide_norm auto also the judge of per-slide standardisation
+        self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start or cfg.slide_norm == "auto" else None
 
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
-        if self.cfg.slide_norm:  # the network sees slide-standardised features
-            feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)
-        self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
         if self.start is not None:
             self.start.init_from_data(feat_mean, feat_std, target_mean)
+        if self.cfg.slide_norm is True:  # the network sees slide-standardised features (auto: the stem is
+            feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)  # handed the slide's)
+        self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
+        if self.cfg.spatial_start:
             with torch.no_grad():  # the residual starts at zero
                 for p in self._last().parameters():
                     p.zero_()
+
+    def norm_on(self) -> bool:
+        return self.cfg.slide_norm is True or (self.start is not None and self.start.norm_on())
 
     def _last(self) -> nn.Module:
         head = self.net.head
@@ -238,6 +316,10 @@ class SpatialStart(nn.Module):
     def fit_slides(self, batches: list[dict]) -> None:
         if self.start is not None:
             self.start.fit_slides(batches)
+
+    @property
+    def chosen(self) -> str:  # what the spatial ridge chose on the training slides (alpha, slide_norm)
+        return self.start.chosen if self.start is not None else ""
 
     @property
     def pathway_membership(self):
@@ -252,10 +334,10 @@ class SpatialStart(nn.Module):
         """The network's output with the spatial ridge added to "pred". slide_norm hands the network the
         slide's own feature statistics (no standardised copy of the features); in inference the ridge is
         added into the network's prediction in place, so a large slide holds one (N, G) prediction."""
-        stats = slide_statistics(features) if self.cfg.slide_norm else None
+        stats = slide_statistics(features) if self.norm_on() else None
         out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
                        return_attention=return_attention, out_dtype=out_dtype, feat_stats=stats, **sub)
-        if self.start is not None:  # the ridge reads the raw features and applies its own slide_norm
+        if self.cfg.spatial_start:  # the ridge reads the raw features and applies its own slide_norm
             if torch.is_grad_enabled():
                 out["pred"] = out["pred"] + self.start(features, coords)["pred"].to(out["pred"].dtype)
             else:

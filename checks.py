@@ -59,11 +59,11 @@ def load_yaml(text: str):
 
 # ---- types and ranges -------------------------------------------------------------------------
 KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
-             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping"}
+             "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping", "switch": "true, false or auto"}
 # keys whose default is None (any kind allowed there but this one, or null)
 NULLABLE = {"data.split_dir": "str", "data.gmt": "str", "data.fold_seed": "int",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
-KINDS = {"model.radii": "numbers"}    # lists whose entries need not be integers
+KINDS = {"model.radii": "numbers", "model.slide_norm": "switch"}    # lists of any numbers; true, false or auto
 
 
 def at_least(lo):
@@ -117,8 +117,8 @@ def _number(value) -> bool:
 
 def _kind(value, kind) -> bool:
     integer = isinstance(value, int) and not isinstance(value, bool)
-    return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str),
-            "number": _number(value), "mapping": isinstance(value, dict),
+    return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str), "mapping": isinstance(value, dict),
+            "switch": isinstance(value, bool) or value == "auto", "number": _number(value),
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
             "numbers": isinstance(value, list) and all(_number(v) for v in value)}[kind]
 

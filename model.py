@@ -84,8 +84,9 @@ class ModelConfig:
     out_levels: list = field(default_factory=lambda: [0])  # heads: offsets from the spot level (MagNet)
     pca: int = 256                    # ridge baseline
     ridge_alpha: float | None = None  # None = HEST-Benchmark's 100 / (D * G)
+    ridge_cv: bool = False            # spatial ridge: alpha chosen by leave-one-group-out on the training slides
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
-    slide_norm: bool = False          # standardise features over each slide's own spots (removes a stain shift)
+    slide_norm: bool | str = False    # standardise features over each slide's spots (stain shifts); auto: ridge_cv's
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
     head_var: bool = False            # tessera: also predict a log-variance per spot and gene ("log_var")
 
@@ -101,7 +102,7 @@ class ModelConfig:
 def check_config(cfg: ModelConfig) -> None:
     """Refuse configurations that cannot work, with a message saying why."""
     choices = {"arch": ("tessera", "linear", "mlp", "ridge", "ridge_spatial"), "attention": ("window", "knn", "full", "none"),
-               "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"),
+               "bias": ("rpb", "alibi", "none"), "coarse_attention": ("full", "same"), "slide_norm": (True, False, "auto"),
                "head": ("linear", "mlp", "pathway", "zinb"), "sub_pool": ("linear", "attention")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:

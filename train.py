@@ -361,7 +361,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     elif hasattr(model, "fit_slides"):  # the spatial ridge, alone or as tessera's start (closed form, CPU)
         model.cpu().fit_slides(train_b)
         model.to(device)
-        log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots")
+        log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots"
+            + (f"; chosen on the training slides: {model.chosen}" if model.chosen else ""))
     if mc.arch not in ("ridge", "ridge_spatial"):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} test slides, "

@@ -223,7 +223,7 @@ def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, 
     import data
     import files
     her2st = shared_data / "her2st"
-    root = bench_accuracy.build_caches(her2st, tmp_path / "cache", "strong")
+    root = bench_accuracy.build_standin(her2st, tmp_path / "cache", "strong")
     genes = (root / "genes.txt").read_text().split()
     slides = data.list_slides(root)
     assert len(genes) == 250 and len(slides) == 36
@@ -233,14 +233,36 @@ def test_accuracy_benchmark_builds_standin_caches_from_real_her2st(shared_data, 
     assert s.genes == genes and s.features.shape == (len(h.barcodes), 32) and s.patient == s.slide_id[0]
     nn = torch.cdist(s.coords, s.coords).fill_diagonal_(float("inf")).amin(1).median()
     assert 150 < float(nn) < 250                                          # legacy ST: 200 um pitch
-    rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--levels", "strong",
-                                "--out", str(tmp_path / "out"), "--models", "ridge", "--patients", "E", "--seeds", "0"])
+    rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--cases", "strong",
+                                "--out", str(tmp_path / "out"), "--models", "ridge", "--groups", "E", "--seeds", "0"])
     assert len(rows) == 1 and 0.1 < rows[0]["pcc_gene"] < 0.9
+    # noshift: without the per-section stain offset, the sections' feature means spread less (composition stays)
+    noshift = bench_accuracy.build_standin(her2st, tmp_path / "cache", "noshift")
+    spread = lambda folder: np.stack([data.read_slide(p).features.mean(0).numpy()            # noqa: E731
+                                      for p in data.list_slides(folder)]).std(0).mean()
+    assert spread(noshift) < 0.75 * spread(root)        # 0.35 against 0.64 when measured
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_real_he_holds_out_sections_and_patients(shared_data, tmp_path):
+    """The six imaged her2st sections through embed --sub 2 and import-hest: by section 6 groups, by patient
+    B (B4) and C (C2-C6); a closed-form fold runs end to end."""
+    import bench_accuracy
+    import data
+    her2st = shared_data / "her2st"
+    root = bench_accuracy.build_real(her2st, tmp_path / "cache")
+    assert bench_accuracy.groups(root, "real-patient") == {"B": ["B4"], "C": ["C2", "C3", "C4", "C5", "C6"]}
+    assert list(bench_accuracy.groups(root, "real-section")) == ["B4", "C2", "C3", "C4", "C5", "C6"]
+    assert data.read_slide(root / "B4.h5").sub_features.shape[1:] == (4, 48)
+    rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--cases", "real-section",
+                                "--out", str(tmp_path / "out"), "--models", "ridge_spatial", "--groups", "C3", "--seeds", "0"])
+    assert len(rows) == 1 and 0.4 < rows[0]["pcc_gene"] < 0.9
 
 
 @pytest.mark.parametrize("override,message", [("model.radii=[]", "model.radii"), ("model.radii=[1.5, 0]", "model.radii"),
                                               ("model.radii=[a]", "list of numbers"), ("train.ema=1.0", "train.ema"),
-                                              ("model.spatial_start=true", None)])
+                                              ("model.slide_norm=maybe", "model.slide_norm"),
+                                              ("model.spatial_start=true", None), ("model.slide_norm=auto", None)])
 def test_config_keys_of_the_spatial_start_are_checked(override, message):
     import train
     from conftest import ROOT
