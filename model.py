@@ -258,7 +258,7 @@ class Tessera(nn.Module):
         # MagNet: an independent regression head per extra output level, on that level's decoder tokens
         self.level_heads = nn.ModuleDict({str(k): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_genes))
                                           for k in cfg.out_levels if k != 0})
-        self.norm = nn.LayerNorm(d)
+        self.norm, self.var_head = nn.LayerNorm(d), nn.Linear(d, n_genes) if cfg.head_var else None  # log sigma^2
         if cfg.head == "pathway":
             self.head = PathwayHead(cfg.pathway_tokens, n_genes)
         elif cfg.head == "mlp":  # FEAST: two hidden layers
@@ -269,7 +269,6 @@ class Tessera(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
         self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
-        self.var_head = nn.Linear(d, n_genes) if cfg.head_var else None  # log sigma^2 (losses.start_variance)
         self._recompute = False  # set by each forward: model.checkpoint in a training step
 
     # ---- set-up from the training data of a fold -------------------------------------------------
