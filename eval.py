@@ -17,11 +17,13 @@ import math
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 import data
 import lattice
+from conformal import fold_intervals, interval_entries
 from files import _array, atomic_path, listed, read_predictions  # one reading of tensors and arrays for files and metrics
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
@@ -166,11 +168,14 @@ def pcc_spot(preds, trues) -> float:
     return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
 
 
-def compute_metrics(preds, trues, stds=None) -> dict:
+def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
     """Every DESIGN.md metric on a fold's test slides (lists of per-slide (N_i, G) log-space arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
-    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage."""
+    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.
+    With `intervals` {"level", "lower", "upper" (lists like preds), optional "q_constant" (G,)}, also
+    coverage@<level>, width@<level> (and the constant-width interval's, conformal.interval_entries) and "per_slide":
+    these and unc_spearman on each slide alone."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
     p, t = np.concatenate(ps), np.concatenate(ts)
     per_gene = _pcc_columns(p, t)
@@ -184,6 +189,15 @@ def compute_metrics(preds, trues, stds=None) -> dict:
     if stds is not None:
         s = np.concatenate([_array(x) for x in stds])
         out["unc_spearman"], out["coverage"] = unc_spearman(s, p, t), coverage(s, p, t)
+    if intervals is not None:
+        out.update(interval_entries(ps, ts, intervals))
+        out["per_slide"] = []
+        for i in range(len(ps)):
+            one = {k: [v[i]] for k, v in intervals.items() if k in ("lower", "upper")}
+            e = interval_entries([ps[i]], [ts[i]], {**intervals, **one})
+            if stds is not None:
+                e["unc_spearman"] = unc_spearman(stds[i], ps[i], ts[i])
+            out["per_slide"].append(e)
     return out
 
 
@@ -290,7 +304,7 @@ def evaluate_run(run_dir, partial: bool = True) -> dict:
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
         raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
-    folds, per_gene, slides, names, empty = [], [], [], [], []
+    folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
         busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
@@ -301,7 +315,9 @@ def evaluate_run(run_dir, partial: bool = True) -> dict:
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
         stds = [f["std"] for f in files] if all(f["std"] is not None for f in files) else None
-        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds)
+        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds, fold_intervals(fold, files))
+        for f, e in zip(files, m.pop("per_slide", [])):
+            per_slide[f["slide_id"]] = {"fold": fold.name, **e}
         m.update(level_metrics(files))
         folds.append(m)
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
@@ -325,6 +341,8 @@ def evaluate_run(run_dir, partial: bool = True) -> dict:
                "slides_left_out": {k: [m["slides_left_out"][k] for m in folds] for k in folds[0]["slides_left_out"]},
                "genes": len(all_genes), "genes_per_fold": [len(pg) for pg in per_gene],
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
+    if per_slide:
+        results["per_slide"] = per_slide
     with atomic_path(run / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_path(run / "per_gene.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -413,6 +431,15 @@ def _run_markdown(r: dict) -> str:
     if "unc_spearman" in r["metrics"]:
         lines.append("unc_spearman: per gene, Spearman between the predicted std and |error| over the test "
                      "spots, mean over genes; coverage: share of test values within pred ± 1.96 std.")
+    if any(k.startswith("coverage@") for k in r["metrics"]):
+        lines.append("coverage@L, width@L: share of test values inside the split-conformal interval of nominal "
+                     "level L% and its mean width (log1p units); _constant: the constant-width interval per "
+                     "gene of the same calibration slides; width_ratio: width / constant width.")
+    if r.get("per_slide"):
+        keys = list(next(iter(r["per_slide"].values())))[1:]
+        lines += ["", "| slide | fold | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+        lines += [f"| {sid} | {e['fold']} | " + " | ".join(f"{e[k]:.4f}" for k in keys) + " |"
+                  for sid, e in r["per_slide"].items()]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")
     return "\n".join(lines + [""])
@@ -428,6 +455,20 @@ def format_table(results_list: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+def prediction_files(run) -> list[Path]:
+    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (predict.py)."""
+    run = Path(run)
+    files = sorted(run.glob("fold_*/pred/*.h5")) or sorted(p for p in run.glob("*.h5") if _is_prediction(p))
+    if not files:
+        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from predict.py); "
+                                "train the run or predict first")
+    return files
+
+
+def _is_prediction(path) -> bool:
+    with h5py.File(path, "r") as f:
+        return "pred" in f and "genes" in f
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
