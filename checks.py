@@ -91,12 +91,12 @@ RANGES = {
     "model.pca": at_least(1), "model.ridge_alpha": above(0),
     "model.radii": ((lambda v: len(v) > 0 and min(v) > 0), "with at least one radius, each > 0 (spot pitches)"),
     "train.ema": PROBABILITY, "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
-    "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb"),
-    "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0),
-    "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0),
+    "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb", "gaussian"),
+    "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0), "train.nll_beta": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0), "eval.interval": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
     "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
-    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0),
+    "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "eval.calibration_slides": at_least(0),
     "run.threads": ((lambda v: 0 <= v <= (os.cpu_count() or 1)), f"from 0 to {os.cpu_count() or 1} (this machine's cores)"),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
 }
@@ -209,8 +209,8 @@ def check_config(cfg: dict, defaults: dict) -> None:
         raise ConfigError(f"key 'eval.mc_samples': expected 0 for a model without dropout (model.arch = {mc.arch}, "
                           f"model.dropout = {mc.dropout}, model.attn_dropout = {mc.attn_dropout}): Monte-Carlo "
                           f"passes would all be equal; found {mc_samples}")
-    if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb"):
-        raise ConfigError("train.loss = zinb and model.head = zinb go together")
+    if (cfg["train"]["loss"] == "zinb") != (mc.head == "zinb") or (cfg["train"]["loss"] == "gaussian") != mc.head_var:
+        raise ConfigError("train.loss = zinb and model.head = zinb go together, as do train.loss = gaussian and model.head_var = true")
     if cfg["train"]["loss"] == "zinb" and not cfg["data"]["normalize"]:
         raise ConfigError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
                           "set data.normalize=true so that metrics compare like with like")
@@ -341,9 +341,9 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
     training = {s for train, _ in folds for s in train}
     _check_headers(paths, metas, training, dc["normalize"], cfg["model"]["sub_levels"], log)
     for k, (train, _) in enumerate(folds):
-        if len(train) <= tc["val_slides"]:
-            raise ConfigError(f"key 'train.val_slides': expected fewer than the {len(train)} training slides "
-                              f"of fold {k}, found {tc['val_slides']}")
+        if len(train) <= tc["val_slides"] + (cal := cfg["eval"]["calibration_slides"]):
+            raise ConfigError(f"key 'train.val_slides'{' + eval.calibration_slides' * bool(cal)}: expected fewer than the "
+                              f"{len(train)} training slides of fold {k}, found {tc['val_slides']}{f' + {cal}' * bool(cal)}")
     counted = [(p, m) for p, m in zip(paths, metas) if m.genes is not None]
     genes = data.shared_genes([m.genes for _, m in counted])
     if not genes:
@@ -478,7 +478,7 @@ def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     value_bytes = 2 if device.type == "cuda" else 4
     available = available_memory(device) if available is None else available
-    if available is None:   # no such device: train.resolve_device says so
+    if available is None:   # no such device: predict.resolve_device says so
         return
     parts = memory_estimate(mc, in_dim, n_genes, n_spots, value_bytes)
     need = sum(parts.values())

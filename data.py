@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +143,22 @@ def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
     if not extent > 0 or not math.isfinite(extent):
         fail(path, "attrs/sub_extent_um", "the side in micrometres of the square the sub-patches tile (> 0)",
              extent)
+
+
+def check_writable(folder, what: str) -> None:
+    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
+    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
+    place = Path(folder)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
+        os.close(handle), os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
+                         f"be written ({e.strerror or e})") from None
 
 
 def _np(x):

@@ -15,15 +15,16 @@ import csv
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 import data
 import lattice
-from files import _array, atomic_path, listed, read_predictions  # one reading of tensors and arrays for files and metrics
+from conformal import fold_intervals, interval_entries
+from files import _array, atomic_path, listed, missing_test_slides, read_predictions  # one reading of files
 
 METRICS = ["pcc_gene", "pcc_gene_slide", "pcc_flat", "r2_flat", "mse", "mae"]
 UNCERTAINTY = ["unc_spearman", "coverage"]  # with predicted std (eval.mc_samples, ensembles)
@@ -167,11 +168,14 @@ def pcc_spot(preds, trues) -> float:
     return float(_pcc_columns(np.concatenate(ps).T, np.concatenate(ts).T).mean())
 
 
-def compute_metrics(preds, trues, stds=None) -> dict:
+def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
     """Every DESIGN.md metric on a fold's test slides (lists of per-slide (N_i, G) log-space arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
-    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage."""
+    many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.
+    With `intervals` {"level", "lower", "upper" (lists like preds), optional "q_constant" (G,)}, also
+    coverage@<level>, width@<level> (and the constant-width interval's, conformal.interval_entries) and "per_slide":
+    these and unc_spearman on each slide alone."""
     ps, ts = map(list, zip(*_slides(preds, trues)))
     p, t = np.concatenate(ps), np.concatenate(ts)
     per_gene = _pcc_columns(p, t)
@@ -185,6 +189,15 @@ def compute_metrics(preds, trues, stds=None) -> dict:
     if stds is not None:
         s = np.concatenate([_array(x) for x in stds])
         out["unc_spearman"], out["coverage"] = unc_spearman(s, p, t), coverage(s, p, t)
+    if intervals is not None:
+        out.update(interval_entries(ps, ts, intervals))
+        out["per_slide"] = []
+        for i in range(len(ps)):
+            one = {k: [v[i]] for k, v in intervals.items() if k in ("lower", "upper")}
+            e = interval_entries([ps[i]], [ts[i]], {**intervals, **one})
+            if stds is not None:
+                e["unc_spearman"] = unc_spearman(stds[i], ps[i], ts[i])
+            out["per_slide"].append(e)
     return out
 
 
@@ -282,63 +295,35 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
-def check_writable(folder, what: str) -> None:
-    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
-    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
-    place = Path(folder)
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
-    try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
-        os.close(handle), os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
-                         f"be written ({e.strerror or e})") from None
-
-
-def missing_test_slides(run: Path, k: int, found: list[str]) -> list[str]:
-    """The test slides of fold k (the run's folds.json) that have no prediction file; [] for a run without
-    folds.json."""
-    record = run / "folds.json"
-    if not record.exists():
-        return []
-    folds = json.loads(record.read_text()).get("folds", [])
-    return [s for s in (folds[k].get("test", []) if k < len(folds) else []) if s not in found]
-
-
 def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> dict:
     """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
     that have predictions; the others are listed as `missing_folds` (partial=False: they are an error, and
     nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and returns
-    the results dict. A test slide of folds.json without a prediction file is an error naming it
-    (allow_missing: a warning, and the metrics are over the other slides)."""
+    the results dict. A test slide of folds.json without a prediction file: an error (allow_missing: a warning)."""
     run = Path(run_dir).resolve()
     fold_dirs = _fold_dirs(run)
     if not fold_dirs:
         raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
-    check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
-    folds, per_gene, slides, names, empty = [], [], [], [], []
+    data.check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
+    folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
     for fold in fold_dirs:
-        read = [read_predictions(p) for p in sorted((fold / "pred").glob("*.h5"))]
-        files = [f for f in read if f["true"] is not None]
+        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
         busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
         if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
             empty.append(f"{fold / 'pred'}")
             continue
-        lost = missing_test_slides(run, int(fold.name[5:]), [f["slide_id"] for f in read])
+        lost = missing_test_slides(run, fold)   # a line naming them, or ""
+        if lost and not allow_missing:
+            raise FileNotFoundError(f"{lost}; predict them again, or pass --partial to evaluate the rest")
         if lost:
-            what = f"{fold / 'pred'}: no prediction file of test slide(s) {', '.join(lost)} (folds.json)"
-            if not allow_missing:
-                raise FileNotFoundError(f"{what}; predict them again, or pass --allow-missing to evaluate the "
-                                        f"other {len(files)}")
-            print(f"eval.py: warning: {what}; metrics over the other {len(files)}", file=sys.stderr)
+            print(f"eval.py: warning: {lost}; metrics over the other {len(files)}", file=sys.stderr)
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
         stds = [f["std"] for f in files] if all(f["std"] is not None for f in files) else None
-        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds)
+        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds, fold_intervals(fold, files))
+        for f, e in zip(files, m.pop("per_slide", [])):
+            per_slide[f["slide_id"]] = {"fold": fold.name, **e}
         m.update(level_metrics(files))
         folds.append(m)
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
@@ -347,8 +332,7 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
     if not folds:
         raise FileNotFoundError(f"{run}: no finished fold: no prediction files with `true` to evaluate "
                                 f"in {', '.join(empty)}")
-    done = {int(n[5:]) for n in names}
-    missing = [f"fold_{k}" for k in expected_folds(run) if k not in done]
+    missing = [f"fold_{k}" for k in expected_folds(run) if k not in {int(n[5:]) for n in names}]
     if missing and not partial:
         raise FileNotFoundError(f"{run}: not finished, {', '.join(missing)} missing; results are written when every "
                                 "fold is done (--partial evaluates the finished folds)")
@@ -362,6 +346,8 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
                "slides_left_out": {k: [m["slides_left_out"][k] for m in folds] for k in folds[0]["slides_left_out"]},
                "genes": len(all_genes), "genes_per_fold": [len(pg) for pg in per_gene],
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
+    if per_slide:
+        results["per_slide"] = per_slide
     with atomic_path(run / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_path(run / "per_gene.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -450,6 +436,15 @@ def _run_markdown(r: dict) -> str:
     if "unc_spearman" in r["metrics"]:
         lines.append("unc_spearman: per gene, Spearman between the predicted std and |error| over the test "
                      "spots, mean over genes; coverage: share of test values within pred ± 1.96 std.")
+    if any(k.startswith("coverage@") for k in r["metrics"]):
+        lines.append("coverage@L, width@L: share of test values inside the split-conformal interval of nominal "
+                     "level L% and its mean width (log1p units); _constant: the constant-width interval per "
+                     "gene of the same calibration slides; width_ratio: width / constant width.")
+    if r.get("per_slide"):
+        keys = list(next(iter(r["per_slide"].values())))[1:]
+        lines += ["", "| slide | fold | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+        lines += [f"| {sid} | {e['fold']} | " + " | ".join(f"{e[k]:.4f}" for k in keys) + " |"
+                  for sid, e in r["per_slide"].items()]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")
     return "\n".join(lines + [""])
@@ -466,16 +461,28 @@ def format_table(results_list: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prediction_files(run) -> list[Path]:
+    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (predict.py)."""
+    run = Path(run)
+    files = sorted(run.glob("fold_*/pred/*.h5")) or sorted(p for p in run.glob("*.h5") if _is_prediction(p))
+    if not files:
+        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from predict.py); "
+                                "train the run or predict first")
+    return files
+
+
+def _is_prediction(path) -> bool:
+    with h5py.File(path, "r") as f:
+        return "pred" in f and "genes" in f
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
                                 "per_gene.csv, results.md), print one table.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
-    p.add_argument("--partial", action="store_true", help="evaluate the finished folds of an unfinished run")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="evaluate a fold whose test slides lack some prediction files (a warning names them)")
+    p.add_argument("--partial", action="store_true", help="evaluate finished folds, and folds without some test slides")
     a = p.parse_args(argv)
     try:
-        results = [evaluate_run(d, a.partial, a.allow_missing) for d in a.runs]
+        results = [evaluate_run(d, a.partial, a.partial) for d in a.runs]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
     report(results)

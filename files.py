@@ -228,20 +228,24 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
 
 # ----------------------------------------------------------------------------- prediction files
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, std=None,
-                      n_models=None, levels=None) -> None:
+                      n_models=None, levels=None, lower=None, upper=None, interval=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
-    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `levels`
+    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `lower`, `upper`
+    (N, G) a prediction interval of nominal coverage `interval` (attribute, e.g. 0.9); `levels`
     {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; written to a
     temporary name and renamed."""
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
-    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std))}
+    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              **{k: (n, g) if v is None else v.shape for k, v in extra.items()},
              "n_models": (g,) if n_models is None else np.shape(n_models)}
-    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,)}
+    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,),
+                "lower": (n, g), "upper": (n, g)}
     problems = [f"{k} has shape {found[k]}, expected {expected[k]}" for k in found if found[k] != expected[k]]
+    if (lower is None) != (upper is None) or (lower is not None) != (interval is not None):
+        problems.append("lower, upper and interval go together")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     strings = h5py.string_dtype("utf-8")
@@ -259,20 +263,33 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
             for key, x in group.items():
                 f[f"level_{k}/{key}"] = _array(x, np.float32)
         f.attrs["slide_id"] = str(slide_id if slide_id is not None else Path(path).stem)
+        if interval is not None:
+            f.attrs["interval"] = float(interval)
 
 
 def read_predictions(path) -> dict:
-    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models}
-    (None where absent) and levels {k: {pred, coords, [true], [copy]}}; a damaged file: a CacheError naming it."""
+    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models,
+    lower, upper, interval} (None where absent) and levels {k: {pred, coords, [true], [copy]}}; a damaged
+    file: a CacheError naming it."""
     with open_h5(path, "prediction file") as f:
         need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
         try:  # a truncated or damaged file fails while its data are read
             return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": need("pred")[:],
                     "genes": list(need("genes").asstr()[:]), "barcodes": need("barcodes").asstr()[:].astype(str),
                     "coords": need("coords")[:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
+                    "lower": get("lower"), "upper": get("upper"), "interval": f.attrs.get("interval"),
                     "levels": {int(n[6:]): {k: f[n][k][:] for k in f[n]} for n in f if n.startswith("level_")}}
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: expected a readable prediction file, found: {e}") from None
+
+
+def missing_test_slides(run, fold) -> str:
+    """A line naming the test slides of `fold` (fold_<k>) in the run's folds.json that have no prediction file
+    fold_<k>/pred/<slide>.h5; "" when there are none or the run has no folds.json."""
+    record, k, pred = Path(run) / "folds.json", int(Path(fold).name[5:]), Path(fold) / "pred"
+    folds = json.loads(record.read_text())["folds"] if record.exists() else []
+    lost = [s for s in (folds[k]["test"] if k < len(folds) else []) if not (pred / f"{s}.h5").exists()]
+    return f"{pred}: no prediction file of test slide(s) {listed(lost, 8)} (folds.json)" if lost else ""
 
 
 class CSR(NamedTuple):
@@ -309,36 +326,15 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-# Visium's fiducial / spot diameter (spaceranger: fiducial_diameter_fullres / spot_diameter_fullres)
-FIDUCIAL_PER_SPOT = 1.615
-HIRES_PIXELS = 500  # longest side of the background image: small, the spots are drawn on top of it
-
-
-def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
-    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and squidpy
-    draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}. Full-resolution
-    pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
-    slide cache, so `hires` is a plain light background sized to the slide's extent at
-    tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
-    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um  # (x, y) um from the origin
-    scalef = HIRES_PIXELS / float(far.max())
-    w, h = (int(np.ceil(v * scalef)) + 1 for v in far)
-    return {str(slide_id): {"images": {"hires": np.full((h, w, 3), 240, dtype=np.uint8)},
-        "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
-                         "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
-                         "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},
-        "metadata": {"source_image_path": "none: a plain background (no H&E in the slide cache)"}}}
-
-
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None
-               ) -> None:
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None,
+               lower=None, upper=None) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` when given, obs index = barcodes (columns `obs`, a dict of
+    expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`) when given, obs index = barcodes (columns `obs`, a dict of
     (N,) arrays), var index = genes (column `n_models` when given), obsm['spatial'] = coords in
     micrometres, `uns` a dict of strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
     write_anndata(path, _array(pred, np.float32), barcodes, genes, obs=obs,
                   var={} if n_models is None else {"n_models": n_models},
-                  layers={k: _array(v, np.float32) for k, v in (("std", std), ("true", true)) if v is not None},
+                  layers={k: _array(v, np.float32) for k, v in dict(std=std, true=true, lower=lower, upper=upper).items() if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)
 
 

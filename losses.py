@@ -2,14 +2,17 @@
 
     mse, pcc, mse_pcc   MSE in log space (HiST, FEAST), 1 - per-gene Pearson within a slide (STF's PCC loss)
     zinb                negative log-likelihood of the raw counts under a ZINB (STF)
+    gaussian            beta-NLL of the log1p target under N(pred, exp(log_var)) (model.head_var; Seitzer 2022)
     pathway             1 - PCC between pathway scores and pathway activity of the targets (STF, auxiliary)
     levels              a coarser level against its summed counts, a sub level summed into the spot
                         (HiFusion), MagNet's cross-scale consistency, HiFusion's feature alignment
 
-compute_loss combines them as the config's train section says (train.loss, train.pcc_alpha,
+compute_loss combines them as the config's train section says (train.loss, train.pcc_alpha, train.nll_beta,
 train.pathway_lambda, train.level_weights, train.consistency_lambda, train.align_lambda).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,39 @@ def zinb_nll(x, mu, theta, pi_logit, eps=1e-8):
     nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)
     zero = torch.logaddexp(log_pi, log_not_pi + nb_zero)
     return -torch.where(x < 0.5, zero, log_not_pi + nb).mean()
+
+
+def gaussian_nll(y, mu, log_var):
+    """Elementwise negative log-likelihood of y under N(mu, exp(log_var)):
+    0.5 (log 2 pi + log_var + (y - mu)^2 / exp(log_var))."""
+    return 0.5 * (math.log(2 * math.pi) + log_var + (y - mu) ** 2 * torch.exp(-log_var))
+
+
+def beta_nll(y, mu, log_var, beta: float = 0.5):
+    """beta-NLL (Seitzer et al. 2022, eq. 4): the Gaussian NLL of each value weighted by sigma^(2 beta),
+    the weight held constant in the gradient. beta = 0 is the plain NLL, whose gradient on the mean is
+    scaled by 1 / sigma^2: spots the model calls noisy stop teaching the mean, which then fits worse;
+    beta = 1 gives the mean the gradient of the MSE. 0.5 is the paper's recommended compromise."""
+    nll = gaussian_nll(y, mu, log_var)
+    return (nll * torch.exp(beta * log_var.detach())).mean() if beta else nll.mean()
+
+
+LOG_VAR_LIMIT = 12.0
+
+
+def log_variance(raw):
+    """The variance head's output (model.head_var; Tessera._head writes this bound inline) soft-bounded to
+    (-12, 12): log sigma^2 of the log1p target per spot and gene (a Gaussian predictive distribution, Nix &
+    Weigend 1994); exp never overflows and no spot's weight in the NLL explodes."""
+    return LOG_VAR_LIMIT * torch.tanh(raw / LOG_VAR_LIMIT)
+
+
+@torch.no_grad()
+def start_variance(head: torch.nn.Linear, variance: torch.Tensor) -> None:
+    """Make the variance head predict each gene's training variance (G,) at every spot: the model starts at
+    the constant-width Gaussian around the training mean and learns where spots deviate from it."""
+    head.weight.zero_()
+    head.bias.copy_(LOG_VAR_LIMIT * torch.atanh(variance.clamp_min(1e-4).log() / LOG_VAR_LIMIT))
 
 
 def pathway_loss(scores, target, membership):
@@ -111,6 +147,8 @@ def compute_loss(out, batch, cfg, model):
         loss = pcc_loss(pred, y)
     elif kind == "mse_pcc":
         loss = F.mse_loss(pred, y) + tc["pcc_alpha"] * pcc_loss(pred, y)
+    elif kind == "gaussian":
+        loss = beta_nll(y, pred, out["log_var"].float(), tc["nll_beta"])
     else:  # zinb (checks.RANGES: no other value reaches here)
         log_rate, log_theta, pi_logit = out["zinb"].float().chunk(3, dim=-1)
         mu = log_rate.exp() * batch["library_size"][:, None] / 1e4      # library size as offset

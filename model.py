@@ -88,6 +88,7 @@ class ModelConfig:
     radii: list = field(default_factory=lambda: [1.5])  # ridge_spatial / spatial_start: neighbour radii in spot pitches
     slide_norm: bool | str = False    # standardise features over each slide's spots (stain shifts); auto: ridge_cv's
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
+    head_var: bool = False            # tessera: also predict a log-variance per spot and gene ("log_var")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -109,8 +110,8 @@ def check_config(cfg: ModelConfig) -> None:
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
     if cfg.arch != "tessera":
-        if cfg.sub_levels or list(cfg.out_levels) != [0]:
-            raise ValueError(f"model.sub_levels and model.out_levels need model.arch = tessera, got {cfg.arch!r}")
+        if cfg.sub_levels or list(cfg.out_levels) != [0] or cfg.head_var:
+            raise ValueError(f"model.sub_levels, model.out_levels and model.head_var need model.arch = tessera, got {cfg.arch!r}")
         return
     if cfg.sub_levels not in (0, 1, 2):
         raise ValueError(f"model.sub_levels = {cfg.sub_levels}; expected 0 (off), 1 (2 x 2 sub-patches) or 2 (4 x 4)")
@@ -127,8 +128,8 @@ def check_config(cfg: ModelConfig) -> None:
     if len(cfg.decoder_depths) != len(cfg.depths) - 1:
         raise ValueError(f"model.decoder_depths needs one entry per level below the coarsest "
                          f"({len(cfg.depths) - 1} for depths {cfg.depths}), got {cfg.decoder_depths}")
-    if cfg.spatial_start and cfg.head == "zinb":
-        raise ValueError("model.spatial_start adds a log-space ridge to the prediction; model.head = zinb "
+    if (cfg.spatial_start or cfg.head_var) and cfg.head == "zinb":
+        raise ValueError("model.spatial_start and model.head_var work on a log-space prediction; model.head = zinb "
                          "predicts count parameters: use head linear, mlp or pathway")
     if cfg.head == "pathway" and cfg.pathway_tokens < 1:
         raise ValueError("model.head = pathway needs model.pathway_tokens >= 1")
@@ -243,8 +244,7 @@ class Tessera(nn.Module):
         self.uncoarsen = nn.ModuleList(Uncoarsen(d) for _ in range(L - 1))
         self.fuse = nn.ModuleList(Fuse(d) for _ in range(L - 1))  # HiST 3.6.3 lateral fusion
         # decoder[i] works at level L-2-i (deepest first, as decoder_depths is written)
-        self.decoder = nn.ModuleList(
-            nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
+        self.decoder = nn.ModuleList(nn.ModuleList(Block(cfg, mode(L - 2 - i), n_tokens) for _ in range(n))
             for i, n in enumerate(cfg.decoder_depths))
         # HiFusion: levels below the spot, one block each, coarsened into the spot (sub_pool) and fused
         # with the spot's own features; the decoder continues below the spot down to the finest out level
@@ -258,7 +258,7 @@ class Tessera(nn.Module):
         # MagNet: an independent regression head per extra output level, on that level's decoder tokens
         self.level_heads = nn.ModuleDict({str(k): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_genes))
                                           for k in cfg.out_levels if k != 0})
-        self.norm = nn.LayerNorm(d)
+        self.norm, self.var_head = nn.LayerNorm(d), nn.Linear(d, n_genes) if cfg.head_var else None  # log sigma^2
         if cfg.head == "pathway":
             self.head = PathwayHead(cfg.pathway_tokens, n_genes)
         elif cfg.head == "mlp":  # FEAST: two hidden layers
@@ -443,7 +443,7 @@ class Tessera(nn.Module):
         return out
 
     def _head(self, x, rows, tokens):
-        """Decoder tokens x[rows] (n, d) -> {"pred": (n, G), ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
+        """Decoder tokens x[rows] (n, d) -> {"pred": (n, G), ["log_var": (n, G)], ["pathway_scores": (n, P)], ["zinb": (n, 3G)]}."""
         cfg, out, x = self.cfg, {}, self.norm(x[rows])
         if cfg.head == "pathway":
             out["pred"], out["pathway_scores"] = self.head(x, tokens[cfg.calibration_tokens:])
@@ -456,7 +456,7 @@ class Tessera(nn.Module):
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-        return out
+        return out if self.var_head is None else {**out, "log_var": 12 * torch.tanh(self.var_head(x) / 12)}  # losses.log_variance
 
     def _levels(self, pyramid, order, decoded, out_dtype):
         """The extra out_levels' predictions {"levels": {k: (N_k, G)}} with the maps between the levels'

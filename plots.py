@@ -1,10 +1,9 @@
-"""Pictures of a run: spatial maps of measured, predicted, std and error per slide and gene, the per-gene
-PCC histogram, a predicted-vs-measured density, and one spot's signed attention over its neighbours
-(FEAST's excitatory / inhibitory maps) for any attention mode (window, k-NN, full).
+"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide and gene, the
+per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration (nominal vs observed coverage),
+and one spot's signed attention over its neighbours (FEAST's excitatory / inhibitory maps) for any attention mode.
 
-Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is
-drawn (`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention
-command needs it.
+Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is drawn
+(`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention command needs it.
 
     python plots.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
     python plots.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import conformal
 import data
 import eval as evaluation
 from eval import choose_genes, gene_scores  # the genes a map shows: ranked by their PCC
@@ -97,23 +97,10 @@ def _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label):
 
 
 # ---------------------------------------------------------------- maps of a run
-def prediction_files(run) -> list[Path]:
-    """A run's test predictions (fold_<k>/pred/*.h5) or a folder of prediction files (predict.py)."""
-    run = Path(run)
-    files = sorted(run.glob("fold_*/pred/*.h5")) or sorted(p for p in run.glob("*.h5") if _is_prediction(p))
-    if not files:
-        raise FileNotFoundError(f"{run}: no prediction files (fold_<k>/pred/*.h5 or <slide>.h5 from predict.py); "
-                                "train the run or predict first")
-    return files
-
-
-def _is_prediction(path) -> bool:
-    with h5py.File(path, "r") as f:
-        return "pred" in f and "genes" in f
-
-
-def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_models=None, level=""):
-    """Measured, predicted, std and error of one gene on one slide, side by side on the spot geometry.
+def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_models=None, level="", width=None,
+               interval=None):
+    """Measured, predicted, std, interval width (upper - lower of the `interval` interval) and error of one gene
+    on one slide, side by side on the spot geometry.
     Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0.
     `n_models`: the fold models behind the gene (in the title); a std of one model without dropout
     passes is all zeros, so it gets a text panel instead of a map. `level`: e.g. "level -1" (sub-spots)."""
@@ -130,6 +117,9 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
         spread = n_models != 1 or np.any(std > 0)
         panels.append((std if spread else "one model: no spread", "std (uncertainty)", "magma", 0,
                        max(float(np.percentile(std, 99)), 1e-6), "std"))
+    if width is not None:  # the full width; inf (too few calibration spots for the level) left out of the scale
+        panels.append((width, f"{100 * interval:g}% interval width", "magma", 0,
+                       max(float(np.percentile(np.nan_to_num(width, posinf=0.0), 99)), 1e-6), "upper - lower"))
     if true is not None:
         err = pred - true
         e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
@@ -152,16 +142,24 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
 
 
 def pcc_histogram(scores: dict[str, float], run_name: str, path):
-    plt = _pyplot()
     v = np.array(list(scores.values()))
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
     ax.hist(v, bins=min(40, max(5, len(v) // 5)), color="#4c72b0", edgecolor="white")
     ax.axvline(v.mean(), color="black", linestyle="--", label=f"mean {v.mean():.3f}")
     ax.axvline(np.median(v), color="#dd8452", linestyle=":", label=f"median {np.median(v):.3f}")
-    ax.set_xlabel("PCC per gene (test spots, mean over folds)")
-    ax.set_ylabel("genes")
-    ax.set_title(f"{run_name}: per-gene PCC, {len(v)} genes")
+    ax.set(xlabel="PCC per gene (test spots, mean over folds)", ylabel="genes", title=f"{run_name}: per-gene PCC, {len(v)} genes")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def calibration_plot(curve: dict, run_name: str, path):
+    """Nominal level vs observed test coverage (conformal.calibration_curve), and the constant width's."""
+    fig, ax = _pyplot().subplots(figsize=(4.8, 4.4), layout="constrained")
+    lo = min(curve["levels"] + curve["observed"] + curve["observed_constant"]) - 0.05
+    ax.plot(curve["levels"], curve["observed"], "o-", curve["levels"], curve["observed_constant"], "s:", [lo, 1], [lo, 1], "k--")
+    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="nominal level (calibration slides)", ylabel="observed coverage (test slides)",
+           title=f"{run_name}: split-conformal calibration")
+    ax.legend([f"sigma {curve['sigma']}", "constant width", "nominal"], fontsize=8, loc="upper left")
     return _save(fig, path)
 
 
@@ -176,8 +174,7 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
                    norm=LogNorm(), cmap="viridis", aspect="equal", interpolation="nearest")
     ax.plot([lo, hi], [lo, hi], color="red", linewidth=0.8, label="predicted = measured")
     r = evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]
-    ax.set_xlabel("measured (log1p)")
-    ax.set_ylabel("predicted (log1p)")
+    ax.set(xlabel="measured (log1p)", ylabel="predicted (log1p)")
     ax.set_title(f"{run_name}: {len(pred):,} values, PCC {r:.3f}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.colorbar(im, ax=ax, label="spot x gene values")
@@ -191,8 +188,8 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     import sys
     _pyplot()                      # without matplotlib: its one-line hint before anything else is said
     run = Path(run)
-    evaluation.check_writable(run / "plots", "the plots folder")
-    paths = prediction_files(run)
+    data.check_writable(run / "plots", "the plots folder")
+    paths = evaluation.prediction_files(run)
     predictions = [files.read_predictions(p) for p in paths]
     if slide is not None:
         ids = [f["slide_id"] for f in predictions]
@@ -211,10 +208,11 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
         for g in (g for g in chosen if g in column):
             i = column[g]
             n_models = None if f["n_models"] is None else int(f["n_models"][i])
-            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
-                                      None if f["true"] is None else f["true"][:, i],
-                                      None if f["std"] is None else f["std"][:, i],
-                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png", n_models))
+            col = lambda k: None if f[k] is None else f[k][:, i]  # noqa: E731
+            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i], col("true"), col("std"),
+                                      out / f"{_safe(f['slide_id'])}__{_safe(g)}.png", n_models,
+                                      width=None if f["lower"] is None else col("upper") - col("lower"),
+                                      interval=f["interval"]))
             for k, level in sorted(f["levels"].items()):   # model.out_levels: sub-spots (k < 0), bins (k > 0)
                 written.append(map_figure(f["slide_id"], g, level["coords"], level["pred"][:, i],
                                           level["true"][:, i] if "true" in level else None, None,
@@ -230,6 +228,8 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
         written.append(density_plot(np.concatenate([f["pred"].ravel() for f in labelled]),
                                     np.concatenate([f["true"].ravel() for f in labelled]), run.name,
                                     out / "density.png"))
+        if any(run.glob("fold_*/calibration.h5")):
+            written.append(calibration_plot(conformal.calibration_curve(run), run.name, out / "calibration.png"))
     return written
 
 
@@ -426,7 +426,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
-    evaluation.check_writable(run / "attention", "the attention folder")
+    data.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
     sub = ap.add_subparsers(dest="command", required=True)
-    text = "maps of measured, predicted, std and error per slide and gene, PCC histogram, density"
+    text = "maps (measured, predicted, std, interval width, error) per slide and gene, PCC histogram, density, calibration"
     p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
     p.add_argument("--slide", help="one slide id (default: every slide)")

@@ -4,7 +4,8 @@ by Welford's update), written as h5 prediction files and / or AnnData .h5ad (fil
 
     python predict.py --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
 train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are predicted
-the same way.
+the same way, and `calibrate_model` for a fold's split-conformal intervals; with one fold (--fold, or a
+one-fold run) and the run's eval.mc_samples as --mc, new slides get that fold's intervals too.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import torch
 
 import data
 import lattice
-from eval import check_writable, expected_folds, level_outputs
-from files import listed, not_an_input, visium_spatial, write_h5ad, write_predictions
+from conformal import calibrate, read_calibration, write_calibration
+from eval import expected_folds, level_outputs
+from files import _array, listed, not_an_input, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -46,6 +48,35 @@ class Welford:
     def std(self) -> torch.Tensor:
         """Population standard deviation (numpy's default ddof=0) of each entry over its samples."""
         return (self.m2 / self.count.clamp(min=1)).sqrt()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("run.device = cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+# Visium's fiducial / spot diameter (spaceranger: fiducial_diameter_fullres / spot_diameter_fullres)
+FIDUCIAL_PER_SPOT = 1.615
+HIRES_PIXELS = 500  # longest side of the background image: small, the spots are drawn on top of it
+
+
+def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
+    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and squidpy
+    draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}. Full-resolution
+    pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
+    slide cache, so `hires` is a plain light background sized to the slide's extent at
+    tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
+    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um  # (x, y) um from the origin
+    scalef = HIRES_PIXELS / float(far.max())
+    w, h = (int(np.ceil(v * scalef)) + 1 for v in far)
+    return {str(slide_id): {"images": {"hires": np.full((h, w, 3), 240, dtype=np.uint8)},
+        "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
+                         "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
+                         "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},
+        "metadata": {"source_image_path": "none: a plain background (no H&E in the slide cache)"}}}
 
 
 def set_threads(n: int | None) -> None:
@@ -116,10 +147,12 @@ def _to_cpu(x):
 def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
     """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the spot
     level and every other level of model.out_levels: genes (union, first-seen order), the spot level's
-    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds)."""
+    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds);
+    `acc.variance`: a Welford of the predicted variances exp(log_var) (model.head_var), else None."""
     genes = list(dict.fromkeys(g for _, gs in models for g in gs))
     column = {g: i for i, g in enumerate(genes)}
     acc, levels, geometry = Welford(slide.n_spots, len(genes)), {}, {}
+    acc.variance = None
     inputs = model_inputs(models[0][0], slide, use_pseudo, device)  # the fold models share one config
     for m, (model, gs) in enumerate(models):
         cols = None if gs == genes else [column[g] for g in gs]
@@ -127,6 +160,10 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
             out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs,
                                   mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
             acc.add(out["pred"], cols)
+            if "log_var" in out:                                 # mean predicted variance over the samples
+                if acc.variance is None:
+                    acc.variance = Welford(slide.n_spots, len(genes))
+                acc.variance.add(out["log_var"].float().exp(), cols)
             for k, v in out.get("levels", {}).items():
                 levels.setdefault(k, Welford(len(v), len(genes))).add(v.float(), cols)
             geometry.update({key: out[key] for key in ("parents", "sub_index") if key in out})
@@ -142,21 +179,51 @@ def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed:
     return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
 
 
+def predictive_std(acc: Welford, n_samples: int) -> torch.Tensor | None:
+    """The predictive std of an ensemble: sqrt(mean predicted variance (model.head_var) + variance of the
+    samples' means (folds, dropout passes)), the law of total variance; None where there is neither."""
+    var = acc.variance.mean.clone() if acc.variance is not None else None
+    if n_samples > 1:
+        var = acc.std() ** 2 if var is None else var.add_(acc.std() ** 2)
+    return None if var is None else var.sqrt_()
+
+
+def sigma_kind(model_cfg, n_samples: int) -> str:
+    """What the interval's sigma is: predicted | ensemble | predicted+ensemble | constant."""
+    kinds = ["predicted"] * bool(getattr(model_cfg, "head_var", False)) + ["ensemble"] * (n_samples > 1)
+    return "+".join(kinds) or "constant"
+
+
+def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+    """genes, mean (N, G), predictive std (N, G) or None (`predictive_std`), n_models (G,)."""
+    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed)
+    return genes, acc.mean, predictive_std(acc, len(models) * max(mc, 1)), acc.count // max(mc, 1)
+
+
 def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
-                            formats=("h5",), seed: int = 0) -> None:
+                            formats=("h5",), seed: int = 0, calibration: dict | None = None) -> None:
     """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
-    <slide>.h5ad in out_dir; `std` only where there is a spread (several models or mc > 0). `true` (N, G)
-    on the first model's genes. The other levels of model.out_levels go to the h5 file (`level_outputs`)."""
+    <slide>.h5ad in out_dir; `std` (`predictive_std`) only where there is a spread (a variance head,
+    several models or mc > 0). `true` (N, G) on the first model's genes. The other levels of
+    model.out_levels go to the h5 file (`level_outputs`). `calibration` {"q" (G,), "level"} (files.
+    read_calibration): the split-conformal interval pred -+ q std (q alone for constant width) as
+    `lower`, `upper`."""
     genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed)
     pred, n_models = acc.mean, acc.count // max(mc, 1)
-    std = acc.std() if (len(models) > 1 or mc) else None
+    std = predictive_std(acc, len(models) * max(mc, 1))
+    lower = upper = level = None
+    if calibration is not None:
+        half = torch.as_tensor(calibration["q"], dtype=pred.dtype)       # (G,)
+        half = half if std is None else half * std                      # (N, G)
+        lower, upper, level = pred - half, pred + half, calibration["level"]
     space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
     out = Path(out_dir) / slide.slide_id
     if "h5" in formats:
         levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
                                slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
         write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
-                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels)
+                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels,
+                          lower=lower, upper=upper, interval=level)
     if "h5ad" in formats:
         import yaml
         in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ()) for m, _ in models)
@@ -164,6 +231,7 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
                            "in_training": int(in_training),
+                           **({} if level is None else {"interval": float(level)}),
                            "spatial_units": "obsm['spatial'] in micrometres; uns['spatial'] full-res pixels are "
                                             "micrometres (1 um = 1 full-res unit); spot diameter = 0.55 x the "
                                             "spot pitch (Visium: 55 um spots at 100 um)",
@@ -176,7 +244,24 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                "in_tissue": np.ones(n, dtype=np.int64), "fold": np.full(n, str(fold), dtype=object),
                "in_training": np.full(n, in_training)}
         write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
-                   n_models=n_models.numpy(), uns=uns, obs=obs)
+                   n_models=n_models.numpy(), uns=uns, obs=obs, lower=lower, upper=upper)
+
+
+def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dict:
+    """Split-conformal calibration of a fold's model on held-out slides (never its test slides),
+    predicted as its test slides will be (same eval.mc_samples and seed): per-gene quantiles of
+    |y - pred| / sigma at eval.interval (conformal.calibrate), saved with the scores to `path`
+    (files.write_calibration); returns {"q", "level", "sigma"} for write_slide_predictions."""
+    level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
+    preds, stds = [], []
+    for s in slides:
+        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed)
+        preds.append(pred)
+        stds.append(std)
+    sigma = sigma_kind(model.cfg, max(mc, 1))
+    c = calibrate(preds, trues, None if stds[0] is None else stds, level)
+    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"], c["scores_constant"])
+    return {"q": c["q"], "level": level, "sigma": sigma}
 
 
 # ---------------------------------------------------------------- prediction of new slides
@@ -262,7 +347,7 @@ def check_outputs(run_dir, out_dir, device) -> None:
                 ((place / "config.yaml").exists() and any(place.glob("fold_*"))):
             raise ValueError(f"{out_dir}: --out: expected a folder outside run folders, found one inside the run "
                              f"folder {place} (its predictions are eval.py's input)")
-    check_writable(out_dir, "--out")
+    data.check_writable(out_dir, "--out")
 
 
 def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu", overwrite: bool = False,
@@ -305,12 +390,16 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     if exists and not overwrite:
         raise FileExistsError(f"{exists[0]} exists ({len(exists)} files in all); choose another --out "
                               "or pass --overwrite")
+    # conformal intervals hold for the model they were calibrated for: one fold's, as trained (same mc)
+    cal_path = Path(run_dir) / f"fold_{folds[0]}" / "calibration.h5"
+    calibration = read_calibration(cal_path) if len(folds) == 1 and cal_path.exists() and \
+        mc == cfg["eval"]["mc_samples"] else None
     for path in paths:
         slide = data.read_slide(path)
         use = chosen[slide.slide_id]
         used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
         write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)), mc=mc,
-                                formats=formats, seed=seed)
+                                formats=formats, seed=seed, calibration=calibration)
         print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
               f"({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''})")
     return outs

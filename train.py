@@ -35,13 +35,11 @@ import eval as evaluation
 import files
 import predict
 import lattice
-from losses import compute_loss
+from losses import compute_loss, start_variance
 from model import ModelConfig, build_model
 
-# protocols.py (the papers' label smoothing, data.smooth) and synthetic.py (the demo dataset, data.synthetic)
-# are programs a fork may delete: training imports them when they are there and names the missing file
-# only when a config asks for what it does. (Moving them below train.py would put a paper's smoothing and
-# the demo generator into the data contract, whose job is the files.)
+# protocols.py (data.smooth) and synthetic.py (data.synthetic) are programs a fork may delete: training imports
+# them when they are there and names the missing file only when a config asks for what they do.
 try:
     import protocols
 except ModuleNotFoundError:
@@ -77,7 +75,8 @@ DEFAULTS = {
         "weight_decay": 1e-4,         # AdamW decoupled weight decay
         "warmup_epochs": 1,           # linear warm-up, then cosine to zero (per step)
         "clip": 1.0,                  # gradient norm clipping
-        "loss": "mse",                # mse | pcc | mse_pcc | zinb
+        "loss": "mse",                # mse | pcc | mse_pcc | zinb | gaussian (beta-NLL, model.head_var)
+        "nll_beta": 0.5,              # gaussian: beta of beta-NLL (0 = plain NLL, 1 = MSE's gradient on the mean)
         "pcc_alpha": 1.0,             # mse_pcc = mse + alpha (1 - pcc)
         "pathway_lambda": 0.0,        # auxiliary pathway loss weight (STF)
         "level_weights": None,        # one weight per model.out_levels entry (default 1 each)
@@ -93,6 +92,8 @@ DEFAULTS = {
         "save_predictions": True,     # write fold_<k>/pred/<slide>.h5 for the test slides
         "mc_samples": 0,              # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
         "save_h5ad": False,           # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
+        "calibration_slides": 0,      # conformal intervals: training slides held out to calibrate (0: train.val_slides)
+        "interval": 0.9,              # the intervals' nominal coverage
     },
     "run": {
         "name": "demo",               # the run folder's name: run.dir/run.name
@@ -359,6 +360,9 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
     train_slides = [data.take_genes(s, genes, path=root / f"{i}.h5") for s, i in zip(train_slides, train_ids)]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
+    n_cal = cfg["eval"]["calibration_slides"]       # held out from training and validation alike
+    cal_slides = train_slides[len(train_slides) - n_cal:] if n_cal else []
+    train_slides = train_slides[:len(train_slides) - n_cal]
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
     train_slides = train_slides[:len(train_slides) - len(val_slides)]
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
@@ -368,6 +372,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     model = build_model(mc, feats.shape[1], len(genes))
     model.init_from_data(feats.mean(0), feats.std(0), targets.mean(0),
                          membership(cfg, genes, mc.pathway_tokens if mc.arch == "tessera" else 0, root))
+    if mc.head_var:  # the predicted spread starts at each gene's training variance
+        start_variance((model.net if hasattr(model, "net") else model).var_head, targets.var(0))
     model.to(device)
     if mc.arch == "ridge":
         model.fit(feats.to(device), targets.to(device))
@@ -385,22 +391,22 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                    fold_dir, log, eta)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc), "genes": genes,
                  "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]}, fold_dir / "model.pt")
+    held, calibration = cal_slides or val_slides, None   # the fold's own held-out slides, never its test slides
+    if held:
+        calibration = predict.calibrate_model(model, genes, held, [slide_targets(s, cfg) for s in held], cfg,
+                                              device, fold_dir / "calibration.h5")
+        q = float(torch.as_tensor(calibration["q"]).median())
+        log(f"fold {k}: split-conformal {100 * calibration['level']:g}% intervals from {len(held)} held-out "
+            f"slide(s), sigma {calibration['sigma']}, median q {q:.3f}")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
                                            fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
-                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",))
+                                           formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",),
+                                           calibration=calibration)
     (fold_dir / "checkpoint.pt").unlink(missing_ok=True)
     with data.atomic_path(fold_dir / "done") as tmp:
         tmp.write_text("finished\n")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("run.device = cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def main(argv=None):
@@ -431,7 +437,7 @@ def run(argv=None):
         args.config = str(DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
     run_dir = runs.check_run_dir(cfg)
-    device = resolve_device(cfg["run"]["device"])
+    device = predict.resolve_device(cfg["run"]["device"])
     root = Path(cfg["data"]["root"])
     notes = []
     if not root.exists() and cfg["data"]["synthetic"] and root == checks.DEMO_ROOT:

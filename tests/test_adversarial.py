@@ -265,7 +265,7 @@ CASES = [
     ("predict on a missing CUDA device", predict_into("pred", "--device", "cuda:99"), ["--device cuda:99", "CUDA"]),
     ("predict into a read-only folder", predict_into("/proc/tessera-pred"), ["/proc", "--out", "cannot be written"]),
     ("eval without a test slide's predictions", run_program("eval.py", "run", preds=("s0",)),
-     ["fold_0/pred", "s1", "folds.json", "--allow-missing"]),
+     ["fold_0/pred", "s1", "folds.json", "--partial"]),
     ("eval a truncated prediction file", run_program("eval.py", "run", spoil=truncate),
      ["s1.h5", "readable HDF5 prediction file"]),
     ("eval a prediction file without genes", run_program("eval.py", "run", spoil=drop_genes), ["s1.h5", "'genes'"]),

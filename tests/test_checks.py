@@ -75,7 +75,7 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["model.depths=[]"], ["key 'model.depths': expected a list of integers with one entry >= 1 per level"]),
     (["train.checkpoint_every=0"], ["key 'train.checkpoint_every': expected an integer >= 1, found 0"]),
     (["train.lr=fast"], ["key 'train.lr': expected a number, found 'fast'"]),
-    (["train.loss=l1"], ["key 'train.loss': expected a string (one of mse, pcc, mse_pcc, zinb), found 'l1'"]),
+    (["train.loss=l1"], ["key 'train.loss': expected a string (one of mse, pcc, mse_pcc, zinb, gaussian), found 'l1'"]),
     (["model.dropout=1.5"], ["key 'model.dropout': expected a number in [0, 1), found 1.5"]),
     (["data.normalize=yes please"], ["key 'data.normalize': expected true or false, found 'yes please'"]),
     (["data.genes={by: hvg, n: 0}"], ["key 'data.genes.n': expected an integer >= 1, found 0"]),

@@ -708,13 +708,13 @@ def test_levels_are_written_read_and_evaluated(tmp_path):
     assert "| pcc_gene@-1_copy |" in (run / "results.md").read_text()
 
 
-def test_eval_names_a_missing_test_slide_and_evaluates_the_rest_only_when_allowed(tmp_path, capsys):
+def test_eval_names_a_missing_test_slide_and_evaluates_the_rest_only_with_partial(tmp_path, capsys):
     from test_adversarial import fake_run
     run = fake_run(tmp_path, test=("s0", "s1", "s2"), preds=("s0", "s2"))
     with pytest.raises(SystemExit, match=r"fold_0/pred: no prediction file of test slide\(s\) s1 \(folds.json\)"):
         ev.main([str(run)])
     assert not (run / "results.json").exists()
-    ev.main([str(run), "--allow-missing"])
+    ev.main([str(run), "--partial"])
     assert "warning" in capsys.readouterr().err
     results = json.loads((run / "results.json").read_text())
     assert results["slides"] == [["s0", "s2"]] and results["slides_per_fold"] == [2]
@@ -726,7 +726,7 @@ def test_eval_names_a_run_folder_it_cannot_write_before_reading(tmp_path, monkey
 
     def refuse(*args, **kwargs):   # what a read-only folder (or mount) answers, also to root
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ev.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(ev.data.tempfile, "mkstemp", refuse)
     monkeypatch.setattr(ev, "read_predictions", None)      # nothing is read before the check
     with pytest.raises(SystemExit, match=f"{run}: the run folder .*cannot be written \\(Permission denied\\)"):
         ev.main([str(run)])

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # 1 geometry and maths, 2 model and data contract, 3 programs
     1: ["lattice", "attention"],
     2: ["model", "pyramid", "baselines", "losses", "data", "files"],
-    3: ["train", "augment", "runs", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench",
+    3: ["train", "augment", "runs", "conformal", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench",
         "bench_accuracy", "gpu_check"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}

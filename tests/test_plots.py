@@ -184,7 +184,7 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
     written = plots.plot_run(tiny_run, slide="synth_00", genes=genes[:2])
     assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
     assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
-    paths = plots.prediction_files(tiny_run)
+    paths = plots.evaluation.prediction_files(tiny_run)
     scores = plots.gene_scores([files.read_predictions(p) for p in paths], [p.parent for p in paths])
     per_fold = {}                                       # reference: np.corrcoef per gene over each fold's spots
     for fold in sorted({p.parent for p in paths}):
