@@ -73,11 +73,12 @@ def write_first_spots(src, dst, n=SPOTS):
         g.create_group("obsm")["spatial"] = f["obsm"]["spatial"][:n]
 
 
-def write_random_patches(path, barcodes, seed):
+def write_random_patches(path, barcodes, seed, xy):
+    """Random images at the spots' own positions (import-hest checks that patches sit where their spots are)."""
     r = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         f["img"] = r.integers(0, 256, (len(barcodes), 16, 16, 3), dtype=np.uint8)
-        f["coords"] = np.zeros((len(barcodes), 2), dtype=np.int64)
+        f["coords"] = np.round(xy).astype(np.int64) - 8
         f["barcode"] = np.array([[b.encode()] for b in barcodes])
 
 
@@ -95,7 +96,9 @@ def build_trees(tmp, shared):
         if s in IMAGED:
             (tmp / "her2st" / "patches" / f"{s}.h5").symlink_to(her2st / "patches" / f"{s}.h5")
         else:
-            write_random_patches(tmp / "her2st" / "patches" / f"{s}.h5", h5ad_barcodes(st / f"{s}.h5ad"), i)
+            with h5py.File(st / f"{s}.h5ad") as f:
+                xy = f["obsm"]["spatial"][:]
+            write_random_patches(tmp / "her2st" / "patches" / f"{s}.h5", h5ad_barcodes(st / f"{s}.h5ad"), i, xy)
     # hest_data/: 14 sections under HiST's Brain ids, with HEST's metadata columns
     brain = [f"NCBI{628 + i}" for i in range(14)]
     for sub in ("st", "patches"):
