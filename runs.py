@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -233,21 +232,11 @@ def differences(saved, given, prefix="") -> list[str]:
 
 
 def check_writable(run_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, takes a new file: a probe file is created
-    and removed (os.access says yes to root on a read-only folder and to anyone on a read-only mount)."""
-    place = run_dir
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise checks.ConfigError(f"{place}: key 'run.dir': expected a folder to hold the run folder {run_dir}, "
-                                 "found a file")
+    """The run folder, or the nearest folder above it that exists, takes a new file (data.check_writable)."""
     try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as e:
-        raise checks.ConfigError(f"{place}: key 'run.dir': expected a folder this user can write the run folder "
-                                 f"{run_dir} in, found it cannot be written ({e.strerror or e})") from None
+        data.check_writable(run_dir, "key 'run.dir'")
+    except ValueError as e:
+        raise checks.ConfigError(str(e)) from None
 
 
 def check_run_dir(cfg: dict) -> Path:
