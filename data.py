@@ -26,7 +26,6 @@ import torch
 
 from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, listed, open_h5,
                    refuse_existing)
-from files import DiskFull, disk_full  # noqa: F401  (train.py names them data.DiskFull, data.disk_full)
 
 FORMAT_VERSION = 1
 

@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py

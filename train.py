@@ -257,7 +257,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def save_atomic(obj, path: Path):
-    """torch.save through data.atomic_path: a kill or a full disk (data.DiskFull) leaves the old file whole."""
+    """torch.save through data.atomic_path: a kill or a full disk (files.DiskFull) leaves the old file whole."""
     with data.atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -413,7 +413,7 @@ def main(argv=None):
     """The command line; a user's mistake (config, files, caches, run folder) ends it with one line."""
     try:
         return run(argv)
-    except (checks.ConfigError, data.CacheError, data.DiskFull) as e:
+    except (checks.ConfigError, data.CacheError, files.DiskFull) as e:
         raise SystemExit(" ".join(str(e).split())) from None
 
 
@@ -470,7 +470,7 @@ def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[st
             logfile.write(msg + "\n")
             logfile.flush()
         except OSError as e:
-            raise data.disk_full(run_dir / "log.txt", e) from None
+            raise files.disk_full(run_dir / "log.txt", e) from None
 
     for note in filter(None, notes):
         log(note)

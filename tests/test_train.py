@@ -419,7 +419,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tiny_root, tmp_path, monkeypatc
     target = tmp_path / "model.pt"
     target.write_bytes(b"old")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(data.DiskFull, match=r"model\.pt: disk full"):
+    with pytest.raises(files.DiskFull, match=r"model\.pt: disk full"):
         train.save_atomic({"x": 1}, target)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     monkeypatch.chdir(tmp_path)
