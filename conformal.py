@@ -26,6 +26,22 @@ def conformal_quantile(scores, level: float) -> np.ndarray:
     return s[k - 1] if k <= n else np.full(s.shape[1], np.inf)
 
 
+def calibration_split(slides: list, n: int, by_patient: bool, keep: int = 1) -> tuple[list, list]:
+    """(training, calibration) slides of a fold: the last n held out to calibrate. With folds grouped by
+    patient (`by_patient`), every slide of those slides' patients is held out, so that calibration meets
+    patients the model has not seen, as the test fold does (a section whose neighbours trained the model
+    would give too narrow intervals); unless that leaves fewer than `keep` slides to train on, when the n
+    slides alone are held out."""
+    if not n:
+        return list(slides), []
+    held = {id(s) for s in slides[len(slides) - n:]}
+    if by_patient:
+        patients = {s.patient for s in slides if id(s) in held}
+        whole = {id(s) for s in slides if s.patient in patients}
+        held = whole if len(slides) - len(whole) >= keep else held
+    return [s for s in slides if id(s) not in held], [s for s in slides if id(s) in held]
+
+
 def interval_level_name(level: float) -> str:
     """The percent a metric name carries: 0.9 -> "90", 0.975 -> "97.5"."""
     return f"{100 * level:g}"

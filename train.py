@@ -35,6 +35,7 @@ import eval as evaluation
 import files
 import predict
 import lattice
+from conformal import calibration_split
 from losses import compute_loss, start_variance
 from model import ModelConfig, build_model
 
@@ -92,7 +93,7 @@ DEFAULTS = {
         "save_predictions": True,     # write fold_<k>/pred/<slide>.h5 for the test slides
         "mc_samples": 0,              # >0: Monte-Carlo dropout passes per test slide: `std`, unc_spearman, coverage
         "save_h5ad": False,           # also write fold_<k>/pred/<slide>.h5ad (AnnData) for scanpy / squidpy
-        "calibration_slides": 0,      # conformal intervals: training slides held out to calibrate (0: train.val_slides)
+        "calibration_slides": 0,      # intervals: last training slides (by patient: their patients) held out to calibrate; 0: val_slides
         "interval": 0.9,              # the intervals' nominal coverage
     },
     "run": {
@@ -360,9 +361,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
     train_slides = [data.take_genes(s, genes, path=root / f"{i}.h5") for s, i in zip(train_slides, train_ids)]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
-    n_cal = cfg["eval"]["calibration_slides"]       # held out from training and validation alike
-    cal_slides = train_slides[len(train_slides) - n_cal:] if n_cal else []
-    train_slides = train_slides[:len(train_slides) - n_cal]
+    train_slides, cal_slides = calibration_split(train_slides, cfg["eval"]["calibration_slides"],  # never trained on
+                                                 cfg["data"]["group"] == "patient", keep=tc["val_slides"] + 1)
     val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
     train_slides = train_slides[:len(train_slides) - len(val_slides)]
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]

@@ -89,6 +89,21 @@ def test_conformal_quantile_is_the_ceil_n_plus_1_level_th_smallest_score(n, leve
     assert ours.tolist() == [ref_conformal_quantile(scores[:, g].tolist(), level) for g in range(6)]
 
 
+def test_calibration_split_holds_out_whole_patients_when_folds_group_by_patient():
+    """The last n slides calibrate; grouped by patient, so do all their patients' other slides, unless that
+    leaves fewer than `keep` slides to train on."""
+    class S:
+        def __init__(self, name, patient):
+            self.name, self.patient = name, patient
+    slides = [S("A1", "A"), S("B1", "B"), S("A2", "A"), S("C1", "C"), S("B2", "B")]
+    names = lambda xs: [x.name for x in xs]
+    assert tuple(map(names, conformal.calibration_split(slides, 1, by_patient=False))) == (["A1", "B1", "A2", "C1"], ["B2"])
+    assert tuple(map(names, conformal.calibration_split(slides, 1, by_patient=True))) == (["A1", "A2", "C1"], ["B1", "B2"])
+    assert tuple(map(names, conformal.calibration_split(slides, 2, by_patient=True))) == (["A1", "A2"], ["B1", "C1", "B2"])
+    assert tuple(map(names, conformal.calibration_split(slides, 2, by_patient=True, keep=3))) == (["A1", "B1", "A2"], ["C1", "B2"])
+    assert tuple(map(names, conformal.calibration_split(slides, 0, by_patient=True))) == (names(slides), [])
+
+
 def test_normalised_conformal_intervals_cover_at_the_nominal_level_and_are_narrower_than_constant_width():
     """Heteroscedastic Gaussian errors with the true sigma given: over 400 genes x 20 draws the coverage of
     pred +- q sigma is within 2 points of 90% (exactly k / (n + 1) = 0.9 in expectation for n = 99), and so
