@@ -107,20 +107,24 @@ def calibration_curve(run_dir, levels=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
 
 
 # ---- a fold's calibration file (fold_<k>/calibration.h5) -------------------------------------------
-def write_calibration(path, genes, level: float, sigma: str, q, q_constant, scores, scores_constant) -> None:
+def write_calibration(path, genes, level: float, sigma: str, q, q_constant, scores, scores_constant,
+                      slides=()) -> None:
     """A fold's split-conformal calibration (conformal.calibrate): the level, what sigma was (predicted, ensemble,
-    both, constant), per-gene quantiles q and q_constant (G,) and the scores |y - pred| / sigma, |y - pred| (n, G)."""
+    both, constant), per-gene quantiles q and q_constant (G,), the scores |y - pred| / sigma, |y - pred| (n, G)
+    and the ids of the slides they came from."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("genes", data=[str(x) for x in genes], dtype=h5py.string_dtype("utf-8"))
+        for key, names in (("genes", genes), ("slides", slides)):
+            f.create_dataset(key, data=[str(x) for x in names], dtype=h5py.string_dtype("utf-8"))
         for key, v in (("q", q), ("q_constant", q_constant), ("scores", scores), ("scores_constant", scores_constant)):
             f[key] = _array(v, np.float32)
         f.attrs["level"], f.attrs["sigma"] = float(level), str(sigma)
 
 
 def read_calibration(path) -> dict:
-    """Inverse of write_calibration: {genes, level, sigma, q, q_constant, scores, scores_constant}."""
+    """Inverse of write_calibration: {genes, slides, level, sigma, q, q_constant, scores, scores_constant}."""
     with h5py.File(path, "r") as f:
         return {"genes": list(f["genes"].asstr()[:]), "level": float(f.attrs["level"]), "sigma": str(f.attrs["sigma"]),
+                "slides": list(f["slides"].asstr()[:]) if "slides" in f else [],
                 **{k: f[k][:] for k in ("q", "q_constant", "scores", "scores_constant")}}
 
 

@@ -260,7 +260,8 @@ def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dic
         stds.append(std)
     sigma = sigma_kind(model.cfg, max(mc, 1))
     c = calibrate(preds, trues, None if stds[0] is None else stds, level)
-    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"], c["scores_constant"])
+    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"], c["scores_constant"],
+                      slides=[s.slide_id for s in slides])
     return {"q": c["q"], "level": level, "sigma": sigma}
 
 

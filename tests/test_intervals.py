@@ -126,7 +126,7 @@ def test_normalised_conformal_intervals_cover_at_the_nominal_level_and_are_narro
 
 
 # ---------------------------------------------------------------- a run with intervals
-TINY = ["data.root=data/synthetic", "data.synthetic={slides: 6, seed: 0, spots: 150}", "data.folds=2",
+TINY = ["data.root=data/synthetic", "data.synthetic={slides: 8, seed: 0, spots: 150}", "data.folds=2",
         "data.genes={by: hvg, n: 12}", "data.gmt=null", "model.dim=16", "model.heads=2", "model.depths=[1,1]",
         "model.decoder_depths=[1]", "model.pathway_tokens=0", "model.knn_k=4", "train.epochs=2", "run.threads=1",
         "model.head_var=true", "train.loss=gaussian", "eval.calibration_slides=1", "eval.save_h5ad=true"]
@@ -146,6 +146,19 @@ def test_intervals_in_files_are_the_calibrated_quantile_times_the_predicted_std_
     for k, fold in enumerate(sorted(interval_run.glob("fold_*"))):
         cal = conformal.read_calibration(fold / "calibration.h5")
         assert cal["level"] == 0.9 and cal["sigma"] == "predicted" and len(cal["scores"]) > 100
+        # calibration slides: training slides of the fold, whole patients unless one patient trains the fold
+        record = json.loads((interval_run / "folds.json").read_text())["folds"][k]
+        cache = {}
+        for s in record["train"]:
+            with h5py.File(interval_run.parents[1] / "data" / "synthetic" / f"{s}.h5") as h:
+                cache[s] = (str(h.attrs["patient"]), len(h["barcodes"]))
+        trained = [s for s in record["train"] if s not in cal["slides"]]
+        assert cal["slides"] and set(cal["slides"]) < set(record["train"]) and trained
+        assert len(cal["scores"]) == sum(cache[s][1] for s in cal["slides"])
+        if len({p for p, _ in cache.values()}) > 1:
+            assert not {cache[s][0] for s in cal["slides"]} & {cache[s][0] for s in trained}
+        else:
+            assert cal["slides"] == record["train"][-1:]
         assert cal["q"].tolist() == [ref_conformal_quantile(cal["scores"][:, g].tolist(), 0.9) for g in range(12)]
         assert cal["q_constant"].tolist() == [ref_conformal_quantile(cal["scores_constant"][:, g].tolist(), 0.9)
                                               for g in range(12)]
