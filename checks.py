@@ -379,8 +379,8 @@ def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path)
     dc = cfg["data"]
     split = data_file(cfg, "split_dir", root, folder=True) if dc["split_dir"] else None
     where = lambda k: f"{split / f'test_{k}.csv'}: key 'data.split_dir'" if split else "key 'data.folds'"  # noqa: E731
-    patients = ({s: data.read_slide_meta(root / f"{s}.h5").patient for fold in folds for s in fold[0] + fold[1]}
-                if dc["group"] == "patient" else {})
+    ids = {s for train_ids, test_ids in folds for s in train_ids + test_ids}    # each slide's header once
+    patients = {s: data.read_slide_meta(root / f"{s}.h5").patient for s in ids} if dc["group"] == "patient" else {}
     for k, (train_ids, test_ids) in enumerate(folds):
         both = sorted(set(train_ids) & set(test_ids))
         if both:

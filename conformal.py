@@ -32,14 +32,12 @@ def calibration_split(slides: list, n: int, by_patient: bool, keep: int = 1) -> 
     patients the model has not seen, as the test fold does (a section whose neighbours trained the model
     would give too narrow intervals); unless that leaves fewer than `keep` slides to train on, when the n
     slides alone are held out."""
-    if not n:
-        return list(slides), []
-    held = {id(s) for s in slides[len(slides) - n:]}
-    if by_patient:
-        patients = {s.patient for s in slides if id(s) in held}
-        whole = {id(s) for s in slides if s.patient in patients}
+    held = set(range(max(0, len(slides) - n), len(slides)))
+    if by_patient and held:
+        patients = {slides[i].patient for i in held}
+        whole = {i for i, s in enumerate(slides) if s.patient in patients}
         held = whole if len(slides) - len(whole) >= keep else held
-    return [s for s in slides if id(s) not in held], [s for s in slides if id(s) in held]
+    return [s for i, s in enumerate(slides) if i not in held], [s for i, s in enumerate(slides) if i in held]
 
 
 def interval_level_name(level: float) -> str:
@@ -90,14 +88,15 @@ def calibration_curve(run_dir, levels=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
             continue
         cal = read_calibration(fold / "calibration.h5")
         sigma = cal["sigma"]
+        q = [(conformal_quantile(cal["scores"], a), conformal_quantile(cal["scores_constant"], a)) for a in levels]
         for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))):
             if f["true"] is None:
                 continue
             res = np.abs(f["true"].astype(np.float64) - f["pred"])
             s = f["std"] if sigma != "constant" else np.ones_like(res)
-            for i, a in enumerate(levels):
-                inside[i] += np.sum(res <= conformal_quantile(cal["scores"], a) * s)
-                inside_c[i] += np.sum(res <= conformal_quantile(cal["scores_constant"], a))
+            for i, (qa, qa_constant) in enumerate(q):
+                inside[i] += np.sum(res <= qa * s)
+                inside_c[i] += np.sum(res <= qa_constant)
             total += res.size
     if not total:
         raise FileNotFoundError(f"{run_dir}: no fold with calibration.h5 and prediction files with truth "

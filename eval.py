@@ -443,7 +443,7 @@ def _run_markdown(r: dict) -> str:
     if r.get("per_slide"):
         keys = list(next(iter(r["per_slide"].values())))[1:]
         lines += ["", "| slide | fold | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
-        lines += [f"| {sid} | {e['fold']} | " + " | ".join(f"{e[k]:.4f}" for k in keys) + " |"
+        lines += [f"| {sid} | {e['fold']} | " + " | ".join(number(e[k]) for k in keys) + " |"
                   for sid, e in r["per_slide"].items()]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import files
+from predict import set_threads
 import lattice
 from data import STR, Slide, list_slides, read_slide, write_slide
 from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy,
@@ -466,9 +467,8 @@ def main(argv=None):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
         sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one per core)")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     try:
+        set_threads(a.threads)
         if a.cmd == "import-hest":
             import_hest(a.st, a.features, a.out, a.meta, a.genes, a.max_genes, a.overwrite,
                         dataset=a.dataset, harmonise=a.harmonise)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 import lattice
 from attention import GlobalAttention, SpotAttention, knn, row_chunks, rows_of
 from baselines import PerSpot, Ridge, SpatialRidge, SpatialStart
+from losses import log_variance
 from pyramid import Coarsen, Fuse, SubPool, Uncoarsen, level_rows
 
 
@@ -269,7 +270,6 @@ class Tessera(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
         self.register_buffer("pathway_membership", torch.zeros(cfg.pathway_tokens, n_genes))
-        self._recompute = False  # set by each forward: model.checkpoint in a training step
 
     # ---- set-up from the training data of a fold -------------------------------------------------
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
@@ -456,7 +456,7 @@ class Tessera(nn.Module):
         if cfg.pathway_tokens and "pathway_scores" not in out:
             p = tokens[cfg.calibration_tokens:]
             out["pathway_scores"] = F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-        return out if self.var_head is None else {**out, "log_var": 12 * torch.tanh(self.var_head(x) / 12)}  # losses.log_variance
+        return out if self.var_head is None else {**out, "log_var": log_variance(self.var_head(x))}
 
     def _levels(self, pyramid, order, decoded, out_dtype):
         """The extra out_levels' predictions {"levels": {k: (N_k, G)}} with the maps between the levels'

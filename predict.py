@@ -227,7 +227,8 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     if "h5ad" in formats:
         import yaml
         in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ()) for m, _ in models)
-        pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * lattice.default_unit(slide.coords)
+        unit = lattice.default_unit(slide.coords)          # a nearest-neighbour pass: once
+        pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * unit
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
                            "in_training": int(in_training),
@@ -238,7 +239,7 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                            "config": yaml.safe_dump(cfg, sort_keys=False)},
                "spatial": visium_spatial(slide.slide_id, slide.coords, 0.55 * pitch)}
         # array_row / array_col: the spots' lattice sites (lattice.py), as Visium's integer array positions
-        sites = lattice.to_lattice(slide.coords, lattice.default_unit(slide.coords)).numpy()
+        sites = lattice.to_lattice(slide.coords, unit).numpy()
         n = slide.n_spots
         obs = {"slide": np.full(n, slide.slide_id, dtype=object), "array_row": sites[:, 1], "array_col": sites[:, 0],
                "in_tissue": np.ones(n, dtype=np.int64), "fold": np.full(n, str(fold), dtype=object),

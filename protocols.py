@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                                 "table, then a paper's published numbers beside each run's.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/hist-brain")
     p.add_argument("--paper", required=True, help="an entry of configs/protocols/papers.yaml, e.g. hist:brain")
+    p.add_argument("--partial", action="store_true", help="as eval.py: also runs with unfinished folds or missing slides")
     a = p.parse_args(argv)
     try:
-        results = [evaluation.evaluate_run(d) for d in a.runs]
+        results = [evaluation.evaluate_run(d, a.partial, a.partial) for d in a.runs]
         papers = [paper_table(r, d, a.paper) for r, d in zip(results, a.runs)]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"protocols.py: {e}")

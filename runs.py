@@ -33,6 +33,7 @@ import yaml
 
 import checks
 import data
+from files import listed
 
 RECORD = "folds.json"
 WHERE_KEYS = ("device", "threads")   # run.<key>: where a run computes, not what; may differ between processes
@@ -74,23 +75,18 @@ def fold_record(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path)
             "files": {f"data.{key}": {"path": str(p), **fingerprint(p)} for key, p in files.items()}}
 
 
-def _listed(ids) -> str:
-    ids = list(ids)
-    return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-
-
 def record_changes(saved: dict, now: dict) -> list[str]:
     """What differs between the record a run started with and the present one, in words."""
     out = []
     a, b = saved.get("slides", {}), now["slides"]
     if set(b) - set(a):
-        out.append(f"slides added: {_listed(sorted(set(b) - set(a)))}")
+        out.append(f"slides added: {listed(sorted(set(b) - set(a)), 8)}")
     if set(a) - set(b):
-        out.append(f"slides removed: {_listed(sorted(set(a) - set(b)))}")
+        out.append(f"slides removed: {listed(sorted(set(a) - set(b)), 8)}")
     changed = [s for s in sorted(set(a) & set(b)) if a[s] != b[s]]
     if changed:
-        out.append("content changed: " + _listed(f"{s}.h5 ({a[s]['bytes']} -> {b[s]['bytes']} bytes, sha1 "
-                                                 f"{a[s]['sha1'][:8]} -> {b[s]['sha1'][:8]})" for s in changed))
+        out.append("content changed: " + listed((f"{s}.h5 ({a[s]['bytes']} -> {b[s]['bytes']} bytes, sha1 "
+                                                 f"{a[s]['sha1'][:8]} -> {b[s]['sha1'][:8]})" for s in changed), 8))
     fa, fb = saved.get("folds", []), now["folds"]
     if len(fa) != len(fb):
         out.append(f"{len(fb)} folds instead of {len(fa)}")
@@ -98,7 +94,7 @@ def record_changes(saved: dict, now: dict) -> list[str]:
         for part in ("train", "val", "test"):
             if x.get(part) != y[part]:
                 gone, new = sorted(set(x.get(part, [])) - set(y[part])), sorted(set(y[part]) - set(x.get(part, [])))
-                what = (f"without {_listed(gone) or '-'}, with {_listed(new) or '-'}" if gone or new
+                what = (f"without {listed(gone, 8) or '-'}, with {listed(new, 8) or '-'}" if gone or new
                         else "the same slides in another order")
                 out.append(f"fold {k} {part} slides differ ({what})")
     for key in sorted(set(saved.get("files", {})) | set(now["files"])):
@@ -299,7 +295,7 @@ def _open_locked(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: 
         other = sorted(p.name for p in run_dir.iterdir()
                        if not p.name.startswith(("lock", ".")) and p.name != RECORD)
         if other:
-            raise checks.ConfigError(f"{run_dir}: expected a new run folder, found {_listed(other)} and no "
+            raise checks.ConfigError(f"{run_dir}: expected a new run folder, found {listed(other, 8)} and no "
                                      "config.yaml (not a run of train.py): choose another run.name")
         with data.atomic_path(record_path) as tmp:         # the record first: config.yaml marks a run
             tmp.write_text(json.dumps(record, indent=1) + "\n")

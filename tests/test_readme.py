@@ -40,3 +40,22 @@ def test_every_readme_command_runs(tmp_path):
             args += ["train.epochs=1"]
         r = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+
+
+def test_the_quick_subset_command_selects_the_not_slow_tests():
+    """README's quick-subset command, collected (not run: running it is most of the suite again): it exits 0,
+    leaves out the slow tests and keeps the rest."""
+    quick = [c for c in readme_commands() if c.startswith("python -m pytest") and "not slow" in c]
+    assert len(quick) == 1
+    args = shlex.split(quick[0])[1:]                       # -m pytest -q -m "not slow"
+
+    def collected(*extra) -> str:
+        r = subprocess.run([sys.executable, *extra, "--collect-only"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    quick_out, every_out = collected(*args), collected(*args[:-2])
+    count = lambda out: int(re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", out).group(1))  # noqa: E731
+    assert 0 < count(quick_out) < count(every_out)
+    assert "test_every_readme_command_runs" not in quick_out and "test_every_readme_command_runs" in every_out

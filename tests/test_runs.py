@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import checks
@@ -21,19 +20,9 @@ import eval as evaluation
 import runs
 import synthetic
 import train
-from test_checks import expect, refused, write
+from test_checks import expect, refused, root, write  # noqa: F401 (root: the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    """Four small slides of two patients (s0, s1: A; s2, s3: B) in tmp_path/caches; the working folder is tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    root = tmp_path / "caches"
-    for i in range(4):
-        write(root, i)
-    return root
 
 
 def linear(root, *extra):
