@@ -281,11 +281,27 @@ class SpatialRidge(nn.Module):
         return {"pred": pred}
 
 
+# ---- a slide unlike every training slide: the closed form alone (model.ood_fallback) ---------------------
+def novelty_radius(means: torch.Tensor, scale: torch.Tensor, groups: list[str]) -> float:
+    """The largest distance from a training slide to its nearest slide of another group (patient, or slide):
+    how far a new group's slide may lie from the training slides and still be like them. Distances are
+    root-mean-square differences of slide-mean features over `scale`; 0 with a single group (nothing to
+    compare with, so every new slide counts as unlike)."""
+    z = means / scale
+    d = torch.cdist(z, z) / z.shape[1] ** 0.5
+    other = torch.tensor([[a != b for b in groups] for a in groups], device=d.device)
+    nearest = torch.where(other, d, torch.full_like(d, float("inf"))).min(1).values
+    return float(nearest[nearest.isfinite()].max()) if nearest.isfinite().any() else 0.0
+
+
 class SpatialStart(nn.Module):
     """tessera with `model.spatial_start` and / or `model.slide_norm`. spatial_start: the output is the
     closed-form spatial ridge (fitted first, then frozen) plus the network's prediction, whose head starts
     at zero, so training begins at the linear spatial solution and the network learns the residual.
-    slide_norm: features (and pseudo-features) are standardised over each slide's spots first."""
+    slide_norm: features (and pseudo-features) are standardised over each slide's spots first.
+    ood_fallback: in inference, a slide further from every training slide than the training groups are from
+    each other (`novelty_radius`) gets the spatial ridge alone: the residual was learned on slides like
+    the training slides, and on a new patient's unlike slide it adds the training patients' particulars."""
 
     def __init__(self, cfg, net: nn.Module, in_dim: int, n_genes: int):
         super().__init__()
@@ -293,6 +309,10 @@ class SpatialStart(nn.Module):
         self.net = net                                     # the tessera network (model.build_model)
         # the spatial ridge: the start, and with slide_norm auto also the judge of per-slide standardisation
         self.start = SpatialRidge(cfg, in_dim, n_genes) if cfg.spatial_start or cfg.slide_norm == "auto" else None
+        if cfg.ood_fallback:  # the training slides' mean features, their scale, and the radius of "like them"
+            self.register_buffer("train_means", torch.zeros(0, in_dim))
+            self.register_buffer("ood_scale", torch.ones(in_dim))
+            self.register_buffer("ood_radius", torch.zeros(()))
 
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
         if self.start is not None:
@@ -316,10 +336,31 @@ class SpatialStart(nn.Module):
     def fit_slides(self, batches: list[dict]) -> None:
         if self.start is not None:
             self.start.fit_slides(batches)
+        if self.cfg.ood_fallback:
+            self.train_means = torch.stack([slide_statistics(b["features"])[0] for b in batches])
+            self.ood_scale.copy_(torch.cat([b["features"] for b in batches]).float().std(0).clamp_min(1e-6))
+            self.ood_radius.fill_(novelty_radius(self.train_means, self.ood_scale, cv_groups(batches)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + "train_means" in state_dict:  # its length is the number of training slides
+            self.train_means = torch.empty_like(state_dict[prefix + "train_means"])
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def novelty(self, features) -> float:
+        """The slide's distance to its nearest training slide (as `novelty_radius` measures them)."""
+        z = (slide_statistics(features)[0] - self.train_means) / self.ood_scale
+        return float(z.pow(2).mean(1).sqrt().min())
+
+    def unlike_training(self, features) -> bool:
+        """Whether this slide gets the spatial ridge alone in inference (model.ood_fallback)."""
+        return bool(self.cfg.ood_fallback and self.novelty(features) > float(self.ood_radius))
 
     @property
     def chosen(self) -> str:  # what the spatial ridge chose on the training slides (alpha, slide_norm)
-        return self.start.chosen if self.start is not None else ""
+        chosen = self.start.chosen if self.start is not None else ""
+        if self.cfg.ood_fallback:
+            chosen += f"{'; ' if chosen else ''}slides unlike the training slides beyond {float(self.ood_radius):.3g}"
+        return chosen
 
     @property
     def pathway_membership(self):
@@ -338,6 +379,8 @@ class SpatialStart(nn.Module):
         out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
                        return_attention=return_attention, out_dtype=out_dtype, feat_stats=stats, **sub)
         if self.cfg.spatial_start:  # the ridge reads the raw features and applies its own slide_norm
+            if not self.training and self.unlike_training(features):
+                out["pred"] = torch.zeros_like(out["pred"])    # unlike every training slide: the closed form alone
             if torch.is_grad_enabled():
                 out["pred"] = out["pred"] + self.start(features, coords)["pred"].to(out["pred"].dtype)
             else:

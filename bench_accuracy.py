@@ -5,8 +5,9 @@
     python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20   # any config, any override
     python bench_accuracy.py --encoder my_module:my_encoder    # the real H&E cases with your encoder
     python bench_accuracy.py --report                          # the tables of what has run so far
+    python bench_accuracy.py --normalize --out runs/accuracy_norm   # targets per 10,000 counts of each spot
 
-Cases (targets: log1p counts of 250 genes, no normalisation or smoothing):
+Cases (targets: log1p counts of 250 genes, no smoothing; normalised by each spot's depth with --normalize):
   real-section  the six her2st sections with an H&E image (patients B, C) through `hest.py embed --sub 2`
                 (the built-in encoder unless --encoder) and `import-hest`; leave one section out; the 250
                 genes of highest mean on each fold's training sections
@@ -58,7 +59,7 @@ MODELS = {
     "ridge_spatial_norm": ("ridge_spatial.yaml", ["model.ridge_cv=false", "model.slide_norm=true"]),
     "mlp": ("mlp.yaml", ["train.epochs=30", "train.lr=1e-3"]),
     "tessera": ("tessera.yaml", NARROW),                              # the network for your own data
-    "tessera_net": ("tessera.yaml", NARROW + ["model.spatial_start=false"]),   # its network alone
+    "tessera_net": ("tessera.yaml", NARROW + ["model.spatial_start=false", "model.ood_fallback=false"]),  # its network alone
     "hist": ("hist.yaml", NARROW),                                    # the papers' recipes
     "default": ("default.yaml", NARROW),
     "feast": ("feast.yaml", NARROW),
@@ -150,7 +151,7 @@ def run_one(name, config, overrides, root: Path, seed: int, test: list[str], out
     run_dir = out / "runs" / case / f"{name}-s{seed}-{'+'.join(test)}"
     lines = []
     t0 = time.time()
-    train.run_fold(0, trainset, sorted(test), cfg, root, run_dir, torch.device("cpu"), lines.append, lambda: "")
+    train.run_fold(0, trainset, sorted(test), cfg, root, run_dir, torch.device("cpu"), lines.append, lambda *_: "")
     written = [files.read_predictions(f) for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
     pred = np.concatenate([f["pred"] for f in written])
     true = np.concatenate([f["true"] for f in written])
@@ -219,6 +220,7 @@ def main(argv=None):
     p.add_argument("--groups", "--patients", nargs="+", default=None, help="held-out groups (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--report", action="store_true", help="only print the tables of <out>/results.jsonl")
+    p.add_argument("--normalize", action="store_true", help="targets log1p(counts / library size * 1e4)")
     args = p.parse_args(argv)
     her2st = Path(args.her2st)
     if not (her2st / "metadata.csv").exists():
@@ -243,6 +245,10 @@ def main(argv=None):
     log_path = out / "results.jsonl"
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     done = {(r["level"], r["model"], r["seed"], r["patient"]) for r in rows}
+    if any(r.get("normalize", False) != args.normalize for r in rows):
+        raise SystemExit(f"{log_path}: holds results on {'raw' if args.normalize else 'normalised'} targets; "
+                         "use another --out (--normalize exactly when the results there are normalised)")
+    models = {n: (c, o + ["data.normalize=true"] if args.normalize else o) for n, (c, o) in models.items()}
     if args.report:
         shown = list(dict.fromkeys(r["model"] for r in rows)) if args.models == list(MODELS) else names
         for case in args.cases:
@@ -269,6 +275,7 @@ def main(argv=None):
                         r = dict(first, seed=seed)
                     else:
                         r = dict(level=case, model=name, seed=seed, patient=g, overrides=overrides,
+                                 normalize=args.normalize,
                                  **run_one(name, config, overrides, root, seed, test, out, case))
                     rows.append(r)
                     done.add((case, name, seed, g))

@@ -58,12 +58,12 @@ def load_yaml(text: str):
 
 
 # ---- types and ranges -------------------------------------------------------------------------
-KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
+KIND_TEXT = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string", "count": "an integer or auto",
              "ints": "a list of integers", "numbers": "a list of numbers", "mapping": "a mapping", "switch": "true, false or auto"}
 # keys whose default is None (any kind allowed there but this one, or null)
 NULLABLE = {"data.split_dir": "str", "data.gmt": "str", "data.fold_seed": "int",
             "model.unit_um": "number", "model.ridge_alpha": "number"}
-KINDS = {"model.radii": "numbers", "model.slide_norm": "switch"}    # lists of any numbers; true, false or auto
+KINDS = {"model.radii": "numbers", "model.slide_norm": "switch", "train.val_slides": "count"}
 
 
 def at_least(lo):
@@ -92,7 +92,7 @@ RANGES = {
     "model.radii": ((lambda v: len(v) > 0 and min(v) > 0), "with at least one radius, each > 0 (spot pitches)"),
     "train.ema": PROBABILITY, "train.epochs": at_least(1), "train.lr": above(0), "train.weight_decay": at_least(0),
     "train.warmup_epochs": at_least(0), "train.clip": above(0), "train.loss": one_of("mse", "pcc", "mse_pcc", "zinb", "gaussian"),
-    "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": at_least(0), "train.nll_beta": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "train.pcc_alpha": at_least(0), "train.pathway_lambda": at_least(0), "train.val_slides": ((lambda v: v == "auto" or v >= 0), ">= 0"), "train.nll_beta": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "train.consistency_lambda": at_least(0), "train.align_lambda": at_least(0), "eval.interval": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "train.checkpoint_every": at_least(1), "train.augment.start": at_least(0), "train.augment.end": at_least(0),
     "train.augment.p_drop": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "train.augment.shear_deg": at_least(0),
@@ -118,7 +118,7 @@ def _number(value) -> bool:
 def _kind(value, kind) -> bool:
     integer = isinstance(value, int) and not isinstance(value, bool)
     return {"bool": isinstance(value, bool), "int": integer, "str": isinstance(value, str), "mapping": isinstance(value, dict),
-            "switch": isinstance(value, bool) or value == "auto", "number": _number(value),
+            "switch": isinstance(value, bool) or value == "auto", "number": _number(value), "count": integer or value == "auto",
             "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
             "numbers": isinstance(value, list) and all(_number(v) for v in value)}[kind]
 
@@ -341,7 +341,7 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
     training = {s for train, _ in folds for s in train}
     _check_headers(paths, metas, training, dc["normalize"], cfg["model"]["sub_levels"], log)
     for k, (train, _) in enumerate(folds):
-        if len(train) <= tc["val_slides"] + (cal := cfg["eval"]["calibration_slides"]):
+        if len(train) <= (tc["val_slides"] != "auto" and tc["val_slides"]) + (cal := cfg["eval"]["calibration_slides"]):
             raise ConfigError(f"key 'train.val_slides'{' + eval.calibration_slides' * bool(cal)}: expected fewer than the "
                               f"{len(train)} training slides of fold {k}, found {tc['val_slides']}{f' + {cal}' * bool(cal)}")
     counted = [(p, m) for p, m in zip(paths, metas) if m.genes is not None]

@@ -40,6 +40,22 @@ def calibration_split(slides: list, n: int, by_patient: bool, keep: int = 1) -> 
     return [s for i, s in enumerate(slides) if i not in held], [s for i, s in enumerate(slides) if i in held]
 
 
+def held_out(slides: list, cfg: dict) -> tuple[list, list, list]:
+    """(train, validation, calibration) slides of a fold (objects with .patient, in the fold's order): the last
+    eval.calibration_slides calibrate, then the last train.val_slides of the rest validate; each with its
+    whole patients when folds group by patient (`calibration_split`), so that both meet patients the model
+    has not seen, as the test fold does; validation keeps at least half of the slides for training.
+    train.val_slides auto: one whole patient validates where folds group by patient and 3 or more patients
+    train the fold (patients to spare); otherwise nothing validates."""
+    by_patient, n_val = cfg["data"]["group"] == "patient", cfg["train"]["val_slides"]
+    auto = n_val == "auto"
+    train, cal = calibration_split(slides, cfg["eval"]["calibration_slides"], by_patient, keep=(1 if auto else n_val) + 1)
+    if auto:
+        n_val = int(by_patient and len({s.patient for s in train}) >= 3)
+    train, val = calibration_split(train, n_val, by_patient, keep=(len(train) + 1) // 2)
+    return train, val, cal
+
+
 def interval_level_name(level: float) -> str:
     """The percent a metric name carries: 0.9 -> "90", 0.975 -> "97.5"."""
     return f"{100 * level:g}"

@@ -90,6 +90,7 @@ class ModelConfig:
     slide_norm: bool | str = False    # standardise features over each slide's spots (stain shifts); auto: ridge_cv's
     spatial_start: bool = False       # tessera: output = closed-form spatial ridge + the network's residual
     head_var: bool = False            # tessera: also predict a log-variance per spot and gene ("log_var")
+    ood_fallback: bool = False        # spatial_start: a slide unlike every training slide gets the ridge alone
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -110,6 +111,8 @@ def check_config(cfg: ModelConfig) -> None:
             raise ValueError(f"model.{key} = {getattr(cfg, key)!r}; expected one of {list(ok)}")
     if cfg.arch in ("ridge_spatial", "tessera") and (not cfg.radii or min(cfg.radii) <= 0):
         raise ValueError(f"model.radii = {cfg.radii}; expected a list of positive radii in spot pitches")
+    if cfg.ood_fallback and not (cfg.arch == "tessera" and cfg.spatial_start):
+        raise ValueError("model.ood_fallback needs model.spatial_start = true (the network alone: model.ood_fallback=false)")
     if cfg.arch != "tessera":
         if cfg.sub_levels or list(cfg.out_levels) != [0] or cfg.head_var:
             raise ValueError(f"model.sub_levels, model.out_levels and model.head_var need model.arch = tessera, got {cfg.arch!r}")
@@ -159,7 +162,6 @@ class FeedForward(nn.Sequential):
 
 class Block(nn.Module):
     """HiST eq. 1 with pre-norm: x <- x + Proj(SpotAttention(x) + GlobalAttention(x, tokens)); then FFN.
-
     Global tokens are refreshed by attention in the same block and share the block's FFN, as tokens of
     one transformer sequence [tokens | spots] would (STF)."""
 
@@ -190,7 +192,6 @@ class Block(nn.Module):
         if self.glob is not None:
             t = self.norm_tokens(tokens)  # the spots read the tokens as they were at the start of the block
             tokens = tokens + self.glob.tokens_read(h, N, t)  # residual on the un-normalised token stream
-
         y_rows = rows_of(y)
 
         def spots(rows):  # x + Proj(spot attention + the spots' read of the tokens), then the FFN
@@ -489,10 +490,9 @@ class Tessera(nn.Module):
 
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:
     check_config(cfg)
-    if cfg.arch == "tessera" and (cfg.spatial_start or cfg.slide_norm):
-        return SpatialStart(cfg, Tessera(cfg, in_dim, n_genes), in_dim, n_genes)
     if cfg.arch == "tessera":
-        return Tessera(cfg, in_dim, n_genes)
+        net = Tessera(cfg, in_dim, n_genes)
+        return SpatialStart(cfg, net, in_dim, n_genes) if cfg.spatial_start or cfg.slide_norm else net
     if cfg.arch == "ridge_spatial":
         return SpatialRidge(cfg, in_dim, n_genes)
     if cfg.arch in ("linear", "mlp"):

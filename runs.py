@@ -28,11 +28,13 @@ import os
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
 import checks
 import data
+from conformal import held_out
 from files import listed
 
 RECORD = "folds.json"
@@ -64,13 +66,13 @@ def fingerprint(path: Path) -> dict:
 
 
 def fold_record(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> dict:
-    """The folds as train.run_fold uses them (the last train.val_slides training slides validate) and the
-    fingerprint of every slide and of the gene list and GMT files the config names."""
-    v = cfg["train"]["val_slides"]
+    """The folds as train.run_fold uses them (conformal.held_out: the slides it trains on, validates and
+    calibrates with) and the fingerprint of every slide and of the gene list and GMT files the config names."""
     ids = sorted({s for train, test in folds for s in train + test})
+    slides = {s: SimpleNamespace(id=s, patient=data.read_slide_meta(root / f"{s}.h5").patient) for s in ids}
     files = {key: checks.data_file(cfg, key, root) for key in ("genes", "gmt") if isinstance(cfg["data"][key], str)}
-    return {"folds": [{"train": train[:len(train) - v], "val": train[len(train) - v:], "test": test}
-                      for train, test in folds],
+    split = [[[m.id for m in part] for part in held_out([slides[s] for s in train], cfg)] for train, _ in folds]
+    return {"folds": [{"train": t, "val": v, "calibration": c, "test": test} for (t, v, c), (_, test) in zip(split, folds)],
             "slides": {s: fingerprint(root / f"{s}.h5") for s in ids},
             "files": {f"data.{key}": {"path": str(p), **fingerprint(p)} for key, p in files.items()}}
 

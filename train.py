@@ -35,7 +35,7 @@ import eval as evaluation
 import files
 import predict
 import lattice
-from conformal import calibration_split
+from conformal import held_out
 from losses import compute_loss, start_variance
 from model import ModelConfig, build_model
 
@@ -84,7 +84,7 @@ DEFAULTS = {
         "consistency_lambda": 0.0,    # MagNet: predicted parent vs its predicted children, summed in counts
         "align_lambda": 0.0,          # HiFusion: pooled sub-tokens vs the spot's own embedding
         "augment": {"start": 1.0, "end": 0.2, "p_drop": 0.2, "shear_deg": 15.0, "rot_deg": 30.0},  # HiST A.6/A.7: strength start -> end (cosine), spot drop, shear, rotation
-        "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides
+        "val_slides": 0,              # >0: keep the epoch best on this many held-out training slides; auto: conformal.held_out
         "ema": 0.0,                   # >0: predict with an exponential moving average of the weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
         "seed": 0,                    # seeds initialisation, augmentation, dropout and (by default) folds
@@ -178,8 +178,7 @@ def slide_targets(slide: data.Slide, cfg: dict) -> torch.Tensor:
     """(N, G) regression targets of a slide with counts: log1p (data.normalize: of counts per 1e4), then
     the label smoothing of data.smooth on the slide's spot array (MERGE, FEAST)."""
     y = data.log_targets(slide.counts, slide.library_size, normalize=cfg["data"]["normalize"])
-    sm = cfg["data"]["smooth"]
-    if not sm:
+    if not (sm := cfg["data"]["smooth"]):
         return y
     # integer array positions: the lattice of the spot pitch (a hexagonal array: half a pitch across,
     # a row height down, as Visium's array_col and array_row)
@@ -243,9 +242,7 @@ def membership(cfg, genes: list[str], n_pathways: int, root: Path = Path(".")) -
         index = {g: i for i, g in enumerate(genes)}
         sets = list(files.read_gmt(checks.data_file(cfg, "gmt", root)).values())[:n_pathways]
         for p, members in enumerate(sets):
-            for g in members:
-                if g in index:
-                    m[p, index[g]] = 1.0
+            m[p, [index[g] for g in members if g in index]] = 1.0
     return m
 
 
@@ -272,14 +269,19 @@ def finite_weights(model) -> bool:
 
 
 def ema_update(avg: dict, model, decay: float, step: int) -> None:
-    """avg <- d avg + (1 - d) weights, d = min(decay, (1 + step) / (10 + step)) (short warm-up, so early
-    weights do not dominate). Integer buffers are copied."""
+    """avg <- d avg + (1 - d) weights, d = min(decay, (1 + step) / (10 + step)): early weights do not dominate."""
     d = min(decay, (1 + step) / (10 + step))
     for name, value in model.state_dict().items():
         if value.is_floating_point():
             avg[name].mul_(d).add_(value.detach(), alpha=1 - d)
         else:
             avg[name].copy_(value)
+
+
+def val_score(model, val_b, cfg, device) -> float:
+    """pcc_gene of the model's predictions over the validation slides, pooled (train.val_slides)."""
+    return evaluation.pcc_gene(torch.cat([predict.predict_slide(model, b["slide"], cfg["data"]["pseudo"], device)
+                                          for b in val_b]), torch.cat([b["target"] for b in val_b]))
 
 
 def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
@@ -300,6 +302,9 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
     last = "none"   # the last finite epoch loss, for the message if training diverges
+    if val_b and start == 0 and cfg["model"].get("spatial_start"):   # the closed-form start is a candidate too
+        best = (val_score(model, val_b, cfg, device), {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+        log(f"fold {k} epoch 0 (the spatial ridge alone) val_pcc_gene {best[0]:.4f}")
 
     def diverged(what):  # the last checkpoint (if any) is left as it was: a NaN model is never saved
         return Diverged(f"fold {k} epoch {epoch + 1}: {what}; stopped, {ckpt if ckpt.exists() else 'no checkpoint'} "
@@ -334,9 +339,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             live = {n: t.detach().clone() for n, t in model.state_dict().items()} if avg is not None else None
             if avg is not None:                                  # score the weights that would be kept
                 model.load_state_dict(avg)
-            score = evaluation.pcc_gene(torch.cat([predict.predict_slide(model, b["slide"], cfg["data"]["pseudo"],
-                                                                            device) for b in val_b]),
-                                        torch.cat([b["target"] for b in val_b]))
+            score = val_score(model, val_b, cfg, device)
             line += f" val_pcc_gene {score:.4f}"
             if score > best[0]:
                 best = (score, {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
@@ -347,10 +350,8 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),  # after it loses nothing
                          "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg}, ckpt)
         log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
-    if best[1] is not None:
-        model.load_state_dict(best[1])
-    elif avg is not None:
-        model.load_state_dict(avg)
+    if best[1] is not None or avg is not None:        # the best validation epoch, else the weight average
+        model.load_state_dict(best[1] if best[1] is not None else avg)
 
 
 def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, eta):
@@ -361,10 +362,7 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
     genes = choose_genes(cfg, train_slides, root, [g for g in test_genes if g is not None])
     train_slides = [data.take_genes(s, genes, path=root / f"{i}.h5") for s, i in zip(train_slides, train_ids)]
     test_slides = [data.read_slide(root / f"{s}.h5", genes=genes, zero_fill=False) for s in test_ids]
-    train_slides, cal_slides = calibration_split(train_slides, cfg["eval"]["calibration_slides"],  # never trained on
-                                                 cfg["data"]["group"] == "patient", keep=tc["val_slides"] + 1)
-    val_slides = train_slides[len(train_slides) - tc["val_slides"]:] if tc["val_slides"] else []
-    train_slides = train_slides[:len(train_slides) - len(val_slides)]
+    train_slides, val_slides, cal_slides = held_out(train_slides, cfg)    # neither trains the model
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
     feats = torch.cat([b["features"] for b in train_b]).float()
     targets = torch.cat([b["target"] for b in train_b])
@@ -400,6 +398,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
             f"slide(s), sigma {calibration['sigma']}, median q {q:.3f}")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
+        if mc.ood_fallback and model.unlike_training(s.features):  # model.ood_fallback: the ridge alone
+            log(f"fold {k}: {s.slide_id} is unlike every training slide: predicted by the spatial ridge alone")
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred", true=target,
                                            fold=k, mc=cfg["eval"]["mc_samples"], seed=tc["seed"],
                                            formats=("h5", "h5ad") if cfg["eval"]["save_h5ad"] else ("h5",),

@@ -257,6 +257,17 @@ def test_accuracy_benchmark_real_he_holds_out_sections_and_patients(shared_data,
     rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--cases", "real-section",
                                 "--out", str(tmp_path / "out"), "--models", "ridge_spatial", "--groups", "C3", "--seeds", "0"])
     assert len(rows) == 1 and 0.4 < rows[0]["pcc_gene"] < 0.9
+    with pytest.raises(SystemExit, match="raw targets"):          # one --out holds one kind of target
+        bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                             "--normalize", "--report"])
+    # depth-normalised targets; B4, a patient the training sections (C) never showed, is unlike every one of
+    # them: tessera.yaml predicts it by its spatial ridge alone (model.ood_fallback)
+    rows = bench_accuracy.main(["--her2st", str(her2st), "--cache", str(tmp_path / "cache"), "--cases", "real-section",
+                                "--out", str(tmp_path / "norm"), "--models", "ridge_spatial", "tessera", "--groups", "B4",
+                                "--seeds", "0", "--normalize", "--set", "tessera:train.epochs=1"])
+    assert [r["model"] for r in rows] == ["ridge_spatial", "tessera"] and all(r["normalize"] for r in rows)
+    assert rows[1]["pcc_gene"] == pytest.approx(rows[0]["pcc_gene"], abs=1e-6)
+    assert 0.05 < rows[0]["pcc_gene"] < 0.4           # normalised targets: 0.146 by section (BENCHMARKS.md)
 
 
 @pytest.mark.parametrize("override,message", [("model.radii=[]", "model.radii"), ("model.radii=[1.5, 0]", "model.radii"),

@@ -153,6 +153,64 @@ def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch)
     assert not all(torch.equal(t, states[3][n]) for n, t in model.state_dict().items())
 
 
+def test_with_a_spatial_start_the_start_itself_is_a_validation_candidate(tiny_root, tmp_path, monkeypatch):
+    """With model.spatial_start, the closed-form start (the network's residual still zero) is scored before
+    the first epoch; when no epoch beats it on the validation slides, the fold ends at the start: its
+    prediction is the spatial ridge's. Scores are scripted: the start 0.9, every epoch less."""
+    cfg = train.load_config(ROOT / "configs/tessera.yaml", [f"data.root={tiny_root}", "train.epochs=3", "model.dim=16",
+                                                               "model.heads=2", "data.genes={by: mean, n: 20}"])
+    from model import ModelConfig, build_model
+    mc = ModelConfig.from_dict(cfg["model"])
+    slides = [data.read_slide(p) for p in data.list_slides(tiny_root)[:3]]
+    genes = train.choose_genes(cfg, slides, tiny_root)
+    batches = [train.prepare(data.read_slide(p, genes=genes), cfg, mc.unit_um) for p in data.list_slides(tiny_root)[:3]]
+    torch.manual_seed(0)
+    feats = torch.cat([b["features"] for b in batches[:2]])
+    model = build_model(mc, feats.shape[1], len(genes))
+    model.init_from_data(feats.mean(0), feats.std(0), torch.cat([b["target"] for b in batches[:2]]).mean(0))
+    model.fit_slides(batches[:2])
+    with torch.no_grad():
+        ridge = model.start(batches[2]["features"], batches[2]["coords"])["pred"]
+    scores = iter([0.9, 0.1, 0.5, 0.2])
+    monkeypatch.setattr(train.evaluation, "pcc_gene", lambda pred, true: next(scores))
+    lines = []
+    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append, lambda *a: "")
+    assert lines[0].startswith("fold 0 epoch 0 (the spatial ridge alone) val_pcc_gene 0.9000") and len(lines) == 4
+    assert all(float(p.detach().abs().max()) == 0 for p in model._last().parameters())        # the residual's head: zero
+    model.eval()
+    with torch.no_grad():
+        got = model(batches[2]["features"], batches[2]["coords"], unit=batches[2]["unit"])["pred"]
+    torch.testing.assert_close(got, ridge)
+
+
+def test_validation_and_calibration_hold_out_whole_patients_when_folds_group_by_patient():
+    """conformal.held_out: calibration first (the last eval.calibration_slides and their patients), then
+    validation from the rest (the last train.val_slides and their patients, unless fewer than half of the
+    slides would be left to train on, when the slides alone validate)."""
+    from types import SimpleNamespace
+    from conformal import held_out
+    slides = [SimpleNamespace(slide_id=n, patient=n[0]) for n in ["A1", "A2", "B1", "C1", "C2", "D1", "D2", "D3"]]
+    names = lambda part: [s.slide_id for s in part]                                  # noqa: E731
+    cfg = lambda group, v, c: {"data": {"group": group}, "train": {"val_slides": v},   # noqa: E731
+                               "eval": {"calibration_slides": c}}
+    assert [names(p) for p in held_out(slides, cfg("patient", 1, 1))] == \
+        [["A1", "A2", "B1"], ["C1", "C2"], ["D1", "D2", "D3"]]
+    assert [names(p) for p in held_out(slides, cfg("slide", 1, 1))] == \
+        [["A1", "A2", "B1", "C1", "C2", "D1"], ["D2"], ["D3"]]
+    assert [names(p) for p in held_out(slides, cfg("patient", 1, 0))] == \
+        [["A1", "A2", "B1", "C1", "C2"], ["D1", "D2", "D3"], []]
+    # patient D would leave 2 of 5 slides to train on: slide D3 alone validates
+    assert [names(p) for p in held_out(slides[3:], cfg("patient", 1, 0))] == [["C1", "C2", "D1", "D2"], ["D3"], []]
+    assert [names(p) for p in held_out(slides, cfg("patient", 0, 0))] == [names(slides), [], []]
+    # auto: a whole patient where 3 or more patients train the fold (after calibration), else nothing
+    assert [names(p) for p in held_out(slides, cfg("patient", "auto", 0))] == \
+        [["A1", "A2", "B1", "C1", "C2"], ["D1", "D2", "D3"], []]
+    assert [names(p) for p in held_out(slides, cfg("patient", "auto", 1))] == \
+        [["A1", "A2", "B1"], ["C1", "C2"], ["D1", "D2", "D3"]]
+    assert [names(p) for p in held_out(slides[3:], cfg("patient", "auto", 0))] == [names(slides[3:]), [], []]
+    assert [names(p) for p in held_out(slides, cfg("slide", "auto", 0))] == [names(slides), [], []]
+
+
 # ---- coordinate augmentation ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CONFIGS)
