@@ -317,6 +317,8 @@ class SpatialStart(nn.Module):
     def init_from_data(self, feat_mean, feat_std, target_mean, membership=None):
         if self.start is not None:
             self.start.init_from_data(feat_mean, feat_std, target_mean)
+        if self.cfg.ood_fallback:  # the training spots' standard deviation: the unit of novelty's distances
+            self.ood_scale.copy_(feat_std.clamp_min(1e-6))
         if self.cfg.slide_norm is True:  # the network sees slide-standardised features (auto: the stem is
             feat_mean, feat_std = torch.zeros_like(feat_mean), torch.ones_like(feat_std)  # handed the slide's)
         self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
@@ -338,7 +340,6 @@ class SpatialStart(nn.Module):
             self.start.fit_slides(batches)
         if self.cfg.ood_fallback:
             self.train_means = torch.stack([slide_statistics(b["features"])[0] for b in batches])
-            self.ood_scale.copy_(torch.cat([b["features"] for b in batches]).float().std(0).clamp_min(1e-6))
             self.ood_radius.fill_(novelty_radius(self.train_means, self.ood_scale, cv_groups(batches)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
@@ -348,7 +349,7 @@ class SpatialStart(nn.Module):
 
     def novelty(self, features) -> float:
         """The slide's distance to its nearest training slide (as `novelty_radius` measures them)."""
-        z = (slide_statistics(features)[0] - self.train_means) / self.ood_scale
+        z = (slide_statistics(features)[0].to(self.train_means.device) - self.train_means) / self.ood_scale
         return float(z.pow(2).mean(1).sqrt().min())
 
     def unlike_training(self, features) -> bool:

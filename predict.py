@@ -402,7 +402,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
         write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)), mc=mc,
                                 formats=formats, seed=seed, calibration=calibration)
-        unlike = sum(m.unlike_training(slide.features.to(device)) for m, _ in use if hasattr(m, "unlike_training"))
+        unlike = sum(m.unlike_training(slide.features) for m, _ in use if hasattr(m, "unlike_training"))
         print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
               f"({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''}"
               f"{f'; unlike the training slides of {unlike}: their spatial ridge alone' if unlike else ''})")

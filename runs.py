@@ -93,8 +93,8 @@ def record_changes(saved: dict, now: dict) -> list[str]:
     if len(fa) != len(fb):
         out.append(f"{len(fb)} folds instead of {len(fa)}")
     for k, (x, y) in enumerate(zip(fa, fb)):
-        for part in ("train", "val", "test"):
-            if x.get(part) != y[part]:
+        for part in ("train", "val", "calibration", "test"):
+            if x.get(part, []) != y[part]:
                 gone, new = sorted(set(x.get(part, [])) - set(y[part])), sorted(set(y[part]) - set(x.get(part, [])))
                 what = (f"without {listed(gone, 8) or '-'}, with {listed(new, 8) or '-'}" if gone or new
                         else "the same slides in another order")
