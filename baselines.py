@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import lattice
-from attention import CHUNK
+from kernels import CHUNK
 
 
 class PerSpot(nn.Module):
@@ -37,7 +37,7 @@ class PerSpot(nn.Module):
             self.net[-1].bias.copy_(target_mean)
 
     def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
+                out_dtype=None):
         pred = self.net((features - self.feat_mean) / self.feat_std)
         return {"pred": pred.to(out_dtype) if out_dtype else pred}
 
@@ -76,7 +76,7 @@ class Ridge(nn.Module):
         self.pca_mean.copy_(z.mean(0))
 
     def forward(self, features, coords=None, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None):
+                out_dtype=None):
         with torch.autocast(features.device.type, enabled=False):  # weights solved in float64: no bf16 products
             z = (features.to(self.weight.dtype) - self.feat_mean) / self.feat_std - self.pca_mean
             pred = z @ self.components @ self.weight
@@ -265,7 +265,7 @@ class SpatialRidge(nn.Module):
         self.bias.copy_(my)
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None, into=None):
+                out_dtype=None, into=None):
         """(design - design_mean) @ weight + bias, a chunk of spots at a time (`designs`): memory is the
         (N, G) output and a chunk's design. `into` (N, G): the prediction is added into it, in place."""
         with torch.autocast(features.device.type, enabled=False):  # weights solved in float64: no bf16 products
@@ -324,15 +324,11 @@ class SpatialStart(nn.Module):
         self.net.init_from_data(feat_mean, feat_std, target_mean, membership)
         if self.cfg.spatial_start:
             with torch.no_grad():  # the residual starts at zero
-                for p in self._last().parameters():
+                for p in self.net.head.start().parameters():
                     p.zero_()
 
     def norm_on(self) -> bool:
         return self.cfg.slide_norm is True or (self.start is not None and self.start.norm_on())
-
-    def _last(self) -> nn.Module:
-        head = self.net.head
-        return head.genes if self.cfg.head == "pathway" else head[-1] if self.cfg.head == "mlp" else head
 
     @torch.no_grad()
     def fit_slides(self, batches: list[dict]) -> None:
@@ -372,13 +368,13 @@ class SpatialStart(nn.Module):
         return self.net.feat_mean
 
     def forward(self, features, coords, pseudo_features=None, pseudo_coords=None, unit=None,
-                return_attention=False, out_dtype=None, **sub):
+                out_dtype=None, **sub):
         """The network's output with the spatial ridge added to "pred". slide_norm hands the network the
         slide's own feature statistics (no standardised copy of the features); in inference the ridge is
         added into the network's prediction in place, so a large slide holds one (N, G) prediction."""
         stats = slide_statistics(features) if self.norm_on() else None
         out = self.net(features, coords, pseudo_features, pseudo_coords, unit=unit,
-                       return_attention=return_attention, out_dtype=out_dtype, feat_stats=stats, **sub)
+                       out_dtype=out_dtype, feat_stats=stats, **sub)
         if self.cfg.spatial_start:  # the ridge reads the raw features and applies its own slide_norm
             if not self.training and self.unlike_training(features):
                 out["pred"] = torch.zeros_like(out["pred"])    # unlike every training slide: the closed form alone

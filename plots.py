@@ -10,6 +10,7 @@ Separate from eval.py because matplotlib is an optional dependency, imported onl
 """
 from __future__ import annotations
 
+import math
 import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import re
@@ -27,7 +28,7 @@ from eval import choose_genes, gene_scores  # the genes a map shows: ranked by t
 import files
 import predict
 import lattice
-from attention import SpotAttention, distance_bias, signed_weights
+from attention import SpotAttention, signed_softmax
 
 MAX_PIXELS = 1200  # longest side of a rasterised map: a 1M-bin slide costs one image, not 1M patches
 
@@ -245,12 +246,12 @@ def attention_blocks(model) -> list[tuple[str, SpotAttention]]:
 
 def _capture(model, module, slide, use_pseudo):
     """The input x (n, dim), level and knn_index of `module` in the model's forward on `slide`, taken by a
-    forward pre-hook: independent of how the blocks call it (the module reads its input as h(rows); x is
-    h of all rows). Grad mode with frozen parameters: nothing is kept for a backward."""
+    forward pre-hook. Grad mode (with frozen parameters, so nothing is kept for a backward) makes the
+    blocks call the module itself rather than the fast kernels' inference path."""
     seen = {}
 
     def hook(mod, args, kwargs):
-        names = ("h", "n", "level", "knn_index")
+        names = ("h", "level", "knn_index")
         seen.update({**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}})
         raise _Captured
 
@@ -269,53 +270,28 @@ def _capture(model, module, slide, use_pseudo):
             p.requires_grad_(f)
     if "h" not in seen:
         raise ValueError("the chosen attention block was not called in the forward")
-    return seen["h"](slice(None)).detach(), seen["level"], seen.get("knn_index")
-
-
-def _branches(module, q, k, bias):
-    """Excitatory softmax(S + B) and inhibitory beta * softmax((-S + B) / tau) (FEAST), q (H, 1, D),
-    k (H, K, D), bias (H, 1, K) or None -> two (H, K); their difference is signed_weights' row."""
-    exc = signed_weights(q, k, bias)
-    if not module.beta:
-        return exc[:, 0], torch.zeros_like(exc[:, 0])
-    inh = signed_weights(-q / module.tau, k, None if bias is None else bias / module.tau)
-    return exc[:, 0], module.beta * inh[:, 0]
+    return seen["h"].detach(), seen["level"], seen.get("knn_index")
 
 
 @torch.no_grad()
 def query_attention(module: SpotAttention, x, level, row: int, knn_index=None) -> dict:
     """The signed attention weights of one query token `row` over its keys, with the module's own
-    projections and bias, without any other query: keys (K,) token rows, excitatory and inhibitory (H, K),
-    attends (H, K) (window mode: the first H/2 heads see the standard window, the others the shifted one)."""
+    projections and bias (module.bias, the builder the model uses), without any other query: keys
+    (K,) token rows, excitatory softmax(S + B) and inhibitory beta * softmax((-S + B) / tau) (H, K),
+    attends (H, K): which heads see each key (split windows: a half of the heads per partition)."""
     H, dim = module.heads, module.dim
     Wq, Wk = module.qkv.weight[:dim], module.qkv.weight[dim:2 * dim]
     bq, bk = module.qkv.bias[:dim], module.qkv.bias[dim:2 * dim]
-    q = F.linear(x[row], Wq, bq).view(H, 1, -1)                                 # (H, 1, D)
-    key = lambda rows: F.linear(x[rows], Wk, bk).view(len(rows), H, -1).transpose(0, 1)  # noqa: E731 (H, K, D)
-    sites = level.sites.float()
-    slopes = getattr(module, "slopes", None)
-    if module.mode == "window":  # SpotAttention: heads [0, H/2) in level.rulebook, the rest in the shifted one
-        table = module.rpb() if module.bias == "rpb" else getattr(module, "alibi", None)  # (H, S, S)
-        parts = []
-        for heads, rulebook in ((slice(0, H // 2), level.rulebook), (slice(H // 2, H), level.rulebook_shifted)):
-            hit = (rulebook == row).nonzero()
-            if not len(hit):
-                continue
-            w, slot = hit[0].tolist()
-            slots = (rulebook[w] >= 0).nonzero().squeeze(1)
-            parts.append((heads, rulebook[w, slots], None if table is None else table[heads][:, slot:slot + 1, slots]))
-        keys = torch.unique(torch.cat([p[1] for p in parts])) if parts else torch.tensor([row])
-        exc, inh = torch.zeros(H, len(keys)), torch.zeros(H, len(keys))
-        attends = torch.zeros(H, len(keys), dtype=torch.bool)
-        for heads, tokens, bias in parts:
-            cols = torch.searchsorted(keys, tokens)
-            e, i = _branches(module, q[heads], key(tokens)[heads], bias)
-            exc[heads, cols], inh[heads, cols], attends[heads, cols] = e, i, True
-        return {"keys": keys, "excitatory": exc, "inhibitory": inh, "attends": attends}
-    keys = knn_index[row] if module.mode == "knn" else torch.arange(len(sites))  # full: every token, O(N H)
-    bias = None if slopes is None else distance_bias(sites[row:row + 1], sites[keys], slopes)  # (H, 1, K)
-    exc, inh = _branches(module, q, key(keys), bias)
-    return {"keys": keys, "excitatory": exc, "inhibitory": inh, "attends": torch.ones_like(exc, dtype=torch.bool)}
+    keys, offsets, attends = module.query_keys(level, row, knn_index)
+    q = F.linear(x[row], Wq, bq).view(H, 1, -1)                          # (H, 1, D)
+    k = F.linear(x[keys], Wk, bk).view(len(keys), H, -1).transpose(0, 1)  # (H, K, D)
+    s = (q @ k.transpose(-1, -2))[:, 0] / math.sqrt(q.shape[-1])         # (H, K)
+    b = module.bias(offsets)                                             # (H, K) or None
+    exc = signed_softmax(s, b, attends)
+    inh = module.beta * signed_softmax(-s / module.tau, None if b is None else b / module.tau,
+                                       attends) if module.beta else torch.zeros_like(exc)
+    return {"keys": keys, "excitatory": exc * attends, "inhibitory": inh * attends,
+            "attends": attends}
 
 
 def _site_key(s: torch.Tensor) -> torch.Tensor:
@@ -342,7 +318,7 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
     x, level, knn_index = _capture(model, module, slide, use_pseudo)
     coords = slide.coords.double()
     unit = model.cfg.unit_um or lattice.default_unit(slide.coords)
-    if hasattr(level, "rulebook"):  # a pyramid level: its sites are the spot sites coarsened `scale` times
+    if hasattr(level, "windows"):  # a pyramid level: its sites are the spot sites coarsened `scale` times
         sites0, want = lattice.to_lattice(slide.coords, unit), torch.sort(_site_key(level.sites)).values
         for scale in range(64):
             anc = torch.div(sites0, 2 ** scale, rounding_mode="floor")

@@ -38,25 +38,32 @@ class Coarsen(nn.Module):
 
 
 class Uncoarsen(nn.Module):
-    """HiST eq. (5): z = Linear(d -> 4d)(x_parent), reshaped to 4 child slots, gathered at active children.
+    """HiST eq. (5): z = MLP(x_parent) in R^{4d}, reshaped to the 4 child slots, each child reading
+    its slot of its parent: z_{u,v,delta} -> child (2u + delta_1, 2v + delta_2).
 
-    Initialised as a nearest-neighbour copy (every slot starts as the parent's vector)."""
+    kind 'mlp': HiST's form, Linear(d, 4d) -> GELU -> Linear(4d, 4d). kind 'linear' (tessera's
+    default): one Linear(d, 4d), initialised as a nearest-neighbour copy (every child starts as its
+    parent), so the U-Net starts as an identity path and learns the coarse context on top. The last
+    map runs slot by slot: no (M, 4d) buffer."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, kind: str = "linear"):
         super().__init__()
-        self.linear = nn.Linear(dim, 4 * dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dim).repeat(4, 1))
-            self.linear.bias.zero_()
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU()) if kind == "mlp" else None
+        self.linear = nn.Linear(4 * dim if kind == "mlp" else dim, 4 * dim)
+        if kind == "linear":
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(dim).repeat(4, 1))
+                self.linear.bias.zero_()
 
     def forward(self, x, parent, slot):
-        d = x.shape[1]
-        W, b = self.linear.weight.view(4, d, d), self.linear.bias.view(4, d)  # slot delta: rows delta*d ...
+        d = self.linear.out_features // 4
+        x = x if self.mlp is None else self.mlp(x)   # (M, 4d) hidden of HiST's MLP
+        W, b = self.linear.weight.view(4, d, -1), self.linear.bias.view(4, d)  # slot delta's map
         up = x.new_empty(len(parent), d)
-        for delta in range(4):                      # each child reads its slot's map of its parent
+        for delta in range(4):                       # each child reads its slot of its parent
             child = torch.nonzero(slot == delta).squeeze(1)
             up[child] = F.linear(x[parent[child]], W[delta], b[delta]).to(up.dtype)
-        return up                                   # (N, d), no (M, 4d) buffer
+        return up                                    # (N, d)
 
 
 class Fuse(nn.Linear):
@@ -114,13 +121,13 @@ class SubPool(nn.Module):
         return self.norm(self.proj(y.flatten(1)))                        # (M, d)
 
 
-def level_rows(pyramid, order, sub_levels):
+def level_rows(levels, order, sub_levels):
     """The maps between the rows of the levels' outputs, in the order losses.level_loss and eval.level_outputs
     read: caller's spots at level 0, sorted by (caller's spot, sub-position s = r * ix + iy, r = 2^-k) below
     it, lattice row-major above it. pyramid: lattice.build_pyramid from sub_levels = K levels below the spot;
     order (N,): caller's row of each lattice-sorted spot. -> (parents {k: (N_k,) row at level k + 1},
     perm {k < 0: (N_k,) pyramid row of each output row}, sub_index {k < 0: (N_k,) n * r^2 + s})."""
-    K, levels, N = sub_levels, pyramid.levels, len(order)
+    K, N = sub_levels, len(order)
     L = len(levels) - K
     parents = {j: levels[K + j].parent for j in range(1, L - 1)}
     if L > 1:
