@@ -10,7 +10,8 @@
     full_attention    FEAST key design 1: every token attends to every token (the coarsest level)
     SpotAttention     the spot-to-spot quadrant (h2h) of a block: one of the above, with its q, k, v
     GlobalAttention   HiST sec. 3.4.2 calibration token and SpatialTranscriptFormer's pathway
-                      tokens: tokens read the spots (p2h) and each other (p2p), spots read them (h2p)
+                      tokens: tokens read the spots (p2h) and each other (p2p), spots read
+                      them (h2p)
 
 Shapes: N tokens, H heads, D head dim, W windows of S = (2w)^2 slots, K neighbours, T global tokens.
 The same maths runs through kernels.py with model.kernels = fast (chunks, hand-written backward,
@@ -145,7 +146,7 @@ class SpotAttention(nn.Module):
     'none'    h2h off: zeros, so the caller can always add.
     bias 'rpb' (windows only), 'alibi' (lattice distance; `slopes` 'alibi' or 'feast') or 'none';
     signed: FEAST's negative branch with beta, tau. Owns the qkv projection; the block sums the
-    output with GlobalAttention's before one projection (HiST eq. 1). fast: kernels.spot_attention."""
+    output with GlobalAttention's before one projection (HiST eq. 1). fast: kernels.py."""
 
     def __init__(self, dim, heads, mode="window", w=3, bias="rpb", signed=False, beta=1.5, tau=0.6,
                  attn_drop=0.0, windows="split", slopes="alibi", fast=False):
@@ -168,7 +169,8 @@ class SpotAttention(nn.Module):
         split = mode == "window" and windows == "split"
         self.bias = PairBias(bias, heads, w, slopes, 2 if split else 1)
         if mode == "window":
-            allowed, offsets = lattice.union_pairs(w) if windows == "union" else lattice.window_pairs(w)
+            pairs = lattice.union_pairs if windows == "union" else lattice.window_pairs
+            allowed, offsets = pairs(w)
             self.register_buffer("allowed", allowed, persistent=False)  # (S, Sk) slot pairs
             self.register_buffer("offsets", offsets, persistent=False)  # (S, Sk, 2) query - key
 
@@ -178,7 +180,7 @@ class SpotAttention(nn.Module):
         super()._load_from_state_dict(state, prefix, *args)
 
     def forward(self, h, level, knn_index=None):
-        """h (N, dim) normalised tokens of a lattice.Level (or, for knn, of points with .sites (N, 2))
+        """h (N, dim) normalised tokens of a lattice.Level (k-NN: of points with .sites (N, 2))
         -> (N, dim), the heads concatenated, before the block's projection."""
         if self.mode == "none":
             return torch.zeros_like(h)

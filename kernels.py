@@ -41,7 +41,8 @@ def by_rows(fn, n, dtype=None):
         part = fn(rows)
         parts = part if isinstance(part, dict) else {None: part}
         if out is None:
-            out = {k: v.new_empty(n, *v.shape[1:], dtype=dtype or v.dtype) for k, v in parts.items()}
+            out = {k: v.new_empty(n, *v.shape[1:], dtype=dtype or v.dtype)
+                   for k, v in parts.items()}
         for k, v in parts.items():
             out[k][rows] = v
     if out is None:
@@ -172,11 +173,13 @@ class _WindowAttention(torch.autograd.Function):
         saved = [next(it) if present else None for present in ctx.layout]
         N, H, D = q.shape
         dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+        acc = torch.promote_types(dout.dtype, torch.float32)
         dtable = None if bias_shape is None or not ctx.needs_input_grad[3] else \
-            dout.new_zeros(pairs[0] * pairs[1], H, dtype=torch.promote_types(dout.dtype, torch.float32))
+            dout.new_zeros(pairs[0] * pairs[1], H, dtype=acc)
         for i in range(0, len(saved), 7):
             q_tok, q_slot, k_tok, k_slot, pos, neg, keep = saved[i:i + 7]
-            qw, kw, vw, do = _gather(q, q_tok), _gather(k, k_tok), _gather(v, k_tok), _gather(dout, q_tok)
+            qw, do = _gather(q, q_tok), _gather(dout, q_tok)
+            kw, vw = _gather(k, k_tok), _gather(v, k_tok)
             a = pos - beta * neg if beta else pos
             da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
             if keep is not None:
@@ -201,9 +204,11 @@ def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, 
                      dropout_p=0.0, cache=None):
     """attention.window_attention (same arguments; cache: where to keep the window batches)."""
     batches = window_batches(queries, keys, cache)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, bias))
     pairs = (queries.shape[1], keys.shape[1])
-    return _WindowAttention.apply(q, k, v, bias, allowed, batches, pairs, beta, tau, dropout_p, grad)
+    return _WindowAttention.apply(q, k, v, bias, allowed, batches, pairs, beta, tau, dropout_p,
+                                  grad)
 
 
 def _windows_projected(module, h, n, level, bias, dropout_p):

@@ -89,8 +89,7 @@ def to_lattice(xy, unit) -> torch.Tensor:
     if not unit > 0:
         raise ValueError(f"to_lattice: unit must be a positive number of micrometres, got {unit}")
     g = xy.double() / unit                                      # (N, 2) continuous coordinates
-    lo = torch.round(g).amin(0)
-    g = g - lo
+    g = g - torch.round(g).amin(0)
     site = torch.round(g).long()
     taken, inv, count = torch.unique(_key(site), return_inverse=True, return_counts=True)
     if (count > 1).any():
@@ -169,7 +168,7 @@ def square_grid(xy, tolerance=0.4):
     theta = float(torch.atan2(angle.sin().mean(), angle.cos().mean())) / 4
     c, s = math.cos(theta), math.sin(theta)
     A = pitch * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    b = p[((p - centre) ** 2).sum(1).argmin()]                  # a spot on the grid: the most central
+    b = p[((p - centre) ** 2).sum(1).argmin()]                  # the most central spot: on the grid
     radius, done = 3.0, False
     while not done:
         near = ((p - b) ** 2).sum(1) <= (radius * pitch) ** 2
@@ -177,7 +176,7 @@ def square_grid(xy, tolerance=0.4):
         for _ in range(2):                                      # refit twice: sites may change once
             site = torch.round(torch.linalg.solve(A, (p[near] - b).T).T)
             design = torch.cat([site, torch.ones(len(site), 1, dtype=torch.float64)], 1)
-            if torch.linalg.matrix_rank(design) == 3:           # spots in two directions: refit A, b
+            if torch.linalg.matrix_rank(design) == 3:           # spots in two directions: refit
                 fit = torch.linalg.lstsq(design, p[near]).solution  # (3, 2): xy = site @ A.T + b
                 A, b = fit[:2].T.contiguous(), fit[2]
         radius *= 1.5
@@ -216,9 +215,8 @@ def offset_index(delta, w) -> torch.Tensor:
 
 
 def window_rulebook(sites, w, shift=False):
-    """(N, 2) unique sites -> rulebook (W, 4w^2) token ids, -1 = empty slot (HiST Alg. 1): one row
-    per non-empty 2w x 2w window in row-major window order, column = row-major slot; and the sorted
-    window keys (W,). `shift` offsets the grid by w."""
+    """(N, 2) unique sites -> rulebook (W, 4w^2) token ids, -1 = empty slot (HiST Alg. 1), a row
+    per non-empty window, a column per slot, both row-major; the window keys (W,). shift: by w."""
     s = sites + w if shift else sites
     win, loc = torch.div(s, 2 * w, rounding_mode="floor"), s % (2 * w)
     keys, row = torch.unique(_key(win), return_inverse=True)
@@ -279,7 +277,8 @@ def refine(sites, r) -> torch.Tensor:
     """(N, 2) spot sites -> (N, r*r, 2) sub-spot sites r * site + (ix, iy) (HiFusion's intra-spot
     split on the lattice). Coarsening them log2(r) times gives back the spot sites."""
     if r not in (FACTOR, FACTOR ** 2):
-        raise ValueError(f"refine: r must be {FACTOR} or {FACTOR ** 2} (sub_levels 1 or 2), got {r}")
+        raise ValueError(f"refine: r must be {FACTOR} or {FACTOR ** 2} (sub_levels 1 or 2), "
+                         f"not {r}")
     return r * sites[:, None, :] + sub_offsets(r).to(sites.device)
 
 
@@ -297,9 +296,9 @@ class Level:
     windows: torch.Tensor                # (W, S) standard windows (window_rulebook)
     shifted: torch.Tensor                # (W', S) windows of the grid shifted by w
     union: torch.Tensor                  # (W, 4S) eq. (2)'s keys of each standard window
-    parent: torch.Tensor | None = None   # (N_l,) row of the parent in the next level; None: coarsest
+    parent: torch.Tensor | None = None   # (N_l,) row of the parent in the next level (or None)
     slot: torch.Tensor | None = None     # (N_l,) child slot 0..3 inside the parent
-    cache: dict = field(default_factory=dict, repr=False)  # kernels.py keeps its window batches here
+    cache: dict = field(default_factory=dict, repr=False)  # kernels.py's window batches
 
 
 def build_pyramid(sites, levels, w) -> list[Level]:

@@ -51,7 +51,7 @@ class ModelConfig:
     decoder_depths: list = field(default_factory=lambda: [1, 1])  # deepest decoder level first
     attention: str = "window"         # spot-to-spot mixing: window | knn | full | none (h2h off)
     bias: str = "rpb"                 # rpb | alibi | none
-    slopes: str = "alibi"             # ALiBi slopes: alibi 2^(-8h/H) | feast (FEAST's code, 2^-(h+1))
+    slopes: str = "alibi"             # ALiBi slopes: alibi 2^(-8h/H) | feast (FEAST's code)
     signed: bool = False              # FEAST negative attention
     beta: float = 1.5                 # FEAST: weight of the inhibitory branch
     tau: float = 0.6                  # FEAST: temperature of the inhibitory branch
@@ -120,8 +120,9 @@ class MLPHead(Head, nn.Sequential):
     """FEAST: an MLP with two hidden layers."""
 
     def __init__(self, cfg, dim, n_genes):
-        super().__init__(nn.Linear(dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                         nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, n_genes))
+        h = cfg.hidden
+        super().__init__(nn.Linear(dim, h), nn.GELU(), nn.Dropout(cfg.dropout),
+                         nn.Linear(h, h), nn.GELU(), nn.Linear(h, n_genes))
 
     def forward(self, x, pathways):
         return {"pred": super().forward(x)}
@@ -233,7 +234,7 @@ def check_config(cfg: ModelConfig) -> None:
 
 
 def sinusoidal_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
-    """(N, 2) positions -> (N, dim): half the channels encode x, half y (Transformer frequencies)."""
+    """(N, 2) positions -> (N, dim): half the channels encode x, half y (Transformer's sin/cos)."""
     quarter = dim // 4
     freq = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=xy.device) / max(quarter, 1))
     ang = xy[:, :, None].float() * freq                         # (N, 2, dim/4)
@@ -254,11 +255,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mode: str, n_tokens: int):
         super().__init__()
         d, fast = cfg.dim, cfg.kernels == "fast"
-        bias = "alibi" if mode in ("knn", "full") and cfg.bias == "rpb" else cfg.bias  # rpb: windows
+        # the relative position table is over window offsets: k-NN and full attention use ALiBi
+        bias = "alibi" if mode in ("knn", "full") and cfg.bias == "rpb" else cfg.bias
         self.norm1 = nn.LayerNorm(d)
         self.spot = SpotAttention(d, cfg.heads, mode, cfg.w, bias, cfg.signed, cfg.beta, cfg.tau,
                                   cfg.attn_dropout, cfg.windows, cfg.slopes, fast)
-        self.glob = GlobalAttention(d, cfg.heads, cfg.p2h, cfg.p2p, cfg.h2p, fast) if n_tokens else None
+        self.glob = GlobalAttention(d, cfg.heads, cfg.p2h, cfg.p2p, cfg.h2p, fast) \
+            if n_tokens else None
         self.norm_tokens = nn.LayerNorm(d) if n_tokens else None
         self.proj = nn.Linear(d, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -316,7 +319,8 @@ class Tessera(nn.Module):
         self.sub_skip = nn.ModuleList(Fuse(d) for _ in range(low))
         self.sub_decoder = nn.ModuleList(Block(cfg, cfg.attention, n_tokens) for _ in range(low))
         # MagNet: an independent regression head per extra output level, on its decoder tokens
-        self.level_heads = nn.ModuleDict({str(k): nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_genes))
+        self.level_heads = nn.ModuleDict({str(k): nn.Sequential(nn.LayerNorm(d),
+                                                                nn.Linear(d, n_genes))
                                           for k in cfg.out_levels if k != 0})
         self.norm = nn.LayerNorm(d)
         self.var_head = nn.Linear(d, n_genes) if cfg.head_var else None  # log sigma^2
@@ -330,8 +334,9 @@ class Tessera(nn.Module):
         self.feat_std.copy_(feat_std.clamp_min(1e-6))
         with torch.no_grad():
             self.head.init_output(target_mean)
+            counts = torch.expm1(target_mean).clamp_min(0)
             for k, head in self.level_heads.items():  # a bin of 4^k spots (or 1 / 4^-k sub-spot)
-                head[-1].bias.copy_(torch.log1p(torch.expm1(target_mean).clamp_min(0) * 4.0 ** int(k)))
+                head[-1].bias.copy_(torch.log1p(counts * (lattice.FACTOR ** 2) ** int(k)))
         if membership is not None and self.cfg.pathway_tokens:
             self.pathway_membership.copy_(membership)
             if self.cfg.head == "pathway":
@@ -366,7 +371,7 @@ class Tessera(nn.Module):
         return out
 
     def _run(self, fn, *args):
-        """fn(*args); with model.checkpoint in training, recomputed in the backward (less memory)."""
+        """fn(*args); with model.checkpoint in training, recomputed in the backward."""
         return checkpoint(fn, *args, use_reentrant=False) if self._recompute else fn(*args)
 
     def _rows(self, fn, n, dtype=None):
@@ -377,8 +382,8 @@ class Tessera(nn.Module):
         return out if dtype is None else kernels.cast(out, dtype)
 
     def _lattice(self, coords, unit, sub_features, sub_valid):
-        """-> order (N,): caller's row of each spot in row-major lattice order, sites (N, 2) in
-        that order, the pyramid's levels, and (below the spot) the sub-tokens' rows."""
+        """-> order (N,): caller's row of each spot in row-major lattice order, sites (N, 2) in that
+        order, the pyramid's levels, and (below the spot) the sub-tokens' rows."""
         sites = lattice.to_lattice(coords, unit)
         order = lattice.rowmajor_order(sites)
         sites = sites[order]
@@ -392,8 +397,9 @@ class Tessera(nn.Module):
         K, L, N = self.cfg.sub_levels, len(self.cfg.depths), len(sites)
         r = lattice.FACTOR ** K
         if sub_features is None or tuple(sub_features.shape[:2]) != (N, r * r):
+            found = None if sub_features is None else tuple(sub_features.shape)
             raise ValueError(f"model.sub_levels = {K} needs sub_features of shape ({N}, {r * r}, "
-                             f"C), found {None if sub_features is None else tuple(sub_features.shape)}")
+                             f"C), found {found}")
         valid = torch.ones(N, r * r, dtype=torch.bool, device=sites.device) if sub_valid is None \
             else sub_valid
         spot, s = torch.nonzero(valid[order], as_tuple=True)    # sub-tokens by (sorted spot, s)
@@ -401,10 +407,10 @@ class Tessera(nn.Module):
         return levels, (order[spot], s)
 
     def _stem(self, features, index, stats=None):
-        """The stem on features[index] (a tuple of (n,) row tensors), standardised with the
-        training statistics or the slide's own (stats) -> (n, d)."""
+        """The stem on features[index] (a tuple of row tensors), standardised -> (n, d)."""
         mean, std = (self.feat_mean, self.feat_std) if stats is None else stats
-        stem = lambda rows: self.stem((features[tuple(i[rows] for i in index)] - mean) / std)  # noqa
+        at = lambda rows: tuple(i[rows] for i in index)  # noqa: E731
+        stem = lambda rows: self.stem((features[at(rows)] - mean) / std)  # noqa: E731
         return self._run(self._rows, stem, len(index[0]))
 
     def _below_spot(self, x, xs, tokens, levels, skips):
@@ -445,8 +451,7 @@ class Tessera(nn.Module):
 
     def _decode(self, x, tokens, skips, levels):
         """HiST decoder, deepest level first: uncoarsen (eq. 5), fuse with the skip (3.6.3), blocks;
-        below the spot on down to the finest out level. -> ({k: (N_k, d)}, tokens), k the offset
-        of each decoded level from the spot level."""
+        below the spot on down to the finest out level. -> ({offset k: (N_k, d)}, tokens)."""
         K, L = self.cfg.sub_levels, len(self.cfg.depths)
         steps = [(L - 2 - i, self.uncoarsen[L - 2 - i], self.fuse[L - 2 - i], blocks)
                  for i, blocks in enumerate(self.decoder)]      # decoder[i]: level L-2-i
@@ -454,12 +459,16 @@ class Tessera(nn.Module):
                   enumerate(zip(self.sub_uncoarsen, self.sub_skip, self.sub_decoder))]
         decoded = {L - 1: x}
         for k, uncoarsen, fuse, blocks in steps:
-            level = levels[K + k]                               # eq. (5), then 3.6.3's fusion
-            up = lambda x, skip: fuse(uncoarsen(x, level.parent, level.slot), skip)  # noqa: E731
-            x = self._run(up, x, skips.pop(k))                  # (N_k, d)
+            level = levels[K + k]
+            x = self._run(self._upsample, uncoarsen, fuse, x, skips.pop(k), level)  # (N_k, d)
             x, tokens = self._blocks(blocks, x, tokens, level)
             decoded[k] = x
         return decoded, tokens
+
+    @staticmethod
+    def _upsample(uncoarsen, fuse, x, skip, level):
+        """HiST eq. (5) then 3.6.3: the parents' x (M, d) to the level's children, fused."""
+        return fuse(uncoarsen(x, level.parent, level.slot), skip)
 
     def _blocks(self, blocks, x, tokens, level, knn_index=None):
         """x (n, d) and the tokens through `blocks` at one level (k-NN neighbours found once)."""
@@ -478,8 +487,7 @@ class Tessera(nn.Module):
         return self._run(self._rows, head, len(order), out_dtype)
 
     def _head(self, y, pathways):
-        """y (n, d) -> {"pred": (n, G), ...}: the head's outputs, the spots' pathway scores (STF's
-        pathway loss reads them) and with model.head_var a log-variance."""
+        """y (n, d) -> the head's outputs, pathway scores (STF's loss), log-variance (head_var)."""
         out = self.head(y, pathways)
         if self.cfg.pathway_tokens and "pathway_scores" not in out:
             out["pathway_scores"] = F.normalize(y, dim=-1) @ F.normalize(pathways, dim=-1).T
@@ -497,14 +505,16 @@ class Tessera(nn.Module):
             t, idx = decoded[int(name)], perm.get(int(name))
             rows = (lambda r: head(t[r])) if idx is None else (lambda r: head(t[idx[r]]))  # noqa
             preds[int(name)] = self._rows(rows, len(t), out_dtype or torch.float32)
-        return {"levels": preds, "parents": parents, **({"sub_index": sub_index} if sub_index else {})}
+        out = {"levels": preds, "parents": parents}
+        return {**out, "sub_index": sub_index} if sub_index else out
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_genes: int) -> nn.Module:
     check_config(cfg)
     if cfg.arch == "tessera":
         net = Tessera(cfg, in_dim, n_genes)
-        return SpatialStart(cfg, net, in_dim, n_genes) if cfg.spatial_start or cfg.slide_norm else net
+        wrap = cfg.spatial_start or cfg.slide_norm
+        return SpatialStart(cfg, net, in_dim, n_genes) if wrap else net
     if cfg.arch == "ridge_spatial":
         return SpatialRidge(cfg, in_dim, n_genes)
     if cfg.arch in ("linear", "mlp"):

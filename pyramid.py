@@ -1,8 +1,8 @@
-"""The learned maps between the levels of the lattice pyramid (lattice.build_pyramid), as model.Tessera uses
-them: coarsen a level into its parents (HiST eq. 4), uncoarsen back to the children (eq. 5), fuse the
-upsampled coarse tokens with the lateral skip (HiST 3.6.3), and pool sub-spot tokens into the spot
-(HiFusion: HiST eq. 4, or CCF's cross-attention of the spot over its sub-tokens); and how the rows of
-the levels' outputs map onto each other (`level_rows`).
+"""The learned maps between the levels of the lattice pyramid (lattice.build_pyramid), as
+model.Tessera uses them: coarsen a level into its parents (HiST eq. 4), uncoarsen back to the
+children (eq. 5), fuse the upsampled coarse tokens with the lateral skip (HiST 3.6.3), and pool
+sub-spot tokens into the spot (HiFusion: HiST eq. 4, or CCF's cross-attention of the spot over its
+sub-tokens); and how the rows of the levels' outputs map onto each other (`level_rows`).
 
 Every map works slot by slot on a level's (parent, slot) arrays: no (4M, d) or (M, 4d) buffer.
 """
@@ -17,7 +17,8 @@ class Coarsen(nn.Module):
     """HiST eq. (4): x_parent = sum_delta m_delta W_delta x_child, one learned map per child slot.
 
     The four maps are the four (d x d) blocks of one Linear(4d -> d) (its input = the 4 child slots
-    concatenated, zeros where a child is missing); computed slot by slot, no (4M, d) buffer. Then LayerNorm."""
+    concatenated, zeros where a child is missing); computed slot by slot, no (4M, d) buffer. Then
+    LayerNorm."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -79,26 +80,29 @@ class Fuse(nn.Linear):
     def forward(self, up, skip):
         """Linear([up || skip]) as two products summed in place: no (N, 2d) concatenation."""
         d = up.shape[1]
-        out = F.linear(skip, self.weight[:, d:], self.bias)   # bf16 under autocast, which addmm_ (in place) is
-        return out.addmm_(up.to(out.dtype), self.weight[:, :d].T.to(out.dtype))  # not: its operands follow out
+        # F.linear runs in bf16 under autocast, the in-place addmm_ not: its operands follow out
+        out = F.linear(skip, self.weight[:, d:], self.bias)
+        return out.addmm_(up.to(out.dtype), self.weight[:, :d].T.to(out.dtype))
 
 
 def child_attention(q, k, v, parent):
-    """Each parent's query attends over its own children only (HiFusion CCF: the spot token queries its
-    sub-tokens). q (M, H, dh); k, v (n, H, dh); parent (n,) -> (M, H, dh): a softmax per parent and head
+    """Each parent's query attends over its own children only (HiFusion CCF: the spot token
+    queries its sub-tokens). q (M, H, dh); k, v (n, H, dh); parent (n,) -> (M, H, dh): a softmax per
+    parent and head
     over its <= 4 children, by scatter (no padding); a parent without children gets 0."""
     score = (q[parent] * k).sum(-1) / math.sqrt(q.shape[-1])            # (n, H)
     index = parent[:, None].expand_as(score)
     top = score.new_full(q.shape[:2], -math.inf).scatter_reduce(0, index, score, "amax")
     e = (score - top[parent]).exp()
-    w = e / e.new_zeros(q.shape[:2]).index_add_(0, parent, e)[parent]   # (n, H), sums to 1 per parent
+    w = e / e.new_zeros(q.shape[:2]).index_add_(0, parent, e)[parent]   # (n, H), sum 1 per parent
     return q.new_zeros(q.shape).index_add_(0, parent, w[..., None] * v)
 
 
 class SubPool(nn.Module):
-    """Sub-tokens -> the next level up (the spot, or a coarser sub level). `linear`: HiST eq. (4), a learned
-    map per child slot (Coarsen). `attention`: HiFusion's CCF, the parent's query (the spot's own embedding;
-    at a sub level without features of its own, the mean of its children) attends over its <= 4 children."""
+    """Sub-tokens -> the next level up (the spot, or a coarser sub level). `linear`: HiST eq. (4), a
+    learned map per child slot (Coarsen). `attention`: HiFusion's CCF, the parent's query (the
+    spot's own embedding; at a sub level without features of its own, the mean of its children)
+    attends over its <= 4 children."""
 
     def __init__(self, dim: int, heads: int, kind: str):
         super().__init__()
@@ -122,10 +126,11 @@ class SubPool(nn.Module):
 
 
 def level_rows(levels, order, sub_levels):
-    """The maps between the rows of the levels' outputs, in the order losses.level_loss and eval.level_outputs
-    read: caller's spots at level 0, sorted by (caller's spot, sub-position s = r * ix + iy, r = 2^-k) below
-    it, lattice row-major above it. pyramid: lattice.build_pyramid from sub_levels = K levels below the spot;
-    order (N,): caller's row of each lattice-sorted spot. -> (parents {k: (N_k,) row at level k + 1},
+    """The maps between the rows of the levels' outputs, in the order losses.level_loss and
+    eval.level_outputs read: caller's spots at level 0, sorted by (caller's spot, sub-position
+    s = r * ix + iy, r = 2^-k) below it, lattice row-major above it. levels: lattice.build_pyramid
+    from sub_levels = K levels below the spot; order (N,): caller's row of each lattice-sorted spot.
+    -> (parents {k: (N_k,) row at level k + 1},
     perm {k < 0: (N_k,) pyramid row of each output row}, sub_index {k < 0: (N_k,) n * r^2 + s})."""
     K, N = sub_levels, len(order)
     L = len(levels) - K
@@ -135,7 +140,7 @@ def level_rows(levels, order, sub_levels):
     perm, sub_index, spot, inv = {}, {}, torch.arange(N, device=order.device), None
     for l in range(K - 1, -1, -1):                           # from just below the spot downwards
         k, r, lvl = l - K, 2 ** (K - l), levels[l]
-        spot = spot[lvl.parent]                              # sorted spot row of each row of level l
+        spot = spot[lvl.parent]                              # sorted spot row of each row of l
         key = order[spot] * r * r + r * (lvl.sites[:, 0] % r) + lvl.sites[:, 1] % r
         perm[k] = torch.argsort(key)
         sub_index[k] = key[perm[k]]

@@ -1,9 +1,9 @@
 """Writes tests/forward_reference.pt: for every configs/*.yaml (and a few switches no config turns on),
 a tiny float64 model on a fixed random slide, its state_dict, its inputs and everything its forward
-returns, in eval (inference path, with the attention maps) and in training (dropout on, seeded; the
-gradients of every parameter too). tests/test_forward_reference.py loads each state_dict into the model
-the current code builds and asks for the same numbers: a rewrite of the forward must not change them, and
-checkpoints saved before it must still load.
+returns, in eval (the fast kernels' inference path) and in training (dropout on, seeded; the gradients
+of every parameter too). tests/test_forward_reference.py loads each state_dict into the model the
+current code builds and asks for the same numbers on both kernel paths: a rewrite of the forward must
+not change them, and checkpoints saved before it must still load.
 
     OMP_NUM_THREADS=1 python tests/make_forward_reference.py    # only when the model is meant to change
 """
@@ -24,7 +24,6 @@ from model import ModelConfig, build_model  # noqa: E402
 OUT = ROOT / "tests" / "forward_reference.pt"
 C, G, SIDE = 6, 5, 9            # feature width, genes, spots per side of the slide (before some are dropped)
 TINY = dict(dim=8, heads=2, hidden=8, pca=4, ffn_ratio=1)
-ATTENTION = {"default", "feast", "stf", "superres", "default_knn_zinb"}  # one of each mode: the maps are large
 FLOAT32 = {"stf_bottleneck", "default_bf16", "hifusion_bf16", "magnet_bf16"}  # float32 cases (bit for bit all the same)
 EXTRA = {  # switches no config file turns on, on top of a config
     "hist_checkpoint": ("hist", dict(checkpoint=True)),
@@ -35,6 +34,8 @@ EXTRA = {  # switches no config file turns on, on top of a config
     "default_bf16": ("default", dict(pos_encoding=True)),   # float32, and eval under the CPU's bf16 autocast
     "hifusion_bf16": ("hifusion", {}),
     "magnet_bf16": ("magnet", {}),
+    "hist_split_linear": ("hist", dict(windows="split", uncoarsen="linear")),  # tessera's forms
+    "default_union_alibi": ("default", dict(windows="union", bias="alibi", slopes="feast")),
 }
 
 
@@ -99,16 +100,13 @@ def flatten(x, prefix: str, out: dict) -> dict:
     return out
 
 
-def run(model, b: dict, maps: bool) -> dict:
-    """Every output of the forward: eval (no grad; and the attention maps with `maps`; a float32 model also
-    under bf16 autocast), then training with dropout, seeded, and the gradients of a fixed random weighting of
-    every float output."""
+def run(model, b: dict) -> dict:
+    """Every output of the forward: eval (no grad; a float32 model also under bf16 autocast), then
+    training with dropout, seeded, and the gradients of a fixed random weighting of every float output."""
     out = {}
     model.eval()
     with torch.no_grad():
         flatten(call(model, b), "eval", out)
-        if maps:
-            flatten(call(model, b, return_attention=True)["attention"], "eval/attention", out)
         if b["features"].dtype == torch.float32:  # as train.forward and predict.py run it on CUDA
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 flatten(call(model, b), "eval_bf16", out)
@@ -127,7 +125,7 @@ def run(model, b: dict, maps: bool) -> dict:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def make_case(m: dict, seed: int, dtype=torch.float64, maps: bool = False) -> dict:
+def make_case(m: dict, seed: int, dtype=torch.float64) -> dict:
     torch.manual_seed(seed)
     model = build(m, dtype)
     b = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
@@ -146,11 +144,11 @@ def make_case(m: dict, seed: int, dtype=torch.float64, maps: bool = False) -> di
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
     return {"model": m, "dtype": str(dtype).removeprefix("torch."),
             "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "inputs": b, "outputs": run(model, b, maps)}
+            "inputs": b, "outputs": run(model, b)}
 
 
 def main():
-    cases = {name: make_case(m, seed, torch.float32 if name in FLOAT32 else torch.float64, name in ATTENTION)
+    cases = {name: make_case(m, seed, torch.float32 if name in FLOAT32 else torch.float64)
              for seed, (name, m) in enumerate(configs().items())}
     tmp = OUT.with_suffix(".tmp")
     torch.save(cases, tmp)

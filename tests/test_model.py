@@ -1,6 +1,7 @@
 """model.py: shapes, permutation equivariance, every switch, coarsening maths, pathway head, baselines."""
 import copy
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import files
 import lattice
+import model as model_module
 from model import ModelConfig, PathwayHead, Ridge, build_model, check_config
 from pyramid import Coarsen, Fuse, Uncoarsen, child_attention
 
@@ -179,7 +181,7 @@ def test_pathway_head_initial_weights_are_l1_normalised_gmt_membership(tmp_path)
     gmt.write_text("P1\turl\tA\tB\tZZZ\nP2\turl\tC\nP3\turl\tA\tC\tD\tE\n")
     cfg = {"data": {"gmt": str(gmt)}}
     m = train.membership(cfg, genes, 3)
-    head = PathwayHead(3, len(genes))
+    head = PathwayHead(SimpleNamespace(pathway_tokens=3), 8, len(genes))
     head.init_from_membership(m)
     sets = files.read_gmt(gmt)
     for p, name in enumerate(["P1", "P2", "P3"]):
@@ -221,12 +223,11 @@ def test_bad_configs_are_refused_with_a_reason():
         ModelConfig.from_dict({"dimm": 3})
 
 
-def test_return_attention_gives_maps():
+def test_pathway_scores_are_returned_for_every_head():
     feats, xy = hex_slide()
     model = make(small_cfg())
     with torch.no_grad():
-        out = model(feats, xy, return_attention=True)
-    assert len(out["attention"]) >= 5 and "pathway_scores" in out
+        out = model(feats, xy)
     assert out["pathway_scores"].shape == (feats.shape[0], 3)
 
 
@@ -239,11 +240,11 @@ def test_return_attention_gives_maps():
     small_cfg(attention="knn", bias="alibi"),                            # k-NN blocks, full coarsest level
 ])
 def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
-    """Every per-spot step runs on chunks of spots (attention.CHUNK) and the window attention on batches of
-    windows. Chunks of 7 spots and batches of at most 20 pairs (every loop runs many times), in inference
-    (eval, no grad: results written into preallocated outputs, float64 outputs asked for), give what one
-    chunk and the default batches give with grad enabled (chunks concatenated for autograd)."""
-    import attention
+    """The fast path runs every per-spot step on chunks of spots (kernels.CHUNK) and the window attention
+    on batches of windows. Chunks of 7 spots and batches of at most 20 pairs (every loop runs many times),
+    in inference (eval, no grad: results written into preallocated outputs, float64 outputs asked for),
+    give what one chunk and the default batches give with grad enabled."""
+    import kernels as attention
     feats, xy = hex_slide()
     model = make(cfg)
     with torch.no_grad():
@@ -252,8 +253,8 @@ def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
     monkeypatch.setattr(attention, "CHUNK", 1 << 20)
     whole = model(feats, xy)
     monkeypatch.setattr(attention, "CHUNK", 7)
-    batches = lattice.window_batches
-    monkeypatch.setattr(lattice, "window_batches", lambda rulebook: batches(rulebook, max_pairs=20))
+    monkeypatch.setattr(attention, "PADDED", 0)
+    monkeypatch.setattr(attention, "PAIRS", 20)
     with torch.no_grad():
         chunked = model(feats, xy, out_dtype=torch.float64)
     assert chunked["pred"].dtype == torch.float64 and whole["pred"].dtype == torch.float32
@@ -263,18 +264,25 @@ def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
 
 
 def test_uncoarsen_and_fuse_with_random_weights_by_definition():
-    """HiST eq. 5: z = Linear(d -> 4d)(x_parent) cut into 4 slots, child n reads slot[n] of its parent;
-    fusion = Linear(2d -> d) on [up || skip]. Loops and an explicit concatenation."""
+    """HiST eq. 5: z = MLP(x_parent) in R^{4d} (kind mlp: Linear, GELU, Linear; kind linear: one Linear)
+    cut into 4 slots, child n reads slot[n] of its parent; fusion = Linear(2d -> d) on [up || skip].
+    Loops, math.erf's GELU and an explicit concatenation."""
+    import math
     d = 4
     sites, parent_sites, parent, slot = random_coarsening(30)
     x = torch.randn(parent_sites.shape[0], d)
-    op = Uncoarsen(d)
-    torch.nn.init.normal_(op.linear.weight)
-    torch.nn.init.normal_(op.linear.bias)
-    up = op(x, parent, slot)
-    for n in range(sites.shape[0]):
-        z = op.linear.weight @ x[parent[n]] + op.linear.bias  # (4d,)
-        torch.testing.assert_close(up[n], z[slot[n] * d:(slot[n] + 1) * d])
+    gelu = lambda t: t * 0.5 * (1 + torch.tensor([math.erf(v / math.sqrt(2)) for v in t.tolist()]))  # noqa
+    for kind in ("linear", "mlp"):
+        op = Uncoarsen(d, kind)
+        for p in op.parameters():
+            torch.nn.init.normal_(p)
+        up = op(x, parent, slot)
+        for n in range(sites.shape[0]):
+            hidden = x[parent[n]]
+            if kind == "mlp":
+                hidden = gelu(op.mlp[0].weight @ hidden + op.mlp[0].bias)   # (4d,)
+            z = op.linear.weight @ hidden + op.linear.bias                   # (4d,)
+            torch.testing.assert_close(up[n], z[slot[n] * d:(slot[n] + 1) * d])
     fuse, skip = Fuse(d), torch.randn_like(up)
     torch.nn.init.normal_(fuse.weight)
     torch.testing.assert_close(fuse(up, skip), torch.cat([up, skip], 1) @ fuse.weight.T + fuse.bias)
@@ -399,10 +407,10 @@ def test_levels_are_equivariant_to_the_spot_order(cfg):
 @pytest.mark.parametrize("cfg", LEVEL_CFGS[:2])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_gradients_do_not_depend_on_the_chunk_size(cfg, checkpointed, monkeypatch):
-    """With autograd, chunks of 7 rows (each chunk read as a view of one split, attention.rows_of) give
+    """With autograd, chunks of 7 rows (the tokens' online softmax over chunks of spots, kernels.py) give
     every parameter the gradient one chunk gives, through every level's output, with and without
     model.checkpoint."""
-    import attention
+    import kernels as attention
     feats, xy = hex_slide()
     sub, valid = sub_inputs(len(xy), cfg.sub_levels)
     feats, sub = feats.double(), sub.double()                         # float64: summation order hardly shows
@@ -431,9 +439,7 @@ def test_gradients_do_not_depend_on_the_chunk_size(cfg, checkpointed, monkeypatc
 def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
     """Inference (eval, no grad, chunks of 7 rows, window batches of at most 20 pairs) gives every level
     what one chunk gives with grad enabled."""
-    import attention
-    import model as model_module
-    where = attention if hasattr(attention, "CHUNK") else model_module   # the per-spot chunk size
+    import kernels as where                                            # the per-spot chunk size
     feats, xy = hex_slide()
     K = cfg.sub_levels
     sub, valid = sub_inputs(len(xy), K) if K else (None, None)
@@ -444,8 +450,8 @@ def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
     monkeypatch.setattr(where, "CHUNK", 1 << 20)
     whole = model(feats, xy, sub_features=sub, sub_valid=valid)
     monkeypatch.setattr(where, "CHUNK", 7)
-    batches = lattice.window_batches
-    monkeypatch.setattr(lattice, "window_batches", lambda rulebook: batches(rulebook, max_pairs=20))
+    monkeypatch.setattr(where, "PADDED", 0)
+    monkeypatch.setattr(where, "PAIRS", 20)
     with torch.no_grad():
         chunked = model(feats, xy, out_dtype=torch.float64, sub_features=sub, sub_valid=valid)
     torch.testing.assert_close(chunked["pred"].float(), whole["pred"].detach(), rtol=1e-4, atol=1e-5)
@@ -497,3 +503,51 @@ def test_closed_forms_run_in_float64_and_never_in_bf16(arch):
         pred64 = model64(feats.double(), xy.double())["pred"]
         assert pred64.dtype == torch.float64
         torch.testing.assert_close(pred64.float(), model(feats, xy)["pred"], rtol=1e-4, atol=1e-4)
+
+
+class TwoLayerHead(model_module.Head, torch.nn.Sequential):
+    """A new head type, as a fork would add one: a class and its entry in model.HEADS."""
+
+    def __init__(self, cfg, dim, n_genes):
+        super().__init__(torch.nn.Linear(dim, 7), torch.nn.Tanh(), torch.nn.Linear(7, n_genes))
+
+    def forward(self, x, pathways):
+        return {"pred": super().forward(x)}
+
+    def start(self):
+        return self[-1]
+
+
+class NoStartHead(TwoLayerHead):
+    start = model_module.Head.start
+
+
+def spatial_start_training(head, steps=5):
+    """The head's Linear layers' gradient sums over `steps` AdamW steps under model.spatial_start."""
+    g = torch.Generator().manual_seed(0)
+    feats, xy = hex_slide()
+    y = torch.randn(len(xy), G, generator=g)
+    cfg = small_cfg(head=head, spatial_start=True, hidden=16, dropout=0.0, attn_dropout=0.0)
+    net = build_model(cfg, C, G)
+    net.init_from_data(feats.mean(0), feats.std(0), y.mean(0))
+    net.fit_slides([{"features": feats, "coords": xy, "target": y}])
+    layers = [m for m in net.net.head.modules() if isinstance(m, torch.nn.Linear)]
+    sums = torch.zeros(len(layers))
+    opt = torch.optim.AdamW(net.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((net(feats, xy)["pred"] - y) ** 2).mean().backward()
+        sums += torch.tensor([float(m.weight.grad.abs().sum()) for m in layers])
+        opt.step()
+    return sums
+
+
+def test_a_new_head_is_one_class_and_one_entry_and_trains_under_the_spatial_start(monkeypatch):
+    """model.spatial_start zeroes the head's start() layer only: the network's residual starts at 0
+    and every layer of the head gets a gradient (zeroing every layer would leave them all at 0)."""
+    assert (spatial_start_training("mlp") > 0).all()
+    monkeypatch.setitem(model_module.HEADS, "two_layer", TwoLayerHead)
+    assert (spatial_start_training("two_layer") > 0).all()
+    monkeypatch.setitem(model_module.HEADS, "no_start", NoStartHead)
+    with pytest.raises(ValueError, match="NoStartHead names no layer to start at zero"):
+        spatial_start_training("no_start")
