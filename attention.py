@@ -6,7 +6,7 @@
                       or FEAST's ALiBi distance bias -m_h * ||offset|| (key design 1)
     window_attention  HiST eq. (2): the tokens of a window attend to each other (or to the keys of
                       eq. (2)'s union of standard and shifted windows, lattice.union_rulebook)
-    knn_attention     FEAST key design 3: each query attends to its k nearest tokens
+    knn_attention     FEAST key design 3: each query attends to its k nearest tokens (lattice.knn)
     full_attention    FEAST key design 1: every token attends to every token (the coarsest level)
     SpotAttention     the spot-to-spot quadrant (h2h) of a block: one of the above, with its q, k, v
     GlobalAttention   HiST sec. 3.4.2 calibration token and SpatialTranscriptFormer's pathway
@@ -105,15 +105,6 @@ def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, 
     out = attend(qw, kw, vw, bias, mask, beta, tau, dropout_p).transpose(1, 2)  # (W, Sq, H, D)
     filled = queries >= 0
     return q.new_zeros(q.shape).index_put((queries[filled],), out[filled])
-
-
-def knn(xy_q, xy_k, k, chunk=None):
-    """Indices of the min(k, Nk) nearest keys of each query (Euclidean), nearest first, (Nq, k').
-    Brute force in chunks of queries, memory O(chunk * Nk) (None: about 4M distances a chunk)."""
-    chunk = chunk or max(1, (1 << 22) // max(len(xy_k), 1))
-    d2 = lambda a: ((a[:, None, :] - xy_k[None, :, :]) ** 2).sum(-1)  # noqa: E731, (c, Nk)
-    parts = [d2(a).topk(min(k, len(xy_k)), dim=1, largest=False).indices for a in xy_q.split(chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, min(k, len(xy_k)), dtype=torch.long)
 
 
 def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, dropout_p=0.0):

@@ -10,14 +10,16 @@ Parts (one row per part x name x layout x N; every row is measured in a fresh ch
 peak memory is its own):
   pyramid  lattice.to_lattice + lattice.build_pyramid (4 levels, w = 3, both rulebooks per level)
   window   one window_attention call, forward (fwd) and forward + backward (fwd+bwd), H = 8 heads of
-           D = 32, w = 3, a (H, S, S) bias, against `edge` (explicit (query, key) pair list, per-query
+           D = 32, w = 3, a (H, S, S) bias: `tessera` (kernels.py, the fast path), `reference`
+           (attention.py, padded windows and autograd), `edge` (explicit (query, key) pair list, per-query
            softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries compute it) and
            `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to --max-n).
            The geometry (rulebook and its window batches, pair list, window ids) is built before the
            timed call for all three.
   step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
            pass (eval, no_grad: the low-memory path, float16 outputs) of configs/hist.yaml and
-           configs/default.yaml on one synthetic slide (--set changes their configs)
+           configs/default.yaml on one synthetic slide (--set changes their configs), once per
+           --kernels path (model.kernels: fast, reference), side by side
   memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
            demo's width (4 heads of 16), to show memory linear in N
 
@@ -44,9 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import attention
+import kernels
 import lattice
 import train
-from attention import knn_attention, window_attention
 from losses import compute_loss
 from model import ModelConfig, build_model
 
@@ -159,13 +162,16 @@ def _timed(fn, repeats, sync):
 
 def _window_case(spec, dev):
     n, impl, kind = spec["n"], spec["name"], spec["layout"]
-    rulebook = lattice.window_rulebook(sites_of(kind, n), W).to(dev)
-    batches = lattice.window_batches(rulebook)
+    rulebook = lattice.window_rulebook(sites_of(kind, n), W)[0].to(dev)
+    cache = {}
+    kernels.window_batches(rulebook, rulebook, cache)                 # built before the timed calls
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, H, D, generator=g).to(dev).requires_grad_() for _ in range(3))
     bias = (0.5 * torch.randn(H, 4 * W * W, 4 * W * W, generator=g)).to(dev).requires_grad_()
-    ours = lambda: window_attention(q, k, v, batches, bias)
-    if impl == "edge":
+    ours = lambda: kernels.window_attention(q, k, v, rulebook, rulebook, bias, cache=cache)
+    if impl == "reference":
+        f = lambda: attention.window_attention(q, k, v, rulebook, rulebook, bias)
+    elif impl == "edge":
         pairs = [t.to(dev) for t in pair_list(rulebook.cpu())]
         f = lambda: edge_attention(q, k, v, *pairs, bias)
     elif impl == "dense":
@@ -189,18 +195,20 @@ def _memory_case(spec, dev):
     n, (h, d), g = spec["n"], MEMORY_HEADS, torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, h, d, generator=g).to(dev).requires_grad_() for _ in range(3))
     if spec["name"] == "window_attention":
-        batches = lattice.window_batches(lattice.window_rulebook(sites_of(spec["layout"], n), W).to(dev))
+        book, cache = lattice.window_rulebook(sites_of(spec["layout"], n), W)[0].to(dev), {}
+        kernels.window_batches(book, book, cache)
         bias = torch.randn(h, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
-        return lambda: window_attention(q, k, v, batches, bias).sum().backward(), {}
+        return lambda: kernels.window_attention(q, k, v, book, book, bias, cache=cache).sum().backward(), {}
     # K = 16 keys per query: a band of row-major neighbours (local, like k-NN; memory does not depend on
     # which keys, and attention.knn itself is brute force, O(N^2), too slow to build at 160k)
     index = (torch.arange(n)[:, None] + torch.arange(-8, 8)).clamp(0, n - 1).to(dev)
     bias = torch.randn(h, n, 16, generator=g).to(dev).requires_grad_()
-    return lambda: knn_attention(q, k, v, index, bias).sum().backward(), {}
+    return lambda: kernels.knn_attention(q, k, v, index, bias).sum().backward(), {}
 
 
 def _step_case(spec, dev):
-    cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml", spec.get("overrides", ()))
+    overrides = [*spec.get("overrides", ()), f"model.kernels={spec.get('kernels', 'fast')}"]
+    cfg = train.load_config(ROOT / "configs" / f"{spec['name']}.yaml", overrides)
     C, G = FEATURES[spec["name"]]
     n, g = spec["n"], torch.Generator().manual_seed(0)
     xy = layout(spec["layout"], n)
@@ -294,7 +302,7 @@ def fit_exponent(ns, ts):
 
 def summarise(rows, fit_min):
     """Add per-1k figures, the ratio to tessera's window_attention, and each row group's exponent."""
-    group = lambda r: (r["part"], r["name"], r["mode"], r["layout"])
+    group = lambda r: (r["part"], name_of(r), r["mode"], r["layout"])
     ok = [r for r in rows if "time_s" in r]
     ref = {(r["mode"], r["layout"], r["n"]): r for r in ok if r["part"] == "window" and r["name"] == "tessera"}
     for r in ok:
@@ -312,6 +320,11 @@ def summarise(rows, fit_min):
     return rows
 
 
+def name_of(r):
+    """A row's name; a step row's with its kernels path (model.kernels)."""
+    return f"{r['name']} ({r['kernels']})" if "kernels" in r else r["name"]
+
+
 def table(rows, cuda=False):
     mem = ("alloc MB", "resv MB") if cuda else ("peak MB", "work MB")
     head = ("part", "name", "mode", "layout", "N", "time s", "s/1k", *mem, "MB/1k", "x time", "x mem",
@@ -320,10 +333,11 @@ def table(rows, cuda=False):
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append((r["part"], r["name"], r["mode"], r["layout"], str(r["n"]), "failed: " + r["error"]))
+            lines.append((r["part"], name_of(r), r["mode"], r["layout"], str(r["n"]),
+                          "failed: " + r["error"]))
             continue
         m2 = r["reserved_mb"] if cuda else r["work_mb"]
-        lines.append((r["part"], r["name"], r["mode"], r["layout"], str(r["n"]), f(r["time_s"], 4),
+        lines.append((r["part"], name_of(r), r["mode"], r["layout"], str(r["n"]), f(r["time_s"], 4),
                       f(r["s_per_1k"], 3), f"{r['peak_mb']:.0f}", f"{m2:.0f}", f(r["mb_per_1k"], 3),
                       f(r.get("time_ratio"), 3), f(r.get("mem_ratio"), 3), f(r.get("max_err"), 2),
                       f(r["exponent"], 3)))
@@ -340,11 +354,14 @@ def plan(args):
         for kind in args.layouts:
             for n in args.memory_sizes if part == "memory" else args.sizes:
                 rows = {"pyramid": [("pyramid", "build")],
-                        "window": [(impl, m) for m in ("fwd", "fwd+bwd") for impl in ("tessera", "edge", "dense")],
+                        "window": [(impl, m) for m in ("fwd", "fwd+bwd")
+                                   for impl in ("tessera", "reference", "edge", "dense")],
                         "step": [(cfg, m) for cfg in args.configs for m in ("train", "infer")],
                         "memory": [("window_attention", "fwd+bwd"), ("knn_attention", "fwd+bwd")]}[part]
-                specs += [dict(base, part=part, name=name, mode=mode, layout=kind, n=n)
-                          for name, mode in rows if fits(f"{name}.{mode}", n)]
+                paths = args.kernels if part == "step" else [None]
+                specs += [dict(base, part=part, name=name, mode=mode, layout=kind, n=n,
+                               **({"kernels": path} if path else {}))
+                          for name, mode in rows for path in paths if fits(f"{name}.{mode}", n)]
     return specs
 
 
@@ -358,6 +375,8 @@ def main(argv=None):
     ap.add_argument("--layouts", type=words, default=["visium", "hd"])
     ap.add_argument("--parts", type=words, default=["pyramid", "window", "step", "memory"])
     ap.add_argument("--configs", type=words, default=["hist", "default"])
+    ap.add_argument("--kernels", type=words, default=["fast"],
+                    help="step part: model.kernels paths to measure side by side (fast,reference)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the step part, as train.py takes them (model.checkpoint=true)")
     ap.add_argument("--features-dtype", default="float32", choices=["float32", "float16"],
@@ -385,7 +404,7 @@ def main(argv=None):
     for spec in plan(args):
         rows.append(measure(spec, isolate=not args.inprocess))
         r = rows[-1]
-        print(f"[{time.time() - t0:7.1f}s] {r['part']} {r['name']} {r['mode']} {r['layout']} N={r['n']}: "
+        print(f"[{time.time() - t0:7.1f}s] {r['part']} {name_of(r)} {r['mode']} {r['layout']} N={r['n']}: "
               + (f"{r['time_s']:.4g} s, peak {r['peak_mb']:.0f} MB" if "time_s" in r else r["error"]),
               file=sys.stderr, flush=True)
     summarise(rows, args.fit_min)

@@ -20,7 +20,10 @@ import itertools
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+import lattice
 
 CHUNK = 1 << 14          # rows per chunk of the per-spot steps (projections, FFN, stem, heads)
 PAIRS = 1 << 13          # (query, key) pairs per head in one window batch of a large slide
@@ -48,6 +51,26 @@ def by_rows(fn, n, dtype=None):
     if out is None:
         return cast(fn(slice(0, 0)), dtype)
     return out if None not in out else out[None]
+
+
+def keep_mask(shape, p, device):
+    """A Bernoulli(1 - p) mask from 16 random bits per element (p resolved to 1 / 65536): torch's
+    CPU dropout draws a float per element, several times slower."""
+    n = math.prod(shape)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return bits.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+
+
+def dropout(x, p):
+    """nn.Dropout: x * mask / (1 - p)."""
+    return torch.where(keep_mask(x.shape, p, x.device), x * (1 / (1 - p)), 0.0)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through dropout() above."""
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training and self.p else x
 
 
 def cast(out, dtype=None):
@@ -152,7 +175,7 @@ class _WindowAttention(torch.autograd.Function):
                 table[(q_slot[:, :, None] * Sk + k_slot[:, None, :])]      # (w, cq, ck, H)
             pos, neg = _batch_weights(qw, kw, tab, q_tok, k_tok, beta, tau, acc)
             a = pos - beta * neg if beta else pos
-            keep = torch.rand_like(a) >= dropout_p if dropout_p else None
+            keep = keep_mask(a.shape, dropout_p, a.device) if dropout_p else None
             if keep is not None:
                 a = a * keep / (1 - dropout_p)
             _scatter(out, q_tok, a.to(vw.dtype) @ vw)
@@ -247,6 +270,50 @@ def _window_parts(module, level, bias):
 
 
 # ---- k-NN and full attention -----------------------------------------------------------------
+def knn(xy_q, xy_k, k, chunk=4096):
+    """lattice.knn on a grid, O(N k): keys are binned into square cells of side h (about 6k keys in
+    3 x 3 cells, the k-th neighbour at about 0.7 h); a query's candidates are the keys of the 3 x 3 cells around its own. Every key
+    outside them is at least h away, so where the k-th candidate is nearer than h the answer is
+    exact; other queries (sparse regions, too few candidates) take lattice.knn's brute force. The
+    same distances and the same tie rule (lower index first) give the same neighbours."""
+    k = min(k, len(xy_k))
+    if k == 0 or len(xy_q) == 0 or len(xy_k) <= 4 * k:
+        return lattice.knn(xy_q, xy_k, k)
+    lo, hi = xy_k.amin(0).double(), xy_k.amax(0).double()
+    h = float(((hi - lo).clamp_min(1e-9).prod() * 2 * k / math.pi / len(xy_k)).sqrt())
+    if not h > 0:
+        return lattice.knn(xy_q, xy_k, k)
+    size = ((hi - lo) / h).long() + 1                             # cells per axis
+    cell = lambda xy: (((xy.double() - lo) / h).floor().long().clamp(min=-1)  # noqa: E731
+                       .minimum(size) + 1)                         # (n, 2), a ring of empty cells
+    ny = int(size[1]) + 2
+    ck = cell(xy_k)
+    key_cell = ck[:, 0] * ny + ck[:, 1]
+    order = torch.argsort(key_cell, stable=True)                  # keys by cell, then by index
+    count = torch.bincount(key_cell, minlength=(int(size[0]) + 2) * ny)
+    start = torch.cat([count.new_zeros(1), count.cumsum(0)])
+    out = torch.empty(len(xy_q), k, dtype=torch.long, device=xy_q.device)
+    for rows in torch.arange(len(xy_q), device=xy_q.device).split(chunk):
+        raw = cell(xy_q[rows])
+        cq = torch.minimum(raw.clamp(min=1), size)                 # a query outside: nearest cell
+        mid = (cq[:, :1] + torch.tensor([-1, 0, 1], device=cq.device)) * ny + cq[:, 1:]  # (c, 3)
+        first, length = start[mid - 1], start[mid + 2] - start[mid - 1]  # 3 cells of a column
+        L = int(length.max())
+        t = torch.arange(L, device=cq.device)
+        pos = (first[:, :, None] + t).clamp(max=len(order) - 1)    # (c, 3, L)
+        cand = order[pos].flatten(1)                               # (c, 3L) key ids
+        d2 = ((xy_q[rows, None, :] - xy_k[cand]) ** 2).sum(-1)     # (c, 3L), as lattice.knn
+        d2 = d2.masked_fill((t >= length[:, :, None]).flatten(1), math.inf)
+        best = lattice.pair_rank(d2, cand).topk(k, dim=1, largest=False).indices  # (c, k)
+        out[rows] = cand.gather(1, best)
+        kth = d2.gather(1, best[:, -1:])[:, 0].double()
+        bad = rows[~(kth < h * h * (1 - 1e-5)) | (raw != cq).any(1)]  # not sure: brute force
+        if len(bad):
+            out[bad] = lattice.knn(xy_q[bad], xy_k, k)
+    return out
+
+
+
 def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, chunk=4096):
     """attention.knn_attention in chunks of queries: memory O(chunk * K * H * D)."""
     out = q.new_empty(q.shape[0], *v.shape[1:])
@@ -258,7 +325,7 @@ def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, c
         w = torch.softmax(s + b, 1)
         if beta:
             w = w - beta * torch.softmax((b - s) / tau, 1)
-        w = F.dropout(w, dropout_p) if dropout_p else w
+        w = dropout(w, dropout_p) if dropout_p else w
         out[rows] = (w.unsqueeze(-1) * vn).sum(1)                          # (c, H, D)
     return out
 

@@ -256,6 +256,25 @@ def window_pairs(w):
     return torch.ones(len(q), len(q), dtype=torch.bool), q[:, None, :] - q[None]
 
 
+def pair_rank(d2, key):
+    """Squared distances (>= 0) and key ids -> int64 ranks ordering the pairs by distance (rounded
+    to float32), then by key id: the rank's high 32 bits are the float32's bits (which sort as the
+    numbers do), the low ones the id. k-NN is then one topk, with no ties left to chance."""
+    return d2.float().view(torch.int32).long() << 32 | key
+
+
+def knn(xy_q, xy_k, k, chunk=None):
+    """Indices of the min(k, Nk) nearest keys of each query, nearest first, ties to the lower key
+    (pair_rank), (Nq, k'). Brute force in chunks of queries, memory O(chunk * Nk) (None: about 4M
+    distances a chunk); kernels.knn finds the same on a grid in O(N k)."""
+    chunk = chunk or max(1, (1 << 22) // max(len(xy_k), 1))
+    key = torch.arange(len(xy_k), device=xy_k.device)
+    d2 = lambda a: ((a[:, None, :] - xy_k[None, :, :]) ** 2).sum(-1)  # noqa: E731, (c, Nk)
+    k = min(k, len(xy_k))
+    parts = [pair_rank(d2(a), key).topk(k, dim=1, largest=False).indices for a in xy_q.split(chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long, device=xy_q.device)
+
+
 def coarsen(sites):
     """(N, 2) sites -> parent_sites (M, 2) = unique(sites // 2) row-major, parent (N,) row of each
     site's parent, slot (N,) = 2 * (i % 2) + (j % 2) (HiST eq. 4, Alg. 2 lines 2-4)."""

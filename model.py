@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 import lattice
-from attention import GlobalAttention, SpotAttention, knn
+from attention import GlobalAttention, SpotAttention
 from baselines import PerSpot, Ridge, SpatialRidge, SpatialStart
 from losses import log_variance
 from pyramid import Coarsen, Fuse, SubPool, Uncoarsen, level_rows
@@ -89,6 +89,11 @@ class ModelConfig:
         return cls(**d)
 
 
+def Dropout(p: float, fast: bool) -> nn.Module:
+    """nn.Dropout, or with model.kernels = fast kernels.Dropout (the same mask, drawn faster)."""
+    return kernels.Dropout(p) if fast else nn.Dropout(p)
+
+
 # ---- the heads: one class each; HEADS is the only list of them ---------------------------------
 class Head:
     """A head maps decoder tokens x (n, d) and the pathway tokens (P, d) to {"pred": (n, G), ...}.
@@ -121,7 +126,7 @@ class MLPHead(Head, nn.Sequential):
 
     def __init__(self, cfg, dim, n_genes):
         h = cfg.hidden
-        super().__init__(nn.Linear(dim, h), nn.GELU(), nn.Dropout(cfg.dropout),
+        super().__init__(nn.Linear(dim, h), nn.GELU(), Dropout(cfg.dropout, cfg.kernels == "fast"),
                          nn.Linear(h, h), nn.GELU(), nn.Linear(h, n_genes))
 
     def forward(self, x, pathways):
@@ -243,8 +248,8 @@ def sinusoidal_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, ratio: int, dropout: float):
-        super().__init__(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Dropout(dropout),
+    def __init__(self, dim: int, ratio: int, dropout: float, fast: bool = False):
+        super().__init__(nn.Linear(dim, ratio * dim), nn.GELU(), Dropout(dropout, fast),
                          nn.Linear(ratio * dim, dim))
 
 
@@ -264,9 +269,9 @@ class Block(nn.Module):
             if n_tokens else None
         self.norm_tokens = nn.LayerNorm(d) if n_tokens else None
         self.proj = nn.Linear(d, d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, fast)
         self.norm2 = nn.LayerNorm(d)
-        self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout)
+        self.ffn = FeedForward(d, cfg.ffn_ratio, cfg.dropout, fast)
         self.fast = fast
 
     def forward(self, x, tokens, level, knn_index=None):
@@ -294,7 +299,7 @@ class Tessera(nn.Module):
         self.fast = cfg.kernels == "fast"
         self.register_buffer("feat_mean", torch.zeros(in_dim))
         self.register_buffer("feat_std", torch.ones(in_dim))
-        self.stem = nn.Sequential(nn.Linear(in_dim, d), nn.Dropout(cfg.dropout))
+        self.stem = nn.Sequential(nn.Linear(in_dim, d), Dropout(cfg.dropout, self.fast))
         n_tokens = cfg.calibration_tokens + cfg.pathway_tokens
         self.tokens = nn.Parameter(torch.randn(n_tokens, d) * 0.02) if n_tokens else None
         self.local = nn.ModuleList(Block(cfg, "knn", 0) for _ in range(cfg.local_blocks))
@@ -434,7 +439,7 @@ class Tessera(nn.Module):
         if pseudo_features is not None:
             pseudo = self._stem(pseudo_features, (torch.arange(len(pseudo_features)),), stats)
             x, xy = torch.cat([x, pseudo]), torch.cat([xy, pseudo_coords / unit])
-        index = knn(xy, xy, min(self.cfg.knn_k, len(xy)))
+        index = (kernels.knn if self.fast else lattice.knn)(xy, xy, self.cfg.knn_k)
         points = SimpleNamespace(sites=xy)                      # a level of points off the lattice
         return self._blocks(self.local, x, None, points, index)[0][:N]
 
@@ -474,7 +479,7 @@ class Tessera(nn.Module):
         """x (n, d) and the tokens through `blocks` at one level (k-NN neighbours found once)."""
         if knn_index is None and any(b.spot.mode == "knn" for b in blocks):
             xy = level.sites.float()
-            knn_index = knn(xy, xy, min(self.cfg.knn_k, len(xy)))
+            knn_index = (kernels.knn if self.fast else lattice.knn)(xy, xy, self.cfg.knn_k)
         for block in blocks:
             x, tokens = self._run(block, x, tokens, level, knn_index)
         return x, tokens
