@@ -1,7 +1,7 @@
-"""The files' layers (DESIGN.md, "Files and layers"), read from the source with `ast`: a file imports only
-files of its own or a lower layer, the imports between the project's files have no cycle, and no
-project file is imported inside a function (a lazy import of an optional library such as matplotlib is
-fine). The checks are shown to fail on small graphs made here."""
+"""The files' layers (docs/design.md, "Files and layers"), read from the source with `ast`: a file
+imports only files of its own or a lower layer, the imports between the project's files have no
+cycle, and no project file is imported inside a function (a lazy import of an optional library such
+as matplotlib is fine). The checks are shown to fail on small graphs made here."""
 import ast
 from pathlib import Path
 
@@ -130,6 +130,6 @@ def test_imports_are_read_at_every_depth(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in ROOT.glob("*.py")))
 def test_the_file_sizes_stay_readable(name):
-    """Every top-level file of the project stays readable in one sitting (STYLE.md: files small, one job)."""
+    """Every top-level file of the project stays readable in one sitting: small, one job each."""
     lines = len((ROOT / f"{name}.py").read_text().splitlines())
     assert lines <= 500, f"{name}.py: {lines} lines, expected at most 500"
