@@ -140,6 +140,11 @@ def test_the_quick_subset_command_selects_the_not_slow_tests():
     quick_out, every_out = collected(*args), collected(*args[:-2])
     count = lambda out: int(re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", out).group(1))  # noqa: E731
     assert 0 < count(quick_out) < count(every_out)
+    slow, every = count(every_out) - count(quick_out), count(every_out)
+    said = re.search(r"the `slow` tests \((\d+) of (\d+)\)", (ROOT / "docs" / "running.md").read_text())
+    assert said, "docs/running.md no longer says how many tests are slow"
+    assert abs(int(said[1]) - slow) <= 0.1 * slow and abs(int(said[2]) - every) <= 0.1 * every, (
+        f"docs/running.md: {said[1]} of {said[2]} tests slow; collected: {slow} of {every}")
     assert "test_every_documented_command_runs" not in quick_out
     assert "test_every_documented_command_runs" in every_out
 
