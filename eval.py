@@ -75,8 +75,7 @@ def zero_variance_genes(pred, true) -> int:
 
 
 def pcc_gene(pred, true) -> float:
-    """`pcc_gene`: Pearson per gene over the pooled spots, mean over genes (HEST-Benchmark,
-    FEAST)."""
+    """`pcc_gene`: Pearson per gene over pooled spots, mean over genes (HEST-Benchmark, FEAST)."""
     return float(per_gene_pcc(pred, true).mean())
 
 
@@ -170,8 +169,7 @@ def pcc_spot(preds, trues) -> float:
 
 
 def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
-    """Every metric of docs/design.md on a fold's test slides (lists of per-slide (N_i, G) arrays in
-    log space).
+    """Every docs/design.md metric on a fold's test slides (lists of per-slide (N_i, G) log arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
     many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.
