@@ -1,16 +1,17 @@
 """How much a reader reads to follow tessera: the lines of README's reading order, measured.
 
-    python tests/reading.py [CONFIG]        # default configs/hist.yaml; prints the three traces per file
+    python tests/reading.py [CONFIG]     # default configs/hist.yaml; the three traces, per file
 
 Three traces, each under sys.settrace, of one config:
-  forward  one forward of the model in training mode on a 12 x 12 hexagonal slide of 144 spots with 32
-           random features (the model built from the config's `model` section, before tracing);
+  forward  one forward of the model in training mode on a 12 x 12 hexagonal slide of 144 spots
+           with 32 random features (the model built from the config's `model` section first);
   step     the same forward, an MSE against random targets and its backward;
-  fold     `train.py CONFIG ... --fold 0` for 1 epoch on a tiny synthetic dataset (4 slides of 144 spots,
-           made before tracing): config and data checks, the fold's training, prediction and scores.
-A trace counts, per project file (tests aside), the non-blank lines of every function the run entered
-(from its `def` to its last line: what a reader has to read to follow it) and the non-blank lines that
-ran. Module bodies (imports) are not counted: everything is imported before tracing starts.
+  fold     `train.py CONFIG ... --fold 0`, 1 epoch, the last fold of a 2-fold run on a tiny
+           synthetic dataset (4 slides of 144 spots; the dataset and fold 1 made before tracing):
+           config and data checks, training, prediction of the test slide, the run's results.
+A trace counts, per project file (tests aside), the non-blank lines of every function the run
+entered (from its `def` to its last statement: what a reader reads to follow it) and the non-blank
+lines that ran. Module bodies (imports) are not counted: everything is imported before tracing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 TRACES = ("forward", "step", "fold")
-DROPPED = ("spatial_start", "ood_fallback", "ridge_cv")  # need training slides: not in a one-slide step
+DROPPED = ("spatial_start", "ood_fallback", "ridge_cv")  # need training slides, which a step lacks
 
 
 def traced(run, root: Path = ROOT) -> dict[str, tuple[int, int]]:
@@ -58,12 +59,13 @@ def traced(run, root: Path = ROOT) -> dict[str, tuple[int, int]]:
         run()
     finally:
         sys.settrace(before)
-    count = lambda name, lines: sum(1 for n in lines if linecache.getline(name, n).strip())  # noqa: E731
+    def count(name, lines):
+        return sum(1 for n in lines if linecache.getline(name, n).strip())
     return {str(Path(f).relative_to(root)): (count(f, ran[f]), count(f, spans[f])) for f in spans}
 
 
 def hex_slide(n: int = 12, c: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """features (n*n, c) and coords (n*n, 2) in micrometres of a hexagonal Visium-like slide, 100 um pitch."""
+    """features (n*n, c) and coords (n*n, 2) in micrometres: a hexagonal slide of 100 um pitch."""
     g = torch.Generator().manual_seed(seed)
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     x = j.flatten() * 100.0 + (i.flatten() % 2) * 50.0
@@ -100,19 +102,24 @@ def trace_fold(config: Path) -> dict[str, tuple[int, int]]:
     import train
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "slides"
-        synthetic.make_synthetic(root, n_slides=4, n_spots=144, n_genes=60, n_features=32, log=lambda *a: None)
-        argv = [str(config), f"data.root={root}", f"run.dir={tmp}/runs", "run.name=read", "train.epochs=1",
-                "run.threads=1", "data.folds=2", "data.genes={by: hvg, n: 20}", "data.synthetic=null"]
-        threads = torch.get_num_threads()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            try:
-                train.main(argv + ["--fold", "1"])                     # the other fold, not traced
-                return traced(lambda: train.main(argv + ["--fold", "0"]))  # the last fold: then the results
-            finally:
-                torch.set_num_threads(threads)
+        synthetic.make_synthetic(root, n_slides=4, n_spots=144, n_genes=60, n_features=32,
+                                 log=lambda *a: None)
+        argv = [str(config), f"data.root={root}", f"run.dir={tmp}/runs", "run.name=read",
+                "train.epochs=1", "run.threads=1", "data.folds=2", "data.genes={by: hvg, n: 20}",
+                "data.synthetic=null"]
+        threads, out = torch.get_num_threads(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                train.main(argv + ["--fold", "1"])                 # the other fold, not traced
+                return traced(lambda: train.main(argv + ["--fold", "0"]))  # the last: then results
+        except BaseException as e:                                  # SystemExit: one line, kept
+            raise RuntimeError(f"train.py {' '.join(argv)}: {e}\n{out.getvalue()[-3000:]}") from e
+        finally:
+            torch.set_num_threads(threads)
 
 
-def measure(config: str | Path = "configs/hist.yaml", which=TRACES) -> dict[str, dict[str, tuple[int, int]]]:
+def measure(config: str | Path = "configs/hist.yaml",
+            which=TRACES) -> dict[str, dict[str, tuple[int, int]]]:
     """{trace: {file: (ran, read)}} for the traces named in `which`."""
     config = ROOT / config
     run = {"forward": trace_forward, "step": trace_step, "fold": trace_fold}
@@ -120,7 +127,7 @@ def measure(config: str | Path = "configs/hist.yaml", which=TRACES) -> dict[str,
 
 
 def total(rows: dict[str, tuple[int, int]]) -> int:
-    """Lines a reader reads for one trace: the non-blank lines of every project function it entered."""
+    """Lines a reader reads for one trace: the non-blank lines of the project functions entered."""
     return sum(read for _, read in rows.values())
 
 

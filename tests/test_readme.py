@@ -1,8 +1,8 @@
 """The README and the pages under docs/ are true, and the README teaches first.
 
-Every `python ...` command in their bash blocks runs, in order, in one fresh folder: README.md first,
-then the docs/ pages in PAGES order, then any other page (a command that ends in `\\` goes on on the
-next line; a command already run by an earlier page is not run again). Training commands get
+Every `python ...` command in their bash blocks runs, in order, in one fresh folder: README.md
+first, then the docs/ pages in PAGES order, then any other page (a command ending in `\\` goes on
+on the next line; a command already run by an earlier page is not run again). Training commands get
 `train.epochs=1` appended so the test stays short; CI (.ci/run) also runs the demo and the
 results-table commands in full. Commands that read ../shared/data skip when it is absent. Blocks
 fenced as ```sh (a SLURM script, one fold per GPU) need a cluster or GPUs: they are shown, not run.
@@ -68,7 +68,7 @@ def table_rows(lines: list[str]) -> list[list[str]]:
     return [row for row, prev in zip(cells, [None] + cells) if prev is not None and any(row)]
 
 
-# ---------------------------------------------------------------- the collector, on pages made here
+# ------------------------------------------------------------ the collector, on pages made here
 def test_commands_are_collected_from_bash_blocks_with_continuations():
     text = textwrap.dedent("""\
         Text with `python inline.py` is not a command.
@@ -119,8 +119,8 @@ def test_every_documented_command_runs(tmp_path):
         args[1] = str(ROOT / args[1])                       # the script, from the checkout
         if args[1].endswith("train.py"):
             args += ["train.epochs=1"]
-        r = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
 
 
@@ -132,16 +132,19 @@ def test_the_quick_subset_command_selects_the_not_slow_tests():
     args = shlex.split(quick[0])[1:]                       # -m pytest -q -m "not slow"
 
     def collected(*extra) -> str:
-        r = subprocess.run([sys.executable, *extra, "--collect-only"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run([sys.executable, *extra, "--collect-only"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         return r.stdout
 
     quick_out, every_out = collected(*args), collected(*args[:-2])
-    count = lambda out: int(re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", out).group(1))  # noqa: E731
+    def count(out: str) -> int:
+        return int(re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", out).group(1))
+
     assert 0 < count(quick_out) < count(every_out)
     slow, every = count(every_out) - count(quick_out), count(every_out)
-    said = re.search(r"the `slow` tests \((\d+) of (\d+)\)", (ROOT / "docs" / "running.md").read_text())
+    running = (ROOT / "docs" / "running.md").read_text()
+    said = re.search(r"the `slow` tests \((\d+) of (\d+)\)", running)
     assert said, "docs/running.md no longer says how many tests are slow"
     assert abs(int(said[1]) - slow) <= 0.1 * slow and abs(int(said[2]) - every) <= 0.1 * every, (
         f"docs/running.md: {said[1]} of {said[2]} tests slow; collected: {slow} of {every}")
@@ -176,7 +179,8 @@ def test_the_map_names_code_that_exists(name):
     assert (ROOT / f"{module}.py").is_file(), f"README's map: {name}: no {module}.py"
     obj = importlib.import_module(module)
     for i, attr in enumerate(attrs):
-        assert hasattr(obj, attr), f"README's map: {name}: {'.'.join([module, *attrs[:i]])} has no {attr}"
+        owner = ".".join([module, *attrs[:i]])
+        assert hasattr(obj, attr), f"README's map: {name}: {owner} has no {attr}"
         obj = getattr(obj, attr)
 
 
@@ -199,12 +203,13 @@ def test_the_reading_order_states_the_measured_lengths(trace):
     assert abs(lines - measured) <= 0.1 * measured, (
         f"README's reading order: one {trace} reads {lines} lines; the trace measures {measured} "
         f"(python tests/reading.py prints them per file)")
-    assert files == len(rows), f"README: {files} files for one {trace}; the trace enters {sorted(rows)}"
+    assert files == len(rows), (
+        f"README: {files} files for one {trace}; the trace enters {sorted(rows)}")
 
 
-# ---------------------------------------------------------------- the line counter, on code made here
+# ------------------------------------------------------------ the line counter, on code made here
 def test_the_trace_counts_the_lines_of_every_function_entered(tmp_path):
-    """A small module written here: what ran and what a reader reads, counted by hand from its text."""
+    """A small module written here: what ran and what a reader reads, counted by hand."""
     (tmp_path / "tests").mkdir()
     (tmp_path / "m.py").write_text(textwrap.dedent('''\
         import os                       # line 1: a module body, not counted
