@@ -1,4 +1,4 @@
-"""Metrics and result tables (DESIGN.md, "Training and evaluation"). Prediction files and AnnData are
+"""Metrics and result tables (docs/design.md, "Metrics"). Prediction files and AnnData are
 read and written by files.py; prediction of new slides with a run's fold models is predict.py's
 command, maps plots.py's, a paper's numbers beside a run's protocols.py's.
 
@@ -55,7 +55,7 @@ def _constant(x: np.ndarray) -> np.ndarray:
 
 
 def _pcc_columns(p: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Pearson per column; 0 where truth or prediction is constant (DESIGN.md)."""
+    """Pearson per column; 0 where truth or prediction is constant (docs/design.md)."""
     pc, tc = p - p.mean(0), t - t.mean(0)
     num = (pc * tc).sum(0)
     den = np.sqrt((pc * pc).sum(0) * (tc * tc).sum(0))
@@ -75,7 +75,7 @@ def zero_variance_genes(pred, true) -> int:
 
 
 def pcc_gene(pred, true) -> float:
-    """DESIGN.md `pcc_gene`: Pearson per gene over the pooled spots, mean over genes (HEST-Benchmark, FEAST)."""
+    """`pcc_gene`: Pearson per gene over pooled spots, mean over genes (HEST-Benchmark, FEAST)."""
     return float(per_gene_pcc(pred, true).mean())
 
 
@@ -94,7 +94,7 @@ def _slide_pcc(p, t):
 
 
 def pcc_gene_slide(preds, trues) -> float:
-    """DESIGN.md `pcc_gene_slide`: pcc_gene within each slide, mean over the slides where it is defined:
+    """`pcc_gene_slide`: pcc_gene within each slide, mean over the slides where it is defined:
     a slide whose truth is constant in every gene (one spot, all counts zero) is left out. NaN if none."""
     return _mean(_per_slide(_slide_pcc, preds, trues))
 
@@ -115,24 +115,24 @@ def _slide_r2_flat(p, t):
 
 
 def pcc_flat(preds, trues) -> float:
-    """DESIGN.md `pcc_flat` (HiST): Pearson over each slide's flattened N*G matrix in linear space
+    """`pcc_flat` (HiST): Pearson over each slide's flattened N*G matrix in linear space
     (expm1, clipped at 0), mean over slides; a slide whose flattened truth is constant is left out."""
     return _mean(_per_slide(_slide_pcc_flat, preds, trues))
 
 
 def r2_flat(preds, trues) -> float:
-    """DESIGN.md `r2_flat` (HiST): 1 - SS_res / SS_tot over each slide's flattened N*G matrix in linear
+    """`r2_flat` (HiST): 1 - SS_res / SS_tot over each slide's flattened N*G matrix in linear
     space, SS_tot around that slide's flattened mean; mean over slides, leaving out slides with SS_tot = 0."""
     return _mean(_per_slide(_slide_r2_flat, preds, trues))
 
 
 def mse(preds, trues) -> float:
-    """DESIGN.md `mse`: mean squared error in log space over all spots and genes (pooled over slides)."""
+    """`mse`: mean squared error in log space over all spots and genes (pooled over slides)."""
     return float(np.mean(np.concatenate([((p - t) ** 2).ravel() for p, t in _slides(preds, trues)])))
 
 
 def mae(preds, trues) -> float:
-    """DESIGN.md `mae`: mean absolute error in log space over all spots and genes (pooled over slides)."""
+    """`mae`: mean absolute error in log space over all spots and genes (pooled over slides)."""
     return float(np.mean(np.concatenate([np.abs(p - t).ravel() for p, t in _slides(preds, trues)])))
 
 
@@ -169,7 +169,7 @@ def pcc_spot(preds, trues) -> float:
 
 
 def compute_metrics(preds, trues, stds=None, intervals=None) -> dict:
-    """Every DESIGN.md metric on a fold's test slides (lists of per-slide (N_i, G) log-space arrays).
+    """Every docs/design.md metric on a fold's test slides (lists of per-slide (N_i, G) log arrays).
     pcc_gene, per_gene_pcc and zero_variance_genes use the concatenation of the slides;
     zero_variance_genes_slide counts (slide, gene) pairs constant within a slide; slides_left_out says how
     many slides each per-slide metric left out (undefined there). With `stds`, also unc_spearman, coverage.

@@ -1,7 +1,7 @@
-"""Where a run folder may be, what it holds and who may write it, so that a run is never mixed with another
-config, other data or another process's fold (README, "Folds on many machines"). check_run_dir, before
-anything is read: a plain folder directly inside run.dir, apart from data.root, writable (a probe file,
-removed at once). Then:
+"""Where a run folder may be, what it holds and who may write it, so that a run is never mixed with
+another config, other data or another process's fold (docs/running.md, "Folds on many machines").
+check_run_dir, before anything is read: a plain folder directly inside run.dir, apart from
+data.root, writable (a probe file, removed at once). Then:
 
     runs/<name>/lock             held while a process creates or checks config.yaml and folds.json
     runs/<name>/folds.json       the fold assignment (train, val and test slide ids per fold) and each slide

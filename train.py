@@ -5,11 +5,11 @@
     python train.py configs/hist.yaml run.name=hist --resume     # continue a killed run
     python train.py configs/hist.yaml run.name=hist --fold 2     # one fold; other processes train the others
 
-Outputs in runs/<name>/: config.yaml, folds.json, log.txt, fold_<k>/model.pt, fold_<k>/pred/<slide>.h5,
-results.json, per_gene.csv, results.md (README.md). The config, the files it names, every slide's header,
-the folds and the run folder are checked before anything is written (checks.py); a mistake ends the
-program with one line. Who may write the run folder, and with which data, is runs.py's. The losses it
-minimises are in losses.py.
+Outputs in runs/<name>/: config.yaml, folds.json, log.txt, fold_<k>/model.pt,
+fold_<k>/pred/<slide>.h5, results.json, per_gene.csv, results.md (docs/running.md). The config, the
+files it names, every slide's header, the folds and the run folder are checked before anything is
+written (checks.py); a mistake ends the program with one line. Who may write the run folder, and
+with which data, is runs.py's. The losses it minimises are in losses.py.
 """
 from __future__ import annotations
 

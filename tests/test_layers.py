@@ -1,7 +1,7 @@
-"""The files' layers (DESIGN.md, "Files and layers"), read from the source with `ast`: a file imports only
-files of its own or a lower layer, the imports between the project's files have no cycle, and no
-project file is imported inside a function (a lazy import of an optional library such as matplotlib is
-fine). The checks are shown to fail on small graphs made here."""
+"""The files' layers (docs/design.md, "Files and layers"), read from the source with `ast`: a file
+imports only files of its own or a lower layer, the imports between the project's files have no
+cycle, and no project file is imported inside a function (a lazy import of an optional library such
+as matplotlib is fine). The checks are shown to fail on small graphs made here."""
 import ast
 from pathlib import Path
 
