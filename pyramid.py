@@ -12,6 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lattice
+
+CHILDREN = lattice.FACTOR ** 2   # child slots of a parent (4: HiST's dyadic 2 x 2)
+
 
 class Coarsen(nn.Module):
     """HiST eq. (4): x_parent = sum_delta m_delta W_delta x_child, one learned map per child slot.
@@ -22,17 +26,17 @@ class Coarsen(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(4 * dim, dim)
+        self.linear = nn.Linear(CHILDREN * dim, dim)
         self.norm = nn.LayerNorm(dim)
         with torch.no_grad():  # start as sum pooling of the children (W_delta = I), then learn
-            self.linear.weight.copy_(torch.eye(dim).repeat(1, 4))
+            self.linear.weight.copy_(torch.eye(dim).repeat(1, CHILDREN))
             self.linear.bias.zero_()
 
     def forward(self, x, parent, slot, n_parents):
         d = x.shape[1]
-        W = self.linear.weight.view(d, 4, d)       # W_delta = W[:, delta, :]
+        W = self.linear.weight.view(d, CHILDREN, d)  # W_delta = W[:, delta, :]
         out = x.new_zeros(n_parents, d)
-        for delta in range(4):                     # sum over each parent's active children
+        for delta in range(CHILDREN):              # sum over each parent's active children
             child = torch.nonzero(slot == delta).squeeze(1)
             out.index_add_(0, parent[child], F.linear(x[child], W[:, delta]).to(out.dtype))
         return self.norm(out + self.linear.bias)   # (M, d)
@@ -49,19 +53,20 @@ class Uncoarsen(nn.Module):
 
     def __init__(self, dim: int, kind: str = "linear"):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU()) if kind == "mlp" else None
-        self.linear = nn.Linear(4 * dim if kind == "mlp" else dim, 4 * dim)
+        wide = CHILDREN * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, wide), nn.GELU()) if kind == "mlp" else None
+        self.linear = nn.Linear(wide if kind == "mlp" else dim, wide)
         if kind == "linear":
             with torch.no_grad():
-                self.linear.weight.copy_(torch.eye(dim).repeat(4, 1))
+                self.linear.weight.copy_(torch.eye(dim).repeat(CHILDREN, 1))
                 self.linear.bias.zero_()
 
     def forward(self, x, parent, slot):
-        d = self.linear.out_features // 4
+        d = self.linear.out_features // CHILDREN
         x = x if self.mlp is None else self.mlp(x)   # (M, 4d) hidden of HiST's MLP
-        W, b = self.linear.weight.view(4, d, -1), self.linear.bias.view(4, d)  # slot delta's map
+        W, b = self.linear.weight.view(CHILDREN, d, -1), self.linear.bias.view(CHILDREN, d)
         up = x.new_empty(len(parent), d)
-        for delta in range(4):                       # each child reads its slot of its parent
+        for delta in range(CHILDREN):                # each child reads its slot of its parent
             child = torch.nonzero(slot == delta).squeeze(1)
             up[child] = F.linear(x[parent[child]], W[delta], b[delta]).to(up.dtype)
         return up                                    # (N, d)
@@ -139,7 +144,7 @@ def level_rows(levels, order, sub_levels):
         parents[0] = levels[K].parent[torch.argsort(order)]
     perm, sub_index, spot, inv = {}, {}, torch.arange(N, device=order.device), None
     for l in range(K - 1, -1, -1):                           # from just below the spot downwards
-        k, r, lvl = l - K, 2 ** (K - l), levels[l]
+        k, r, lvl = l - K, lattice.FACTOR ** (K - l), levels[l]
         spot = spot[lvl.parent]                              # sorted spot row of each row of l
         key = order[spot] * r * r + r * (lvl.sites[:, 0] % r) + lvl.sites[:, 1] % r
         perm[k] = torch.argsort(key)

@@ -2,7 +2,8 @@
 
     python tests/reading.py [CONFIG]     # default configs/hist.yaml; the three traces, per file
 
-Three traces, each under sys.settrace, of one config:
+Three traces, each under sys.settrace, of one config on the reference path (model.kernels =
+reference: the papers' forms; kernels.py's fast path computes the same and is not reading):
   forward  one forward of the model in training mode on a 12 x 12 hexagonal slide of 144 spots
            with 32 random features (the model built from the config's `model` section first);
   step     the same forward, an MSE against random targets and its backward;
@@ -79,6 +80,7 @@ def model_of(config: Path, n_genes: int = 20, in_dim: int = 32):
     section = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
     known = set(model.ModelConfig.__dataclass_fields__)
     kw = {k: v for k, v in section.items() if k in known and k not in DROPPED}
+    kw["kernels"] = "reference"
     torch.manual_seed(0)
     return model.build_model(model.ModelConfig(**kw), in_dim, n_genes).train()
 
@@ -106,7 +108,7 @@ def trace_fold(config: Path) -> dict[str, tuple[int, int]]:
                                  log=lambda *a: None)
         argv = [str(config), f"data.root={root}", f"run.dir={tmp}/runs", "run.name=read",
                 "train.epochs=1", "run.threads=1", "data.folds=2", "data.genes={by: hvg, n: 20}",
-                "data.synthetic=null"]
+                "data.synthetic=null", "model.kernels=reference"]
         threads, out = torch.get_num_threads(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
