@@ -295,21 +295,16 @@ def _summary(values: list) -> dict:
             "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok, ddof=0)) if ok else None}
 
 
-def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> dict:
-    """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
-    that have predictions; the others are listed as `missing_folds` (partial=False: they are an error, and
-    nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and returns
-    the results dict. A test slide of folds.json without a prediction file: an error (allow_missing: a warning)."""
-    run = Path(run_dir).resolve()
-    fold_dirs = _fold_dirs(run)
-    if not fold_dirs:
-        raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
-    data.check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
-    folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
-    for fold in fold_dirs:
-        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
-        busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
-        if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training or predicting
+def finished_folds(run: Path, allow_missing: bool = False) -> tuple[list, list[str]]:
+    """The folds of a run with test predictions to score: [(fold folder, its prediction files with
+    truth)] in fold order, and the pred folders of the folds without (still training, or none yet).
+    A test slide of folds.json without a prediction file: an error (allow_missing: a warning)."""
+    done, empty = [], []
+    for fold in _fold_dirs(run):
+        files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5")))
+                 if f["true"] is not None]
+        busy = (fold / "lock").exists() and not (fold / "done").exists()   # trained or predicted now
+        if not files or busy or (fold / "checkpoint.pt").exists():  # a checkpoint: still training
             empty.append(f"{fold / 'pred'}")
             continue
         lost = missing_test_slides(run, fold)   # a line naming them, or ""
@@ -320,8 +315,26 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
         bad = [f["slide_id"] for f in files if f["genes"] != files[0]["genes"]]
         if bad:
             raise ValueError(f"{fold / 'pred'}: slides {bad} have other genes than {files[0]['slide_id']}")
+        done.append((fold, files))
+    return done, empty
+
+
+def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> dict:
+    """Metrics per fold from runs/<name>/fold_<k>/pred/*.h5 (slides with `true` only), over the folds
+    that have predictions; the others are listed as `missing_folds` (partial=False: they are an error,
+    and nothing is written). Writes results.json, per_gene.csv and results.md in the run folder and
+    returns the results dict. A test slide of folds.json without a prediction file: an error
+    (allow_missing: a warning)."""
+    run = Path(run_dir).resolve()
+    if not _fold_dirs(run):
+        raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
+    data.check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
+    done, empty = finished_folds(run, allow_missing)
+    folds, per_gene, slides, names, per_slide = [], [], [], [], {}
+    for fold, files in done:
         stds = [f["std"] for f in files] if all(f["std"] is not None for f in files) else None
-        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds, fold_intervals(fold, files))
+        m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds,
+                            fold_intervals(fold, files))
         for f, e in zip(files, m.pop("per_slide", [])):
             per_slide[f["slide_id"]] = {"fold": fold.name, **e}
         m.update(level_metrics(files))
@@ -334,16 +347,17 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
                                 f"in {', '.join(empty)}")
     missing = [f"fold_{k}" for k in expected_folds(run) if k not in {int(n[5:]) for n in names}]
     if missing and not partial:
-        raise FileNotFoundError(f"{run}: not finished, {', '.join(missing)} missing; results are written when every "
-                                "fold is done (--partial evaluates the finished folds)")
-    all_genes = list(dict.fromkeys(g for pg in per_gene for g in pg))  # union over folds, first-seen order
+        raise FileNotFoundError(f"{run}: not finished, {', '.join(missing)} missing; results are written "
+                                "when every fold is done (--partial evaluates the finished folds)")
+    all_genes = list(dict.fromkeys(g for pg in per_gene for g in pg))  # union over folds, first seen
     extra = [k for k in UNCERTAINTY if all(k in m for m in folds)]
     extra += [k for k in folds[0] if "@" in k and all(k in m for m in folds)]      # the other levels
     results = {"run": run.name, "n_folds": len(folds), "fold_names": names, "missing_folds": missing,
                "metrics": {k: _summary([m[k] for m in folds]) for k in METRICS + extra},
                "zero_variance_genes": {"folds": [m["zero_variance_genes"] for m in folds]},
                "zero_variance_genes_slide": {"folds": [m["zero_variance_genes_slide"] for m in folds]},
-               "slides_left_out": {k: [m["slides_left_out"][k] for m in folds] for k in folds[0]["slides_left_out"]},
+               "slides_left_out": {k: [m["slides_left_out"][k] for m in folds]
+                                   for k in folds[0]["slides_left_out"]},
                "genes": len(all_genes), "genes_per_fold": [len(pg) for pg in per_gene],
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
     if per_slide:
@@ -362,24 +376,92 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
     return results
 
 
+# ---- runs scored on other genes ------------------------------------------------------------------
+def fold_genes(run_dir) -> dict[str, list[str]]:
+    """Fold name -> the genes it scored, as the run's per_gene.csv records them (a fold's empty cell: a
+    gene it did not predict)."""
+    with open(Path(run_dir) / "per_gene.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    return {name: [r[0] for r in rows[1:] if r[k]] for k, name in enumerate(rows[0][1:-1], start=1)}
+
+
+def shared_genes(fold_genes: list[dict]) -> dict[str, list[str]]:
+    """Per fold that every run has, the genes every run scored in it (in the first run's order):
+    genes are chosen per fold, so runs are compared fold by fold. `fold_genes`: one dict per run,
+    fold name -> genes (`fold_genes`)."""
+    common = [n for n in fold_genes[0] if all(n in g for g in fold_genes[1:])]
+    return {n: [g for g in fold_genes[0][n] if all(g in set(other[n]) for other in fold_genes[1:])]
+            for n in common}
+
+
+def score_on_genes(run_dir, genes: dict[str, list[str]], allow_missing: bool = False) -> dict:
+    """A run's METRICS with each fold scored on `genes` (fold name -> genes) alone, over the folds
+    `genes` names; nothing is written (results.json keeps the run's own genes). eval.py
+    --shared-genes: runs compared on the genes they share."""
+    run = Path(run_dir).resolve()
+    folds, names, counts = [], [], []
+    for fold, files in finished_folds(run, allow_missing)[0]:
+        if fold.name not in genes:
+            continue
+        keep = set(genes[fold.name])
+        cols = [i for i, g in enumerate(files[0]["genes"]) if g in keep]
+        if not cols:
+            raise ValueError(f"{fold}: scored none of the genes the runs share in {fold.name}")
+        folds.append(compute_metrics([f["pred"][:, cols] for f in files], [f["true"][:, cols] for f in files]))
+        names.append(fold.name)
+        counts.append(len(cols))
+    if not folds:
+        raise ValueError(f"{run}: none of its folds is among the folds the runs share")
+    return {"run": run.name, "n_folds": len(folds), "fold_names": names, "missing_folds": [],
+            "metrics": {k: _summary([m[k] for m in folds]) for k in METRICS},
+            "genes": len({g for n in names for g in genes[n]}), "genes_per_fold": counts}
+
+
+def genes_note(results: list[dict], genes: list[dict], shared: dict[str, list[str]]) -> tuple[str, str]:
+    """The line that says how many genes each run scored and how many the runs share, and a warning
+    when they differ ("" when not), naming --shared-genes. `genes`: each run's `fold_genes`."""
+    n_shared = len({g for v in shared.values() for g in v})
+    line = ("genes scored: " + ", ".join(f"{r['run']} {gene_count(r)}" for r in results)
+            + f"; shared by all runs: {n_shared} (per fold {', '.join(str(len(v)) for v in shared.values())})")
+    same = all(g.keys() == genes[0].keys() and all(set(g[n]) == set(genes[0][n]) for n in g) for g in genes)
+    warning = "" if same else (
+        f"eval.py: warning: the runs scored different genes ({', '.join(str(r['genes']) for r in results)}; "
+        f"{n_shared} shared), so their metrics are not comparable; --shared-genes scores every run on the "
+        "genes all of them predicted in each fold")
+    return line, warning
+
+
+def gene_count(r: dict) -> str:
+    """`491 (250 per fold)`, or `491 (250, 248)` when the folds scored different numbers of genes."""
+    per = r["genes_per_fold"]
+    return f"{r['genes']} ({per[0]} per fold)" if len(set(per)) == 1 else f"{r['genes']} ({', '.join(map(str, per))})"
+
+
 # ---- the genes a picture shows -------------------------------------------------------------------
-def gene_scores(files: list[dict], folds: list) -> dict[str, float]:
-    """Gene -> PCC over its test spots, pooled per fold, mean over the folds that predict it; `folds`:
+def fold_gene_scores(files: list[dict], folds: list) -> dict:
+    """Per fold, gene -> PCC over the fold's test spots pooled (as results.md scores the fold); `folds`:
     one key per file (its folder: fold_<k>/pred). Without truth, the spatial standard deviation of the
     prediction ranks the genes instead."""
     by_fold: dict = {}
     for f, fold in zip(files, folds, strict=True):
         by_fold.setdefault(fold, []).append(f)
-    scores: dict[str, list[float]] = {}
-    for fs in by_fold.values():
-        genes = fs[0]["genes"]
+    out = {}
+    for fold, fs in by_fold.items():
         labelled = [f for f in fs if f["true"] is not None]
         if labelled:
             values = per_gene_pcc(np.concatenate([f["pred"] for f in labelled]),
                                   np.concatenate([f["true"] for f in labelled]))
         else:
             values = np.concatenate([f["pred"] for f in fs]).astype(np.float64).std(0)
-        for g, v in zip(genes, values.tolist()):
+        out[fold] = dict(zip(fs[0]["genes"], values.tolist()))
+    return out
+
+
+def gene_scores(fold_scores: dict) -> dict[str, float]:
+    """Gene -> its score (`fold_gene_scores`), mean over the folds that predict it."""
+    scores: dict[str, list[float]] = {}
+    for by_gene in fold_scores.values():
+        for g, v in by_gene.items():
             scores.setdefault(g, []).append(v)
     return {g: float(np.mean(v)) for g, v in scores.items()}
 
@@ -453,10 +535,12 @@ def _run_markdown(r: dict) -> str:
 def format_table(results_list: list[dict]) -> str:
     """One markdown table comparing runs: rows = runs, columns = METRICS as mean ± std over folds."""
     lines = [f"{STD_NOTE}; higher is better except mse and mae.", "",
-             "| run | folds | " + " | ".join(METRICS) + " |", "| --- | --- |" + " --- |" * len(METRICS)]
+             "| run | folds | genes | " + " | ".join(METRICS) + " |",
+             "| --- | --- | --- |" + " --- |" * len(METRICS)]
     for r in results_list:
         missing = f" (missing {', '.join(r['missing_folds'])})" if r.get("missing_folds") else ""
-        cells = [r["run"], f"{r['n_folds']}{missing}"] + [mean_std(r["metrics"][m]) for m in METRICS]
+        cells = [r["run"], f"{r['n_folds']}{missing}", gene_count(r)]
+        cells += [mean_std(r["metrics"][m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -479,21 +563,37 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eval.py", description="Re-evaluate runs (rewrites results.json, "
                                 "per_gene.csv, results.md), print one table.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default")
-    p.add_argument("--partial", action="store_true", help="evaluate finished folds, and folds without some test slides")
+    p.add_argument("--partial", action="store_true",
+                   help="evaluate finished folds, and folds without some test slides")
+    p.add_argument("--shared-genes", action="store_true",
+                   help="score every run on the genes all of them predicted in each fold (the runs' own "
+                        "files keep their own genes)")
     a = p.parse_args(argv)
     try:
         results = [evaluate_run(d, a.partial, a.partial) for d in a.runs]
+        genes = [fold_genes(d) for d in a.runs]
+        shared = shared_genes(genes)
+        line, warning = genes_note(results, genes, shared) if len(results) > 1 else ("", "")
+        if a.shared_genes:
+            results = [{**score_on_genes(d, shared, a.partial), "missing_folds": r["missing_folds"]}
+                       for d, r in zip(a.runs, results)]
+            line += ("\n" if line else "") + (f"scored on the genes every run predicted in each fold "
+                                              f"(--shared-genes); results.json keeps each run's own")
+            warning = ""
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
-    report(results)
+    if warning:
+        print(warning, file=sys.stderr)
+    report(results, line)
 
 
-def report(results: list[dict]) -> None:
-    """Print the runs' table, after a line on stderr for each run that is not finished."""
+def report(results: list[dict], note: str = "") -> None:
+    """Print the runs' table, after a line on stderr for each run that is not finished; `note` (the
+    genes the runs scored) after the table."""
     for r in results:
         if r["missing_folds"]:
             print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
-    print(format_table(results))
+    print(format_table(results) + (f"\n\n{note}" if note else ""))
 
 
 if __name__ == "__main__":

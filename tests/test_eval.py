@@ -297,15 +297,16 @@ def test_evaluate_run_errors_name_the_folder(tmp_path):
 
 
 def test_format_table():
-    def result(name, mean):
-        return {"run": name, "n_folds": 3, "metrics": {m: {"mean": mean, "std": 0.1} for m in ev.METRICS}}
-    lines = ev.format_table([result("tessera", 0.5), result("mlp", 0.25)]).splitlines()
+    def result(name, mean, per_fold):
+        return {"run": name, "n_folds": 3, "metrics": {m: {"mean": mean, "std": 0.1} for m in ev.METRICS},
+                "genes": 491, "genes_per_fold": per_fold}
+    lines = ev.format_table([result("tessera", 0.5, [250] * 3), result("mlp", 0.25, [250, 249, 250])]).splitlines()
     assert "ddof=0" in lines[0]
-    header = "| run | folds | " + " | ".join(ev.METRICS) + " |"
+    header = "| run | folds | genes | " + " | ".join(ev.METRICS) + " |"
     i = lines.index(header)
-    assert lines[i + 1].count("---") == 2 + len(ev.METRICS)
-    assert lines[i + 2:] == ["| tessera | 3 | " + " | ".join(["0.5000 ± 0.1000"] * 6) + " |",
-                             "| mlp | 3 | " + " | ".join(["0.2500 ± 0.1000"] * 6) + " |"]
+    assert lines[i + 1].count("---") == 3 + len(ev.METRICS)
+    assert lines[i + 2:] == ["| tessera | 3 | 491 (250 per fold) | " + " | ".join(["0.5000 ± 0.1000"] * 6) + " |",
+                             "| mlp | 3 | 491 (250, 249, 250) | " + " | ".join(["0.2500 ± 0.1000"] * 6) + " |"]
 
 
 def test_cli_reevaluates_and_prints_table(fake_run):
@@ -313,7 +314,7 @@ def test_cli_reevaluates_and_prints_table(fake_run):
     (run / "results.json").unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| run | folds | pcc_gene |" in proc.stdout and "| fake | 2 |" in proc.stdout
+    assert "| run | folds | genes | pcc_gene |" in proc.stdout and "| fake | 2 | 6 (5 per fold) |" in proc.stdout
     results = json.loads((run / "results.json").read_text())
     assert f"{results['metrics']['pcc_gene']['mean']:.4f}" in proc.stdout
 
@@ -443,11 +444,13 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     assert results["metrics"]["unc_spearman"]["folds"][0] == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9)
     assert results["metrics"]["coverage"]["folds"][0] == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12)
     assert "unc_spearman" in (tiny_run / "results.md").read_text()
-    # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model
+    # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model, each raised to 0
+    # (log1p targets: no value below 0)
     import data
     models = predict.load_fold_models(tiny_run, folds=[0])
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
-    passes = np.stack([predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
+    passes = np.stack([np.maximum(predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy(), 0)
+                       for j in range(3)])
     np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f["std"], passes.std(0), rtol=1e-4, atol=1e-6)
 
