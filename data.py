@@ -230,11 +230,12 @@ def scan_slide(path) -> int:
 
 
 def _not_embeddings(path, f) -> None:
-    """An embedding file (`embeddings`, as hest.py embed and HEST-Benchmark write them) where a cache
-    was expected: the error says what builds caches from it."""
+    """An embedding file (`embeddings`, as hest.py embed and HEST-Benchmark write them) where a
+    cache was expected: the error says what builds caches from it."""
     if "features" not in f and "embeddings" in f:
-        fail(path, "features", "a slide cache", "an embedding file (key 'embeddings'); build caches "
-             f"from it: python hest.py import-hest --st DIR --features {Path(path).parent} --out DIR")
+        fail(path, "features", "a slide cache", "an embedding file (key 'embeddings'); build "
+             "caches from it: python hest.py import-hest --st DIR --features "
+             f"{Path(path).parent} --out DIR")
 
 
 def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:

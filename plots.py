@@ -43,10 +43,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """The figure as a PNG whose text chunk `Description` holds every title, legend and note drawn on
-    it (one per line): what the picture says can be read from the file without looking."""
+    """The figure as a PNG whose text chunk `Description` holds every title, legend and note drawn
+    on it (one per line): what the picture says can be read from the file without looking."""
+    text = "\n".join(picture_text(fig))
     with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Description": "\n".join(picture_text(fig))})
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Description": text})
     _pyplot().close(fig)
     return path
 
@@ -115,7 +116,8 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
     on one slide, side by side on the spot geometry.
     Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0.
     `n_models`: the fold models behind the gene (in the title); one model without dropout passes has
-    no spread (a std of zeros, or none), so its std panel is a note instead of a map. `level`: e.g. "level -1" (sub-spots)."""
+    no spread (a std of zeros, or none), so its std panel is a note instead of a map. `level`: e.g.
+    "level -1" (sub-spots)."""
     plt = _pyplot()
     pitch = pitch_um(coords)
     panels = []
@@ -154,18 +156,22 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
 
 
 def pcc_histogram(fold_scores: dict, run_name: str, path, where: str = "all slides"):
-    """PCC of each gene in each fold (`fold_scores`: fold -> {gene: PCC}, eval.fold_gene_scores); the
-    dashed line is pcc_gene as results.md gives it: the mean over folds of each fold's mean over genes."""
+    """PCC of each gene in each fold (`fold_scores`: fold -> {gene: PCC}, eval.fold_gene_scores);
+    the dashed line is pcc_gene as results.md gives it: the mean over folds of each fold's mean over
+    genes."""
     v = np.array([x for scores in fold_scores.values() for x in scores.values()])
     pcc = float(np.mean([np.mean(list(s.values())) for s in fold_scores.values()]))
     n_genes, k = len({g for s in fold_scores.values() for g in s}), len(fold_scores)
     fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
     ax.hist(v, bins=min(40, max(5, len(v) // 5)), color="#4c72b0", edgecolor="white")
-    ax.axvline(pcc, color="black", linestyle="--", label=f"pcc_gene {evaluation.number(pcc)} (mean over "
-               f"{k} fold{'s' * (k > 1)} of the mean over genes)")
-    ax.axvline(np.median(v), color="#dd8452", linestyle=":", label=f"median {evaluation.number(np.median(v))}")
-    ax.set(xlabel=f"PCC per gene and fold, over the fold's test spots ({where})", ylabel="genes x folds",
-           title=f"{run_name}: per-gene PCC, {n_genes} genes, {k} fold{'s' * (k > 1)}")
+    folds = f"{k} fold{'s' * (k > 1)}"
+    ax.axvline(pcc, color="black", linestyle="--",
+               label=f"pcc_gene {evaluation.number(pcc)} (mean over {folds} of the mean over "
+                     "genes)")
+    ax.axvline(np.median(v), color="#dd8452", linestyle=":",
+               label=f"median {evaluation.number(np.median(v))}")
+    ax.set(xlabel=f"PCC per gene and fold, over the fold's test spots ({where})",
+           ylabel="genes x folds", title=f"{run_name}: per-gene PCC, {n_genes} genes, {folds}")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -94,14 +94,16 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 
 def target_floor(cfg: dict) -> float | None:
-    """The least value a prediction of the run may take: 0 where the targets are log1p of counts, raw
-    or per 1e4 (no count is below 0, and raising a value below 0 to 0 only moves it toward every
-    possible truth); None for smoothed targets (data.smooth: a paper's own space, scored as it is)."""
+    """The least value a prediction of the run may take: 0 where the targets are log1p of counts,
+    raw or per 1e4 (no count is below 0, and raising a value below 0 to 0 only moves it toward every
+    possible truth); None for smoothed targets (data.smooth: a paper's own space, scored as it
+    is)."""
     return None if cfg["data"]["smooth"] else 0.0
 
 
 def floored(out: dict, floor: float | None) -> dict:
-    """A model output with "pred" and every other level's prediction raised to `floor` (in place)."""
+    """A model output with "pred" and every other level's prediction raised to `floor` (in
+    place)."""
     if floor is not None:
         for pred in [out["pred"], *out.get("levels", {}).values()]:
             pred.clamp_(min=floor)
@@ -112,10 +114,10 @@ def floored(out: dict, floor: float | None) -> dict:
 def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32,
                   mc_seed: int | None = None, floor: float | None = None) -> torch.Tensor:
     """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
-    The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo dropout
-    pass: the same path with only the dropout layers (and attention dropout) switched to training, random
-    numbers seeded by `mc_seed` so that reruns are identical, the global random state left as it was.
-    `floor`: the least value a prediction may take (`target_floor`)."""
+    The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo
+    dropout pass: the same path with only the dropout layers (and attention dropout) switched to
+    training, random numbers seeded by `mc_seed` so that reruns are identical, the global random
+    state left as it was. `floor`: the least value a prediction may take (`target_floor`)."""
     return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed, floor=floor)["pred"]
 
 
@@ -188,7 +190,8 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
     return genes, acc, levels, geometry
 
 
-def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0, floor=None):
+def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0,
+                     floor=None):
     """Mean and spread over the samples of the fold models (the ensemble) and, with mc > 0, of mc
     Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is averaged
     over the models that predict it. Returns genes (union, first-seen order), mean (N, G), std (N, G)
@@ -226,8 +229,8 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     first-seen order). The other levels of model.out_levels go to the h5 file (`level_outputs`).
     `calibration` {"q" (G,), "level"} (files.read_calibration): the split-conformal interval
     pred -+ q std (q alone for constant width) as `lower`, `upper`."""
-    genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed,
-                                                target_floor(cfg))
+    genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc,
+                                                seed, target_floor(cfg))
     pred, n_models = acc.mean, acc.count // max(mc, 1)
     std = predictive_std(acc, len(models) * max(mc, 1))
     lower = upper = level = None
@@ -275,8 +278,8 @@ def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dic
     level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
     preds, stds = [], []
     for s in slides:
-        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed,
-                                         target_floor(cfg))
+        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc,
+                                         seed, target_floor(cfg))
         preds.append(pred)
         stds.append(std)
     sigma = sigma_kind(model.cfg, max(mc, 1))
@@ -422,23 +425,25 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         use = chosen[slide.slide_id]
         used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
         slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)), cfg)
-        write_slide_predictions(use, slide, cfg, device, out_dir, true=true, fold=",".join(map(str, used)),
-                                mc=mc, formats=formats, seed=seed, calibration=calibration)
+        write_slide_predictions(use, slide, cfg, device, out_dir, true=true,
+                                fold=",".join(map(str, used)), mc=mc, formats=formats, seed=seed,
+                                calibration=calibration)
         unlike = [str(k) for k, (m, _) in zip(used, use)
                   if hasattr(m, "unlike_training") and m.unlike_training(slide.features)]
-        ridge = f"; unlike the training slides of fold {', '.join(unlike)}: predicted there by the " \
-                "spatial ridge alone" if unlike else ""
-        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} "
-              f"spots ({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''}{ridge}"
-              f"{'; measured values as true' if true is not None else ''})")
+        ridge = (f"; unlike the training slides of fold {', '.join(unlike)}: predicted there by "
+                 "the spatial ridge alone") if unlike else ""
+        passes = f", {mc} dropout passes each" if mc else ""
+        measured = "; measured values as true" if true is not None else ""
+        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
+              f"{slide.n_spots} spots ({len(use)} fold model(s){passes}{ridge}{measured})")
     return outs
 
 
 def with_truth(slide, genes: list[str], cfg: dict):
-    """(slide, true): for a slide with counts of every gene in `genes`, the slide on those genes and its
-    measured values in the run's target space (N, G), as the fold's test predictions hold them; else
-    (slide, None): no counts, a gene missing, smoothed targets (data.smooth, a step of training), or
-    depth-normalised targets without the spots' library_size."""
+    """(slide, true): for a slide with counts of every gene in `genes`, the slide on those genes and
+    its measured values in the run's target space (N, G), as the fold's test predictions hold them;
+    else (slide, None): no counts, a gene missing, smoothed targets (data.smooth, a step of
+    training), or depth-normalised targets without the spots' library_size."""
     norm = cfg["data"]["normalize"]
     if slide.counts is None or cfg["data"]["smooth"] or not set(genes) <= set(slide.genes) or \
             (norm and slide.library_size is None):

@@ -128,8 +128,13 @@ def test_imports_are_read_at_every_depth(tmp_path):
     assert got == [("data", False), ("model", False), ("hest", False), ("eval", True), ("lattice", True)]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in ROOT.glob("*.py")))
-def test_the_file_sizes_stay_readable(name):
-    """Every top-level file of the project stays readable in one sitting (STYLE.md: files small, one job)."""
-    lines = len((ROOT / f"{name}.py").read_text().splitlines())
-    assert lines <= 500, f"{name}.py: {lines} lines, expected at most 500"
+WRAPPED = ["eval"]   # files wrapped so far; the others join as they are wrapped
+
+
+@pytest.mark.parametrize("name", WRAPPED)
+def test_the_lines_stay_readable(name):
+    """Files are cut by concept, not by a line count; a wrapped file has no line over 100
+    characters."""
+    text = (ROOT / f"{name}.py").read_text().splitlines()
+    long = [i for i, line in enumerate(text, 1) if len(line) > 100]
+    assert not long, f"{name}.py: lines {long[:10]} are longer than 100 characters"

@@ -209,39 +209,45 @@ def png_text(path) -> str:
 
 
 def test_pictures_say_what_the_tables_say(tiny_run):  # noqa: F811
-    """Each map: measured, predicted, std, error panels, the gene's PCC on the slide (numpy) and n_models in
-    the title; pcc_hist.png: its mean is results.md's pcc_gene, word for word."""
+    """Each map: measured, predicted, std, error panels, the gene's PCC on the slide (numpy) and
+    n_models in the title; pcc_hist.png: its mean is results.md's pcc_gene, word for word."""
     pytest.importorskip("matplotlib")
     written = plots.plot_run(tiny_run)
     md = (tiny_run / "results.md").read_text()
-    mean = next(x for x in md.splitlines() if x.startswith("| pcc_gene |")).split("|")[2].split("±")[0].strip()
-    assert f"pcc_gene {mean} (mean over 2 folds of the mean over genes)" in png_text(tiny_run / "plots" / "pcc_hist.png")
+    row = next(x for x in md.splitlines() if x.startswith("| pcc_gene |"))
+    mean = row.split("|")[2].split("±")[0].strip()
+    hist = png_text(tiny_run / "plots" / "pcc_hist.png")
+    assert f"pcc_gene {mean} (mean over 2 folds of the mean over genes)" in hist
     maps = [p for p in written if "__" in p.name]
     assert maps
     for p in maps:
         slide, gene = p.stem.split("__")
         f = files.read_predictions(next(tiny_run.glob(f"fold_*/pred/{slide}.h5")))
         i = f["genes"].index(gene)
-        r = np.corrcoef(f["pred"][:, i].astype(np.float64), f["true"][:, i].astype(np.float64))[0, 1]
+        r = np.corrcoef(f["pred"][:, i], f["true"][:, i].astype(np.float64))[0, 1]
         lines = png_text(p).splitlines()
-        assert lines[0] == f"{gene} on slide {slide}, PCC {r:.3f}, n_models 1 ({len(f['pred']):,} spots)"
-        assert lines[1:] == ["measured", "predicted", "std (uncertainty)", "error (predicted - measured)"]
+        spots = f"{len(f['pred']):,} spots"
+        assert lines[0] == f"{gene} on slide {slide}, PCC {r:.3f}, n_models 1 ({spots})"
+        assert lines[1:] == ["measured", "predicted", "std (uncertainty)",
+                             "error (predicted - measured)"]
 
 
 def test_a_one_model_prediction_has_a_std_panel_that_says_so(tiny_run, tmp_path):  # noqa: F811
-    """Out-of-fold prediction without dropout passes: one model per slide, no std in the files; the maps
-    still show the std panel, as a note (README: "one model: no spread")."""
+    """Out-of-fold prediction without dropout passes: one model per slide, no std in the files; the
+    maps still show the std panel, as a note (README: "one model: no spread")."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "oof"
-    r = test_eval.predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic", "--out",
-                              out, "--exclude-training", cwd=tmp_path)
+    slides = tiny_run.parents[1] / "data" / "synthetic"
+    r = test_eval.predict_cli("--run", tiny_run, "--slides", slides, "--out", out,
+                              "--exclude-training", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert all(files.read_predictions(p)["std"] is None for p in out.glob("*.h5"))
     written = plots.plot_run(out, slide="synth_00", top=1)
-    text = png_text(next(p for p in written if p.name.startswith("synth_00__"))).splitlines()
-    assert text[1:] == ["measured", "predicted", "std (uncertainty)", "one model: no spread",
-                        "error (predicted - measured)"]
-    assert image(next(p for p in written if p.name.startswith("synth_00__"))).shape[:2] == (420, 1680)
+    drawn = next(p for p in written if p.name.startswith("synth_00__"))
+    assert png_text(drawn).splitlines()[1:] == ["measured", "predicted", "std (uncertainty)",
+                                                "one model: no spread",
+                                                "error (predicted - measured)"]
+    assert image(drawn).shape[:2] == (420, 1680)                    # 4 panels
 
 
 def test_gene_scores_average_folds_that_share_their_genes():
