@@ -468,10 +468,10 @@ def genes_note(results: list[dict], genes: list[dict], shared: dict) -> tuple[st
 
 def gene_count(r: dict) -> str:
     """`491 (250 per fold)`, or `491 (250, 248)` where the folds scored different numbers of
-    genes."""
-    per = r["genes_per_fold"]
+    genes; the total alone for results without the folds' counts."""
+    per = r.get("genes_per_fold") or []
     each = f"{per[0]} per fold" if len(set(per)) == 1 else ", ".join(map(str, per))
-    return f"{r['genes']} ({each})"
+    return f"{r.get('genes', 'n/a')}" + (f" ({each})" if per else "")
 
 
 # ---- the genes a picture shows -------------------------------------------------------------------
