@@ -229,10 +229,20 @@ def scan_slide(path) -> int:
         return _validate(path, _datasets(path, f, read=False))
 
 
+def _not_embeddings(path, f) -> None:
+    """An embedding file (`embeddings`, as hest.py embed and HEST-Benchmark write them) where a
+    cache was expected: the error says what builds caches from it."""
+    if "features" not in f and "embeddings" in f:
+        fail(path, "features", "a slide cache", "an embedding file (key 'embeddings'); build "
+             "caches from it: python hest.py import-hest --st DIR --features "
+             f"{Path(path).parent} --out DIR")
+
+
 def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:
     """Read and validate one cache. `genes` selects and orders count columns; a gene the slide lacks is an
     error unless zero_fill=True (then its column is 0). Slides without counts ignore `genes`."""
     with open_h5(path) as f:
+        _not_embeddings(path, f)
         a = _datasets(path, f, read=True)
         meta = _attrs(path, f)
     _validate(path, a)
@@ -285,6 +295,7 @@ def read_slide_meta(path) -> SlideMeta:
     """Attributes, sizes and the gene list of a cache, reading only the (N,)- and (N, 2)-sized arrays
     (coords, library_size), never the features or the counts (fold building, checks before training)."""
     with open_h5(path) as f:
+        _not_embeddings(path, f)
         a = {}
         for key in ARRAY_KEYS:
             if key in ("features", "coords") or key in f:

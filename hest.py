@@ -263,6 +263,25 @@ def _check_import(pairs, out_dir, wanted, genes_source, overwrite: bool, harmoni
         _check_positions(p, st, *_check_embedding_file(p))
 
 
+def skipped(pairs, st_dir, features_dir, table: dict, log, every_section: bool = True) -> None:
+    """One line for the embedding files without an expression file, one for the sections of --st
+    without an embedding file (`every_section`: when the import takes every section it finds); with
+    the metadata's has_image, how many of those have no H&E image to embed."""
+    no_st = [p.stem for p, st in pairs if not st.exists()]
+    if no_st:
+        log(f"import-hest: skipped {len(no_st)} embedding file(s) of {features_dir} without an "
+            f"expression file <id>.h5ad in {st_dir}: {listed(no_st)}")
+    sections = sorted(s.stem for s in Path(st_dir).glob("*.h5ad"))
+    embedded = {p.stem for p, _ in pairs}
+    no_features = [s for s in sections if s not in embedded] if every_section else []
+    if no_features:
+        blank = [s for s in no_features if str(table.get(s, {}).get("has_image", "")).lower() in
+                 ("false", "0", "no")]
+        why = f"; {len(blank)} of them have no H&E image (has_image false in --meta)" * bool(blank)
+        log(f"import-hest: skipped {len(no_features)} of the {len(sections)} sections of {st_dir}: "
+            f"no embedding file <id>.h5 in {features_dir}{why}: {listed(no_features)}")
+
+
 def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,
                 overwrite: bool = False, log=print, dataset: str | None = None, harmonise: bool = False) -> list[Path]:
     """HEST-1k `st/<id>.h5ad` + HEST-Benchmark embedding files `<id>.h5` -> slide caches `<out>/<id>.h5`.
@@ -289,9 +308,7 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
         pairs = [(p, st) for p, st in pairs if p.stem in set(ids)]
     if not pairs:
         raise FileNotFoundError(f"{features_dir}: expected embedding files *.h5, found none")
-    for p, st in pairs:
-        if not st.exists():
-            log(f"{p.stem}: skipped, no expression file {st}")
+    skipped(pairs, st_dir, features_dir, table, log, dataset is None)
     pairs = [(p, st) for p, st in pairs if st.exists()]
     wanted = read_gene_list(genes) if genes else None
     if max_genes is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import conformal
 import data
 import eval as evaluation
-from eval import choose_genes, gene_scores  # the genes a map shows: ranked by their PCC
+from eval import choose_genes, fold_gene_scores, gene_scores  # the genes a map shows: by PCC
 import files
 import predict
 import lattice
@@ -44,10 +44,23 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as a PNG whose text chunk `Description` holds every title, legend and note drawn
+    on it (one per line): what the picture says can be read from the file without looking."""
+    text = "\n".join(picture_text(fig))
     with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Description": text})
     _pyplot().close(fig)
     return path
+
+
+def picture_text(fig) -> list[str]:
+    """The figure's title, then per panel its title, its legend's entries and its notes."""
+    lines = [fig._suptitle.get_text()] if fig._suptitle is not None else []  # get_suptitle: 3.8+
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        lines += [t for t in [ax.get_title(), *(x.get_text() for x in ax.texts),
+                              *(x.get_text() for x in (legend.get_texts() if legend else []))] if t]
+    return lines
 
 
 def _safe(name: str) -> str:
@@ -103,8 +116,9 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
     """Measured, predicted, std, interval width (upper - lower of the `interval` interval) and error of one gene
     on one slide, side by side on the spot geometry.
     Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0.
-    `n_models`: the fold models behind the gene (in the title); a std of one model without dropout
-    passes is all zeros, so it gets a text panel instead of a map. `level`: e.g. "level -1" (sub-spots)."""
+    `n_models`: the fold models behind the gene (in the title); one model without dropout passes has
+    no spread (a std of zeros, or none), so its std panel is a note instead of a map. `level`: e.g.
+    "level -1" (sub-spots)."""
     plt = _pyplot()
     pitch = pitch_um(coords)
     panels = []
@@ -114,10 +128,10 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
     if true is not None:
         panels.append((true, "measured", "viridis", lo, hi, "log1p expression"))
     panels.append((pred, "predicted", "viridis", lo, hi, "log1p expression"))
-    if std is not None:
-        spread = n_models != 1 or np.any(std > 0)
+    if std is not None or (n_models == 1 and not level):  # one model, no dropout passes: no spread
+        spread = std is not None and (n_models != 1 or np.any(std > 0))
         panels.append((std if spread else "one model: no spread", "std (uncertainty)", "magma", 0,
-                       max(float(np.percentile(std, 99)), 1e-6), "std"))
+                       max(float(np.percentile(std, 99)), 1e-6) if spread else 1.0, "std"))
     if width is not None:  # the full width; inf (too few calibration spots for the level) left out of the scale
         panels.append((width, f"{100 * interval:g}% interval width", "magma", 0,
                        max(float(np.percentile(np.nan_to_num(width, posinf=0.0), 99)), 1e-6), "upper - lower"))
@@ -142,13 +156,23 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
     return _save(fig, path) if path else fig
 
 
-def pcc_histogram(scores: dict[str, float], run_name: str, path):
-    v = np.array(list(scores.values()))
+def pcc_histogram(fold_scores: dict, run_name: str, path, where: str = "all slides"):
+    """PCC of each gene in each fold (`fold_scores`: fold -> {gene: PCC}, eval.fold_gene_scores);
+    the dashed line is pcc_gene as results.md gives it: the mean over folds of each fold's mean over
+    genes."""
+    v = np.array([x for scores in fold_scores.values() for x in scores.values()])
+    pcc = float(np.mean([np.mean(list(s.values())) for s in fold_scores.values()]))
+    n_genes, k = len({g for s in fold_scores.values() for g in s}), len(fold_scores)
     fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
     ax.hist(v, bins=min(40, max(5, len(v) // 5)), color="#4c72b0", edgecolor="white")
-    ax.axvline(v.mean(), color="black", linestyle="--", label=f"mean {v.mean():.3f}")
-    ax.axvline(np.median(v), color="#dd8452", linestyle=":", label=f"median {np.median(v):.3f}")
-    ax.set(xlabel="PCC per gene (test spots, mean over folds)", ylabel="genes", title=f"{run_name}: per-gene PCC, {len(v)} genes")
+    folds = f"{k} fold{'s' * (k > 1)}"
+    ax.axvline(pcc, color="black", linestyle="--",
+               label=f"pcc_gene {evaluation.number(pcc)} (mean over {folds} of the mean over "
+                     "genes)")
+    ax.axvline(np.median(v), color="#dd8452", linestyle=":",
+               label=f"median {evaluation.number(np.median(v))}")
+    ax.set(xlabel=f"PCC per gene and fold, over the fold's test spots ({where})",
+           ylabel="genes x folds", title=f"{run_name}: per-gene PCC, {n_genes} genes, {folds}")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -197,15 +221,15 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
         if slide not in ids:
             raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({files.listed(ids, 8)})")
         paths, predictions = zip(*[(p, f) for p, f in zip(paths, predictions) if f["slide_id"] == slide])
-    scores = gene_scores(predictions, [p.parent for p in paths])
+    fold_scores = fold_gene_scores(predictions, [p.parent for p in paths])
+    scores = gene_scores(fold_scores)
     chosen = choose_genes(scores, genes, top)
-    out, written, maps = run / "plots", [], 0
+    out, written, maps, lacking = run / "plots", [], 0, {}
     for f in predictions:
         column = {g: i for i, g in enumerate(f["genes"])}
-        missing = [g for g in chosen if g not in column]
-        if missing:   # genes are chosen per fold: a slide's fold may not predict one
-            print(f"plots.py plot: slide {f['slide_id']}: not predicted there (its fold chose other genes): "
-                  f"{files.listed(missing, 8)}", file=sys.stderr)
+        for g in chosen:   # genes are chosen per fold: a slide's fold may not predict one
+            if g not in column:
+                lacking.setdefault(g, []).append(f["slide_id"])
         for g in (g for g in chosen if g in column):
             i = column[g]
             n_models = None if f["n_models"] is None else int(f["n_models"][i])
@@ -220,12 +244,17 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
                                           out / f"{_safe(f['slide_id'])}__{_safe(g)}__level{k}.png", n_models,
                                           f"level {k} ({'sub-spots' if k < 0 else 'coarser bins'})"))
             maps += 1
+    if lacking:
+        print("plots.py plot: not drawn where a slide's fold chose other genes: " + "; ".join(
+            f"{g} not on {files.listed(s, 8)}" for g, s in list(lacking.items())[:8])
+            + (" ..." if len(lacking) > 8 else ""), file=sys.stderr)
     if not maps:
         raise ValueError(f"no map drawn: none of {files.listed(chosen, 8)} is predicted on "
                          f"{'slide ' + slide if slide else 'any slide'} of {run}")
     labelled = [f for f in predictions if f["true"] is not None]
     if labelled:
-        written.append(pcc_histogram(scores, run.name, out / "pcc_hist.png"))
+        written.append(pcc_histogram(fold_scores, run.name, out / "pcc_hist.png",
+                                     f"slide {slide}" if slide else "all slides"))
         written.append(density_plot(np.concatenate([f["pred"].ravel() for f in labelled]),
                                     np.concatenate([f["true"].ravel() for f in labelled]), run.name,
                                     out / "density.png"))

@@ -93,14 +93,32 @@ def has_dropout(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
+def target_floor(cfg: dict) -> float | None:
+    """The least value a prediction of the run may take: 0 where the targets are log1p of counts,
+    raw or per 1e4 (no count is below 0, and raising a value below 0 to 0 only moves it toward every
+    possible truth); None for smoothed targets (data.smooth: a paper's own space, scored as it
+    is)."""
+    return None if cfg["data"]["smooth"] else 0.0
+
+
+def floored(out: dict, floor: float | None) -> dict:
+    """A model output with "pred" and every other level's prediction raised to `floor` (in
+    place)."""
+    if floor is not None:
+        for pred in [out["pred"], *out.get("levels", {}).values()]:
+            pred.clamp_(min=floor)
+    return out
+
+
 @torch.no_grad()
-def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None
-                  ) -> torch.Tensor:
+def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32,
+                  mc_seed: int | None = None, floor: float | None = None) -> torch.Tensor:
     """Log-space prediction (N, G) for one Slide, on the CPU, as `dtype`; bf16 autocast on CUDA.
-    The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo dropout
-    pass: the same path with only the dropout layers (and attention dropout) switched to training, random
-    numbers seeded by `mc_seed` so that reruns are identical, the global random state left as it was."""
-    return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed)["pred"]
+    The model runs its low-memory inference path (eval, no grad). With `mc_seed`, one Monte-Carlo
+    dropout pass: the same path with only the dropout layers (and attention dropout) switched to
+    training, random numbers seeded by `mc_seed` so that reruns are identical, the global random
+    state left as it was. `floor`: the least value a prediction may take (`target_floor`)."""
+    return predict_outputs(model, slide, use_pseudo, device, dtype, mc_seed, floor=floor)["pred"]
 
 
 def model_inputs(model, slide, use_pseudo: bool, device) -> tuple[list, dict]:
@@ -116,10 +134,11 @@ def model_inputs(model, slide, use_pseudo: bool, device) -> tuple[list, dict]:
 
 @torch.no_grad()
 def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None,
-                    inputs: tuple | None = None) -> dict:
+                    inputs: tuple | None = None, floor: float | None = None) -> dict:
     """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels, the
     other levels ("levels", "parents", "sub_index"; see `level_outputs`). `inputs`: model_inputs of the
-    slide, already on the device (an ensemble moves a slide there once, not once per sample)."""
+    slide, already on the device (an ensemble moves a slide there once, not once per sample). Every
+    prediction that is written or scored passes here, raised to `floor` (`target_floor`)."""
     args, sub = inputs or model_inputs(model, slide, use_pseudo, device)
     cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
@@ -131,9 +150,10 @@ def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32,
                 m.train(isinstance(m, torch.nn.Dropout) or hasattr(m, "attn_drop"))
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                return _to_cpu(model(*args, out_dtype=dtype, **sub))
+                out = _to_cpu(model(*args, out_dtype=dtype, **sub))
         finally:
             model.eval()
+    return floored(out, floor)
 
 
 def _to_cpu(x):
@@ -144,7 +164,7 @@ def _to_cpu(x):
     return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0, floor=None):
     """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the spot
     level and every other level of model.out_levels: genes (union, first-seen order), the spot level's
     Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds);
@@ -157,7 +177,7 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
     for m, (model, gs) in enumerate(models):
         cols = None if gs == genes else [column[g] for g in gs]
         for j in range(max(mc, 1)):
-            out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs,
+            out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs, floor=floor,
                                   mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
             acc.add(out["pred"], cols)
             if "log_var" in out:                                 # mean predicted variance over the samples
@@ -170,12 +190,13 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
     return genes, acc, levels, geometry
 
 
-def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0,
+                     floor=None):
     """Mean and spread over the samples of the fold models (the ensemble) and, with mc > 0, of mc
     Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is averaged
     over the models that predict it. Returns genes (union, first-seen order), mean (N, G), std (N, G)
     (population std over the samples) and n_models (G,) (models behind each gene)."""
-    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed)
+    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed, floor)
     return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
 
 
@@ -194,9 +215,9 @@ def sigma_kind(model_cfg, n_samples: int) -> str:
     return "+".join(kinds) or "constant"
 
 
-def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0):
+def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0, floor=None):
     """genes, mean (N, G), predictive std (N, G) or None (`predictive_std`), n_models (G,)."""
-    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed)
+    genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed, floor)
     return genes, acc.mean, predictive_std(acc, len(models) * max(mc, 1)), acc.count // max(mc, 1)
 
 
@@ -204,11 +225,12 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
                             formats=("h5",), seed: int = 0, calibration: dict | None = None) -> None:
     """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
     <slide>.h5ad in out_dir; `std` (`predictive_std`) only where there is a spread (a variance head,
-    several models or mc > 0). `true` (N, G) on the first model's genes. The other levels of
-    model.out_levels go to the h5 file (`level_outputs`). `calibration` {"q" (G,), "level"} (files.
-    read_calibration): the split-conformal interval pred -+ q std (q alone for constant width) as
-    `lower`, `upper`."""
-    genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed)
+    several models or mc > 0). `true` (N, G): measured values on the models' genes (their union,
+    first-seen order). The other levels of model.out_levels go to the h5 file (`level_outputs`).
+    `calibration` {"q" (G,), "level"} (files.read_calibration): the split-conformal interval
+    pred -+ q std (q alone for constant width) as `lower`, `upper`."""
+    genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc,
+                                                seed, target_floor(cfg))
     pred, n_models = acc.mean, acc.count // max(mc, 1)
     std = predictive_std(acc, len(models) * max(mc, 1))
     lower = upper = level = None
@@ -256,7 +278,8 @@ def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dic
     level, mc, seed = cfg["eval"]["interval"], cfg["eval"]["mc_samples"], cfg["train"]["seed"]
     preds, stds = [], []
     for s in slides:
-        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc, seed)
+        _, pred, std, _ = predict_spread([(model, genes)], s, cfg["data"]["pseudo"], device, mc,
+                                         seed, target_floor(cfg))
         preds.append(pred)
         stds.append(std)
     sigma = sigma_kind(model.cfg, max(mc, 1))
@@ -359,7 +382,8 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one prediction
     file per slide and format in `out_dir`. Says which slides each fold model trained on and warns when a
     slide to predict is one of them (in-sample); `exclude_training`: each slide predicted only by the
-    models that did not train on it. Every check runs before anything is written."""
+    models that did not train on it. A slide with counts gets its measured values as `true`
+    (`with_truth`). Every check runs before anything is written."""
     import yaml
     not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     check_outputs(run_dir, out_dir, device)
@@ -400,13 +424,32 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         slide = data.read_slide(path)
         use = chosen[slide.slide_id]
         used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
-        write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)), mc=mc,
-                                formats=formats, seed=seed, calibration=calibration)
-        unlike = sum(m.unlike_training(slide.features) for m, _ in use if hasattr(m, "unlike_training"))
-        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
-              f"({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''}"
-              f"{f'; unlike the training slides of {unlike}: their spatial ridge alone' if unlike else ''})")
+        slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)), cfg)
+        write_slide_predictions(use, slide, cfg, device, out_dir, true=true,
+                                fold=",".join(map(str, used)), mc=mc, formats=formats, seed=seed,
+                                calibration=calibration)
+        unlike = [str(k) for k, (m, _) in zip(used, use)
+                  if hasattr(m, "unlike_training") and m.unlike_training(slide.features)]
+        ridge = (f"; unlike the training slides of fold {', '.join(unlike)}: predicted there by "
+                 "the spatial ridge alone") if unlike else ""
+        passes = f", {mc} dropout passes each" if mc else ""
+        measured = "; measured values as true" if true is not None else ""
+        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
+              f"{slide.n_spots} spots ({len(use)} fold model(s){passes}{ridge}{measured})")
     return outs
+
+
+def with_truth(slide, genes: list[str], cfg: dict):
+    """(slide, true): for a slide with counts of every gene in `genes`, the slide on those genes and
+    its measured values in the run's target space (N, G), as the fold's test predictions hold them;
+    else (slide, None): no counts, a gene missing, smoothed targets (data.smooth, a step of
+    training), or depth-normalised targets without the spots' library_size."""
+    norm = cfg["data"]["normalize"]
+    if slide.counts is None or cfg["data"]["smooth"] or not set(genes) <= set(slide.genes) or \
+            (norm and slide.library_size is None):
+        return slide, None
+    slide = data.take_genes(slide, genes)
+    return slide, data.log_targets(slide.counts, slide.library_size, normalize=norm)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -141,27 +141,31 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
 
 def load_config(path, overrides=()) -> dict:
     """The config file merged over DEFAULTS, then the `key.sub=value` overrides; every key checked
-    (checks.check_config). A mistake ends the program with one line naming the file and key."""
+    (checks.check_config). A mistake ends the program with one line naming where it is (the file, or
+    the override on the command line that set the key) and the key."""
     path = Path(path)
     try:
         cfg = checks.load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise SystemExit(" ".join(f"{path}: cannot read the config: {e}".split()))
+    where = str(path)
     try:
         if not isinstance(cfg, dict):
             raise ValueError(f"expected a mapping of sections (data, model, train, eval, run), found {cfg!r}")
         cfg = merge(DEFAULTS, cfg)
         for item in overrides:
+            where = f"command line '{item}'"
             key, sep, value = item.partition("=")
             if not sep:
-                raise ValueError(f"override '{item}' must look like key.sub=value")
+                raise ValueError("expected key.sub=value")
             try:
                 nested = checks.load_yaml(value)
             except yaml.YAMLError as e:
-                raise ValueError(f"override '{item}': expected a YAML value, found: {e}") from None
+                raise ValueError(f"expected a YAML value, found: {e}") from None
             for part in reversed(key.split(".")):
                 nested = {part: nested}
             cfg = merge(cfg, nested)
+        where = str(path)
         checks.check_config(cfg, DEFAULTS)
         if cfg["data"]["smooth"] is not None:           # its keys are checked: fill in the others
             if protocols is None:
@@ -169,8 +173,19 @@ def load_config(path, overrides=()) -> dict:
                                  "which this copy does not have")
             cfg["data"]["smooth"] = {**protocols.SMOOTH, **cfg["data"]["smooth"]}
     except ValueError as e:
-        raise SystemExit(" ".join(f"{path}: {e}".split()))
+        raise SystemExit(" ".join(f"{_set_by(str(e), overrides) or where}: {e}".split())) from None
     return cfg
+
+
+def _set_by(message: str, overrides) -> str | None:
+    """The command-line override that set the key a config error names (`key 'a.b'`), if one did."""
+    import re
+    named = re.search(r"key '([^']+)'", message)
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        if named and (named.group(1) == key or named.group(1).startswith(key + ".")):
+            return f"command line '{item}'"
+    return None
 
 
 # ---- data of one fold ---------------------------------------------------------------------------
@@ -279,9 +294,11 @@ def ema_update(avg: dict, model, decay: float, step: int) -> None:
 
 
 def val_score(model, val_b, cfg, device) -> float:
-    """pcc_gene of the model's predictions over the validation slides, pooled (train.val_slides)."""
-    return evaluation.pcc_gene(torch.cat([predict.predict_slide(model, b["slide"], cfg["data"]["pseudo"], device)
-                                          for b in val_b]), torch.cat([b["target"] for b in val_b]))
+    """pcc_gene of the model's predictions over the validation slides, pooled (train.val_slides),
+    predicted as the test slides are (predict.target_floor)."""
+    floor, pseudo = predict.target_floor(cfg), cfg["data"]["pseudo"]
+    pred = [predict.predict_slide(model, b["slide"], pseudo, device, floor=floor) for b in val_b]
+    return evaluation.pcc_gene(torch.cat(pred), torch.cat([b["target"] for b in val_b]))
 
 
 def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):

@@ -68,7 +68,8 @@ def expect(msg, *parts):
 
 
 CONFIG_CASES = [  # (overrides, parts of the message)
-    (["train.epochs=abc"], ["default.yaml: key 'train.epochs': expected an integer", "found 'abc'"]),
+    (["train.epochs=abc"], ["command line 'train.epochs=abc': key 'train.epochs': expected an "
+                            "integer", "found 'abc'"]),
     (["train.epochs=0"], ["key 'train.epochs': expected an integer >= 1, found 0"]),
     (["model.dim=-5"], ["key 'model.dim': expected an integer >= 1, found -5"]),
     (["model.depths=3"], ["key 'model.depths': expected a list of integers, found 3"]),
@@ -85,7 +86,7 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["data.synthetic={slides: 0}"], ["key 'data.synthetic.slides': expected an integer >= 1, found 0"]),
     (["run.device=gpu"], ["key 'run.device': expected auto, cpu, cuda or cuda:<index>, found 'gpu'"]),
     (["model.heads=3"], ["model.dim = 64 must be divisible by model.heads = 3"]),
-    (["model.dimm=3"], ["unknown config key 'model.dimm'; valid keys here"]),
+    (["model.dimm=3"], ["command line 'model.dimm=3': unknown config key 'model.dimm'; valid"]),
     (["train.loss=zinb"], ["train.loss = zinb and model.head = zinb go together"]),
     (["run.threads=100000"], ["key 'run.threads': expected an integer from 0 to", "found 100000"]),
 ]
@@ -103,6 +104,21 @@ def test_unreadable_config_files(tmp_path, capsys, monkeypatch):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     expect(refused(["list.yaml"], tmp_path, capsys), "list.yaml: expected a mapping of sections")
     expect(refused(["missing.yaml"], tmp_path, capsys), "missing.yaml: cannot read the config")
+
+
+def test_a_config_mistake_is_named_where_it_was_made(tmp_path, capsys, monkeypatch):
+    """In the file: the file; on the command line: the override, also when the file has the key."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("train: {epoch: 5}\n")
+    expect(refused(["mine.yaml"], tmp_path, capsys), "mine.yaml: unknown config key 'train.epoch'")
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 5}\n")
+    expect(refused(["mine.yaml", "train.epoch=5"], tmp_path, capsys),
+           "command line 'train.epoch=5': unknown config key 'train.epoch'")
+    expect(refused(["mine.yaml", "train.epochs=0"], tmp_path, capsys),
+           "command line 'train.epochs=0': key 'train.epochs': expected an integer >= 1, found 0")
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 0}\n")
+    expect(refused(["mine.yaml", "train.lr=0.1"], tmp_path, capsys),
+           "mine.yaml: key 'train.epochs': expected an integer >= 1, found 0")
 
 
 def test_missing_files_name_where_they_were_looked_for(root, tmp_path, capsys):
@@ -177,6 +193,21 @@ def test_a_data_root_typo_generates_nothing(tmp_path, capsys, monkeypatch):
     msg = refused([str(ROOT / "configs/default.yaml"), "data.root=data/synthtic"], tmp_path, capsys)
     expect(msg, "key 'data.root': expected a folder of slide caches, found no folder data/synthtic",
            "generated only at data/synthetic")
+
+
+def test_a_data_root_of_embedding_files_says_to_import_them(tmp_path, capsys):
+    """hest.py embed's output (or HEST-Benchmark's embeddings) where caches were expected: the line
+    names the file and the key, and the command that builds caches from them."""
+    import h5py
+    folder = tmp_path / "caches" / "her2st_features"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "B4.h5", "w") as f:
+        f["embeddings"], f["coords"] = np.zeros((3, 4), np.float32), np.zeros((3, 2), np.float32)
+        f["barcodes"] = np.array([b"a", b"b", b"c"])
+    args = [str(ROOT / "configs/default.yaml"), f"data.root={folder}", "run.name=t"]
+    expect(refused(args, tmp_path, capsys),
+           f"{folder / 'B4.h5'}: key 'features': expected a slide cache, found an embedding file",
+           f"python hest.py import-hest --st DIR --features {folder} --out DIR")
 
 
 def test_run_folders(root, tmp_path, capsys):
@@ -340,8 +371,8 @@ def test_memory_grows_with_every_size_key():
 
 
 def test_an_override_that_is_not_yaml_is_one_line(root, tmp_path, capsys):
-    expect(refused([*base(root), "model.depths=[1, 2"], tmp_path, capsys), "override 'model.depths=[1, 2'",
-           "expected a YAML value")
+    expect(refused([*base(root), "model.depths=[1, 2"], tmp_path, capsys),
+           "command line 'model.depths=[1, 2'", "expected a YAML value")
 
 
 def test_the_model_for_its_sizes_is_the_real_one_whether_built_or_on_the_meta_device(monkeypatch):

@@ -297,15 +297,18 @@ def test_evaluate_run_errors_name_the_folder(tmp_path):
 
 
 def test_format_table():
-    def result(name, mean):
-        return {"run": name, "n_folds": 3, "metrics": {m: {"mean": mean, "std": 0.1} for m in ev.METRICS}}
-    lines = ev.format_table([result("tessera", 0.5), result("mlp", 0.25)]).splitlines()
+    def result(name, mean, per_fold):
+        return {"run": name, "n_folds": 3, "genes": 491, "genes_per_fold": per_fold,
+                "metrics": {m: {"mean": mean, "std": 0.1} for m in ev.METRICS}}
+    lines = ev.format_table([result("tessera", 0.5, [250] * 3),
+                             result("mlp", 0.25, [250, 249, 250])]).splitlines()
     assert "ddof=0" in lines[0]
-    header = "| run | folds | " + " | ".join(ev.METRICS) + " |"
+    header = "| run | folds | genes | " + " | ".join(ev.METRICS) + " |"
     i = lines.index(header)
-    assert lines[i + 1].count("---") == 2 + len(ev.METRICS)
-    assert lines[i + 2:] == ["| tessera | 3 | " + " | ".join(["0.5000 ± 0.1000"] * 6) + " |",
-                             "| mlp | 3 | " + " | ".join(["0.2500 ± 0.1000"] * 6) + " |"]
+    assert lines[i + 1].count("---") == 3 + len(ev.METRICS)
+    cells = lambda v: " | ".join([f"{v} ± 0.1000"] * 6)  # noqa: E731
+    assert lines[i + 2:] == [f"| tessera | 3 | 491 (250 per fold) | {cells('0.5000')} |",
+                             f"| mlp | 3 | 491 (250, 249, 250) | {cells('0.2500')} |"]
 
 
 def test_cli_reevaluates_and_prints_table(fake_run):
@@ -313,9 +316,79 @@ def test_cli_reevaluates_and_prints_table(fake_run):
     (run / "results.json").unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| run | folds | pcc_gene |" in proc.stdout and "| fake | 2 |" in proc.stdout
+    assert "| run | folds | genes | pcc_gene |" in proc.stdout
+    assert "| fake | 2 | 6 (5 per fold) |" in proc.stdout
     results = json.loads((run / "results.json").read_text())
     assert f"{results['metrics']['pcc_gene']['mean']:.4f}" in proc.stdout
+
+
+def two_runs_on_other_genes(tmp_path):
+    """runs/small (3 genes per fold, chosen per fold) and runs/large (5 per fold, other ones), the
+    same 2 folds of the same test slides: {run: (folder, {fold: (genes, [(pred, true)])})}."""
+    rng = np.random.default_rng(11)
+    genes = {"small": [["A", "B", "C"], ["A", "B", "D"]],
+             "large": [["C", "B", "E", "A", "F"], ["G", "A", "D", "H", "E"]]}
+    runs = {}
+    for name, per_fold in genes.items():
+        run, folds = tmp_path / "runs" / name, {}
+        for k, gs in enumerate(per_fold):
+            slides = [make_slide(rng, n, len(gs)) for n in (20, 14)]
+            for i, (pred, true) in enumerate(slides):
+                files.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, gs,
+                                        [f"b{j}" for j in range(len(pred))],
+                                        rng.uniform(0, 1e3, (len(pred), 2)), true=true)
+            folds[f"fold_{k}"] = (gs, slides)
+        (run / "config.yaml").write_text("run: {name: %s}\n" % name)
+        runs[name] = (run, folds)
+    return runs
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_eval_names_the_genes_runs_scored_and_scores_them_on_the_genes_they_share(tmp_path):
+    runs = two_runs_on_other_genes(tmp_path)
+    r = eval_cli(runs["small"][0], runs["large"][0])
+    assert r.returncode == 0, r.stderr
+    # per fold, the genes both runs predicted (explicit lists): fold_0 A, B, C; fold_1 A, D
+    shared = {"fold_0": ["A", "B", "C"], "fold_1": ["A", "D"]}
+    assert "| small | 2 | 4 (3 per fold) |" in r.stdout
+    assert "| large | 2 | 8 (5 per fold) |" in r.stdout
+    assert ("genes scored: small 4 (3 per fold), large 8 (5 per fold); shared by all runs: 4 "
+            "(per fold 3, 2)") in r.stdout
+    warning = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "different genes (4, 8; 4 shared)" in warning[0]
+    assert "--shared-genes" in warning[0]
+    own = {name: json.loads((run / "results.json").read_text()) for name, (run, _) in runs.items()}
+
+    r = eval_cli(runs["small"][0], runs["large"][0], "--shared-genes")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert "| small | 2 | 4 (3, 2) |" in r.stdout and "| large | 2 | 4 (3, 2) |" in r.stdout
+    assert "(--shared-genes)" in r.stdout
+    for name, (run, folds) in runs.items():
+        values = {m: [] for m in ev.METRICS}
+        for fold, (gs, slides) in folds.items():
+            cols = [gs.index(g) for g in shared[fold]]     # the reference: columns picked by name
+            want = ref_metrics([p[:, cols] for p, _ in slides], [t[:, cols] for _, t in slides])
+            for m in ev.METRICS:
+                values[m].append(want[m])
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][3:]
+        for m, cell in zip(ev.METRICS, cells):
+            assert cell == f"{np.mean(values[m]):.4f} ± {np.std(values[m]):.4f}", (name, m)
+        assert json.loads((run / "results.json").read_text()) == own[name]  # its own genes kept
+
+
+def test_eval_of_runs_on_the_same_genes_says_so_without_a_warning(fake_run, tmp_path):
+    import shutil
+    run = fake_run[0]
+    shutil.copytree(run, tmp_path / "twin")
+    r = eval_cli(run, tmp_path / "twin")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert ("genes scored: fake 6 (5 per fold), twin 6 (5 per fold); shared by all runs: 6 "
+            "(per fold 5, 5)") in r.stdout
 
 
 def test_cli_reports_a_bad_run_folder(tmp_path):
@@ -443,13 +516,79 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     assert results["metrics"]["unc_spearman"]["folds"][0] == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9)
     assert results["metrics"]["coverage"]["folds"][0] == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12)
     assert "unc_spearman" in (tiny_run / "results.md").read_text()
-    # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model
+    # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model, each raised
+    # to 0 (log1p targets: no value below 0)
     import data
     models = predict.load_fold_models(tiny_run, folds=[0])
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
-    passes = np.stack([predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy() for j in range(3)])
+    passes = np.stack([predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy()
+                       for j in range(3)]).clip(min=0)
     np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f["std"], passes.std(0), rtol=1e-4, atol=1e-6)
+
+
+class Fixed(torch.nn.Module):
+    """A model whose output is given: "pred" (N, G) and a coarser level (M, G)."""
+
+    def __init__(self, pred, level):
+        super().__init__()
+        self.cfg, self.pred, self.level = type("Cfg", (), {"sub_levels": 0})(), pred, level
+
+    def forward(self, *args, out_dtype=None, **kw):
+        return {"pred": self.pred.clone(), "levels": {1: self.level.clone()}}
+
+
+def test_log1p_predictions_are_raised_to_zero_and_nothing_else_changes(tiny_run):
+    """Every level of a prediction of log1p targets is max(raw, 0) (numpy); smoothed targets keep
+    theirs; a prediction with nothing below 0 comes back bit for bit, so its metrics are
+    unchanged."""
+    import data
+    import train
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5")
+    g = torch.Generator().manual_seed(3)
+    raw, level = torch.randn(slide.n_spots, 4, generator=g), torch.randn(9, 4, generator=g)
+    log1p = {"data": {"smooth": None, "normalize": False, "pseudo": False}}
+    smoothed = {"data": {"smooth": {"method": "spcs"}, "normalize": False, "pseudo": False}}
+    assert predict.target_floor(log1p) == 0.0 and predict.target_floor(smoothed) is None
+    floor = predict.target_floor(log1p)
+    out = predict.predict_outputs(Fixed(raw, level), slide, False, "cpu", floor=floor)
+    np.testing.assert_array_equal(out["pred"].numpy(), np.maximum(raw.numpy(), 0))
+    np.testing.assert_array_equal(out["levels"][1].numpy(), np.maximum(level.numpy(), 0))
+    floor = predict.target_floor(smoothed)
+    out = predict.predict_outputs(Fixed(raw, level), slide, False, "cpu", floor=floor)
+    assert torch.equal(out["pred"], raw) and torch.equal(out["levels"][1], level)
+    above = raw.abs()                                                # nothing below 0: unchanged
+    got = predict.predict_slide(Fixed(above, level), slide, False, "cpu", floor=0.0)
+    assert torch.equal(got, above)
+    true = torch.log1p(torch.poisson(torch.full_like(raw, 2.0), generator=g))
+    m_got, m_raw = ev.compute_metrics([got], [true]), ev.compute_metrics([above], [true])
+    assert all(m_got[k] == m_raw[k] for k in ev.METRICS)
+    # the validation score that picks a fold's epoch sees the predictions the test slides get
+    score = train.val_score(Fixed(raw, level), [{"slide": slide, "target": true}], log1p, "cpu")
+    floored = np.maximum(raw.numpy(), 0).astype(np.float64)
+    assert score == pytest.approx(ref_pcc_gene(floored, true.numpy().astype(np.float64)), abs=1e-12)
+
+
+def test_no_prediction_file_of_a_log1p_run_holds_a_value_below_zero(tiny_run, tmp_path):
+    """The run's own test predictions and predict.py's files (both formats), where the models' raw
+    outputs do reach below 0."""
+    import data
+    models = predict.load_fold_models(tiny_run)
+    raw = [predict.predict_slide(m, data.read_slide(p), True, "cpu").min() for m, _ in models
+           for p in sorted((tiny_run.parents[1] / "data" / "synthetic").glob("*.h5"))]
+    assert min(raw) < 0                                      # the check below is not vacuous
+    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic",
+                    "--out", tmp_path / "p", "--format", "h5", "h5ad", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    paths = sorted(tiny_run.glob("fold_*/pred/*.h5")) + sorted((tmp_path / "p").glob("*.h5"))
+    assert len(paths) == 8
+    for p in paths:
+        f = files.read_predictions(p)
+        assert f["pred"].min() >= 0, p
+    import h5py
+    for p in sorted((tmp_path / "p").glob("*.h5ad")) + sorted(tiny_run.glob("fold_*/pred/*.h5ad")):
+        with h5py.File(p) as f:
+            assert f["X"][()].min() >= 0, p
 
 
 def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_their_folds(tiny_run):

@@ -308,7 +308,8 @@ def test_import_hest_joins_by_barcode_and_reports(tmp_path):
     (tmp_path / "genes.txt").write_text("C\nA\nZZ\n")
     lines = []
     paths = hest.import_hest(st, feats, out, tmp_path / "meta.csv", genes=tmp_path / "genes.txt", log=lines.append)
-    assert "lonely: skipped, no expression file" in lines[0]
+    assert lines[0].startswith("import-hest: skipped 1 embedding file(s) of ")
+    assert lines[0].endswith(": lonely")
     assert lines[1].startswith("s1: 8 spots matched, 2 only in st, 3 only in features; 2 genes (1 of the list missing)")
     s = data.read_slide(paths[0])
     rows = [feature_barcodes.index(f"b{i}") for i in range(2, 10)]
@@ -333,6 +334,31 @@ def test_import_hest_joins_by_barcode_and_reports(tmp_path):
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+def test_import_hest_says_in_one_line_which_sections_it_skipped_and_why(tmp_path):
+    """Sections of --st without an embedding file (no H&E image to embed) are counted in one line,
+    with how many the metadata marks as imageless; the imported ones get their own line each."""
+    st, feats, out = tmp_path / "st", tmp_path / "feats", tmp_path / "out"
+    st.mkdir(), feats.mkdir()
+    r = np.random.default_rng(0)
+    xy = r.uniform(0, 500, (6, 2))
+    barcodes = [f"b{i}" for i in range(6)]
+    for sid in ("A1", "A2", "B1", "C1"):
+        counts = r.poisson(2.0, (6, 3)).astype(np.float64)
+        write_h5ad(st / f"{sid}.h5ad", counts, barcodes, ["X", "Y", "Z"], "current", xy, ["t"] * 6)
+    with h5py.File(feats / "B1.h5", "w") as f:
+        f["embeddings"], f["coords"] = r.standard_normal((6, 4)).astype(np.float32), xy - 56
+        f["barcodes"] = np.array([b.encode() for b in barcodes])
+    rows = ["id,patient,pixel_size_um_estimated,has_image", "A1,A,0.5,False", "A2,A,0.5,False",
+            "B1,B,0.5,True", "C1,C,0.5,True"]
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    lines = []
+    hest.import_hest(st, feats, out, tmp_path / "meta.csv", log=lines.append)
+    assert len(lines) == 2 and lines[1].startswith("B1: 6 spots matched")
+    assert lines[0] == (f"import-hest: skipped 3 of the 4 sections of {st}: no embedding file "
+                        f"<id>.h5 in {feats}; 2 of them have no H&E image (has_image false in "
+                        "--meta): A1, A2, C1")
 
 def test_command_line_help():
     r = subprocess.run([sys.executable, str(ROOT / "hest.py"), "import-hest", "--help"], capture_output=True, text=True)

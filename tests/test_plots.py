@@ -185,7 +185,8 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
     assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
     assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
     paths = plots.evaluation.prediction_files(tiny_run)
-    scores = plots.gene_scores([files.read_predictions(p) for p in paths], [p.parent for p in paths])
+    scores = plots.gene_scores(plots.fold_gene_scores([files.read_predictions(p) for p in paths],
+                                                      [p.parent for p in paths]))
     per_fold = {}                                       # reference: np.corrcoef per gene over each fold's spots
     for fold in sorted({p.parent for p in paths}):
         fs = [files.read_predictions(p) for p in paths if p.parent == fold]
@@ -200,6 +201,55 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
     assert plots.choose_genes(scores, top=2) == ranked[:2]
 
 
+def png_text(path) -> str:
+    """The text a picture says (titles, legends, notes), read from its PNG's `Description` chunk."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.text.get("Description", "")
+
+
+def test_pictures_say_what_the_tables_say(tiny_run):  # noqa: F811
+    """Each map: measured, predicted, std, error panels, the gene's PCC on the slide (numpy) and
+    n_models in the title; pcc_hist.png: its mean is results.md's pcc_gene, word for word."""
+    pytest.importorskip("matplotlib")
+    written = plots.plot_run(tiny_run)
+    md = (tiny_run / "results.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| pcc_gene |"))
+    mean = row.split("|")[2].split("±")[0].strip()
+    hist = png_text(tiny_run / "plots" / "pcc_hist.png")
+    assert f"pcc_gene {mean} (mean over 2 folds of the mean over genes)" in hist
+    maps = [p for p in written if "__" in p.name]
+    assert maps
+    for p in maps:
+        slide, gene = p.stem.split("__")
+        f = files.read_predictions(next(tiny_run.glob(f"fold_*/pred/{slide}.h5")))
+        i = f["genes"].index(gene)
+        r = np.corrcoef(f["pred"][:, i], f["true"][:, i].astype(np.float64))[0, 1]
+        lines = png_text(p).splitlines()
+        spots = f"{len(f['pred']):,} spots"
+        assert lines[0] == f"{gene} on slide {slide}, PCC {r:.3f}, n_models 1 ({spots})"
+        assert lines[1:] == ["measured", "predicted", "std (uncertainty)",
+                             "error (predicted - measured)"]
+
+
+def test_a_one_model_prediction_has_a_std_panel_that_says_so(tiny_run, tmp_path):  # noqa: F811
+    """Out-of-fold prediction without dropout passes: one model per slide, no std in the files; the
+    maps still show the std panel, as a note (README: "one model: no spread")."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "oof"
+    slides = tiny_run.parents[1] / "data" / "synthetic"
+    r = test_eval.predict_cli("--run", tiny_run, "--slides", slides, "--out", out,
+                              "--exclude-training", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert all(files.read_predictions(p)["std"] is None for p in out.glob("*.h5"))
+    written = plots.plot_run(out, slide="synth_00", top=1)
+    drawn = next(p for p in written if p.name.startswith("synth_00__"))
+    assert png_text(drawn).splitlines()[1:] == ["measured", "predicted", "std (uncertainty)",
+                                                "one model: no spread",
+                                                "error (predicted - measured)"]
+    assert image(drawn).shape[:2] == (420, 1680)                    # 4 panels
+
+
 def test_gene_scores_average_folds_that_share_their_genes():
     """Folds with the same gene list (a gene-list file) are still scored apart, then averaged."""
     g = np.random.default_rng(0)
@@ -211,7 +261,7 @@ def test_gene_scores_average_folds_that_share_their_genes():
         folds.append(f"fold_{fold}")
         for k, name in enumerate("ab"):
             want[name].append(np.corrcoef(pred[:, k], true[:, k])[0, 1])
-    scores = plots.gene_scores(files, folds)
+    scores = plots.gene_scores(plots.fold_gene_scores(files, folds))
     assert scores == pytest.approx({name: np.mean(v) for name, v in want.items()}, abs=1e-12)
 
 

@@ -62,6 +62,71 @@ def test_exclude_training_names_a_slide_every_model_trained_on(run, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
+def cache_log1p(path, genes) -> np.ndarray:
+    """log1p of a cache's counts for `genes`, read with h5py alone: the reference for `true`."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        names = [g.decode() if isinstance(g, bytes) else str(g) for g in f["genes"][()]]
+        return np.log1p(f["counts"][()][:, [names.index(g) for g in genes]].astype(np.float64))
+
+
+@pytest.mark.parametrize("options, layers, models", [
+    ([], {"std", "true"}, 2),                             # the ensemble: the fold models' spread
+    (["--exclude-training"], {"true"}, 1),                # one model per slide: no spread
+    (["--exclude-training", "--mc", "2"], {"std", "true"}, 1),  # dropout passes: a spread again
+    (["--fold", "0"], {"true"}, 1),
+])
+def test_anndata_holds_the_layers_readme_names_on_every_command_path(run, tmp_path, options, layers,
+                                                                     models):
+    """README: X the prediction, layers `std` where there is a spread and `true` for slides with
+    counts (here: every slide; its measured log1p counts), obs index the barcodes, var index the
+    genes."""
+    ad = pytest.importorskip("anndata")
+    out = tmp_path / "p"
+    r = predict_cli("--run", run, "--slides", slides_of(run), "--out", out, "--format", "h5",
+                    "h5ad", *options, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    tested = fold_tests(run)
+    for path in sorted(out.glob("*.h5ad")):
+        a = ad.read_h5ad(path)
+        assert set(a.layers) == layers, (options, path.name)
+        assert a.X.min() >= 0                                  # log1p targets: no value below 0
+        genes = list(a.var_names)
+        want = cache_log1p(slides_of(run) / f"{path.stem}.h5", genes)
+        np.testing.assert_allclose(a.layers["true"], want, rtol=1e-6)
+        h5 = files.read_predictions(path.with_suffix(".h5"))
+        assert h5["genes"] == genes and list(a.obs_names) == h5["barcodes"].tolist()
+        np.testing.assert_array_equal(h5["true"], a.layers["true"])
+        np.testing.assert_array_equal(h5["pred"], a.X)
+        if "std" in layers:
+            assert (a.layers["std"] > 0).any()
+        if models == 1:                                        # a test slide's own fold, or fold 0
+            fold = 0 if "--fold" in options else next(k for k, s in tested.items()
+                                                      if path.stem in s)
+            assert a.uns["tessera"]["fold"] == str(fold)
+            seen = "--fold" in options and path.stem not in tested[0]
+            assert a.obs["in_training"].all() == seen
+
+
+def test_predict_names_the_fold_whose_model_fell_back_to_its_ridge(run, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A slide unlike the training slides of one fold model (model.ood_fallback) is named with that
+    fold."""
+    load = predict.load_fold_models
+
+    def one_unlike(run_dir, device="cpu", folds=None):
+        models = load(run_dir, device, folds)
+        models[1][0].unlike_training = lambda features: True   # fold 1's model: every slide
+        return models
+
+    monkeypatch.setattr(predict, "load_fold_models", one_unlike)
+    predict.main(["--run", str(run), "--slides", str(slides_of(run)), "--out", str(tmp_path / "p")])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith(str(tmp_path / "p"))]
+    assert len(lines) == 4
+    said = "unlike the training slides of fold 1: predicted there by the spatial ridge alone"
+    assert all(said in x for x in lines)
+
+
 def test_predict_takes_the_runs_threads_unless_told(run, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
@@ -134,7 +199,8 @@ def test_plot_names_genes_a_slide_lacks_and_fails_when_nothing_is_drawn(run, cap
     plots.plot_run(run, genes=[only0])
     err = capsys.readouterr().err
     lacking = sorted(p.stem for p in (run / "fold_1" / "pred").glob("*.h5"))
-    assert len(err.strip().splitlines()) == len(lacking) and all(s in err and only0 in err for s in lacking)
+    assert err.strip() == ("plots.py plot: not drawn where a slide's fold chose other genes: "
+                           f"{only0} not on {', '.join(lacking)}")  # one line, whatever the slides
     with pytest.raises(SystemExit) as e:
         plots.main(["plot", str(run), "--slide", lacking[0], "--genes", only0])
     assert e.value.code != 0

@@ -246,3 +246,99 @@ def test_the_trace_counts_the_lines_of_every_function_entered(tmp_path):
     # read: f's lines 4-10 but the blank 6 (6 lines) and h's 18-19 (2); ran: 7, 8 and 19.
     # The module body, g, the comment after f and tests/t.py are not counted.
     assert rows == {"m.py": (3, 6 + 2)}
+
+
+# ---- what README says about files, pictures and printed lines ------------------------------------
+def readme_text() -> str:
+    """README.md and the pages under docs/ it links: a claim may sit on either."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(p.read_text() for p in pages)
+
+
+def test_every_output_folder_of_the_readme_is_ignored_by_git():
+    """Folders the README's commands write (runs/, caches/, predictions/, data/) never show as
+    changes."""
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    outs = {"runs"}                                                   # run.dir's default
+    for cmd in documented_commands():
+        args = shlex.split(cmd)
+        outs |= {args[i + 1].split("/")[0] for i, a in enumerate(args[:-1]) if a == "--out"}
+        outs |= {a.split("=", 1)[1].split("/")[0] for a in args if a.startswith("data.root=")}
+    assert outs >= {"runs", "caches", "predictions", "data"} and outs <= ignored, outs - ignored
+
+
+def test_the_readme_states_what_the_files_and_pictures_hold():
+    """The phrases the tests of the files check (test_predict, test_plots, test_eval) are README's
+    own."""
+    text = " ".join(readme_text().split())
+    for phrase in ["layers `std` where there is a spread", "`true` for slides with counts",
+                   'says "one model: no spread"',
+                   "its dashed line is the `pcc_gene` of `results.md`",
+                   "`--shared-genes` scores every run on the genes all of them predicted in each "
+                   "fold",
+                   "is named, with the slides, in one line", "raised to 0 as it is made",
+                   "in one line how many sections of `--st` it skipped"]:
+        assert phrase in text, phrase
+
+
+def her2st_run(cwd, *args):
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"{args}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_the_her2st_commands_give_what_readme_says(shared_data, tmp_path):
+    """README's her2st path (embed, import-hest, tessera.yaml and ridge_spatial.yaml on two folds,
+    eval, predict out of fold as AnnData, plots): the printed lines, the files and the figures it
+    states."""
+    import json
+    her2st, py = shared_data / "her2st", lambda name: ROOT / name  # noqa: E731
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    her2st_run(tmp_path, py("hest.py"), "embed", "--patches", her2st / "patches", "--out",
+               "caches/her2st_features")
+    r = her2st_run(tmp_path, py("hest.py"), "import-hest", "--st", her2st / "st", "--features",
+                   "caches/her2st_features", "--meta", her2st / "metadata.csv", "--out",
+                   "caches/her2st")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"import-hest: skipped 30 of the 36 sections of {her2st / 'st'}: no "
+                               "embedding file")
+    assert "30 of them have no H&E image" in lines[0]
+    assert [x.split(":")[0] for x in lines[1:]] == ["B4", "C2", "C3", "C4", "C5", "C6"]
+    assert all(" spots matched, 0 only in st, 0 only in features; " in x for x in lines[1:])
+    common = ["data.root=caches/her2st", "data.folds=2", "train.epochs=1"]
+    her2st_run(tmp_path, py("train.py"), "configs/tessera.yaml", *common, "run.name=her2st-tessera")
+    her2st_run(tmp_path, py("train.py"), "configs/ridge_spatial.yaml", *common,
+               "run.name=her2st-ridge-spatial")
+    run = tmp_path / "runs" / "her2st-tessera"
+    for name in ["config.yaml", "log.txt", "results.json", "per_gene.csv", "results.md"]:
+        assert (run / name).is_file(), name
+    for k in (0, 1):
+        assert (run / f"fold_{k}" / "model.pt").is_file()
+        assert list((run / f"fold_{k}" / "pred").glob("*.h5"))
+    # README: on this split tessera.yaml gives the ridge's figures (every test slide falls back)
+    said = re.search(r"`tessera.yaml` gives the ridge's `pcc_gene` ([0-9.]+) with `r2_flat` "
+                     r"([0-9.]+)", " ".join(readme_text().split()))
+    results = json.loads((run / "results.json").read_text())
+    for metric, value in zip(["pcc_gene", "r2_flat"], said.groups()):
+        assert f"{results['metrics'][metric]['mean']:.{len(value.split('.')[1])}f}" == value, metric
+    ridge = json.loads((tmp_path / "runs" / "her2st-ridge-spatial" / "results.json").read_text())
+    assert ridge["metrics"]["pcc_gene"] == results["metrics"]["pcc_gene"]
+    r = her2st_run(tmp_path, py("eval.py"), "runs/her2st-tessera", "runs/her2st-ridge-spatial")
+    assert "warning" not in r.stderr and "| her2st-tessera | 2 | " in r.stdout
+    # out of fold, as AnnData: X and `true` (every section has counts), no `std` (one model a slide)
+    her2st_run(tmp_path, py("predict.py"), "--run", "runs/her2st-tessera", "--slides",
+               "caches/her2st", "--out", "predictions/her2st", "--exclude-training", "--format",
+               "h5", "h5ad")
+    import h5py
+    for p in sorted((tmp_path / "predictions" / "her2st").glob("*.h5ad")):
+        with h5py.File(p) as f:
+            assert set(f["layers"]) == {"true"} and f["X"][()].min() >= 0, p.name
+    pytest.importorskip("matplotlib")
+    r = her2st_run(tmp_path, py("plots.py"), "plot", "runs/her2st-tessera", "--top", "1")
+    assert len(r.stderr.strip().splitlines()) <= 1
+    from PIL import Image
+    with Image.open(run / "plots" / "pcc_hist.png") as im:
+        mean = results["metrics"]["pcc_gene"]["mean"]
+        assert f"pcc_gene {mean:.4f} " in im.text["Description"]
