@@ -148,31 +148,45 @@ SITES = site_sets()
 
 
 # ---- default_unit ----------------------------------------------------------------------------------------
-def ref_unit(xy):
-    p = xy.numpy()
+def ref_median_nn(xy, queries):
+    """Median over the sampled spots (every k-th, k = N // queries, all spots when N <= queries) of the
+    distance to the nearest other spot, by numpy over all pairs."""
+    p = xy.double().numpy()
     d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
     np.fill_diagonal(d, np.inf)
-    return float(np.median(d.min(1))) / 1.8
+    return float(np.median(d.min(1)[::max(1, len(p) // queries)]))
 
 
-@pytest.mark.parametrize("name", ["visium", "visium_jittered", "square_holes", "hd", "clustered", "line", "outliers",
-                                  "full_hex"])
-def test_default_unit_is_median_nn_over_1_8(name, monkeypatch):
-    if name == "full_hex":  # packed denser than one spot per pitch^2: the first grid is too fine, h doubles
+@pytest.mark.parametrize("name", ["visium", "visium_jittered", "square_holes", "hd", "clustered", "line",
+                                  "outliers", "full_hex"])
+def test_default_unit_is_median_nn_over_1_8(name):
+    if name == "full_hex":  # packed denser than one spot per pitch^2
         i, j = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
         xy = torch.tensor(np.stack([j.ravel() + (i.ravel() % 2) / 2, i.ravel() * math.sqrt(3) / 2], 1) * 100.0)
         xy = xy + torch.rand(xy.shape, dtype=torch.float64)
     elif name == "line":
         xy = torch.tensor(np.stack([np.sort(np.random.rand(300)) * 1e4, np.zeros(300)], 1))
-    elif name == "outliers":  # far-away spots must not make the cells coarse (or the answer wrong)
+    elif name == "outliers":  # far-away spots must not change the answer
         xy, _ = layout("hd")
         xy = torch.cat([xy, torch.tensor([[1e5, 3e5], [-4e5, 2e4], [1e5 + 40.0, 3e5]], dtype=torch.float64)])
     else:
         xy, _ = layout(name)
-    assert lattice.default_unit(xy) == pytest.approx(ref_unit(xy), rel=1e-9)
-    monkeypatch.setattr(lattice, "_CHUNK", 300)  # tiny batches: the batching gives the same answer
-    assert lattice.default_unit(xy) == pytest.approx(ref_unit(xy), rel=1e-9)
-    assert lattice.default_unit(xy.float()) == pytest.approx(ref_unit(xy.float().double()), rel=1e-6)
+    assert lattice.default_unit(xy) == pytest.approx(ref_median_nn(xy, 1024) / 1.8, rel=1e-9)
+    for queries in (1, 7, 100, 10 ** 6):  # every k-th spot: the sample's median, not all spots'
+        want = ref_median_nn(xy, queries)
+        assert lattice.median_nn_distance(xy, queries) == pytest.approx(want, rel=1e-9), queries
+        want32 = ref_median_nn(xy.float().double(), queries)   # float32 input: its own rounding
+        assert lattice.median_nn_distance(xy.float(), queries) == pytest.approx(want32, rel=1e-9)
+    assert lattice.median_nn_distance(xy, 10 ** 6) == pytest.approx(ref_median_nn(xy, len(xy)), rel=1e-9)
+
+
+def test_median_nn_distance_samples_every_kth_spot():
+    """Spots 0, 3, 6, ... sit 1 um from a partner, the others 5 um: with k = 3 only the 1's count."""
+    xy = torch.tensor([[100.0 * n, 0.0] for n in range(30)] + [[100.0 * n, 5.0] for n in range(30)])
+    xy[0:30:3, 1] += 4.0                                      # spots 0, 3, ... 27: 1 um from their partner
+    assert lattice.median_nn_distance(xy, 60) == pytest.approx(5.0)   # all 60: 40 of them at 5
+    assert lattice.median_nn_distance(xy, 20) == pytest.approx(1.0)   # k = 3: spots 0, 3, ..., 57
+    assert lattice.median_nn_distance(xy, 20) == pytest.approx(ref_median_nn(xy, 20))
 
 
 def test_default_unit_visium_pitch_and_degenerate_inputs():
@@ -248,17 +262,65 @@ def test_to_lattice_two_spots_at_one_point():
 
 
 # ---- windows ---------------------------------------------------------------------------------------------
-def test_slot_offsets_and_relative_index_match_loops():
+def all_offsets(w):
+    """Every lattice offset two tokens of one 2w x 2w window can have, row-major: (di, dj), each in
+    [-(2w - 1), 2w - 1]; HiST eq. (3)'s table b(di, dj) has one entry per offset, in this order."""
+    r = range(-(2 * w - 1), 2 * w)
+    return [(di, dj) for di in r for dj in r]
+
+
+def test_slot_offsets_and_offset_index_match_loops():
     for w in (1, 2, 3, 4):
         side = 2 * w
         assert lattice.slot_offsets(w).tolist() == [[s // side, s % side] for s in range(side * side)]
-        idx = lattice.relative_index(w)
-        assert idx.shape == (side * side, side * side)
-        for a in range(side * side):
-            for b in range(side * side):
-                (ia, ja), (ib, jb) = divmod(a, side), divmod(b, side)
-                assert idx[a, b] == (ia - ib + 2 * w - 1) * (4 * w - 1) + (ja - jb + 2 * w - 1)
-        assert idx.min() == 0 and idx.max() == (4 * w - 1) ** 2 - 1
+        offsets = all_offsets(w)
+        assert len(offsets) == (4 * w - 1) ** 2
+        got = lattice.offset_index(torch.tensor(offsets), w)
+        assert got.tolist() == list(range(len(offsets)))   # entry n of the table is offset n
+        lo, hi = -(2 * w - 1), 2 * w - 1                     # outside the window: the nearest offset
+        outside = [(di, dj) for di in range(lo - 3, hi + 4) for dj in range(lo - 3, hi + 4)]
+        want = [offsets.index((min(max(di, lo), hi), min(max(dj, lo), hi))) for di, dj in outside]
+        assert lattice.offset_index(torch.tensor(outside), w).tolist() == want
+        assert lattice.offset_index(torch.tensor(offsets).view(7, -1, 2)
+                                    if len(offsets) % 7 == 0 else torch.tensor(offsets)[None], w).numel() \
+            == len(offsets)                                  # any leading shape
+
+
+def window_of(site, w, shift):
+    """(window (I, J), row-major slot) of a site in the standard (shift False) or shifted partition."""
+    i, j = (site[0] + w, site[1] + w) if shift else site
+    return (i // (2 * w), j // (2 * w)), (i % (2 * w)) * 2 * w + j % (2 * w)
+
+
+def ref_windows(sites, w, shift):
+    """{window (I, J): {slot: token}} by grouping the sites one by one."""
+    windows = {}
+    for n, site in enumerate(sites.tolist()):
+        key, slot = window_of(site, w, shift)
+        windows.setdefault(key, {})[slot] = n
+    return windows
+
+
+def ref_rulebook(sites, w, shift):
+    windows = ref_windows(sites, w, shift)
+    book = torch.full((len(windows), 4 * w * w), -1, dtype=torch.long)
+    for r, key in enumerate(sorted(windows)):
+        for slot, n in windows[key].items():
+            book[r, slot] = n
+    return book, sorted(windows)
+
+
+def ref_neighbours(sites, w):
+    """HiST eq. (2)'s keys of every token, by definition: the tokens that share its standard window or
+    its shifted window (itself included)."""
+    groups = {}
+    of = [[] for _ in range(len(sites))]
+    for n, site in enumerate(sites.tolist()):
+        for shift in (False, True):
+            key = (shift, window_of(site, w, shift)[0])
+            groups.setdefault(key, []).append(n)
+            of[n].append(key)
+    return [set(groups[of[n][0]]) | set(groups[of[n][1]]) for n in range(len(sites))]
 
 
 @pytest.mark.parametrize("name", list(SITES))
@@ -266,28 +328,76 @@ def test_window_rulebook_equals_brute_force_grouping(name):
     sites = SITES[name]
     for w in (1, 2, 3):
         for shift in (False, True):
-            book = lattice.window_rulebook(sites, w, shift=shift)
-            assert torch.equal(book, ref_rulebook(sites, w, shift)), (name, w, shift)
+            book, keys = lattice.window_rulebook(sites, w, shift=shift)
+            want, windows = ref_rulebook(sites, w, shift)
+            assert torch.equal(book, want), (name, w, shift)
             assert torch.equal(book[book >= 0].sort().values, torch.arange(len(sites)))
+            assert keys.shape == (len(book),) and (keys[1:] > keys[:-1]).all()   # sorted, distinct
+            assert torch.equal(keys, lattice._key(torch.tensor(windows).view(-1, 2)))
 
 
-@pytest.mark.parametrize("name", ["visium", "hd", "clustered", "single"])
-@pytest.mark.parametrize("max_pairs", [1, 50, 8192])
-def test_window_batches_regroup_every_window_once(name, max_pairs):
-    """Every non-empty window appears in exactly one batch, as its tokens and their slots in slot order;
-    all windows of a batch hold the same number of tokens c; a batch holds <= max_pairs pairs unless it
-    is one window."""
-    w = 2
-    book = lattice.window_rulebook(SITES[name], w)
-    want = sorted(tuple(row[row >= 0].tolist()) for row in book if (row >= 0).any())
-    slot_of = {t: s for row in book.tolist() for s, t in enumerate(row) if t >= 0}
-    got = []
-    for tokens, slots in lattice.window_batches(book, max_pairs=max_pairs):
-        n, c = tokens.shape
-        assert c > 0 and (tokens >= 0).all() and (n == 1 or n * c * c <= max_pairs)
-        assert slots.tolist() == [[slot_of[t] for t in row] for row in tokens.tolist()]
-        got += [tuple(row) for row in tokens.tolist()]
-    assert sorted(got) == want
+def ref_union_rulebook(sites, w):
+    """(W, 4S) by definition: for the standard window (I, J), the shifted windows (I + a, J + b), a, b in
+    {0, 1}, in that order, each as its S slots (-1 where empty or where the window holds no token)."""
+    S = 4 * w * w
+    standard, shifted = ref_windows(sites, w, False), ref_windows(sites, w, True)
+    book = torch.full((len(standard), 4 * S), -1, dtype=torch.long)
+    for r, (I, J) in enumerate(sorted(standard)):
+        for part, (a, b) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            for slot, n in shifted.get((I + a, J + b), {}).items():
+                book[r, part * S + slot] = n
+    return book
+
+
+@pytest.mark.parametrize("name", list(SITES))
+def test_union_rulebook_and_pairs_are_hist_eq2(name):
+    """Per standard window, the keys are the four overlapping shifted windows; with union_pairs' allowed
+    mask, each token's allowed keys are exactly the tokens sharing its standard or its shifted window
+    (each once), and union_pairs' offsets are the query's site minus the key's."""
+    sites = SITES[name]
+    for w in (1, 2, 3):
+        book, keys = lattice.window_rulebook(sites, w)
+        shifted, shifted_keys = lattice.window_rulebook(sites, w, shift=True)
+        union = lattice.union_rulebook(keys, shifted, shifted_keys)
+        assert torch.equal(union, ref_union_rulebook(sites, w)), (name, w)
+        allowed, offsets = lattice.union_pairs(w)
+        neighbours = ref_neighbours(sites, w)
+        seen = set()
+        for window in range(len(book)):
+            row = union[window]
+            for a, n in enumerate(book[window].tolist()):
+                if n < 0:
+                    continue
+                seen.add(n)
+                found = row[(row >= 0) & allowed[a]].tolist()
+                assert len(found) == len(set(found)) and set(found) == neighbours[n], (name, w, n)
+                filled = row >= 0
+                torch.testing.assert_close(offsets[a][filled], sites[n] - sites[row[filled]])
+        assert seen == set(range(len(sites)))
+
+
+def test_union_pairs_by_definition():
+    """Query slot a of a standard window and key slot r of union_rulebook's row (shifted window
+    (a', b') = divmod(r // S, 2), slot r % S), placed in the frame of the standard window: allowed
+    when the key lies in the standard window itself or in the query's own shifted window."""
+    for w in (1, 2, 3):
+        S, side = 4 * w * w, 2 * w
+        allowed, offsets = lattice.union_pairs(w)
+        assert allowed.shape == (S, 4 * S) and offsets.shape == (S, 4 * S, 2)
+        for a in range(S):
+            qi, qj = divmod(a, side)
+            own = ((qi + w) // side, (qj + w) // side)        # shifted window of the query, 0 or 1 each
+            for r in range(4 * S):
+                part, slot = divmod(r, S)
+                ki, kj = side * (part // 2) - w + slot // side, side * (part % 2) - w + slot % side
+                in_standard = 0 <= ki < side and 0 <= kj < side
+                assert bool(allowed[a, r]) == (in_standard or (part // 2, part % 2) == own), (w, a, r)
+                assert offsets[a, r].tolist() == [qi - ki, qj - kj]
+        assert (allowed.sum(1) > 0).all()
+        same, pairs = lattice.window_pairs(w)
+        assert same.all() and same.shape == (S, S)
+        assert pairs.tolist() == [[[a // side - b // side, a % side - b % side] for b in range(S)]
+                                  for a in range(S)]
 
 
 @pytest.mark.parametrize("name", list(SITES))
@@ -301,23 +411,21 @@ def test_coarsen_equals_brute_force(name):
 @pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "far_apart", "single"])
 def test_build_pyramid_is_repeated_coarsening(name):
     sites, w = SITES[name], 2
-    pyr = lattice.build_pyramid(sites, 4, w)
-    assert len(pyr.levels) == 4 and pyr.w == w
-    for l, level in enumerate(pyr.levels):
+    levels = lattice.build_pyramid(sites, 4, w)
+    assert len(levels) == 4
+    for l, level in enumerate(levels):
+        assert isinstance(level, lattice.Level) and level.cache == {}
         assert torch.equal(level.sites, sites)
-        assert torch.equal(level.rulebook, ref_rulebook(sites, w, False))
-        assert torch.equal(level.rulebook_shifted, ref_rulebook(sites, w, True))
+        assert torch.equal(level.windows, ref_rulebook(sites, w, False)[0])
+        assert torch.equal(level.shifted, ref_rulebook(sites, w, True)[0])
+        assert torch.equal(level.union, ref_union_rulebook(sites, w))
         if l == 3:
             assert level.parent is None and level.slot is None
             break
         parent_sites, parent, slot = ref_coarsen(sites)
         assert torch.equal(level.parent, parent) and torch.equal(level.slot, slot)
         sites = parent_sites
-    for level in pyr.levels:  # the window batches are those of the level's rulebooks
-        for got, want in ((level.batches, level.rulebook), (level.batches_shifted, level.rulebook_shifted)):
-            expected = lattice.window_batches(want)
-            assert len(got) == len(expected)
-            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+    assert levels[0].cache is not levels[1].cache
 
 
 @pytest.mark.parametrize("name", list(SITES))
