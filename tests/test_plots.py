@@ -1,5 +1,6 @@
-"""plots.py: one spot's attention against the dense signed_weights matrix built here by loops over the
+"""plots.py: one spot's attention against the dense matrix of signed weights built here by loops over the
 windows / neighbours / all pairs, and against the module's own output; maps and figures on a tiny run."""
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,6 @@ import files
 import predict
 import plots
 import test_eval
-from attention import signed_weights
 from model import ModelConfig, build_model
 from test_eval import ROOT
 
@@ -25,6 +25,9 @@ CONFIGS = {  # every attention mode and bias, signed and not, at the spot level 
                                                             local_blocks=1, depths=[1, 1], decoder_depths=[1]),
     "window alibi (unsigned)": dict(attention="window", bias="alibi", coarse_attention="same",
                                     depths=[1, 1], decoder_depths=[1]),
+    "union windows rpb (signed), reference kernels": dict(attention="window", windows="union", bias="rpb",
+                                                          signed=True, coarse_attention="same", depths=[1, 1],
+                                                          decoder_depths=[1], kernels="reference"),
     "knn alibi at every level (signed)": dict(attention="knn", bias="alibi", signed=True, depths=[1, 1],
                                               decoder_depths=[1], coarse_attention="same"),
     "full, one level, no bias (signed)": dict(attention="full", bias="none", signed=True, depths=[1],
@@ -44,30 +47,41 @@ def hex_slide(n_side=11, pseudo=True, seed=0):
 
 
 def dense_reference(module, x, level, knn_index):
-    """The (H, n, n) signed weight matrix of every query over every token, built by explicit loops over
-    the allowed pairs: windows of both partitions, k-NN lists, or all pairs; bias by definition."""
-    n, H = x.shape[0], module.heads
+    """The (H, n, n) signed weight matrix of every query over every token, built by explicit loops over the
+    allowed pairs (windows of both partitions: split, a half of the heads each, or union, HiST eq. (2), every
+    head both; k-NN lists; all pairs), the bias of each pair by definition from its lattice offset, and the
+    softmaxes by hand."""
+    n, H, w = x.shape[0], module.heads, module.w
     q, k, _ = module.qkv(x).double().view(n, 3, H, -1).unbind(1)
     allowed = torch.zeros(H, n, n, dtype=torch.bool)
-    bias = torch.zeros(H, n, n, dtype=torch.float64)
     sites = level.sites.double()
     if module.mode == "window":
-        table = (module.rpb() if module.bias == "rpb" else module.alibi).double()
-        for heads, rulebook in ((range(0, H // 2), level.rulebook), (range(H // 2, H), level.rulebook_shifted)):
+        split = module.windows == "split"
+        for heads, rulebook in ((range(0, H // 2) if split else range(H), level.windows),
+                                (range(H // 2, H) if split else range(H), level.shifted)):
             for row in rulebook.tolist():
-                for a, ta in enumerate(row):
-                    for b, tb in enumerate(row):
-                        if ta >= 0 and tb >= 0:
-                            for h in heads:
-                                allowed[h, ta, tb], bias[h, ta, tb] = True, table[h, a, b]
+                tokens = [t for t in row if t >= 0]
+                for ta in tokens:
+                    for tb in tokens:
+                        allowed[list(heads), ta, tb] = True
     else:
         for i in range(n):
-            for j in (knn_index[i].tolist() if module.mode == "knn" else range(n)):
-                allowed[:, i, j] = True
-                if module.bias == "alibi":
-                    dist = ((sites[i, 0] - sites[j, 0]) ** 2 + (sites[i, 1] - sites[j, 1]) ** 2) ** 0.5
-                    bias[:, i, j] = -module.slopes.double() * dist
-    return signed_weights(q.transpose(0, 1), k.transpose(0, 1), bias, allowed, module.beta, module.tau)
+            allowed[:, i, knn_index[i] if module.mode == "knn" else slice(None)] = True
+    bias = torch.zeros(H, n, n, dtype=torch.float64)
+    r = range(-(2 * w - 1), 2 * w)
+    entry = {o: e for e, o in enumerate((di, dj) for di in r for dj in r)}  # HiST eq. (3)'s b(di, dj)
+    for i, j in allowed.any(0).nonzero().tolist():
+        offset = sites[i] - sites[j]
+        if module.bias.kind == "rpb":
+            bias[:, i, j] = module.bias.table[:, entry[tuple(int(o) for o in offset)]].double()
+        elif module.bias.kind == "alibi":
+            bias[:, i, j] = -module.bias.slopes.double() * math.hypot(*offset.tolist())
+    s = q.transpose(0, 1) @ k.transpose(0, 1).transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, n, n)
+
+    def softmax(z):  # over the allowed keys of each row, by hand
+        e = torch.where(allowed, torch.exp(z - z.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)), 0)
+        return e / e.sum(-1, keepdim=True)
+    return softmax(s + bias) - module.beta * softmax((bias - s) / module.tau)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -84,7 +98,7 @@ def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_module
             module, x, level, knn_index = r["captured"]
             # the captured input is what the module reads (h of all rows) in a forward (a hook of this test)
             seen = []
-            handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0](slice(None)), out)))
+            handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
             model.requires_grad_(False)  # grad mode without a graph: the blocks call the module itself
             with torch.enable_grad():
                 model(slide.features, slide.coords, slide.pseudo_features if cfg.local_blocks else None,
