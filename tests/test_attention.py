@@ -1,6 +1,7 @@
-"""attention.py, the reference path, against slow, obviously-correct references written here: loops over
-queries, the allowed pairs listed from their definitions (sites grouped into windows with dicts), softmax
-by hand, float64, on random inputs. kernels.py's fast forms are held equal to these in test_kernels.py."""
+"""attention.py, the reference path, against slow, obviously-correct references written here: loops
+over queries, the allowed pairs listed from their definitions (sites grouped into windows with
+dicts), softmax by hand, float64, on random inputs. kernels.py's fast forms are held equal to these
+in test_kernels.py."""
 import math
 
 import pytest
@@ -8,14 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import lattice
-from attention import (GlobalAttention, PairBias, SpotAttention, alibi_slopes, attend, distance_bias,
-                       full_attention, knn, knn_attention, signed_softmax, window_attention)
+from attention import (GlobalAttention, PairBias, SpotAttention, alibi_slopes, attend,
+                       distance_bias, full_attention, knn, knn_attention, signed_softmax,
+                       window_attention)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-# ---- references ------------------------------------------------------------------------------------
+# ---- references ----------------------------------------------------------------------------------
 def softmax_by_hand(x):
     """1-D float64: exp(x - max) / sum."""
     e = torch.exp(x - x.max())
@@ -23,20 +25,22 @@ def softmax_by_hand(x):
 
 
 def ref_weights(s, bias, beta=0.0, tau=1.0):
-    """FEAST's signed weights of one query over its allowed keys: scores s (m,), bias (m,), float64."""
+    """FEAST's signed weights of one query over its allowed keys: scores s (m,), bias (m,),
+    float64."""
     s, bias = s.double(), bias.double()
     return softmax_by_hand(s + bias) - beta * softmax_by_hand((bias - s) / tau)
 
 
 def ref_row(q, keys, values, bias, beta=0.0, tau=1.0):
-    """One query q (D,) over its allowed keys (m, D), values (m, Dv), bias (m,) -> (Dv,) in float64."""
+    """One query q (D,) over its allowed keys (m, D), values (m, Dv), bias (m,) -> (Dv,),
+    float64."""
     s = keys.double() @ q.double() / math.sqrt(q.shape[0])
     return ref_weights(s, bias, beta, tau) @ values.double()
 
 
 def random_sites(n, side, seed=0):
-    """n distinct sites in a side x side square (about half full: empty slots in most windows) and one
-    isolated site far away (a window of one token)."""
+    """n distinct sites in a side x side square (about half full: empty slots in most windows) and
+    one isolated site far away (a window of one token)."""
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(side * side, generator=g)[:n]
     sites = torch.stack([flat // side, flat % side], 1)
@@ -50,7 +54,7 @@ def window_of(site, w, shift):
 
 
 def window_neighbours(sites, w, shift):
-    """For every token, the tokens of its window (itself included), by grouping the sites in a dict."""
+    """For every token, the tokens of its window (itself included), the sites grouped in a dict."""
     groups, key = {}, []
     for n, site in enumerate(sites.tolist()):
         key.append(window_of(site, w, shift)[0])
@@ -71,7 +75,8 @@ def all_offsets(w):
 
 
 def table_bias(table, w, sites, n, keys):
-    """Bias of query n over keys (list) of head table (E,): the entry of the offset site_n - site_key."""
+    """Bias of query n over keys (list) from one head's table (E,): the entry of the offset
+    site_n - site_key."""
     index = all_offsets(w)
     return torch.stack([table[index[tuple((sites[n] - sites[m]).tolist())]] for m in keys])
 
@@ -82,7 +87,7 @@ def slot_bias(bias_h, sites, w, shift, n, keys):
     return torch.stack([bias_h[slot(n), slot(m)] for m in keys])
 
 
-# ---- signed softmax and attend ------------------------------------------------------------------------
+# ---- signed softmax and attend -------------------------------------------------------------------
 @pytest.mark.parametrize("beta,tau", [(0.0, 1.0), (1.5, 0.6), (0.7, 2.0)])
 def test_signed_softmax_by_hand(beta, tau):
     s, bias = torch.randn(3, 6, 9, dtype=torch.float64), torch.randn(3, 6, 9, dtype=torch.float64)
@@ -101,8 +106,8 @@ def test_signed_softmax_by_hand(beta, tau):
     torch.testing.assert_close(got.sum(-1), torch.full((3, 6), 1 - beta, dtype=torch.float64))
     if beta:
         assert (got < 0).any()  # negative attention can inhibit
-    plain = torch.stack([torch.stack([ref_weights(s[h, i], torch.zeros(9), beta, tau) for i in range(6)])
-                         for h in range(3)])
+    plain = torch.stack([torch.stack([ref_weights(s[h, i], torch.zeros(9), beta, tau)
+                                      for i in range(6)]) for h in range(3)])
     torch.testing.assert_close(signed_softmax(s, None, None, beta, tau), plain)
 
 
@@ -120,7 +125,8 @@ def test_attend_matches_loops(beta, tau):
         for h in range(H):
             for i in range(Lq):
                 keys = mask[i].nonzero().flatten()
-                want = ref_row(q[b, h, i], k[b, h, keys], v[b, h, keys], bias[h, i, keys], beta, tau)
+                want = ref_row(q[b, h, i], k[b, h, keys], v[b, h, keys], bias[h, i, keys],
+                               beta, tau)
                 torch.testing.assert_close(out[b, h, i], want.float(), **TOL)
 
 
@@ -129,7 +135,8 @@ def test_attend_gradcheck():
     bias = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(4, 4) < 0.6
     mask[:, 1] = True
-    assert torch.autograd.gradcheck(lambda q, k, v, b: attend(q, k, v, b, mask, 1.5, 0.6), (q, k, v, bias))
+    fn = lambda q, k, v, b: attend(q, k, v, b, mask, 1.5, 0.6)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
 
 def test_attend_dropout_drops_weights_and_is_unbiased():
@@ -142,11 +149,12 @@ def test_attend_dropout_drops_weights_and_is_unbiased():
     kept = dropped != 0
     assert 0 < kept.sum() < kept.numel()
     torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p))
-    mean = torch.stack([attend(q, k, eye, beta=1.5, tau=0.6, dropout_p=p) for _ in range(4000)]).mean(0)
+    mean = torch.stack([attend(q, k, eye, beta=1.5, tau=0.6, dropout_p=p)
+                        for _ in range(4000)]).mean(0)
     torch.testing.assert_close(mean, weights, atol=0.05, rtol=0)
 
 
-# ---- biases --------------------------------------------------------------------------------------------
+# ---- biases --------------------------------------------------------------------------------------
 def test_alibi_slopes_follow_their_formulas():
     assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -h for h in range(1, 9)]))
     assert torch.allclose(alibi_slopes(2), torch.tensor([2.0 ** -4, 2.0 ** -8]))
@@ -194,8 +202,9 @@ def test_pair_bias_rpb_looks_up_the_table_by_offset(w):
 def test_pair_bias_alibi_and_none():
     offsets = torch.randint(-5, 6, (4, 9, 2))
     dist = offsets.double().pow(2).sum(-1).sqrt()
-    for slopes, groups, want in [("alibi", 1, alibi_slopes(4)), ("feast", 1, alibi_slopes(4, "feast")),
-                                 ("alibi", 2, alibi_slopes(2).repeat(2))]:  # split: each half every slope
+    for slopes, groups, want in [("alibi", 1, alibi_slopes(4)),
+                                 ("feast", 1, alibi_slopes(4, "feast")),
+                                 ("alibi", 2, alibi_slopes(2).repeat(2))]:  # split: each half all
         got = PairBias("alibi", 4, 3, slopes, groups)(offsets)
         assert got.shape == (4, 4, 9)
         for h in range(4):
@@ -204,7 +213,7 @@ def test_pair_bias_alibi_and_none():
     assert not list(PairBias("alibi", 4, 3).parameters())
 
 
-# ---- window attention ------------------------------------------------------------------------------
+# ---- window attention ----------------------------------------------------------------------------
 def ref_window(q, k, v, neighbours, bias_of, beta=0.0, tau=1.0):
     """q, k, v (N, H, D); neighbours[n]: the keys of query n; bias_of(h, n, keys) -> (m,). Loops."""
     N, H, _ = q.shape
@@ -230,8 +239,8 @@ def test_window_attention_in_one_partition(shift, beta):
     bias = torch.randn(H, S, S, dtype=torch.float64)
     near = window_neighbours(sites, w, shift)
     got = window_attention(q, k, v, book, book, bias, None, beta, 0.6)
-    want = ref_window(q, k, v, near, lambda h, n, keys: slot_bias(bias[h], sites, w, shift, n, keys),
-                      beta, 0.6)
+    by_slot = lambda h, n, keys: slot_bias(bias[h], sites, w, shift, n, keys)  # noqa: E731
+    want = ref_window(q, k, v, near, by_slot, beta, 0.6)
     torch.testing.assert_close(got, want)
     want = ref_window(q, k, v, near, lambda h, n, keys: torch.zeros(len(keys)), beta, 0.6)
     torch.testing.assert_close(window_attention(q, k, v, book, book, beta=beta, tau=0.6), want)
@@ -240,8 +249,9 @@ def test_window_attention_in_one_partition(shift, beta):
 @pytest.mark.parametrize("w", [1, 2, 3])
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 def test_window_attention_over_the_union_is_hist_eq2(w, beta):
-    """HiST eq. (2): every token attends, in one softmax, to the tokens sharing its standard window or
-    its shifted window, with the table entry of their lattice offset as bias; outputs and gradients."""
+    """HiST eq. (2): every token attends, in one softmax, to the tokens sharing its standard window
+    or its shifted window, with the table entry of their lattice offset as bias; outputs and
+    gradients."""
     H, D = 2, 3
     sites = random_sites(60, 11, seed=w)
     N = len(sites)
@@ -249,8 +259,8 @@ def test_window_attention_over_the_union_is_hist_eq2(w, beta):
     allowed, offsets = lattice.union_pairs(w)
     q, k, v = (torch.randn(N, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     table = torch.randn(H, (4 * w - 1) ** 2, dtype=torch.float64, requires_grad=True)
-    got = window_attention(q, k, v, level.windows, level.union, table[:, lattice.offset_index(offsets, w)],
-                           allowed, beta, 0.6)
+    bias = table[:, lattice.offset_index(offsets, w)]                     # (H, S, 4S)
+    got = window_attention(q, k, v, level.windows, level.union, bias, allowed, beta, 0.6)
     want = ref_window(q, k, v, union_neighbours(sites, w),
                       lambda h, n, keys: table_bias(table[h], w, sites, n, keys), beta, 0.6)
     torch.testing.assert_close(got, want)
@@ -260,10 +270,10 @@ def test_window_attention_over_the_union_is_hist_eq2(w, beta):
         torch.testing.assert_close(g, r)
 
 
-# ---- k-NN and full attention -------------------------------------------------------------------------
+# ---- k-NN and full attention ---------------------------------------------------------------------
 @pytest.mark.parametrize("integer", [True, False])
 def test_knn_equals_brute_force(integer):
-    xy = torch.randint(0, 12, (150, 2)) if integer else torch.rand(150, 2) * 12  # integers: many ties
+    xy = torch.randint(0, 12, (150, 2)) if integer else torch.rand(150, 2) * 12  # integers: ties
     xy_q = xy[:40] + (0 if integer else 0.3)
     for chunk in (None, 16):
         index = knn(xy_q, xy, 7, chunk=chunk)
@@ -315,17 +325,19 @@ def test_full_attention_chunked_equals_dense_loops(bias, beta):
     assert full_attention(q[:0], k[:0], v[:0], xy[:0], pair).shape == (0, H, D)
 
 
-# ---- SpotAttention ---------------------------------------------------------------------------------
+# ---- SpotAttention -------------------------------------------------------------------------------
 MODES = [("window", "split"), ("window", "union"), ("knn", "split"), ("full", "split")]
 
 
 def spot_reference(m, x, sites, knn_index):
-    """SpotAttention by definition with the module's own weights, float64: per query and head, the keys
-    of its mode (split windows: heads < H/2 their standard window, the others their shifted window;
-    union: HiST eq. (2); knn: knn_index; full: all) and the bias of the lattice offset query - key
-    (rpb: the head's table entry; alibi: -m_h * distance, split windows giving each half every slope)."""
+    """SpotAttention by definition with the module's own weights, float64: per query and head, the
+    keys of its mode (split windows: heads < H/2 their standard window, the others their shifted
+    window; union: HiST eq. (2); knn: knn_index; full: all) and the bias of the lattice offset
+    query - key (rpb: the head's table entry; alibi: -m_h * distance, split windows giving each
+    half of the heads every slope)."""
     N, H = x.shape[0], m.heads
-    q, k, v = (x.double() @ m.qkv.weight.double().T + m.qkv.bias.double()).view(N, 3, H, -1).unbind(1)
+    qkv = x.double() @ m.qkv.weight.double().T + m.qkv.bias.double()
+    q, k, v = qkv.view(N, 3, H, -1).unbind(1)
     split = m.mode == "window" and m.windows == "split"
     slopes = alibi_slopes(H // 2).repeat(2) if split else alibi_slopes(H)
     near = {"knn": lambda h: knn_index.tolist(), "full": lambda h: [list(range(N))] * N,
@@ -346,8 +358,9 @@ def spot_reference(m, x, sites, knn_index):
     return out.reshape(N, -1).float()
 
 
-@pytest.mark.parametrize("mode,windows,bias", [(m, w, b) for m, w in MODES for b in ("rpb", "alibi", "none")
-                                                if b != "rpb" or m == "window"])  # rpb: window offsets
+@pytest.mark.parametrize("mode,windows,bias", [(m, w, b) for m, w in MODES
+                                                for b in ("rpb", "alibi", "none")
+                                                if b != "rpb" or m == "window"])  # rpb: windows
 @pytest.mark.parametrize("signed", [False, True])
 def test_spot_attention_against_its_definition(mode, windows, bias, signed):
     w, H, dim = 2, 4, 16
@@ -369,10 +382,12 @@ def test_spot_attention_feast_slopes():
     m = SpotAttention(8, 2, "full", bias="alibi", signed=True, slopes="feast")
     x = torch.randn(len(sites), 8)
     N = len(sites)
-    q, k, v = (x.double() @ m.qkv.weight.double().T + m.qkv.bias.double()).view(N, 3, 2, -1).unbind(1)
+    qkv = x.double() @ m.qkv.weight.double().T + m.qkv.bias.double()
+    q, k, v = qkv.view(N, 3, 2, -1).unbind(1)
     want = torch.zeros(N, 2, 4, dtype=torch.float64)
     for n in range(N):
-        d = torch.tensor([math.dist(sites[n].tolist(), s) for s in sites.tolist()], dtype=torch.float64)
+        d = torch.tensor([math.dist(sites[n].tolist(), s) for s in sites.tolist()],
+                         dtype=torch.float64)
         for h in range(2):
             want[n, h] = ref_row(q[n, h], k[:, h], v[:, h], -d / 2 ** (h + 1), 1.5, 0.6)
     torch.testing.assert_close(m(x, level), want.view(N, -1).float(), **TOL)
@@ -418,19 +433,22 @@ def test_spot_attention_none_errors_and_old_checkpoints():
     with pytest.raises(ValueError, match="mode"):
         SpotAttention(8, 2, mode="dense")
     m = SpotAttention(8, 2, "window", 2, "rpb")
-    state = {k.replace("bias.table", "rpb.table"): torch.randn_like(t) for k, t in m.state_dict().items()}
+    state = {k.replace("bias.table", "rpb.table"): torch.randn_like(t)
+             for k, t in m.state_dict().items()}
     m.load_state_dict(state)  # a checkpoint from before the bias was one PairBias
     assert torch.equal(m.bias.table, state["rpb.table"])
 
 
-# ---- global tokens -------------------------------------------------------------------------------------
+# ---- global tokens -------------------------------------------------------------------------------
 def global_reference(m, x, tokens):
-    """Tokens attend over [spots if p2h; tokens if p2p] in one softmax, then the projection; spots attend
-    over the tokens (h2p). Loops, float64 -> (spots' read (N, dim), tokens' update (T, dim))."""
+    """Tokens attend over [spots if p2h; tokens if p2p] in one softmax, then the projection; spots
+    attend over the tokens (h2p). Loops, float64 -> (spots' read (N, dim), the tokens' update
+    (T, dim))."""
     lin = lambda layer, t: t.double() @ layer.weight.double().T + layer.bias.double()  # noqa: E731
     N, T, H, dim = x.shape[0], tokens.shape[0], m.heads, m.dim
     Dh = dim // H
-    x_out, update = torch.zeros(N, dim, dtype=torch.float64), torch.zeros(T, dim, dtype=torch.float64)
+    x_out = torch.zeros(N, dim, dtype=torch.float64)
+    update = torch.zeros(T, dim, dtype=torch.float64)
     if m.h2p:
         q, (k, v) = lin(m.q_spot, x), lin(m.kv_token, tokens).chunk(2, -1)
         for i in range(N):
