@@ -149,16 +149,16 @@ SITES = site_sets()
 
 # ---- default_unit ----------------------------------------------------------------------------------------
 def ref_median_nn(xy, queries):
-    """Median over the sampled spots (every k-th, k = N // queries, all spots when N <= queries) of the
-    distance to the nearest other spot, by numpy over all pairs."""
+    """Median over the sampled spots (every k-th, k = N // queries, all spots when N <= queries) of
+    the distance to the nearest other spot, by numpy over all pairs."""
     p = xy.double().numpy()
     d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
     np.fill_diagonal(d, np.inf)
     return float(np.median(d.min(1)[::max(1, len(p) // queries)]))
 
 
-@pytest.mark.parametrize("name", ["visium", "visium_jittered", "square_holes", "hd", "clustered", "line",
-                                  "outliers", "full_hex"])
+@pytest.mark.parametrize("name", ["visium", "visium_jittered", "square_holes", "hd", "clustered",
+                                  "line", "outliers", "full_hex"])
 def test_default_unit_is_median_nn_over_1_8(name):
     if name == "full_hex":  # packed denser than one spot per pitch^2
         i, j = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
@@ -177,13 +177,15 @@ def test_default_unit_is_median_nn_over_1_8(name):
         assert lattice.median_nn_distance(xy, queries) == pytest.approx(want, rel=1e-9), queries
         want32 = ref_median_nn(xy.float().double(), queries)   # float32 input: its own rounding
         assert lattice.median_nn_distance(xy.float(), queries) == pytest.approx(want32, rel=1e-9)
-    assert lattice.median_nn_distance(xy, 10 ** 6) == pytest.approx(ref_median_nn(xy, len(xy)), rel=1e-9)
+    every = ref_median_nn(xy, len(xy))
+    assert lattice.median_nn_distance(xy, 10 ** 6) == pytest.approx(every, rel=1e-9)
 
 
 def test_median_nn_distance_samples_every_kth_spot():
-    """Spots 0, 3, 6, ... sit 1 um from a partner, the others 5 um: with k = 3 only the 1's count."""
+    """Spots 0, 3, 6, ... sit 1 um from a partner, the others 5 um: with k = 3 only the 1's
+    count."""
     xy = torch.tensor([[100.0 * n, 0.0] for n in range(30)] + [[100.0 * n, 5.0] for n in range(30)])
-    xy[0:30:3, 1] += 4.0                                      # spots 0, 3, ... 27: 1 um from their partner
+    xy[0:30:3, 1] += 4.0                          # spots 0, 3, ... 27: 1 um from their partner
     assert lattice.median_nn_distance(xy, 60) == pytest.approx(5.0)   # all 60: 40 of them at 5
     assert lattice.median_nn_distance(xy, 20) == pytest.approx(1.0)   # k = 3: spots 0, 3, ..., 57
     assert lattice.median_nn_distance(xy, 20) == pytest.approx(ref_median_nn(xy, 20))
@@ -277,7 +279,7 @@ def test_slot_offsets_and_offset_index_match_loops():
         assert len(offsets) == (4 * w - 1) ** 2
         got = lattice.offset_index(torch.tensor(offsets), w)
         assert got.tolist() == list(range(len(offsets)))   # entry n of the table is offset n
-        lo, hi = -(2 * w - 1), 2 * w - 1                     # outside the window: the nearest offset
+        lo, hi = -(2 * w - 1), 2 * w - 1             # outside the window: the nearest offset
         outside = [(di, dj) for di in range(lo - 3, hi + 4) for dj in range(lo - 3, hi + 4)]
         want = [offsets.index((min(max(di, lo), hi), min(max(dj, lo), hi))) for di, dj in outside]
         assert lattice.offset_index(torch.tensor(outside), w).tolist() == want
@@ -286,7 +288,8 @@ def test_slot_offsets_and_offset_index_match_loops():
 
 
 def window_of(site, w, shift):
-    """(window (I, J), row-major slot) of a site in the standard (shift False) or shifted partition."""
+    """(window (I, J), row-major slot) of a site in the standard (shift False) or shifted
+    partition."""
     i, j = (site[0] + w, site[1] + w) if shift else site
     return (i // (2 * w), j // (2 * w)), (i % (2 * w)) * 2 * w + j % (2 * w)
 
@@ -310,8 +313,8 @@ def ref_rulebook(sites, w, shift):
 
 
 def ref_neighbours(sites, w):
-    """HiST eq. (2)'s keys of every token, by definition: the tokens that share its standard window or
-    its shifted window (itself included)."""
+    """HiST eq. (2)'s keys of every token, by definition: the tokens that share its standard window
+    or its shifted window (itself included)."""
     groups = {}
     of = [[] for _ in range(len(sites))]
     for n, site in enumerate(sites.tolist()):
@@ -336,8 +339,9 @@ def test_window_rulebook_equals_brute_force_grouping(name):
 
 
 def ref_union_rulebook(sites, w):
-    """(W, 4S) by definition: for the standard window (I, J), the shifted windows (I + a, J + b), a, b in
-    {0, 1}, in that order, each as its S slots (-1 where empty or where the window holds no token)."""
+    """(W, 4S) by definition: for the standard window (I, J), the shifted windows (I + a, J + b), a,
+    b in {0, 1}, in that order, each as its S slots (-1 where empty or where the window holds no
+    token)."""
     S = 4 * w * w
     standard, shifted = ref_windows(sites, w, False), ref_windows(sites, w, True)
     book = torch.full((len(standard), 4 * S), -1, dtype=torch.long)
@@ -350,9 +354,9 @@ def ref_union_rulebook(sites, w):
 
 @pytest.mark.parametrize("name", list(SITES))
 def test_union_rulebook_and_pairs_are_hist_eq2(name):
-    """Per standard window, the keys are the four overlapping shifted windows; with union_pairs' allowed
-    mask, each token's allowed keys are exactly the tokens sharing its standard or its shifted window
-    (each once), and union_pairs' offsets are the query's site minus the key's."""
+    """Per standard window, the keys are the four overlapping shifted windows; with union_pairs'
+    allowed mask, each token's allowed keys are exactly the tokens sharing its standard or its
+    shifted window (each once), and union_pairs' offsets are the query's site minus the key's."""
     sites = SITES[name]
     for w in (1, 2, 3):
         book, keys = lattice.window_rulebook(sites, w)
@@ -385,12 +389,13 @@ def test_union_pairs_by_definition():
         assert allowed.shape == (S, 4 * S) and offsets.shape == (S, 4 * S, 2)
         for a in range(S):
             qi, qj = divmod(a, side)
-            own = ((qi + w) // side, (qj + w) // side)        # shifted window of the query, 0 or 1 each
+            own = ((qi + w) // side, (qj + w) // side)   # the query's shifted window: 0 or 1 each
             for r in range(4 * S):
                 part, slot = divmod(r, S)
                 ki, kj = side * (part // 2) - w + slot // side, side * (part % 2) - w + slot % side
                 in_standard = 0 <= ki < side and 0 <= kj < side
-                assert bool(allowed[a, r]) == (in_standard or (part // 2, part % 2) == own), (w, a, r)
+                in_own = (part // 2, part % 2) == own
+                assert bool(allowed[a, r]) == (in_standard or in_own), (w, a, r)
                 assert offsets[a, r].tolist() == [qi - ki, qj - kj]
         assert (allowed.sum(1) > 0).all()
         same, pairs = lattice.window_pairs(w)
