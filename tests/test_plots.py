@@ -1,5 +1,6 @@
-"""plots.py: one spot's attention against the dense matrix of signed weights built here by loops over the
-windows / neighbours / all pairs, and against the module's own output; maps and figures on a tiny run."""
+"""plots.py: one spot's attention against the dense matrix of signed weights built here by loops
+over the windows / neighbours / all pairs, and against the module's own output; maps and figures on
+a tiny run."""
 import math
 import subprocess
 import sys
@@ -25,9 +26,9 @@ CONFIGS = {  # every attention mode and bias, signed and not, at the spot level 
                                                             local_blocks=1, depths=[1, 1], decoder_depths=[1]),
     "window alibi (unsigned)": dict(attention="window", bias="alibi", coarse_attention="same",
                                     depths=[1, 1], decoder_depths=[1]),
-    "union windows rpb (signed), reference kernels": dict(attention="window", windows="union", bias="rpb",
-                                                          signed=True, coarse_attention="same", depths=[1, 1],
-                                                          decoder_depths=[1], kernels="reference"),
+    "union windows rpb (signed), reference kernels": dict(
+        attention="window", windows="union", bias="rpb", signed=True, coarse_attention="same",
+        depths=[1, 1], decoder_depths=[1], kernels="reference"),
     "knn alibi at every level (signed)": dict(attention="knn", bias="alibi", signed=True, depths=[1, 1],
                                               decoder_depths=[1], coarse_attention="same"),
     "full, one level, no bias (signed)": dict(attention="full", bias="none", signed=True, depths=[1],
@@ -47,10 +48,10 @@ def hex_slide(n_side=11, pseudo=True, seed=0):
 
 
 def dense_reference(module, x, level, knn_index):
-    """The (H, n, n) signed weight matrix of every query over every token, built by explicit loops over the
-    allowed pairs (windows of both partitions: split, a half of the heads each, or union, HiST eq. (2), every
-    head both; k-NN lists; all pairs), the bias of each pair by definition from its lattice offset, and the
-    softmaxes by hand."""
+    """The (H, n, n) signed weight matrix of every query over every token, built by explicit loops
+    over the allowed pairs (windows of both partitions: split, a half of the heads each, or union,
+    HiST eq. (2), every head both; k-NN lists; all pairs), the bias of each pair by definition from
+    its lattice offset, and the softmaxes by hand."""
     n, H, w = x.shape[0], module.heads, module.w
     q, k, _ = module.qkv(x).double().view(n, 3, H, -1).unbind(1)
     allowed = torch.zeros(H, n, n, dtype=torch.bool)
@@ -69,7 +70,7 @@ def dense_reference(module, x, level, knn_index):
             allowed[:, i, knn_index[i] if module.mode == "knn" else slice(None)] = True
     bias = torch.zeros(H, n, n, dtype=torch.float64)
     r = range(-(2 * w - 1), 2 * w)
-    entry = {o: e for e, o in enumerate((di, dj) for di in r for dj in r)}  # HiST eq. (3)'s b(di, dj)
+    entry = {o: e for e, o in enumerate((di, dj) for di in r for dj in r)}  # eq. (3)'s b(di, dj)
     for i, j in allowed.any(0).nonzero().tolist():
         offset = sites[i] - sites[j]
         if module.bias.kind == "rpb":
@@ -79,7 +80,8 @@ def dense_reference(module, x, level, knn_index):
     s = q.transpose(0, 1) @ k.transpose(0, 1).transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, n, n)
 
     def softmax(z):  # over the allowed keys of each row, by hand
-        e = torch.where(allowed, torch.exp(z - z.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)), 0)
+        top = z.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
+        e = torch.where(allowed, torch.exp(z - top), 0)
         return e / e.sum(-1, keepdim=True)
     return softmax(s + bias) - module.beta * softmax((bias - s) / module.tau)
 
