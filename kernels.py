@@ -333,7 +333,8 @@ def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, c
 def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, chunk=4096):
     """attention.full_attention through torch's fused scaled_dot_product_attention, in chunks of
     queries (peak O(chunk * N * H)). The negative branch is a second call: sdpa scales by
-    1 / sqrt(D) itself, so (-q / tau) k^T / sqrt(D) + B / tau = (B - S) / tau."""
+    1 / sqrt(D) itself, so (-q / tau) k^T / sqrt(D) + B / tau = (B - S) / tau. Signed with dropout
+    (training), the weights are formed explicitly: one mask drops each signed weight, as in attend."""
     kt, vt = k.transpose(0, 1), v.transpose(0, 1)                          # (H, N, D)
     out = q.new_empty(q.shape[0], *v.shape[1:])
     for start in range(0, q.shape[0], chunk):
@@ -341,10 +342,16 @@ def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0
         qc = q[rows].transpose(0, 1)                                       # (H, c, D)
         b = None if bias is None else bias(xy[rows, None, :] - xy[None, :, :])
         b = None if b is None else b.to(q.dtype)                           # (H, c, N)
+        if beta and dropout_p:  # one mask over the signed weights (two calls would draw two)
+            s = qc @ kt.transpose(-1, -2) / math.sqrt(qc.shape[-1])        # (H, c, N)
+            b = 0.0 if b is None else b
+            a = torch.softmax(s + b, -1) - beta * torch.softmax((b - s) / tau, -1)
+            out[rows] = (F.dropout(a, dropout_p) @ vt).transpose(0, 1)
+            continue
         o = F.scaled_dot_product_attention(qc, kt, vt, attn_mask=b, dropout_p=dropout_p)
         if beta:
             o = o - beta * F.scaled_dot_product_attention(
-                -qc / tau, kt, vt, attn_mask=None if b is None else b / tau, dropout_p=dropout_p)
+                -qc / tau, kt, vt, attn_mask=None if b is None else b / tau)
         out[rows] = o.transpose(0, 1)
     return out
 
