@@ -208,6 +208,29 @@ def test_full_attention_equals_reference(bias, beta, dtype):
                 lambda: attention.full_attention(*args), [q, k, v], dtype, "full")
 
 
+@pytest.mark.parametrize("kind", ["window", "knn", "full"])
+def test_dropout_drops_whole_signed_weights(kind):
+    """As attention.attend: one mask over the signed weights softmax(S + B) - beta softmax((B - S) /
+    tau). With the values an identity, the output is the weights: each entry is 0 or the weight
+    without dropout / (1 - p)."""
+    N, H, p = 24, 2, 0.3
+    level = lattice.build_pyramid(random_sites(N - 1, 6), 1, 1)[0]
+    q, k = (torch.randn(N, H, N, dtype=torch.float64) / 3 for _ in range(2))  # value width
+    eye = torch.eye(N, dtype=torch.float64)[:, None].expand(N, H, N)    # value of token j: e_j
+    index = knn(level.sites.float(), level.sites.float(), 5)
+    queries, keys, allowed = rulebooks(level, "union", 1)
+    bias = torch.randn(H, queries.shape[1], keys.shape[1], dtype=torch.float64)
+    pair = PairBias("alibi", H, 1).double()
+    run = {"window": lambda f, d: f(q, k, eye, queries, keys, bias, allowed, 1.5, 0.6, d),
+           "knn": lambda f, d: f(q, k, eye, index, None, 1.5, 0.6, d),
+           "full": lambda f, d: f(q, k, eye, level.sites.double(), pair, 1.5, 0.6, d)}[kind]
+    weights = run(getattr(attention, f"{kind}_attention"), 0.0)
+    dropped = run(getattr(kernels, f"{kind}_attention"), p)
+    kept = dropped != 0
+    assert 0 < kept.sum() < (weights != 0).sum()
+    torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p))
+
+
 # ---- the modules ---------------------------------------------------------------------------------
 def twins(module):
     """(reference, fast): the same weights, the fast flag off and on."""
