@@ -334,7 +334,7 @@ def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0
     """attention.full_attention through torch's fused scaled_dot_product_attention, in chunks of
     queries (peak O(chunk * N * H)). The negative branch is a second call: sdpa scales by
     1 / sqrt(D) itself, so (-q / tau) k^T / sqrt(D) + B / tau = (B - S) / tau. Signed with dropout
-    (training), the weights are formed explicitly: one mask drops each signed weight, as in attend."""
+    (training), the weights are formed explicitly: one mask drops each signed weight, as attend."""
     kt, vt = k.transpose(0, 1), v.transpose(0, 1)                          # (H, N, D)
     out = q.new_empty(q.shape[0], *v.shape[1:])
     for start in range(0, q.shape[0], chunk):
