@@ -346,7 +346,7 @@ def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0
             s = qc @ kt.transpose(-1, -2) / math.sqrt(qc.shape[-1])        # (H, c, N)
             b = 0.0 if b is None else b
             a = torch.softmax(s + b, -1) - beta * torch.softmax((b - s) / tau, -1)
-            out[rows] = (F.dropout(a, dropout_p) @ vt).transpose(0, 1)
+            out[rows] = (dropout(a, dropout_p) @ vt).transpose(0, 1)
             continue
         o = F.scaled_dot_product_attention(qc, kt, vt, attn_mask=b, dropout_p=dropout_p)
         if beta:
