@@ -281,6 +281,7 @@ def knn(xy_q, xy_k, k, chunk=4096):
         return lattice.knn(xy_q, xy_k, k)
     lo, hi = xy_k.amin(0).double(), xy_k.amax(0).double()
     h = float(((hi - lo).clamp_min(1e-9).prod() * 2 * k / math.pi / len(xy_k)).sqrt())
+    h = max(h, float((hi - lo).max()) * k / len(xy_k))  # keys on a line: at most N / k cells a side
     if not h > 0:
         return lattice.knn(xy_q, xy_k, k)
     size = ((hi - lo) / h).long() + 1                             # cells per axis
@@ -298,7 +299,7 @@ def knn(xy_q, xy_k, k, chunk=4096):
         cq = torch.minimum(raw.clamp(min=1), size)                 # a query outside: nearest cell
         mid = (cq[:, :1] + torch.tensor([-1, 0, 1], device=cq.device)) * ny + cq[:, 1:]  # (c, 3)
         first, length = start[mid - 1], start[mid + 2] - start[mid - 1]  # 3 cells of a column
-        L = int(length.max())
+        L = max(int(length.max()), -(-k // 3))   # k candidates at least: topk needs them
         t = torch.arange(L, device=cq.device)
         pos = (first[:, :, None] + t).clamp(max=len(order) - 1)    # (c, 3, L)
         cand = order[pos].flatten(1)                               # (c, 3L) key ids
