@@ -411,6 +411,41 @@ def test_coarsen_equals_brute_force(name):
         assert torch.equal(got, want)
 
 
+# ---- k nearest neighbours ---------------------------------------------------------------------------
+def ref_knn(xy_q, xy_k, k):
+    """For each query, the keys sorted by (squared distance rounded to float32, key index), the first
+    min(k, Nk): numpy in the inputs' own precision, one query at a time."""
+    q, p = xy_q.numpy(), xy_k.numpy()
+    out = []
+    for a in q:
+        d2 = ((a[0] - p[:, 0]) ** 2 + (a[1] - p[:, 1]) ** 2).astype(np.float32)
+        out.append(sorted(range(len(p)), key=lambda j: (float(d2[j]), j))[:min(k, len(p))])
+    return torch.tensor(out, dtype=torch.long).reshape(len(q), min(k, len(p)))
+
+
+@pytest.mark.parametrize("points", ["integer", "float32", "float64", "duplicates"])
+def test_knn_is_nearest_first_ties_to_the_lower_index(points):
+    g = torch.Generator().manual_seed(5)
+    xy = {"integer": lambda: torch.randint(0, 12, (150, 2), generator=g).float(),  # many ties
+          "float32": lambda: torch.rand(150, 2, generator=g) * 12,
+          "float64": lambda: torch.rand(150, 2, generator=g, dtype=torch.float64) * 12,
+          "duplicates": lambda: torch.rand(50, 2, generator=g).repeat(3, 1)}[points]()
+    xy_q = torch.cat([xy[:40], xy[:5] + 0.25, xy[:3] - 30])     # on keys, between, far outside
+    for chunk in (None, 7):
+        for k in (1, 7, 200):
+            got = lattice.knn(xy_q, xy, k, chunk)
+            assert torch.equal(got, ref_knn(xy_q, xy, k)), (points, chunk, k)
+    assert lattice.knn(xy_q[:0], xy, 3).shape == (0, 3)
+
+
+def test_pair_rank_orders_by_float32_distance_then_key():
+    d2 = torch.tensor([[4.0, 1.0, 1.0, 0.0, 1.0 + 1e-9, 3e38, 1e-30]], dtype=torch.float64)
+    key = torch.tensor([[0, 5, 2, 9, 1, 3, 4]])
+    ranks = lattice.pair_rank(d2, key)
+    order = sorted(range(7), key=lambda n: (float(np.float32(d2[0, n])), int(key[0, n])))
+    assert torch.argsort(ranks[0]).tolist() == order         # 1 + 1e-9 is 1 in float32: key 1 first
+
+
 # ---- pyramid ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "far_apart", "single"])
 def test_build_pyramid_is_repeated_coarsening(name):
