@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 import lattice
 from attention import (GlobalAttention, PairBias, SpotAttention, alibi_slopes, attend,
-                       distance_bias, full_attention, knn, knn_attention, signed_softmax,
+                       distance_bias, full_attention, knn_attention, signed_softmax,
                        window_attention)
+from lattice import knn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -271,27 +272,6 @@ def test_window_attention_over_the_union_is_hist_eq2(w, beta):
 
 
 # ---- k-NN and full attention ---------------------------------------------------------------------
-@pytest.mark.parametrize("integer", [True, False])
-def test_knn_equals_brute_force(integer):
-    xy = torch.randint(0, 12, (150, 2)) if integer else torch.rand(150, 2) * 12  # integers: ties
-    xy_q = xy[:40] + (0 if integer else 0.3)
-    for chunk in (None, 16):
-        index = knn(xy_q, xy, 7, chunk=chunk)
-        assert index.shape == (40, 7)
-        for i in range(40):
-            d = sorted(math.dist(xy_q[i].tolist(), p) for p in xy.tolist())
-            got = [math.dist(xy_q[i].tolist(), xy[j].tolist()) for j in index[i].tolist()]
-            assert len(set(index[i].tolist())) == 7
-            assert got == pytest.approx(d[:7])  # the 7 nearest, nearest first
-
-
-def test_knn_clamps_k_to_the_number_of_keys():
-    xy_q, xy_k = torch.rand(5, 2), torch.rand(3, 2)
-    assert knn(xy_q, xy_k, 10).shape == (5, 3)
-    assert sorted(knn(xy_q, xy_k, 10)[0].tolist()) == [0, 1, 2]
-    assert knn(torch.zeros(0, 2), xy_k, 2).shape == (0, 2)
-
-
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_knn_attention_matches_loops(beta, with_bias):

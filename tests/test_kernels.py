@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attention
 import kernels
 import lattice
-from attention import GlobalAttention, PairBias, SpotAttention, knn
+from attention import GlobalAttention, PairBias, SpotAttention
+from lattice import knn
 from model import Block, ModelConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -229,6 +230,58 @@ def test_dropout_drops_whole_signed_weights(kind):
     kept = dropped != 0
     assert 0 < kept.sum() < (weights != 0).sum()
     torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p))
+
+
+def knn_layouts():
+    g = torch.Generator().manual_seed(11)
+    uniform = torch.rand(5000, 2, generator=g) * 1000
+    hexagonal = visium_sites(50).float()                      # integers: ties everywhere
+    centres = torch.rand(12, 2, generator=g) * 5000
+    clusters = (centres[:, None] + torch.randn(12, 200, 2, generator=g) * 20).reshape(-1, 2)
+    clusters = torch.cat([clusters, torch.rand(30, 2, generator=g) * 5000])  # sparse outliers
+    pseudo = torch.cat([hexagonal, hexagonal[::2] + torch.tensor([0.5, 0.29])])  # spots + pseudo
+    far = torch.tensor([[1000.0 * i, 10000.0 - 900.0 * i] for i in range(1, 11)])  # each alone
+    line = uniform * torch.tensor([1.0, 0.0])
+    return {"uniform": (uniform, uniform, 8), "hexagonal": (hexagonal, hexagonal, 32),
+            "uniform float64": (uniform.double(), uniform.double(), 8),
+            "clusters": (clusters, clusters, 8), "pseudo-spots": (pseudo, pseudo, 32),
+            "line": (line, line, 8), "one place": (torch.ones(300, 2), torch.ones(300, 2), 8),
+            "queries outside": (uniform[:500] * 1.5 - 250, uniform, 8),
+            "only sparse queries": (far, torch.cat([uniform[:1000] / 100, far]), 8)}
+
+
+@pytest.mark.parametrize("layout", list(knn_layouts()))
+def test_knn_on_a_grid_equals_brute_force(layout, monkeypatch):
+    """kernels.knn gives lattice.knn's neighbours exactly (same distances, same tie rule), mostly
+    from the grid cells (the brute-force fallback only where the cells cannot be sure)."""
+    xy_q, xy_k, k = knn_layouts()[layout]
+    want = lattice.knn(xy_q, xy_k, k)
+    brute = []
+    real = lattice.knn
+    monkeypatch.setattr(lattice, "knn", lambda q, *a: brute.append(len(q)) or real(q, *a))
+    for chunk in (4096, 333):
+        assert torch.equal(kernels.knn(xy_q, xy_k, k, chunk), want), (layout, chunk)
+    if layout in ("uniform", "hexagonal", "pseudo-spots", "line"):
+        assert sum(brute) < 0.1 * 2 * len(xy_q), brute       # the grid answered
+
+
+def test_keep_mask_and_dropout():
+    """Bernoulli(1 - p) in every 16-bit lane of the random words; dropout scales kept entries."""
+    n = 400_000
+    for p in (0.05, 0.3, 0.5):
+        keep = kernels.keep_mask((n,), p, "cpu")
+        assert keep.dtype == torch.bool
+        for lane in range(4):                                 # the 4 int16 of each int64 word
+            rate = keep[lane::4].double().mean()
+            assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / (n / 4)) ** 0.5, (p, lane, rate)
+        assert kernels.keep_mask((n,), p, "cpu").ne(keep).any()   # a new mask every call
+    assert kernels.keep_mask((1000,), 0.0, "cpu").all()
+    x = torch.randn(3, 1000, dtype=torch.float64)
+    y = kernels.dropout(x, 0.25)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    drop = kernels.Dropout(0.25)
+    assert torch.equal(drop.eval()(x), x) and (drop.train()(x) == 0).any()
 
 
 # ---- the modules ---------------------------------------------------------------------------------
