@@ -1,4 +1,5 @@
-"""lattice.py against slow, obviously-correct references: Python dicts and loops over spots, exhaustive search."""
+"""lattice.py against slow, obviously-correct references: Python dicts and loops over spots,
+exhaustive search."""
 import math
 
 import numpy as np
@@ -12,9 +13,10 @@ import lattice
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-# ---- layouts (micrometres, float64) --------------------------------------------------------------------
+# ---- layouts (micrometres, float64) --------------------------------------------------------------
 def _blob(xy, rng):
-    """Keep the points inside a wobbly disc with a few round holes: an irregular tissue footprint."""
+    """Keep the points inside a wobbly disc with a few round holes: an irregular tissue
+    footprint."""
     c = xy.mean(0)
     d = xy - c
     ang, rad = np.arctan2(d[:, 1], d[:, 0]), np.hypot(d[:, 0], d[:, 1])
@@ -28,7 +30,8 @@ def _blob(xy, rng):
 
 def visium(rng, side=30, pitch=100.0):
     i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    xy = np.stack([j.ravel() * pitch + (i.ravel() % 2) * pitch / 2, i.ravel() * pitch * math.sqrt(3) / 2], 1)
+    xy = np.stack([j.ravel() * pitch + (i.ravel() % 2) * pitch / 2,
+                   i.ravel() * pitch * math.sqrt(3) / 2], 1)
     xy = _blob(xy, rng)
     return xy + rng.normal(0, 0.5, xy.shape)
 
@@ -40,7 +43,8 @@ def visium_jittered(rng):
 
 def square_with_holes(rng, side=28, pitch=50.0):
     i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    keep = (rng.random(side * side) > 0.25) & ~((i.ravel() > 5) & (i.ravel() < 12) & (j.ravel() > 8))
+    hole = (i.ravel() > 5) & (i.ravel() < 12) & (j.ravel() > 8)
+    keep = (rng.random(side * side) > 0.25) & ~hole
     return np.stack([i.ravel(), j.ravel()], 1)[keep] * pitch + 1000.0
 
 
@@ -81,9 +85,10 @@ def layout(name, seed=0):
     return torch.tensor(gen(np.random.default_rng(seed)), dtype=torch.float64), unit
 
 
-# ---- references ------------------------------------------------------------------------------------------
+# ---- references ----------------------------------------------------------------------------------
 def ref_keepers(xy, unit):
-    """Rounded sites, distance^2 to them, and {rounded site: spot that keeps it} by loops over spots."""
+    """Rounded sites, distance^2 to them, and {rounded site: spot that keeps it} by loops over
+    spots."""
     g = xy.numpy() / unit
     r = np.round(g)
     d0 = ((g - r) ** 2).sum(1)
@@ -96,8 +101,9 @@ def ref_keepers(xy, unit):
 
 
 def ref_greedy(xy, unit):
-    """Sequential greedy: displaced spots, closest to their rounded site first, one at a time, each takes the
-    nearest free site by exhaustive search over a box that surely holds it. Returns {spot: site}."""
+    """Sequential greedy: displaced spots, closest to their rounded site first, one at a time, each
+    takes the nearest free site by exhaustive search over a box that surely holds it. Returns
+    {spot: site}."""
     g, r, d0, best = ref_keepers(xy, unit)
     keepers = set(best.values())
     moved = sorted((n for n in range(len(g)) if n not in keepers), key=lambda n: (d0[n], n))
@@ -106,7 +112,8 @@ def ref_greedy(xy, unit):
     free = np.ones(tuple(r.max(0) - lo + m + 1), dtype=bool)
     for s in best:
         free[s[0] - lo[0], s[1] - lo[1]] = False
-    ii, jj = np.meshgrid(np.arange(free.shape[0]) + lo[0], np.arange(free.shape[1]) + lo[1], indexing="ij")
+    ii, jj = np.meshgrid(np.arange(free.shape[0]) + lo[0], np.arange(free.shape[1]) + lo[1],
+                         indexing="ij")
     out = {}
     for n in moved:
         d = np.where(free, (ii - g[n, 0]) ** 2 + (jj - g[n, 1]) ** 2, np.inf)
@@ -114,15 +121,6 @@ def ref_greedy(xy, unit):
         free[a, b] = False
         out[n] = (a + lo[0], b + lo[1])
     return out
-
-
-def ref_rulebook(sites, w, shift):
-    o, side = (w if shift else 0), 2 * w
-    windows = {}
-    for n, (i, j) in enumerate(sites.tolist()):
-        key = ((i + o) // side, (j + o) // side)
-        windows.setdefault(key, [-1] * side * side)[((i + o) % side) * side + (j + o) % side] = n
-    return torch.tensor([windows[k] for k in sorted(windows)], dtype=torch.long).reshape(-1, side * side)
 
 
 def ref_coarsen(sites):
@@ -134,12 +132,14 @@ def ref_coarsen(sites):
 
 
 def site_sets():
-    """Site layouts for the rulebook and coarsening tests: to_lattice outputs plus raw random sites."""
+    """Site layouts for the rulebook and coarsening tests: to_lattice outputs plus raw random
+    sites."""
     out = {name: lattice.to_lattice(*layout(name)) for name in LAYOUTS}
     g = torch.Generator().manual_seed(1)
     raw = torch.randint(-25, 25, (900, 2), generator=g)
-    out["random_negative"] = torch.unique(raw, dim=0)[torch.randperm(len(torch.unique(raw, dim=0)), generator=g)]
-    far = torch.unique(torch.randint(0, 10 ** 6, (200, 2), generator=g), dim=0)  # sparse: keys are sorted,
+    unique = torch.unique(raw, dim=0)
+    out["random_negative"] = unique[torch.randperm(len(unique), generator=g)]
+    far = torch.unique(torch.randint(0, 10 ** 6, (200, 2), generator=g), dim=0)  # sparse: sorted,
     out["far_apart"] = torch.cat([far, far[:50] + torch.tensor([0, 1])])           # not tabulated
     return out
 
@@ -147,7 +147,7 @@ def site_sets():
 SITES = site_sets()
 
 
-# ---- default_unit ----------------------------------------------------------------------------------------
+# ---- default_unit --------------------------------------------------------------------------------
 def ref_median_nn(xy, queries):
     """Median over the sampled spots (every k-th, k = N // queries, all spots when N <= queries) of
     the distance to the nearest other spot, by numpy over all pairs."""
@@ -162,13 +162,15 @@ def ref_median_nn(xy, queries):
 def test_default_unit_is_median_nn_over_1_8(name):
     if name == "full_hex":  # packed denser than one spot per pitch^2
         i, j = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
-        xy = torch.tensor(np.stack([j.ravel() + (i.ravel() % 2) / 2, i.ravel() * math.sqrt(3) / 2], 1) * 100.0)
+        xy = torch.tensor(np.stack([j.ravel() + (i.ravel() % 2) / 2,
+                                    i.ravel() * math.sqrt(3) / 2], 1) * 100.0)
         xy = xy + torch.rand(xy.shape, dtype=torch.float64)
     elif name == "line":
         xy = torch.tensor(np.stack([np.sort(np.random.rand(300)) * 1e4, np.zeros(300)], 1))
     elif name == "outliers":  # far-away spots must not change the answer
         xy, _ = layout("hd")
-        xy = torch.cat([xy, torch.tensor([[1e5, 3e5], [-4e5, 2e4], [1e5 + 40.0, 3e5]], dtype=torch.float64)])
+        far = torch.tensor([[1e5, 3e5], [-4e5, 2e4], [1e5 + 40.0, 3e5]], dtype=torch.float64)
+        xy = torch.cat([xy, far])
     else:
         xy, _ = layout(name)
     assert lattice.default_unit(xy) == pytest.approx(ref_median_nn(xy, 1024) / 1.8, rel=1e-9)
@@ -199,7 +201,7 @@ def test_default_unit_visium_pitch_and_degenerate_inputs():
         lattice.default_unit(torch.tensor([[7.0, 7.0], [7.0, 7.0]]))
 
 
-# ---- to_lattice ------------------------------------------------------------------------------------------
+# ---- to_lattice ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_to_lattice_unique_and_keepers_keep_their_site(name):
     xy, unit = layout(name)
@@ -215,7 +217,7 @@ def test_to_lattice_unique_and_keepers_keep_their_site(name):
     for s in map(tuple, r.tolist()):
         counts[s] = counts.get(s, 0) + 1
     alone = [n for n in range(len(xy)) if counts[tuple(r[n])] == 1]
-    assert all(n in best.values() for n in alone)      # uncontested spots are keepers, so they keep the site
+    assert all(n in best.values() for n in alone)  # uncontested spots are keepers: they keep it
     assert torch.equal(lattice.to_lattice(xy, unit), sites)  # deterministic
 
 
@@ -240,7 +242,8 @@ def test_to_lattice_isolated_collisions_take_the_nearest_free_site():
     rng = np.random.default_rng(3)
     base = np.stack(np.meshgrid(np.arange(40.0), np.arange(40.0), indexing="ij"), -1).reshape(-1, 2)
     base = base[rng.random(len(base)) > 0.3]
-    extra = np.array([[a, b] for a in range(3, 40, 9) for b in range(3, 40, 9)]) + rng.uniform(-0.45, 0.45, (25, 2))
+    extra = np.array([[a, b] for a in range(3, 40, 9) for b in range(3, 40, 9)])
+    extra = extra + rng.uniform(-0.45, 0.45, (25, 2))
     xy = torch.tensor(np.concatenate([base, extra]) * 10.0)
     sites = lattice.to_lattice(xy, 10.0)
     g, r, _, best = ref_keepers(xy, 10.0)
@@ -249,7 +252,8 @@ def test_to_lattice_isolated_collisions_take_the_nearest_free_site():
     keeper = next(iter(best.values()))
     shift = r[keeper] - sites[keeper].numpy()
     for n, s in greedy.items():
-        assert np.hypot(*(sites[n].numpy() + shift - g[n])) == pytest.approx(np.hypot(*(np.array(s) - g[n])))
+        want = np.hypot(*(np.array(s) - g[n]))
+        assert np.hypot(*(sites[n].numpy() + shift - g[n])) == pytest.approx(want)
 
 
 def test_to_lattice_rejects_a_bad_unit():
@@ -263,7 +267,7 @@ def test_to_lattice_two_spots_at_one_point():
     assert (sites[0] - sites[1]).abs().sum().item() == 1  # the loser takes an adjacent site
 
 
-# ---- windows ---------------------------------------------------------------------------------------------
+# ---- windows -------------------------------------------------------------------------------------
 def all_offsets(w):
     """Every lattice offset two tokens of one 2w x 2w window can have, row-major: (di, dj), each in
     [-(2w - 1), 2w - 1]; HiST eq. (3)'s table b(di, dj) has one entry per offset, in this order."""
@@ -274,7 +278,8 @@ def all_offsets(w):
 def test_slot_offsets_and_offset_index_match_loops():
     for w in (1, 2, 3, 4):
         side = 2 * w
-        assert lattice.slot_offsets(w).tolist() == [[s // side, s % side] for s in range(side * side)]
+        want = [[s // side, s % side] for s in range(side * side)]
+        assert lattice.slot_offsets(w).tolist() == want
         offsets = all_offsets(w)
         assert len(offsets) == (4 * w - 1) ** 2
         got = lattice.offset_index(torch.tensor(offsets), w)
@@ -411,10 +416,10 @@ def test_coarsen_equals_brute_force(name):
         assert torch.equal(got, want)
 
 
-# ---- k nearest neighbours ---------------------------------------------------------------------------
+# ---- k nearest neighbours ------------------------------------------------------------------------
 def ref_knn(xy_q, xy_k, k):
-    """For each query, the keys sorted by (squared distance rounded to float32, key index), the first
-    min(k, Nk): numpy in the inputs' own precision, one query at a time."""
+    """For each query, the keys sorted by (squared distance rounded to float32, key index), the
+    first min(k, Nk): numpy in the inputs' own precision, one query at a time."""
     q, p = xy_q.numpy(), xy_k.numpy()
     out = []
     for a in q:
@@ -446,8 +451,9 @@ def test_pair_rank_orders_by_float32_distance_then_key():
     assert torch.argsort(ranks[0]).tolist() == order         # 1 + 1e-9 is 1 in float32: key 1 first
 
 
-# ---- pyramid ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "far_apart", "single"])
+# ---- pyramid -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "far_apart",
+                                  "single"])
 def test_build_pyramid_is_repeated_coarsening(name):
     sites, w = SITES[name], 2
     levels = lattice.build_pyramid(sites, 4, w)
@@ -479,16 +485,17 @@ def test_build_pyramid_rejects_bad_arguments():
         lattice.build_pyramid(SITES["hd"], 0, 3)
 
 
-# ---- sub-spot sites and coordinates (HiFusion's intra-spot split) ------------------------------------------
+# ---- sub-spot sites and coordinates (HiFusion's intra-spot split) --------------------------------
 @pytest.mark.parametrize("name", ["visium", "hd", "clustered", "random_negative", "single"])
 @pytest.mark.parametrize("r", [2, 4])
 def test_refined_sites_coarsen_back_exactly(name, r):
-    """Refine, keep a random subset of sub-positions (at least one per spot), coarsen log2(r) times: the
-    parents are the spot sites in row-major order and every sub-site's parent is its own spot."""
+    """Refine, keep a random subset of sub-positions (at least one per spot), coarsen log2(r) times:
+    the parents are the spot sites in row-major order and every sub-site's parent is its own
+    spot."""
     sites = SITES[name] - SITES[name].amin(0)                   # model sites are >= 0
     g = torch.Generator().manual_seed(r)
     sub = lattice.refine(sites, r)                              # (N, S, 2)
-    for n, (i, j) in enumerate(sites.tolist()):                 # the formula, one sub-position at a time
+    for n, (i, j) in enumerate(sites.tolist()):          # the formula, one sub-position at a time
         for s in range(r * r):
             assert sub[n, s].tolist() == [r * i + s // r, r * j + s % r]
     valid = torch.rand(len(sites), r * r, generator=g) < 0.6
@@ -515,8 +522,9 @@ def test_sub_offsets_follow_the_coarsening_slot_for_r2():
 
 @pytest.mark.parametrize("r", [2, 4])
 def test_sub_coords_are_the_centres_of_the_image_blocks(r):
-    """A spot patch of h x w pixels covering `extent` um, centred on the spot: sub-patch s is the block
-    img[iy*h/r:(iy+1)*h/r, ix*w/r:(ix+1)*w/r]; its centre in micrometres, computed from pixel indices."""
+    """A spot patch of h x w pixels covering `extent` um, centred on the spot: sub-patch s is the
+    block img[iy*h/r:(iy+1)*h/r, ix*w/r:(ix+1)*w/r]; its centre in micrometres, computed from pixel
+    indices."""
     rng = np.random.default_rng(r)
     coords = torch.tensor(rng.uniform(0, 5000, (5, 2)), dtype=torch.float32)
     h = w = 112
@@ -528,30 +536,36 @@ def test_sub_coords_are_the_centres_of_the_image_blocks(r):
             ix, iy = s // r, s % r
             cols = np.arange(ix * w // r, (ix + 1) * w // r) + 0.5  # pixel centres of the block
             rows = np.arange(iy * h // r, (iy + 1) * h // r) + 0.5
-            want = coords[n].double().numpy() + (np.array([cols.mean(), rows.mean()]) - w / 2) * um_per_px
+            centre = np.array([cols.mean(), rows.mean()])
+            want = coords[n].double().numpy() + (centre - w / 2) * um_per_px
             np.testing.assert_allclose(got[n, s].double().numpy(), want, rtol=0, atol=1e-3)
 
 
-# ---- square grids (binning Visium HD bins and legacy ST) ---------------------------------------------------
+# ---- square grids (binning Visium HD bins and legacy ST) -----------------------------------------
 def grid_layout(rng, side, pitch, degrees, jitter, gap=0.3):
-    """Grid positions ij (kept ones) and their centres: rotated by `degrees`, jittered by `jitter` pitches."""
+    """Grid positions ij (kept ones) and their centres: rotated by `degrees`, jittered by `jitter`
+    pitches."""
     i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     ij = np.stack([i.ravel(), j.ravel()], 1)
-    ij = ij[(rng.random(len(ij)) > gap) & ~((ij[:, 0] > side // 3) & (ij[:, 0] < side // 2))]  # gaps, a band
+    band = (ij[:, 0] > side // 3) & (ij[:, 0] < side // 2)
+    ij = ij[(rng.random(len(ij)) > gap) & ~band]                                # gaps, a band
     t = math.radians(degrees)
     xy = ij * pitch @ np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]]).T
     return ij, torch.tensor(xy + [1234.5, 678.9] + rng.normal(0, jitter * pitch, xy.shape))
 
 
-@pytest.mark.parametrize("side, pitch, degrees, jitter", [(30, 200.0, 0.0, 0.03), (60, 8.0, 7.0, 0.05),
-                                                          (120, 8.0, -30.0, 0.03), (40, 16.0, 44.0, 0.02)])
+@pytest.mark.parametrize("side, pitch, degrees, jitter", [(30, 200.0, 0.0, 0.03),
+                                                          (60, 8.0, 7.0, 0.05),
+                                                          (120, 8.0, -30.0, 0.03),
+                                                          (40, 16.0, 44.0, 0.02)])
 def test_square_grid_recovers_the_grid_positions(side, pitch, degrees, jitter):
     ij, xy = grid_layout(np.random.default_rng(side), side, pitch, degrees, jitter)
     site, A, b = lattice.square_grid(xy)
     ij = torch.tensor(ij)
     # the same grid up to one of its 8 symmetries and a translation
     d, e = site - site[0], ij - ij[0]
-    sym = [torch.tensor(m) for m in ([[1, 0], [0, 1]], [[0, 1], [-1, 0]], [[-1, 0], [0, -1]], [[0, -1], [1, 0]])]
+    sym = [torch.tensor(m) for m in ([[1, 0], [0, 1]], [[0, 1], [-1, 0]], [[-1, 0], [0, -1]],
+                                     [[0, -1], [1, 0]])]
     sym += [m @ torch.tensor([[0, 1], [1, 0]]) for m in sym]
     assert any(torch.equal(d, e @ m) for m in sym)
     assert site.amin(0).tolist() == [0, 0]
@@ -562,7 +576,8 @@ def test_square_grid_recovers_the_grid_positions(side, pitch, degrees, jitter):
 
 def test_square_grid_refuses_other_layouts():
     i, j = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
-    hexagonal = np.stack([j.ravel() * 100 + (i.ravel() % 2) * 50, i.ravel() * 100 * math.sqrt(3) / 2], 1)
+    hexagonal = np.stack([j.ravel() * 100 + (i.ravel() % 2) * 50,
+                          i.ravel() * 100 * math.sqrt(3) / 2], 1)
     for xy in (hexagonal, np.random.default_rng(0).uniform(0, 3000, (400, 2))):
         with pytest.raises(ValueError, match="do not lie on a square grid"):
             lattice.square_grid(torch.tensor(xy))
@@ -572,12 +587,14 @@ def test_square_grid_refuses_other_layouts():
 
 
 def test_square_grid_on_her2st_recovers_the_array_positions(shared_data):
-    """Legacy ST (200 um pitch, real registration jitter): the fitted sites are the arrays' own positions."""
+    """Legacy ST (200 um pitch, real registration jitter): the fitted sites are the arrays' own
+    positions."""
     import data
     meta = files.read_metadata(shared_data / "her2st" / "metadata.csv")
     for sid in ("A1", "B3", "C6", "F3"):
         h = files.read_h5ad(shared_data / "her2st" / "st" / f"{sid}.h5ad")
-        site, A, _ = lattice.square_grid(torch.tensor(h.xy * float(meta[sid]["pixel_size_um_estimated"])))
+        um = h.xy * float(meta[sid]["pixel_size_um_estimated"])
+        site, A, _ = lattice.square_grid(torch.tensor(um))
         array = torch.tensor(np.stack([h.obs["array_col"], h.obs["array_row"]], 1).astype(np.int64))
         assert torch.equal(site - site[0], array - array[0]), sid
         np.testing.assert_allclose(A.norm(dim=0).numpy(), [200, 200], rtol=0.02)
