@@ -89,8 +89,8 @@ def to_lattice(xy, unit) -> torch.Tensor:
     if not unit > 0:
         raise ValueError(f"to_lattice: unit must be a positive number of micrometres, got {unit}")
     g = xy.double() / unit                                      # (N, 2) continuous coordinates
-    r = torch.round(g)                                          # before the shift: a tie (x.5) rounds
-    lo = r.amin(0)                                              # to even whatever the minimum's parity
+    r = torch.round(g)                             # before the shift: a tie (x.5) rounds to
+    lo = r.amin(0)                                 # even whatever the minimum's parity
     site, g = (r - lo).long(), g - lo
     taken, inv, count = torch.unique(_key(site), return_inverse=True, return_counts=True)
     if (count > 1).any():
