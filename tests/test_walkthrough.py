@@ -238,6 +238,20 @@ def test_the_run_folder_has_what_the_page_says(tour):
     assert {"pcc_gene", "mse"} <= set(metrics) and len(metrics["pcc_gene"]["folds"]) == 2
 
 
+def test_the_commands_refuse_a_second_time_in_one_line(tour, monkeypatch):
+    """The text: run again, the commands refuse to overwrite, naming --overwrite and run.name."""
+    folder, _, _ = tour
+    monkeypatch.chdir(folder)
+    found = walkthrough.blocks(PAGE.read_text())
+    cmds = [c for lang, code in found if lang == "bash" for c in walkthrough.commands(code)]
+    assert [c.split()[1] for c in cmds] == ["synthetic.py", "train.py"]
+    for command, hint in zip(cmds, ("--overwrite", "run.name")):
+        with pytest.raises(RuntimeError) as refused:
+            walkthrough.run_command(command)
+        message = str(refused.value)
+        assert hint in message and "\n" not in message, message
+
+
 def test_the_new_head_and_the_kernels_switch(tour):
     _, ns, _ = tour
     assert ns["same"] is True
