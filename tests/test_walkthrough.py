@@ -300,13 +300,18 @@ def test_every_name_the_page_cites_exists():
         assert re.search(rf"`[\w.]*\b{name}\b[\w.]*`", text), name
 
 
-def test_the_figures_program_copies_what_a_page_draws(tmp_path):
-    """walkthrough_figures.redraw on a page of one block: its picture lands in the out folder."""
-    page = ("```python\nfrom pathlib import Path\nimport torch\n"
-            "import walkthrough_figures as draw\n"
-            "Path('tour').mkdir()\nxy = torch.tensor([[0.0, 0.0], [100.0, 0.0], [50.0, 86.6]])\n"
-            "draw.lattice(xy, torch.tensor([[0, 0], [2, 0], [1, 2]]), 'tour/tiny.png')\n"
-            "print('drawn')\n```\n")
-    printed = walkthrough.redraw(tmp_path / "out", page)
-    assert printed == ["drawn\n"]
+def test_the_figures_program_copies_what_a_page_draws(tmp_path, monkeypatch, capsys):
+    """`python docs/walkthrough_figures.py --out DIR` on a page of one block (main with the page
+    swapped): its picture lands in DIR, and the program names it."""
+    page = tmp_path / "page.md"
+    page.write_text("```python\nfrom pathlib import Path\nimport torch\n"
+                    "import walkthrough_figures as draw\n"
+                    "Path('tour').mkdir()\n"
+                    "xy = torch.tensor([[0.0, 0.0], [100.0, 0.0], [50.0, 86.6]])\n"
+                    "draw.lattice(xy, torch.tensor([[0, 0], [2, 0], [1, 2]]), 'tour/tiny.png')\n"
+                    "print('drawn')\n```\n")
+    monkeypatch.setattr(walkthrough, "PAGE", page)
+    assert walkthrough.redraw(tmp_path / "first") == ["drawn\n"]
+    walkthrough.main(["--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tiny.png" in capsys.readouterr().out
