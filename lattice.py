@@ -50,9 +50,7 @@ def _key(ij):
 
 
 def _member(sorted_keys, q):
-    """Whether each key of q is in the sorted 1-D tensor sorted_keys, and where."""
-    if len(sorted_keys) == 0:
-        return torch.zeros_like(q, dtype=torch.bool), torch.zeros_like(q)
+    """Whether each key of q is in the sorted, non-empty 1-D tensor sorted_keys, and where."""
     pos = torch.searchsorted(sorted_keys, q).clamp(max=len(sorted_keys) - 1)
     return sorted_keys[pos] == q, pos
 
@@ -112,7 +110,7 @@ def _move_collided(r, g, taken, inv, count):
     keeps[1:] = inv[hit[1:]] != inv[hit[:-1]]
     pending = hit[~keeps].sort().values
     pending = pending[torch.argsort(d0[pending], stable=True)]  # closest to its rounded site first
-    site, new = r.clone(), torch.zeros(0, dtype=torch.long, device=r.device)  # new: taken in rounds
+    site = r.clone()
     rad = torch.ones_like(pending)                              # search radius of each pending spot
     while len(pending):
         dest, dist = torch.empty_like(r[pending]), torch.empty_like(d0[pending])
@@ -121,7 +119,7 @@ def _move_collided(r, g, taken, inv, count):
             ax = torch.arange(-R, R + 1, device=r.device)
             cand = r[pending[m], None] + torch.cartesian_prod(ax, ax)  # (P_R, (2R+1)^2, 2)
             d = ((g[pending[m], None] - cand) ** 2).sum(-1)
-            d = d.masked_fill(_member(taken, _key(cand))[0] | _member(new, _key(cand))[0], math.inf)
+            d = d.masked_fill(_member(taken, _key(cand))[0], math.inf)
             dist[m], k = d.min(1)                               # first minimum: offset order
             dest[m] = cand[torch.arange(len(m), device=r.device), k]
         sure = dist <= (rad + 0.5) ** 2                         # every site outside is >= R + 0.5
@@ -132,7 +130,7 @@ def _move_collided(r, g, taken, inv, count):
             0, owner, torch.arange(len(who), device=r.device), "amin")
         win = who[first]
         site[pending[win]] = dest[win]
-        new = torch.cat([new, wanted]).sort().values
+        taken = torch.cat([taken, wanted]).sort().values          # sites now taken
         keep = torch.ones_like(pending, dtype=torch.bool).index_fill(0, win, False)  # losers retry
         pending, rad = pending[keep], rad[keep]
     return site

@@ -119,7 +119,7 @@ def test_spatial_start_begins_at_the_spatial_ridge_and_then_learns_a_residual(he
     m.train()
     f, xy, y = slides[0]
     torch.nn.functional.mse_loss(m(f, xy)["pred"], y).backward()
-    assert m._last().weight.grad.abs().sum() > 0
+    assert m.net.head.start().weight.grad.abs().sum() > 0
     assert all(not n.startswith("start.") for n, _ in m.named_parameters())
 
 
@@ -127,8 +127,8 @@ def test_spatial_start_is_the_ridge_plus_the_network_on_slide_standardised_spots
     """spatial_start + slide_norm with a sub-spot level: prediction = the spatial ridge (reference above) +
     the plain network on spot and sub-patch features standardised by the slide's spot statistics (numpy),
     in inference (chunks of 7 rows, the ridge added in place) as with grad."""
-    import attention
     import baselines
+    import kernels
     radii, alpha = [1.5], 1.0
     slides = [grid_slide(seed=s) for s in range(3)]
     cfg = dict(TINY, sub_levels=1, coarse_attention="same")
@@ -153,7 +153,7 @@ def test_spatial_start_is_the_ridge_plus_the_network_on_slide_standardised_spots
     assert with_grad.requires_grad
     np.testing.assert_allclose(with_grad.detach().numpy(), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(baselines, "CHUNK", 7)
-    monkeypatch.setattr(attention, "CHUNK", 7)
+    monkeypatch.setattr(kernels, "CHUNK", 7)
     with torch.no_grad():
         np.testing.assert_allclose(m(f, xy, sub_features=sub)["pred"].numpy(), want, rtol=1e-4, atol=1e-4)
 

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+import attention
 import bench
+import kernels
 import lattice
-from attention import window_attention
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -29,12 +30,13 @@ def test_layout_has_n_spots_on_the_pitch_with_an_irregular_footprint(kind, pitch
 @pytest.mark.parametrize("shift", [False, True])
 def test_edge_list_and_dense_equal_window_attention_with_gradients(kind, shift):
     n, H, D, S = 500, 3, 8, 4 * bench.W ** 2
-    rulebook = lattice.window_rulebook(bench.sites_of(kind, n), bench.W, shift=shift)
+    rulebook = lattice.window_rulebook(bench.sites_of(kind, n), bench.W, shift=shift)[0]
     q, k, v = (torch.randn(n, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = torch.randn(H, S, S, dtype=torch.float64, requires_grad=True)
     pairs, (win, slot) = bench.pair_list(rulebook), bench.token_windows(rulebook, n)
     assert len(pairs[0]) == int(((rulebook >= 0).sum(1) ** 2).sum())  # every ordered pair in a window
-    runs = {"tessera": lambda: window_attention(q, k, v, rulebook, bias),
+    runs = {"tessera": lambda: kernels.window_attention(q, k, v, rulebook, rulebook, bias),
+            "reference": lambda: attention.window_attention(q, k, v, rulebook, rulebook, bias),
             "edge": lambda: bench.edge_attention(q, k, v, *pairs, bias),
             "dense": lambda: bench.dense_attention(q, k, v, win, slot, bias)}
     cotangent = torch.randn(n, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -42,7 +44,7 @@ def test_edge_list_and_dense_equal_window_attention_with_gradients(kind, shift):
     for name, fn in runs.items():
         out = fn()
         results[name] = [out] + list(torch.autograd.grad((out * cotangent).sum(), (q, k, v, bias)))
-    for name in ("edge", "dense"):
+    for name in ("reference", "edge", "dense"):
         for a, b in zip(results[name], results["tessera"]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -67,7 +69,7 @@ def test_main_writes_the_table_and_json(tmp_path, capsys):
                        "--configs", "default", "--repeats", "1", "--fit-min", "300", "--json", str(out)])
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert len(data["rows"]) == len(rows) == 2 * (1 + 6 + 2)
+    assert len(data["rows"]) == len(rows) == 2 * (1 + 8 + 2)   # window: 4 ways x fwd, fwd+bwd
     assert {r["part"] for r in data["rows"]} == {"pyramid", "window", "step"}
     assert all("time_s" in r for r in data["rows"]), [r.get("error") for r in data["rows"]]
     edge = [r for r in data["rows"] if r["name"] == "edge"]
@@ -79,12 +81,14 @@ def test_main_writes_the_table_and_json(tmp_path, capsys):
 def test_plan_respects_the_caps():
     ns = dict(device="cpu", repeats=1, mem_limit_gb=None, threads=None, overrides=[], features_dtype="float32",
               layouts=["hd"], sizes=[4000, 16000], memory_sizes=[],
-              parts=["window", "step"], configs=["hist"], max_n={"dense": 8192, "hist.train": 4000})
+              parts=["window", "step"], configs=["hist"], kernels=["fast", "reference"],
+              max_n={"dense": 8192, "hist.train": 4000})
     specs = bench.plan(type("Args", (), ns))
     names = {(s["name"], s["mode"], s["n"]) for s in specs}
     assert ("dense", "fwd", 4000) in names and ("dense", "fwd", 16000) not in names
     assert ("hist", "train", 4000) in names and ("hist", "train", 16000) not in names
     assert ("hist", "infer", 16000) in names and ("edge", "fwd+bwd", 16000) in names
+    assert {s["kernels"] for s in specs if s["part"] == "step"} == {"fast", "reference"}
 
 
 @pytest.mark.parametrize("exponent", [1.0, 1.15, 2.0])

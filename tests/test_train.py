@@ -176,7 +176,7 @@ def test_with_a_spatial_start_the_start_itself_is_a_validation_candidate(tiny_ro
     lines = []
     train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append, lambda *a: "")
     assert lines[0].startswith("fold 0 epoch 0 (the spatial ridge alone) val_pcc_gene 0.9000") and len(lines) == 4
-    assert all(float(p.detach().abs().max()) == 0 for p in model._last().parameters())        # the residual's head: zero
+    assert all(float(p.detach().abs().max()) == 0 for p in model.net.head.start().parameters())        # the residual's head: zero
     model.eval()
     with torch.no_grad():
         got = model(batches[2]["features"], batches[2]["coords"], unit=batches[2]["unit"])["pred"]
