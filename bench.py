@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import torch
 import torch.nn.functional as F
 

@@ -10,8 +10,7 @@ Separate from eval.py because matplotlib is an optional dependency, imported onl
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import re
 from pathlib import Path
 
