@@ -8,8 +8,7 @@ All metrics take log-space values (log1p of counts), numpy arrays or torch tenso
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import csv
 import json
@@ -305,7 +304,7 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
     if not fold_dirs:
         raise FileNotFoundError(f"{run}: no fold_<k> folders; is this a run directory (runs/<name>)?")
     data.check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
-    folds, per_gene, slides, names, empty, per_slide = [], [], [], [], [], {}
+    folds, per_gene, slides, names, empty, per_slide, alone = [], [], [], [], [], {}, {}
     for fold in fold_dirs:
         files = [f for f in map(read_predictions, sorted((fold / "pred").glob("*.h5"))) if f["true"] is not None]
         busy = (fold / "lock").exists() and not (fold / "done").exists()   # a process trains or predicts it
@@ -329,6 +328,8 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
         slides.append([f["slide_id"] for f in files])
         names.append(fold.name)
+        if any(f["ridge_alone"] for f in files):   # model.ood_fallback
+            alone[fold.name] = [f["slide_id"] for f in files if f["ridge_alone"]]
     if not folds:
         raise FileNotFoundError(f"{run}: no finished fold: no prediction files with `true` to evaluate "
                                 f"in {', '.join(empty)}")
@@ -348,6 +349,8 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
     if per_slide:
         results["per_slide"] = per_slide
+    if alone:
+        results["ridge_alone"] = alone
     with atomic_path(run / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_path(run / "per_gene.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -445,9 +448,17 @@ def _run_markdown(r: dict) -> str:
         lines += ["", "| slide | fold | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
         lines += [f"| {sid} | {e['fold']} | " + " | ".join(number(e[k]) for k in keys) + " |"
                   for sid, e in r["per_slide"].items()]
+    if r.get("ridge_alone"):
+        lines += ["", ridge_alone_line(r)]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")
     return "\n".join(lines + [""])
+
+
+def ridge_alone_line(r: dict) -> str:
+    """The test slides each fold predicted by the spatial ridge alone (model.ood_fallback)."""
+    return ("Predicted by the spatial ridge alone, unlike every training slide (model.ood_fallback): "
+            + "; ".join(f"{k} {', '.join(s)}" for k, s in r["ridge_alone"].items()) + ".")
 
 
 def format_table(results_list: list[dict]) -> str:
@@ -494,6 +505,9 @@ def report(results: list[dict]) -> None:
         if r["missing_folds"]:
             print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}", file=sys.stderr)
     print(format_table(results))
+    for r in results:
+        if r.get("ridge_alone"):
+            print(f"{r['run']}: {ridge_alone_line(r)}")
 
 
 if __name__ == "__main__":

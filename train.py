@@ -14,8 +14,7 @@ data, is runs.py's. The losses it minimises are in losses.py.
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md)
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import copy
 import dataclasses
@@ -101,6 +100,8 @@ DEFAULTS = {
                                       # shear, rotation
         "val_slides": 0,              # >0: keep the epoch best on this many held-out training
                                       # slides; auto: conformal.held_out
+        "skip_unused": True,          # model.ood_fallback: a fold whose every test slide gets the
+                                      # ridge alone trains no network (false: trains it anyway)
         "ema": 0.0,                   # >0: predict with an exponential moving average of the
                                       # weights (decay per step)
         "checkpoint_every": 1,        # epochs between atomic checkpoints (for --resume)
@@ -339,8 +340,20 @@ def weights(model) -> dict:
     return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
 
 
-def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
+def one_fold(train_b, val_b, test, epochs) -> runs.Progress:
+    """The time-left estimate of a fold trained on its own (no run around it: tests, benchmarks)."""
+    spots = lambda batches: [len(b["features"]) for b in batches]    # noqa: E731
+    progress = runs.Progress([{"train": spots(train_b), "val": spots(val_b), "test": spots(test),
+                               "read": sum(spots(train_b) + spots(val_b) + spots(test))}], epochs)
+    progress.start_fold()
+    return progress
+
+
+def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, progress=None):
+    """Train the fold's model on its slides `train_b` (prepared), keeping the epoch best on `val_b`
+    if any; `progress` (runs.Progress) times the steps and epochs for the estimate of time left."""
     tc = cfg["train"]
+    progress = progress or one_fold(train_b, val_b, [], tc["epochs"])
     epochs, steps_per_epoch = tc["epochs"], len(train_b)
     opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     total, warmup = epochs * steps_per_epoch, tc["warmup_epochs"] * steps_per_epoch
@@ -357,6 +370,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         start, best = state["epoch"] + 1, state["best"]
         avg = state.get("ema", avg)
         log(f"fold {k}: resumed after epoch {start}")
+    progress.begin_epochs(epochs - start)
     last = "none"   # the last finite epoch loss, for the message if training diverges
     if val_b and start == 0 and cfg["model"].get("spatial_start"):
         best = (val_score(model, val_b, cfg, device), weights(model))  # the closed form competes
@@ -375,6 +389,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
         model.train()
         total_loss = torch.zeros((), device=device)
         for i in torch.randperm(len(train_b), generator=gen).tolist():
+            t_step = time.time()
             b = augment.augmented(train_b[i], strength, tc["augment"], gen)
             out = forward(model, b, device)
             loss = compute_loss(out, {key: v.to(device) for key, v in b.items()
@@ -389,6 +404,7 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             if avg is not None:
                 ema_update(avg, model, tc["ema"], sched.last_epoch - 1)
             total_loss += loss.detach()
+            progress.step(len(train_b[i]["features"]), time.time() - t_step)
         mean_loss = total_loss.item() / len(train_b)
         if not finite_weights(model):       # a finite loss, then a step to non-finite weights
             raise diverged(f"the weights are no longer finite (epoch loss {mean_loss:.4f})")
@@ -410,12 +426,15 @@ def train_fold(k, train_b, val_b, cfg, model, device, fold_dir: Path, log, eta):
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "epoch": epoch, "best": best, "ema": avg},
                         ckpt)
-        log(f"{line} {seconds:.1f}s/epoch eta {eta(seconds, epochs - epoch - 1)}")
+        log(f"{line} {seconds:.1f}s/epoch eta {progress.epoch(seconds)}")
     if best[1] is not None or avg is not None:  # the best validation epoch, else the weight average
         model.load_state_dict(best[1] if best[1] is not None else avg)
 
 
-def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, eta):
+def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log, progress=None):
+    """Fold k: its genes, its model (closed-form fits first), training unless no test slide would
+    use the network, then its test predictions; `progress` (runs.Progress, started on this fold)
+    times it."""
     tc, mc = cfg["train"], ModelConfig.from_dict(cfg["model"])
     fold_dir = run_dir / f"fold_{k}"
     train_slides = [data.read_slide(root / f"{s}.h5") for s in train_ids]
@@ -427,6 +446,8 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
                    for s in test_ids]
     train_slides, val_slides, cal_slides = held_out(train_slides, cfg)    # neither trains the model
     train_b = [prepare(s, cfg, mc.unit_um) for s in train_slides]
+    val_b = [prepare(s, cfg, mc.unit_um) for s in val_slides]
+    progress = progress or one_fold(train_b, val_b, test_slides, tc["epochs"])
     feats = torch.cat([b["features"] for b in train_b]).float()
     targets = torch.cat([b["target"] for b in train_b])
     torch.manual_seed(tc["seed"] * 100003 + k)
@@ -445,15 +466,28 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
         model.to(device)
         log(f"fold {k}: closed-form spatial ridge fitted on {feats.shape[0]} spots"
             + (f"; chosen on the training slides: {model.chosen}" if model.chosen else ""))
+    # model.ood_fallback: which test slides the ridge alone predicts is known now, before training
+    alone = [s.slide_id for s in test_slides
+             if mc.ood_fallback and model.unlike_training(s.features)]
+    for s in alone:
+        log(f"fold {k}: {s} is unlike every training slide: predicted by the spatial ridge alone")
+    unused = bool(test_slides) and len(alone) == len(test_slides)   # the network would serve none
+    trained = mc.arch not in ("ridge", "ridge_spatial") and not (unused and tc["skip_unused"])
     if mc.arch not in ("ridge", "ridge_spatial"):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fold {k}: {len(train_slides)} train / {len(val_slides)} val / {len(test_slides)} "
             f"test slides, {len(genes)} genes, {n_params / 1e6:.2f}M parameters, device {device}")
-        train_fold(k, train_b, [prepare(s, cfg, mc.unit_um) for s in val_slides], cfg, model,
-                   device, fold_dir, log, eta)
+    if unused:
+        log(f"fold {k}: every test slide is predicted by the spatial ridge alone: "
+            + ("the network is trained anyway (train.skip_unused=false)" if trained else
+               "the network is not trained (train.skip_unused=false trains it anyway)"))
+    if trained:
+        train_fold(k, train_b, val_b, cfg, model, device, fold_dir, log, progress)
+    else:
+        progress.begin_epochs(0)
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(mc),
-                 "genes": genes, "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"]},
-                fold_dir / "model.pt")
+                 "genes": genes, "in_dim": feats.shape[1], "normalize": cfg["data"]["normalize"],
+                 "trained": trained}, fold_dir / "model.pt")
     # the fold's own held-out slides, never its test slides
     held, calibration = cal_slides or val_slides, None
     if held:
@@ -465,9 +499,6 @@ def run_fold(k, train_ids, test_ids, cfg, root: Path, run_dir: Path, device, log
             f"held-out slide(s), sigma {calibration['sigma']}, median q {q:.3f}")
     for s in test_slides:
         target = slide_targets(s, cfg) if s.counts is not None else None
-        if mc.ood_fallback and model.unlike_training(s.features):  # the ridge alone
-            log(f"fold {k}: {s.slide_id} is unlike every training slide: predicted by the spatial "
-                "ridge alone")
         predict.write_slide_predictions([(model, genes)], s, cfg, device, fold_dir / "pred",
                                         true=target, fold=k, mc=cfg["eval"]["mc_samples"],
                                         seed=tc["seed"], calibration=calibration,
@@ -528,19 +559,20 @@ def run(argv=None):
     folds = checks.check_data(cfg, root, log=notes.append)
     checks.check_folds(cfg, folds, root)
     wanted = runs.fold_numbers(args.fold, len(folds))
-    notes += runs.open_run(run_dir, cfg, runs.fold_record(cfg, folds, root), args.resume,
-                           joining=bool(wanted))
+    record = runs.fold_record(cfg, folds, root)
+    notes += runs.open_run(run_dir, cfg, record, args.resume, joining=bool(wanted))
     todo, claimed = runs.claim_folds(run_dir, wanted or list(range(len(folds))), args.resume)
     try:
-        return train_folds(run_dir, cfg, folds, todo, notes + claimed, args.config, root, device)
+        return train_folds(run_dir, cfg, folds, todo, notes + claimed, args.config, root, device,
+                           runs.fold_sizes(record, root))
     finally:
         runs.release_folds(run_dir, todo)
 
 
 def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[str], config, root,
-                device):
-    """Train the folds this process holds the locks of; the results once every fold of the run is
-    done."""
+                device, sizes: list[dict]):
+    """Train the folds this process holds the locks of (`sizes`: what each fold of the run does,
+    runs.fold_sizes); the results once every fold of the run is done."""
     logfile = open(run_dir / "log.txt", "a")
 
     def log(msg):
@@ -555,14 +587,15 @@ def train_folds(run_dir: Path, cfg: dict, folds, todo: list[int], notes: list[st
         log(note)
     predict.set_threads(cfg["run"]["threads"])
     started = time.time()
-    progress = runs.Progress([cfg["train"]["epochs"]] * len(todo))
+    progress = runs.Progress([sizes[k] for k in todo], cfg["train"]["epochs"])
 
     log(f"run {run_dir}: {len(folds)} folds, training {', '.join(map(str, todo)) or 'none'}, "
         f"config {config}")
     for k in todo:
         progress.start_fold()
-        run_fold(k, *folds[k], cfg, root, run_dir, device, log, progress.epoch)
-        progress.end_fold()
+        run_fold(k, *folds[k], cfg, root, run_dir, device, log, progress)
+        total, in_epochs, epochs = progress.end_fold()
+        log(f"fold {k}: done in {total:.1f}s, of which {in_epochs:.1f}s in {epochs} epoch(s)")
         runs.release_folds(run_dir, [k])
     missing = [f"fold_{k}" for k in range(len(folds))
                if not (run_dir / f"fold_{k}" / "done").exists()]
