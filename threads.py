@@ -21,7 +21,7 @@ run.threads (torch.set_num_threads once torch is loaded).
 """
 import os
 
-CHOICE = "passive"         # the default candidate (BENCHMARKS.md, "Threads")
+CHOICE = "free"            # the default candidate (BENCHMARKS.md, "Threads")
 SPIN = "10000"             # GOMP_SPINCOUNT of the `spin` candidate (spins, not seconds)
 CANDIDATES = {
     "torch": {},
@@ -77,4 +77,5 @@ def apply(environ=os.environ) -> str:
     return choice
 
 
+USER = {key: os.environ[key] for key in OWN if key in os.environ}   # as given, before apply
 CHOSEN = apply()

@@ -170,7 +170,8 @@ def test_a_fold_whose_every_test_slide_falls_back_trains_no_network(tmp_path, mo
         assert torch.load(run / f"fold_{k}" / "model.pt", weights_only=True)["trained"] is False
         for s in f["test"]:
             got = files.read_predictions(run / f"fold_{k}" / "pred" / f"{s}.h5")
-            want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred" / f"{s}.h5")
+            want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred"
+                                          / f"{s}.h5")
             np.testing.assert_allclose(got["pred"], want["pred"], rtol=1e-5, atol=1e-5)
             assert got["ridge_alone"] is True and want["ridge_alone"] is False
     results = json.loads((run / "results.json").read_text())
@@ -195,6 +196,6 @@ def test_a_fold_whose_every_test_slide_falls_back_trains_no_network(tmp_path, mo
     assert "fold 0 epoch 2/2" in log and "fold 1 epoch 2/2" in log
     for k, f in enumerate(folds):
         for s in f["test"]:
-            got = files.read_predictions(tmp_path / "runs" / "anyway" / f"fold_{k}" / "pred" / f"{s}.h5")
-            want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred" / f"{s}.h5")
+            got, want = (files.read_predictions(tmp_path / "runs" / name / f"fold_{k}" / "pred"
+                                                / f"{s}.h5") for name in ("anyway", "r"))
             np.testing.assert_allclose(got["pred"], want["pred"], rtol=1e-5, atol=1e-5)

@@ -274,7 +274,7 @@ def test_locks_are_exclusive_and_a_broken_one_is_named(tmp_path):
     assert holder is None and "no longer running" in note and json.loads(path.read_text())["pid"] == os.getpid()
 
 
-# ---- the time left of a run ------------------------------------------------------------------------
+# ---- the time left of a run -------------------------------------------------------------------
 def test_step_fit_is_the_least_squares_line_of_numpy():
     g = np.random.default_rng(3)
     n = g.integers(100, 5000, size=40)

@@ -52,11 +52,13 @@ def test_the_default_is_the_chosen_candidate_and_the_users_environment_wins():
 def test_tessera_threads_picks_a_candidate(choice):
     r = in_fresh_process({"TESSERA_THREADS": choice})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == [choice] + [threads.CANDIDATES[choice].get(k, "-") for k in threads.OWN]
+    expected = [threads.CANDIDATES[choice].get(k, "-") for k in threads.OWN]
+    assert r.stdout.split() == [choice] + expected
 
 
 def test_free_sets_the_thread_count_unless_the_user_did():
-    r = in_fresh_process({"TESSERA_THREADS": "free"}, "import torch; print(torch.get_num_threads()); ")
+    r = in_fresh_process({"TESSERA_THREADS": "free"},
+                         "import torch; print(torch.get_num_threads()); ")
     count, line = r.stdout.split("\n")[:2]
     assert r.returncode == 0 and line.split()[0] == "free", r.stderr[-2000:]
     assert 1 <= int(line.split()[3]) == int(count) <= len(os.sched_getaffinity(0))
@@ -67,7 +69,8 @@ def test_free_sets_the_thread_count_unless_the_user_did():
 def test_an_unknown_candidate_is_one_line():
     r = in_fresh_process({"TESSERA_THREADS": "fastest"})
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == "TESSERA_THREADS=fastest: expected one of " + ", ".join(threads.CANDIDATES)
+    assert r.stderr.strip() == ("TESSERA_THREADS=fastest: expected one of "
+                                + ", ".join(threads.CANDIDATES))
 
 
 def test_apply_sets_only_what_the_environment_does_not():
@@ -91,9 +94,9 @@ def ticks(user, idle, iowait=0, system=0):
 
 
 def test_free_cores_counts_the_idle_ticks_of_the_cpus_the_process_may_use(monkeypatch, tmp_path):
-    """Three CPUs, the process may use 0 and 2: over the sample cpu0 is busy 75 of its 85 ticks, cpu2
-    idle for all its 100 (iowait counts as idle), cpu1 (not ours) busy: 2 x (1 - 75 / 185) = 1.19
-    idle cores -> 1."""
+    """Three CPUs, the process may use 0 and 2: over the sample cpu0 is busy 75 of its 85 ticks,
+    cpu2 idle for all its 100 (iowait counts as idle), cpu1 (not ours) busy: 2 x (1 - 75 / 185) =
+    1.19 idle cores -> 1."""
     before = STAT.format(total="0", c0=ticks(100, 100), c1=ticks(0, 0), c2=ticks(10, 10))
     after = STAT.format(total="0", c0=ticks(160, 110, system=15), c1=ticks(100, 0),
                         c2=ticks(10, 80, iowait=30))
