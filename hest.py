@@ -465,7 +465,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder (never the input folder)")
     for name in ("import-hest", "embed", "bin"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
-        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one per core)")
+        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: the default, threads.py)")
     a = ap.parse_args(argv)
     try:
         set_threads(a.threads)

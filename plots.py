@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
+                       help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
     a = ap.parse_args(argv)
     try:
         predict.set_threads(run_threads(a.run) if a.threads is None else a.threads)

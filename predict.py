@@ -79,9 +79,9 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core)."""
+    """torch's CPU threads for this process: n > 0, or 0 / None = the default (threads.py)."""
     if n is not None and n < 0:
-        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: one per core)")
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: the default)")
     if n:
         torch.set_num_threads(int(n))
 
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exclude-training", action="store_true",
                    help="predict each slide only with the fold models that did not train on it (out of fold)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
+                   help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
     a = p.parse_args(argv)
     try:
         if a.mc < 0:

@@ -122,7 +122,7 @@ DEFAULTS = {
         "name": "demo",               # the run folder's name: run.dir/run.name
         "dir": "runs",                # folder of run folders
         "device": "auto",             # auto (cuda when available) | cuda | cpu
-        "threads": 0,                 # CPU threads for torch; 0 = torch's default (one per core)
+        "threads": 0,                 # CPU threads for torch; 0 = the default of threads.py
     },
 }
 

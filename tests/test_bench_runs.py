@@ -131,7 +131,7 @@ def commands(path, program) -> list[str]:
 
 
 TINY = {"times": ["--scale", "0.02", "--features", "16", "--epochs", "1", "--threads", "1",
-                  "--configs", "default,tessera,hifusion,ridge_spatial"],
+                  "--configs", "tessera,hifusion"],
         "demo": ["train.epochs=1", "data.synthetic={slides: 4, seed: 0, spots: 60, pseudo: true}",
                  "data.folds=2", "run.threads=1"],
         "threads": ["--pairs", "1", "--candidates", "passive,free", "--situations", "quiet,busy",
