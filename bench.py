@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import torch
 import torch.nn.functional as F
 
@@ -383,7 +384,7 @@ def main(argv=None):
                     help="step part: dtype of the slide's features (float16 = a float16 cache, as for Visium HD)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, help="torch threads per child (default: torch's, all cores)")
+    ap.add_argument("--threads", type=int, help="torch threads per child (default: threads.py's)")
     ap.add_argument("--max-n", type=caps, default=caps(MAX_N),
                     help=f"largest N per name or name.mode (default {MAX_N})")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,

@@ -32,6 +32,7 @@ import json
 import time
 from pathlib import Path
 
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import numpy as np
 import torch
 
@@ -151,7 +152,7 @@ def run_one(name, config, overrides, root: Path, seed: int, test: list[str], out
     run_dir = out / "runs" / case / f"{name}-s{seed}-{'+'.join(test)}"
     lines = []
     t0 = time.time()
-    train.run_fold(0, trainset, sorted(test), cfg, root, run_dir, torch.device("cpu"), lines.append, lambda *_: "")
+    train.run_fold(0, trainset, sorted(test), cfg, root, run_dir, torch.device("cpu"), lines.append)
     written = [files.read_predictions(f) for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
     pred = np.concatenate([f["pred"] for f in written])
     true = np.concatenate([f["true"] for f in written])

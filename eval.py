@@ -9,8 +9,7 @@ float64.
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md)
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import csv
 import json
@@ -357,7 +356,7 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
                                 "(runs/<name>)?")
     data.check_writable(run, "the run folder (results.json, per_gene.csv, results.md)")
     done, empty = finished_folds(run, allow_missing)
-    folds, per_gene, slides, names, per_slide = [], [], [], [], {}
+    folds, per_gene, slides, names, per_slide, alone = [], [], [], [], {}, {}
     for fold, files in done:
         stds = [f["std"] for f in files] if all(f["std"] is not None for f in files) else None
         m = compute_metrics([f["pred"] for f in files], [f["true"] for f in files], stds,
@@ -369,6 +368,8 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
         per_gene.append(dict(zip(files[0]["genes"], m["per_gene_pcc"].tolist())))  # gene -> PCC
         slides.append([f["slide_id"] for f in files])
         names.append(fold.name)
+        if any(f["ridge_alone"] for f in files):   # model.ood_fallback
+            alone[fold.name] = [f["slide_id"] for f in files if f["ridge_alone"]]
     if not folds:
         raise FileNotFoundError(f"{run}: no finished fold: no prediction files with `true` to "
                                 f"evaluate in {', '.join(empty)}")
@@ -392,6 +393,8 @@ def evaluate_run(run_dir, partial: bool = True, allow_missing: bool = False) -> 
                "slides_per_fold": [len(s) for s in slides], "slides": slides}
     if per_slide:
         results["per_slide"] = per_slide
+    if alone:
+        results["ridge_alone"] = alone
     with atomic_path(run / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_path(run / "per_gene.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -569,9 +572,18 @@ def _run_markdown(r: dict) -> str:
                   "| --- | --- |" + " --- |" * len(keys)]
         lines += [f"| {sid} | {e['fold']} | " + " | ".join(number(e[k]) for k in keys) + " |"
                   for sid, e in r["per_slide"].items()]
+    if r.get("ridge_alone"):
+        lines += ["", ridge_alone_line(r)]
     if r["missing_folds"]:
         lines.append(f"Not finished, not evaluated: {', '.join(r['missing_folds'])}.")
     return "\n".join(lines + [""])
+
+
+def ridge_alone_line(r: dict) -> str:
+    """The test slides each fold predicted by the spatial ridge alone (model.ood_fallback)."""
+    return ("Predicted by the spatial ridge alone, unlike every training slide "
+            "(model.ood_fallback): "
+            + "; ".join(f"{k} {', '.join(s)}" for k, s in r["ridge_alone"].items()) + ".")
 
 
 def format_table(results_list: list[dict]) -> str:
@@ -642,6 +654,9 @@ def report(results: list[dict], note: str = "") -> None:
             print(f"{r['run']}: not finished, not evaluated: {', '.join(r['missing_folds'])}",
                   file=sys.stderr)
     print(format_table(results) + (f"\n\n{note}" if note else ""))
+    for r in results:
+        if r.get("ridge_alone"):
+            print(f"{r['run']}: {ridge_alone_line(r)}")
 
 
 if __name__ == "__main__":

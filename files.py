@@ -228,12 +228,14 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
 
 # ----------------------------------------------------------------------------- prediction files
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, std=None,
-                      n_models=None, levels=None, lower=None, upper=None, interval=None) -> None:
+                      n_models=None, levels=None, lower=None, upper=None, interval=None,
+                      ridge_alone=False) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
     optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `lower`, `upper`
     (N, G) a prediction interval of nominal coverage `interval` (attribute, e.g. 0.9); `levels`
-    {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; written to a
-    temporary name and renamed."""
+    {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; attribute
+    `ridge_alone`: every model predicted the slide by its spatial ridge alone (model.ood_fallback);
+    written to a temporary name and renamed."""
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
@@ -263,14 +265,15 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
             for key, x in group.items():
                 f[f"level_{k}/{key}"] = _array(x, np.float32)
         f.attrs["slide_id"] = str(slide_id if slide_id is not None else Path(path).stem)
+        f.attrs["ridge_alone"] = bool(ridge_alone)
         if interval is not None:
             f.attrs["interval"] = float(interval)
 
 
 def read_predictions(path) -> dict:
     """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models,
-    lower, upper, interval} (None where absent) and levels {k: {pred, coords, [true], [copy]}}; a damaged
-    file: a CacheError naming it."""
+    lower, upper, interval} (None where absent), ridge_alone (False where absent) and levels {k: {pred,
+    coords, [true], [copy]}}; a damaged file: a CacheError naming it."""
     with open_h5(path, "prediction file") as f:
         need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
         try:  # a truncated or damaged file fails while its data are read
@@ -278,6 +281,7 @@ def read_predictions(path) -> dict:
                     "genes": list(need("genes").asstr()[:]), "barcodes": need("barcodes").asstr()[:].astype(str),
                     "coords": need("coords")[:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
                     "lower": get("lower"), "upper": get("upper"), "interval": f.attrs.get("interval"),
+                    "ridge_alone": bool(f.attrs.get("ridge_alone", False)),
                     "levels": {int(n[6:]): {k: f[n][k][:] for k in f[n]} for n in f if n.startswith("level_")}}
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: expected a readable prediction file, found: {e}") from None

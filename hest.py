@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import sys
 import time
 from pathlib import Path
@@ -482,7 +482,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder (never the input folder)")
     for name in ("import-hest", "embed", "bin"):
         sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
-        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one per core)")
+        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: the default, threads.py)")
     a = ap.parse_args(argv)
     try:
         set_threads(a.threads)

@@ -10,9 +10,8 @@ Separate from eval.py because matplotlib is an optional dependency, imported onl
 """
 from __future__ import annotations
 
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import math
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
 import re
 from pathlib import Path
 
@@ -483,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
+                       help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
     a = ap.parse_args(argv)
     try:
         predict.set_threads(run_threads(a.run) if a.threads is None else a.threads)

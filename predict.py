@@ -9,8 +9,7 @@ one-fold run) and the run's eval.mc_samples as --mc, new slides get that fold's 
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import sys
 from pathlib import Path
@@ -80,9 +79,9 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core)."""
+    """torch's CPU threads for this process: n > 0, or 0 / None = the default (threads.py)."""
     if n is not None and n < 0:
-        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: one per core)")
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: the default)")
     if n:
         torch.set_num_threads(int(n))
 
@@ -240,12 +239,14 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
         lower, upper, level = pred - half, pred + half, calibration["level"]
     space = "log1p(counts / library_size * 1e4)" if cfg["data"]["normalize"] else "log1p(counts)"
     out = Path(out_dir) / slide.slide_id
+    # model.ood_fallback: every model predicted the slide by its spatial ridge alone
+    alone = all(getattr(m, "unlike_training", lambda f: False)(slide.features) for m, _ in models)
     if "h5" in formats:
         levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
                                slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
         write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
                           slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels,
-                          lower=lower, upper=upper, interval=level)
+                          lower=lower, upper=upper, interval=level, ridge_alone=alone)
     if "h5ad" in formats:
         import yaml
         in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ()) for m, _ in models)
@@ -253,7 +254,7 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
         pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * unit
         uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
                            "X": f"predicted expression, {space}", "mc_samples": int(mc),
-                           "in_training": int(in_training),
+                           "in_training": int(in_training), "ridge_alone": int(alone),
                            **({} if level is None else {"interval": float(level)}),
                            "spatial_units": "obsm['spatial'] in micrometres; uns['spatial'] full-res pixels are "
                                             "micrometres (1 um = 1 full-res unit); spot diameter = 0.55 x the "
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exclude-training", action="store_true",
                    help="predict each slide only with the fold models that did not train on it (out of fold)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the run's run.threads; 0 = one per core)")
+                   help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
     a = p.parse_args(argv)
     try:
         if a.mc < 0:

@@ -8,8 +8,7 @@ default one.
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import collections
 import re

@@ -365,37 +365,141 @@ def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], 
     return todo, notes
 
 
-class Progress:
-    """The time left of a run, for the progress lines: the epochs still to run times the mean measured
-    epoch time, plus each fold's time outside its epochs (reading the slides, choosing genes, fitting a
-    ridge start, predicting the test slides) for the folds still to run, measured on the folds done (on
-    the current fold's set-up until one is done). `clock` is injectable so that tests can script time."""
+def fold_sizes(record: dict, root: Path) -> list[dict]:
+    """What each fold of the record (`fold_record`) will do, for `Progress`: the spots of each of
+    its training slides (a step each per epoch), of its validation slides (scored every epoch), of
+    its test slides (predicted once) and of every slide it reads."""
+    spots = {s: data.read_slide_meta(root / f"{s}.h5").n_spots for s in record["slides"]}
+    return [{"train": [spots[s] for s in f["train"]], "val": [spots[s] for s in f["val"]],
+             "test": [spots[s] for s in f["test"]],
+             "read": sum(spots[s] for part in ("train", "val", "calibration", "test")
+                         for s in f.get(part, []))} for f in record["folds"]]
 
-    def __init__(self, epochs: list[int], clock=time.monotonic):
-        self.left, self.clock = list(epochs), clock      # epochs still to run, per fold still to run
-        self.epoch_s, self.epochs_done, self.extra_s, self.folds_done = 0.0, 0, 0.0, 0
-        self.fold_t0, self.fold_epoch_s = None, 0.0
+
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(a, b) of y = a + b x, least squares over the points, both at least 0 (a < 0: the line
+    through 0; b < 0: the mean); None while the x lie within 5% of their mean (no slope to tell)."""
+    x, y = [float(p) for p, _ in points], [float(q) for _, q in points]
+    mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
+    var = sum((v - mean_x) ** 2 for v in x)
+    if var <= (0.05 * mean_x) ** 2 * len(x):
+        return None
+    b = sum((u - mean_x) * (v - mean_y) for u, v in zip(x, y)) / var
+    a = mean_y - b * mean_x
+    if a < 0 or b < 0:
+        return (0.0, sum(y) / sum(x)) if a < 0 else (mean_y, 0.0)
+    return a, b
+
+
+def step_fit(steps: list[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) of seconds per training step = a + b x spots (`line_fit` over the measured (spots,
+    seconds)); b alone, seconds per spot, while the measured slides have one size."""
+    return line_fit(steps) or (0.0, sum(t for _, t in steps) / max(sum(n for n, _ in steps), 1))
+
+
+class Progress:
+    """The time left of a run, for train.py's progress lines. What each fold still to run will do is
+    known before it starts (`fold_sizes`): one training step per training slide and epoch, its
+    validation slides scored every epoch, its test slides predicted once, its slides read first.
+    What was measured so far: every training step with its slide's spots, every epoch, and each
+    fold's time before its epochs (reading, genes, the closed-form fits) and after them (predicting
+    the test slides, writing files). The estimate of a fold:
+      epochs  the current fold's mean epoch, once it has one; for a fold not begun, its steps at
+              a + b x spots (`step_fit`), its validation slides at a third of a step (a forward
+              pass), times the ratio of the measured epochs to that same sum for their folds;
+      before  seconds per spot read, measured on the folds begun (the current fold: at least its
+              time so far);
+      after   a fixed part (writing files) plus a part per test slide, a third of a step each
+              (as validation slides; without training steps: its spots), fitted (`line_fit`) on
+              the folds done; while they cannot tell the two parts apart (one fold done), the
+              geometric mean of all fixed and all per slide; before a fold is done, the test
+              slides as validation slides, times the epochs' ratio.
+    `clock` is injectable so that tests can script time."""
+
+    def __init__(self, folds: list[dict], epochs: int, clock=time.monotonic):
+        self.folds = [dict(f, left=epochs) for f in folds]      # the folds still to run, in order
+        self.clock, self.steps = clock, []
+        self.epoch_log = []               # (seconds, its fold) of every epoch measured
+        self.before = []                  # (spots read, seconds before the epochs) per fold
+        self.after = []                   # (the fold, seconds after its epochs) per fold done
+        self.fold_t0 = self.before_s = None
+        self.fold_epochs = []             # the current fold's epoch seconds
 
     def start_fold(self) -> None:
-        self.fold_t0, self.fold_epoch_s = self.clock(), 0.0
+        self.fold_t0, self.before_s, self.fold_epochs = self.clock(), None, []
 
-    def epoch(self, seconds: float, left_in_fold: int) -> str:
-        """Record one finished epoch of `seconds`, `left_in_fold` epochs still to run in this fold (a
-        resumed fold starts part-way); the estimate of the time left, as `1m05s`."""
-        self.epoch_s, self.epochs_done, self.fold_epoch_s = self.epoch_s + seconds, self.epochs_done + 1, \
-            self.fold_epoch_s + seconds
-        self.left[0] = left_in_fold
+    def begin_epochs(self, n: int) -> None:
+        """The current fold is set up and runs `n` epochs now (resumed: fewer; no network: 0)."""
+        self.folds[0]["left"] = n
+        self.before_s = self.clock() - self.fold_t0
+        self.before.append((self.folds[0]["read"], self.before_s))
+
+    def step(self, spots: int, seconds: float) -> None:
+        self.steps.append((spots, seconds))
+
+    def epoch(self, seconds: float) -> str:
+        """Record one finished epoch of the current fold; the estimate of the time left (1m05s)."""
+        self.fold_epochs.append(seconds)
+        self.epoch_log.append((seconds, self.folds[0]))
+        self.folds[0]["left"] = max(self.folds[0]["left"] - 1, 0)
         left = self.seconds_left()
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
-    def end_fold(self) -> None:
-        self.extra_s += self.clock() - self.fold_t0 - self.fold_epoch_s
-        self.folds_done += 1
-        self.left.pop(0)
+    def end_fold(self) -> tuple[float, float, int]:
+        """(the fold's seconds, of them in epochs, its epochs), and the fold is done."""
+        total = self.clock() - self.fold_t0
+        in_epochs = sum(self.fold_epochs)
+        before = self.before_s if self.before_s is not None else total - in_epochs
+        self.after.append((self.folds[0], total - before - in_epochs))
+        self.folds.pop(0)
         self.fold_t0 = None
+        return total, in_epochs, len(self.fold_epochs)
+
+    def _forward(self, spots: list[int]) -> float:
+        """Forward passes over slides of these spots, a third of a step each by the step fit."""
+        if not self.steps:
+            return 0.0
+        a, b = step_fit(self.steps)
+        return sum(a + b * n for n in spots) / 3
+
+    def _modelled(self, fold: dict) -> float:
+        """An epoch of `fold` by the step fit, before the measured ratio."""
+        return 3 * self._forward(fold["train"]) + self._forward(fold["val"])
+
+    def _after(self, fold: dict, ratio: float) -> float:
+        """The fold's time after its epochs (`Progress`, "after")."""
+        if not self.after:
+            return ratio * self._forward(fold["test"])
+        work = lambda f: self._forward(f["test"]) if self.steps else float(sum(f["test"]))  # noqa
+        points = [(work(f), s) for f, s in self.after]
+        fit = line_fit(points)
+        if fit is not None:
+            return fit[0] + fit[1] * work(fold)
+        fixed = sum(s for _, s in points) / len(points)
+        per_slide = sum(s for _, s in points) / max(sum(w for w, _ in points), 1e-12) * work(fold)
+        return (fixed * per_slide) ** 0.5
 
     def seconds_left(self) -> float:
-        per_epoch = self.epoch_s / max(self.epochs_done, 1)
-        spent = 0.0 if self.fold_t0 is None else self.clock() - self.fold_t0 - self.fold_epoch_s
-        per_fold = self.extra_s / self.folds_done if self.folds_done else spent   # outside the epochs
-        return sum(self.left) * per_epoch + len(self.left) * per_fold - min(spent, per_fold)
+        modelled = sum(self._modelled(f) for _, f in self.epoch_log)
+        ratio = sum(s for s, _ in self.epoch_log) / modelled if modelled > 0 else 1.0
+        before_rate = (sum(s for _, s in self.before) / max(sum(n for n, _ in self.before), 1)
+                       if self.before else None)
+        left = 0.0
+        for i, fold in enumerate(self.folds):
+            current = i == 0 and self.fold_t0 is not None
+            if current and self.fold_epochs:
+                epoch = sum(self.fold_epochs) / len(self.fold_epochs)
+            else:
+                epoch = ratio * self._modelled(fold)
+            left += fold["left"] * epoch
+            after = self._after(fold, ratio)
+            if current and self.before_s is None:     # still setting up: at least what it took
+                spent = self.clock() - self.fold_t0
+                before = before_rate * fold["read"] if before_rate is not None else spent
+                left += max(before - spent, 0.0) + after
+            elif current:
+                spent = self.clock() - self.fold_t0 - self.before_s - sum(self.fold_epochs)
+                left += max(after - max(spent, 0.0), 0.0) if fold["left"] == 0 else after
+            else:
+                left += (before_rate or 0.0) * fold["read"] + after
+        return left

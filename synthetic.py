@@ -5,8 +5,7 @@
 """
 from __future__ import annotations
 
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (BENCHMARKS.md, "Threads")
+import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
 import math
 import time

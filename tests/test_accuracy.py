@@ -197,7 +197,7 @@ def test_ema_keeps_the_moving_average_of_every_step(tmp_path):
             {n: t.detach().clone().double() for n, t in m.state_dict().items()}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.AdamW, "__init__", init)
-        train.train_fold(0, batches, [], cfg, m, torch.device("cpu"), tmp_path, lambda line: None, lambda *a: "")
+        train.train_fold(0, batches, [], cfg, m, torch.device("cpu"), tmp_path, lambda line: None)
     assert len(seen) == 6
     avg = initial
     for t, w in enumerate(seen):

@@ -196,7 +196,7 @@ def test_a_training_run_on_the_gpu_follows_the_cpu(roots, tmp_path):
     losses = []
     for device in (CPU, CUDA):
         lines, m = [], copy.deepcopy(model).to(device)
-        train.train_fold(0, batches, [], cfg, m, device, tmp_path / device.type, lines.append, lambda: "-")
+        train.train_fold(0, batches, [], cfg, m, device, tmp_path / device.type, lines.append)
         losses.append([float(x) for line in lines for x in re.findall(r" loss ([0-9.]+)", line)])
         assert all(p.device.type == device.type and torch.isfinite(p).all() for p in m.parameters())
     cpu, gpu = losses

@@ -13,7 +13,8 @@ import torch
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
-DELETED = ["hest.py", "synthetic.py", "plots.py", "protocols.py", "bench.py", "bench_accuracy.py", "gpu_check.py"]
+DELETED = ["hest.py", "synthetic.py", "plots.py", "protocols.py", "bench.py", "bench_accuracy.py", "bench_runs.py",
+           "gpu_check.py"]
 
 
 def tracked_copy(dest: Path) -> Path:

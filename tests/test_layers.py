@@ -13,7 +13,7 @@ LAYERS = {  # 1 geometry and maths, 2 model and data contract, 3 programs
     1: ["lattice", "kernels", "attention"],
     2: ["model", "pyramid", "baselines", "losses", "data", "files"],
     3: ["train", "augment", "runs", "conformal", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench",
-        "bench_accuracy", "gpu_check"],
+        "bench_accuracy", "bench_runs", "gpu_check", "threads"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
@@ -89,7 +89,8 @@ def test_the_files_keep_their_layers():
 def test_train_and_eval_import_no_program_a_fork_may_delete_without_a_guard():
     """train.py and eval.py run in a copy without hest, synthetic, plots, protocols and bench*: train.py
     imports protocols and synthetic only in a try / except ModuleNotFoundError at the top level."""
-    deletable = {"hest", "synthetic", "plots", "protocols", "bench", "bench_accuracy", "gpu_check"}
+    deletable = {"hest", "synthetic", "plots", "protocols", "bench", "bench_accuracy", "bench_runs",
+                 "gpu_check"}
     for name in ("train", "eval"):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         guarded = {a.name for node in tree.body if isinstance(node, ast.Try) for stmt in node.body
@@ -128,7 +129,8 @@ def test_imports_are_read_at_every_depth(tmp_path):
     assert got == [("data", False), ("model", False), ("hest", False), ("eval", True), ("lattice", True)]
 
 
-CORE = ["lattice", "attention", "model", "pyramid", "data", "train", "eval"]
+CORE = ["lattice", "attention", "model", "pyramid", "data", "train", "eval",
+        "kernels", "threads", "bench_runs"]   # the design card's files, and the ones beside them
 
 
 @pytest.mark.parametrize("name", CORE)

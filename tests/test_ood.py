@@ -118,3 +118,84 @@ def test_a_run_names_the_unlike_slides_and_predicts_them_by_the_spatial_ridge(tm
     said = {s: next(line for line in lines if f"{s} (.h5): " in line) for s in folds[k]["test"] + folds[k]["train"]}
     assert all("unlike the training slides of 1: their spatial ridge alone" in said[s] for s in folds[k]["test"])
     assert "their spatial ridge alone" not in said[folds[k]["train"][0]]     # its own training slide is like itself
+
+
+def fallback_dataset(root):
+    """Four synthetic slides of two patients (P00: three, P01: one) whose features are shifted by
+    8 per patient: every slide of one patient is unlike every slide of the other, so each fold of a
+    two-fold split by patient predicts all its test slides by the spatial ridge alone."""
+    import data
+    import synthetic
+    synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=150, log=lambda *a: None)
+    for path in sorted(root.glob("*.h5")):
+        slide = data.read_slide(path)
+        slide.features = slide.features + 8.0 * int(slide.patient[1:])
+        data.write_slide(path, slide, overwrite=True)
+
+
+@pytest.mark.slow
+def test_a_fold_whose_every_test_slide_falls_back_trains_no_network(tmp_path, monkeypatch, capsys):
+    """End to end on slides built to fall back: the fold says so before training, no epoch runs and
+    the network never runs forward (the ridge alone is the model); the predictions are those of
+    configs/ridge_spatial.yaml on the same folds; results.md, results.json, eval.py and predict.py's
+    files say which slides fell back. train.skip_unused=false trains the network anyway."""
+    import json
+    import eval as evaluation
+    import files
+    import model as model_module
+    import predict
+    import train
+    from conftest import ROOT
+    root = tmp_path / "data"
+    fallback_dataset(root)
+    common = [f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 20}",
+              f"run.dir={tmp_path / 'runs'}", "model.radii=[1.5]"]
+    tiny = ["model.dim=16", "model.heads=2", "train.epochs=2"]
+    forwards = []
+    real_forward = model_module.Tessera.forward
+    monkeypatch.setattr(model_module.Tessera, "forward",
+                        lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
+    monkeypatch.setattr(train, "train_fold", lambda *a, **k: pytest.fail("a network was trained"))
+    train.main([str(ROOT / "configs/tessera.yaml"), *common, *tiny, "run.name=t"])
+    assert forwards == []                                  # not even to predict the test slides
+    monkeypatch.undo()
+    train.main([str(ROOT / "configs/ridge_spatial.yaml"), *common, "run.name=r"])
+    run = tmp_path / "runs" / "t"
+    log = (run / "log.txt").read_text()
+    folds = json.loads((run / "folds.json").read_text())["folds"]
+    for k, f in enumerate(folds):
+        said = log.index(f"fold {k}: every test slide is predicted by the spatial ridge alone: the "
+                         "network is not trained (train.skip_unused=false trains it anyway)")
+        assert said < log.index(f"fold {k}: done in") and f"fold {k} epoch" not in log
+        assert torch.load(run / f"fold_{k}" / "model.pt", weights_only=True)["trained"] is False
+        for s in f["test"]:
+            got = files.read_predictions(run / f"fold_{k}" / "pred" / f"{s}.h5")
+            want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred"
+                                          / f"{s}.h5")
+            np.testing.assert_allclose(got["pred"], want["pred"], rtol=1e-5, atol=1e-5)
+            assert got["ridge_alone"] is True and want["ridge_alone"] is False
+    results = json.loads((run / "results.json").read_text())
+    assert results["ridge_alone"] == {f"fold_{k}": sorted(f["test"]) for k, f in enumerate(folds)}
+    md = (run / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("Predicted by the spatial ridge alone"))
+    assert all(s in line for f in folds for s in f["test"])
+    capsys.readouterr()
+    evaluation.main([str(run), str(tmp_path / "runs" / "r")])
+    printed = capsys.readouterr().out
+    assert f"t: {evaluation.ridge_alone_line(results)}" in printed and "\nr: " not in printed
+    predict.main(["--run", str(run), "--slides", str(root), "--out", str(tmp_path / "pred"),
+                  "--fold", "0"])
+    for s in folds[0]["test"]:
+        assert files.read_predictions(tmp_path / "pred" / f"{s}.h5")["ridge_alone"] is True
+    for s in folds[0]["train"]:                             # its own training slides are like them
+        assert files.read_predictions(tmp_path / "pred" / f"{s}.h5")["ridge_alone"] is False
+    train.main([str(ROOT / "configs/tessera.yaml"), *common, *tiny, "run.name=anyway",
+                "train.skip_unused=false"])
+    log = (tmp_path / "runs" / "anyway" / "log.txt").read_text()
+    assert "the network is trained anyway (train.skip_unused=false)" in log
+    assert "fold 0 epoch 2/2" in log and "fold 1 epoch 2/2" in log
+    for k, f in enumerate(folds):
+        for s in f["test"]:
+            got, want = (files.read_predictions(tmp_path / "runs" / name / f"fold_{k}" / "pred"
+                                                / f"{s}.h5") for name in ("anyway", "r"))
+            np.testing.assert_allclose(got["pred"], want["pred"], rtol=1e-5, atol=1e-5)

@@ -272,3 +272,137 @@ def test_locks_are_exclusive_and_a_broken_one_is_named(tmp_path):
     path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "then"}))
     holder, note = runs.take(path)
     assert holder is None and "no longer running" in note and json.loads(path.read_text())["pid"] == os.getpid()
+
+
+# ---- the time left of a run -------------------------------------------------------------------
+def test_step_fit_is_the_least_squares_line_of_numpy():
+    g = np.random.default_rng(3)
+    n = g.integers(100, 5000, size=40)
+    t = 0.08 + 3e-4 * n + g.normal(0, 0.01, size=40)
+    b, a = np.polyfit(n, t, 1)
+    assert runs.step_fit(list(zip(n.tolist(), t.tolist()))) == pytest.approx((a, b), rel=1e-9)
+    same = [(500, 1.0), (510, 1.2), (495, 0.8)]                  # one size: seconds per spot alone
+    assert runs.step_fit(same) == pytest.approx((0.0, 3.0 / 1505))
+    assert runs.step_fit([(100, 2.0), (1000, 1.0)])[1] == 0.0      # no negative slope
+
+
+def scripted_run(folds: list[dict], epochs: int, seed: int = 0, noise: float = 0.05):
+    """A cross-validation on a fake clock whose costs follow a model of their own, not the one
+    Progress assumes, in the proportions measured for configs/tessera.yaml on the her2st sections
+    (train.py's log, 2-core VM: an epoch of one 283-spot slide 2.3 s, of five ~180-spot slides
+    10.7 s, a fold's set-up about 5 s, a test slide's forward pass about 0.6 of a step): a training
+    step 1.78 s + 1.05e-3 n^1.1 s (n spots), a forward pass (validation, test) 0.6 of that, set-up
+    2 s + 2.5e-3 s per spot read, 0.5 s of files after the epochs; each duration times a random
+    factor exp(noise * z). Returns (fold, epoch, estimate, truth) at the end of every epoch, truth
+    being the sum of the durations still to come."""
+    step = lambda n: 1.78 + 1.05e-3 * n ** 1.1                          # noqa: E731
+    g = np.random.default_rng(seed)
+    jitter = lambda s: s * float(np.exp(noise * g.standard_normal()))   # noqa: E731
+    script = []                                   # (what, fold, spots, seconds)
+    for k, f in enumerate(folds):
+        script.append(("setup", k, None, jitter(2.0 + 2.5e-3 * f["read"])))
+        for e in range(epochs):
+            for i in g.permutation(len(f["train"])):
+                n = f["train"][i]
+                script.append(("step", k, n, jitter(step(n))))
+            script.append(("val", k, e, jitter(sum(0.6 * step(n) for n in f["val"]))))
+        script.append(("after", k, None, jitter(0.5 + sum(0.6 * step(n) for n in f["test"]))))
+    now = [0.0]
+    progress = runs.Progress(folds, epochs, clock=lambda: now[0])
+    out, epoch_s = [], 0.0
+    for i, (what, k, n, seconds) in enumerate(script):
+        if what == "setup":
+            progress.start_fold()
+        now[0] += seconds
+        if what == "setup":
+            progress.begin_epochs(epochs)
+        elif what == "step":
+            progress.step(n, seconds)
+            epoch_s += seconds
+        elif what == "val":
+            progress.epoch(epoch_s + seconds)
+            out.append((k, n, progress.seconds_left(), sum(s for *_, s in script[i + 1:])))
+            epoch_s = 0.0
+        else:
+            progress.end_fold()
+    assert progress.seconds_left() == 0
+    return out
+
+
+def fold(train, test, val=()):
+    return {"train": list(train), "val": list(val), "test": list(test),
+            "read": sum(train) + sum(val) + sum(test)}
+
+
+HER2ST = [283, 187, 180, 184, 181, 178]          # B4, C2 ... C6: two folds by patient
+UNEQUAL = {
+    "her2st, B first": [fold(HER2ST[:1], HER2ST[1:]), fold(HER2ST[1:], HER2ST[:1])],
+    "her2st, C first": [fold(HER2ST[1:], HER2ST[:1]), fold(HER2ST[:1], HER2ST[1:])],
+    "four folds of unequal slides": [fold([300, 900], [4000], val=[600]), fold([4000, 600, 2500],
+                                     [300, 900]), fold([300, 900, 4000], [600, 2500], val=[1200]),
+                                     fold([1200, 800], [300])],
+    "one large fold among small ones": [fold([500, 500], [500]), fold([5000, 4000, 3000], [500]),
+                                        fold([500], [500, 500])],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNEQUAL))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eta_at_the_first_epoch_of_the_second_fold_is_within_a_quarter(case, seed):
+    """Folds of unequal size (spots and slides of their training, validation and test sets): the
+    estimate printed at the first epoch of the second fold is within 25% of the time the run then
+    takes."""
+    rows = scripted_run(UNEQUAL[case], epochs=10, seed=seed)
+    k, e, estimate, truth = next(r for r in rows if r[0] == 1)
+    assert e == 0 and abs(estimate - truth) <= 0.25 * truth, (estimate, truth)
+
+
+def test_eta_of_unequal_folds_stays_within_a_quarter_while_epochs_remain():
+    """From the first epoch of the second fold on, while the run still has epochs to train."""
+    folds = UNEQUAL["four folds of unequal slides"]
+    rows = scripted_run(folds, epochs=10, seed=2)
+    checked = [(est, truth) for k, e, est, truth in rows if k >= 1 and (k < 3 or e < 9)]
+    errors = [abs(est - truth) / truth for est, truth in checked]
+    assert len(errors) == 3 * 10 - 1 and max(errors) <= 0.25, max(errors)
+
+
+def test_eta_of_equal_folds_is_within_a_quarter_after_the_first_fold():
+    """Three folds alike, epochs of varying length: every estimate after the first fold is within
+    25% of the time that really remains, the folds' time outside their epochs included."""
+    rows = scripted_run([fold([1500] * 6, [1500] * 3)] * 3, epochs=10, seed=4, noise=0.2)
+    errors = [abs(est - truth) / truth for k, _, est, truth in rows if k >= 1]
+    assert len(errors) == 20 and max(errors) <= 0.25, max(errors)
+
+
+def test_eta_of_a_resumed_fold_counts_only_the_epochs_left():
+    now = [0.0]
+    progress = runs.Progress([fold([100], [])], 10, clock=lambda: now[0])
+    progress.start_fold()
+    progress.begin_epochs(2)                    # resumed at epoch 8 of 10
+    now[0] += 2.0
+    progress.step(100, 2.0)
+    assert progress.epoch(2.0) == "0m02s"      # one epoch of 2 s left, nothing to predict
+
+
+def test_a_fold_that_trains_nothing_costs_its_set_up_and_predictions_only():
+    now = [0.0]
+    progress = runs.Progress([fold([300], [500]), fold([500], [300])], 10, clock=lambda: now[0])
+    progress.start_fold()
+    now[0] += 3.0
+    progress.begin_epochs(0)                    # every test slide falls back: no network
+    now[0] += 1.0
+    assert progress.end_fold() == (4.0, 0.0, 0)
+    # the second fold: no epochs, set-up at 3 s per 800 spots read; after: 1 s for 500 test spots
+    # measured once, so the geometric mean of all fixed (1 s) and all per test spot (300 / 500 s)
+    assert progress.seconds_left() == pytest.approx(3.0 + (1.0 * 1.0 / 500 * 300) ** 0.5)
+
+
+def test_a_run_logs_each_folds_time(root, tmp_path):
+    """train.py: one line per fold with its time and the part in epochs (bench_runs.py reads it)."""
+    train.main(linear(root, f"run.dir={tmp_path}", "run.name=t"))
+    log = (tmp_path / "t" / "log.txt").read_text()
+    for k in range(2):
+        line = next(x for x in log.splitlines() if x.startswith(f"fold {k}: done in "))
+        words = line.split()
+        total, in_epochs = float(words[4].rstrip("s,")), float(words[7].rstrip("s"))
+        assert 0 <= in_epochs <= total and line.endswith("in 1 epoch(s)")

@@ -146,7 +146,7 @@ def test_validation_slides_keep_the_best_epoch(tiny_root, tmp_path, monkeypatch)
         return next(scores)
     monkeypatch.setattr(train.evaluation, "pcc_gene", scripted)
     lines = []
-    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append, lambda *a: "")
+    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append)
     assert len(states) == 4 and all("val_pcc_gene" in line for line in lines)
     for name, t in model.state_dict().items():
         assert torch.equal(t, states[1][name]), name
@@ -174,7 +174,7 @@ def test_with_a_spatial_start_the_start_itself_is_a_validation_candidate(tiny_ro
     scores = iter([0.9, 0.1, 0.5, 0.2])
     monkeypatch.setattr(train.evaluation, "pcc_gene", lambda pred, true: next(scores))
     lines = []
-    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append, lambda *a: "")
+    train.train_fold(0, batches[:2], batches[2:], cfg, model, torch.device("cpu"), tmp_path, lines.append)
     assert lines[0].startswith("fold 0 epoch 0 (the spatial ridge alone) val_pcc_gene 0.9000") and len(lines) == 4
     assert all(float(p.detach().abs().max()) == 0 for p in model.net.head.start().parameters())        # the residual's head: zero
     model.eval()
@@ -445,7 +445,7 @@ def test_a_non_finite_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(tin
     real_save = train.save_atomic
     monkeypatch.setattr(train, "save_atomic", lambda obj, path: (saved.append(obj["epoch"]), real_save(obj, path)))
     with pytest.raises(train.Diverged) as e:
-        train.train_fold(0, batches, [], cfg, model, torch.device("cpu"), tmp_path, lambda s: None, lambda *a: "")
+        train.train_fold(0, batches, [], cfg, model, torch.device("cpu"), tmp_path, lambda s: None)
     msg = str(e.value)
     for word in [*words, "checkpoint.pt kept", "train.lr"]:
         assert word in msg, (word, msg)
