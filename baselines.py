@@ -372,7 +372,7 @@ class SpatialStart(nn.Module):
         """The network's output with the spatial ridge added to "pred". slide_norm hands the network the
         slide's own feature statistics (no standardised copy of the features); in inference the ridge is
         added into the network's prediction in place, so a large slide holds one (N, G) prediction."""
-        if self.cfg.spatial_start and not (self.training or return_attention or self.cfg.head_var) \
+        if self.cfg.spatial_start and not (self.training or self.cfg.head_var) \
                 and list(self.cfg.out_levels) == [0] and self.unlike_training(features):
             return self.start(features, coords, out_dtype=out_dtype)  # the network would be zeroed
         stats = slide_statistics(features) if self.norm_on() else None
