@@ -233,9 +233,29 @@ def _step_case(spec, dev):
         loss = compute_loss(train.forward(model, b, dev), batch, cfg, model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if spec["mode"] == "grad":            # forward, loss, backward: what FLOPs are counted over
+            return
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip"])
         opt.step()
     return step, {}
+
+
+def flop_time(fn, threads):
+    """FLOPs of one call of fn (torch's FlopCounterMode: matrix products and fused attention) and
+    the seconds they take at the rate of one 1024 x 1024 float32 matmul on the same threads (best
+    of 10): the time a call would take if all of it ran at the matmul rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as count:
+        fn()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = math.inf
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    rate = 2 * 1024 ** 3 / best
+    return {"gflop": count.get_total_flops() / 1e9, "matmul_gflops": rate / 1e9,
+            "flop_s": count.get_total_flops() / rate}
 
 
 def _pyramid_case(spec, dev):
@@ -275,6 +295,9 @@ def run_case(spec):
         peak, reserved = torch.cuda.max_memory_allocated() / 2 ** 20, torch.cuda.max_memory_reserved() / 2 ** 20
     else:
         peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
+    if spec.get("flops") and spec["part"] == "step" and not cuda:
+        extra = dict(extra, **flop_time(fn, torch.get_num_threads()))
+        extra["x_flop"] = t / extra["flop_s"]
     return dict(spec, time_s=t, times=times, peak_mb=peak, base_mb=base, work_mb=peak - base,
                 reserved_mb=reserved, load=os.getloadavg()[0], **dict(extra, threads=torch.get_num_threads()))
 
@@ -329,7 +352,7 @@ def name_of(r):
 def table(rows, cuda=False):
     mem = ("alloc MB", "resv MB") if cuda else ("peak MB", "work MB")
     head = ("part", "name", "mode", "layout", "N", "time s", "s/1k", *mem, "MB/1k", "x time", "x mem",
-            "max err", "exp")
+            "max err", "exp", "GFLOP", "x flop")
     f = lambda x, p: "" if x is None else f"{x:.{p}g}"
     lines = [head]
     for r in rows:
@@ -341,7 +364,7 @@ def table(rows, cuda=False):
         lines.append((r["part"], name_of(r), r["mode"], r["layout"], str(r["n"]), f(r["time_s"], 4),
                       f(r["s_per_1k"], 3), f"{r['peak_mb']:.0f}", f"{m2:.0f}", f(r["mb_per_1k"], 3),
                       f(r.get("time_ratio"), 3), f(r.get("mem_ratio"), 3), f(r.get("max_err"), 2),
-                      f(r["exponent"], 3)))
+                      f(r["exponent"], 3), f(r.get("gflop"), 3), f(r.get("x_flop"), 3)))
     return "\n".join("| " + " | ".join(line) + " |" + ("\n|" + "---|" * len(head) if i == 0 else "")
                      for i, line in enumerate(lines))
 
@@ -349,7 +372,8 @@ def table(rows, cuda=False):
 def plan(args):
     """The rows to measure, in order; a row whose N is above its --max-n cap is left out."""
     specs, base = [], dict(device=args.device, repeats=args.repeats, mem_limit_gb=args.mem_limit_gb,
-                           threads=args.threads, overrides=args.overrides, features_dtype=args.features_dtype)
+                           threads=args.threads, overrides=args.overrides, features_dtype=args.features_dtype,
+                           flops=getattr(args, "flops", False))
     fits = lambda key, n: n <= min(args.max_n.get(k, n) for k in (key, key.split(".")[0]))
     for part in args.parts:
         for kind in args.layouts:
@@ -357,7 +381,8 @@ def plan(args):
                 rows = {"pyramid": [("pyramid", "build")],
                         "window": [(impl, m) for m in ("fwd", "fwd+bwd")
                                    for impl in ("tessera", "reference", "edge", "dense")],
-                        "step": [(cfg, m) for cfg in args.configs for m in ("train", "infer")],
+                        "step": [(cfg, m) for cfg in args.configs
+                                 for m in ("train", "infer") + (("grad",) if args.flops else ())],
                         "memory": [("window_attention", "fwd+bwd"), ("knn_attention", "fwd+bwd")]}[part]
                 paths = args.kernels if part == "step" else [None]
                 specs += [dict(base, part=part, name=name, mode=mode, layout=kind, n=n,
@@ -376,6 +401,9 @@ def main(argv=None):
     ap.add_argument("--layouts", type=words, default=["visium", "hd"])
     ap.add_argument("--parts", type=words, default=["pyramid", "window", "step", "memory"])
     ap.add_argument("--configs", type=words, default=["hist", "default"])
+    ap.add_argument("--flops", action="store_true",
+                    help="step part: also a `grad` row (forward, loss, backward) and, per step row, "
+                         "its FLOPs and the time they take at this machine's matmul rate (x flop)")
     ap.add_argument("--kernels", type=words, default=["fast"],
                     help="step part: model.kernels paths to measure side by side (fast,reference)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
