@@ -292,7 +292,7 @@ def test_gmt_gene_lists_and_split_files(tmp_path):
     (tmp_path / "g.txt").write_text("# header\nA\n\nB\n")
     assert files.read_gene_list(tmp_path / "g.json") == files.read_gene_list(tmp_path / "g.txt") == ["A", "B"]
     (tmp_path / "d.txt").write_text("A\nB\nA\n")
-    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found duplicates A"):
+    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found duplicates 'A' twice"):
         files.read_gene_list(tmp_path / "d.txt")
     (tmp_path / "n.json").write_text(json.dumps({"genes": "A"}))
     with pytest.raises(CacheError, match=r"n\.json: key 'genes': expected a list of gene names, found str"):
