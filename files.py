@@ -107,7 +107,7 @@ def clashes(names) -> list[str]:
     ignores case keeps one of them; a reader cannot tell them apart), e.g. ["'A' twice", "'b' and 'B'
     (differ only in case)"]. Names are compared as given (`name` has stripped them)."""
     seen, out = {}, []
-    for n, k in collections.Counter(names).items():
+    for n, k in collections.Counter(str(n) for n in names).items():
         if k > 1:
             out.append(f"{n!r} {k} times" if k > 2 else f"{n!r} twice")
         seen.setdefault(n.lower(), []).append(n)
@@ -917,8 +917,8 @@ def h5ad_xy(f, obs: dict) -> np.ndarray | None:
     neither. Centres that are not finite numbers are refused (a bin or a spot at NaN is no place)."""
     if "obsm" in f and "spatial" in f["obsm"]:
         key, xy = "obsm/spatial", dataset(f.filename, f, "obsm/spatial")[()]
-        if xy.ndim != 2 or xy.shape[1] < 2 or xy.dtype.kind not in "fiu":
-            fail(f.filename, key, "(N, 2) numeric spot centres", f"{xy.dtype} shape {xy.shape}")
+        if xy.ndim != 2 or xy.dtype.kind not in "fiu":
+            fail(f.filename, key, "shape (N, 2): numeric spot centres", f"{xy.dtype} shape {xy.shape}")
         xy = xy[:, :2]
     else:
         pair = next(((a, b) for a, b in XY_COLUMNS if a in obs and b in obs), None)

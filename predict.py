@@ -80,9 +80,13 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core)."""
-    if n is not None and n < 0:
-        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: one per core)")
+    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core). More
+    threads than cores are refused: each costs a stack and a share of the cores, and torch crashes
+    (segmentation fault) when asked for about a million."""
+    cores = os.cpu_count() or 1
+    if n is not None and not 0 <= n <= cores:
+        raise ValueError(f"--threads {n}: expected a number of threads from 0 to {cores} (this "
+                         "machine's cores; 0: one per core)")
     if n:
         torch.set_num_threads(int(n))
 

@@ -411,6 +411,11 @@ def test_harmonised_h5ad_sums_renamed_genes_and_repeated_barcodes(tmp_path):
     np.testing.assert_array_equal(h.xy, [[0, 0], [1, 0]])
     h = files.read_h5ad(p, genes=["ACTB"], rename=protocols.harmonise_gene_names)
     np.testing.assert_array_equal(h.counts, [[5], [0]])
+    with pytest.raises(CacheError, match=r"h\.h5ad: key 'obs/_index': expected unique names .*'b1' twice"):
+        files.read_h5ad(p)                   # without harmonise a repeated barcode would lose a spot
+    with h5py.File(p, "a") as f:
+        del f["obs/_index"]
+        f.create_dataset("obs/_index", data=np.array(["b1", "b2", "b3"]).astype(object), dtype=STR)
     assert files.read_h5ad(p).genes == list(var)                       # without harmonise: names as stored
 
 

@@ -148,7 +148,7 @@ def test_command_line(tmp_path):
 
 
 def test_sizes_below_one_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"expected every size >= 1, found \{'slides': 0"):
+    with pytest.raises(ValueError, match=r"expected every size >= 1 and a seed >= 0, found \{'slides': 0"):
         synthetic.make_synthetic(tmp_path / "x", n_slides=0, log=lambda s: None)
     r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "x", "--spots", "0"],
                        capture_output=True, text=True, cwd=tmp_path)
