@@ -17,7 +17,6 @@ import yaml
 
 import data
 import files
-import predict
 from model import ModelConfig, build_model, check_config as check_model
 
 DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
@@ -205,7 +204,7 @@ def check_config(cfg: dict, defaults: dict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mc_samples = cfg["eval"]["mc_samples"]
-    if mc_samples and not predict.has_dropout(sized_model(mc, 1, 1)):
+    if mc_samples and not has_dropout(sized_model(mc, 1, 1)):
         raise ConfigError(f"key 'eval.mc_samples': expected 0 for a model without dropout (model.arch = {mc.arch}, "
                           f"model.dropout = {mc.dropout}, model.attn_dropout = {mc.attn_dropout}): Monte-Carlo "
                           f"passes would all be equal; found {mc_samples}")
@@ -401,6 +400,12 @@ def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path)
 
 
 # ---- memory -------------------------------------------------------------------------------------
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether Monte-Carlo dropout can vary this model's output (a dropout or attention dropout > 0)."""
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attn_drop", 0) > 0
+               for m in model.modules())
+
+
 def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
     """The model, for its sizes: built for real when a generous bound on its tensors is small (milliseconds),
     else with its tensors on the meta device (no memory, but seconds: torch imports its meta kernels)."""
@@ -457,17 +462,66 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
     return {"state": state, "activations": spots + sum(kept), "full attention": sum(full)}
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a run: the GPU's free memory on CUDA, else /proc/meminfo's MemAvailable (or free pages)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
+                       value_bytes: int = 4) -> dict:
+    """Bytes one forward without gradients (predict.py, plots.py attention) needs on a slide of n_spots,
+    by part, with memory_estimate's token counts per level. Generous, as memory_estimate:
+    - model: parameters and buffers (no gradients, no optimizer);
+    - activations: the slide's inputs (features, coordinates), the skips the decoder keeps (d per token
+      of every encoder level), and the largest block's working set, (12 + 2 ffn_ratio) d values per
+      token plus its attention weights (window: H (2w)^2, k-NN: H k, global tokens: H each), doubled
+      when signed; non-tessera models: the inputs and two hidden layers per spot;
+    - full attention: the largest block's (H, M, M) bias, scores and weights;
+    - outputs (on the CPU, float32): 16 (N, G) arrays: the ensemble's running mean and spread and the
+      predicted variance's (predict.Welford), the interval, and the copies the writers make."""
+    model = sized_model(mc, in_dim, n_genes)
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    inputs = n_spots * (in_dim + 4) * value_bytes
+    outputs = 16 * 4 * n_spots * n_genes
+    if mc.arch != "tessera":
+        return {"model": state, "activations": inputs + n_spots * 2 * mc.hidden * value_bytes,
+                "full attention": 0, "outputs": outputs}
+    L, d, H, sign = len(mc.depths), mc.dim, mc.heads, 2 if mc.signed else 1
+    tokens = mc.calibration_tokens + mc.pathway_tokens
+
+    def size(level):
+        return n_spots * 4 ** -level if level <= 0 else max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+
+    blocks = [(0, "knn")] * mc.local_blocks + [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
+    for level in range(L):
+        full = level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none"
+        blocks.append((level, "full" if full else mc.attention))
+    slots = {"window": H * (2 * mc.w) ** 2, "knn": H * mc.knn_k, "full": 0, "none": 0}
+    work = max(size(lv) * ((12 + 2 * mc.ffn_ratio) * d + 2 * sign * (slots[mode] + H * tokens))
+               for lv, mode in blocks)
+    skips = sum(size(lv) * d for lv in range(-mc.sub_levels, L))
+    full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"], default=0)
+    return {"model": state, "activations": inputs + (work + skips) * value_bytes,
+            "full attention": full * value_bytes, "outputs": outputs}
+
+
+def check_inference_memory(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, where: str,
+                           device="cpu", available: int | None = None) -> None:
+    """Refuse, before a model runs on a whole slide, a slide whose forward cannot fit in the memory of
+    `device` (inference_estimate: on CUDA the model's parts in bf16 on the GPU, the outputs on the
+    CPU), with the figure and the largest slide that would fit."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    parts = lambda n: inference_estimate(mc, in_dim, n_genes, n, 2 if cuda else 4)  # noqa: E731
+    places = [(device, ("model", "activations", "full attention"))] if cuda else []
+    places.append((torch.device("cpu"), ("outputs",) if cuda else
+                   ("model", "activations", "full attention", "outputs")))
+    for place, keys in places:
+        free = files.available_memory(place) if available is None else available
+        if free is None:
+            continue
+        need = lambda n: sum(parts(n)[k] for k in keys)  # noqa: E731
+        if need(n_spots) > free:
+            fit = files.largest_fitting(need, 1, n_spots, free)
+            detail = ", ".join(f"{k} {files.gib(parts(n_spots)[k])}" for k in keys)
+            files.check_memory(need(n_spots), f"{where}: a forward over {n_spots} spots ({detail})",
+                               f"slides of up to {fit} spots fit" if fit >= 1 else
+                               "no slide fits: a smaller model.dim or model.w", place, free)
 
 
 def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str, available: int | None = None):
@@ -477,7 +531,7 @@ def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str,
     name = cfg["run"]["device"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     value_bytes = 2 if device.type == "cuda" else 4
-    available = available_memory(device) if available is None else available
+    available = files.available_memory(device) if available is None else available
     if available is None:   # no such device: predict.resolve_device says so
         return
     parts = memory_estimate(mc, in_dim, n_genes, n_spots, value_bytes)
