@@ -37,6 +37,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor`: construct_mapping merges it
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(problem=f"found the key {key!r} twice in one mapping (line "
@@ -98,6 +100,9 @@ RANGES = {
     "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "eval.calibration_slides": at_least(0),
     "run.threads": ((lambda v: 0 <= v <= (os.cpu_count() or 1)), f"from 0 to {os.cpu_count() or 1} (this machine's cores)"),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
+    # numpy's RandomState (data.assign kfold, hist) takes seeds below 2^32
+    "train.seed": ((lambda v: 0 <= v < 2 ** 32), "from 0 to 2^32 - 1"),
+    "data.fold_seed": ((lambda v: 0 <= v < 2 ** 32), "from 0 to 2^32 - 1"),
 }
 
 
@@ -139,6 +144,8 @@ def _check_value(name, value, default):
         text = KIND_TEXT[kind]
         if kind in ("number", "numbers") and any(isinstance(v, float) and not math.isfinite(v) for v in values):
             text = text.replace("a number", "a finite number").replace("of numbers", "of finite numbers")
+        if kind == "str" and isinstance(value, bool):  # YAML 1.1: yes, no, on, off are booleans
+            text += f" (YAML reads an unquoted yes/no/on/off as {str(value).lower()}: quote it)"
         _fail(name, text + (" or null" if nullable else ""), value)
     if name in RANGES:
         ok, text = RANGES[name]
@@ -193,11 +200,10 @@ def check_config(cfg: dict, defaults: dict) -> None:
                 _fail("data.synthetic.pseudo", "true or false", value)
             if key != "pseudo" and not (_kind(value, "int") and value >= lowest):
                 _fail(f"data.synthetic.{key}", f"an integer >= {lowest}", value)
-    try:
-        torch.device(cfg["run"]["device"])
-    except RuntimeError:
-        if cfg["run"]["device"] != "auto":
-            _fail("run.device", "auto, cpu, cuda or cuda:<index>", cfg["run"]["device"])
+    device = cfg["run"]["device"]
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        _fail("run.device", "auto, cpu, cuda or cuda:<index>", device)
+    expand_paths(cfg)
     try:
         mc = ModelConfig.from_dict(cfg["model"])
         check_model(mc)
@@ -214,6 +220,30 @@ def check_config(cfg: dict, defaults: dict) -> None:
         raise ConfigError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
                           "set data.normalize=true so that metrics compare like with like")
     check_levels(cfg, mc)
+
+
+PATH_KEYS = ("data.root", "data.gmt", "data.genes", "data.split_dir", "run.dir")
+
+
+def expand_paths(cfg: dict) -> None:
+    """The path keys (PATH_KEYS) as a shell expands them: ~ to the home folder, $VAR and ${VAR} to the
+    environment's values, in place (config.yaml records the expanded path). A variable that is not
+    set, or a path whose symbolic links loop, is refused naming the key."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if not isinstance(value, str):
+            continue
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+        if unset:
+            _fail(key, f"a path (${unset.group(1)} is not set in the environment)", value)
+        try:
+            Path(expanded).resolve()
+        except (OSError, RuntimeError):
+            raise ConfigError(f"key '{key}': expected a path whose symbolic links lead somewhere, "
+                              f"found {value!r}, whose links loop") from None
+        cfg[section][name] = expanded
 
 
 def check_levels(cfg: dict, mc: ModelConfig) -> None:

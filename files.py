@@ -176,9 +176,9 @@ class TooLarge(ValueError):
 
 def _refuse_link(path: Path) -> None:
     if path.is_symlink():
-        raise FileExistsError(f"{path}: expected a file or nothing, found a symbolic link (to "
-                              f"{os.readlink(path)}); refusing to write through or replace it (remove "
-                              "the link first)")
+        raise FileExistsError(f"{path}: found a symbolic link (to {os.readlink(path)}) where a "
+                              "command writes; refusing to write through or replace it (remove the "
+                              "link first)")
 
 
 def _temporary(path: Path, kind: str) -> Path:
@@ -274,6 +274,27 @@ def plain_name(value, where) -> str:
     return text
 
 
+def refuse_links(path, named) -> None:
+    """No symbolic link at `path` nor at a folder between it and the folder the user named (`named`,
+    itself allowed to be a link: the user chose it): the folders a command chooses inside a user's
+    folder (RUN/plots) are never links that lead elsewhere."""
+    path, named = Path(path), Path(named)
+    for place in [path, *path.parents]:
+        if place == named or place in named.parents:
+            break
+        _refuse_link(place)
+
+
+def h5_bytes(path) -> int:
+    """The bytes the datasets of an HDF5 file take once read (shape x item size, whatever the
+    compression): what reading it whole will allocate."""
+    total = []
+    with open_h5(path, "file") as f:
+        f.visititems(lambda _, x: total.append(x.size * x.dtype.itemsize)
+                     if isinstance(x, h5py.Dataset) else None)
+    return sum(total)
+
+
 WRITING = ".tessera-writing"   # in a folder while a command renames its outputs into place (Outputs)
 
 
@@ -340,11 +361,7 @@ class Outputs:
         if found:
             raise CacheError(f"{self.folder}: expected one output per name, found {len(found)} clashing "
                              f"output names: {listed(found, 3)} (one file would replace the other)")
-        named = self.folder if named is None else Path(named)
-        for place in [self.folder, *self.folder.parents]:
-            if place == named or place in named.parents:
-                break
-            _refuse_link(place)        # a folder the command chose, inside the one the user named
+        refuse_links(self.folder, self.folder if named is None else named)
         sources = {Path(p).resolve() for p in inputs}
         if self.folder.resolve() in sources:
             raise ValueError(f"{self.folder}: {what}: expected an output folder other than the inputs, "
