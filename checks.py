@@ -340,23 +340,29 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         hint = (f" (the synthetic dataset of data.synthetic is generated only at {DEMO_ROOT}; "
                 f"`python synthetic.py --out {root}` makes one elsewhere)" if dc["synthetic"] else "")
         raise ConfigError(f"key 'data.root': expected a folder of slide caches, found no folder {root}{hint}")
+    files.check_finished(root)
     if dc["split_dir"]:
         try:
             folds = files.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
         except FileNotFoundError as e:
             raise ConfigError(f"key 'data.split_dir': {e}") from None
+        have = {p.stem for p in root.glob("*.h5")}
         for k, fold in enumerate(folds):
             for part, split_ids in zip(("train", "test"), fold):
+                split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
+                for s in split_ids:     # an id is a file name inside data.root, never a path
+                    files.plain_name(s, f"{split}: key 'sample_id'")
                 missing = [s for s in split_ids if not (root / f"{s}.h5").is_file()]
                 if missing:
-                    split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
-                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} for every "
-                                      f"sample id, found none for {len(missing)}: {data.listed(missing)}")
+                    hint = data.case_hint(missing, have)
+                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} "
+                                      f"for every sample id, found none for {len(missing)}: "
+                                      f"{data.listed(missing)}{hint}")
         ids = sorted({s for train, test in folds for s in train + test})
         paths = [root / f"{s}.h5" for s in ids]
         metas = [data.read_slide_meta(p) for p in paths]
     else:
-        paths = sorted(root.glob("*.h5"))
+        paths = sorted(p for p in root.glob("*.h5") if not p.name.startswith("."))   # not ._<name>
         if not paths:
             raise ConfigError(f"key 'data.root': expected slide caches <slide>.h5 in {root}, found none")
         metas = [data.read_slide_meta(p) for p in paths]
@@ -386,7 +392,8 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
             missing = sorted(set(wanted) - set(m.genes))
             if missing:
                 raise ConfigError(f"{path}: key 'data.genes': expected genes the slides have, found "
-                                  f"{len(missing)} missing from {p}: {data.listed(missing)}")
+                                  f"{len(missing)} missing from {p}: {data.listed(missing)}"
+                                  f"{data.case_hint(missing, m.genes)}")
         genes = wanted
     if dc["gmt"]:
         _check_gmt(cfg, root, genes, log)

@@ -267,7 +267,7 @@ def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) ->
     return slide if genes is None else take_genes(slide, genes, zero_fill, path)
 
 
-def _case_hint(missing, have) -> str:
+def case_hint(missing, have) -> str:
     """' (found X, which differs in case)' for the first missing name the slide has in another case:
     names are compared exactly everywhere (files.clashes)."""
     lower = {g.lower(): g for g in have}
@@ -285,7 +285,7 @@ def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=Non
     missing = [g for g in genes if g not in index]
     if missing and not zero_fill:
         fail(path or slide.slide_id, "genes", f"all {len(genes)} requested genes",
-             f"{len(missing)} missing: {listed(missing, 10)}{_case_hint(missing, index)}"
+             f"{len(missing)} missing: {listed(missing, 10)}{case_hint(missing, index)}"
              " (zero_fill=True fills them with zeros)")
     cols = torch.tensor([index.get(g, -1) for g in genes], dtype=torch.long)
 
@@ -352,11 +352,12 @@ def read_slide_meta(path) -> SlideMeta:
 
 
 def list_slides(root) -> list[Path]:
-    """The slide caches of a dataset folder, sorted by name; a folder a killed command left half
-    written is refused (files.check_finished)."""
+    """The slide caches of a dataset folder, sorted by name, hidden files left out; a folder a killed
+    command left half written is refused (files.check_finished)."""
     root = Path(root)
-    try:
-        paths = sorted(root.glob("*.h5")) if root.is_dir() else []
+    try:        # hidden files (macOS's ._<name>, a killed command's temporaries) are not caches
+        paths = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) \
+            if root.is_dir() else []
     except (OSError, RuntimeError) as e:            # a link that loops
         raise FileNotFoundError(f"{root}: expected a folder of slide caches, found: {e}") from None
     if not paths:
