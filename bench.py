@@ -350,22 +350,24 @@ def plan(args):
 
 
 def check_limits(args) -> None:
-    """Before any row: --threads within the cores, and --mem-limit-gb (the address space each row may
-    take) within the memory this machine has available now, so that no row can exhaust it; with
+    """Before any row: --threads within the cores, and --mem-limit-gb (the address space each row
+    may take) within the memory this machine has available now, so that no row can exhaust it; with
     --inprocess the limit applies to this process."""
     cores, free = os.cpu_count() or 1, files.available_memory("cpu") / 2 ** 30
     if args.threads is not None and not 1 <= args.threads <= cores:
-        raise SystemExit(f"bench.py: --threads {args.threads}: expected 1 to {cores} (this machine's cores)")
+        raise SystemExit(f"bench.py: --threads {args.threads}: expected 1 to {cores} (this "
+                         "machine's cores)")
     if args.mem_limit_gb is None:
         args.mem_limit_gb = min(16.0, free)
     elif not 0 < args.mem_limit_gb <= free:
-        raise SystemExit(f"bench.py: --mem-limit-gb {args.mem_limit_gb:g}: expected a limit above 0 and at "
-                         f"most the {free:.1f} GiB available on this machine; --mem-limit-gb "
-                         f"{math.floor(free * 10) / 10:g} would fit")
+        raise SystemExit(f"bench.py: --mem-limit-gb {args.mem_limit_gb:g}: expected a limit above "
+                         f"0 and at most the {free:.1f} GiB available on this machine; "
+                         f"--mem-limit-gb {math.floor(free * 10) / 10:g} would fit")
     if args.inprocess and args.device == "cpu":
         now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        size = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                     if line.startswith("VmSize:")), now)
+        status = Path("/proc/self/status").read_text().splitlines()
+        size = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:")),
+                    now)
         limit = size + int(args.mem_limit_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
@@ -390,8 +392,9 @@ def main(argv=None):
     ap.add_argument("--max-n", type=caps, default=caps(MAX_N),
                     help=f"largest N per name or name.mode (default {MAX_N})")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
-                    help="address-space limit of each row (default 16, or the memory available if less): "
-                    "a row that needs more fails instead of swapping; more than is available is refused")
+                    help="address-space limit of each row (default 16, or the memory available "
+                    "if less): a row that needs more fails instead of swapping; more than is "
+                    "available is refused")
     ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")

@@ -226,9 +226,9 @@ PATH_KEYS = ("data.root", "data.gmt", "data.genes", "data.split_dir", "run.dir")
 
 
 def expand_paths(cfg: dict) -> None:
-    """The path keys (PATH_KEYS) as a shell expands them: ~ to the home folder, $VAR and ${VAR} to the
-    environment's values, in place (config.yaml records the expanded path). A variable that is not
-    set, or a path whose symbolic links loop, is refused naming the key."""
+    """The path keys (PATH_KEYS) as a shell expands them: ~ to the home folder, $VAR and ${VAR} to
+    the environment's values, in place (config.yaml records the expanded path). A variable that is
+    not set, or a path whose symbolic links loop, is refused naming the key."""
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = cfg[section][name]
@@ -355,8 +355,8 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
                 missing = [s for s in split_ids if not (root / f"{s}.h5").is_file()]
                 if missing:
                     hint = data.case_hint(missing, have)
-                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} "
-                                      f"for every sample id, found none for {len(missing)}: "
+                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in "
+                                      f"{root} for every sample id, found none for {len(missing)}: "
                                       f"{data.listed(missing)}{hint}")
         ids = sorted({s for train, test in folds for s in train + test})
         paths = [root / f"{s}.h5" for s in ids]
@@ -438,7 +438,8 @@ def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path)
 
 # ---- memory -------------------------------------------------------------------------------------
 def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether Monte-Carlo dropout can vary this model's output (a dropout or attention dropout > 0)."""
+    """Whether Monte-Carlo dropout can vary this model's output (a dropout or an attention dropout
+    above 0)."""
     return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attn_drop", 0) > 0
                for m in model.modules())
 
@@ -501,16 +502,19 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
 
 def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
                        value_bytes: int = 4) -> dict:
-    """Bytes one forward without gradients (predict.py, plots.py attention) needs on a slide of n_spots,
-    by part, with memory_estimate's token counts per level. Generous, as memory_estimate:
+    """Bytes one forward without gradients (predict.py, plots.py attention) needs on a slide of
+    n_spots, by part, with memory_estimate's token counts per level. Generous, as memory_estimate:
     - model: parameters and buffers (no gradients, no optimizer);
-    - activations: the slide's inputs (features, coordinates), the skips the decoder keeps (d per token
-      of every encoder level), and the largest block's working set, (12 + 2 ffn_ratio) d values per
-      token plus its attention weights (window: H (2w)^2, k-NN: H k, global tokens: H each), doubled
-      when signed; non-tessera models: the inputs and two hidden layers per spot;
+    - activations: the slide's inputs (features, coordinates), the skips the decoder keeps (d per
+      token of every encoder level), and the largest block's working set, (12 + 2 ffn_ratio) d
+      values per token plus its attention weights (window: H (2w)^2, k-NN: H k, global tokens: H
+      each), doubled when signed; non-tessera models: the inputs and two hidden layers per spot;
     - full attention: the largest block's (H, M, M) bias, scores and weights;
-    - outputs (on the CPU, float32): 16 (N, G) arrays: the ensemble's running mean and spread and the
-      predicted variance's (predict.Welford), the interval, and the copies the writers make."""
+    - outputs (on the CPU, float32): 16 (N, G) arrays: the ensemble's running mean and spread and
+      the predicted variance's (predict.Welford), the interval, and the copies the writers make.
+    Measured on the CPU (tests/test_checks.py), peak resident growth of a forward on 5k to 40k
+    spots: default.yaml 131 MB to 2.4 GB (estimate 201 MB to 6.0 GB), hist.yaml 222 to 623 MB
+    (439 MB to 1.35 GB)."""
     model = sized_model(mc, in_dim, n_genes)
     state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     inputs = n_spots * (in_dim + 4) * value_bytes
@@ -522,9 +526,12 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     tokens = mc.calibration_tokens + mc.pathway_tokens
 
     def size(level):
-        return n_spots * 4 ** -level if level <= 0 else max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+        if level <= 0:
+            return n_spots * 4 ** -level
+        return max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
 
-    blocks = [(0, "knn")] * mc.local_blocks + [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
+    blocks = [(0, "knn")] * mc.local_blocks
+    blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
     for level in range(L):
         full = level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none"
         blocks.append((level, "full" if full else mc.attention))
@@ -532,16 +539,17 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     work = max(size(lv) * ((12 + 2 * mc.ffn_ratio) * d + 2 * sign * (slots[mode] + H * tokens))
                for lv, mode in blocks)
     skips = sum(size(lv) * d for lv in range(-mc.sub_levels, L))
-    full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"], default=0)
+    full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"],
+               default=0)
     return {"model": state, "activations": inputs + (work + skips) * value_bytes,
             "full attention": full * value_bytes, "outputs": outputs}
 
 
 def check_inference_memory(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, where: str,
                            device="cpu", available: int | None = None) -> None:
-    """Refuse, before a model runs on a whole slide, a slide whose forward cannot fit in the memory of
-    `device` (inference_estimate: on CUDA the model's parts in bf16 on the GPU, the outputs on the
-    CPU), with the figure and the largest slide that would fit."""
+    """Refuse, before a model runs on a whole slide, a slide whose forward cannot fit in the memory
+    of `device` (inference_estimate: on CUDA the model's parts in bf16 on the GPU, the outputs on
+    the CPU), with the figure and the largest slide that would fit."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     parts = lambda n: inference_estimate(mc, in_dim, n_genes, n, 2 if cuda else 4)  # noqa: E731

@@ -352,8 +352,8 @@ def read_slide_meta(path) -> SlideMeta:
 
 
 def list_slides(root) -> list[Path]:
-    """The slide caches of a dataset folder, sorted by name, hidden files left out; a folder a killed
-    command left half written is refused (files.check_finished)."""
+    """The slide caches of a dataset folder, sorted by name, hidden files left out; a folder a
+    killed command left half written is refused (files.check_finished)."""
     root = Path(root)
     try:        # hidden files (macOS's ._<name>, a killed command's temporaries) are not caches
         paths = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) \

@@ -1,13 +1,13 @@
-"""The files themselves: how every file is written (one writing helper for every command: data-derived
-names checked, never through a link, never over an input or an existing file without --overwrite, all
-or nothing, a full disk named in one line), how every text is read (one decoding: UTF-8, a byte-order
-mark and Windows line endings dropped, names stripped of surrounding spaces, case-only clashes
-refused), how a bad file is named (file, key, expected, found; numeric values checked block by block),
-whether the machine has the memory and disk a command is about to use; and every file format the
-project reads or writes besides the slide caches (data.py): the small text files a run reads (gene
-lists, MSigDB gene sets, metadata.csv, HEST-Benchmark split CSVs), the prediction files it writes, and
-AnnData .h5ad (read and written with h5py only). The lowest file of the data-contract layer: data.py
-and every program read and write files the same way through it.
+"""The files themselves: how every file is written (one writing helper for every command: names
+from data checked, never through a link, never over an input or an existing file without
+--overwrite, all or nothing, a full disk named in one line), how every text is read (one decoding:
+UTF-8, a byte-order mark and Windows line endings dropped, names stripped of surrounding spaces,
+case-only clashes refused), how a bad file is named (file, key, expected, found; numeric values
+checked block by block), whether the machine has the memory and disk a command is about to use; and
+every file format the project reads or writes besides the slide caches (data.py): the small text
+files a run reads (gene lists, MSigDB gene sets, metadata.csv, HEST-Benchmark split CSVs), the
+prediction files it writes, and AnnData .h5ad (read and written with h5py only). The lowest file of
+the data-contract layer: data.py and every program read and write files the same way through it.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 
 # ----------------------------------------------------------------------------- a bad file, named
 class CacheError(ValueError):
-    """A file that does not have the layout it should; the message names file, key, expected, found."""
+    """A file that does not have the layout it should; the message names file, key, expected,
+    found."""
 
 
 def fail(path, key, expected, found):
@@ -42,8 +43,8 @@ def fail(path, key, expected, found):
 
 
 def listed(items, n: int = 5) -> str:
-    """The first n items, comma-separated, and " ..." when some were cut: messages that show part of a
-    list."""
+    """The first n items, comma-separated, and " ..." when some were cut: messages that show part of
+    a list."""
     items = [str(x) for x in items]
     return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
 
@@ -65,7 +66,8 @@ def node(path, f, key: str, expected: str = "a dataset or group"):
     try:
         return f[key]
     except (KeyError, OSError):
-        fail(path, key, expected, f"a link that leads nowhere ({type(f.get(key, getlink=True)).__name__})")
+        link = type(f.get(key, getlink=True)).__name__
+        fail(path, key, expected, f"a link that leads nowhere ({link})")
 
 
 def dataset(path, f, key: str, expected: str = "a dataset") -> h5py.Dataset:
@@ -92,9 +94,9 @@ def _not_utf8(raw: bytes, at: int) -> str:
 
 
 def decode(raw, where) -> str:
-    """bytes or str (h5py returns either, and str with lone surrogates for bytes it could not decode)
-    as text: UTF-8, a leading byte-order mark dropped. Text that is not UTF-8 is a CacheError naming
-    `where` (the file and the key) and the first bad byte."""
+    """bytes or str (h5py returns either, and str with lone surrogates for bytes it could not
+    decode) as text: UTF-8, a leading byte-order mark dropped. Text that is not UTF-8 is a
+    CacheError naming `where` (the file and the key) and the first bad byte."""
     if isinstance(raw, str):
         if not _ESCAPED.search(raw):
             return raw.removeprefix(BOM)
@@ -113,9 +115,9 @@ def name(raw, where) -> str:
 
 
 def clashes(names) -> list[str]:
-    """Names that clash in a list: exact repeats, and names that differ only in case (a file system that
-    ignores case keeps one of them; a reader cannot tell them apart), e.g. ["'A' twice", "'b' and 'B'
-    (differ only in case)"]. Names are compared as given (`name` has stripped them)."""
+    """Names that clash in a list: exact repeats, and names that differ only in case (a file system
+    that ignores case keeps one of them; a reader cannot tell them apart), e.g. ["'A' twice", "'b'
+    and 'B' (differ only in case)"]. Names are compared as given (`name` has stripped them)."""
     seen, out = {}, []
     for n, k in collections.Counter(str(n) for n in names).items():
         if k > 1:
@@ -127,7 +129,8 @@ def clashes(names) -> list[str]:
 
 
 def unique_names(names, path, key) -> list[str]:
-    """`names` when no two clash (`clashes`); else a CacheError naming the file, the key and them."""
+    """`names` when no two clash (`clashes`); else a CacheError naming the file, the key and
+    them."""
     names = [str(n) for n in names]
     found = clashes(names)
     if found:
@@ -136,13 +139,14 @@ def unique_names(names, path, key) -> list[str]:
 
 
 def read_text(path) -> str:
-    """A text file as str: UTF-8 (a byte-order mark dropped), Windows and old Mac line endings as "\\n".
-    A file that cannot be read, or that is not UTF-8, is a CacheError naming it (and the line and column
-    of the first byte that is not UTF-8)."""
+    """A text file as str: UTF-8 (a byte-order mark dropped), Windows and old Mac line endings as
+    "\\n". A file that cannot be read, or that is not UTF-8, is a CacheError naming it (and the line
+    and column of the first byte that is not UTF-8)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise CacheError(f"{path}: expected a readable text file, found: {e.strerror or e}") from None
+        raise CacheError(f"{path}: expected a readable text file, found: {e.strerror or e}") \
+            from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -154,9 +158,9 @@ def read_text(path) -> str:
 
 
 def h5_strings(ds) -> np.ndarray:
-    """Any HDF5 string dataset (fixed or variable length, bytes or str) as a numpy str array of names
-    (`name`: UTF-8, surrounding whitespace dropped); a value that is not UTF-8 is a CacheError naming
-    the file, the key and the row."""
+    """Any HDF5 string dataset (fixed or variable length, bytes or str) as a numpy str array of
+    names (`name`: UTF-8, surrounding whitespace dropped); a value that is not UTF-8 is a CacheError
+    naming the file, the key and the row."""
     raw = np.asarray(ds[()], dtype=object)
     where = f"{ds.file.filename}: key '{ds.name.lstrip('/')}'"
     flat = [name(v, f"{where}, row {i}") for i, v in enumerate(raw.reshape(-1))]
@@ -164,8 +168,8 @@ def h5_strings(ds) -> np.ndarray:
 
 
 def text_attr(node, key, default="") -> str:
-    """An HDF5 attribute as text (h5py returns bytes or str, by how it was written), stripped; a value
-    that is not UTF-8 is a CacheError naming the file and the attribute."""
+    """An HDF5 attribute as text (h5py returns bytes or str, by how it was written), stripped; a
+    value that is not UTF-8 is a CacheError naming the file and the attribute."""
     value = node.attrs.get(key, default)
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value[()]
@@ -180,8 +184,8 @@ class DiskFull(OSError):
 
 
 class TooLarge(ValueError):
-    """A size a user asked for that this machine cannot hold; the message gives the figure and a size
-    that would fit."""
+    """A size a user asked for that this machine cannot hold; the message gives the figure and a
+    size that would fit."""
 
 
 def _refuse_link(path: Path) -> None:
@@ -193,7 +197,8 @@ def _refuse_link(path: Path) -> None:
 
 def _temporary(path: Path, kind: str) -> Path:
     """A new, empty, hidden file beside `path` (created exclusively: never an existing file or link)
-    named .<name>.<pid>.<random>.<kind>: a later command knows a killed process's leftovers by it."""
+    named .<name>.<pid>.<random>.<kind>: a later command knows a killed process's leftovers by
+    it."""
     for _ in range(100):
         tmp = path.with_name(f".{path.name[:180]}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
         try:
@@ -206,10 +211,10 @@ def _temporary(path: Path, kind: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A symbolic
-    link at `path` is refused (never written through, never replaced). A full disk (ENOSPC, from the
-    block or the rename) becomes DiskFull, "<file>: disk full", and the partial temporary file is
-    removed: the file at `path`, if any, is left as it was."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A
+    symbolic link at `path` is refused (never written through, never replaced). A full disk (ENOSPC,
+    from the block or the rename) becomes DiskFull, "<file>: disk full", and the partial temporary
+    file is removed: the file at `path`, if any, is left as it was."""
     path = Path(path)
     _refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,33 +231,35 @@ def atomic_path(path):
 
 
 def disk_full(path, e: OSError) -> OSError:
-    """A write error as DiskFull ("<file>: disk full") when the disk is full, else the error itself. h5py
-    reports a failed write without errno, with the C library's text."""
+    """A write error as DiskFull ("<file>: disk full") when the disk is full, else the error itself.
+    h5py reports a failed write without errno, with the C library's text."""
     if e.errno == errno.ENOSPC or "No space left on device" in str(e):
         return DiskFull(f"{path}: disk full (no space left on the device to write it)")
     return e
 
 
 def refuse_existing(outputs, overwrite: bool) -> None:
-    """Before a command writes its first file: none of its outputs is a link, and none exists yet unless
-    --overwrite."""
+    """Before a command writes its first file: none of its outputs is a link, and none exists yet
+    unless --overwrite."""
     for out in outputs:
         _refuse_link(Path(out))
         if Path(out).exists() and not overwrite:
-            raise FileExistsError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+            raise FileExistsError(f"{out}: already exists; refusing to overwrite it "
+                                  "(pass --overwrite)")
 
 
 def not_an_input(out_dir, *inputs) -> None:
     """Refuse an output folder that is one of the input folders: outputs are never written over
     inputs."""
     if any(Path(out_dir).resolve() == Path(folder).resolve() for folder in inputs):
-        raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an input "
-                         "folder")
+        raise ValueError(f"{out_dir}: expected an output folder other than the inputs, found an "
+                         "input folder")
 
 
 def check_writable(folder, what: str) -> None:
-    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and
-    removed (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
+    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created
+    and removed (os.access says yes to root on a read-only folder). `what` names its role (e.g.
+    "--out")."""
     place = Path(folder)
     while not place.exists() and not place.is_symlink() and place != place.parent:
         place = place.parent
@@ -263,15 +270,15 @@ def check_writable(folder, what: str) -> None:
         handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
         os.close(handle), os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it "
-                         f"cannot be written ({e.strerror or e})") from None
+        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, "
+                         f"found it cannot be written ({e.strerror or e})") from None
 
 
 def plain_name(value, where) -> str:
-    """A name that comes from data (a slide id, a gene, a barcode) and is about to become a file name:
-    refused unless it is a plain file name, so that a file's content never decides where a command
-    writes: not empty, not '.' or '..', no '/', '\\', control character or leading '.', at most 200
-    bytes."""
+    """A name that comes from data (a slide id, a gene, a barcode) and is about to become a file
+    name: refused unless it is a plain file name, so that a file's content never decides where a
+    command writes: not empty, not '.' or '..', no '/', '\\', control character or leading '.', at
+    most 200 bytes."""
     text = str(value)
     bad = ("empty" if not text else "'.' or '..'" if text in (".", "..") else
            "a path ('/' or '\\' in it)" if "/" in text or "\\" in text else
@@ -279,8 +286,8 @@ def plain_name(value, where) -> str:
            "a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text) else
            "longer than 200 bytes" if len(text.encode("utf-8", "surrogateescape")) > 200 else "")
     if bad:
-        raise CacheError(f"{where}: expected a plain file name, found {text[:80]!r} ({bad}); a name "
-                         "from a file's content never decides where a command writes")
+        raise CacheError(f"{where}: expected a plain file name, found {text[:80]!r} ({bad}); a "
+                         "name from a file's content never decides where a command writes")
     return text
 
 
@@ -305,11 +312,12 @@ def h5_bytes(path) -> int:
     return sum(total)
 
 
-WRITING = ".tessera-writing"   # in a folder while a command renames its outputs into place (Outputs)
+WRITING = ".tessera-writing"   # in a folder while a command renames its outputs into place
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (a killed writer's leftovers are stale)."""
+    """Whether a process with this id runs on this machine (a killed writer's leftovers are
+    stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -334,7 +342,8 @@ def _marker(folder: Path) -> dict | None:
 
 def check_finished(folder) -> None:
     """Refuse to read a folder whose writer was killed while putting its files into place: some of
-    them are complete and some are not there yet, and the folder must not pass for a whole dataset."""
+    them are complete and some are not there yet, and the folder must not pass for a whole
+    dataset."""
     record = _marker(Path(folder))
     if record is None:
         return
@@ -347,17 +356,17 @@ def check_finished(folder) -> None:
 
 
 class Outputs:
-    """The one way a command writes its files into a folder: every output is checked before the first
-    one is written, written under a hidden name, and renamed into place only when the whole command
-    has succeeded (all or nothing: an error, a kill or Ctrl-C half-way leaves no output behind).
+    """The one way a command writes its files into a folder: every output is checked before the
+    first one is written, written under a hidden name, and renamed into place only when the whole
+    command has succeeded (all or nothing: an error, a kill or Ctrl-C half-way leaves no output).
 
     Checked: each output name is a plain file name (`plain_name`: a name from a file's content never
     leads outside `folder`) and no two clash (`clashes`); no link between the folder the user named
-    (`named`, default `folder`) and the files; the folder takes files (`check_writable`) and is none of
-    the `inputs` (files or folders the command reads); an output is never one of the inputs, and never
-    replaces an existing file unless `overwrite`. A kill during the renames leaves the folder marked
-    (WRITING): readers refuse it (check_finished), and the same `command` run again finishes it.
-    Leftovers of killed processes (hidden .pending and .tmp files) are removed and named in one line.
+    (`named`, default `folder`) and the files; the folder takes files (`check_writable`) and is none
+    of the `inputs` (files or folders the command reads); an output is never one of the inputs, and
+    never replaces an existing file unless `overwrite`. A kill during the renames leaves the folder
+    marked (WRITING): readers refuse it (check_finished), and the same `command` run again finishes
+    it. Leftovers of killed processes (hidden .pending and .tmp files) are removed and named.
 
         with Outputs(out, ["a.h5", "b.h5"], overwrite, inputs=[src], command="x.py") as out:
             write(out.path("a.h5"))     # written, not yet visible as a.h5
@@ -369,13 +378,14 @@ class Outputs:
         self.names = [plain_name(n, f"{self.folder}: output") for n in names]
         found = clashes(self.names)
         if found:
-            raise CacheError(f"{self.folder}: expected one output per name, found {len(found)} clashing "
-                             f"output names: {listed(found, 3)} (one file would replace the other)")
+            raise CacheError(f"{self.folder}: expected one output per name, found {len(found)} "
+                             f"clashing output names: {listed(found, 3)} (one file would replace "
+                             "the other)")
         refuse_links(self.folder, self.folder if named is None else named)
         sources = {Path(p).resolve() for p in inputs}
         if self.folder.resolve() in sources:
-            raise ValueError(f"{self.folder}: {what}: expected an output folder other than the inputs, "
-                             "found an input folder")
+            raise ValueError(f"{self.folder}: {what}: expected an output folder other than the "
+                             "inputs, found an input folder")
         check_writable(self.folder, what)
         record = _marker(self.folder)
         if record is not None and (record.get("command") != command or not command):
@@ -386,19 +396,22 @@ class Outputs:
             path = self.folder / n
             _refuse_link(path)
             if path.resolve() in sources:
-                raise ValueError(f"{path}: {what}: expected an output that is not one of the inputs, "
-                                 "found an input file (it would be replaced by its own output)")
+                raise ValueError(f"{path}: {what}: expected an output that is not one of the "
+                                 "inputs, found an input file (it would be replaced by its own "
+                                 "output)")
             if path.exists() and n not in ours:
                 existing.append(str(path))
         if existing and not overwrite:
             raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} of the "
-                                  f"{len(self.names)} outputs exist); refusing to overwrite (choose "
-                                  "another output folder or pass --overwrite)")
+                                  f"{len(self.names)} outputs exist); refusing to overwrite "
+                                  "(choose another output folder or pass --overwrite)")
         if record:
             log(f"note: {self.folder}: `{command}` was interrupted while renaming its outputs into "
                 "place; writing them again")
         self._clean_leftovers()
         self.pending: dict[str, Path] = {}
+        self.created = next((p for p in [*reversed(self.folder.parents), self.folder]
+                             if not p.exists()), None)    # the first folder this command makes
 
     def _clean_leftovers(self) -> None:
         """Hidden .pending / .tmp files of killed processes, for the names this command writes."""
@@ -420,7 +433,8 @@ class Outputs:
         """Where to write output `output` now: a hidden file beside its final name, renamed at the
         end."""
         if output not in self.names:
-            raise ValueError(f"{self.folder}: {output!r} is not one of the outputs checked beforehand")
+            raise ValueError(f"{self.folder}: {output!r} is not one of the outputs checked "
+                             "beforehand")
         self.folder.mkdir(parents=True, exist_ok=True)
         if output not in self.pending:
             self.pending[output] = _temporary(self.folder / output, "pending")
@@ -432,7 +446,8 @@ class Outputs:
         if self.pending:
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps({"command": self.command, "pid": os.getpid(),
-                                           "host": socket.gethostname(), "names": list(self.pending)}))
+                                           "host": socket.gethostname(),
+                                           "names": list(self.pending)}))
         for n, tmp in self.pending.items():
             _refuse_link(self.folder / n)
             os.replace(tmp, self.folder / n)
@@ -442,9 +457,16 @@ class Outputs:
         return done
 
     def discard(self) -> None:
+        """Remove what was written, and the folders this command made if they are left empty."""
         for tmp in self.pending.values():
             tmp.unlink(missing_ok=True)
         self.pending = {}
+        if self.created is not None:
+            for place in [self.folder, *self.folder.parents]:
+                with contextlib.suppress(OSError):
+                    place.rmdir()                       # only an empty folder goes
+                if place == self.created:
+                    break
 
     def __enter__(self):
         return self
@@ -481,9 +503,11 @@ def gib(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GiB"
 
 
-def check_memory(need: float, what: str, fits: str, device=None, available: int | None = None) -> None:
-    """Refuse, before allocating, work that needs about `need` bytes when the machine (or `device`) has
-    less free: TooLarge naming `what`, the figure, what is free, and `fits` (a value that would fit)."""
+def check_memory(need: float, what: str, fits: str, device=None,
+                 available: int | None = None) -> None:
+    """Refuse, before allocating, work that needs about `need` bytes when the machine (or `device`)
+    has less free: TooLarge naming `what`, the figure, what is free, and `fits` (a value that would
+    fit)."""
     free = available_memory(device) if available is None else available
     if free is not None and need > free:
         raise TooLarge(f"{what} needs about {gib(need)} of memory, found {gib(free)} available on "
@@ -503,13 +527,13 @@ def check_disk(need: float, folder, what: str, fits: str, available: int | None 
     check_memory)."""
     free = free_disk(folder) if available is None else available
     if need > free:
-        raise TooLarge(f"{what} needs about {gib(need)} of disk, found {gib(free)} free at {folder}; "
-                       f"{fits}")
+        raise TooLarge(f"{what} needs about {gib(need)} of disk, found {gib(free)} free at "
+                       f"{folder}; {fits}")
 
 
 def largest_fitting(size, lo: int, hi: int, budget: float) -> int:
-    """The largest integer n in [lo, hi] with size(n) <= budget (size increasing), or lo - 1: the value
-    a refusal proposes instead of the user's."""
+    """The largest integer n in [lo, hi] with size(n) <= budget (size increasing), or lo - 1: the
+    value a refusal proposes instead of the user's."""
     if size(lo) > budget:
         return lo - 1
     while lo < hi:
@@ -537,8 +561,8 @@ def _bad(found: dict, name: str, mask: np.ndarray, offset: int) -> None:
 
 
 def _blocks(x):
-    """(first row, rows) of a numpy array (all of it) or of an h5py dataset (blocks of about BLOCK values,
-    so a slide is checked without holding it in memory)."""
+    """(first row, rows) of a numpy array (all of it) or of an h5py dataset (blocks of about BLOCK
+    values, so a slide is checked without holding it in memory)."""
     if isinstance(x, np.ndarray) or x.ndim == 0:
         yield 0, np.asarray(x)
         return
@@ -548,9 +572,9 @@ def _blocks(x):
 
 
 def check_values(path, key: str, x, counts: bool = False) -> int:
-    """Values of a numeric array (or dataset), block by block: finite in float32; counts (COUNT_KEYS, or
-    any key with counts=True) >= 0; features within FEATURE_BOUND. Returns the number of non-integer
-    values of `counts` (0 for other keys)."""
+    """Values of a numeric array (or dataset), block by block: finite in float32; counts
+    (COUNT_KEYS, or any key with counts=True) >= 0; features within FEATURE_BOUND. Returns the
+    number of non-integer values of `counts` (0 for other keys)."""
     found, fractional, largest = {}, 0, 0.0
     for start, block in _blocks(x):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -577,7 +601,8 @@ def check_values(path, key: str, x, counts: bool = False) -> int:
 
 
 def _array(x, dtype=np.float64) -> np.ndarray:
-    """A tensor or array-like as a numpy array of `dtype` (float64 or float32; bf16 tensors included)."""
+    """A tensor or array-like as a numpy array of `dtype` (float64 or float32; bf16 tensors
+    included)."""
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
     return np.asarray(x, dtype=dtype)
@@ -585,9 +610,9 @@ def _array(x, dtype=np.float64) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- small text formats
 def read_gmt(path) -> dict[str, list[str]]:
-    """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...` (read_text, names
-    stripped). A set name twice, or two names that differ only in case, are refused (the later set
-    would replace the earlier); a gene repeated inside a set counts once."""
+    """MSigDB GMT: one gene set per line, `name <tab> url <tab> gene <tab> gene ...` (read_text,
+    names stripped). A set name twice, or two names that differ only in case, are refused (the later
+    set would replace the earlier); a gene repeated inside a set counts once."""
     sets, line_of = {}, {}
     for i, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
@@ -598,8 +623,8 @@ def read_gmt(path) -> dict[str, list[str]]:
             key = name(parts[0], f"{path}: line {i}")
             if key.casefold() in line_of:
                 first = line_of[key.casefold()]
-                raise CacheError(f"{path}: line {i}: expected each gene set once, found {key!r} again "
-                                 f"(line {first[0]}: {first[1]!r})")
+                raise CacheError(f"{path}: line {i}: expected each gene set once, found {key!r} "
+                                 f"again (line {first[0]}: {first[1]!r})")
             line_of[key.casefold()] = (i, key)
             genes = [name(g, f"{path}: line {i}") for g in parts[2:]]
             sets[key] = unique_names(dict.fromkeys(g for g in genes if g), f"{path}: line {i}",
@@ -670,7 +695,8 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
         pair = [folder / f"{part}_{len(folds)}.csv" for part in ("train", "test")]
         for p in pair:
             if not p.exists():
-                raise FileNotFoundError(f"{p}: expected beside its partner split file, found nothing")
+                raise FileNotFoundError(f"{p}: expected beside its partner split file, found "
+                                        "nothing")
         train, test = (unique_names([r["sample_id"] for r in _csv_rows(p, ("sample_id",))[0]], p,
                                     "sample_id") for p in pair)
         folds.append((train, test))
@@ -683,10 +709,10 @@ def read_split_csvs(folder) -> list[tuple[list[str], list[str]]]:
 def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=None, std=None,
                       n_models=None, levels=None, lower=None, upper=None, interval=None) -> None:
     """One h5 per slide: `pred` (N, G) float32 log1p space, `genes`, `barcodes`, `coords` (N, 2),
-    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `lower`, `upper`
-    (N, G) a prediction interval of nominal coverage `interval` (attribute, e.g. 0.9); `levels`
-    {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`; written to a
-    temporary name and renamed."""
+    optional `true` and `std` (N, G) and `n_models` (G,) (fold models behind each gene); `lower`,
+    `upper` (N, G) a prediction interval of nominal coverage `interval` (attribute, e.g. 0.9);
+    `levels` {k: {"pred", "coords", ["true"], ["copy"]}} (`level_outputs`) as groups `level_<k>`;
+    written to a temporary name and renamed."""
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
@@ -721,9 +747,9 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
 
 
 def read_predictions(path) -> dict:
-    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std, n_models,
-    lower, upper, interval} (None where absent) and levels {k: {pred, coords, [true], [copy]}}; a damaged
-    file: a CacheError naming it."""
+    """Inverse of write_predictions: {slide_id, pred, genes (list), barcodes, coords, true, std,
+    n_models, lower, upper, interval} (None where absent) and levels {k: {pred, coords, [true],
+    [copy]}}; a damaged file: a CacheError naming it."""
     with open_h5(path, "prediction file") as f:
         need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
         try:  # a truncated or damaged file fails while its data are read
@@ -737,8 +763,9 @@ def read_predictions(path) -> dict:
 
 
 def missing_test_slides(run, fold) -> str:
-    """A line naming the test slides of `fold` (fold_<k>) in the run's folds.json that have no prediction file
-    fold_<k>/pred/<slide>.h5; "" when there are none or the run has no folds.json."""
+    """A line naming the test slides of `fold` (fold_<k>) in the run's folds.json that have no
+    prediction file fold_<k>/pred/<slide>.h5; "" when there are none or the run has no
+    folds.json."""
     record, k, pred = Path(run) / "folds.json", int(Path(fold).name[5:]), Path(fold) / "pred"
     folds = json.loads(record.read_text())["folds"] if record.exists() else []
     lost = [s for s in (folds[k]["test"] if k < len(folds) else []) if not (pred / f"{s}.h5").exists()]
@@ -782,9 +809,10 @@ def _h5ad_put(group, key, value) -> None:
 def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None,
                lower=None, upper=None) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
-    expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`) when given, obs index = barcodes (columns `obs`, a dict of
-    (N,) arrays), var index = genes (column `n_models` when given), obsm['spatial'] = coords in
-    micrometres, `uns` a dict of strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
+    expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`)
+    when given, obs index = barcodes (columns `obs`, a dict of (N,) arrays), var index = genes
+    (column `n_models` when given), obsm['spatial'] = coords in micrometres, `uns` a dict of
+    strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
     write_anndata(path, _array(pred, np.float32), barcodes, genes, obs=obs,
                   var={} if n_models is None else {"n_models": n_models},
                   layers={k: _array(v, np.float32) for k, v in dict(std=std, true=true, lower=lower, upper=upper).items() if v is not None},
@@ -792,8 +820,8 @@ def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_model
 
 
 def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None, obsm=None, uns=None) -> None:
-    """An AnnData file, h5py only: X (an array or a CSR), obs / var dataframes (index + numeric columns),
-    layers, obsm, uns (dicts of arrays, strings and numbers)."""
+    """An AnnData file, h5py only: X (an array or a CSR), obs / var dataframes (index + numeric
+    columns), layers, obsm, uns (dicts of arrays, strings and numbers)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         _h5ad_put(f, "X", X)
@@ -838,7 +866,8 @@ def h5ad_array(f, node):
     where = node.name.lstrip("/")
     if isinstance(node, h5py.Group):
         if _enc(node) == "categorical":                              # anndata >= 0.8
-            codes, cats = _member(f, node, "codes")[()], h5ad_array(f, _member(f, node, "categories"))
+            codes = _member(f, node, "codes")[()]
+            cats = h5ad_array(f, _member(f, node, "categories"))
         elif _enc(node).startswith("nullable"):
             values = h5ad_array(f, _member(f, node, "values")).astype(object)
             mask = _member(f, node, "mask")[()]
@@ -940,12 +969,14 @@ XY_COLUMNS = (("pxl_col_in_fullres", "pxl_row_in_fullres"), ("x_pixel", "y_pixel
 
 
 def h5ad_xy(f, obs: dict) -> np.ndarray | None:
-    """(N, 2) spot centres in pixels: obsm/spatial, else the first pair of XY_COLUMNS in obs; None if
-    neither. Centres that are not finite numbers are refused (a bin or a spot at NaN is no place)."""
+    """(N, 2) spot centres in pixels: obsm/spatial, else the first pair of XY_COLUMNS in obs; None
+    if neither. Centres that are not finite numbers are refused (a bin or a spot at NaN is no
+    place)."""
     if "obsm" in f and "spatial" in f["obsm"]:
         key, xy = "obsm/spatial", dataset(f.filename, f, "obsm/spatial")[()]
         if xy.ndim != 2 or xy.dtype.kind not in "fiu":
-            fail(f.filename, key, "shape (N, 2): numeric spot centres", f"{xy.dtype} shape {xy.shape}")
+            fail(f.filename, key, "shape (N, 2): numeric spot centres",
+                 f"{xy.dtype} shape {xy.shape}")
         xy = xy[:, :2]
     else:
         pair = next(((a, b) for a, b in XY_COLUMNS if a in obs and b in obs), None)
@@ -958,14 +989,15 @@ def h5ad_xy(f, obs: dict) -> np.ndarray | None:
         fail(f.filename, key, "numeric spot centres", "values that are not numbers")
     bad = ~np.isfinite(xy).all(1)
     if bad.any():
-        fail(f.filename, key, "finite spot centres", f"{int(bad.sum())} rows with NaN or inf, first "
-             f"row {int(np.argmax(bad))}")
+        fail(f.filename, key, "finite spot centres",
+             f"{int(bad.sum())} rows with NaN or inf, first row {int(np.argmax(bad))}")
     return xy
 
 
 def read_h5ad_sparse(path) -> tuple[np.ndarray, dict, np.ndarray, tuple, np.ndarray | None]:
-    """An AnnData file as it is stored, its parts checked against each other: (obs index, obs columns,
-    var index, X as (rows, cols, values), xy or None). X stays sparse: a cell table can be large."""
+    """An AnnData file as it is stored, its parts checked against each other: (obs index, obs
+    columns, var index, X as (rows, cols, values), xy or None). X stays sparse: a cell table can be
+    large."""
     with open_h5(path, "AnnData file") as f:
         barcodes, obs = h5ad_frame(f, "obs")
         var_names, _ = h5ad_frame(f, "var")
@@ -980,11 +1012,11 @@ def read_h5ad_sparse(path) -> tuple[np.ndarray, dict, np.ndarray, tuple, np.ndar
 
 
 def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
-    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without anndata.
-    rename (HiST A.1: protocols.harmonise_gene_names) maps the gene names; the columns that then share
-    a name, and the rows that share a barcode, are summed (first-seen order; obs and xy of the first
-    row). Without rename, gene names or barcodes that clash (`clashes`) are refused: one of them would
-    be lost."""
+    """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without
+    anndata. rename (HiST A.1: protocols.harmonise_gene_names) maps the gene names; the columns that
+    then share a name, and the rows that share a barcode, are summed (first-seen order; obs and xy
+    of the first row). Without rename, gene names or barcodes that clash (`clashes`) are refused:
+    one of them would be lost."""
     barcodes, obs, var_names, (rows, cols, values), xy = read_h5ad_sparse(path)
     n = len(barcodes)
     names = list(var_names) if rename is None else list(rename(var_names))
@@ -992,8 +1024,8 @@ def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
         for key, items in (("var", names), ("obs", barcodes)):
             found = clashes(items)
             if found:
-                fail(path, f"{key}/_index", "unique names (--harmonise sums genes and spots that share "
-                     "a name)", f"{len(found)} clashing: {listed(found, 3)}")
+                fail(path, f"{key}/_index", "unique names (--harmonise sums genes and spots that "
+                     "share a name)", f"{len(found)} clashing: {listed(found, 3)}")
     row_of = np.arange(n)
     if rename is not None:                          # duplicated barcodes: one row each, summed
         first = {}

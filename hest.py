@@ -26,8 +26,8 @@ import files
 from predict import set_threads
 import lattice
 from data import STR, Slide, list_slides, read_slide, read_slide_meta, write_slide
-from files import (CacheError, Outputs, available_memory, check_finished, check_memory, check_values,
-                   dataset, fail,
+from files import (CacheError, Outputs, available_memory, check_finished, check_memory,
+                   check_values, dataset, fail,
                    h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy, listed, open_h5, read_gene_list,
                    read_h5ad, read_h5ad_sparse, read_metadata, text_attr)
 from protocols import dataset_slides, harmonise_gene_names
@@ -160,20 +160,20 @@ ENCODER_BYTES_PER_PIXEL = 64
 
 def check_embed_memory(batch_size: int, pixels: int, encoder: str | None, available=None) -> None:
     """Refuse a --batch-size whose batch of the largest patches does not fit in memory (a user's
-    encoder: its input and a float copy, 15 bytes per pixel; the built-in one: ENCODER_BYTES_PER_PIXEL),
-    with the --batch-size that would fit."""
+    encoder: its input and a float copy, 15 bytes per pixel; the built-in one:
+    ENCODER_BYTES_PER_PIXEL), with the --batch-size that would fit."""
     per = (15 if encoder else ENCODER_BYTES_PER_PIXEL) * pixels
     free = available_memory() if available is None else available
     fit = int(free // per)
-    check_memory(batch_size * per, f"hest.py embed: --batch-size {batch_size} of {pixels} pixels per "
-                 "patch", f"--batch-size {fit} would fit" if fit >= 1 else "the patches are too large",
-                 available=free)
+    check_memory(batch_size * per, f"hest.py embed: --batch-size {batch_size} of {pixels} pixels "
+                 "per patch", f"--batch-size {fit} would fit" if fit >= 1 else
+                 "the patches are too large", available=free)
 
 
 def inputs(folder, what: str) -> list[Path]:
     """The HDF5 files *.h5 of an input folder, sorted, leaving out hidden files (macOS's ._<name>
-    resource forks, a killed command's temporaries); none is an error naming `what` was expected, and a
-    folder a killed command left half written is refused (files.check_finished)."""
+    resource forks, a killed command's temporaries); none is an error naming `what` was expected,
+    and a folder a killed command left half written is refused (files.check_finished)."""
     folder = Path(folder)
     paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")) \
         if folder.is_dir() else []
@@ -193,9 +193,10 @@ def _embed_file(path, outputs, fn, encoder, batch_size, sub, log) -> Path:
                          for i in range(0, img.shape[0], batch_size)]).numpy()
         if sub:
             step = max(1, batch_size // (sub * sub))
-            sub_emb = torch.cat([encode(fn, sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1),
-                                        encoder, path).view(-1, sub * sub, emb.shape[1])
-                                 for i in range(0, img.shape[0], step)]).numpy()
+            sub_emb = torch.cat([
+                encode(fn, sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1),
+                       encoder, path).view(-1, sub * sub, emb.shape[1])
+                for i in range(0, img.shape[0], step)]).numpy()
         coords, barcodes = f["coords"][()], h5_strings(f["barcode"]).reshape(-1)
     with h5py.File(out, "w") as g:
         g["embeddings"], g["coords"] = emb, coords
@@ -299,9 +300,11 @@ def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
 
 
 def _check_import(pairs, wanted, genes_source, harmonise: bool) -> None:
-    """Before the first file is written: every slide keeps a gene, every embedding file is whole
+    """Before the first file is written: every expression file passes read_h5ad's checks (its
+    sparse arrays, counts, centres and names), every slide keeps a gene, every embedding file is whole
     (_check_embedding_file) and its patches lie on its expression file's spots."""
     for p, st in pairs:
+        read_h5ad(st, genes=[], rename=harmonise_gene_names if harmonise else None)  # every check
         if wanted is not None:
             have = _h5ad_gene_names(st, harmonise)
             if not any(g in have for g in wanted):
@@ -357,8 +360,8 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
 
 
 def _meta_number(meta, sid: str, row: dict, key: str) -> float:
-    """A number of --meta's row of a slide (NaN when the cell is empty or absent); a cell that is not a
-    number is an error naming the file, the column and the slide."""
+    """A number of --meta's row of a slide (NaN when the cell is empty or absent); a cell that is
+    not a number is an error naming the file, the column and the slide."""
     try:
         return float(row.get(key) or "nan")
     except ValueError:
@@ -374,30 +377,33 @@ def _import_one(p, st, outputs, table, meta, wanted, harmonise, overwrite, log) 
     h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have],
                   rename=harmonise_gene_names if harmonise else None)
     if h.xy is None:
-        fail(st, "obsm/spatial", "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)",
-              "neither")
+        fail(st, "obsm/spatial",
+             "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)", "neither")
     row_of = {b: i for i, b in enumerate(feature_barcodes)}
     matched = np.array([b in row_of for b in h.barcodes], dtype=bool)
     rows = np.array([row_of[b] for b in h.barcodes[matched]], dtype=np.int64)
     px = _meta_number(meta, sid, row, "pixel_size_um_estimated")
     n = int(matched.sum())
-    line = (f"{sid}: {n} spots matched, {len(matched) - n} only in st, {len(feature_barcodes) - n} only in "
-            f"features; {len(h.genes)} genes" + (f" ({len(wanted) - len(h.genes)} of the list missing)"
-                                                 if wanted is not None else ""))
+    line = (f"{sid}: {n} spots matched, {len(matched) - n} only in st, "
+            f"{len(feature_barcodes) - n} only in features; {len(h.genes)} genes"
+            + ("" if wanted is None else f" ({len(wanted) - len(h.genes)} of the list missing)"))
     if not px > 0:
         px, line = 1.0, line + "; no pixel_size_um_estimated, coords stay in pixels"
     if n == 0:
         log(line + "; skipped (check that barcodes use the same format)")
         return []
-    slide = Slide(sid, torch.from_numpy(emb[rows]).float(), torch.from_numpy(h.xy[matched] * px).float(),
+    slide = Slide(sid, torch.from_numpy(emb[rows]).float(),
+                  torch.from_numpy(h.xy[matched] * px).float(),
                   h.barcodes[matched], patient=row.get("patient") or sid,
                   spot_pitch_um=_meta_number(meta, sid, row, "inter_spot_dist"), encoder=encoder,
                   counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
                   library_size=torch.from_numpy(h.library_size[matched]).float())
     if sub_emb is not None:
         if not patch_px > 0:
-            fail(p, "attrs/patch_size_px", "the patch width in pixels beside 'sub_embeddings'", patch_px)
-        slide.sub_features, slide.sub_extent_um = torch.from_numpy(sub_emb[rows]).float(), patch_px * px
+            fail(p, "attrs/patch_size_px", "the patch width in pixels beside 'sub_embeddings'",
+                 patch_px)
+        slide.sub_features = torch.from_numpy(sub_emb[rows]).float()
+        slide.sub_extent_um = patch_px * px
     write_slide(outputs.path(f"{sid}.h5"), slide, overwrite=True)
     known = '' if row or not meta else ' (not in --meta)'
     log(f"{line}; patient {slide.patient}{known} -> {outputs.folder / f'{sid}.h5'}")
@@ -449,36 +455,39 @@ def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
 
 
 def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=print) -> list[Path]:
-    """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input folder),
-    all or nothing (files.Outputs), after a memory check on the largest slide (bin_memory)."""
+    """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input
+    folder), all or nothing (files.Outputs), after a memory check on the largest slide
+    (bin_memory)."""
     paths = list_slides(slides_dir)
     outputs = Outputs(out_dir, [p.name for p in paths], overwrite, inputs=[slides_dir, *paths],
                       command="hest.py bin --slides", log=log)
     if factor not in (2, 4):
         raise ValueError(f"bin --factor: expected 2 or 4, found {factor}")
     metas = [read_slide_meta(p) for p in paths]
-    n, c, g, path = max((m.n_spots, m.n_features, len(m.genes or []), p) for m, p in zip(metas, paths))
+    n, c, g, path = max((m.n_spots, m.n_features, len(m.genes or []), p)
+                        for m, p in zip(metas, paths))
     need = bin_memory(n, c, g, factor)
     fits = "--factor 2 would fit" if factor == 4 and bin_memory(n, c, g, 2) <= available_memory() \
         else "no --factor fits: bin on a machine with more memory"
-    check_memory(need, f"hest.py bin --factor {factor}: {path} ({n} spots, {c} features, {g} genes)",
-                 fits)
+    check_memory(need, f"hest.py bin --factor {factor}: {path} ({n} spots, {c} features, "
+                 f"{g} genes)", fits)
     with outputs:
         for path in paths:
             t0, slide = time.time(), read_slide(path)
             coarse = bin_slide(slide, factor, path)
             write_slide(outputs.path(path.name), coarse, overwrite=True)
-            log(f"bin {slide.slide_id}: {slide.n_spots} spots at {coarse.spot_pitch_um / factor:.1f} um "
-                f"-> {coarse.n_spots} at {coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> "
+            log(f"bin {slide.slide_id}: {slide.n_spots} spots at "
+                f"{coarse.spot_pitch_um / factor:.1f} um -> {coarse.n_spots} at "
+                f"{coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> "
                 f"{outputs.folder / path.name}")
     return [outputs.folder / p.name for p in paths]
 
 
 def bin_memory(n: int, c: int, g: int, factor: int) -> float:
-    """Bytes bin_slide may hold for a slide of n spots, c features and g genes: the slide in float32,
-    its lattice (a few int64 per spot), and the coarse slide, whose sub-spot arrays have factor^2 slots
-    per coarse spot: at most n x factor^2 slots when every spot lands in its own parent (the bound);
-    doubled for the copies torch makes while placing, summing and writing."""
+    """Bytes bin_slide may hold for a slide of n spots, c features and g genes: the slide in
+    float32, its lattice (a few int64 per spot), and the coarse slide, whose sub-spot arrays have
+    factor^2 slots per coarse spot: at most n x factor^2 slots when every spot lands in its own
+    parent (the bound); doubled for the copies torch makes while placing, summing and writing."""
     slots = n * factor * factor
     return 2 * 4 * (n * (c + 2 * g + 64) + slots * (c + g + 1) + n * (c + 2 * g)) + 2 ** 26
 
@@ -487,12 +496,12 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
               log=print) -> Path:
     """A cell table (Xenium-like h5ad: one row per cell, counts, centres in obsm/spatial or obs x/y
     columns, in pixels of `pixel_size_um`) -> the same layout with one row per square bin of side
-    `bin_um` micrometres, `<out>/<name>.h5ad`: counts summed over the bin's cells (sparse throughout),
-    centre of the bin in pixels (obsm/spatial), grid position obs array_col / array_row, cell count
-    n_cells. Bins are anchored at the smallest cell coordinate. import-hest then joins the bins with
-    features embedded from patches at their centres, and `bin --slides` coarsens them further. A bin
-    side so small that the grid's bin numbers would not fit in 64-bit integers is refused with one that
-    would."""
+    `bin_um` micrometres, `<out>/<name>.h5ad`: counts summed over the bin's cells (sparse
+    throughout), centre of the bin in pixels (obsm/spatial), grid position obs array_col /
+    array_row, cell count n_cells. Bins are anchored at the smallest cell coordinate. import-hest
+    then joins the bins with features embedded from patches at their centres, and `bin --slides`
+    coarsens them further. A bin side so small that the grid's bin numbers would not fit in 64-bit
+    integers is refused with one that would."""
     if not 0 < bin_um < float("inf") or not 0 < pixel_size_um < float("inf"):
         raise ValueError(f"bin --bin-um {bin_um} --pixel-size {pixel_size_um}: expected positive, "
                          "finite micrometres")
@@ -510,7 +519,8 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     if not np.isfinite(span).all() or (span / bin_um >= 2 ** 30).any():
         fit = float(span.max()) / 2 ** 30 * 1.01 if np.isfinite(span).all() else float("nan")
         raise ValueError(f"{path}: bin --bin-um {bin_um:g}: the cells span {span[0]:.4g} x "
-                         f"{span[1]:.4g} um, more than 2^30 bins a side; --bin-um {fit:.3g} would fit")
+                         f"{span[1]:.4g} um, more than 2^30 bins a side; --bin-um {fit:.3g} would "
+                         "fit")
     ij = np.floor((um - lo) / bin_um).astype(np.int64)              # (cells, 2) bin of each cell
     keys, bin_of = np.unique(ij[:, 0] * (ij[:, 1].max() + 1) + ij[:, 1], return_inverse=True)
     bins = np.stack([keys // (ij[:, 1].max() + 1), keys % (ij[:, 1].max() + 1)], 1)
@@ -522,8 +532,9 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     X = files.CSR(total.astype(np.float32), col.astype(np.int32), indptr.astype(np.int64),
                   (len(bins), len(genes)))
     with outputs:
-        files.write_anndata(outputs.path(f"{path.stem}.h5ad"), X, [f"x{i}_y{j}" for i, j in bins.tolist()],
-                            genes, obsm={"spatial": centre},
+        files.write_anndata(outputs.path(f"{path.stem}.h5ad"), X,
+                            [f"x{i}_y{j}" for i, j in bins.tolist()], genes,
+                            obsm={"spatial": centre},
                             obs={"array_col": bins[:, 0], "array_row": bins[:, 1],
                                  "n_cells": np.bincount(bin_of)})
     out = outputs.folder / f"{path.stem}.h5ad"

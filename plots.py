@@ -192,7 +192,7 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     files.refuse_links(run / "plots", run)       # RUN/plots is this command's folder: never a link
     data.check_writable(run / "plots", "the plots folder")
     paths = evaluation.prediction_files(run)
-    # every prediction file is read whole, and pred and true are concatenated once more (density_plot)
+    # every prediction file is read whole, and pred and true concatenated once more (density_plot)
     need = sum(2 * files.h5_bytes(p) for p in paths)
     files.check_memory(need, f"plots.py plot: the {len(paths)} prediction files of {run}",
                        "draw one slide at a time (--slide ID)")

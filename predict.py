@@ -23,7 +23,7 @@ import lattice
 from checks import check_inference_memory, has_dropout, sized_model
 from conformal import calibrate, read_calibration, write_calibration
 from eval import expected_folds, level_outputs
-from files import DiskFull, Outputs, _array, listed, write_h5ad, write_predictions
+from files import DiskFull, Outputs, _array, listed, read_text, write_h5ad, write_predictions
 from model import ModelConfig, build_model
 
 
@@ -81,9 +81,9 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core). More
-    threads than cores are refused: each costs a stack and a share of the cores, and torch crashes
-    (segmentation fault) when asked for about a million."""
+    """torch's CPU threads for this process: n > 0, or 0 / None = torch's default (one per core).
+    More threads than cores are refused: each costs a stack and a share of the cores, and torch
+    crashes (segmentation fault) when asked for about a million."""
     cores = os.cpu_count() or 1
     if n is not None and not 0 <= n <= cores:
         raise ValueError(f"--threads {n}: expected a number of threads from 0 to {cores} (this "
@@ -207,7 +207,8 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     several models or mc > 0). `true` (N, G) on the first model's genes. The other levels of
     model.out_levels go to the h5 file (`level_outputs`). `calibration` {"q" (G,), "level"} (files.
     read_calibration): the split-conformal interval pred -+ q std (q alone for constant width) as
-    `lower`, `upper`. `outputs` (files.Outputs of out_dir): the files go through it (all or nothing)."""
+    `lower`, `upper`. `outputs` (files.Outputs of out_dir): the files go through it (all or
+    nothing)."""
     genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc, seed)
     pred, n_models = acc.mean, acc.count // max(mc, 1)
     std = predictive_std(acc, len(models) * max(mc, 1))
@@ -290,9 +291,9 @@ def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.M
 
 
 def _model_of(path, ck) -> torch.nn.Module:
-    """The model a loaded model file describes, its tensors checked against its model_config before the
-    model is built (a downloaded run's model_config cannot make this process allocate more than the
-    file holds): a mismatch is an error naming the file."""
+    """The model a loaded model file describes, its tensors checked against its model_config before
+    the model is built (a downloaded run's model_config cannot make this process allocate more than
+    the file holds): a mismatch is an error naming the file."""
     try:
         mc = ModelConfig.from_dict(ck["model_config"])
         in_dim, n_genes, state = int(ck["in_dim"]), len(ck["genes"]), ck["model"]
@@ -389,7 +390,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    cfg = yaml.safe_load(read_text(Path(run_dir) / "config.yaml"))
     set_threads(cfg["run"].get("threads", 0) if threads is None else threads)
     folds = run_folds(run_dir, fold, partial)
     models = load_fold_models(run_dir, device, folds)
@@ -405,19 +406,20 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         if meta.n_features != width:
             raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
                              f"expect {width} (another encoder?)")
+        data.scan_slide(path)                 # every value, before the first slide is predicted
+    n_genes = len({g for _, gs in models for g in gs})
+    largest = max(metas, key=lambda m: m.n_spots)
+    check_inference_memory(models[0][0].cfg, width, n_genes, largest.n_spots,
+                           f"slide {largest.slide_id}", device)
+    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
     for k, (m, _) in zip(folds, models):
         print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {listed(m.trained_on, 12)}")
-    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
     for meta in metas:
         seen = [str(k) for k, (m, _) in zip(folds, models) if meta.slide_id in m.trained_on]
         if seen and not exclude_training:
             print(f"predict.py: warning: slide {meta.slide_id} was in the training set of fold model(s) "
                   f"{', '.join(seen)}: its prediction is in-sample (--exclude-training predicts it out of fold)",
                   file=sys.stderr)
-    n_genes = len({g for _, gs in models for g in gs})
-    largest = max(metas, key=lambda m: m.n_spots)
-    check_inference_memory(models[0][0].cfg, width, n_genes, largest.n_spots,
-                           f"predict.py: slide {largest.slide_id}", device)
     # conformal intervals hold for the model they were calibrated for: one fold's, as trained (same mc)
     cal_path = Path(run_dir) / f"fold_{folds[0]}" / "calibration.h5"
     calibration = read_calibration(cal_path) if len(folds) == 1 and cal_path.exists() and \
@@ -427,12 +429,15 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
             slide = data.read_slide(path)
             use = chosen[slide.slide_id]
             used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
-            write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)), mc=mc,
-                                    formats=formats, seed=seed, calibration=calibration, outputs=outputs)
-            unlike = sum(m.unlike_training(slide.features) for m, _ in use if hasattr(m, "unlike_training"))
-            print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): {slide.n_spots} spots "
-                  f"({len(use)} fold model(s){f', {mc} dropout passes each' if mc else ''}"
-                  f"{f'; unlike the training slides of {unlike}: their spatial ridge alone' if unlike else ''})")
+            write_slide_predictions(use, slide, cfg, device, out_dir, fold=",".join(map(str, used)),
+                                    mc=mc, formats=formats, seed=seed, calibration=calibration,
+                                    outputs=outputs)
+            unlike = sum(m.unlike_training(slide.features) for m, _ in use
+                         if hasattr(m, "unlike_training"))
+            ridge = f"; unlike the training slides of {unlike}: their spatial ridge alone"
+            print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
+                  f"{slide.n_spots} spots ({len(use)} fold model(s)"
+                  f"{f', {mc} dropout passes each' if mc else ''}{ridge if unlike else ''})")
     return [outputs.folder / n for n in outputs.names]
 
 

@@ -182,7 +182,8 @@ def minmax_to_range(x, lo: float, hi: float) -> np.ndarray:
 
 # ---- a paper's numbers beside a run's -------------------------------------------------------------
 def paper_entry(key: str) -> dict:
-    """configs/protocols/papers.yaml's entry `key`; an unknown key is an error listing the entries."""
+    """configs/protocols/papers.yaml's entry `key`; an unknown key is an error listing the
+    entries."""
     import yaml
     table = yaml.safe_load(read_text(PAPERS))
     if key not in table:
@@ -191,8 +192,9 @@ def paper_entry(key: str) -> dict:
 
 
 def paper_table(results: dict, run_dir, key: str) -> str:
-    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
-    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
+    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of
+    the same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction
+    files."""
     entry, cells = paper_entry(key), []
     for m in entry["metrics"]:
         if m == "pcc_spot":

@@ -89,8 +89,8 @@ def slide_bytes(n_spots: int, n_genes: int, n_features: int, layout: str, sub: i
     """(memory, disk) in bytes for one slide of make_synthetic at most: the largest slide (n_spots x
     1.15, x sub^2 sub-spots) times, in memory, 18 kB per site of its box (the random fields' (sites,
     18 x 64) Fourier features in float64 and float32: the peak) plus 48 bytes per spot and gene or
-    feature; on disk 4.5 bytes per spot and gene or feature (float32, compressed counts), times
-    1 + sub^2 with sub-spots. Measured with resource.getrusage (tests/test_synthetic.py): 16.6 kB per
+    feature; on disk 4.5 bytes per spot and gene or feature (float32, compressed counts), times 1 +
+    sub^2 with sub-spots. Measured with resource.getrusage (tests/test_synthetic.py): 16.6 kB per
     site."""
     n = int(n_spots * (sub * sub if sub else 1) * 1.15) + 1
     memory = 18_000 * _sites(n, LAYOUTS[layout][1]) + 48 * n * (n_genes + n_features) + 2 ** 26
@@ -119,15 +119,16 @@ def check_sizes(out, n_slides: int, n_spots: int, n_genes: int, n_features: int,
 
 
 def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium",
-                   n_spots: int = 1500, n_genes: int = 300, n_features: int = 64, pseudo: bool = False,
-                   overwrite: bool = False, log=print, sub: int = 0) -> list[Path]:
+                   n_spots: int = 1500, n_genes: int = 300, n_features: int = 64,
+                   pseudo: bool = False, overwrite: bool = False, log=print,
+                   sub: int = 0) -> list[Path]:
     """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
-    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i).
-    `sub` = 2 or 4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub,
-    the programs' length scales shortened, features clearer), then binned into spots of the layout's
-    pitch (hest.bin_slide): each sub-patch's features show its own sub-spot, and sub_counts hold the
-    sub-spot truth. Every size is checked against the machine's memory and disk before anything is drawn, and
-    the files are written all or nothing (files.Outputs)."""
+    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i). `sub` = 2 or
+    4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the programs'
+    length scales shortened, features clearer), then binned into spots of the layout's pitch
+    (hest.bin_slide): each sub-patch's features show its own sub-spot, and sub_counts hold the
+    sub-spot truth. Every size is checked against the machine's memory and disk before anything is
+    drawn, and the files are written all or nothing (files.Outputs)."""
     sizes = dict(slides=n_slides, spots=n_spots, genes=n_genes, features=n_features)
     if min(sizes.values()) < 1 or seed < 0:
         raise ValueError(f"make_synthetic: expected every size >= 1 and a seed >= 0, found "
@@ -139,9 +140,10 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
     pitch, hexagonal = LAYOUTS[layout]
     if sub:
         if hexagonal or pseudo or sub not in (2, 4):
-            raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout (square, "
-                             "hd) and no --pseudo (sub-spots are a square grid binned into spots), found "
-                             f"layout {layout}{' with --pseudo' if pseudo else ''}")
+            raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout "
+                             "(square, hd) and no --pseudo (sub-spots are a square grid binned "
+                             f"into spots), found layout {layout}"
+                             f"{' with --pseudo' if pseudo else ''}")
     check_sizes(out, n_slides, n_spots, n_genes, n_features, layout, sub)
     names = [f"synth_{i:02d}.h5" for i in range(n_slides)] + ["programs.gmt", "metadata.csv"]
     with files.Outputs(out, names, overwrite, command="synthetic.py", log=log) as outputs:

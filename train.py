@@ -129,7 +129,7 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
             raise ValueError(f"unknown config key '{where}{key}'; valid keys here: {sorted(base)}")
         if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("synthetic", "genes"):
             out[key] = merge(base[key], value, f"{where}{key}.")
-        elif isinstance(base[key], dict) and value is None:   # a section with every key commented out
+        elif isinstance(base[key], dict) and value is None:   # a section, every key commented out
             out[key] = copy.deepcopy(base[key])
         elif isinstance(base[key], dict) and key not in ("synthetic", "genes"):
             raise ValueError(f"key '{where}{key}': expected a mapping, found {value!r}")
