@@ -58,7 +58,7 @@ def open_h5(path, what: str = "slide cache") -> h5py.File:
         raise CacheError(f"{path}: expected a readable HDF5 {what}, found: {e}") from None
 
 
-def node(path, f, key: str, expected: str = "a dataset or group"):
+def h5_node(path, f, key: str, expected: str = "a dataset or group"):
     """f[key], a dataset or a group; a key that is absent, or a link (soft or to another file) that
     leads nowhere, is an error naming the file and the key."""
     if key not in f:
@@ -73,7 +73,7 @@ def node(path, f, key: str, expected: str = "a dataset or group"):
 def dataset(path, f, key: str, expected: str = "a dataset") -> h5py.Dataset:
     """f[key] when it is a dataset; otherwise an error naming the file and the key (absent, a link
     that leads nowhere, or a group)."""
-    x = node(path, f, key, expected)
+    x = h5_node(path, f, key, expected)
     if not isinstance(x, h5py.Dataset):
         fail(path, key, expected, "a group")
     return x
@@ -854,10 +854,19 @@ def _enc(node) -> str:
     return text_attr(node, "encoding-type")
 
 
-def _member(f, node, key) -> h5py.Dataset:
-    """node[key] when it is a dataset; otherwise an error naming the file and the key."""
-    return dataset(f.filename, node, key, "a dataset") if key in node else \
-        fail(f.filename, f"{node.name.lstrip('/')}/{key}", "a dataset", "no such key")
+def _member(f, group, key) -> h5py.Dataset:
+    """group[key] when it is a dataset; otherwise an error naming the file and the key (its full
+    name: obs/region/codes)."""
+    where = f"{group.name.strip('/')}/{key}".lstrip("/")
+    if key not in group:
+        fail(f.filename, where, "a dataset", "no such key")
+    try:
+        x = group[key]
+    except (KeyError, OSError):
+        fail(f.filename, where, "a dataset", "a link that leads nowhere")
+    if not isinstance(x, h5py.Dataset):
+        fail(f.filename, where, "a dataset", "a group")
+    return x
 
 
 def h5ad_array(f, node):
@@ -898,12 +907,12 @@ def h5ad_frame(f, key) -> tuple[np.ndarray, dict]:
     as every name is, files.name)."""
     if key not in f:
         fail(f.filename, key, "a dataframe group (AnnData)", "no such key")
-    g = node(f.filename, f, key, "a dataframe group (AnnData)")
+    g = h5_node(f.filename, f, key, "a dataframe group (AnnData)")
     if not isinstance(g, h5py.Group):
         fail(f.filename, key, "a dataframe group (anndata >= 0.7)",
              "a dataset (re-save with a newer anndata)")
     index = text_attr(g, "_index", "_index")
-    cols = {k: h5ad_array(f, node(f.filename, g, k)) for k in g if k not in (index, "__categories")}
+    cols = {k: h5ad_array(f, h5_node(f.filename, g, k)) for k in g if k not in (index, "__categories")}
     names = h5ad_array(f, _member(f, g, index))
     if names.ndim != 1 or any(v is None for v in names):
         fail(f.filename, f"{key}/{index}", "one name per row", "missing or nested names")
@@ -938,7 +947,7 @@ def h5ad_matrix(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     The sparse arrays are checked (_check_sparse) and the values are counts (finite, >= 0)."""
     if "X" not in f:
         fail(f.filename, "X", "the count matrix (AnnData)", "no such key")
-    X = node(f.filename, f, "X", "the count matrix (AnnData)")
+    X = h5_node(f.filename, f, "X", "the count matrix (AnnData)")
     if isinstance(X, h5py.Dataset):
         if X.ndim != 2 or X.dtype.kind not in "fiub":
             fail(f.filename, "X", "a 2-D numeric count matrix", f"{X.dtype} shape {X.shape}")
