@@ -189,10 +189,11 @@ class TooLarge(ValueError):
 
 
 def _refuse_link(path: Path) -> None:
+    """A symbolic link where a command writes: a CacheError (one line in every command)."""
     if path.is_symlink():
-        raise FileExistsError(f"{path}: found a symbolic link (to {os.readlink(path)}) where a "
-                              "command writes; refusing to write through or replace it (remove the "
-                              "link first)")
+        raise CacheError(f"{path}: found a symbolic link (to {os.readlink(path)}) where a "
+                         "command writes; refusing to write through or replace it (remove the link "
+                         "first)")
 
 
 def _temporary(path: Path, kind: str) -> Path:

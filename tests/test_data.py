@@ -550,7 +550,7 @@ def test_outputs_refuse_names_links_inputs_and_existing_files(tmp_path):
     (tmp_path / "target").write_bytes(b"theirs")
     (out / "link.h5").symlink_to(tmp_path / "target")
     for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match=r"link\.h5: found a symbolic link"):
+        with pytest.raises(CacheError, match=r"link\.h5: found a symbolic link"):
             files.Outputs(out, ["link.h5"], overwrite)
     with pytest.raises(ValueError, match=r"mine\.h5: --out: expected an output that is not one of the inputs"):
         files.Outputs(out, ["mine.h5"], True, inputs=[out / "mine.h5"])
@@ -559,7 +559,7 @@ def test_outputs_refuse_names_links_inputs_and_existing_files(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "plots").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(FileExistsError, match=r"plots: found a symbolic link"):
+    with pytest.raises(CacheError, match=r"plots: found a symbolic link"):
         files.Outputs(tmp_path / "run" / "plots", ["a.png"], named=tmp_path / "run")
     files.Outputs(tmp_path / "run" / "plots", ["a.png"])      # the folder the user named may be a link
     assert (tmp_path / "target").read_bytes() == b"theirs" and (out / "mine.h5").read_bytes() == b"mine"
@@ -623,7 +623,7 @@ def test_a_kill_during_the_renames_is_refused_by_readers_and_finished_by_the_sam
 def test_atomic_path_refuses_a_link_and_keeps_the_mode_a_new_file_gets(tmp_path):
     (tmp_path / "target").write_bytes(b"theirs")
     (tmp_path / "x.h5").symlink_to(tmp_path / "target")
-    with pytest.raises(FileExistsError, match="symbolic link"):
+    with pytest.raises(CacheError, match="symbolic link"):
         with files.atomic_path(tmp_path / "x.h5") as tmp:
             tmp.write_bytes(b"mine")
     assert (tmp_path / "target").read_bytes() == b"theirs"

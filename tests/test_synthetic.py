@@ -205,7 +205,7 @@ def test_a_link_or_an_existing_file_in_out_is_refused_and_left_as_it_was(tmp_pat
     (tmp_path / "ds").mkdir()
     (tmp_path / "theirs.gmt").write_text("theirs")
     (tmp_path / "ds" / "programs.gmt").symlink_to(tmp_path / "theirs.gmt")
-    with pytest.raises(FileExistsError, match=r"programs\.gmt: found a symbolic link"):
+    with pytest.raises(files.CacheError, match=r"programs\.gmt: found a symbolic link"):
         synthetic.make_synthetic(tmp_path / "ds", n_slides=2, n_spots=50, log=lambda s: None)
     (tmp_path / "ds" / "programs.gmt").unlink()
     (tmp_path / "ds" / "metadata.csv").write_text("mine")
