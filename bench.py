@@ -359,6 +359,8 @@ def check_limits(args) -> None:
                          "machine's cores)")
     if args.mem_limit_gb is None:
         args.mem_limit_gb = min(16.0, free)
+    elif args.mem_limit_gb == 0:             # all the memory available now, never more
+        args.mem_limit_gb = free
     elif not 0 < args.mem_limit_gb <= free:
         raise SystemExit(f"bench.py: --mem-limit-gb {args.mem_limit_gb:g}: expected a limit above "
                          f"0 and at most the {free:.1f} GiB available on this machine; "
@@ -393,10 +395,11 @@ def main(argv=None):
                     help=f"largest N per name or name.mode (default {MAX_N})")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
                     help="address-space limit of each row (default 16, or the memory available "
-                    "if less): a row that needs more fails instead of swapping; more than is "
-                    "available is refused")
+                    "if less; 0: the memory available): a row that needs more fails instead of "
+                    "swapping; more than is available is refused")
     ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
     ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -408,6 +411,13 @@ def main(argv=None):
         print(json.dumps(run_case(spec)))
         return None
     check_limits(args)
+    outputs = None
+    if args.json:   # checked before the first row: a long benchmark never fails at its end
+        try:
+            outputs = files.Outputs(args.json.parent, [args.json.name], args.overwrite,
+                                    what="--json", command="bench.py")
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"bench.py: {e}") from None
     rows, t0 = [], time.time()
     for spec in plan(args):
         rows.append(measure(spec, isolate=not args.inprocess))
@@ -421,7 +431,8 @@ def main(argv=None):
         meta = dict(argv=sys.argv if argv is None else ["bench.py", *argv], torch=torch.__version__,
                     threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
                     gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        with outputs:
+            outputs.path(args.json.name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 
