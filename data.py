@@ -164,9 +164,10 @@ def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
+def write_slide(path, slide: Slide, overwrite: bool = False, where=None) -> Path:
     """Write one slide cache atomically; refuses to replace an existing file unless overwrite=True.
-    Strings are written as they will be read (files.name: surrounding whitespace dropped)."""
+    Strings are written as they will be read (files.name: surrounding whitespace dropped). A slide
+    read_slide would reject is an error naming `where` (the files it came from; default `path`)."""
     path = Path(path)
     refuse_existing([path], overwrite)
     a = {k: _np(getattr(slide, k)) for k in ARRAY_KEYS if getattr(slide, k) is not None}
@@ -175,7 +176,7 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
             a[k] = np.char.strip(a[k].astype(str))
     if "sub_features" in a:
         a["attrs/sub_extent_um"] = float(slide.sub_extent_um)
-    _validate(path, a)  # never write a file that read_slide would reject
+    _validate(where or path, a)  # never write a file that read_slide would reject
     extent = a.pop("attrs/sub_extent_um", None)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for k, x in a.items():

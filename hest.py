@@ -404,7 +404,7 @@ def _import_one(p, st, outputs, table, meta, wanted, harmonise, overwrite, log) 
                  patch_px)
         slide.sub_features = torch.from_numpy(sub_emb[rows]).float()
         slide.sub_extent_um = patch_px * px
-    write_slide(outputs.path(f"{sid}.h5"), slide, overwrite=True)
+    write_slide(outputs.path(f"{sid}.h5"), slide, overwrite=True, where=f"{st} with {p}")
     known = '' if row or not meta else ' (not in --meta)'
     log(f"{line}; patient {slide.patient}{known} -> {outputs.folder / f'{sid}.h5'}")
     return [outputs.folder / f"{sid}.h5"]
@@ -475,7 +475,7 @@ def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=pr
         for path in paths:
             t0, slide = time.time(), read_slide(path)
             coarse = bin_slide(slide, factor, path)
-            write_slide(outputs.path(path.name), coarse, overwrite=True)
+            write_slide(outputs.path(path.name), coarse, overwrite=True, where=path)
             log(f"bin {slide.slide_id}: {slide.n_spots} spots at "
                 f"{coarse.spot_pitch_um / factor:.1f} um -> {coarse.n_spots} at "
                 f"{coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> "

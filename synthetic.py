@@ -248,7 +248,8 @@ def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo,
         if sub:
             slide = bin_slide(slide, sub)
             n = slide.n_spots
-        write_slide(outputs.path(f"{slide.slide_id}.h5"), slide, overwrite=True)
+        write_slide(outputs.path(f"{slide.slide_id}.h5"), slide, overwrite=True,
+                    where=outputs.folder / f"{slide.slide_id}.h5")
         paths.append(outputs.folder / f"{slide.slide_id}.h5")
         rows.append(f"{slide.slide_id},{slide.patient},{layout},{n}")
         total += n
