@@ -411,21 +411,26 @@ class Outputs:
                 "place; writing them again")
         self._clean_leftovers()
         self.pending: dict[str, Path] = {}
+        # a folder that does not exist yet is built whole under a hidden name beside it and renamed
+        # into place in one step: a kill never leaves it half there
+        self.staging = None if self.folder.exists() else \
+            self.folder.with_name(f".{self.folder.name[:180]}.{os.getpid()}.{secrets.token_hex(4)}"
+                                  ".pending")
         self.created = next((p for p in [*reversed(self.folder.parents), self.folder]
                              if not p.exists()), None)    # the first folder this command makes
 
     def _clean_leftovers(self) -> None:
-        """Hidden .pending / .tmp files of killed processes, for the names this command writes."""
-        if not self.folder.is_dir():
-            return
+        """Hidden .pending / .tmp files of killed processes, for the names this command writes, and
+        the hidden folders a killed process was building in place of this folder."""
         pattern = re.compile(r"^\.(.+)\.(\d+)\.[0-9a-f]{8}\.(pending|tmp)$")
         mine, stale = {n[:180] for n in self.names}, []
-        for p in self.folder.iterdir():
-            m = pattern.match(p.name)
-            if m and m.group(1) in mine and not _alive(int(m.group(2))):
-                stale.append(p)
+        for place, names in ((self.folder, mine), (self.folder.parent, {self.folder.name[:180]})):
+            for p in place.iterdir() if place.is_dir() else []:
+                m = pattern.match(p.name)
+                if m and m.group(1) in names and not _alive(int(m.group(2))):
+                    stale.append(p)
         for p in stale:
-            p.unlink(missing_ok=True)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         if stale:
             self.log(f"note: {self.folder}: removed {len(stale)} unfinished file(s) an interrupted "
                      f"command left ({listed(sorted(p.name for p in stale), 3)})")
@@ -436,14 +441,24 @@ class Outputs:
         if output not in self.names:
             raise ValueError(f"{self.folder}: {output!r} is not one of the outputs checked "
                              "beforehand")
-        self.folder.mkdir(parents=True, exist_ok=True)
         if output not in self.pending:
-            self.pending[output] = _temporary(self.folder / output, "pending")
+            if self.staging is not None:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                self.pending[output] = self.staging / output
+            else:
+                self.pending[output] = _temporary(self.folder / output, "pending")
         return self.pending[output]
 
     def commit(self) -> list[Path]:
         """Rename every written output into place, under a marker a kill half-way leaves behind."""
         marker, done = self.folder / WRITING, []
+        if self.staging is not None and self.pending:
+            try:
+                os.rename(self.staging, self.folder)   # the whole new folder at once
+                self.pending = {}
+                return [self.folder / n for n in self.names if (self.folder / n).exists()]
+            except OSError:                             # made meanwhile: its files one by one
+                self.folder.mkdir(parents=True, exist_ok=True)
         if self.pending:
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps({"command": self.command, "pid": os.getpid(),
@@ -455,6 +470,8 @@ class Outputs:
             done.append(self.folder / n)
         marker.unlink(missing_ok=True)
         self.pending = {}
+        if self.staging is not None and self.staging.is_dir():
+            shutil.rmtree(self.staging)
         return done
 
     def discard(self) -> None:
@@ -462,6 +479,8 @@ class Outputs:
         for tmp in self.pending.values():
             tmp.unlink(missing_ok=True)
         self.pending = {}
+        if self.staging is not None and self.staging.is_dir():
+            shutil.rmtree(self.staging)
         if self.created is not None:
             for place in [self.folder, *self.folder.parents]:
                 with contextlib.suppress(OSError):

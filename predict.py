@@ -298,18 +298,25 @@ def _model_of(path, ck) -> torch.nn.Module:
         mc = ModelConfig.from_dict(ck["model_config"])
         in_dim, n_genes, state = int(ck["in_dim"]), len(ck["genes"]), ck["model"]
         shell = sized_model(mc, in_dim, n_genes)        # on the meta device when large: no memory
-        want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: v.numel() for k, v in shell.state_dict().items()}
+        have = {k: v.numel() for k, v in state.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: expected a tessera model file (model, model_config, in_dim, "
                          f"genes), found: {type(e).__name__}: {e}") from None
-    if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()))[:1]
+    # building the model never allocates more than the file holds (a buffer that grows when loaded,
+    # such as the training slides' means of model.ood_fallback, starts empty)
+    larger = [k for k in want if want[k] > have.get(k, 0)]
+    if set(want) != set(have) or larger:
+        diff = sorted(set(want) ^ set(have)) or larger
         raise ValueError(f"{path}: key 'model': expected the tensors its model_config describes, "
-                         f"found others (first: {diff})")
+                         f"found others ({listed(diff, 3)})")
     meta = any(t.device.type == "meta" for t in shell.parameters())
     model = build_model(mc, in_dim, n_genes) if meta else shell
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: key 'model': expected the tensors its model_config describes, "
+                         f"found: {str(e).splitlines()[-1].strip()}") from None
     return model
 
 

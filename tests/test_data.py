@@ -2,6 +2,7 @@
 References are written independently here."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -570,7 +571,7 @@ def test_outputs_write_all_or_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with files.Outputs(out, ["x.txt", "y.txt"]) as o:
             o.path("x.txt").write_text("x")
-            assert not (out / "x.txt").exists()           # not visible before the end
+            assert not out.exists()                       # a new folder appears whole, at the end
             raise RuntimeError("the second input is bad")
     assert not (tmp_path / "a").exists()                  # nothing left, not even the folders it made
     with files.Outputs(out, ["x.txt", "y.txt"]) as o:
@@ -581,7 +582,9 @@ def test_outputs_write_all_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["x.txt", "y.txt"] and (out / "y.txt").read_text() == "y"
     with files.Outputs(out, ["x.txt"], overwrite=True) as o:
         o.path("x.txt").write_text("new")
-    assert (out / "x.txt").read_text() == "new"
+        assert (out / "x.txt").read_text() == "x"         # an existing folder: replaced at the end
+    assert (out / "x.txt").read_text() == "new" and sorted(p.name for p in tmp_path.rglob("*")) == \
+        ["a", "b", "x.txt", "y.txt"]
 
 
 KILLED_COMMIT = """
@@ -603,6 +606,7 @@ with files.Outputs({out!r}, ["a.h5", "b.h5"], command="demo.py") as o:
 
 def test_a_kill_during_the_renames_is_refused_by_readers_and_finished_by_the_same_command(tmp_path):
     out = tmp_path / "out"
+    out.mkdir()                         # an existing folder: its outputs are renamed one by one
     code = KILLED_COMMIT.format(root=str(Path(__file__).resolve().parents[1]), out=str(out))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 9, r.stderr
@@ -726,3 +730,18 @@ def test_memory_and_disk_refusals_name_the_figure_and_what_fits():
         size = lambda n: 3 * n * n + 1  # noqa: E731
         want = max([n for n in range(1, 1001) if size(n) <= budget], default=0)
         assert files.largest_fitting(size, 1, 1000, budget) == want
+
+
+def test_what_a_killed_writer_left_is_removed_and_named_by_the_next_one(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                            # a process id that no longer runs
+    (tmp_path / f".out.{dead.pid}.0123abcd.pending").mkdir()
+    (tmp_path / f".out.{dead.pid}.0123abcd.pending" / "a.h5").write_text("half")
+    (tmp_path / f".out.{os.getpid()}.0123abcd.pending").mkdir()          # a live writer's: kept
+    (tmp_path / "keep.h5").write_text("mine")
+    notes = []
+    with files.Outputs(tmp_path / "out", ["a.h5"], log=notes.append) as o:
+        o.path("a.h5").write_text("a")
+    assert notes == [f"note: {tmp_path / 'out'}: removed 1 unfinished file(s) an interrupted command left "
+                     f"(.out.{dead.pid}.0123abcd.pending)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.{os.getpid()}.0123abcd.pending", "keep.h5", "out"]
