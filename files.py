@@ -962,9 +962,10 @@ def _check_sparse(path, X, fmt: str, shape: tuple, indptr, indices, data) -> Non
              f"{int(bad.sum())} outside, first {int(indices[i])} at entry {i}")
 
 
-def h5ad_matrix(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+def h5ad_matrix(f, counts: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """X as coordinates (rows, cols, values) and shape; CSR, CSC (current or old h5sparse) or dense.
-    The sparse arrays are checked (_check_sparse) and the values are counts (finite, >= 0)."""
+    The sparse arrays are checked (_check_sparse) and the values are finite (counts: and >= 0; an
+    AnnData file of predictions holds log values below 0)."""
     if "X" not in f:
         fail(f.filename, "X", "the count matrix (AnnData)", "no such key")
     X = h5_node(f.filename, f, "X", "the count matrix (AnnData)")
@@ -972,7 +973,7 @@ def h5ad_matrix(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
         if X.ndim != 2 or X.dtype.kind not in "fiub":
             fail(f.filename, "X", "a 2-D numeric count matrix", f"{X.dtype} shape {X.shape}")
         dense = X[()]
-        check_values(f.filename, "X", dense, counts=True)
+        check_values(f.filename, "X", dense, counts=counts)
         rows, cols = np.nonzero(dense)
         return rows, cols, dense[rows, cols].astype(np.float64), dense.shape
     fmt = _enc(X).replace("_matrix", "") or text_attr(X, "h5sparse_format")
@@ -987,7 +988,7 @@ def h5ad_matrix(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     _check_sparse(f.filename, X, fmt, shape, indptr, indices, data)
     if data.dtype.kind not in "fiub":
         fail(f.filename, "X/data", "numeric counts", f"dtype {data.dtype}")
-    check_values(f.filename, "X/data", data, counts=True)
+    check_values(f.filename, "X/data", data, counts=counts)
     major = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     rows, cols = (major, indices) if fmt == "csr" else (indices, major)
     return rows, cols, data.astype(np.float64), shape
@@ -1023,14 +1024,15 @@ def h5ad_xy(f, obs: dict) -> np.ndarray | None:
     return xy
 
 
-def read_h5ad_sparse(path) -> tuple[np.ndarray, dict, np.ndarray, tuple, np.ndarray | None]:
+def read_h5ad_sparse(path, counts: bool = False) -> tuple[np.ndarray, dict, np.ndarray, tuple,
+                                                         np.ndarray | None]:
     """An AnnData file as it is stored, its parts checked against each other: (obs index, obs
     columns, var index, X as (rows, cols, values), xy or None). X stays sparse: a cell table can be
-    large."""
+    large. counts=True: X must hold counts (>= 0), as the import and the binning need."""
     with open_h5(path, "AnnData file") as f:
         barcodes, obs = h5ad_frame(f, "obs")
         var_names, _ = h5ad_frame(f, "var")
-        rows, cols, values, shape = h5ad_matrix(f)
+        rows, cols, values, shape = h5ad_matrix(f, counts)
         xy = h5ad_xy(f, obs)
     n = len(barcodes)
     if shape != (n, len(var_names)):
@@ -1040,13 +1042,13 @@ def read_h5ad_sparse(path) -> tuple[np.ndarray, dict, np.ndarray, tuple, np.ndar
     return barcodes, obs, var_names, (rows, cols, values), xy
 
 
-def read_h5ad(path, genes: list[str] | None = None, rename=None) -> H5ad:
+def read_h5ad(path, genes: list[str] | None = None, rename=None, counts: bool = False) -> H5ad:
     """Counts, barcodes, genes, spot centres and obs columns of an AnnData .h5ad file, without
     anndata. rename (HiST A.1: protocols.harmonise_gene_names) maps the gene names; the columns that
     then share a name, and the rows that share a barcode, are summed (first-seen order; obs and xy
     of the first row). Without rename, gene names or barcodes that clash (`clashes`) are refused:
-    one of them would be lost."""
-    barcodes, obs, var_names, (rows, cols, values), xy = read_h5ad_sparse(path)
+    one of them would be lost. counts=True: X must hold counts (>= 0)."""
+    barcodes, obs, var_names, (rows, cols, values), xy = read_h5ad_sparse(path, counts)
     n = len(barcodes)
     names = list(var_names) if rename is None else list(rename(var_names))
     if rename is None:

@@ -304,7 +304,8 @@ def _check_import(pairs, wanted, genes_source, harmonise: bool) -> None:
     sparse arrays, counts, centres and names), every slide keeps a gene, every embedding file is whole
     (_check_embedding_file) and its patches lie on its expression file's spots."""
     for p, st in pairs:
-        read_h5ad(st, genes=[], rename=harmonise_gene_names if harmonise else None)  # every check
+        read_h5ad(st, genes=[], rename=harmonise_gene_names if harmonise else None,
+                  counts=True)                  # its arrays, counts, centres and names
         if wanted is not None:
             have = _h5ad_gene_names(st, harmonise)
             if not any(g in have for g in wanted):
@@ -375,7 +376,7 @@ def _import_one(p, st, outputs, table, meta, wanted, harmonise, overwrite, log) 
     emb, feature_barcodes, encoder, sub_emb, patch_px = _read_embeddings(p)
     have = _h5ad_gene_names(st, harmonise)
     h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have],
-                  rename=harmonise_gene_names if harmonise else None)
+                  rename=harmonise_gene_names if harmonise else None, counts=True)
     if h.xy is None:
         fail(st, "obsm/spatial",
              "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)", "neither")
@@ -509,7 +510,7 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     outputs = Outputs(out_dir, [f"{path.stem}.h5ad"], overwrite, inputs=[path.parent, path],
                       command="hest.py bin --cells", log=log)
     t0 = time.time()
-    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path)
+    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path, counts=True)
     if xy is None:
         fail(path, "obsm/spatial", "cell centres (obsm/spatial or obs x/y columns)", "neither")
     if len(cells) == 0:

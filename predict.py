@@ -23,7 +23,8 @@ import lattice
 from checks import check_inference_memory, has_dropout, sized_model
 from conformal import calibrate, read_calibration, write_calibration
 from eval import expected_folds, level_outputs
-from files import DiskFull, Outputs, _array, listed, read_text, write_h5ad, write_predictions
+from files import (DiskFull, Outputs, _array, listed, not_an_input, read_text, write_h5ad,
+                   write_predictions)
 from model import ModelConfig, build_model
 
 
@@ -86,8 +87,8 @@ def set_threads(n: int | None) -> None:
     crashes (segmentation fault) when asked for about a million."""
     cores = os.cpu_count() or 1
     if n is not None and not 0 <= n <= cores:
-        raise ValueError(f"--threads {n}: expected a number of threads from 0 to {cores} (this "
-                         "machine's cores; 0: one per core)")
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 and at most {cores} "
+                         "(this machine's cores; 0: one per core)")
     if n:
         torch.set_num_threads(int(n))
 
@@ -394,6 +395,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     slide to predict is one of them (in-sample); `exclude_training`: each slide predicted only by the
     models that did not train on it. Every check runs before anything is written."""
     import yaml
+    not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
     check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")

@@ -90,7 +90,7 @@ def slide_bytes(n_spots: int, n_genes: int, n_features: int, layout: str, sub: i
     1.15, x sub^2 sub-spots) times, in memory, 18 kB per site of its box (the random fields' (sites,
     18 x 64) Fourier features in float64 and float32: the peak) plus 48 bytes per spot and gene or
     feature; on disk 4.5 bytes per spot and gene or feature (float32, compressed counts), times 1 +
-    sub^2 with sub-spots. Measured with resource.getrusage (tests/test_synthetic.py): 16.6 kB per
+    sub^2 with sub-spots. Measured as the peak resident set (tests/test_synthetic.py): 16.6 kB per
     site."""
     n = int(n_spots * (sub * sub if sub else 1) * 1.15) + 1
     memory = 18_000 * _sites(n, LAYOUTS[layout][1]) + 48 * n * (n_genes + n_features) + 2 ** 26

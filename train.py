@@ -129,9 +129,9 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
             raise ValueError(f"unknown config key '{where}{key}'; valid keys here: {sorted(base)}")
         if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("synthetic", "genes"):
             out[key] = merge(base[key], value, f"{where}{key}.")
-        elif isinstance(base[key], dict) and value is None:   # a section, every key commented out
+        elif not where and isinstance(base[key], dict) and value is None:  # `eval:` left empty
             out[key] = copy.deepcopy(base[key])
-        elif isinstance(base[key], dict) and key not in ("synthetic", "genes"):
+        elif isinstance(base[key], dict) and key not in ("synthetic", "genes", "smooth"):
             raise ValueError(f"key '{where}{key}': expected a mapping, found {value!r}")
         elif isinstance(base[key], float) and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads 3e-4 as a string

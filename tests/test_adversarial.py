@@ -221,7 +221,7 @@ def plots_into_proc(tmp):
     (fake_run(tmp) / "plots").symlink_to("/proc")
 
 
-# ---- names from data, links, existing files, inputs as outputs ------------------------------------------
+# ---- names from data, links, existing files, inputs as outputs -------------------------------
 def set_attr(tmp, slide, key, value):
     with h5py.File(tmp / "caches" / f"s{slide}.h5", "a") as f:
         f.attrs[key] = value
@@ -238,7 +238,8 @@ def predict_slide_id(value, *extra):
 
 def predict_case_twins(tmp):
     argv = predict_into("pred")(tmp)
-    data.write_slide(tmp / "caches" / "S1.h5", data.read_slide(tmp / "caches" / "s0.h5"), overwrite=True)
+    data.write_slide(tmp / "caches" / "S1.h5", data.read_slide(tmp / "caches" / "s0.h5"),
+                     overwrite=True)
     set_attr(tmp, 0, "slide_id", "s0")
     with h5py.File(tmp / "caches" / "S1.h5", "a") as f:
         f.attrs["slide_id"] = "S1"
@@ -261,7 +262,8 @@ def predict_model_mismatch(tmp):
     argv = predict_into("pred")(tmp)
     import torch
     ck = torch.load(tmp / "run" / "fold_0" / "model.pt", weights_only=True)
-    ck["in_dim"] = 10 ** 9                      # a downloaded run that would make us allocate 10^9 x d
+    # a downloaded run that would make us allocate 10^9 x d
+    ck["in_dim"] = 10 ** 9
     torch.save(ck, tmp / "run" / "fold_0" / "model.pt")
     return argv
 
@@ -307,7 +309,8 @@ def plots_link(tmp):
 def genes_out(out, *extra):
     def build(tmp):
         caches(tmp)
-        return [str(ROOT / "data.py"), "genes", "--slides", "caches", "--n", "3", "--out", out, *extra]
+        return [str(ROOT / "data.py"), "genes", "--slides", "caches", "--n", "3", "--out", out,
+                *extra]
     return build
 
 
@@ -316,7 +319,7 @@ def genes_there(tmp):
     return genes_out("g.json")(tmp)
 
 
-# ---- data lost in silence ---------------------------------------------------------------------------
+# ---- data lost in silence --------------------------------------------------------------------
 def h5ad_change(change):
     def spoil(tmp):
         with h5py.File(tmp / "st" / "s2.h5ad", "a") as f:
@@ -346,7 +349,8 @@ def _latin1_gene(f):
     names = [n.encode() for n in files.h5_strings(f["var/_index"])]
     names[0] = b"caf\xe9"
     del f["var/_index"]
-    f.create_dataset("var/_index", data=np.array(names, dtype=object), dtype=h5py.string_dtype("ascii"))
+    f.create_dataset("var/_index", data=np.array(names, dtype=object),
+                     dtype=h5py.string_dtype("ascii"))
 
 
 def cells(change):
@@ -356,7 +360,8 @@ def cells(change):
         change(xy)
         write_h5ad(tmp / "cells.h5ad", r.poisson(1.0, (20, 3)).astype(np.float64),
                    [f"c{i}" for i in range(20)], ["A", "B", "C"], "current", xy, ["t"] * 20)
-        return [str(ROOT / "hest.py"), "bin", "--cells", "cells.h5ad", "--bin-um", "10", "--out", "out"]
+        return [str(ROOT / "hest.py"), "bin", "--cells", "cells.h5ad", "--bin-um", "10", "--out",
+                "out"]
     return build
 
 
@@ -370,7 +375,8 @@ def latin1_genes(tmp):
         names = [g.encode() for g in files.h5_strings(f["genes"])]
         names[3] = b"G\xe93"
         del f["genes"]
-        f.create_dataset("genes", data=np.array(names, dtype=object), dtype=h5py.string_dtype("ascii"))
+        f.create_dataset("genes", data=np.array(names, dtype=object),
+                         dtype=h5py.string_dtype("ascii"))
     return train()
 
 
@@ -505,17 +511,22 @@ CASES = [
     # every path is decided by the user, never by a file's content
     ("predict: a slide id that leaves --out", predict_slide_id("../escaped_dir/owned"),
      ["s1.h5", "'attrs/slide_id'", "'s1' (the file name)"]),
-    ("predict: an absolute slide id, --overwrite", predict_slide_id(str(Path("/tmp/owned")), "--overwrite"),
+    ("predict: an absolute slide id, --overwrite", predict_slide_id(str(Path("/tmp/owned")),
+                                                                    "--overwrite"),
      ["s1.h5", "'attrs/slide_id'"]),
-    ("predict: two caches with one slide id", predict_slide_id("s0"), ["s1.h5", "'attrs/slide_id'", "'s0'"]),
+    ("predict: two caches with one slide id", predict_slide_id("s0"), ["s1.h5", "'attrs/slide_id'",
+                                                                       "'s0'"]),
     ("predict: caches whose names differ in case only", predict_case_twins,
      ["pred", "'S1.h5' and 's1.h5'", "differ only in case"]),
     ("predict over a link, --overwrite", predict_over_link, ["pred/s2.h5", "symbolic link"]),
-    ("synthetic: programs.gmt is a link", synthetic_into(gmt_link), ["ds/programs.gmt", "symbolic link"]),
-    ("synthetic: metadata.csv exists", synthetic_into(metadata_there), ["ds/metadata.csv", "--overwrite"]),
+    ("synthetic: programs.gmt is a link", synthetic_into(gmt_link), ["ds/programs.gmt", "symbolic "
+                                                                                        "link"]),
+    ("synthetic: metadata.csv exists", synthetic_into(metadata_there), ["ds/metadata.csv",
+                                                                        "--overwrite"]),
     ("plots: the plots folder is a link", run_program("plots.py", "plot", "run", spoil=plots_link),
      ["run/plots", "symbolic link"]),
-    ("genes --out is an input slide", genes_out("caches/s1.h5"), ["caches/s1.h5", "--out", "input"]),
+    ("genes --out is an input slide", genes_out("caches/s1.h5"), ["caches/s1.h5", "--out",
+                                                                  "input"]),
     ("genes --out is an input slide, --overwrite", genes_out("caches/s1.h5", "--overwrite"),
      ["caches/s1.h5", "--out", "input"]),
     ("genes --out exists", genes_there, ["g.json", "--overwrite"]),
@@ -530,17 +541,23 @@ CASES = [
      ["s2.h5ad", "'var/_index'", "row 0", "UTF-8", "0xe9"]),
     ("import: metadata with an id twice", import_meta(b"id,patient\ns1,a\ns1,b\n"),
      ["meta.csv", "'id'", "'s1' twice"]),
-    ("import: a pixel size that is not a number", import_meta(b"id,pixel_size_um_estimated\ns1,big\n"),
+    ("import: a pixel size that is not a number",
+     import_meta(b"id,pixel_size_um_estimated\ns1,big\n"),
      ["meta.csv", "'pixel_size_um_estimated'", "slide s1", "'big'"]),
     ("bin --cells: a NaN centre", cells(lambda xy: xy.__setitem__((4, 1), np.nan)),
      ["cells.h5ad", "'obsm/spatial'", "finite", "row 4"]),
-    ("bin --cells: a bin of 1e-30 um", lambda tmp: [*cells(lambda xy: None)(tmp)[:5], "1e-30", "--out", "out"],
+    ("bin --cells: a bin of 1e-30 um", lambda tmp: [*cells(lambda xy: None)(tmp)[:5], "1e-30",
+                                                    "--out", "out"],
      ["cells.h5ad", "--bin-um 1e-30", "would fit"]),
-    ("features with zero columns", no_feature_columns, ["s0.h5", "'features'", "at least one feature"]),
-    ("a cache gene that is not UTF-8", latin1_genes, ["s1.h5", "'genes'", "row 3", "UTF-8", "0xe9"]),
-    ("cache genes that differ in case only", bad_slide(2, "genes", lambda x: at(x, 1, x[0].lower())),
+    ("features with zero columns", no_feature_columns, ["s0.h5", "'features'", "at least one "
+                                                                               "feature"]),
+    ("a cache gene that is not UTF-8", latin1_genes, ["s1.h5", "'genes'", "row 3", "UTF-8",
+                                                      "0xe9"]),
+    ("cache genes that differ in case only", bad_slide(2, "genes", lambda x: at(x, 1,
+                                                                                x[0].lower())),
      ["s2.h5", "'genes'", "differ only in case"]),
-    ("a split file lists a slide twice", splits("s0", "s1", "s0"), ["train_0.csv", "'sample_id'", "'s0' twice"]),
+    ("a split file lists a slide twice", splits("s0", "s1", "s0"), ["train_0.csv", "'sample_id'",
+                                                                    "'s0' twice"]),
     ("a split id outside data.root", splits("s0", "../caches/s1"),
      ["train_0.csv", "'sample_id'", "plain file name", "'../caches/s1'"]),
     ("a GMT with a set twice", gmt_file(b"SET_A\turl\tG1\nSET_B\turl\tG2\nSET_A\turl\tG3\n"),
@@ -548,18 +565,25 @@ CASES = [
     # crashes and exhaustion
     ("a config that is not UTF-8", config_bytes(b"train:\n  lr: 0.01 # caf\xe9\n"),
      ["cfg.yaml", "line 2, column 17", "UTF-8", "0xe9"]),
-    ("a UTF-16 config", config_bytes("train:\n  lr: 0.01\n".encode("utf-16")), ["cfg.yaml", "UTF-16"]),
-    ("synthetic --spots 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--spots", "100000000"],
+    ("a UTF-16 config", config_bytes("train:\n  lr: 0.01\n".encode("utf-16")), ["cfg.yaml",
+                                                                                "UTF-16"]),
+    ("synthetic --spots 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--spots",
+                                            "100000000"],
      ["--spots 100000000", "GiB of memory", "available", "would fit"]),
-    ("synthetic --slides 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "100000000"],
+    ("synthetic --slides 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--slides",
+                                             "100000000"],
      ["--slides 100000000", "GiB of disk", "would fit"]),
     ("synthetic --seed -1", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--seed", "-1"],
      ["seed >= 0", "seed -1"]),
-    ("predict: a forward of terabytes", predict_huge_window, ["predict.py", "GiB of memory", "fit"]),
-    ("predict: a model file unlike its config", predict_model_mismatch, ["model.pt", "'model'", "model_config"]),
+    ("predict: a forward of terabytes", predict_huge_window, ["predict.py", "GiB of memory",
+                                                              "fit"]),
+    ("predict: a model file unlike its config", predict_model_mismatch, ["model.pt", "'model'",
+                                                                         "model_config"]),
     ("predict --seed 2^40", predict_into("pred", "--seed", str(2 ** 40)), ["--seed", "2^32"]),
-    ("predict --threads 10^6", predict_into("pred", "--threads", "1000000"), ["--threads 1000000", "cores"]),
-    ("embed --threads 10^6", embed(None, extra=["--threads", "1000000"]), ["--threads 1000000", "cores"]),
+    ("predict --threads 10^6", predict_into("pred", "--threads", "1000000"), ["--threads 1000000",
+                                                                              "cores"]),
+    ("embed --threads 10^6", embed(None, extra=["--threads", "1000000"]), ["--threads 1000000",
+                                                                           "cores"]),
     ("embed --batch-size 10^12", embed(None, extra=["--batch-size", str(10 ** 12)]),
      ["--batch-size 1000000000000", "GiB of memory", "would fit"]),
     ("embed 1-pixel patches", patches_of(1), ["p1.h5", "'img'", "at least 2 x 2 pixels"]),
@@ -567,18 +591,21 @@ CASES = [
      ["--mem-limit-gb 1e+06", "available", "would fit"]),
     # the poor ones: one clear line instead of a traceback or a misleading message
     ("a dangling link in a cache", dangling_link, ["s2.h5", "'coords'", "leads nowhere"]),
-    ("a list where a section belongs", config_file("data: [1, 2]\n"), ["cfg.yaml", "'data'", "a mapping"]),
+    ("a list where a section belongs", config_file("data: [1, 2]\n"), ["cfg.yaml", "'data'",
+                                                                       "a mapping"]),
     ("a symlink loop as data.root", loop_root, ["'data.root'", "loop"]),
     ("a gene list that is bad JSON", gene_list(b'{"genes": ["G1", "G2",]}'),
      ["genes.json", "line 1", "expected JSON"]),
-    ("a gene list of numbers", gene_list(b'{"genes": ["G1", 7]}'), ["genes.json", "7 at position 1"]),
+    ("a gene list of numbers", gene_list(b'{"genes": ["G1", 7]}'), ["genes.json",
+                                                                    "7 at position 1"]),
     ("run.device=meta", overrides("run.device=meta"), ["'run.device'", "'meta'"]),
     ("run.name=no", overrides("run.name=no"), ["'run.name'", "quote it"]),
     ("an unset $VAR in run.dir", overrides("run.dir=$TESSERA_NO_SUCH_VAR/runs"),
      ["'run.dir'", "TESSERA_NO_SUCH_VAR is not set"]),
     ("train.seed=2^40", overrides(f"train.seed={2 ** 40}"), ["'train.seed'", "2^32"]),
     ("a data.root a killed command left", marked_root, ["caches", "unfinished", "synthetic.py"]),
-    ("predict: the third slide is bad", predict_bad_second_slide, ["s2.h5", "'features'", "finite"]),
+    ("predict: the third slide is bad", predict_bad_second_slide, ["s2.h5", "'features'",
+                                                                   "finite"]),
     ("protocols.py --paper nope", protocols_bad_paper, ["papers.yaml", "'nope'"]),
 ]
 

@@ -1,7 +1,8 @@
-"""A kill (SIGKILL) at a random moment of synthetic.py, hest.py import-hest, predict.py and a training run,
-then the same command again (with --resume for training), gives the files an uninterrupted run gives; in
-between, nothing a later command reads passes for complete (files.Outputs writes all or nothing, and a
-folder whose renames were cut short is refused by its readers until the command runs again)."""
+"""A kill (SIGKILL) at a random moment of synthetic.py, hest.py import-hest, predict.py and a
+training run, then the same command again (with --resume for training), gives the files an
+uninterrupted run gives; in between, nothing a later command reads passes for complete
+(files.Outputs writes all or nothing, and a folder whose renames were cut short is refused by its
+readers until the command runs again)."""
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ def kill_after(argv, cwd, seconds: float) -> None:
 
 
 def visible(folder: Path) -> dict:
-    """Every file a reader would see under `folder` (hidden names left out), with its bytes' hash."""
+    """Every file a reader would see under `folder` (hidden names left out), and its bytes' hash."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
@@ -59,8 +60,9 @@ def hidden(folder: Path) -> list[str]:
 
 
 def kill_and_rerun(tmp_path, build, argv, out: str, reader):
-    """The reference run in a copy of the inputs, then for each seed: a kill at a random moment between
-    the interpreter's start and the reference's end, what a reader sees, the same command again."""
+    """The reference run in a copy of the inputs, then for each seed: a kill at a random moment
+    between the interpreter's start and the reference's end, what a reader sees, the same command
+    again."""
     ref = tmp_path / "ref"
     ref.mkdir()
     build(ref)
@@ -92,7 +94,8 @@ def kill_and_rerun(tmp_path, build, argv, out: str, reader):
 
 
 def test_synthetic_killed_then_run_again(tmp_path):
-    argv = [str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "4", "--spots", "400", "--seed", "3"]
+    argv = [str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "4", "--spots", "400", "--seed",
+            "3"]
     kill_and_rerun(tmp_path, lambda work: None, argv, "ds", data.list_slides)
 
 
@@ -106,21 +109,25 @@ def test_predict_killed_then_run_again(tmp_path):
         torch.manual_seed(0)                # the same model and caches in every copy of the inputs
         adv.fold_model(adv.fake_run(work))
         adv.caches(work)
-    argv = [str(ROOT / "predict.py"), "--run", "run", "--slides", "caches", "--out", "pred", "--format",
+    argv = [str(ROOT / "predict.py"), "--run", "run", "--slides", "caches", "--out", "pred",
+            "--format",
             "h5", "h5ad"]
     kill_and_rerun(tmp_path, build, argv, "pred", lambda folder: files.check_finished(folder))
 
 
 def _run_files(run: Path) -> dict:
-    """What a training run leaves that a later command reads: the record and config, each fold's model
-    tensors and prediction arrays, and the metrics (log.txt and results.md hold times: left out)."""
-    out = {"folds.json": (run / "folds.json").read_text(), "config.yaml": (run / "config.yaml").read_text(),
+    """What a training run leaves that a later command reads: the record and config, each fold's
+    model tensors and prediction arrays, and the metrics (log.txt and results.md hold times: left
+    out)."""
+    out = {"folds.json": (run / "folds.json").read_text(),
+           "config.yaml": (run / "config.yaml").read_text(),
            "metrics": json.loads((run / "results.json").read_text())["metrics"]}
     for model in sorted(run.glob("fold_*/model.pt")):
-        out[str(model.relative_to(run))] = {k: v for k, v in torch.load(model, weights_only=True)["model"].items()}
+        out[str(model.relative_to(run))] = dict(torch.load(model, weights_only=True)["model"])
     for pred in sorted(run.glob("fold_*/pred/*.h5")):
         with h5py.File(pred) as f:
-            out[str(pred.relative_to(run))] = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset)}
+            arrays = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset)}
+            out[str(pred.relative_to(run))] = arrays
     return out
 
 
@@ -143,12 +150,14 @@ def test_training_killed_then_resumed(tmp_path):
     synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=200, log=lambda s: None)
     argv = [str(ROOT / "train.py"), str(ROOT / "configs/default.yaml"), f"data.root={root}",
             f"data.gmt={root / 'programs.gmt'}", "data.folds=2", "data.genes={by: hvg, n: 20}",
-            "model.dim=16", "model.heads=2", "model.pathway_tokens=4", "train.epochs=3", "run.dir=runs"]
+            "model.dim=16", "model.heads=2", "model.pathway_tokens=4", "train.epochs=3",
+        "run.dir=runs"]
     wall = run([*argv, "run.name=ref"], tmp_path)
     want = _run_files(tmp_path / "runs" / "ref")
     for seed in SEEDS:
         name = f"killed{seed}"
-        kill_after([*argv, f"run.name={name}"], tmp_path, random.Random(seed).uniform(0.3, 1.0) * wall)
+        kill_after([*argv, f"run.name={name}"], tmp_path, random.Random(seed).uniform(0.3,
+                                                                                      1.0) * wall)
         run([*argv, f"run.name={name}", "--resume"], tmp_path)
         got = _run_files(tmp_path / "runs" / name)
         for key in ("config.yaml",):     # the run's own name differs, nothing else
