@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import attention
+import files
 import kernels
 import lattice
 import train
@@ -391,6 +392,31 @@ def plan(args):
     return specs
 
 
+def check_limits(args) -> None:
+    """Before any row: --threads within the cores, and --mem-limit-gb (the address space each row
+    may take) within the memory this machine has available now, so that no row can exhaust it; with
+    --inprocess the limit applies to this process."""
+    cores, free = os.cpu_count() or 1, files.available_memory("cpu") / 2 ** 30
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        raise SystemExit(f"bench.py: --threads {args.threads}: expected 1 to {cores} (this "
+                         "machine's cores)")
+    if args.mem_limit_gb is None:
+        args.mem_limit_gb = min(16.0, free)
+    elif args.mem_limit_gb == 0:             # all the memory available now, never more
+        args.mem_limit_gb = free
+    elif not 0 < args.mem_limit_gb <= free:
+        raise SystemExit(f"bench.py: --mem-limit-gb {args.mem_limit_gb:g}: expected a limit above "
+                         f"0 and at most the {free:.1f} GiB available on this machine; "
+                         f"--mem-limit-gb {math.floor(free * 10) / 10:g} would fit")
+    if args.inprocess and args.device == "cpu":
+        now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        status = Path("/proc/self/status").read_text().splitlines()
+        size = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:")),
+                    now)
+        limit = size + int(args.mem_limit_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sizes = lambda s: [parse_n(x) for x in s.split(",") if x]
@@ -415,10 +441,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="torch threads per child (default: threads.py's)")
     ap.add_argument("--max-n", type=caps, default=caps(MAX_N),
                     help=f"largest N per name or name.mode (default {MAX_N})")
-    ap.add_argument("--mem-limit-gb", type=float, default=16.0,
-                    help="address-space limit of each child: a row that needs more fails instead of swapping")
+    ap.add_argument("--mem-limit-gb", type=float, default=None,
+                    help="address-space limit of each row (default 16, or the memory available "
+                    "if less; 0: the memory available): a row that needs more fails instead of "
+                    "swapping; more than is available is refused")
     ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
     ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -429,6 +458,14 @@ def main(argv=None):
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(run_case(spec)))
         return None
+    check_limits(args)
+    outputs = None
+    if args.json:   # checked before the first row: a long benchmark never fails at its end
+        try:
+            outputs = files.Outputs(args.json.parent, [args.json.name], args.overwrite,
+                                    what="--json", command="bench.py")
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"bench.py: {e}") from None
     rows, t0 = [], time.time()
     for spec in plan(args):
         rows.append(measure(spec, isolate=not args.inprocess))
@@ -442,7 +479,8 @@ def main(argv=None):
         meta = dict(argv=sys.argv if argv is None else ["bench.py", *argv], torch=torch.__version__,
                     threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
                     gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        with outputs:
+            outputs.path(args.json.name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 

@@ -17,7 +17,6 @@ import yaml
 
 import data
 import files
-import predict
 from model import ModelConfig, build_model, check_config as check_model
 
 DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
@@ -38,6 +37,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor`: construct_mapping merges it
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(problem=f"found the key {key!r} twice in one mapping (line "
@@ -99,6 +100,9 @@ RANGES = {
     "train.augment.rot_deg": at_least(0), "eval.mc_samples": at_least(0), "eval.calibration_slides": at_least(0),
     "run.threads": ((lambda v: 0 <= v <= (os.cpu_count() or 1)), f"from 0 to {os.cpu_count() or 1} (this machine's cores)"),
     "run.name": ((lambda v: v.strip() != "" and "/" not in v), "(a folder name, not empty, no '/')"),
+    # numpy's RandomState (data.assign kfold, hist) takes seeds below 2^32
+    "train.seed": ((lambda v: 0 <= v < 2 ** 32), "from 0 to 2^32 - 1"),
+    "data.fold_seed": ((lambda v: 0 <= v < 2 ** 32), "from 0 to 2^32 - 1"),
 }
 
 
@@ -140,6 +144,8 @@ def _check_value(name, value, default):
         text = KIND_TEXT[kind]
         if kind in ("number", "numbers") and any(isinstance(v, float) and not math.isfinite(v) for v in values):
             text = text.replace("a number", "a finite number").replace("of numbers", "of finite numbers")
+        if kind == "str" and isinstance(value, bool):  # YAML 1.1: yes, no, on, off are booleans
+            text += f" (YAML reads an unquoted yes/no/on/off as {str(value).lower()}: quote it)"
         _fail(name, text + (" or null" if nullable else ""), value)
     if name in RANGES:
         ok, text = RANGES[name]
@@ -194,18 +200,17 @@ def check_config(cfg: dict, defaults: dict) -> None:
                 _fail("data.synthetic.pseudo", "true or false", value)
             if key != "pseudo" and not (_kind(value, "int") and value >= lowest):
                 _fail(f"data.synthetic.{key}", f"an integer >= {lowest}", value)
-    try:
-        torch.device(cfg["run"]["device"])
-    except RuntimeError:
-        if cfg["run"]["device"] != "auto":
-            _fail("run.device", "auto, cpu, cuda or cuda:<index>", cfg["run"]["device"])
+    device = cfg["run"]["device"]
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        _fail("run.device", "auto, cpu, cuda or cuda:<index>", device)
+    expand_paths(cfg)
     try:
         mc = ModelConfig.from_dict(cfg["model"])
         check_model(mc)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mc_samples = cfg["eval"]["mc_samples"]
-    if mc_samples and not predict.has_dropout(sized_model(mc, 1, 1)):
+    if mc_samples and not has_dropout(sized_model(mc, 1, 1)):
         raise ConfigError(f"key 'eval.mc_samples': expected 0 for a model without dropout (model.arch = {mc.arch}, "
                           f"model.dropout = {mc.dropout}, model.attn_dropout = {mc.attn_dropout}): Monte-Carlo "
                           f"passes would all be equal; found {mc_samples}")
@@ -215,6 +220,30 @@ def check_config(cfg: dict, defaults: dict) -> None:
         raise ConfigError("train.loss = zinb predicts counts per 1e4 (library size as offset): "
                           "set data.normalize=true so that metrics compare like with like")
     check_levels(cfg, mc)
+
+
+PATH_KEYS = ("data.root", "data.gmt", "data.genes", "data.split_dir", "run.dir")
+
+
+def expand_paths(cfg: dict) -> None:
+    """The path keys (PATH_KEYS) as a shell expands them: ~ to the home folder, $VAR and ${VAR} to
+    the environment's values, in place (config.yaml records the expanded path). A variable that is
+    not set, or a path whose symbolic links loop, is refused naming the key."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if not isinstance(value, str):
+            continue
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+        if unset:
+            _fail(key, f"a path (${unset.group(1)} is not set in the environment)", value)
+        try:
+            Path(expanded).resolve()
+        except (OSError, RuntimeError):
+            raise ConfigError(f"key '{key}': expected a path whose symbolic links lead somewhere, "
+                              f"found {value!r}, whose links loop") from None
+        cfg[section][name] = expanded
 
 
 def check_levels(cfg: dict, mc: ModelConfig) -> None:
@@ -311,23 +340,29 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
         hint = (f" (the synthetic dataset of data.synthetic is generated only at {DEMO_ROOT}; "
                 f"`python synthetic.py --out {root}` makes one elsewhere)" if dc["synthetic"] else "")
         raise ConfigError(f"key 'data.root': expected a folder of slide caches, found no folder {root}{hint}")
+    files.check_finished(root)
     if dc["split_dir"]:
         try:
             folds = files.read_split_csvs(data_file(cfg, "split_dir", root, folder=True))
         except FileNotFoundError as e:
             raise ConfigError(f"key 'data.split_dir': {e}") from None
+        have = {p.stem for p in root.glob("*.h5")}
         for k, fold in enumerate(folds):
             for part, split_ids in zip(("train", "test"), fold):
+                split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
+                for s in split_ids:     # an id is a file name inside data.root, never a path
+                    files.plain_name(s, f"{split}: key 'sample_id'")
                 missing = [s for s in split_ids if not (root / f"{s}.h5").is_file()]
                 if missing:
-                    split = data_file(cfg, "split_dir", root, folder=True) / f"{part}_{k}.csv"
-                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in {root} for every "
-                                      f"sample id, found none for {len(missing)}: {data.listed(missing)}")
+                    hint = data.case_hint(missing, have)
+                    raise ConfigError(f"{split}: key 'data.split_dir': expected a cache <id>.h5 in "
+                                      f"{root} for every sample id, found none for {len(missing)}: "
+                                      f"{data.listed(missing)}{hint}")
         ids = sorted({s for train, test in folds for s in train + test})
         paths = [root / f"{s}.h5" for s in ids]
         metas = [data.read_slide_meta(p) for p in paths]
     else:
-        paths = sorted(root.glob("*.h5"))
+        paths = sorted(p for p in root.glob("*.h5") if not p.name.startswith("."))   # not ._<name>
         if not paths:
             raise ConfigError(f"key 'data.root': expected slide caches <slide>.h5 in {root}, found none")
         metas = [data.read_slide_meta(p) for p in paths]
@@ -357,7 +392,8 @@ def check_data(cfg: dict, root: Path, log=print) -> list[tuple[list[str], list[s
             missing = sorted(set(wanted) - set(m.genes))
             if missing:
                 raise ConfigError(f"{path}: key 'data.genes': expected genes the slides have, found "
-                                  f"{len(missing)} missing from {p}: {data.listed(missing)}")
+                                  f"{len(missing)} missing from {p}: {data.listed(missing)}"
+                                  f"{data.case_hint(missing, m.genes)}")
         genes = wanted
     if dc["gmt"]:
         _check_gmt(cfg, root, genes, log)
@@ -401,6 +437,13 @@ def check_folds(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path)
 
 
 # ---- memory -------------------------------------------------------------------------------------
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether Monte-Carlo dropout can vary this model's output (a dropout or an attention dropout
+    above 0)."""
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attn_drop", 0) > 0
+               for m in model.modules())
+
+
 def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
     """The model, for its sizes: built for real when a generous bound on its tensors is small (milliseconds),
     else with its tensors on the meta device (no memory, but seconds: torch imports its meta kernels)."""
@@ -457,17 +500,73 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
     return {"state": state, "activations": spots + sum(kept), "full attention": sum(full)}
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a run: the GPU's free memory on CUDA, else /proc/meminfo's MemAvailable (or free pages)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
+                       value_bytes: int = 4) -> dict:
+    """Bytes one forward without gradients (predict.py, plots.py attention) needs on a slide of
+    n_spots, by part, with memory_estimate's token counts per level. Generous, as memory_estimate:
+    - model: parameters and buffers (no gradients, no optimizer);
+    - activations: the slide's inputs (features, coordinates), the skips the decoder keeps (d per
+      token of every encoder level), and the largest block's working set, (12 + 2 ffn_ratio) d
+      values per token plus its attention weights (window: H (2w)^2, k-NN: H k, global tokens: H
+      each), doubled when signed; non-tessera models: the inputs and two hidden layers per spot;
+    - full attention: the largest block's (H, M, M) bias, scores and weights;
+    - outputs (on the CPU, float32): 16 (N, G) arrays: the ensemble's running mean and spread and
+      the predicted variance's (predict.Welford), the interval, and the copies the writers make.
+    Measured on the CPU (tests/test_checks.py), peak resident growth of a forward on 5k to 40k
+    spots: default.yaml 131 MB to 2.4 GB (estimate 201 MB to 6.0 GB), hist.yaml 222 to 623 MB
+    (439 MB to 1.35 GB)."""
+    model = sized_model(mc, in_dim, n_genes)
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    inputs = n_spots * (in_dim + 4) * value_bytes
+    outputs = 16 * 4 * n_spots * n_genes
+    if mc.arch != "tessera":
+        return {"model": state, "activations": inputs + n_spots * 2 * mc.hidden * value_bytes,
+                "full attention": 0, "outputs": outputs}
+    L, d, H, sign = len(mc.depths), mc.dim, mc.heads, 2 if mc.signed else 1
+    tokens = mc.calibration_tokens + mc.pathway_tokens
+
+    def size(level):
+        if level <= 0:
+            return n_spots * 4 ** -level
+        return max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+
+    blocks = [(0, "knn")] * mc.local_blocks
+    blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
+    for level in range(L):
+        full = level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none"
+        blocks.append((level, "full" if full else mc.attention))
+    slots = {"window": H * (2 * mc.w) ** 2, "knn": H * mc.knn_k, "full": 0, "none": 0}
+    work = max(size(lv) * ((12 + 2 * mc.ffn_ratio) * d + 2 * sign * (slots[mode] + H * tokens))
+               for lv, mode in blocks)
+    skips = sum(size(lv) * d for lv in range(-mc.sub_levels, L))
+    full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"],
+               default=0)
+    return {"model": state, "activations": inputs + (work + skips) * value_bytes,
+            "full attention": full * value_bytes, "outputs": outputs}
+
+
+def check_inference_memory(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, where: str,
+                           device="cpu", available: int | None = None) -> None:
+    """Refuse, before a model runs on a whole slide, a slide whose forward cannot fit in the memory
+    of `device` (inference_estimate: on CUDA the model's parts in bf16 on the GPU, the outputs on
+    the CPU), with the figure and the largest slide that would fit."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    parts = lambda n: inference_estimate(mc, in_dim, n_genes, n, 2 if cuda else 4)  # noqa: E731
+    places = [(device, ("model", "activations", "full attention"))] if cuda else []
+    places.append((torch.device("cpu"), ("outputs",) if cuda else
+                   ("model", "activations", "full attention", "outputs")))
+    for place, keys in places:
+        free = files.available_memory(place) if available is None else available
+        if free is None:
+            continue
+        need = lambda n: sum(parts(n)[k] for k in keys)  # noqa: E731
+        if need(n_spots) > free:
+            fit = files.largest_fitting(need, 1, n_spots, free)
+            detail = ", ".join(f"{k} {files.gib(parts(n_spots)[k])}" for k in keys)
+            files.check_memory(need(n_spots), f"{where}: a forward over {n_spots} spots ({detail})",
+                               f"slides of up to {fit} spots fit" if fit >= 1 else
+                               "no slide fits: a smaller model.dim or model.w", place, free)
 
 
 def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str, available: int | None = None):
@@ -477,7 +576,7 @@ def check_memory(cfg: dict, in_dim: int, n_genes: int, n_spots: int, where: str,
     name = cfg["run"]["device"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     value_bytes = 2 if device.type == "cuda" else 4
-    available = available_memory(device) if available is None else available
+    available = files.available_memory(device) if available is None else available
     if available is None:   # no such device: predict.resolve_device says so
         return
     parts = memory_estimate(mc, in_dim, n_genes, n_spots, value_bytes)

@@ -1,13 +1,14 @@
 """Slide feature caches and the small files training reads: what `train.py` turns into tensors.
 
-Sections: cache format (write, read, validate; DATA.md) · gene selection and targets · folds (balanced
-by patient, and the papers' own fold assignments) · sub-spot inputs · command line. Every other file the
-project reads or writes (gene lists, gene sets, split CSVs, prediction files, AnnData), and the rules
-every file follows (atomic writes, errors naming file and key, values checked block by block), are
-files.py's. The HEST
-import and placeholder encoder are in hest.py, the papers' slide lists and label smoothing in
-protocols.py, the synthetic generator in synthetic.py: each with its own command line.
-    python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...] [--skip-empty]
+Sections: cache format (write, read, validate; DATA.md) · gene selection and targets · folds
+(balanced by patient, and the papers' own fold assignments) · sub-spot inputs · command line. Every
+other file the project reads or writes (gene lists, gene sets, split CSVs, prediction files,
+AnnData), and the rules every file follows (one writing helper, one decoding of text, errors naming
+file and key, values checked block by block), are files.py's. The HEST import and placeholder
+encoder are in hest.py, the papers' slide lists and label smoothing in protocols.py, the synthetic
+generator in synthetic.py: each with its own command line.
+    python data.py genes --slides DIR --n 250 --by hvg|mean --out genes.json [--ids ID ...]
+                         [--skip-empty] [--overwrite]
 """
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +23,19 @@ import h5py
 import numpy as np
 import torch
 
-from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, listed, open_h5,
-                   refuse_existing)
+from files import (CacheError, Outputs, atomic_path, check_finished, check_values, check_writable,
+                   clashes, dataset, fail, h5_strings, listed, open_h5, refuse_existing, text_attr)
 
 FORMAT_VERSION = 1
+# data.check_writable and data.atomic_path are files.py's, imported for the programs that use them
+_PROGRAMS_USE = (check_writable, atomic_path)
 
 
 @dataclass
 class Slide:
-    """One slide in memory. Tensors are float32 on the CPU, except features (and pseudo_features) that the
-    cache stores as float16: they stay float16 (half the memory of a Visium HD slide; the models
-    standardise them in float32). N spots, C features, G genes."""
+    """One slide in memory. Tensors are float32 on the CPU, except features (and pseudo_features)
+    that the cache stores as float16: they stay float16 (half the memory of a Visium HD slide; the
+    models standardise them in float32). N spots, C features, G genes."""
     slide_id: str
     features: torch.Tensor                        # (N, C)
     coords: torch.Tensor                          # (N, 2) micrometres, x then y
@@ -45,12 +46,12 @@ class Slide:
     counts: torch.Tensor | None = None            # (N, G) raw counts
     genes: list[str] | None = None                # (G,)
     library_size: torch.Tensor | None = None      # (N,) total counts before gene filtering
-    expected: torch.Tensor | None = None          # (N, G) noise-free mean counts (synthetic slides only)
+    expected: torch.Tensor | None = None          # (N, G) noise-free mean counts (synthetic only)
     pseudo_features: torch.Tensor | None = None   # (M, C) off-grid pseudo-spots (FEAST)
     pseudo_coords: torch.Tensor | None = None     # (M, 2)
-    sub_features: torch.Tensor | None = None      # (N, S, C), S = r*r sub-patches, s = r * ix + iy (HiFusion)
-    sub_valid: torch.Tensor | None = None         # (N, S) bool: which sub-positions exist (absent = all)
-    sub_counts: torch.Tensor | None = None        # (N, S, G) truth at the sub scale (evaluation only)
+    sub_features: torch.Tensor | None = None      # (N, S, C), S = r*r sub-patches, s = r * ix + iy
+    sub_valid: torch.Tensor | None = None         # (N, S) bool: the sub-positions that exist
+    sub_counts: torch.Tensor | None = None        # (N, S, G) truth at the sub scale (evaluation)
     sub_extent_um: float = float("nan")           # side of the square the r x r sub-patches tile
 
     @property
@@ -65,9 +66,19 @@ ARRAY_KEYS = ("features", "coords", "barcodes", "counts", "genes", "library_size
 STRING_KEYS = ("barcodes", "genes")
 
 
+def _unique(path, key: str, x: np.ndarray) -> None:
+    """No two values of a string array clash (files.clashes: repeats, or a difference in case only);
+    np.unique first, so that a million distinct barcodes cost one sort."""
+    values = np.unique(x)
+    if len(values) == len(x) and len(np.unique(np.char.lower(values))) == len(values):
+        return
+    found = clashes(x.tolist())
+    fail(path, key, "unique values", f"{len(found)} duplicated, e.g. {found[0]}")
+
+
 def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
-    """One array (or h5py dataset): kind 'float' | 'number' | 'str', shape with None for any size; unique
-    strings; the values (check_values, whose count of non-integer counts it returns)."""
+    """One array (or h5py dataset): kind 'float' | 'number' | 'str', shape with None for any size;
+    unique strings; the values (check_values, whose count of non-integer counts it returns)."""
     x = a[key]
     want = str(tuple("any" if s is None else s for s in shape)).replace("'", "")
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
@@ -75,23 +86,25 @@ def _check(path, a: dict, key: str, shape: tuple, kind: str) -> int:
     if kind == "str":
         if x.dtype.kind != "U":
             fail(path, key, "utf-8 strings", f"dtype {x.dtype}")
-        values, counts = np.unique(x, return_counts=True)
-        if (counts > 1).any():
-            fail(path, key, "unique values", f"{int((counts > 1).sum())} duplicated, e.g. '{values[counts > 1][0]}'")
+        _unique(path, key, x)
         return 0
     if x.dtype.kind not in ("f" if kind == "float" else "fiu"):
-        fail(path, key, "float16/float32 values" if kind == "float" else "numeric values", f"dtype {x.dtype}")
+        fail(path, key, "float16/float32 values" if kind == "float" else "numeric values",
+             f"dtype {x.dtype}")
     return check_values(path, key, x)
 
 
 def _validate(path, a: dict) -> int:
-    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays or h5py datasets (absent keys
-    left out; strings as numpy str arrays). Returns the number of non-integer values in `counts`."""
+    """Every key of the data contract (DATA.md); `a` maps keys to numpy arrays or h5py datasets
+    (absent keys left out; strings as numpy str arrays). Returns the number of non-integer values in
+    `counts`."""
     for key in ("features", "coords", "barcodes"):
         if key not in a:
             fail(path, key, "a dataset (required)", "no such key")
     _check(path, a, "features", (None, None), "float")
     n, c = a["features"].shape
+    if c == 0:
+        fail(path, "features", "at least one feature per spot", f"shape {(n, c)}")
     _check(path, a, "coords", (n, 2), "float")
     _check(path, a, "barcodes", (n,), "str")
     if "counts" in a and "genes" not in a:
@@ -101,11 +114,13 @@ def _validate(path, a: dict) -> int:
     g = len(a["genes"]) if "genes" in a else None
     fractional = 0
     for key, shape, kind in (("counts", (n, g), "number"), ("expected", (n, g), "float"),
-                             ("library_size", (n,), "number"), ("pseudo_features", (None, c), "float")):
+                             ("library_size", (n,), "number"),
+                             ("pseudo_features", (None, c), "float")):
         if key in a:
             fractional += _check(path, a, key, shape, kind)
     if ("pseudo_features" in a) != ("pseudo_coords" in a):
-        fail(path, "pseudo_coords", "pseudo_features and pseudo_coords together", "only one of them")
+        fail(path, "pseudo_coords", "pseudo_features and pseudo_coords together",
+             "only one of them")
     if "pseudo_coords" in a:
         _check(path, a, "pseudo_coords", (len(a["pseudo_features"]), 2), "float")
     _validate_sub(path, a, n, c, g)
@@ -113,8 +128,9 @@ def _validate(path, a: dict) -> int:
 
 
 def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
-    """The optional sub-spot keys: sub_features (N, S, C) with S = 4 or 16, sub_valid (N, S) bool with at
-    least one true per spot, sub_counts (N, S, G); the attribute sub_extent_um > 0 beside them."""
+    """The optional sub-spot keys: sub_features (N, S, C) with S = 4 or 16, sub_valid (N, S) bool
+    with at least one true per spot, sub_counts (N, S, G); the attribute sub_extent_um > 0 beside
+    them."""
     if "sub_features" not in a:
         for key in ("sub_valid", "sub_counts"):
             if key in a:
@@ -122,8 +138,8 @@ def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
         return
     x = a["sub_features"]
     if x.ndim != 3 or x.shape[1] not in (4, 16) or x.shape[0] != n or x.shape[2] != c:
-        fail(path, "sub_features", f"shape ({n}, 4 or 16, {c}): the features of 2 x 2 or 4 x 4 sub-patches of "
-             "each spot, as many features as 'features'", f"shape {tuple(x.shape)}")
+        fail(path, "sub_features", f"shape ({n}, 4 or 16, {c}): the features of 2 x 2 or 4 x 4 "
+             "sub-patches of each spot, as many features as 'features'", f"shape {tuple(x.shape)}")
     S = x.shape[1]
     _check(path, a, "sub_features", (n, S, c), "float")
     if "sub_valid" in a:
@@ -140,57 +156,46 @@ def _validate_sub(path, a: dict, n: int, c: int, g: int | None):
         _check(path, a, "sub_counts", (n, S, g), "number")
     extent = a.get("attrs/sub_extent_um", float("nan"))
     if not extent > 0 or not math.isfinite(extent):
-        fail(path, "attrs/sub_extent_um", "the side in micrometres of the square the sub-patches tile (> 0)",
-             extent)
-
-
-def check_writable(folder, what: str) -> None:
-    """`folder` (or the nearest folder above it that exists) takes a new file: a probe file, created and removed
-    (os.access says yes to root on a read-only folder). `what` names its role (e.g. "--out")."""
-    place = Path(folder)
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise ValueError(f"{place}: {what}: expected a folder for {folder}, found a file")
-    try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".tessera-write-probe-")
-        os.close(handle), os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{place}: {what}: expected a folder this user can write {folder} in, found it cannot "
-                         f"be written ({e.strerror or e})") from None
+        fail(path, "attrs/sub_extent_um",
+             "the side in micrometres of the square the sub-patches tile (> 0)", extent)
 
 
 def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
-    """Write one slide cache atomically; refuses to replace an existing file unless overwrite=True."""
+def write_slide(path, slide: Slide, overwrite: bool = False, where=None) -> Path:
+    """Write one slide cache atomically; refuses to replace an existing file unless overwrite=True.
+    Strings are written as they will be read (files.name: surrounding whitespace dropped). A slide
+    read_slide would reject is an error naming `where` (the files it came from; default `path`)."""
     path = Path(path)
     refuse_existing([path], overwrite)
     a = {k: _np(getattr(slide, k)) for k in ARRAY_KEYS if getattr(slide, k) is not None}
     for k in STRING_KEYS:
         if k in a:
-            a[k] = a[k].astype(str)
+            a[k] = np.char.strip(a[k].astype(str))
     if "sub_features" in a:
         a["attrs/sub_extent_um"] = float(slide.sub_extent_um)
-    _validate(path, a)  # never write a file that read_slide would reject
+    _validate(where or path, a)  # never write a file that read_slide would reject
     extent = a.pop("attrs/sub_extent_um", None)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for k, x in a.items():
             if k in STRING_KEYS:
                 f.create_dataset(k, data=x.astype(object), dtype=STR)
             elif k in ("counts", "expected") and x.size:  # (N, G) can be large: chunked, compressed
-                f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 1024), min(x.shape[1], 256)),
+                f.create_dataset(k, data=x.astype(np.float32),
+                                 chunks=(min(len(x), 1024), min(x.shape[1], 256)),
                                  compression="gzip", compression_opts=4, shuffle=True)
             elif k == "sub_counts":
-                f.create_dataset(k, data=x.astype(np.float32), chunks=(min(len(x), 256), x.shape[1],
-                                 min(x.shape[2], 256)), compression="gzip", compression_opts=4, shuffle=True)
+                f.create_dataset(k, data=x.astype(np.float32),
+                                 chunks=(min(len(x), 256), x.shape[1], min(x.shape[2], 256)),
+                                 compression="gzip", compression_opts=4, shuffle=True)
             elif k == "sub_valid":
                 f.create_dataset(k, data=x)
             else:
                 f.create_dataset(k, data=x if x.dtype == np.float16 else x.astype(np.float32))
-        f.attrs.update(slide_id=slide.slide_id, patient=slide.patient or slide.slide_id,
+        f.attrs.update(slide_id=str(slide.slide_id).strip(),
+                       patient=str(slide.patient or slide.slide_id).strip(),
                        spot_pitch_um=float(slide.spot_pitch_um), encoder=slide.encoder,
                        format_version=FORMAT_VERSION)
         if extent is not None:
@@ -198,18 +203,30 @@ def write_slide(path, slide: Slide, overwrite: bool = False) -> Path:
     return path
 
 
+def _number_attr(path, f, key: str, default):
+    """A numeric attribute; one that is not a number is an error naming the file and the key."""
+    value = f.attrs.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        fail(path, f"attrs/{key}", "a number", repr(value)[:60])
+
+
 def _attrs(path, f) -> dict:
-    version = int(f.attrs.get("format_version", FORMAT_VERSION))
+    version = _number_attr(path, f, "format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
-        fail(path, "attrs/format_version", f"<= {FORMAT_VERSION}", f"{version} (written by a newer tessera)")
-    sid = str(f.attrs.get("slide_id", Path(path).stem))
-    return dict(slide_id=sid, patient=str(f.attrs.get("patient", "")) or sid, encoder=str(f.attrs.get("encoder", "")),
-                spot_pitch_um=float(f.attrs.get("spot_pitch_um", float("nan"))))
+        fail(path, "attrs/format_version", f"<= {FORMAT_VERSION}",
+             f"{int(version)} (written by a newer tessera)")
+    sid = text_attr(f, "slide_id", Path(path).stem) or Path(path).stem
+    return dict(slide_id=sid, patient=text_attr(f, "patient") or sid,
+                encoder=text_attr(f, "encoder"),
+                spot_pitch_um=_number_attr(path, f, "spot_pitch_um", float("nan")))
 
 
 def _datasets(path, f, read: bool) -> dict:
-    """The cache's keys of the data contract: strings read as numpy str arrays, numbers read (read=True) or
-    left as h5py datasets; a key that is a group is an error naming it."""
+    """The cache's keys of the data contract: strings read as numpy str arrays (files.h5_strings),
+    numbers read (read=True) or left as h5py datasets; a key that is a group is an error naming
+    it."""
     a = {}
     for k in ARRAY_KEYS:
         if k in f:
@@ -217,14 +234,14 @@ def _datasets(path, f, read: bool) -> dict:
             text = h5py.check_string_dtype(x.dtype) or x.dtype.kind == "S"
             a[k] = h5_strings(x) if text else x[()] if read else x
     if "sub_extent_um" in f.attrs:
-        a["attrs/sub_extent_um"] = float(f.attrs["sub_extent_um"])
+        a["attrs/sub_extent_um"] = _number_attr(path, f, "sub_extent_um", float("nan"))
     return a
 
 
 def scan_slide(path) -> int:
-    """Every check read_slide makes (_validate), reading the numeric arrays from the file in blocks of rows
-    instead of holding the slide in memory: the checks before training, on every slide a run will read.
-    Returns the number of non-integer values in `counts` (raw counts are integers)."""
+    """Every check read_slide makes (_validate), reading the numeric arrays from the file in blocks
+    of rows instead of holding the slide in memory: the checks before training, on every slide a run
+    will read. Returns the number of non-integer values in `counts` (raw counts are integers)."""
     with open_h5(path) as f:
         return _validate(path, _datasets(path, f, read=False))
 
@@ -239,40 +256,54 @@ def _not_embeddings(path, f) -> None:
 
 
 def read_slide(path, genes: list[str] | None = None, zero_fill: bool = False) -> Slide:
-    """Read and validate one cache. `genes` selects and orders count columns; a gene the slide lacks is an
-    error unless zero_fill=True (then its column is 0). Slides without counts ignore `genes`."""
+    """Read and validate one cache. `genes` selects and orders count columns; a gene the slide lacks
+    is an error unless zero_fill=True (then its column is 0). Slides without counts ignore
+    `genes`."""
     with open_h5(path) as f:
         _not_embeddings(path, f)
         a = _datasets(path, f, read=True)
         meta = _attrs(path, f)
     _validate(path, a)
     extent = a.pop("attrs/sub_extent_um", float("nan"))
-    half = lambda k: k in ("features", "pseudo_features", "sub_features") and a[k].dtype == np.float16  # noqa: E731
-    t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=np.float16 if half(k) else np.float32))
+
+    def dtype(k):
+        half = k in ("features", "pseudo_features", "sub_features") and a[k].dtype == np.float16
+        return np.float16 if half else np.float32
+    t = {k: torch.from_numpy(np.ascontiguousarray(a[k], dtype=dtype(k)))
          for k in a if k not in STRING_KEYS + ("sub_valid",)}
     if "sub_valid" in a:
         t["sub_valid"] = torch.from_numpy(a["sub_valid"])
-    slide = Slide(**meta, barcodes=a["barcodes"], genes=a["genes"].tolist() if "counts" in a else None,
-                  sub_extent_um=extent, **t)
+    genes_read = a["genes"].tolist() if "counts" in a else None
+    slide = Slide(**meta, barcodes=a["barcodes"], genes=genes_read, sub_extent_um=extent, **t)
     return slide if genes is None else take_genes(slide, genes, zero_fill, path)
 
 
+def case_hint(missing, have) -> str:
+    """' (found X, which differs in case)' for the first missing name the slide has in another case:
+    names are compared exactly everywhere (files.clashes)."""
+    lower = {g.lower(): g for g in have}
+    near = [(m, lower[m.lower()]) for m in missing if m.lower() in lower]
+    return f" (found {near[0][1]!r} for {near[0][0]!r}: names differ in case)" if near else ""
+
+
 def take_genes(slide: Slide, genes: list[str], zero_fill: bool = False, path=None) -> Slide:
-    """The slide with its count columns (and `expected`, `sub_counts`) for `genes`, in that order; a gene the slide lacks
-    is an error naming `path` unless zero_fill=True (then its column is 0). A slide without counts is
-    returned as it is."""
+    """The slide with its count columns (and `expected`, `sub_counts`) for `genes`, in that order; a
+    gene the slide lacks is an error naming `path` unless zero_fill=True (then its column is 0). A
+    slide without counts is returned as it is."""
     if slide.counts is None:
         return slide
     index = {g: i for i, g in enumerate(slide.genes)}
     missing = [g for g in genes if g not in index]
     if missing and not zero_fill:
         fail(path or slide.slide_id, "genes", f"all {len(genes)} requested genes",
-              f"{len(missing)} missing: {listed(missing, 10)}"
-              " (zero_fill=True fills them with zeros)")
+             f"{len(missing)} missing: {listed(missing, 10)}{case_hint(missing, index)}"
+             " (zero_fill=True fills them with zeros)")
     cols = torch.tensor([index.get(g, -1) for g in genes], dtype=torch.long)
-    pick = lambda x: None if x is None else torch.where(cols >= 0, x[..., cols.clamp(min=0)], 0.0)  # noqa: E731
-    return dataclasses.replace(slide, genes=list(genes), counts=pick(slide.counts), expected=pick(slide.expected),
-                               sub_counts=pick(slide.sub_counts))
+
+    def pick(x):
+        return None if x is None else torch.where(cols >= 0, x[..., cols.clamp(min=0)], 0.0)
+    return dataclasses.replace(slide, genes=list(genes), counts=pick(slide.counts),
+                               expected=pick(slide.expected), sub_counts=pick(slide.sub_counts))
 
 
 @dataclass
@@ -284,7 +315,7 @@ class SlideMeta:
     genes: list[str] | None        # None for a slide without counts
     spot_pitch_um: float
     encoder: str
-    coords_extent: float = 0.0     # the larger spread (max - min) of x and y; 0 when every spot is at one point
+    coords_extent: float = 0.0     # the larger spread (max - min) of x and y (0: all at one point)
     zero_library: int = 0          # spots whose library_size is 0 although their counts are not
     shared_position: int = 0       # spots at the position (x, y) of another spot
     library_size: bool = False     # the cache has library_size (data.normalize divides by it)
@@ -292,18 +323,21 @@ class SlideMeta:
 
 
 def read_slide_meta(path) -> SlideMeta:
-    """Attributes, sizes and the gene list of a cache, reading only the (N,)- and (N, 2)-sized arrays
-    (coords, library_size), never the features or the counts (fold building, checks before training)."""
+    """Attributes, sizes and the gene list of a cache, reading only the (N,)- and (N, 2)-sized
+    arrays (coords, library_size), never the features or the counts (fold building, checks before
+    training)."""
     with open_h5(path) as f:
         _not_embeddings(path, f)
         a = {}
         for key in ARRAY_KEYS:
             if key in ("features", "coords") or key in f:
-                dataset(path, f, key, "a dataset (required)" if key in ("features", "coords") else "a dataset")
+                required = key in ("features", "coords")
+                dataset(path, f, key, "a dataset (required)" if required else "a dataset")
         if "counts" in f and "genes" not in f:
             fail(path, "genes", "a gene list beside 'counts'", "no such key")
-        if f["features"].ndim != 2:
-            fail(path, "features", "shape (any, any)", f"shape {f['features'].shape}")
+        if f["features"].ndim != 2 or f["features"].shape[1] == 0:
+            fail(path, "features", "shape (any, any) with at least one feature per spot",
+                 f"shape {f['features'].shape}")
         n, c = f["features"].shape
         a["coords"] = f["coords"][()]
         _check(path, a, "coords", (n, 2), "float")
@@ -314,51 +348,78 @@ def read_slide_meta(path) -> SlideMeta:
             rows = np.flatnonzero(a["library_size"] == 0)
             if rows.size:   # the counts of those spots only
                 zero = int((f["counts"][rows, :] > 0).any(1).sum())
-        genes = h5_strings(f["genes"]).tolist() if "counts" in f and "genes" in f else None
+        genes = None
+        if "counts" in f and "genes" in f:
+            a["genes"] = h5_strings(f["genes"])
+            _check(path, a, "genes", (None,), "str")
+            genes = a["genes"].tolist()
         extent = float(np.ptp(a["coords"], 0).max()) if n else 0.0
         _, at, many = np.unique(a["coords"], axis=0, return_inverse=True, return_counts=True)
         shared = int((many[at.reshape(-1)] > 1).sum())
-        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes, coords_extent=extent,
-                         zero_library=zero, shared_position=shared, library_size="library_size" in f,
-                         sub_per_spot=f["sub_features"].shape[1] if "sub_features" in f and f["sub_features"].ndim == 3
-                         else None)
+        sub = f["sub_features"] if "sub_features" in f else None
+        return SlideMeta(**_attrs(path, f), n_spots=n, n_features=c, genes=genes,
+                         coords_extent=extent, zero_library=zero, shared_position=shared,
+                         library_size="library_size" in f,
+                         sub_per_spot=sub.shape[1] if sub is not None and sub.ndim == 3 else None)
 
 
 def list_slides(root) -> list[Path]:
-    """The slide caches of a dataset folder, sorted by name."""
-    paths = sorted(Path(root).glob("*.h5"))
+    """The slide caches of a dataset folder, sorted by name, hidden files left out; a folder a
+    killed command left half written is refused (files.check_finished)."""
+    root = Path(root)
+    try:        # hidden files (macOS's ._<name>, a killed command's temporaries) are not caches
+        paths = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) \
+            if root.is_dir() else []
+    except (OSError, RuntimeError) as e:            # a link that loops
+        raise FileNotFoundError(f"{root}: expected a folder of slide caches, found: {e}") from None
     if not paths:
         raise FileNotFoundError(f"{root}: expected slide caches *.h5, found none")
+    check_finished(root)
     return paths
 
 
-# ----------------------------------------------------------------------------- gene selection and targets
+def check_slide_id(path, meta: SlideMeta) -> None:
+    """A cache's attrs/slide_id is its file name: outputs are named after the file (a name the user
+    chose by putting it there), never after a string inside it."""
+    if meta.slide_id != Path(path).stem:
+        fail(path, "attrs/slide_id", f"{Path(path).stem!r} (the file name)", repr(meta.slide_id))
+
+
+# ----------------------------------------------------------------------------- genes and targets
 def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> list[str]:
-    """Top-n genes of the given slides' raw counts (list of (N_i, G) arrays sharing `genes`), best first.
-    by='mean': mean raw count. by='hvg': scanpy's 'seurat' flavour: normalise each spot to 1e4, log1p,
-    mean and dispersion (var/mean) of the normalised counts, log, 20 equal-width bins of log1p(mean),
-    dispersion z-scored within its bin (a bin with one gene scores 1); genes with zero dispersion never win."""
-    x = np.concatenate([_np(c).astype(np.float64) for c in (counts if isinstance(counts, (list, tuple)) else [counts])])
+    """Top-n genes of the given slides' raw counts (list of (N_i, G) arrays sharing `genes`), best
+    first. by='mean': mean raw count. by='hvg': scanpy's 'seurat' flavour: normalise each spot to
+    1e4, log1p, mean and dispersion (var/mean) of the normalised counts, log, 20 equal-width bins of
+    log1p(mean), dispersion z-scored within its bin (a bin with one gene scores 1); genes with zero
+    dispersion never win."""
+    parts = counts if isinstance(counts, (list, tuple)) else [counts]
+    x = np.concatenate([_np(c).astype(np.float64) for c in parts])
     if x.shape[1] != len(genes):
-        raise ValueError(f"select_genes: expected {len(genes)} count columns to match genes, found {x.shape[1]}")
+        raise ValueError(f"select_genes: expected {len(genes)} count columns to match genes, found "
+                         f"{x.shape[1]}")
     if by == "mean":
         score = x.mean(0)
     elif by == "hvg":
         total = x.sum(1, keepdims=True)
-        x = np.expm1(np.log1p(x / np.where(total > 0, total, 1) * 1e4))  # scanpy works on expm1(log data)
+        # scanpy works on expm1(log data)
+        x = np.expm1(np.log1p(x / np.where(total > 0, total, 1) * 1e4))
         mean, var = x.mean(0), x.var(0, ddof=1)
         mean[mean == 0] = 1e-12
         disp = var / mean
         disp[disp == 0] = np.nan
         disp, logmean = np.log(disp), np.log1p(mean)
         edges = np.linspace(logmean.min(), logmean.max(), 21)
-        edges[0] -= (logmean.max() - logmean.min()) * 1e-3   # pandas.cut: right-closed bins, widened left edge
+        # pandas.cut: right-closed bins, widened left edge
+        edges[0] -= (logmean.max() - logmean.min()) * 1e-3
         bins = np.clip(np.searchsorted(edges, logmean, side="left") - 1, 0, 19)
         score = np.full(len(genes), np.nan)
         for b in np.unique(bins):
             d = disp[bins == b]
             ok = d[~np.isnan(d)]
-            avg, dev = (ok.mean(), ok.std(ddof=1)) if len(ok) > 1 else (0.0, ok.mean() if len(ok) else np.nan)
+            if len(ok) > 1:
+                avg, dev = ok.mean(), ok.std(ddof=1)
+            else:
+                avg, dev = 0.0, ok.mean() if len(ok) else np.nan
             score[bins == b] = (d - avg) / dev
     else:
         raise ValueError(f"select_genes: expected by='hvg' or 'mean', found {by!r}")
@@ -367,7 +428,8 @@ def select_genes(counts: list, genes: list[str], n: int, by: str = "hvg") -> lis
 
 
 def shared_genes(gene_lists) -> list[str]:
-    """The genes every list has, in the order of the first list (the genes a set of slides shares)."""
+    """The genes every list has, in the order of the first list (the genes a set of slides
+    shares)."""
     gene_lists = [list(g) for g in gene_lists]
     if not gene_lists:
         return []
@@ -380,30 +442,36 @@ def log_targets(counts, library_size=None, normalize: bool = False) -> torch.Ten
     counts = torch.as_tensor(counts, dtype=torch.float32)
     if not normalize:
         return torch.log1p(counts)
-    lib = counts.sum(1) if library_size is None else torch.as_tensor(library_size, dtype=torch.float32)
+    lib = counts.sum(1) if library_size is None else \
+        torch.as_tensor(library_size, dtype=torch.float32)
     return torch.log1p(counts / lib.clamp_min(1e-8)[:, None] * 1e4)
 
 
 # ----------------------------------------------------------------------------- folds
-def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanced") -> list[tuple[list[str], list[str]]]:
+def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanced"
+               ) -> list[tuple[list[str], list[str]]]:
     """k folds grouped by patient (no patient in both train and test), each slide tested once.
-    assign='balanced': patients are shuffled by `seed` and dealt, largest first, to the fold with fewest
-    slides; 'kfold': scikit-learn's shuffled KFold over the sorted patients (MERGE, FEAST); 'hist': HiST's
-    split (kfold_groups, hist_groups). k=-1 gives leave-one-patient-out. `patients` is aligned with
-    slide_ids, or a dict slide id -> patient; pass the slide ids themselves to split by slide."""
+    assign='balanced': patients are shuffled by `seed` and dealt, largest first, to the fold with
+    fewest slides; 'kfold': scikit-learn's shuffled KFold over the sorted patients (MERGE, FEAST);
+    'hist': HiST's split (kfold_groups, hist_groups). k=-1 gives leave-one-patient-out. `patients`
+    is aligned with slide_ids, or a dict slide id -> patient; pass the slide ids themselves to split
+    by slide."""
     ids = [str(s) for s in slide_ids]
-    pat = [str(patients[s]) for s in ids] if isinstance(patients, dict) else [str(p) for p in patients]
+    pat = [str(patients[s]) for s in ids] if isinstance(patients, dict) else \
+        [str(p) for p in patients]
     if len(pat) != len(ids) or len(set(ids)) != len(ids):
-        raise ValueError(f"make_folds: expected unique slide ids with one patient each, found {len(ids)} ids "
-                         f"({len(set(ids))} unique) and {len(pat)} patients")
+        raise ValueError(f"make_folds: expected unique slide ids with one patient each, found "
+                         f"{len(ids)} ids ({len(set(ids))} unique) and {len(pat)} patients")
     of = dict(sorted(zip(ids, pat)))
     people = sorted(set(pat))
     k = len(people) if k == -1 else k
     if k < 2 or k > len(people):
-        raise ValueError(f"make_folds: expected 2 <= k <= {len(people)} (the number of patients) or k=-1, found k={k}")
+        raise ValueError(f"make_folds: expected 2 <= k <= {len(people)} (the number of patients) "
+                         f"or k=-1, found k={k}")
     if assign in ("kfold", "hist"):
         tests = (kfold_groups if assign == "kfold" else hist_groups)(people, k, seed)
-        return [([s for s in of if of[s] not in t], [s for s in of if of[s] in t]) for t in map(set, tests)]
+        return [([s for s in of if of[s] not in t], [s for s in of if of[s] in t])
+                for t in map(set, tests)]
     if assign != "balanced":
         raise ValueError(f"make_folds: expected assign balanced, kfold or hist, found {assign!r}")
     rng = np.random.default_rng(seed)
@@ -416,12 +484,14 @@ def make_folds(slide_ids, patients, k: int, seed: int = 0, assign: str = "balanc
 
 
 def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the sorted
-    group ids (MERGE and FEAST split their slide lists this way): a seeded permutation (numpy's legacy
-    RandomState.shuffle) cut into k consecutive parts, the first n % k parts one longer."""
+    """The test groups of scikit-learn's KFold(n_splits=k, shuffle=True, random_state=seed) over the
+    sorted group ids (MERGE and FEAST split their slide lists this way): a seeded permutation
+    (numpy's legacy RandomState.shuffle) cut into k consecutive parts, the first n % k parts one
+    longer."""
     ids = sorted(groups)
     if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), "
+                         f"found k={k}")
     order = np.arange(len(ids))
     np.random.RandomState(seed).shuffle(order)
     sizes = [len(ids) // k + (i < len(ids) % k) for i in range(k)]
@@ -430,17 +500,19 @@ def kfold_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
-    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's global
-    generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking the rest.
-    HiST lists slide files in directory order; here the list is sorted, so the parts are reproducible."""
+    """The test groups of HiST's split (its lib/utils/data.py): the slide list shuffled by numpy's
+    global generator seeded with `seed` (HiST seeds 0), cut into k parts of n // k, the last taking
+    the rest. HiST lists slide files in directory order; here the list is sorted, so the parts are
+    reproducible."""
     ids = sorted(groups)
     if not 2 <= k <= len(ids):
-        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), found k={k}")
+        raise ValueError(f"folds: expected 2 <= k <= {len(ids)} (the number of groups), "
+                         f"found k={k}")
     order = list(range(len(ids)))
     np.random.RandomState(seed).shuffle(order)
     size = len(ids) // k
-    return [sorted(ids[j] for j in (order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:]))
-            for i in range(k)]
+    parts = [order[i * size:(i + 1) * size] if i < k - 1 else order[i * size:] for i in range(k)]
+    return [sorted(ids[j] for j in part) for part in parts]
 
 
 # ----------------------------------------------------------------------------- sub-spot inputs
@@ -449,32 +521,40 @@ def check_sub_levels(name, sub_levels: int, per_spot: int | None) -> None:
     `sub_levels` levels below the spot; an error naming the slide and the config key otherwise."""
     r = 2 ** sub_levels
     if sub_levels and per_spot != r * r:
+        found = "none" if per_spot is None else f"{per_spot} per spot"
         raise CacheError(f"{name}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "
-                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin --factor {r} or "
-                         f"synthetic.py --sub {r}); found {'none' if per_spot is None else f'{per_spot} per spot'}")
+                         f"sub-patches per spot ({r} x {r}: hest.py embed --sub {r}, hest.py bin "
+                         f"--factor {r} or synthetic.py --sub {r}); found {found}")
 
 
 def sub_inputs(slide: Slide, sub_levels: int) -> dict:
-    """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error naming the
-    slide and the config key when the cache does not have the r x r sub-patches it needs."""
+    """sub_features and sub_valid for a model with `sub_levels` levels below the spot; an error
+    naming the slide and the config key when the cache does not have the r x r sub-patches it
+    needs."""
     if not sub_levels:
         return {}
-    check_sub_levels(slide.slide_id, sub_levels, None if slide.sub_features is None else slide.sub_features.shape[1])
-    valid = slide.sub_valid if slide.sub_valid is not None else torch.ones(slide.sub_features.shape[:2], dtype=torch.bool)
-    return {"sub_features": slide.sub_features, "sub_valid": valid}
+    sub = slide.sub_features
+    check_sub_levels(slide.slide_id, sub_levels, None if sub is None else sub.shape[1])
+    valid = slide.sub_valid if slide.sub_valid is not None else \
+        torch.ones(sub.shape[:2], dtype=torch.bool)
+    return {"sub_features": sub, "sub_valid": valid}
 
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="data.py", description="Gene lists from slide caches (DATA.md).")
+    ap = argparse.ArgumentParser(prog="data.py",
+                                 description="Gene lists from slide caches (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("genes", help="select genes on the given slides only and write {\"genes\": [...]}")
+    p = sub.add_parser("genes", help="select genes on the given slides only and write "
+                       "{\"genes\": [...]}")
     p.add_argument("--slides", required=True, help="folder of slide caches with counts")
     p.add_argument("--ids", nargs="*", help="only these slide ids (e.g. a fold's training slides)")
     p.add_argument("--n", type=int, default=250)
     p.add_argument("--by", choices=["hvg", "mean"], default="hvg")
-    p.add_argument("--skip-empty", action="store_true", help="leave out spots without counts (HiST's preprocessing)")
+    p.add_argument("--skip-empty", action="store_true",
+                   help="leave out spots without counts (HiST's preprocessing)")
     p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     a = ap.parse_args(argv)
     try:
         genes_command(a)
@@ -483,20 +563,30 @@ def main(argv=None):
 
 
 def genes_command(a):
-    """`genes`: the top --n genes by --by on the chosen slides' counts, among the genes they all have."""
+    """`genes`: the top --n genes by --by on the chosen slides' counts, among the genes they all
+    have. Every input is checked before --out is written; --out is never one of the slides."""
     if a.n < 1:
         raise ValueError(f"--n: expected an integer >= 1, found {a.n}")
-    paths = [p for p in list_slides(a.slides) if (not a.ids or p.stem in a.ids) and read_slide_meta(p).genes]
+    every = list_slides(a.slides)
+    unknown = sorted(set(a.ids or []) - {p.stem for p in every})
+    if unknown:
+        raise ValueError(f"--ids: expected slide ids of {a.slides}, found no cache for "
+                         f"{listed(unknown, 8)}")
+    metas = {p: read_slide_meta(p) for p in every if not a.ids or p.stem in a.ids}
+    paths = [p for p, m in metas.items() if m.genes]
     if not paths:
-        raise SystemExit(f"{a.slides}: no slide with counts{' among --ids' if a.ids else ''}")
-    common = shared_genes([read_slide_meta(p).genes for p in paths])
-    counts = [read_slide(p, genes=common).counts for p in paths]
-    if a.skip_empty:
-        counts = [c[c.sum(1) > 0] for c in counts]
-    chosen = select_genes(counts, common, a.n, a.by)
-    with atomic_path(a.out) as tmp:
-        Path(tmp).write_text(json.dumps({"genes": chosen}, indent=1) + "\n")
-    print(f"genes: {len(chosen)} by {a.by} from {len(paths)} slides ({len(common)} genes in common) -> {a.out}")
+        raise ValueError(f"{a.slides}: no slide with counts{' among --ids' if a.ids else ''}")
+    out = Path(a.out)
+    with Outputs(out.parent, [out.name], a.overwrite, inputs=every, what="--out",
+                 command=f"data.py genes --out {a.out}") as outputs:
+        common = shared_genes([metas[p].genes for p in paths])
+        counts = [read_slide(p, genes=common).counts for p in paths]
+        if a.skip_empty:
+            counts = [c[c.sum(1) > 0] for c in counts]
+        chosen = select_genes(counts, common, a.n, a.by)
+        outputs.path(out.name).write_text(json.dumps({"genes": chosen}, indent=1) + "\n")
+    print(f"genes: {len(chosen)} by {a.by} from {len(paths)} slides ({len(common)} genes in "
+          f"common) -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 import files
 from predict import set_threads
 import lattice
-from data import STR, Slide, list_slides, read_slide, write_slide
-from files import (CacheError, atomic_path, check_values, dataset, fail, h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy,
-                   listed, not_an_input, open_h5, read_gene_list, read_h5ad, read_h5ad_sparse, read_metadata, refuse_existing,
-                   text_attr)
+from data import STR, Slide, list_slides, read_slide, read_slide_meta, write_slide
+from files import (CacheError, Outputs, available_memory, check_finished, check_memory,
+                   check_values, dataset, fail,
+                   h5_strings, h5ad_frame, h5ad_matrix, h5ad_xy, listed, open_h5, read_gene_list,
+                   read_h5ad, read_h5ad_sparse, read_metadata, text_attr)
 from protocols import dataset_slides, harmonise_gene_names
 
 
@@ -81,7 +82,11 @@ def load_encoder(spec: str | None):
 def encode(fn, images: torch.Tensor, spec: str | None, path) -> torch.Tensor:
     """fn(images) as (B, C) float32, checked: one finite row per image (an encoder's mistake named with it)."""
     name = spec or "tessera-patch-statistics"
-    out = torch.as_tensor(fn(images)).float()
+    try:
+        out = torch.as_tensor(fn(images)).float()
+    except Exception as e:  # noqa: BLE001 (a user's encoder can raise anything: named in one line)
+        raise ValueError(f"{path}: --encoder {name}: failed on a batch of {len(images)} patches of "
+                         f"{tuple(images.shape[1:3])} pixels: {type(e).__name__}: {e}") from None
     if out.ndim != 2 or len(out) != len(images):
         raise ValueError(f"{path}: --encoder {name}: expected ({len(images)}, C) features for {len(images)} "
                          f"patches, found shape {tuple(out.shape)}")
@@ -100,8 +105,9 @@ def sub_patches(images: torch.Tensor, r: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4, 5).reshape(B, r * r, H // r, W // r, c)
 
 
-def _check_patch_file(path, f, sub: int) -> None:
-    """A HEST patch file: `img` uint8 (N, H, W, 3) (square patches dividing by `sub` when given), `coords`
+def _check_patch_file(path, f, sub: int, builtin: bool = True) -> None:
+    """A HEST patch file: `img` uint8 (N, H, W, 3) (square patches dividing by `sub` when given; at
+    least 2 pixels per (sub-)patch side for the built-in encoder, which halves them first), `coords`
     (N, 2) and `barcode` (N,) or (N, 1)."""
     what = "a dataset (HEST patches file)"
     img, coords, barcode = (dataset(path, f, key, what) for key in ("img", "coords", "barcode"))
@@ -110,6 +116,10 @@ def _check_patch_file(path, f, sub: int) -> None:
     if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
         fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
              f"shape {img.shape}")
+    side = 2 * max(sub, 1)
+    if builtin and min(img.shape[1:3]) < side:
+        fail(path, "img", f"patches of at least {side} x {side} pixels for the built-in encoder"
+             f"{f' with --sub {sub}' if sub else ''}", f"shape {img.shape}")
     if coords.shape != (len(img), 2):
         fail(path, "coords", f"shape ({len(img)}, 2), one row per patch", f"shape {coords.shape}")
     if barcode.shape not in ((len(img),), (len(img), 1)):
@@ -125,40 +135,79 @@ def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: 
     None uses the built-in patch_statistics. `sub` = 2 or 4 also embeds the r x r sub-patches of every
     patch with the same encoder (HiFusion's intra-spot hierarchy): `sub_embeddings` (N, r*r, C) in
     sub_patches order, and the attribute `patch_size_px` (W) from which import-hest derives sub_extent_um."""
-    not_an_input(out_dir, patches_dir)
     fn, written = load_encoder(encoder), []
-    paths = sorted(Path(patches_dir).glob("*.h5"))
-    refuse_existing([Path(out_dir) / p.name for p in paths], overwrite)
+    paths = inputs(patches_dir, "HEST patch files")
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, found {batch_size}")
-    for path in paths:                                      # every patch file's layout before the first write
+    outputs = Outputs(out_dir, [p.name for p in paths], overwrite, inputs=[patches_dir, *paths],
+                      command="hest.py embed", log=log)
+    largest = 0
+    for path in paths:                            # every patch file's layout before the first write
         with open_h5(path) as f:
-            _check_patch_file(path, f, sub)
-    for path in paths:
-        t0, out = time.time(), Path(out_dir) / path.name
-        with open_h5(path) as f:
-            img = f["img"]
-            size_px = img.shape[2]
-            emb = torch.cat([encode(fn, torch.from_numpy(img[i:i + batch_size]), encoder, path)
-                             for i in range(0, img.shape[0], batch_size)]).numpy()
-            if sub:
-                step = max(1, batch_size // (sub * sub))
-                sub_emb = torch.cat([encode(fn, sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1),
-                                            encoder, path).view(-1, sub * sub, emb.shape[1])
-                                     for i in range(0, img.shape[0], step)]).numpy()
-            coords, barcodes = f["coords"][()], h5_strings(f["barcode"]).reshape(-1)
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as g:
-            g["embeddings"], g["coords"] = emb, coords
-            g.create_dataset("barcodes", data=barcodes.astype(object), dtype=STR)
-            g.attrs["encoder"] = encoder or "tessera-patch-statistics"
-            g.attrs["patch_size_px"] = size_px
-            if sub:
-                g["sub_embeddings"] = sub_emb
-        log(f"embed {path.stem}: {len(emb)} patches -> {emb.shape[1]} features in {time.time() - t0:.1f} s")
-        written.append(out)
-    if not written:
-        raise FileNotFoundError(f"{patches_dir}: expected HEST patch files *.h5, found none")
-    return written
+            _check_patch_file(path, f, sub, builtin=encoder is None)
+            largest = max(largest, int(np.prod(f["img"].shape[1:3])))
+    check_embed_memory(batch_size, largest, encoder)
+    with outputs:
+        for path in paths:
+            written.append(_embed_file(path, outputs, fn, encoder, batch_size, sub, log))
+    return [Path(out_dir) / p.name for p in written]
+
+
+# bytes per pixel of a batch in patch_statistics: the uint8 patches, their float copy, the half-size
+# optical densities, stains, gradient and masks, and the 16 moment maps (about 52 B, rounded up)
+ENCODER_BYTES_PER_PIXEL = 64
+
+
+def check_embed_memory(batch_size: int, pixels: int, encoder: str | None, available=None) -> None:
+    """Refuse a --batch-size whose batch of the largest patches does not fit in memory (a user's
+    encoder: its input and a float copy, 15 bytes per pixel; the built-in one:
+    ENCODER_BYTES_PER_PIXEL), with the --batch-size that would fit."""
+    per = (15 if encoder else ENCODER_BYTES_PER_PIXEL) * pixels
+    free = available_memory() if available is None else available
+    fit = int(free // per)
+    check_memory(batch_size * per, f"hest.py embed: --batch-size {batch_size} of {pixels} pixels "
+                 "per patch", f"--batch-size {fit} would fit" if fit >= 1 else
+                 "the patches are too large", available=free)
+
+
+def inputs(folder, what: str) -> list[Path]:
+    """The HDF5 files *.h5 of an input folder, sorted, leaving out hidden files (macOS's ._<name>
+    resource forks, a killed command's temporaries); none is an error naming `what` was expected,
+    and a folder a killed command left half written is refused (files.check_finished)."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")) \
+        if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"{folder}: expected {what} *.h5, found none")
+    check_finished(folder)
+    return paths
+
+
+def _embed_file(path, outputs, fn, encoder, batch_size, sub, log) -> Path:
+    """One patch file -> its embedding file, written through `outputs` (embed_patches)."""
+    t0, out = time.time(), outputs.path(path.name)
+    with open_h5(path) as f:
+        img = f["img"]
+        size_px = img.shape[2]
+        emb = torch.cat([encode(fn, torch.from_numpy(img[i:i + batch_size]), encoder, path)
+                         for i in range(0, img.shape[0], batch_size)]).numpy()
+        if sub:
+            step = max(1, batch_size // (sub * sub))
+            sub_emb = torch.cat([
+                encode(fn, sub_patches(torch.from_numpy(img[i:i + step]), sub).flatten(0, 1),
+                       encoder, path).view(-1, sub * sub, emb.shape[1])
+                for i in range(0, img.shape[0], step)]).numpy()
+        coords, barcodes = f["coords"][()], h5_strings(f["barcode"]).reshape(-1)
+    with h5py.File(out, "w") as g:
+        g["embeddings"], g["coords"] = emb, coords
+        g.create_dataset("barcodes", data=barcodes.astype(object), dtype=STR)
+        g.attrs["encoder"] = encoder or "tessera-patch-statistics"
+        g.attrs["patch_size_px"] = size_px
+        if sub:
+            g["sub_embeddings"] = sub_emb
+    log(f"embed {path.stem}: {len(emb)} patches -> {emb.shape[1]} features in "
+        f"{time.time() - t0:.1f} s")
+    return path
 
 
 # ----------------------------------------------------------------------------- HEST import
@@ -250,11 +299,13 @@ def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
              f"{off.max():.0f} px off (spot spacing {spacing:.0f} px): embedding files swapped between slides?")
 
 
-def _check_import(pairs, out_dir, wanted, genes_source, overwrite: bool, harmonise: bool) -> None:
-    """Before the first file is written: no output exists (unless overwrite), every slide keeps a gene,
-    every embedding file is whole (_check_embedding_file) and its patches lie on its expression file's spots."""
+def _check_import(pairs, wanted, genes_source, harmonise: bool) -> None:
+    """Before the first file is written: every expression file passes read_h5ad's checks (its
+    sparse arrays, counts, centres and names), every slide keeps a gene, every embedding file is whole
+    (_check_embedding_file) and its patches lie on its expression file's spots."""
     for p, st in pairs:
-        refuse_existing([Path(out_dir) / f"{p.stem}.h5"], overwrite)
+        read_h5ad(st, genes=[], rename=harmonise_gene_names if harmonise else None,
+                  counts=True)                  # its arrays, counts, centres and names
         if wanted is not None:
             have = _h5ad_gene_names(st, harmonise)
             if not any(g in have for g in wanted):
@@ -293,11 +344,10 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
     (configs/protocols/<paper>_slides.yaml) and refuses, before writing anything, if any is missing;
     `harmonise` applies HiST's gene-name harmonisation (read_h5ad). `sub_embeddings` (embed --sub) become
     sub_features, with sub_extent_um = patch_size_px x the pixel size."""
-    not_an_input(out_dir, st_dir, features_dir)
     if max_genes is not None and max_genes < 1:
         raise ValueError(f"--max-genes: expected an integer >= 1, found {max_genes}")
     table = read_metadata(meta) if meta else {}
-    pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in sorted(Path(features_dir).glob("*.h5"))]
+    pairs = [(p, Path(st_dir) / f"{p.stem}.h5ad") for p in inputs(features_dir, "embedding files")]
     if dataset:
         listing, ids = dataset_slides(dataset)
         have = {p.stem for p, st in pairs if st.exists()}
@@ -317,42 +367,65 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
             for g, t in _h5ad_gene_totals(st, harmonise).items():
                 totals[g] = totals.get(g, 0.0) + t
         wanted = sorted(totals, key=lambda g: -totals[g])[:max_genes]
-    _check_import(pairs, out_dir, wanted, genes or f"--max-genes {max_genes}", overwrite, harmonise)
-    written = []
-    for p, st in pairs:
-        sid, row = p.stem, table.get(p.stem, {})
-        emb, feature_barcodes, encoder, sub_emb, patch_px = _read_embeddings(p)
-        have = _h5ad_gene_names(st, harmonise)
-        h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have],
-                      rename=harmonise_gene_names if harmonise else None)
-        if h.xy is None:
-            fail(st, "obsm/spatial", "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)",
-                  "neither")
-        row_of = {b: i for i, b in enumerate(feature_barcodes)}
-        matched = np.array([b in row_of for b in h.barcodes], dtype=bool)
-        rows = np.array([row_of[b] for b in h.barcodes[matched]], dtype=np.int64)
-        px = float(row.get("pixel_size_um_estimated") or "nan")
-        n = int(matched.sum())
-        line = (f"{sid}: {n} spots matched, {len(matched) - n} only in st, {len(feature_barcodes) - n} only in "
-                f"features; {len(h.genes)} genes" + (f" ({len(wanted) - len(h.genes)} of the list missing)"
-                                                     if wanted is not None else ""))
-        if not px > 0:
-            px, line = 1.0, line + "; no pixel_size_um_estimated, coords stay in pixels"
-        if n == 0:
-            log(line + "; skipped (check that barcodes use the same format)")
-            continue
-        slide = Slide(sid, torch.from_numpy(emb[rows]).float(), torch.from_numpy(h.xy[matched] * px).float(),
-                      h.barcodes[matched], patient=row.get("patient") or sid,
-                      spot_pitch_um=float(row.get("inter_spot_dist") or "nan"), encoder=encoder,
-                      counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
-                      library_size=torch.from_numpy(h.library_size[matched]).float())
-        if sub_emb is not None:
-            if not patch_px > 0:
-                fail(p, "attrs/patch_size_px", "the patch width in pixels beside 'sub_embeddings'", patch_px)
-            slide.sub_features, slide.sub_extent_um = torch.from_numpy(sub_emb[rows]).float(), patch_px * px
-        written.append(write_slide(Path(out_dir) / f"{sid}.h5", slide, overwrite))
-        log(f"{line}; patient {slide.patient}{'' if row or not meta else ' (not in --meta)'} -> {written[-1]}")
-    return written
+    outputs = Outputs(out_dir, [f"{p.stem}.h5" for p, _ in pairs], overwrite,
+                      inputs=[st_dir, features_dir, *(p for pair in pairs for p in pair)],
+                      command="hest.py import-hest", log=log)
+    _check_import(pairs, wanted, genes or f"--max-genes {max_genes}", harmonise)
+    with outputs:
+        written = [w for p, st in pairs for w in _import_one(p, st, outputs, table, meta, wanted,
+                                                             harmonise, overwrite, log)]
+    return [Path(out_dir) / w.name for w in written]
+
+
+def _meta_number(meta, sid: str, row: dict, key: str) -> float:
+    """A number of --meta's row of a slide (NaN when the cell is empty or absent); a cell that is
+    not a number is an error naming the file, the column and the slide."""
+    try:
+        return float(row.get(key) or "nan")
+    except ValueError:
+        fail(meta, key, f"a number for slide {sid}", repr(row.get(key))[:40])
+
+
+def _import_one(p, st, outputs, table, meta, wanted, harmonise, overwrite, log) -> list[Path]:
+    """One embedding file and its expression file -> [its cache] (or [] when no barcode matches),
+    written through `outputs` (import_hest)."""
+    sid, row = p.stem, table.get(p.stem, {})
+    emb, feature_barcodes, encoder, sub_emb, patch_px = _read_embeddings(p)
+    have = _h5ad_gene_names(st, harmonise)
+    h = read_h5ad(st, genes=None if wanted is None else [g for g in wanted if g in have],
+                  rename=harmonise_gene_names if harmonise else None, counts=True)
+    if h.xy is None:
+        fail(st, "obsm/spatial",
+             "spot centres (obsm/spatial or obs pxl_col_in_fullres/pxl_row_in_fullres)", "neither")
+    row_of = {b: i for i, b in enumerate(feature_barcodes)}
+    matched = np.array([b in row_of for b in h.barcodes], dtype=bool)
+    rows = np.array([row_of[b] for b in h.barcodes[matched]], dtype=np.int64)
+    px = _meta_number(meta, sid, row, "pixel_size_um_estimated")
+    n = int(matched.sum())
+    line = (f"{sid}: {n} spots matched, {len(matched) - n} only in st, "
+            f"{len(feature_barcodes) - n} only in features; {len(h.genes)} genes"
+            + ("" if wanted is None else f" ({len(wanted) - len(h.genes)} of the list missing)"))
+    if not px > 0:
+        px, line = 1.0, line + "; no pixel_size_um_estimated, coords stay in pixels"
+    if n == 0:
+        log(line + "; skipped (check that barcodes use the same format)")
+        return []
+    slide = Slide(sid, torch.from_numpy(emb[rows]).float(),
+                  torch.from_numpy(h.xy[matched] * px).float(),
+                  h.barcodes[matched], patient=row.get("patient") or sid,
+                  spot_pitch_um=_meta_number(meta, sid, row, "inter_spot_dist"), encoder=encoder,
+                  counts=torch.from_numpy(h.counts[matched]), genes=h.genes,
+                  library_size=torch.from_numpy(h.library_size[matched]).float())
+    if sub_emb is not None:
+        if not patch_px > 0:
+            fail(p, "attrs/patch_size_px", "the patch width in pixels beside 'sub_embeddings'",
+                 patch_px)
+        slide.sub_features = torch.from_numpy(sub_emb[rows]).float()
+        slide.sub_extent_um = patch_px * px
+    write_slide(outputs.path(f"{sid}.h5"), slide, overwrite=True, where=f"{st} with {p}")
+    known = '' if row or not meta else ' (not in --meta)'
+    log(f"{line}; patient {slide.patient}{known} -> {outputs.folder / f'{sid}.h5'}")
+    return [outputs.folder / f"{sid}.h5"]
 
 
 # ----------------------------------------------------------------------------- binning square grids
@@ -400,37 +473,72 @@ def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
 
 
 def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=print) -> list[Path]:
-    """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input folder)."""
-    not_an_input(out_dir, slides_dir)
-    written = []
-    refuse_existing([Path(out_dir) / p.name for p in list_slides(slides_dir)], overwrite)
-    for path in list_slides(slides_dir):
-        t0, slide = time.time(), read_slide(path)
-        coarse = bin_slide(slide, factor, path)
-        written.append(write_slide(Path(out_dir) / path.name, coarse, overwrite))
-        log(f"bin {slide.slide_id}: {slide.n_spots} spots at {coarse.spot_pitch_um / factor:.1f} um -> "
-            f"{coarse.n_spots} at {coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> {written[-1]}")
-    return written
+    """`bin_slide` on every cache of a folder; one cache per slide in out_dir (never the input
+    folder), all or nothing (files.Outputs), after a memory check on the largest slide
+    (bin_memory)."""
+    paths = list_slides(slides_dir)
+    outputs = Outputs(out_dir, [p.name for p in paths], overwrite, inputs=[slides_dir, *paths],
+                      command="hest.py bin --slides", log=log)
+    if factor not in (2, 4):
+        raise ValueError(f"bin --factor: expected 2 or 4, found {factor}")
+    metas = [read_slide_meta(p) for p in paths]
+    n, c, g, path = max((m.n_spots, m.n_features, len(m.genes or []), p)
+                        for m, p in zip(metas, paths))
+    need = bin_memory(n, c, g, factor)
+    fits = "--factor 2 would fit" if factor == 4 and bin_memory(n, c, g, 2) <= available_memory() \
+        else "no --factor fits: bin on a machine with more memory"
+    check_memory(need, f"hest.py bin --factor {factor}: {path} ({n} spots, {c} features, "
+                 f"{g} genes)", fits)
+    with outputs:
+        for path in paths:
+            t0, slide = time.time(), read_slide(path)
+            coarse = bin_slide(slide, factor, path)
+            write_slide(outputs.path(path.name), coarse, overwrite=True, where=path)
+            log(f"bin {slide.slide_id}: {slide.n_spots} spots at "
+                f"{coarse.spot_pitch_um / factor:.1f} um -> {coarse.n_spots} at "
+                f"{coarse.spot_pitch_um:.1f} um in {time.time() - t0:.1f} s -> "
+                f"{outputs.folder / path.name}")
+    return [outputs.folder / p.name for p in paths]
 
 
-def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrite: bool = False, log=print) -> Path:
-    """A cell table (Xenium-like h5ad: one row per cell, counts, centres in obsm/spatial or obs x/y columns,
-    in pixels of `pixel_size_um`) -> the same layout with one row per square bin of side `bin_um`
-    micrometres, `<out>/<name>.h5ad`: counts summed over the bin's cells (sparse throughout), centre of the
-    bin in pixels (obsm/spatial), grid position obs array_col / array_row, cell count n_cells. Bins are
-    anchored at the smallest cell coordinate. import-hest then joins the bins with features embedded from
-    patches at their centres, and `bin --slides` coarsens them further."""
-    if not bin_um > 0 or not pixel_size_um > 0:
-        raise ValueError(f"bin --bin-um {bin_um} --pixel-size {pixel_size_um}: expected positive micrometres")
-    path, out = Path(path), Path(out_dir) / f"{Path(path).stem}.h5ad"
-    not_an_input(out_dir, path.parent)
-    refuse_existing([out], overwrite)
+def bin_memory(n: int, c: int, g: int, factor: int) -> float:
+    """Bytes bin_slide may hold for a slide of n spots, c features and g genes: the slide in
+    float32, its lattice (a few int64 per spot), and the coarse slide, whose sub-spot arrays have
+    factor^2 slots per coarse spot: at most n x factor^2 slots when every spot lands in its own
+    parent (the bound); doubled for the copies torch makes while placing, summing and writing."""
+    slots = n * factor * factor
+    return 2 * 4 * (n * (c + 2 * g + 64) + slots * (c + g + 1) + n * (c + 2 * g)) + 2 ** 26
+
+
+def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrite: bool = False,
+              log=print) -> Path:
+    """A cell table (Xenium-like h5ad: one row per cell, counts, centres in obsm/spatial or obs x/y
+    columns, in pixels of `pixel_size_um`) -> the same layout with one row per square bin of side
+    `bin_um` micrometres, `<out>/<name>.h5ad`: counts summed over the bin's cells (sparse
+    throughout), centre of the bin in pixels (obsm/spatial), grid position obs array_col /
+    array_row, cell count n_cells. Bins are anchored at the smallest cell coordinate. import-hest
+    then joins the bins with features embedded from patches at their centres, and `bin --slides`
+    coarsens them further. A bin side so small that the grid's bin numbers would not fit in 64-bit
+    integers is refused with one that would."""
+    if not 0 < bin_um < float("inf") or not 0 < pixel_size_um < float("inf"):
+        raise ValueError(f"bin --bin-um {bin_um} --pixel-size {pixel_size_um}: expected positive, "
+                         "finite micrometres")
+    path = Path(path)
+    outputs = Outputs(out_dir, [f"{path.stem}.h5ad"], overwrite, inputs=[path.parent, path],
+                      command="hest.py bin --cells", log=log)
     t0 = time.time()
-    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path)
+    cells, obs, genes, (rows, cols, values), xy = read_h5ad_sparse(path, counts=True)
     if xy is None:
         fail(path, "obsm/spatial", "cell centres (obsm/spatial or obs x/y columns)", "neither")
+    if len(cells) == 0:
+        fail(path, "obs", "at least one cell", "none")
     um = np.asarray(xy, dtype=np.float64) * pixel_size_um
-    lo = um.min(0)
+    lo, span = um.min(0), np.ptp(um, 0)
+    if not np.isfinite(span).all() or (span / bin_um >= 2 ** 30).any():
+        fit = float(span.max()) / 2 ** 30 * 1.01 if np.isfinite(span).all() else float("nan")
+        raise ValueError(f"{path}: bin --bin-um {bin_um:g}: the cells span {span[0]:.4g} x "
+                         f"{span[1]:.4g} um, more than 2^30 bins a side; --bin-um {fit:.3g} would "
+                         "fit")
     ij = np.floor((um - lo) / bin_um).astype(np.int64)              # (cells, 2) bin of each cell
     keys, bin_of = np.unique(ij[:, 0] * (ij[:, 1].max() + 1) + ij[:, 1], return_inverse=True)
     bins = np.stack([keys // (ij[:, 1].max() + 1), keys % (ij[:, 1].max() + 1)], 1)
@@ -438,12 +546,18 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
     centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
     row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene): CSR order
-    X = files.CSR(total.astype(np.float32), col.astype(np.int32),
-                       np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))]).astype(np.int64),
-                       (len(bins), len(genes)))
-    files.write_anndata(out, X, [f"x{i}_y{j}" for i, j in bins.tolist()], genes, obsm={"spatial": centre},
-                             obs={"array_col": bins[:, 0], "array_row": bins[:, 1], "n_cells": np.bincount(bin_of)})
-    log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in {time.time() - t0:.1f} s -> {out}")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))])
+    X = files.CSR(total.astype(np.float32), col.astype(np.int32), indptr.astype(np.int64),
+                  (len(bins), len(genes)))
+    with outputs:
+        files.write_anndata(outputs.path(f"{path.stem}.h5ad"), X,
+                            [f"x{i}_y{j}" for i, j in bins.tolist()], genes,
+                            obsm={"spatial": centre},
+                            obs={"array_col": bins[:, 0], "array_row": bins[:, 1],
+                                 "n_cells": np.bincount(bin_of)})
+    out = outputs.folder / f"{path.stem}.h5ad"
+    log(f"bin {path.stem}: {len(cells)} cells -> {len(bins)} bins of {bin_um:g} um in "
+        f"{time.time() - t0:.1f} s -> {out}")
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checks
 import conformal
 import data
 import eval as evaluation
@@ -212,8 +213,13 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     import sys
     _pyplot()                      # without matplotlib: its one-line hint before anything else is said
     run = Path(run)
+    files.refuse_links(run / "plots", run)       # RUN/plots is this command's folder: never a link
     data.check_writable(run / "plots", "the plots folder")
     paths = evaluation.prediction_files(run)
+    # every prediction file is read whole, and pred and true concatenated once more (density_plot)
+    need = sum(2 * files.h5_bytes(p) for p in paths)
+    files.check_memory(need, f"plots.py plot: the {len(paths)} prediction files of {run}",
+                       "draw one slide at a time (--slide ID)")
     predictions = [files.read_predictions(p) for p in paths]
     if slide is not None:
         ids = [f["slide_id"] for f in predictions]
@@ -430,6 +436,7 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
     the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
+    files.refuse_links(run / "attention", run)
     data.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
@@ -443,7 +450,10 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
         tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
         fold = tested[0] if tested else predict.run_folds(run, partial=True)[0]
     fold = predict.run_folds(run, fold)[0]
-    model, _ = predict.load_fold_models(run, "cpu", [fold])[0]
+    model, genes = predict.load_fold_models(run, "cpu", [fold])[0]
+    meta = data.read_slide_meta(path)
+    checks.check_inference_memory(model.cfg, meta.n_features, len(genes), meta.n_spots,
+                                  f"plots.py attention: slide {slide_id}")
     result = spot_attention(model, data.read_slide(path), barcode, block, cfg["data"]["pseudo"])
     stem = run / "attention" / f"{_safe(slide_id)}__{_safe(barcode)}__block{block}"
     written = [write_attention(result, stem.with_name(stem.name + ".h5"))]
@@ -488,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         predict.set_threads(run_threads(a.run) if a.threads is None else a.threads)
         written = plot_run(a.run, a.slide, a.genes, a.top) if a.command == "plot" else \
             attention_command(a.run, a.slide, a.spot, a.block, a.fold, a.slides)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, files.DiskFull) as e:
         raise SystemExit(f"plots.py {a.command}: {e}") from None
     for path in written:
         print(path)

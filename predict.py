@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import torch
 
 import data
 import lattice
+from checks import check_inference_memory, has_dropout, sized_model
 from conformal import calibrate, read_calibration, write_calibration
 from eval import expected_folds, level_outputs
-from files import _array, listed, not_an_input, write_h5ad, write_predictions
+from files import (DiskFull, Outputs, _array, listed, not_an_input, read_text, write_h5ad,
+                   write_predictions)
 from model import ModelConfig, build_model
 
 
@@ -79,17 +82,15 @@ def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads for this process: n > 0, or 0 / None = the default (threads.py)."""
-    if n is not None and n < 0:
-        raise ValueError(f"--threads {n}: expected a number of threads >= 0 (0: the default)")
+    """torch's CPU threads for this process: n > 0, or 0 / None = the default (threads.py). More
+    threads than cores are refused: each costs a stack and a share of the cores, and torch crashes
+    (segmentation fault) when asked for about a million."""
+    cores = os.cpu_count() or 1
+    if n is not None and not 0 <= n <= cores:
+        raise ValueError(f"--threads {n}: expected a number of threads >= 0 and at most {cores} "
+                         "(this machine's cores; 0: the default)")
     if n:
         torch.set_num_threads(int(n))
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether Monte-Carlo dropout can vary this model's output (a dropout or attention dropout > 0)."""
-    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attn_drop", 0) > 0
-               for m in model.modules())
 
 
 def target_floor(cfg: dict) -> float | None:
@@ -221,13 +222,15 @@ def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: i
 
 
 def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
-                            formats=("h5",), seed: int = 0, calibration: dict | None = None) -> None:
+                            formats=("h5",), seed: int = 0, calibration: dict | None = None,
+                            outputs: Outputs | None = None) -> None:
     """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
     <slide>.h5ad in out_dir; `std` (`predictive_std`) only where there is a spread (a variance head,
     several models or mc > 0). `true` (N, G): measured values on the models' genes (their union,
     first-seen order). The other levels of model.out_levels go to the h5 file (`level_outputs`).
     `calibration` {"q" (G,), "level"} (files.read_calibration): the split-conformal interval
-    pred -+ q std (q alone for constant width) as `lower`, `upper`."""
+    pred -+ q std (q alone for constant width) as `lower`, `upper`. `outputs` (files.Outputs of
+    out_dir): the files go through it (all or nothing)."""
     genes, acc, level_acc, geometry = _ensemble(models, slide, cfg["data"]["pseudo"], device, mc,
                                                 seed, target_floor(cfg))
     pred, n_models = acc.mean, acc.count // max(mc, 1)
@@ -241,10 +244,13 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     out = Path(out_dir) / slide.slide_id
     # model.ood_fallback: every model predicted the slide by its spatial ridge alone
     alone = all(getattr(m, "unlike_training", lambda f: False)(slide.features) for m, _ in models)
+
+    def target(ext: str):
+        return outputs.path(f"{slide.slide_id}.{ext}") if outputs is not None else f"{out}.{ext}"
     if "h5" in formats:
         levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
                                slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
-        write_predictions(f"{out}.h5", pred, genes, slide.barcodes, slide.coords, true=true,
+        write_predictions(target("h5"), pred, genes, slide.barcodes, slide.coords, true=true,
                           slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels,
                           lower=lower, upper=upper, interval=level, ridge_alone=alone)
     if "h5ad" in formats:
@@ -267,7 +273,7 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
         obs = {"slide": np.full(n, slide.slide_id, dtype=object), "array_row": sites[:, 1], "array_col": sites[:, 0],
                "in_tissue": np.ones(n, dtype=np.int64), "fold": np.full(n, str(fold), dtype=object),
                "in_training": np.full(n, in_training)}
-        write_h5ad(f"{out}.h5ad", pred, genes, slide.barcodes, slide.coords, std=std, true=true,
+        write_h5ad(target("h5ad"), pred, genes, slide.barcodes, slide.coords, std=std, true=true,
                    n_models=n_models.numpy(), uns=uns, obs=obs, lower=lower, upper=upper)
 
 
@@ -302,13 +308,42 @@ def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.M
         except Exception as e:  # noqa: BLE001 (pickle and zip errors have no common base class)
             raise ValueError(f"{path}: not loaded: expected a tessera model file of tensors, numbers and "
                              f"strings, found {str(e).splitlines()[0]}") from None
-        model = build_model(ModelConfig.from_dict(ck["model_config"]), ck["in_dim"], len(ck["genes"]))
-        model.load_state_dict(ck["model"])
+        model = _model_of(path, ck)
         model.trained_on = training_slides(path.parent)
         models.append((model.to(device).eval(), ck["genes"]))
     if not models:
         raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
     return models
+
+
+def _model_of(path, ck) -> torch.nn.Module:
+    """The model a loaded model file describes, its tensors checked against its model_config before
+    the model is built (a downloaded run's model_config cannot make this process allocate more than
+    the file holds): a mismatch is an error naming the file."""
+    try:
+        mc = ModelConfig.from_dict(ck["model_config"])
+        in_dim, n_genes, state = int(ck["in_dim"]), len(ck["genes"]), ck["model"]
+        shell = sized_model(mc, in_dim, n_genes)        # on the meta device when large: no memory
+        want = {k: v.numel() for k, v in shell.state_dict().items()}
+        have = {k: v.numel() for k, v in state.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: expected a tessera model file (model, model_config, in_dim, "
+                         f"genes), found: {type(e).__name__}: {e}") from None
+    # building the model never allocates more than the file holds (a buffer that grows when loaded,
+    # such as the training slides' means of model.ood_fallback, starts empty)
+    larger = [k for k in want if want[k] > have.get(k, 0)]
+    if set(want) != set(have) or larger:
+        diff = sorted(set(want) ^ set(have)) or larger
+        raise ValueError(f"{path}: key 'model': expected the tensors its model_config describes, "
+                         f"found others ({listed(diff, 3)})")
+    meta = any(t.device.type == "meta" for t in shell.parameters())
+    model = build_model(mc, in_dim, n_genes) if meta else shell
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: key 'model': expected the tensors its model_config describes, "
+                         f"found: {str(e).splitlines()[-1].strip()}") from None
+    return model
 
 
 def training_slides(fold_dir: Path) -> list[str]:
@@ -390,7 +425,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    cfg = yaml.safe_load(read_text(Path(run_dir) / "config.yaml"))
     set_threads(cfg["run"].get("threads", 0) if threads is None else threads)
     folds = run_folds(run_dir, fold, partial)
     models = load_fold_models(run_dir, device, folds)
@@ -398,46 +433,50 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
         raise ValueError(f"--mc {mc}: the models of {run_dir} have no dropout (model.dropout and "
                          "model.attn_dropout are 0), so Monte-Carlo passes would all be equal")
     paths = data.list_slides(slides_dir)
+    outputs = Outputs(out_dir, [f"{p.stem}.{ext}" for p in paths for ext in formats], overwrite,
+                      inputs=[slides_dir, run_dir, *paths], command="predict.py")
     width, metas = models[0][0].feat_mean.shape[0], [data.read_slide_meta(p) for p in paths]
     for path, meta in zip(paths, metas):
+        data.check_slide_id(path, meta)       # outputs are named after the file, never its content
         if meta.n_features != width:
             raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
                              f"expect {width} (another encoder?)")
+        data.scan_slide(path)                 # every value, before the first slide is predicted
+    n_genes = len({g for _, gs in models for g in gs})
+    largest = max(metas, key=lambda m: m.n_spots)
+    check_inference_memory(models[0][0].cfg, width, n_genes, largest.n_spots,
+                           f"slide {largest.slide_id}", device)
+    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
     for k, (m, _) in zip(folds, models):
         print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {listed(m.trained_on, 12)}")
-    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
     for meta in metas:
         seen = [str(k) for k, (m, _) in zip(folds, models) if meta.slide_id in m.trained_on]
         if seen and not exclude_training:
             print(f"predict.py: warning: slide {meta.slide_id} was in the training set of fold model(s) "
                   f"{', '.join(seen)}: its prediction is in-sample (--exclude-training predicts it out of fold)",
                   file=sys.stderr)
-    outs = [Path(out_dir) / f"{m.slide_id}.{ext}" for m in metas for ext in formats]  # as written below
-    exists = [str(o) for o in outs if o.exists()]
-    if exists and not overwrite:
-        raise FileExistsError(f"{exists[0]} exists ({len(exists)} files in all); choose another --out "
-                              "or pass --overwrite")
     # conformal intervals hold for the model they were calibrated for: one fold's, as trained (same mc)
     cal_path = Path(run_dir) / f"fold_{folds[0]}" / "calibration.h5"
     calibration = read_calibration(cal_path) if len(folds) == 1 and cal_path.exists() and \
         mc == cfg["eval"]["mc_samples"] else None
-    for path in paths:
-        slide = data.read_slide(path)
-        use = chosen[slide.slide_id]
-        used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
-        slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)), cfg)
-        write_slide_predictions(use, slide, cfg, device, out_dir, true=true,
-                                fold=",".join(map(str, used)), mc=mc, formats=formats, seed=seed,
-                                calibration=calibration)
-        unlike = [str(k) for k, (m, _) in zip(used, use)
-                  if hasattr(m, "unlike_training") and m.unlike_training(slide.features)]
-        ridge = (f"; unlike the training slides of fold {', '.join(unlike)}: predicted there by "
-                 "the spatial ridge alone") if unlike else ""
-        passes = f", {mc} dropout passes each" if mc else ""
-        measured = "; measured values as true" if true is not None else ""
-        print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
-              f"{slide.n_spots} spots ({len(use)} fold model(s){passes}{ridge}{measured})")
-    return outs
+    with outputs:                     # all or nothing: an error or a kill half-way leaves no file
+        for path in paths:
+            slide = data.read_slide(path)
+            use = chosen[slide.slide_id]
+            used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
+            slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)), cfg)
+            write_slide_predictions(use, slide, cfg, device, out_dir, true=true,
+                                    fold=",".join(map(str, used)), mc=mc, formats=formats,
+                                    seed=seed, calibration=calibration, outputs=outputs)
+            unlike = [str(k) for k, (m, _) in zip(used, use)
+                      if hasattr(m, "unlike_training") and m.unlike_training(slide.features)]
+            ridge = (f"; unlike the training slides of fold {', '.join(unlike)}: predicted there "
+                     "by the spatial ridge alone") if unlike else ""
+            passes = f", {mc} dropout passes each" if mc else ""
+            measured = "; measured values as true" if true is not None else ""
+            print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
+                  f"{slide.n_spots} spots ({len(use)} fold model(s){passes}{ridge}{measured})")
+    return [outputs.folder / n for n in outputs.names]
 
 
 def with_truth(slide, genes: list[str], cfg: dict):
@@ -473,12 +512,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
     a = p.parse_args(argv)
     try:
-        if a.mc < 0:
-            raise ValueError(f"--mc {a.mc}: expected a number of passes >= 0")
+        for flag, value in (("--mc", a.mc), ("--seed", a.seed)):   # torch.manual_seed takes < 2^64
+            if not 0 <= value < 2 ** 32:
+                raise ValueError(f"{flag} {value}: expected an integer from 0 to 2^32 - 1")
         predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed,
                     a.threads, a.exclude_training)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"predict.py: {e}")
+    except (FileNotFoundError, FileExistsError, ValueError, DiskFull) as e:
+        sys.exit(f"predict.py: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

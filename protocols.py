@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import eval as evaluation
-from files import CacheError, listed, read_predictions
+from files import CacheError, listed, read_predictions, read_text
 
 PROTOCOLS = Path(__file__).with_name("configs") / "protocols"
 PAPERS = PROTOCOLS / "papers.yaml"
@@ -44,7 +44,7 @@ def read_slide_lists(path) -> dict[str, list[str]]:
     """A paper's datasets and their slide ids (configs/protocols/<paper>_slides.yaml): {key: [ids]}.
     Each entry's expanded ranges must give its printed count `n`, and no slide may be in two datasets."""
     import yaml  # only for this file format; the cache format needs no yaml
-    table = yaml.safe_load(Path(path).read_text())
+    table = yaml.safe_load(read_text(path))
     lists, owner = {}, {}
     for key, entry in table.items():
         ids = expand_slide_ranges(entry["slides"], f"{path}: {key}")
@@ -180,14 +180,21 @@ def minmax_to_range(x, lo: float, hi: float) -> np.ndarray:
 
 
 # ---- a paper's numbers beside a run's -------------------------------------------------------------
-def paper_table(results: dict, run_dir, key: str) -> str:
-    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of the
-    same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction files."""
+def paper_entry(key: str) -> dict:
+    """configs/protocols/papers.yaml's entry `key`; an unknown key is an error listing the
+    entries."""
     import yaml
-    table = yaml.safe_load(PAPERS.read_text())
+    table = yaml.safe_load(read_text(PAPERS))
     if key not in table:
         raise ValueError(f"{PAPERS}: expected an entry --paper {key!r}; it has {', '.join(table)}")
-    entry, cells = table[key], []
+    return table[key]
+
+
+def paper_table(results: dict, run_dir, key: str) -> str:
+    """The rows of configs/protocols/papers.yaml entry `key` and, below them, this run's values of
+    the same metrics (mean ± std over folds); pcc_spot is computed from the run's prediction
+    files."""
+    entry, cells = paper_entry(key), []
     for m in entry["metrics"]:
         if m == "pcc_spot":
             folds = [[read_predictions(f) for f in sorted((Path(run_dir) / name / "pred").glob("*.h5"))]
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partial", action="store_true", help="as eval.py: also runs with unfinished folds or missing slides")
     a = p.parse_args(argv)
     try:
+        paper_entry(a.paper)                  # before evaluate_run rewrites each run's results.json
         results = [evaluation.evaluate_run(d, a.partial, a.partial) for d in a.runs]
         papers = [paper_table(r, d, a.paper) for r, d in zip(results, a.runs)]
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import files
 from data import Slide, write_slide
 from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
 
@@ -76,24 +77,86 @@ def _visible(z, rng, clarity=1.0):
     return sig + noise * rng.standard_normal(sig.shape)
 
 
-def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium", n_spots: int = 1500,
-                   n_genes: int = 300, n_features: int = 64, pseudo: bool = False, overwrite: bool = False,
-                   log=print, sub: int = 0) -> list[Path]:
+def _sites(n: int, hexagonal: bool) -> int:
+    """Lattice sites of the box a slide of n spots is drawn in (make_synthetic: ~3x the tissue)."""
+    hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
+    side = math.sqrt(n / 0.3 * hx * hy * (2 if hexagonal else 1))
+    return (int(side / hy) + 2) * (int(side / hx) + 2)
+
+
+def slide_bytes(n_spots: int, n_genes: int, n_features: int, layout: str, sub: int = 0) -> tuple:
+    """(memory, disk) in bytes for one slide of make_synthetic at most: the largest slide (n_spots x
+    1.15, x sub^2 sub-spots) times, in memory, 18 kB per site of its box (the random fields' (sites,
+    18 x 64) Fourier features in float64 and float32: the peak) plus 48 bytes per spot and gene or
+    feature; on disk 4.5 bytes per spot and gene or feature (float32, compressed counts), times 1 +
+    sub^2 with sub-spots. Measured as the peak resident set (tests/test_synthetic.py): 16.6 kB per
+    site."""
+    n = int(n_spots * (sub * sub if sub else 1) * 1.15) + 1
+    memory = 18_000 * _sites(n, LAYOUTS[layout][1]) + 48 * n * (n_genes + n_features) + 2 ** 26
+    disk = n * (4.5 * (n_genes + n_features) + 150) * (1 + sub * sub) / (sub * sub if sub else 1)
+    return memory, disk
+
+
+def check_sizes(out, n_slides: int, n_spots: int, n_genes: int, n_features: int, layout: str,
+                sub: int, memory: int | None = None, disk: int | None = None) -> None:
+    """Refuse sizes whose largest slide does not fit in the machine's free memory, or whose dataset
+    does not fit on the disk of `out`, with the figure and a --spots or --slides that would fit."""
+    size = lambda n: slide_bytes(n, n_genes, n_features, layout, sub)  # noqa: E731
+    free = files.available_memory() if memory is None else memory
+    need = size(n_spots)[0]
+    if need > free:
+        fit = files.largest_fitting(lambda n: size(n)[0], 1, n_spots, free)
+        hint = f"--spots {fit} would fit" if fit >= 1 else "lower --genes or --features"
+        files.check_memory(need, f"synthetic.py: a slide of --spots {n_spots}", hint,
+                           available=free)
+    total = n_slides * size(n_spots)[1]
+    free = files.free_disk(out) if disk is None else disk
+    per_slide = size(n_spots)[1]
+    fit = int(free // per_slide)
+    files.check_disk(total, out, f"synthetic.py: --slides {n_slides} of --spots {n_spots}",
+                     f"--slides {fit} would fit" if fit >= 1 else "lower --spots", available=free)
+
+
+def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium",
+                   n_spots: int = 1500, n_genes: int = 300, n_features: int = 64,
+                   pseudo: bool = False, overwrite: bool = False, log=print,
+                   sub: int = 0) -> list[Path]:
     """Write a synthetic dataset of slide caches (see PROGRAMS) plus programs.gmt and metadata.csv.
-    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i).
-    `sub` = 2 or 4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the
-    programs' length scales shortened, features clearer), then binned into spots of the layout's pitch (hest.bin_slide):
-    each sub-patch's features show its own sub-spot, and sub_counts hold the sub-spot truth."""
+    Deterministic for a seed: dataset-wide draws use seed, slide i draws use (seed, i). `sub` = 2 or
+    4: the tissue is simulated at sub-spot resolution (a square grid of pitch / sub, the programs'
+    length scales shortened, features clearer), then binned into spots of the layout's pitch
+    (hest.bin_slide): each sub-patch's features show its own sub-spot, and sub_counts hold the
+    sub-spot truth. Every size is checked against the machine's memory and disk before anything is
+    drawn, and the files are written all or nothing (files.Outputs)."""
     sizes = dict(slides=n_slides, spots=n_spots, genes=n_genes, features=n_features)
-    if min(sizes.values()) < 1:
-        raise ValueError(f"make_synthetic: expected every size >= 1, found {sizes}")
+    if min(sizes.values()) < 1 or seed < 0:
+        raise ValueError(f"make_synthetic: expected every size >= 1 and a seed >= 0, found "
+                         f"{sizes}, seed {seed}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"make_synthetic: expected a layout of {sorted(LAYOUTS)}, found "
+                         f"{layout!r}")
     t0, out = time.time(), Path(out)
     pitch, hexagonal = LAYOUTS[layout]
     if sub:
         if hexagonal or pseudo or sub not in (2, 4):
-            raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout (square, hd) and no "
-                             f"--pseudo (sub-spots are a square grid binned into spots), found layout {layout}"
+            raise ValueError(f"synth --sub {sub}: expected --sub 2 or 4 with a square layout "
+                             "(square, hd) and no --pseudo (sub-spots are a square grid binned "
+                             f"into spots), found layout {layout}"
                              f"{' with --pseudo' if pseudo else ''}")
+    check_sizes(out, n_slides, n_spots, n_genes, n_features, layout, sub)
+    names = [f"synth_{i:02d}.h5" for i in range(n_slides)] + ["programs.gmt", "metadata.csv"]
+    with files.Outputs(out, names, overwrite, command="synthetic.py", log=log) as outputs:
+        paths, total, n_pat = _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features,
+                                    pseudo, sub)
+    log(f"synth: {n_slides} slides, {total} spots, {n_genes} genes, {n_features} features, {n_pat} "
+        f"patients -> {out} in {time.time() - t0:.1f} s")
+    return paths
+
+
+def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo, sub):
+    """make_synthetic's slides, programs.gmt and metadata.csv, written through `outputs`."""
+    pitch, hexagonal = LAYOUTS[layout]
+    if sub:
         pitch, n_spots = pitch / sub, n_spots * sub * sub
     # sub: programs vary over a quarter of their usual length (in sub-spot pitches) and a sub-patch shows its
     # sub-spot with a third of the usual noise, so that the sub-spots of one spot differ, visibly. (With the
@@ -115,7 +178,7 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
     theta = rng.uniform(2, 10, n_genes)                                  # NB size; variance mu + mu^2/theta
     mix = rng.standard_normal((S, n_features)) / math.sqrt(S)            # visible signals -> features
     stain_shift, stain_gain = rng.standard_normal((3, n_features)), rng.standard_normal((3, n_features))
-    patient_of = [p for p, size in enumerate([3, 2] * n_slides) for _ in range(size)][:n_slides]
+    patient_of = [2 * (i // 5) + (i % 5 >= 3) for i in range(n_slides)]   # 3, 2, 3, 2 ... slides
     n_pat = patient_of[-1] + 1
     patient_offset = 0.4 * rng.standard_normal((n_pat, S))               # e.g. more tumour in a patient
     patient_stain = rng.standard_normal((n_pat, 3))
@@ -184,16 +247,16 @@ def make_synthetic(out, n_slides: int = 12, seed: int = 0, layout: str = "visium
         if sub:
             slide = bin_slide(slide, sub)
             n = slide.n_spots
-        paths.append(write_slide(out / f"{slide.slide_id}.h5", slide, overwrite))
+        write_slide(outputs.path(f"{slide.slide_id}.h5"), slide, overwrite=True,
+                    where=outputs.folder / f"{slide.slide_id}.h5")
+        paths.append(outputs.folder / f"{slide.slide_id}.h5")
         rows.append(f"{slide.slide_id},{slide.patient},{layout},{n}")
         total += n
-    (out / "programs.gmt").write_text("".join(
+    outputs.path("programs.gmt").write_text("".join(
         f"{name}\tsynthetic:{kind}\t" + "\t".join(genes[g] for g in np.flatnonzero(W[:, p])) + "\n"
         for p, (name, (_, kind, _)) in enumerate(zip(names, PROGRAMS))))
-    (out / "metadata.csv").write_text("id,patient,layout,n_spots\n" + "\n".join(rows) + "\n")
-    log(f"synth: {n_slides} slides, {total} spots, {n_genes} genes, {n_features} features, {n_pat} patients "
-        f"-> {out} in {time.time() - t0:.1f} s")
-    return paths
+    outputs.path("metadata.csv").write_text("id,patient,layout,n_spots\n" + "\n".join(rows) + "\n")
+    return paths, total, n_pat
 
 
 

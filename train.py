@@ -168,6 +168,10 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
         if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("synthetic",
                                                                                     "genes"):
             out[key] = merge(base[key], value, f"{where}{key}.")
+        elif not where and isinstance(base[key], dict) and value is None:  # `eval:` left empty
+            out[key] = copy.deepcopy(base[key])
+        elif isinstance(base[key], dict) and key not in ("synthetic", "genes", "smooth"):
+            raise ValueError(f"key '{where}{key}': expected a mapping, found {value!r}")
         elif (isinstance(base[key], float) and isinstance(value, (str, int))
               and not isinstance(value, bool)):
             try:  # YAML 1.1 reads 3e-4 as a string
@@ -186,8 +190,11 @@ def load_config(path, overrides=()) -> dict:
     the override on the command line that set the key) and the key."""
     path = Path(path)
     try:
-        cfg = checks.load_yaml(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        cfg = checks.load_yaml(files.read_text(path)) or {}
+    except files.CacheError as e:                         # not found, not readable, not UTF-8
+        raise SystemExit(" ".join(str(e).replace(f"{path}: ", f"{path}: cannot read the config: ",
+                                                 1).split()))
+    except yaml.YAMLError as e:
         raise SystemExit(" ".join(f"{path}: cannot read the config: {e}".split()))
     where = str(path)
     try:
@@ -530,7 +537,7 @@ def main(argv=None):
     line."""
     try:
         return run(argv)
-    except (checks.ConfigError, data.CacheError, files.DiskFull) as e:
+    except (checks.ConfigError, data.CacheError, files.DiskFull, files.TooLarge) as e:
         raise SystemExit(" ".join(str(e).split())) from None
 
 

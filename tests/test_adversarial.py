@@ -221,6 +221,242 @@ def plots_into_proc(tmp):
     (fake_run(tmp) / "plots").symlink_to("/proc")
 
 
+# ---- names from data, links, existing files, inputs as outputs -------------------------------
+def set_attr(tmp, slide, key, value):
+    with h5py.File(tmp / "caches" / f"s{slide}.h5", "a") as f:
+        f.attrs[key] = value
+
+
+def predict_slide_id(value, *extra):
+    """predict.py on caches of which s1's attrs/slide_id is `value` (a path, another slide's id)."""
+    def build(tmp):
+        argv = predict_into("pred", *extra)(tmp)
+        set_attr(tmp, 1, "slide_id", value)
+        return argv
+    return build
+
+
+def predict_case_twins(tmp):
+    argv = predict_into("pred")(tmp)
+    data.write_slide(tmp / "caches" / "S1.h5", data.read_slide(tmp / "caches" / "s0.h5"),
+                     overwrite=True)
+    set_attr(tmp, 0, "slide_id", "s0")
+    with h5py.File(tmp / "caches" / "S1.h5", "a") as f:
+        f.attrs["slide_id"] = "S1"
+    return argv
+
+
+def predict_huge_window(tmp):
+    """A run whose model windows are 2 x 10^5 sites wide: its forward needs terabytes."""
+    import dataclasses
+    import torch
+    from model import ModelConfig, build_model
+    argv = predict_into("pred")(tmp)
+    mc = ModelConfig(dim=16, heads=2, hidden=16, pca=0, w=10 ** 5, bias="none")
+    torch.save({"model": build_model(mc, 6, 3).state_dict(), "model_config": dataclasses.asdict(mc),
+                "genes": ["A", "B", "C"], "in_dim": 6}, tmp / "run" / "fold_0" / "model.pt")
+    return argv
+
+
+def predict_model_mismatch(tmp):
+    argv = predict_into("pred")(tmp)
+    import torch
+    ck = torch.load(tmp / "run" / "fold_0" / "model.pt", weights_only=True)
+    # a downloaded run that would make us allocate 10^9 x d
+    ck["in_dim"] = 10 ** 9
+    torch.save(ck, tmp / "run" / "fold_0" / "model.pt")
+    return argv
+
+
+def predict_over_link(tmp):
+    argv = predict_into("pred", "--overwrite")(tmp)
+    (tmp / "pred").mkdir()
+    (tmp / "pred" / "s2.h5").symlink_to("../out.txt")
+    return argv
+
+
+def predict_bad_second_slide(tmp):
+    """The third cache has a NaN feature: predict.py writes nothing, not the first two slides."""
+    argv = predict_into("pred")(tmp)
+    with h5py.File(tmp / "caches" / "s2.h5", "a") as f:
+        f["features"][3, 1] = np.nan
+    return argv
+
+
+def synthetic_into(setup, *extra):
+    def build(tmp):
+        (tmp / "ds").mkdir()
+        setup(tmp)
+        return [str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "2", "--spots", "50", *extra]
+    return build
+
+
+def gmt_link(tmp):
+    (tmp / "target.txt").write_bytes(b"mine")
+    (tmp / "ds" / "programs.gmt").symlink_to("../target.txt")
+
+
+def metadata_there(tmp):
+    (tmp / "ds" / "metadata.csv").write_bytes(b"id,patient\nmine,me\n")
+
+
+def plots_link(tmp):
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "mine.png").write_bytes(b"mine")
+    (fake_run(tmp) / "plots").symlink_to("../elsewhere")
+
+
+def genes_out(out, *extra):
+    def build(tmp):
+        caches(tmp)
+        return [str(ROOT / "data.py"), "genes", "--slides", "caches", "--n", "3", "--out", out,
+                *extra]
+    return build
+
+
+def genes_there(tmp):
+    (tmp / "g.json").write_bytes(b"mine")
+    return genes_out("g.json")(tmp)
+
+
+# ---- data lost in silence --------------------------------------------------------------------
+def h5ad_change(change):
+    def spoil(tmp):
+        with h5py.File(tmp / "st" / "s2.h5ad", "a") as f:
+            change(f)
+    return spoil
+
+
+def _same_gene(f):
+    names = files.h5_strings(f["var/_index"])
+    del f["var/_index"]
+    names[2] = names[1]
+    f.create_dataset("var/_index", data=names.astype(object), dtype=data.STR)
+
+
+def _negative_index(f):
+    f["X/indices"][0] = -1
+
+
+def _decreasing_indptr(f):
+    x = f["X/indptr"][()]
+    x[3], x[4] = x[4], x[3] - 1
+    del f["X/indptr"]
+    f["X/indptr"] = x
+
+
+def _latin1_gene(f):
+    names = [n.encode() for n in files.h5_strings(f["var/_index"])]
+    names[0] = b"caf\xe9"
+    del f["var/_index"]
+    f.create_dataset("var/_index", data=np.array(names, dtype=object),
+                     dtype=h5py.string_dtype("ascii"))
+
+
+def cells(change):
+    def build(tmp):
+        r = np.random.default_rng(0)
+        xy = r.uniform(0, 100, (20, 2))
+        change(xy)
+        write_h5ad(tmp / "cells.h5ad", r.poisson(1.0, (20, 3)).astype(np.float64),
+                   [f"c{i}" for i in range(20)], ["A", "B", "C"], "current", xy, ["t"] * 20)
+        return [str(ROOT / "hest.py"), "bin", "--cells", "cells.h5ad", "--bin-um", "10", "--out",
+                "out"]
+    return build
+
+
+def no_feature_columns(tmp):
+    replace(tmp, 0, "features", lambda x: x[:, :0])
+    return train()
+
+
+def latin1_genes(tmp):
+    with h5py.File(caches(tmp) / "s1.h5", "a") as f:
+        names = [g.encode() for g in files.h5_strings(f["genes"])]
+        names[3] = b"G\xe93"
+        del f["genes"]
+        f.create_dataset("genes", data=np.array(names, dtype=object),
+                         dtype=h5py.string_dtype("ascii"))
+    return train()
+
+
+def dangling_link(tmp):
+    with h5py.File(caches(tmp) / "s2.h5", "a") as f:
+        del f["coords"]
+        f["coords"] = h5py.SoftLink("/nowhere")
+    return train()
+
+
+def splits(*rows):
+    def build(tmp):
+        caches(tmp)
+        (tmp / "splits").mkdir()
+        (tmp / "splits" / "train_0.csv").write_text("sample_id\n" + "".join(f"{r}\n" for r in rows))
+        (tmp / "splits" / "test_0.csv").write_text("sample_id\ns3\n")
+        return train("data.split_dir=splits")
+    return build
+
+
+def marked_root(tmp):
+    caches(tmp)
+    (tmp / "caches" / files.WRITING).write_text(json.dumps({"command": "synthetic.py", "pid": 0}))
+    return train()
+
+
+def patches_of(side):
+    def build(tmp):
+        patches(tmp)
+        with h5py.File(tmp / "patches" / "p1.h5", "a") as f:
+            del f["img"]
+            f["img"] = np.zeros((5, side, side, 3), dtype=np.uint8)
+        return [str(ROOT / "hest.py"), "embed", "--patches", "patches", "--out", "emb"]
+    return build
+
+
+def gene_list(text):
+    def build(tmp):
+        caches(tmp)
+        (tmp / "genes.json").write_bytes(text)
+        return train("data.genes=genes.json")
+    return build
+
+
+def gmt_file(text):
+    def build(tmp):
+        caches(tmp)
+        (tmp / "sets.gmt").write_bytes(text)
+        return train("data.gmt=sets.gmt")
+    return build
+
+
+def config_bytes(text):
+    def build(tmp):
+        caches(tmp)
+        (tmp / "cfg.yaml").write_bytes(text)
+        return train(config="cfg.yaml")
+    return build
+
+
+def loop_root(tmp):
+    caches(tmp)
+    (tmp / "loop").symlink_to("loop")
+    return train("data.root=loop")
+
+
+def protocols_bad_paper(tmp):
+    run = fake_run(tmp)
+    (run / "results.json").write_bytes(b"mine")
+    return [str(ROOT / "protocols.py"), "run", "--paper", "nope"]
+
+
+def import_meta(text):
+    def build(tmp):
+        argv = import_hest()(tmp)
+        (tmp / "meta.csv").write_bytes(text)
+        return [*argv, "--meta", "meta.csv"]
+    return build
+
+
 # ---- the table: (case, builder -> argv, words the one line must contain) -----------------------------------
 CASES = [
     ("nan feature", bad_slide(1, "features", lambda x: at(x, (3, 2), np.nan)), ["s1.h5", "'features'", "finite"]),
@@ -269,13 +505,115 @@ CASES = [
     ("eval a truncated prediction file", run_program("eval.py", "run", spoil=truncate),
      ["s1.h5", "readable HDF5 prediction file"]),
     ("eval a prediction file without genes", run_program("eval.py", "run", spoil=drop_genes), ["s1.h5", "'genes'"]),
-    ("plots into a read-only folder", run_program("plots.py", "plot", "run", spoil=plots_into_proc),
-     ["run/plots", "cannot be written"]),
+    ("plots into a read-only folder through a link", run_program("plots.py", "plot", "run",
+                                                                 spoil=plots_into_proc),
+     ["run/plots", "symbolic link (to /proc)"]),
+    # every path is decided by the user, never by a file's content
+    ("predict: a slide id that leaves --out", predict_slide_id("../escaped_dir/owned"),
+     ["s1.h5", "'attrs/slide_id'", "'s1' (the file name)"]),
+    ("predict: an absolute slide id, --overwrite", predict_slide_id(str(Path("/tmp/owned")),
+                                                                    "--overwrite"),
+     ["s1.h5", "'attrs/slide_id'"]),
+    ("predict: two caches with one slide id", predict_slide_id("s0"), ["s1.h5", "'attrs/slide_id'",
+                                                                       "'s0'"]),
+    ("predict: caches whose names differ in case only", predict_case_twins,
+     ["pred", "'S1.h5' and 's1.h5'", "differ only in case"]),
+    ("predict over a link, --overwrite", predict_over_link, ["pred/s2.h5", "symbolic link"]),
+    ("synthetic: programs.gmt is a link", synthetic_into(gmt_link), ["ds/programs.gmt", "symbolic "
+                                                                                        "link"]),
+    ("synthetic: metadata.csv exists", synthetic_into(metadata_there), ["ds/metadata.csv",
+                                                                        "--overwrite"]),
+    ("plots: the plots folder is a link", run_program("plots.py", "plot", "run", spoil=plots_link),
+     ["run/plots", "symbolic link"]),
+    ("genes --out is an input slide", genes_out("caches/s1.h5"), ["caches/s1.h5", "--out",
+                                                                  "input"]),
+    ("genes --out is an input slide, --overwrite", genes_out("caches/s1.h5", "--overwrite"),
+     ["caches/s1.h5", "--out", "input"]),
+    ("genes --out exists", genes_there, ["g.json", "--overwrite"]),
+    # nothing lost in silence
+    ("import: two genes of one name", import_hest(spoil=h5ad_change(_same_gene)),
+     ["s2.h5ad", "'var/_index'", "unique", "twice", "--harmonise"]),
+    ("import: a negative CSR index", import_hest(spoil=h5ad_change(_negative_index)),
+     ["s2.h5ad", "'X/indices'", "-1"]),
+    ("import: CSR offsets that decrease", import_hest(spoil=h5ad_change(_decreasing_indptr)),
+     ["s2.h5ad", "'X/indptr'", "decreasing"]),
+    ("import: a gene name that is not UTF-8", import_hest(spoil=h5ad_change(_latin1_gene)),
+     ["s2.h5ad", "'var/_index'", "row 0", "UTF-8", "0xe9"]),
+    ("import: metadata with an id twice", import_meta(b"id,patient\ns1,a\ns1,b\n"),
+     ["meta.csv", "'id'", "'s1' twice"]),
+    ("import: a pixel size that is not a number",
+     import_meta(b"id,pixel_size_um_estimated\ns1,big\n"),
+     ["meta.csv", "'pixel_size_um_estimated'", "slide s1", "'big'"]),
+    ("bin --cells: a NaN centre", cells(lambda xy: xy.__setitem__((4, 1), np.nan)),
+     ["cells.h5ad", "'obsm/spatial'", "finite", "row 4"]),
+    ("bin --cells: a bin of 1e-30 um", lambda tmp: [*cells(lambda xy: None)(tmp)[:5], "1e-30",
+                                                    "--out", "out"],
+     ["cells.h5ad", "--bin-um 1e-30", "would fit"]),
+    ("features with zero columns", no_feature_columns, ["s0.h5", "'features'", "at least one "
+                                                                               "feature"]),
+    ("a cache gene that is not UTF-8", latin1_genes, ["s1.h5", "'genes'", "row 3", "UTF-8",
+                                                      "0xe9"]),
+    ("cache genes that differ in case only", bad_slide(2, "genes", lambda x: at(x, 1,
+                                                                                x[0].lower())),
+     ["s2.h5", "'genes'", "differ only in case"]),
+    ("a split file lists a slide twice", splits("s0", "s1", "s0"), ["train_0.csv", "'sample_id'",
+                                                                    "'s0' twice"]),
+    ("a split id outside data.root", splits("s0", "../caches/s1"),
+     ["train_0.csv", "'sample_id'", "plain file name", "'../caches/s1'"]),
+    ("a GMT with a set twice", gmt_file(b"SET_A\turl\tG1\nSET_B\turl\tG2\nSET_A\turl\tG3\n"),
+     ["sets.gmt", "line 3", "'SET_A' again", "line 1"]),
+    # crashes and exhaustion
+    ("a config that is not UTF-8", config_bytes(b"train:\n  lr: 0.01 # caf\xe9\n"),
+     ["cfg.yaml", "line 2, column 17", "UTF-8", "0xe9"]),
+    ("a UTF-16 config", config_bytes("train:\n  lr: 0.01\n".encode("utf-16")), ["cfg.yaml",
+                                                                                "UTF-16"]),
+    ("synthetic --spots 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--spots",
+                                            "100000000"],
+     ["--spots 100000000", "GiB of memory", "available", "would fit"]),
+    ("synthetic --slides 10^8", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--slides",
+                                             "100000000"],
+     ["--slides 100000000", "GiB of disk", "would fit"]),
+    ("synthetic --seed -1", lambda tmp: [str(ROOT / "synthetic.py"), "--out", "ds", "--seed", "-1"],
+     ["seed >= 0", "seed -1"]),
+    ("predict: a forward of terabytes", predict_huge_window, ["predict.py", "GiB of memory",
+                                                              "fit"]),
+    ("predict: a model file unlike its config", predict_model_mismatch, ["model.pt", "'model'",
+                                                                         "model_config"]),
+    ("predict --seed 2^40", predict_into("pred", "--seed", str(2 ** 40)), ["--seed", "2^32"]),
+    ("predict --threads 10^6", predict_into("pred", "--threads", "1000000"), ["--threads 1000000",
+                                                                              "cores"]),
+    ("embed --threads 10^6", embed(None, extra=["--threads", "1000000"]), ["--threads 1000000",
+                                                                           "cores"]),
+    ("embed --batch-size 10^12", embed(None, extra=["--batch-size", str(10 ** 12)]),
+     ["--batch-size 1000000000000", "GiB of memory", "would fit"]),
+    ("embed 1-pixel patches", patches_of(1), ["p1.h5", "'img'", "at least 2 x 2 pixels"]),
+    ("bench --mem-limit-gb 10^6", lambda tmp: [str(ROOT / "bench.py"), "--mem-limit-gb", "1e6"],
+     ["--mem-limit-gb 1e+06", "available", "would fit"]),
+    # the poor ones: one clear line instead of a traceback or a misleading message
+    ("a dangling link in a cache", dangling_link, ["s2.h5", "'coords'", "leads nowhere"]),
+    ("a list where a section belongs", config_file("data: [1, 2]\n"), ["cfg.yaml", "'data'",
+                                                                       "a mapping"]),
+    ("a symlink loop as data.root", loop_root, ["'data.root'", "loop"]),
+    ("a gene list that is bad JSON", gene_list(b'{"genes": ["G1", "G2",]}'),
+     ["genes.json", "line 1", "expected JSON"]),
+    ("a gene list of numbers", gene_list(b'{"genes": ["G1", 7]}'), ["genes.json",
+                                                                    "7 at position 1"]),
+    ("run.device=meta", overrides("run.device=meta"), ["'run.device'", "'meta'"]),
+    ("run.name=no", overrides("run.name=no"), ["'run.name'", "quote it"]),
+    ("an unset $VAR in run.dir", overrides("run.dir=$TESSERA_NO_SUCH_VAR/runs"),
+     ["'run.dir'", "TESSERA_NO_SUCH_VAR is not set"]),
+    ("train.seed=2^40", overrides(f"train.seed={2 ** 40}"), ["'train.seed'", "2^32"]),
+    ("a data.root a killed command left", marked_root, ["caches", "unfinished", "synthetic.py"]),
+    ("predict: the third slide is bad", predict_bad_second_slide, ["s2.h5", "'features'",
+                                                                   "finite"]),
+    ("protocols.py --paper nope", protocols_bad_paper, ["papers.yaml", "'nope'"]),
 ]
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+    """Every file (its bytes' hash), folder and link (its target, never followed) under `folder`."""
+    return {p.relative_to(folder): f"link to {os.readlink(p)}" if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in sorted(folder.rglob("*")) if "__pycache__" not in p.parts}
 
 

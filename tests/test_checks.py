@@ -1,6 +1,7 @@
 """checks.py through train.main: every mistake in a config, the files it names, the slide caches or the
 run folder ends the program before any fold trains, with one line naming the file or key, what was
 expected and what was found, and leaves no run folder behind."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,17 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["model.dimm=3"], ["command line 'model.dimm=3': unknown config key 'model.dimm'; valid"]),
     (["train.loss=zinb"], ["train.loss = zinb and model.head = zinb go together"]),
     (["run.threads=100000"], ["key 'run.threads': expected an integer from 0 to", "found 100000"]),
+    (["run.device=meta"], ["key 'run.device': expected auto, cpu, cuda or cuda:<index>, found "
+                           "'meta'"]),
+    (["run.name=no"], ["key 'run.name': expected a string (YAML reads an unquoted yes/no/on/off as "
+                       "false: "
+                       "quote it), found False"]),
+    (["train.seed=-1"], ["key 'train.seed': expected an integer from 0 to 2^32 - 1, found -1"]),
+    (["data.fold_seed=4294967296"],
+     ["key 'data.fold_seed': expected an integer from 0 to 2^32 - 1"]),
+    (["run.dir=$TESSERA_UNSET_FOR_A_TEST/runs"],
+     ["key 'run.dir': expected a path ($TESSERA_UNSET_FOR_A_TEST is not set in the environment)"]),
+    (["data=[1, 2]"], ["key 'data': expected a mapping, found [1, 2]"]),
 ]
 
 
@@ -397,3 +409,89 @@ def test_exponents_without_a_dot_are_numbers(root):
 def test_sub_levels_need_sub_patches_on_every_slide_before_anything_is_written(root, tmp_path, capsys):
     expect(refused([*base(root), "model.sub_levels=1"], tmp_path, capsys),
            "s0.h5: model.sub_levels = 1 needs sub_features with 4 sub-patches per spot", "found none")
+
+
+def test_configs_a_user_would_expect_to_work(root, tmp_path, monkeypatch):
+    """YAML merge keys, an empty section, ~ and $VAR in paths, a byte-order mark and Windows line
+    endings: read as a user means them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TESSERA_DATA", str(root))
+    text = ("\ufefftrain:\n  <<: {lr: 0.002, epochs: 3}\n  ema: 0.5\neval:\ndata:\n  root: "
+            "$TESSERA_DATA\n"
+            "run:\n  dir: ~/runs\n").replace("\n", "\r\n")
+    (tmp_path / "c.yaml").write_bytes(text.encode())
+    cfg = train.load_config(tmp_path / "c.yaml")
+    assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["train"]["ema"]) == (0.002, 3, 0.5)
+    assert cfg["eval"] == train.DEFAULTS["eval"]
+    assert cfg["data"]["root"] == str(root) and cfg["run"]["dir"] == str(tmp_path / "home" / "runs")
+    (tmp_path / "d.yaml").write_text("train:\n  <<: {lr: 0.002}\n  lr: 0.003\n  lr: 0.004\n")
+    # merged keys are not repeats
+    with pytest.raises(SystemExit, match="found the key 'lr' twice"):
+        train.load_config(tmp_path / "d.yaml")
+
+
+def test_a_split_file_cannot_reach_outside_data_root_or_list_a_slide_twice(root, tmp_path, capsys):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "test_0.csv").write_text("sample_id\ns3\n")
+    for rows, parts in ((["s0", "../caches/s1"], ["train_0.csv: key 'sample_id': expected a plain "
+                                                  "file name",
+                                                   "'../caches/s1' (a path"]),
+                        (["s0", "s1", "s0 "],
+                         ["train_0.csv: key 'sample_id': expected unique names", "'s0' twice"]),
+                        (["s0", "S1"], ["found none for 1: S1 (found 's1' for 'S1': names differ "
+                                        "in case)"])):
+        (splits / "train_0.csv").write_text("sample_id\n" + "".join(f"{r}\n" for r in rows))
+        expect(refused([*base(root), f"data.split_dir={splits}"], tmp_path, capsys), *parts)
+
+
+INFERENCE_PEAK = """
+import sys
+def hwm():   # this process's peak resident set (getrusage's includes the parent's, across exec)
+    status = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+sys.path.insert(0, {root!r})
+import numpy as np, torch
+import checks, data, predict, train
+from model import ModelConfig, build_model
+cfg = train.load_config({config!r})
+mc, n, C, G = ModelConfig.from_dict(cfg["model"]), {n}, 64, 250
+model = build_model(mc, C, G).eval()
+side = int(np.ceil(np.sqrt(n)))
+grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n]
+xy = torch.tensor(grid * 100.0, dtype=torch.float32)
+pseudo = cfg["data"]["pseudo"]
+slide = data.Slide("x", torch.randn(n, C), xy, np.array([str(i) for i in range(n)]),
+                   pseudo_features=torch.randn(n, C) if pseudo else None,
+                   pseudo_coords=xy + 50 if pseudo else None)
+base = hwm()
+predict.predict_with_std([(model, [str(g) for g in range(G)])], slide, pseudo, "cpu")
+print(hwm() - base, sum(checks.inference_estimate(mc, C, G, n).values()))
+"""
+
+
+@pytest.mark.parametrize("config", ["default", "hist"])
+def test_the_inference_estimate_bounds_the_measured_peak(config):
+    """checks.inference_estimate against the growth of the resident set of a fresh process
+    predicting one slide of 8,000 spots (/proc/self/status VmHWM): generous, within a factor 4."""
+    code = INFERENCE_PEAK.format(root=str(ROOT), config=str(ROOT / "configs" / f"{config}.yaml"),
+                                 n=8000)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    measured, estimate = (float(x) for x in r.stdout.split()[-2:])
+    assert measured <= estimate <= 4 * measured + 2 ** 27, (measured, estimate)
+
+
+def test_inference_memory_is_refused_with_the_largest_slide_that_fits():
+    mc = ModelConfig(dim=32, heads=2)
+    size = lambda n: sum(checks.inference_estimate(mc, 48, 250, n).values())  # noqa: E731
+    with pytest.raises(files.TooLarge) as e:
+        checks.check_inference_memory(mc, 48, 250, 10 ** 6, "slide big", available=2 ** 30)
+    msg = str(e.value)
+    fit = int(msg.split("slides of up to ")[1].split()[0])
+    assert msg.startswith("slide big: a forward over 1000000 spots (model")
+    assert "found 1.0 GiB available" in msg
+    assert size(fit) <= 2 ** 30 < size(fit + 1)
+    checks.check_inference_memory(mc, 48, 250, 1000, "slide small", available=2 ** 30)

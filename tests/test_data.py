@@ -2,6 +2,7 @@
 References are written independently here."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,7 +293,8 @@ def test_gmt_gene_lists_and_split_files(tmp_path):
     (tmp_path / "g.txt").write_text("# header\nA\n\nB\n")
     assert files.read_gene_list(tmp_path / "g.json") == files.read_gene_list(tmp_path / "g.txt") == ["A", "B"]
     (tmp_path / "d.txt").write_text("A\nB\nA\n")
-    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found duplicates A"):
+    with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found "
+                                         r"duplicates 'A' twice"):
         files.read_gene_list(tmp_path / "d.txt")
     (tmp_path / "n.json").write_text(json.dumps({"genes": "A"}))
     with pytest.raises(CacheError, match=r"n\.json: key 'genes': expected a list of gene names, found str"):
@@ -530,3 +532,239 @@ def test_a_full_disk_in_atomic_path_names_the_file_and_keeps_the_old_one(tmp_pat
     with pytest.raises(PermissionError):                 # any other error passes through as it is
         with files.atomic_path(path):
             raise PermissionError(13, "denied")
+
+
+# ----------------------------------------------------------------------------- one writing helper
+def test_outputs_refuse_names_links_inputs_and_existing_files(tmp_path):
+    out = tmp_path / "out"
+    for bad, why in (("../x.h5", "a path"), ("", "empty"), ("..", "'.' or '..'"), (".x.h5",
+                                                                                   "hidden"),
+                     ("a\\b", "a path"), ("a\x00b", "control"), ("x" * 201, "longer than 200")):
+        with pytest.raises(CacheError, match="expected a plain file name") as e:
+            files.Outputs(out, ["ok.h5", bad])
+        assert why in str(e.value)
+    for names, found in ((["a.h5", "a.h5"], "'a.h5' twice"), (["A.h5", "a.h5"], "differ only in "
+                                                                                "case")):
+        with pytest.raises(CacheError, match=found):
+            files.Outputs(out, names)
+    out.mkdir()
+    (out / "mine.h5").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"mine\.h5: already exists \(1 of the 2 "
+                                              r"outputs.*--overwrite"):
+        files.Outputs(out, ["new.h5", "mine.h5"])
+    (tmp_path / "target").write_bytes(b"theirs")
+    (out / "link.h5").symlink_to(tmp_path / "target")
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match=r"link\.h5: found a symbolic link"):
+            files.Outputs(out, ["link.h5"], overwrite)
+    with pytest.raises(ValueError, match=r"mine\.h5: --out: expected an output that is not one of "
+                                         r"the inputs"):
+        files.Outputs(out, ["mine.h5"], True, inputs=[out / "mine.h5"])
+    with pytest.raises(ValueError, match="expected an output folder other than the inputs"):
+        files.Outputs(out, ["x.h5"], inputs=[tmp_path / "out"])
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plots").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CacheError, match=r"plots: found a symbolic link"):
+        files.Outputs(tmp_path / "run" / "plots", ["a.png"], named=tmp_path / "run")
+    # the folder the user named may be a link
+    files.Outputs(tmp_path / "run" / "plots", ["a.png"])
+    assert (tmp_path / "target").read_bytes() == b"theirs"
+    assert (out / "mine.h5").read_bytes() == b"mine"
+
+
+def test_outputs_write_all_or_nothing(tmp_path):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError):
+        with files.Outputs(out, ["x.txt", "y.txt"]) as o:
+            o.path("x.txt").write_text("x")
+            assert not out.exists()                       # a new folder appears whole, at the end
+            raise RuntimeError("the second input is bad")
+    # nothing left, not even the folders it made
+    assert not (tmp_path / "a").exists()
+    with files.Outputs(out, ["x.txt", "y.txt"]) as o:
+        o.path("x.txt").write_text("x")
+        o.path("y.txt").write_text("y")
+        with pytest.raises(ValueError, match="not one of the outputs"):
+            o.path("z.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["x.txt",
+                                                     "y.txt"] and (out / "y.txt").read_text() == "y"
+    with files.Outputs(out, ["x.txt"], overwrite=True) as o:
+        o.path("x.txt").write_text("new")
+        assert (out / "x.txt").read_text() == "x"         # an existing folder: replaced at the end
+    assert (out / "x.txt").read_text() == "new" and sorted(p.name for p in tmp_path.rglob("*")) == \
+        ["a", "b", "x.txt", "y.txt"]
+
+
+KILLED_COMMIT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import files
+renames = []
+def replace(a, b):
+    renames.append(b)
+    if len(renames) == 3:      # the marker, then the first output: killed before the second
+        os._exit(9)
+    os.rename(a, b)
+files.os.replace = replace
+with files.Outputs({out!r}, ["a.h5", "b.h5"], command="demo.py") as o:
+    o.path("a.h5").write_text("a")
+    o.path("b.h5").write_text("b")
+"""
+
+
+def test_a_kill_during_the_renames_is_refused_by_readers_and_finished_by_the_same_command(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()                         # an existing folder: its outputs are renamed one by one
+    code = KILLED_COMMIT.format(root=str(Path(__file__).resolve().parents[1]), out=str(out))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 9, r.stderr
+    assert (out / "a.h5").exists() and not (out / "b.h5").exists()
+    assert (out / files.WRITING).exists()
+    with pytest.raises(CacheError, match=r"out is unfinished: `demo.py` was interrupted"):
+        data.list_slides(out)                             # a reader does not take half a dataset
+    with pytest.raises(CacheError, match="unfinished"):
+        files.Outputs(out, ["a.h5", "b.h5"], command="other.py")
+    notes = []
+    with files.Outputs(out, ["a.h5", "b.h5"], command="demo.py", log=notes.append) as o:
+        o.path("a.h5").write_text("a")
+        o.path("b.h5").write_text("b")
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.h5"]
+    assert any("was interrupted while renaming" in n for n in notes)
+    assert any("removed 1 unfinished file(s)" in n for n in notes)   # b.h5's pending file
+
+
+def test_atomic_path_refuses_a_link_and_keeps_the_mode_a_new_file_gets(tmp_path):
+    (tmp_path / "target").write_bytes(b"theirs")
+    (tmp_path / "x.h5").symlink_to(tmp_path / "target")
+    with pytest.raises(CacheError, match="symbolic link"):
+        with files.atomic_path(tmp_path / "x.h5") as tmp:
+            tmp.write_bytes(b"mine")
+    assert (tmp_path / "target").read_bytes() == b"theirs"
+    with files.atomic_path(tmp_path / "y.h5") as tmp:
+        tmp.write_bytes(b"y")
+    (tmp_path / "z").write_bytes(b"z")                    # as open() would create it (umask)
+    assert (tmp_path / "y.h5").stat().st_mode == (tmp_path / "z").stat().st_mode
+
+
+# ----------------------------------------------------------------------------- one decoding of text
+def test_text_is_read_one_way_bom_line_endings_and_bytes_that_are_not_utf8(tmp_path):
+    body = "# genes\nACTB\nERBB2 \n\n GAPDH\n"
+    for name, raw in (("unix.txt", body.encode()), ("bom.txt", b"\xef\xbb\xbf" + body.encode()),
+                      ("crlf.txt", body.replace("\n", "\r\n").encode()),
+                      ("cr.txt", body.replace("\n", "\r").encode())):
+        (tmp_path / name).write_bytes(raw)
+        assert files.read_gene_list(tmp_path / name) == ["ACTB", "ERBB2", "GAPDH"], name
+    (tmp_path / "latin1.txt").write_bytes(b"ACTB\nCAF\xc9\n")
+    with pytest.raises(CacheError, match=r"latin1\.txt: line 2, column 4: expected UTF-8 text, "
+                                         r"found byte "
+                       r"0xc9"):
+        files.read_gene_list(tmp_path / "latin1.txt")
+    (tmp_path / "u16.txt").write_bytes("ACTB\n".encode("utf-16"))
+    with pytest.raises(CacheError, match="UTF-16"):
+        files.read_gene_list(tmp_path / "u16.txt")
+    (tmp_path / "g.json").write_bytes(b'\xef\xbb\xbf{"genes": ["ACTB", " ERBB2"]}\r\n')
+    assert files.read_gene_list(tmp_path / "g.json") == ["ACTB", "ERBB2"]
+    for text, found in (('{"genes": ["A",]}', "line 1, column 16: expected JSON"),
+                        ('["A", null]', "None at position 1"), ('["A", "a"]',
+                                                                "differ only in case"),
+                        ('["A", "A "]', "'A' twice")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(CacheError, match=found):
+            files.read_gene_list(tmp_path / "bad.json")
+
+
+def test_gmt_and_csv_are_read_as_every_text_is(tmp_path):
+    (tmp_path / "s.gmt").write_bytes(b"\xef\xbb\xbfSET_A\turl\tG1\tG2 \tG1\r\nSET_B\turl\tG3\r\n")
+    assert files.read_gmt(tmp_path / "s.gmt") == {"SET_A": ["G1", "G2"], "SET_B": ["G3"]}
+    (tmp_path / "t.gmt").write_text("SET_A\turl\tG1\nset_a\turl\tG2\n")
+    with pytest.raises(CacheError, match=r"t\.gmt: line 2: expected each gene set once, found "
+                                         r"'set_a'"):
+        files.read_gmt(tmp_path / "t.gmt")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfid , patient\r\n s1 ,P1\r\n\r\ns2,P2\r\n")
+    assert files.read_metadata(tmp_path / "m.csv") == {"s1": {"id": "s1", "patient": "P1"},
+                                                       "s2": {"id": "s2", "patient": "P2"}}
+    (tmp_path / "d.csv").write_text("id,patient\ns1,P1\nS1,P2\n")
+    with pytest.raises(CacheError, match=r"d\.csv: key 'id': expected unique names, found 1 "
+                                         r"clashing: 's1' and "
+                       r"'S1' \(differ only in case\)"):
+        files.read_metadata(tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_text("id,patient\ns1,P1\n,P2\n")
+    with pytest.raises(CacheError, match=r"e\.csv: key 'id': expected an id in every row, found an "
+                                         r"empty cell "
+                       r"in row 3"):
+        files.read_metadata(tmp_path / "e.csv")
+
+
+def test_hdf5_strings_and_attributes_are_decoded_one_way(tmp_path):
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ok", data=[b" b0", "b1\r".encode(), b"\xef\xbb\xbfb2"],
+                         dtype=h5py.string_dtype("utf-8"))
+        f["fixed"] = np.array([b"x ", b"y"], dtype="S2")
+        f.create_dataset("bad", data=[b"ok", b"caf\xe9"], dtype=h5py.string_dtype("ascii"))
+        f.attrs.create("bytes", b"caf\xc3\xa9 ", dtype=h5py.string_dtype("utf-8"))
+        f.attrs.create("broken", b"caf\xe9", dtype=h5py.string_dtype("utf-8"))
+        f.attrs["number"] = 3
+    with h5py.File(path) as f:
+        assert files.h5_strings(f["ok"]).tolist() == ["b0", "b1", "b2"]
+        assert files.h5_strings(f["fixed"]).tolist() == ["x", "y"]
+        with pytest.raises(CacheError, match=r"s\.h5: key 'bad', row 1: expected UTF-8 text, found "
+                                             r"byte 0xe9"):
+            files.h5_strings(f["bad"])
+        assert files.text_attr(f, "bytes") == "café" and files.text_attr(f, "number") == "3"
+        with pytest.raises(CacheError, match=r"s\.h5: key 'attrs/broken': expected UTF-8 text, "
+                                             r"found byte 0xe9"):
+            files.text_attr(f, "broken")
+
+
+def test_clashes_against_a_loop_over_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        names = ["".join(rng.choice(list("aAbB"), 2)) for _ in range(rng.integers(0, 6))]
+        expected = set()
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if a == b:
+                    expected.add(("same", a))
+                elif a.lower() == b.lower():
+                    expected.add(("case", frozenset((a, b))))
+        found = files.clashes(names)
+        assert bool(found) == bool(expected), (names, found)
+        for kind, what in expected:
+            case = [f for f in found if "differ only in case" in f]
+            named = [f for f in found if f"{what!r} " in f] if kind == "same" else \
+                [f for f in case if all(repr(n) in f for n in what)]
+            assert named, (names, found)
+
+
+def test_memory_and_disk_refusals_name_the_figure_and_what_fits():
+    with pytest.raises(files.TooLarge, match=r"x needs about 2\.0 GiB of memory, found 1\.0 GiB "
+                                             r"available on "
+                       r"cpu; y=3 would fit"):
+        files.check_memory(2 * 2 ** 30, "x", "y=3 would fit", available=2 ** 30)
+    files.check_memory(2 ** 30, "x", "", available=2 ** 30)
+    with pytest.raises(files.TooLarge, match=r"x needs about 4\.0 GiB of disk, found 1\.0 GiB free "
+                                             r"at /d"):
+        files.check_disk(4 * 2 ** 30, "/d", "x", "", available=2 ** 30)
+    for budget in (0, 1, 7, 99, 10 ** 6):
+        size = lambda n: 3 * n * n + 1  # noqa: E731
+        want = max([n for n in range(1, 1001) if size(n) <= budget], default=0)
+        assert files.largest_fitting(size, 1, 1000, budget) == want
+
+
+def test_what_a_killed_writer_left_is_removed_and_named_by_the_next_one(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                            # a process id that no longer runs
+    (tmp_path / f".out.{dead.pid}.0123abcd.pending").mkdir()
+    (tmp_path / f".out.{dead.pid}.0123abcd.pending" / "a.h5").write_text("half")
+    (tmp_path / f".out.{os.getpid()}.0123abcd.pending").mkdir()          # a live writer's: kept
+    (tmp_path / "keep.h5").write_text("mine")
+    notes = []
+    with files.Outputs(tmp_path / "out", ["a.h5"], log=notes.append) as o:
+        o.path("a.h5").write_text("a")
+    assert notes == [f"note: {tmp_path / 'out'}: removed 1 unfinished file(s) an interrupted "
+                     "command left "
+                     f"(.out.{dead.pid}.0123abcd.pending)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.{os.getpid()}.0123abcd.pending",
+                                                          "keep.h5", "out"]

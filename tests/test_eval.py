@@ -866,7 +866,7 @@ def test_eval_names_a_run_folder_it_cannot_write_before_reading(tmp_path, monkey
 
     def refuse(*args, **kwargs):   # what a read-only folder (or mount) answers, also to root
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ev.data.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)   # files.check_writable's probe
     monkeypatch.setattr(ev, "read_predictions", None)      # nothing is read before the check
     with pytest.raises(SystemExit, match=f"{run}: the run folder .*cannot be written \\(Permission denied\\)"):
         ev.main([str(run)])

@@ -150,6 +150,15 @@ def _h5ad_replace(key, value):
     return change
 
 
+def _h5ad_poke(key, index, value):
+    def change(f):
+        x = f[key][()]
+        x[index] = value
+        del f[key]
+        f[key] = x
+    return change
+
+
 BAD_H5AD = [  # (change to a valid file, key, expected, found)
     (_h5ad_attr("X", "shape", (9, 7)), "X", "shape (9, 6) from obs and var", "(9, 7)"),
     (_h5ad_attr("X", "encoding-type", "coo_matrix"), "X", "dense, csr_matrix or csc_matrix", "'coo'"),
@@ -157,6 +166,22 @@ BAD_H5AD = [  # (change to a valid file, key, expected, found)
     (_h5ad_replace("var", np.zeros(3)), "var", "a dataframe group (anndata >= 0.7)", "a dataset"),
     (_h5ad_attr("obs/region", "encoding-type", "awkward-array"), "/obs/region", "an array or categorical",
      "encoding 'awkward-array'"),
+    (_h5ad_poke("X/indices", 0, -1), "X/indices", "indices from 0 to 5", "first -1 at entry 0"),
+    (_h5ad_poke("X/indices", 1, 6), "X/indices", "indices from 0 to 5", "first 6 at entry 1"),
+    (_h5ad_poke("X/indptr", 2, 0), "X/indptr", "10 non-decreasing offsets from 0 to", "decreasing"),
+    (_h5ad_replace("X/indptr", np.arange(9)), "X/indptr", "10 non-decreasing offsets", "9 offsets"),
+    (_h5ad_replace("X/data", np.ones(3)), "X/data", "one value per entry of 'X/indices'", "shape "
+                                                                                          "(3,)"),
+    (_h5ad_poke("X/data", 2, -1.0), "X/data", "values >= 0", "first at index (2,)"),
+    (_h5ad_poke("X/data", 3, np.nan), "X/data", "finite", "first at index (3,)"),
+    (_h5ad_attr("X", "shape", np.array([9.5, 6])), "X", "the attribute shape (rows, columns)",
+     "[9.5, 6.0]"),
+    (_h5ad_poke("obsm/spatial", (4, 1), np.nan), "obsm/spatial", "finite spot centres", "first row "
+                                                                                        "4"),
+    (_h5ad_replace("obs/region/codes", np.full(9, 7, dtype=np.int8)), "obs/region",
+     "categorical codes from -1 to 0", "codes up to 7"),
+    (_h5ad_replace("var/_index", h5py.SoftLink("/nowhere")), "var/_index", "a dataset",
+     "a link that leads nowhere"),
 ]
 
 
@@ -168,12 +193,37 @@ def test_malformed_h5ad_is_rejected_with_a_clear_message(tmp_path, change, key, 
     with h5py.File(path, "a") as f:
         change(f)
     with pytest.raises(CacheError) as e:
-        files.read_h5ad(path)
+        files.read_h5ad(path, counts=True)
     msg = str(e.value)
     assert str(path) in msg and f"key '{key}'" in msg and expected in msg and found in msg, msg
     with pytest.raises(CacheError) as e:                # binning a cell table reads it with the same checks
         hest.bin_cells(path, 10.0, tmp_path / "out", log=lambda m: None)
     assert str(e.value) == msg and not (tmp_path / "out").exists()
+
+
+def test_embed_refuses_a_batch_the_memory_cannot_hold_with_one_that_fits():
+    per = hest.ENCODER_BYTES_PER_PIXEL * 224 * 224
+    with pytest.raises(files.TooLarge) as e:
+        hest.check_embed_memory(10 ** 6, 224 * 224, None, available=2 ** 30)
+    fit = int(str(e.value).split("--batch-size ")[-1].split()[0])
+    assert "--batch-size 1000000 of 50176 pixels per patch needs about" in str(e.value)
+    assert fit * per <= 2 ** 30 < (fit + 1) * per
+    hest.check_embed_memory(128, 224 * 224, None, available=2 ** 30)
+
+
+def test_bin_cells_refuses_bins_beyond_64_bit_numbers(tmp_path):
+    r = np.random.default_rng(0)
+    write_h5ad(tmp_path / "c.h5ad", r.poisson(1.0, (9, 3)).astype(np.float64),
+               [f"c{i}" for i in range(9)],
+               ["A", "B", "C"], "current", r.uniform(0, 1000, (9, 2)), ["t"] * 9)
+    with pytest.raises(ValueError, match=r"c\.h5ad: bin --bin-um 1e-09: the cells span .* more "
+                                         r"than 2\^30 bins "
+                       r"a side; --bin-um .* would fit"):
+        hest.bin_cells(tmp_path / "c.h5ad", 1e-9, tmp_path / "out", log=lambda m: None)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="expected positive, finite micrometres"):
+            hest.bin_cells(tmp_path / "c.h5ad", bad, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- placeholder encoder
@@ -437,6 +487,13 @@ def test_harmonised_h5ad_sums_renamed_genes_and_repeated_barcodes(tmp_path):
     np.testing.assert_array_equal(h.xy, [[0, 0], [1, 0]])
     h = files.read_h5ad(p, genes=["ACTB"], rename=protocols.harmonise_gene_names)
     np.testing.assert_array_equal(h.counts, [[5], [0]])
+    with pytest.raises(CacheError, match=r"h\.h5ad: key 'obs/_index': expected unique names .*'b1' "
+                                         r"twice"):
+        # without harmonise a repeated barcode would lose a spot
+        files.read_h5ad(p)
+    with h5py.File(p, "a") as f:
+        del f["obs/_index"]
+        f.create_dataset("obs/_index", data=np.array(["b1", "b2", "b3"]).astype(object), dtype=STR)
     assert files.read_h5ad(p).genes == list(var)                       # without harmonise: names as stored
 
 

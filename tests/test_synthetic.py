@@ -148,9 +148,82 @@ def test_command_line(tmp_path):
 
 
 def test_sizes_below_one_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"expected every size >= 1, found \{'slides': 0"):
+    with pytest.raises(ValueError, match=r"expected every size >= 1 and a seed >= 0, found "
+                                         r"\{'slides': 0"):
         synthetic.make_synthetic(tmp_path / "x", n_slides=0, log=lambda s: None)
     r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "x", "--spots", "0"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "'spots': 0" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- sizes that fit
+PEAK = """
+import json, sys, tempfile
+def hwm():   # this process's peak resident set (getrusage's includes the parent's, across exec)
+    status = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+sys.path.insert(0, {root!r})
+import synthetic
+d = tempfile.mkdtemp()
+synthetic.make_synthetic(d + "/warm", n_slides=1, n_spots=20, n_genes=5, n_features=4,
+                         layout={layout!r}, sub={sub}, log=lambda s: None)
+base = hwm()
+synthetic.make_synthetic(d + "/x", n_slides=2, n_spots={spots}, n_genes={genes},
+                         n_features={features}, layout={layout!r}, sub={sub}, log=lambda s: None)
+print(hwm() - base)
+"""
+
+
+@pytest.mark.parametrize("spots,genes,features,layout,sub", [(6000, 20, 8, "visium", 0), (3000,
+                                                                                          600, 8,
+    "square", 0),
+                                                              (1500, 20, 8, "square", 2)])
+def test_the_memory_estimate_bounds_the_measured_peak(spots, genes, features, layout, sub):
+    """slide_bytes against the growth of the resident set of a fresh process drawing two such slides
+    (/proc/self/status VmHWM), generous but not absurd."""
+    code = PEAK.format(root=str(ROOT), spots=spots, genes=genes, features=features, layout=layout,
+                       sub=sub)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    measured, estimate = int(r.stdout.split()[-1]), synthetic.slide_bytes(spots, genes, features,
+                                                                          layout, sub)[0]
+    assert measured <= estimate <= 3 * measured + 2 ** 27, (measured, estimate)
+
+
+def test_sizes_the_machine_cannot_hold_are_refused_with_a_size_that_fits(tmp_path):
+    size = lambda n: synthetic.slide_bytes(n, 300, 64, "visium")  # noqa: E731
+    with pytest.raises(files.TooLarge) as e:
+        synthetic.check_sizes(tmp_path, 12, 10 ** 6, 300, 64, "visium", 0, memory=2 ** 30,
+                              disk=10 ** 15)
+    fit = int(str(e.value).split("--spots ")[-1].split()[0])
+    assert "a slide of --spots 1000000 needs about" in str(e.value)
+    assert "found 1.0 GiB available" in str(e.value)
+    assert size(fit)[0] <= 2 ** 30 < size(fit + 1)[0]                 # the largest that fits
+    with pytest.raises(files.TooLarge) as e:
+        synthetic.check_sizes(tmp_path, 10 ** 6, 1500, 300, 64, "visium", 0, memory=10 ** 12,
+                              disk=10 ** 10)
+    fit = int(str(e.value).split("--slides ")[-1].split()[0])
+    assert "of disk" in str(e.value) and fit * size(1500)[1] <= 10 ** 10 < (fit + 1) * size(1500)[1]
+    synthetic.check_sizes(tmp_path, 12, 1500, 300, 64, "visium", 0, memory=2 ** 30, disk=10 ** 10)
+    r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "x", "--spots",
+                        "100000000"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "would fit" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_link_or_an_existing_file_in_out_is_refused_and_left_as_it_was(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "theirs.gmt").write_text("theirs")
+    (tmp_path / "ds" / "programs.gmt").symlink_to(tmp_path / "theirs.gmt")
+    with pytest.raises(files.CacheError, match=r"programs\.gmt: found a symbolic link"):
+        synthetic.make_synthetic(tmp_path / "ds", n_slides=2, n_spots=50, log=lambda s: None)
+    (tmp_path / "ds" / "programs.gmt").unlink()
+    (tmp_path / "ds" / "metadata.csv").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"metadata\.csv: already exists"):
+        synthetic.make_synthetic(tmp_path / "ds", n_slides=2, n_spots=50, log=lambda s: None)
+    assert (tmp_path / "theirs.gmt").read_text() == "theirs"
+    assert (tmp_path / "ds" / "metadata.csv").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["metadata.csv"]
