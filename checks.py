@@ -17,6 +17,7 @@ import yaml
 
 import data
 import files
+import lattice
 from model import ModelConfig, build_model, check_config as check_model
 
 DEMO_ROOT = Path("data/synthetic")   # the only folder train.py fills with the synthetic dataset (data.synthetic)
@@ -457,16 +458,24 @@ def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
         return build_model(mc, in_dim, n_genes)
 
 
+def tokens_at(n_spots: int, level: int) -> float:
+    """Tokens of pyramid level `level` of a slide of n_spots (generous): n_spots F^-2l below the spot
+    (F = lattice.FACTOR, F^-l x F^-l sub-spots per spot), n_spots 1.8^2 / F^2l above it (the default
+    lattice unit puts spots about 1.8 sites apart, a level-l site covers F^l x F^l sites), at least 1."""
+    per_site = lattice.FACTOR ** (2 * level)
+    if level <= 0:
+        return n_spots / per_site
+    return max(1.0, n_spots * min(1.0, 1.8 ** 2 / per_site))
+
+
 def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, value_bytes: int = 4) -> dict:
     """Bytes that one training step on a slide of n_spots needs, by part. Simple and deliberately generous:
     - state: parameters and buffers, plus per parameter its gradient and AdamW's two moments (fp32);
     - activations kept for the backward, per token and block: (24 + 4 ffn_ratio) d values (norms, q, k, v,
       attention output, projection, residuals, the FFN's hidden layers, dropout masks, copies), plus twice
       the attention weights (scores and weights): H (2w)^2 per token for window attention, H k for k-NN,
-      H per global token; doubled again when signed (two softmaxes). Tokens at level l: N for l <= 0
-      (N 4^-l below the spot), N 1.8^2 / 4^l above (the default lattice unit puts spots 1.8 sites apart; a
-      level-l site covers 2^l x 2^l sites). With model.checkpoint, a block keeps only its input (d per
-      token) and one block's activations are live;
+      H per global token; doubled again when signed (two softmaxes); tokens at level l: tokens_at. With
+      model.checkpoint, a block keeps only its input (d per token) and one block's activations are live;
     - full attention (FEAST, the coarsest level when model.coarse_attention = full, or every level when
       model.attention = full): per block the (H, M, M) bias and, per softmax branch, scores and weights;
     - stem and heads: N (C + d + 3 G).
@@ -483,7 +492,7 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int, va
     tokens = mc.calibration_tokens + mc.pathway_tokens
 
     def size(level):
-        return n_spots * 4 ** -level if level <= 0 else max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+        return tokens_at(n_spots, level)
 
     blocks = [(0, "knn")] * mc.local_blocks                           # (level, spot attention) of every block
     for level in range(L):
@@ -526,9 +535,7 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     tokens = mc.calibration_tokens + mc.pathway_tokens
 
     def size(level):
-        if level <= 0:
-            return n_spots * 4 ** -level
-        return max(1.0, n_spots * min(1.0, 1.8 ** 2 / 4 ** level))
+        return tokens_at(n_spots, level)
 
     blocks = [(0, "knn")] * mc.local_blocks
     blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import torch
 
+import lattice
 from files import (CacheError, Outputs, atomic_path, check_finished, check_values, check_writable,
                    clashes, dataset, fail, h5_strings, listed, open_h5, refuse_existing, text_attr)
 
@@ -519,7 +520,7 @@ def hist_groups(groups: list[str], k: int, seed: int) -> list[list[str]]:
 def check_sub_levels(name, sub_levels: int, per_spot: int | None) -> None:
     """A slide (`name`) with `per_spot` sub-patches (None: no sub_features) can feed a model with
     `sub_levels` levels below the spot; an error naming the slide and the config key otherwise."""
-    r = 2 ** sub_levels
+    r = lattice.FACTOR ** sub_levels
     if sub_levels and per_spot != r * r:
         found = "none" if per_spot is None else f"{per_spot} per spot"
         raise CacheError(f"{name}: model.sub_levels = {sub_levels} needs sub_features with {r * r} "

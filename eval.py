@@ -241,7 +241,7 @@ def level_outputs(out: dict, slide, normalize: bool = False, truth: bool = True)
         pred = pred.float().cpu()
         g = {"pred": pred}
         if k < 0:
-            r = 2 ** -k
+            r = lattice.FACTOR ** -k
             index = out["sub_index"][k].cpu()
             spot = index // (r * r)
             extent = slide.sub_extent_um

@@ -274,8 +274,9 @@ def knn(xy_q, xy_k, k, chunk=4096):
     """lattice.knn on a grid, O(N k): keys are binned into square cells of side h (about 6k keys in
     3 x 3 cells, the k-th neighbour at about 0.7 h); a query's candidates are the keys of the 3 x 3
     cells around its own. Every key outside them is at least h away, so where the k-th candidate is
-    nearer than h the answer is exact; other queries (sparse regions, too few candidates) take lattice.knn's brute force. The
-    same distances and the same tie rule (lower index first) give the same neighbours."""
+    nearer than h the answer is exact; other queries (sparse regions, too few candidates) take
+    lattice.knn's brute force. The same distances and the same tie rule (lower index first) give
+    the same neighbours."""
     k = min(k, len(xy_k))
     if k == 0 or len(xy_q) == 0 or len(xy_k) <= 4 * k:
         return lattice.knn(xy_q, xy_k, k)

@@ -355,7 +355,7 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
     if hasattr(level, "windows"):  # a pyramid level: its sites are the spot sites coarsened `scale` times
         sites0, want = lattice.to_lattice(slide.coords, unit), torch.sort(_site_key(level.sites)).values
         for scale in range(64):
-            anc = torch.div(sites0, 2 ** scale, rounding_mode="floor")
+            anc = torch.div(sites0, lattice.FACTOR ** scale, rounding_mode="floor")
             if torch.equal(torch.unique(_site_key(anc)), want):
                 break
         else:

@@ -81,7 +81,7 @@ def test_main_writes_the_table_and_json(tmp_path, capsys):
 def test_plan_respects_the_caps():
     ns = dict(device="cpu", repeats=1, mem_limit_gb=None, threads=None, overrides=[], features_dtype="float32",
               layouts=["hd"], sizes=[4000, 16000], memory_sizes=[],
-              parts=["window", "step"], configs=["hist"], kernels=["fast", "reference"],
+              parts=["window", "step"], configs=["hist"], kernels=["fast", "reference"], flops=False,
               max_n={"dense": 8192, "hist.train": 4000})
     specs = bench.plan(type("Args", (), ns))
     names = {(s["name"], s["mode"], s["n"]) for s in specs}
