@@ -1,6 +1,7 @@
-"""The coordinate augmentation of HiST (Appendix A.6/A.7): each training step sees the slide mirrored,
-turned, sheared and with some spots dropped, at a strength that decays over training. Only coordinates
-move; features stay as they are, apart from the sub-patches of a spot, which turn and mirror with it.
+"""The coordinate augmentation of HiST (Appendix A.6/A.7): each training step sees the slide
+mirrored, turned, sheared and with some spots dropped, at a strength that decays over training. Only
+coordinates move; features stay as they are, apart from the sub-patches of a spot, which turn and
+mirror with it.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ def aug_strength(epoch: int, epochs: int, aug: dict) -> float:
 
 def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator | None = None,
                    p_drop: float = 0.2, max_shear_deg: float = 15.0, max_rot_deg: float = 30.0):
-    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of 90 deg
-    plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
+    """HiST A.6/A.7: random mirror, shear (up to strength * max_shear_deg), rotation (a multiple of
+    90 deg plus up to strength * max_rot_deg) around the centroid, then spot drop with probability
     p_drop * strength (at least one spot stays). Mirror and right-angle turns are symmetries of the
-    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are untouched.
-    Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
+    lattice, so they are drawn at any strength > 0; strength 0 is the identity. Features are
+    untouched. Returns (keep (K,) long indices into xy, transformed xy[keep] (K, 2))."""
     n = xy.shape[0]
     if strength <= 0:
         return torch.arange(n), xy.clone()
@@ -31,7 +32,8 @@ def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator
     angle = math.pi / 2 * int(4 * u()) + math.radians((2 * u() - 1) * strength * max_rot_deg)
     c, s = math.cos(angle), math.sin(angle)
     rotate = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)   # rotate . shear . mirror
+    # rotate . shear . mirror
+    A = rotate @ torch.tensor([[mirror, shear], [0.0, 1.0]], dtype=torch.float64)
     centre = xy.double().mean(0)
     out = ((xy.double() - centre) @ A.T + centre).to(xy.dtype)
     keep = torch.rand(n, generator=generator) >= p_drop * strength
@@ -42,26 +44,31 @@ def augment_coords(xy: torch.Tensor, strength: float, generator: torch.Generator
 
 
 def sub_permutation(old_xy, new_xy, r) -> torch.Tensor:
-    """(S,) index: after an augmentation moved the spots from old_xy to new_xy, sub-position s of the
-    moved spot holds the old sub-patch index[s]. The transform's linear part (exact least squares, the
-    augmentation is affine) is snapped to the nearest of the 8 symmetries of the square (mirror, quarter
-    turns), which permutes the r x r sub-positions; the remaining small rotation and shear move whole spots only."""
+    """(S,) index: after an augmentation moved the spots from old_xy to new_xy, sub-position s of
+    the moved spot holds the old sub-patch index[s]. The transform's linear part (exact least
+    squares, the augmentation is affine) is snapped to the nearest of the 8 symmetries of the square
+    (mirror, quarter turns), which permutes the r x r sub-positions; the remaining small rotation
+    and shear move whole spots only."""
     a, b = old_xy.double() - old_xy.double().mean(0), new_xy.double() - new_xy.double().mean(0)
-    A = torch.linalg.lstsq(a, b).solution.T if len(a) > 2 else torch.eye(2, dtype=torch.float64)  # b = a @ A.T
-    turns = [torch.tensor(m, dtype=torch.float64) for m in ([[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]],
-                                                            [[0, 1], [-1, 0]])]
+    # b = a @ A.T
+    A = torch.linalg.lstsq(a, b).solution.T if len(a) > 2 else torch.eye(2, dtype=torch.float64)
+    turns = [torch.tensor(m, dtype=torch.float64)
+             for m in ([[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]],
+                       [[0, 1], [-1, 0]])]
     D = max(turns + [t @ torch.diag(torch.tensor([-1.0, 1.0], dtype=torch.float64)) for t in turns],
             key=lambda m: float((m * A).sum()))
     s = torch.arange(r * r)
-    ixy = torch.stack([s // r, s % r], 1).double() - (r - 1) / 2    # (S, 2) sub-positions (ix, iy), centred
-    moved = torch.round(ixy @ D.T + (r - 1) / 2).long()              # where each old sub-position goes
+    # (S, 2) sub-positions (ix, iy), centred
+    ixy = torch.stack([s // r, s % r], 1).double() - (r - 1) / 2
+    moved = torch.round(ixy @ D.T + (r - 1) / 2).long()  # where each old sub-position goes
     index = torch.empty(r * r, dtype=torch.long)
     index[r * moved[:, 0] + moved[:, 1]] = torch.arange(r * r)
     return index
 
 
 def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict:
-    """HiST A.6: transform the coordinates (spots and pseudo-spots together) and drop spots; features untouched."""
+    """HiST A.6: transform the coordinates (spots and pseudo-spots together) and drop spots;
+    features untouched."""
     xy = b["coords"]
     n = xy.shape[0]
     if "pseudo_coords" in b:
@@ -77,9 +84,11 @@ def augmented(b: dict, strength: float, aug: dict, gen: torch.Generator) -> dict
     for key in ("features", "target", "counts", "library_size", "sub_features", "sub_valid"):
         if key in b:
             out[key] = b[key][ks]
-    if "sub_features" in b and strength > 0:                 # sub-patches turn and mirror with their spot
-        index = sub_permutation(b["coords"][ks], out["coords"], math.isqrt(b["sub_features"].shape[1]))
-        out["sub_features"], out["sub_valid"] = out["sub_features"][:, index], out["sub_valid"][:, index]
+    if "sub_features" in b and strength > 0:  # sub-patches turn and mirror with their spot
+        index = sub_permutation(b["coords"][ks], out["coords"],
+                                math.isqrt(b["sub_features"].shape[1]))
+        out["sub_features"], out["sub_valid"] = (out["sub_features"][:, index],
+                                                 out["sub_valid"][:, index])
     if "pseudo_coords" in b and (~spots).any():
         out["pseudo_coords"] = new[~spots]
         out["pseudo_features"] = b["pseudo_features"][keep[~spots] - n]

@@ -1,34 +1,36 @@
-"""Speed, memory and scaling of tessera, beside the edge-list and dense ways of computing window attention.
+"""Speed, memory and scaling of tessera, beside the edge-list and dense ways of computing window \
+attention.
 
 HiST sec. 4.3 and Table 1. Recorded tables, their machine and their commands: BENCHMARKS.md.
 
-    python bench.py                                        # everything, CPU, N = 1k ... 256k (1M for some)
+    python bench.py                                 # everything, CPU, N = 1k ... 256k (1M for some)
     python bench.py --parts window --sizes 4k,64k --layouts hd --json window.json
-    python bench.py --device cuda                          # bf16 autocast, CUDA peak allocated / reserved
+    python bench.py --device cuda                   # bf16 autocast, CUDA peak allocated / reserved
 
 Parts (one row per part x name x layout x N; every row is measured in a fresh child process, so its
 peak memory is its own):
   pyramid  lattice.to_lattice + lattice.build_pyramid (4 levels, w = 3, both rulebooks per level)
   window   one window_attention call, forward (fwd) and forward + backward (fwd+bwd), H = 8 heads of
            D = 32, w = 3, a (H, S, S) bias: `tessera` (kernels.py, the fast path), `reference`
-           (attention.py, padded windows and autograd), `edge` (explicit (query, key) pair list, per-query
-           softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries compute it) and
-           `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer, up to --max-n).
-           The geometry (rulebook and its window batches, pair list, window ids) is built before the
-           timed call for all three.
-  step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one inference
-           pass (eval, no_grad: the low-memory path, float16 outputs) of configs/hist.yaml and
-           configs/default.yaml on one synthetic slide (--set changes their configs), once per
+           (attention.py, padded windows and autograd), `edge` (explicit (query, key) pair list,
+           per-query softmax with scatter_reduce('amax') / exp / index_add_, as graph libraries
+           compute it) and `dense` (masked N x N attention, as in FEAST / SpatialTranscriptFormer,
+           up to --max-n). The geometry (rulebook and its window batches, pair list, window ids) is
+           built before the timed call for all three.
+  step     one training step (forward + MSE + backward + clip + AdamW, train.py's loop) and one
+           inference pass (eval, no_grad: the low-memory path, float16 outputs) of configs/hist.yaml
+           and configs/default.yaml on one synthetic slide (--set changes their configs), once per
            --kernels path (model.kernels: fast, reference), side by side
-  memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at the
-           demo's width (4 heads of 16), to show memory linear in N
+  memory   window_attention and knn_attention (K = 16) forward + backward from N = 10k to 160k, at
+           the demo's width (4 heads of 16), to show memory linear in N
 
-Time: median of --repeats runs (as many as fit in a minute, at least one) after an untimed warm-up; a
-run over two minutes is timed once, without warm-up.
-Memory on the CPU: peak resident set of the child (getrusage ru_maxrss after resetting the high-water
-mark through /proc/self/clear_refs once the inputs exist); `peak` is the whole process, `work` is peak
-minus the resident set just before the measured calls. On CUDA: max_memory_allocated / reserved.
-The exponent of each row is the least-squares slope of log time over log N for N >= --fit-min.
+Time: median of --repeats runs (as many as fit in a minute, at least one) after an untimed warm-up;
+a run over two minutes is timed once, without warm-up.
+Memory on the CPU: peak resident set of the child (getrusage ru_maxrss after resetting the
+high-water mark through /proc/self/clear_refs once the inputs exist); `peak` is the whole process,
+`work` is peak minus the resident set just before the measured calls. On CUDA:
+max_memory_allocated / reserved. The exponent of each row is the least-squares slope of log time
+over log N for N >= --fit-min.
 """
 from __future__ import annotations
 
@@ -56,15 +58,18 @@ from losses import compute_loss
 from model import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parent
-H, D, W, LEVELS = 8, 32, 3, 4          # window part: 256 channels per call, as hist.yaml gives each window
-                                       # partition (d = 512, 4 heads of 64 each); w; pyramid levels
-MEMORY_HEADS = (4, 16)                 # memory part: heads, head dim of configs/default.yaml (d = 64)
+H, D, W, LEVELS = 8, 32, 3, 4          # window part: 256 channels per call, as hist.yaml gives each
+                                       # window partition (d = 512, 4 heads of 64 each); w; pyramid
+                                       # levels
+MEMORY_HEADS = (4, 16)                 # memory part: heads, head dim of
+                                       # configs/default.yaml (d = 64)
 # Largest N per row on this 23 GB, 2-core machine: dense (H, N, N) scores are 2 GiB at 8k; the edge
-# list's (pairs, H, D) gathers ~1 GiB each at 64k; window_attention forward + backward keeps ~7 MB and
-# hist.yaml training ~0.3 GB per 1k spots (64 MB with --set model.checkpoint=true); the demo's k-NN
-# stage is brute force, O(N^2). See --max-n.
+# list's (pairs, H, D) gathers ~1 GiB each at 64k; window_attention forward + backward keeps ~7 MB
+# and hist.yaml training ~0.3 GB per 1k spots (64 MB with --set model.checkpoint=true); the demo's
+# k-NN stage is brute force, O(N^2). See --max-n.
 MAX_N = "dense=8k,edge=64k,tessera=256k,hist.train=32k,default=64k"
-FEATURES = {"hist": (1024, 2000), "default": (64, 250)}  # (C, G): UNI-sized features / demo's synthetic
+# (C, G): UNI-sized features / demo's synthetic
+FEATURES = {"hist": (1024, 2000), "default": (64, 250)}
 
 
 def parse_n(s):
@@ -72,18 +77,20 @@ def parse_n(s):
     return int(float(s[:-1]) * {"k": 1e3, "m": 1e6}[s[-1]]) if s[-1] in "km" else int(s)
 
 
-# ---- synthetic slides -----------------------------------------------------------------------------
+# ---- synthetic slides ----------------------------------------------------------------------------
 def layout(kind, n, seed=0):
-    """(n, 2) float32 spot centres in micrometres on an irregular tissue footprint: 'visium' = hexagonal
-    grid of 100 um pitch, 'hd' = square grid of 8 um bins. The footprint is the n grid sites scoring best
-    on an elliptical distance plus a smooth random field, which gives a wavy, blobby outline."""
+    """(n, 2) float32 spot centres in micrometres on an irregular tissue footprint:
+    'visium' = hexagonal grid of 100 um pitch, 'hd' = square grid of 8 um bins. The footprint is the
+    n grid sites scoring best on an elliptical distance plus a smooth random field, which gives a
+    wavy, blobby outline."""
     g = torch.Generator().manual_seed(seed)
     hexagonal = kind == "visium"
     if kind not in ("visium", "hd"):
         raise ValueError(f"layout must be visium or hd, got {kind!r}")
     pitch, (hx, hy) = (100.0, (0.5, 3 ** 0.5 / 2)) if hexagonal else (8.0, (1.0, 1.0))
     side = math.sqrt(n / 0.5 * hx * hy * (2 if hexagonal else 1))      # tissue covers ~half the box
-    r, c = torch.meshgrid(torch.arange(int(side / hy) + 2), torch.arange(int(side / hx) + 2), indexing="ij")
+    r, c = torch.meshgrid(torch.arange(int(side / hy) + 2), torch.arange(int(side / hx) + 2),
+                          indexing="ij")
     if hexagonal:                                                      # hexagonal: (r + c) even
         r, c = r[(r + c) % 2 == 0], c[(r + c) % 2 == 0]
     xy = torch.stack([c.flatten() * hx, r.flatten() * hy], 1).float()  # (M, 2) in pitches
@@ -100,24 +107,27 @@ def sites_of(kind, n):
     return lattice.to_lattice(xy, lattice.default_unit(xy))
 
 
-# ---- the two common ways to compute the same window attention -------------------------------------
+# ---- the two common ways to compute the same window attention ------------------------------------
 def pair_list(rulebook):
-    """Every (query, key) pair sharing a window, with their slots: (qi, ki, slot_q, slot_k), each (E,)."""
+    """Every (query, key) pair sharing a window, with their slots: (qi, ki, slot_q, slot_k), each
+    (E,)."""
     both = (rulebook[:, :, None] >= 0) & (rulebook[:, None, :] >= 0)   # (W, S, S)
     w_, a, b = torch.nonzero(both, as_tuple=True)
     return rulebook[w_, a], rulebook[w_, b], a, b
 
 
 def edge_attention(q, k, v, qi, ki, sq, sk, bias):
-    """Attention over an explicit edge list, computed as graph libraries do (PyG TransformerConv with
-    utils.softmax): a score per (edge, head), a scatter max per query (detached), exp, a scatter sum
-    gathered back to normalise every edge, then the messages alpha * v_j summed per query.
-    q, k, v (N, H, D); qi, ki, sq, sk (E,) from pair_list; bias (H, S, S) -> (N, H, D)."""
+    """Attention over an explicit edge list, computed as graph libraries do (PyG TransformerConv
+    with utils.softmax): a score per (edge, head), a scatter max per query (detached), exp, a
+    scatter sum gathered back to normalise every edge, then the messages alpha * v_j summed per
+    query. q, k, v (N, H, D); qi, ki, sq, sk (E,) from pair_list; bias (H, S, S) -> (N, H, D)."""
     N, Hh, Dh = q.shape
     e = (q[qi] * k[ki]).sum(-1) / Dh ** 0.5 + bias[:, sq, sk].T             # (E, H)
-    m = e.new_full((N, Hh), float("-inf")).scatter_reduce(0, qi[:, None].expand_as(e), e.detach(), "amax")
+    m = e.new_full((N, Hh), float("-inf")).scatter_reduce(0, qi[:, None].expand_as(e),
+                                                          e.detach(), "amax")
     p = torch.exp(e - m[qi])
-    alpha = p / (p.new_zeros(N, Hh).index_add_(0, qi, p)[qi] + 1e-16)      # softmax over each query's edges
+    # softmax over each query's edges
+    alpha = p / (p.new_zeros(N, Hh).index_add_(0, qi, p)[qi] + 1e-16)
     return q.new_zeros(N, Hh, Dh).index_add_(0, qi, alpha[..., None] * v[ki])
 
 
@@ -130,13 +140,15 @@ def token_windows(rulebook, n):
 
 
 def dense_attention(q, k, v, win, slot, bias):
-    """Dense N x N attention with the windows as a mask and the bias spread over all pairs (H, N, N)."""
-    b = bias[:, slot[:, None], slot[None, :]].masked_fill(win[:, None] != win[None, :], float("-inf"))
-    t = lambda x: x.transpose(0, 1)                                         # (N, H, D) <-> (H, N, D)
+    """Dense N x N attention with the windows as a mask and the bias spread over all pairs (H, N,
+    N)."""
+    b = bias[:, slot[:, None], slot[None, :]].masked_fill(win[:, None] != win[None, :],
+                                                          float("-inf"))
+    t = lambda x: x.transpose(0, 1)  # (N, H, D) <-> (H, N, D)
     return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=b.to(q.dtype)))
 
 
-# ---- one measurement (runs in a child process) ----------------------------------------------------
+# ---- one measurement (runs in a child process) ---------------------------------------------------
 def no_grad(fn):
     def run():
         with torch.no_grad():
@@ -182,11 +194,14 @@ def _window_case(spec, dev):
     else:
         f = ours
     extra = {"pairs": int(((rulebook >= 0).sum(1) ** 2).sum())}
-    if impl != "tessera":  # agreement with window_attention in float32, output and all four gradients
+    # agreement with window_attention in float32, output and all four gradients
+    if impl != "tessera":
         def grads(fn):
             out = fn()
-            return [out.detach()] + list(torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
-        # largest difference relative to the largest magnitude of each tensor (BENCHMARKS.md's 1e-5 target)
+            return [out.detach()] + list(
+                torch.autograd.grad((out * v.detach()).sum(), (q, k, v, bias)))
+        # largest difference relative to the largest magnitude
+        # of each tensor (BENCHMARKS.md's 1e-5 target)
         extra["max_err"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1))
                                for a, b in zip(grads(f), grads(ours)))
     return (lambda: f().sum().backward()) if spec["mode"] == "fwd+bwd" else no_grad(f), extra
@@ -200,9 +215,11 @@ def _memory_case(spec, dev):
         book, cache = lattice.window_rulebook(sites_of(spec["layout"], n), W)[0].to(dev), {}
         kernels.window_batches(book, book, cache)
         bias = torch.randn(h, 4 * W * W, 4 * W * W, generator=g).to(dev).requires_grad_()
-        return lambda: kernels.window_attention(q, k, v, book, book, bias, cache=cache).sum().backward(), {}
-    # K = 16 keys per query: a band of row-major neighbours (local, like k-NN; memory does not depend on
-    # which keys, and attention.knn itself is brute force, O(N^2), too slow to build at 160k)
+        return lambda: kernels.window_attention(q, k, v, book, book, bias,
+                                                cache=cache).sum().backward(), {}
+    # K = 16 keys per query: a band of row-major neighbours (local, like k-NN; memory does not
+    # depend on which keys, and attention.knn itself is brute force, O(N^2), too slow to build at
+    # 160k)
     index = (torch.arange(n)[:, None] + torch.arange(-8, 8)).clamp(0, n - 1).to(dev)
     bias = torch.randn(h, n, 16, generator=g).to(dev).requires_grad_()
     return lambda: kernels.knn_attention(q, k, v, index, bias).sum().backward(), {}
@@ -214,9 +231,11 @@ def _step_case(spec, dev):
     C, G = FEATURES[spec["name"]]
     n, g = spec["n"], torch.Generator().manual_seed(0)
     xy = layout(spec["layout"], n)
-    features = torch.randn(n, C, generator=g).to(getattr(torch, spec.get("features_dtype", "float32")))
+    features = torch.randn(n, C, generator=g).to(
+        getattr(torch, spec.get("features_dtype", "float32")))
     b = {"features": features, "coords": xy, "unit": lattice.default_unit(xy)}
-    S = 4 ** cfg["model"]["sub_levels"]     # --set model.sub_levels=1: 2 x 2 sub-patch features per spot
+    # --set model.sub_levels=1: 2 x 2 sub-patch features per spot
+    S = 4 ** cfg["model"]["sub_levels"]
     if S > 1:
         b["sub_features"] = torch.randn(n, S, C, generator=g).to(features.dtype)
         b["sub_valid"] = torch.ones(n, S, dtype=torch.bool)
@@ -265,11 +284,13 @@ def _pyramid_case(spec, dev):
     return lambda: lattice.build_pyramid(lattice.to_lattice(xy, unit), LEVELS, W), {"unit_um": unit}
 
 
-CASES = {"pyramid": _pyramid_case, "window": _window_case, "step": _step_case, "memory": _memory_case}
+CASES = {"pyramid": _pyramid_case, "window": _window_case, "step": _step_case,
+         "memory": _memory_case}
 
 
 def run_case(spec):
-    """Build the inputs of one row, then time it and record its peak memory. Returns a dict of figures."""
+    """Build the inputs of one row, then time it and record its peak memory. Returns a dict of
+    figures."""
     dev = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -277,13 +298,15 @@ def run_case(spec):
     fn, extra = CASES[spec["part"]](spec, dev)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and spec["part"] in ("window", "memory"))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16,
+                         enabled=cuda and spec["part"] in ("window", "memory"))
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2 ** 20
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the set-up's freed heap back, so it is not reused
+        # hand the set-up's freed heap back, so it is not reused
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         try:  # reset the resident high-water mark so the peak is that of the measured calls
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -293,21 +316,24 @@ def run_case(spec):
     with amp:
         t, times = _timed(fn, spec["repeats"], sync)
     if cuda:
-        peak, reserved = torch.cuda.max_memory_allocated() / 2 ** 20, torch.cuda.max_memory_reserved() / 2 ** 20
+        peak, reserved = (torch.cuda.max_memory_allocated() / 2 ** 20,
+                          torch.cuda.max_memory_reserved() / 2 ** 20)
     else:
         peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
     if spec.get("flops") and spec["part"] == "step" and not cuda:
         extra = dict(extra, **flop_time(fn, torch.get_num_threads()))
         extra["x_flop"] = t / extra["flop_s"]
     return dict(spec, time_s=t, times=times, peak_mb=peak, base_mb=base, work_mb=peak - base,
-                reserved_mb=reserved, load=os.getloadavg()[0], **dict(extra, threads=torch.get_num_threads()))
+                reserved_mb=reserved, load=os.getloadavg()[0],
+                **dict(extra, threads=torch.get_num_threads()))
 
 
 def measure(spec, isolate=True):
     """run_case in a fresh `python bench.py --_child` process (isolate) or in this one."""
     if not isolate:
         return run_case(spec)
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)],
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child",
+                        json.dumps(spec)],
                        capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
@@ -315,7 +341,7 @@ def measure(spec, isolate=True):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-# ---- scaling fit and the table --------------------------------------------------------------------
+# ---- scaling fit and the table -------------------------------------------------------------------
 def fit_exponent(ns, ts):
     """Least-squares slope of log t over log n; None with fewer than two distinct n."""
     pts = [(math.log(n), math.log(t)) for n, t in zip(ns, ts) if t and t > 0]
@@ -326,15 +352,18 @@ def fit_exponent(ns, ts):
 
 
 def summarise(rows, fit_min):
-    """Add per-1k figures, the ratio to tessera's window_attention, and each row group's exponent."""
+    """Add per-1k figures, the ratio to tessera's window_attention, and each row group's
+    exponent."""
     group = lambda r: (r["part"], name_of(r), r["mode"], r["layout"])
     ok = [r for r in rows if "time_s" in r]
-    ref = {(r["mode"], r["layout"], r["n"]): r for r in ok if r["part"] == "window" and r["name"] == "tessera"}
+    ref = {(r["mode"], r["layout"], r["n"]): r for r in ok
+           if r["part"] == "window" and r["name"] == "tessera"}
     for r in ok:
         r["s_per_1k"], r["mb_per_1k"] = r["time_s"] / r["n"] * 1e3, r["work_mb"] / r["n"] * 1e3
         t = ref.get((r["mode"], r["layout"], r["n"])) if r["part"] == "window" else None
         if t:
-            r["time_ratio"], r["mem_ratio"] = r["time_s"] / t["time_s"], r["work_mb"] / max(t["work_mb"], 1e-9)
+            r["time_ratio"], r["mem_ratio"] = (r["time_s"] / t["time_s"],
+                                               r["work_mb"] / max(t["work_mb"], 1e-9))
     fits = {}
     for r in ok:
         if r["n"] >= fit_min:
@@ -352,8 +381,8 @@ def name_of(r):
 
 def table(rows, cuda=False):
     mem = ("alloc MB", "resv MB") if cuda else ("peak MB", "work MB")
-    head = ("part", "name", "mode", "layout", "N", "time s", "s/1k", *mem, "MB/1k", "x time", "x mem",
-            "max err", "exp", "GFLOP", "x flop")
+    head = ("part", "name", "mode", "layout", "N", "time s", "s/1k", *mem, "MB/1k",
+            "x time", "x mem", "max err", "exp", "GFLOP", "x flop")
     f = lambda x, p: "" if x is None else f"{x:.{p}g}"
     lines = [head]
     for r in rows:
@@ -373,8 +402,8 @@ def table(rows, cuda=False):
 def plan(args):
     """The rows to measure, in order; a row whose N is above its --max-n cap is left out."""
     specs, base = [], dict(device=args.device, repeats=args.repeats, mem_limit_gb=args.mem_limit_gb,
-                           threads=args.threads, overrides=args.overrides, features_dtype=args.features_dtype,
-                           flops=getattr(args, "flops", False))
+                           threads=args.threads, overrides=args.overrides,
+                           features_dtype=args.features_dtype, flops=getattr(args, "flops", False))
     fits = lambda key, n: n <= min(args.max_n.get(k, n) for k in (key, key.split(".")[0]))
     for part in args.parts:
         for kind in args.layouts:
@@ -384,7 +413,8 @@ def plan(args):
                                    for impl in ("tessera", "reference", "edge", "dense")],
                         "step": [(cfg, m) for cfg in args.configs
                                  for m in ("train", "infer") + (("grad",) if args.flops else ())],
-                        "memory": [("window_attention", "fwd+bwd"), ("knn_attention", "fwd+bwd")]}[part]
+                        "memory": [("window_attention", "fwd+bwd"),
+                                   ("knn_attention", "fwd+bwd")]}[part]
                 paths = args.kernels if part == "step" else [None]
                 specs += [dict(base, part=part, name=name, mode=mode, layout=kind, n=n,
                                **({"kernels": path} if path else {}))
@@ -428,14 +458,17 @@ def main(argv=None):
     ap.add_argument("--parts", type=words, default=["pyramid", "window", "step", "memory"])
     ap.add_argument("--configs", type=words, default=["hist", "default"])
     ap.add_argument("--flops", action="store_true",
-                    help="step part: also a `grad` row (forward, loss, backward) and, per step row, "
-                         "its FLOPs and the time they take at this machine's matmul rate (x flop)")
+                    help="step part: also a `grad` row (forward, loss, backward) and, "
+                         "per step row, its FLOPs and the time they take at this machine's matmul "
+                         "rate (x flop)")
     ap.add_argument("--kernels", type=words, default=["fast"],
                     help="step part: model.kernels paths to measure side by side (fast,reference)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for the step part, as train.py takes them (model.checkpoint=true)")
+                    help="config override for the step part, as train.py takes them "
+                         "(model.checkpoint=true)")
     ap.add_argument("--features-dtype", default="float32", choices=["float32", "float16"],
-                    help="step part: dtype of the slide's features (float16 = a float16 cache, as for Visium HD)")
+                    help="step part: dtype of the slide's features (float16 = a float16 cache, as "
+                         "for Visium HD)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads per child (default: threads.py's)")
@@ -448,12 +481,14 @@ def main(argv=None):
     ap.add_argument("--fit-min", type=parse_n, default=4000, help="smallest N in the exponent fits")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    ap.add_argument("--inprocess", action="store_true", help="measure in this process (fast; memory not isolated)")
+    ap.add_argument("--inprocess", action="store_true",
+                    help="measure in this process (fast; memory not isolated)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         spec = json.loads(args._child)
-        if spec["device"] == "cpu" and spec.get("mem_limit_gb"):  # fail with an error, not the OOM killer
+        # fail with an error, not the OOM killer
+        if spec["device"] == "cpu" and spec.get("mem_limit_gb"):
             limit = int(spec["mem_limit_gb"] * 2 ** 30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(run_case(spec)))
@@ -470,8 +505,10 @@ def main(argv=None):
     for spec in plan(args):
         rows.append(measure(spec, isolate=not args.inprocess))
         r = rows[-1]
-        print(f"[{time.time() - t0:7.1f}s] {r['part']} {name_of(r)} {r['mode']} {r['layout']} N={r['n']}: "
-              + (f"{r['time_s']:.4g} s, peak {r['peak_mb']:.0f} MB" if "time_s" in r else r["error"]),
+        print(f"[{time.time() - t0:7.1f}s] {r['part']} {name_of(r)} {r['mode']} {r['layout']} "
+              f"N={r['n']}: "
+              + (f"{r['time_s']:.4g} s, peak {r['peak_mb']:.0f} MB" if "time_s" in r
+                 else r["error"]),
               file=sys.stderr, flush=True)
     summarise(rows, args.fit_min)
     print(table(rows, cuda=args.device == "cuda"))
@@ -480,7 +517,8 @@ def main(argv=None):
                     threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
                     gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
         with outputs:
-            outputs.path(args.json.name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            outputs.path(args.json.name).write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 

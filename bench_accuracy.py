@@ -2,26 +2,37 @@
 
     python bench_accuracy.py                                   # every case, every model, 3 seeds
     python bench_accuracy.py --cases real-section --seeds 0 --models ridge_spatial hist
-    python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20   # any config, any override
-    python bench_accuracy.py --encoder my_module:my_encoder    # the real H&E cases with your encoder
+    python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20 \
+  # any config, any override
+    python bench_accuracy.py --encoder my_module:my_encoder \
+   # the real H&E cases with your encoder
     python bench_accuracy.py --report                          # the tables of what has run so far
-    python bench_accuracy.py --normalize --out runs/accuracy_norm   # targets per 10,000 counts of each spot
+    python bench_accuracy.py --normalize --out runs/accuracy_norm \
+  # targets per 10,000 counts of each spot
 
-Cases (targets: log1p counts of 250 genes, no smoothing; normalised by each spot's depth with --normalize):
-  real-section  the six her2st sections with an H&E image (patients B, C) through `hest.py embed --sub 2`
-                (the built-in encoder unless --encoder) and `import-hest`; leave one section out; the 250
+Cases (targets: log1p counts of 250 genes, no smoothing; \
+normalised by each spot's depth with --normalize):
+  real-section  the six her2st sections with an H&E image (patients B, C) through \
+`hest.py embed --sub 2`
+                (the built-in encoder unless --encoder) and `import-hest`; \
+leave one section out; the 250
                 genes of highest mean on each fold's training sections
   real-patient  the same caches, leave one patient out (train on B4 alone, or on C2-C6)
   weak, strong  real geometry and counts of all 36 sections (8 patients), stand-in features: the
-                log-normalised expression of the next 1,000 most expressed genes (disjoint from the 250
-                targets), standardised, projected to 32 dimensions by a fixed random matrix, plus per-spot
-                Gaussian noise of 2.0 (weak) or 0.5 (strong) times the signal, plus a per-section affine
+                log-normalised expression of the next 1,000 most expressed genes \
+(disjoint from the 250
+                targets), standardised, projected to 32 dimensions by a fixed random matrix, \
+plus per-spot
+                Gaussian noise of 2.0 (weak) or 0.5 (strong) times the signal, \
+plus a per-section affine
                 "stain" shift; leave one patient out
   nonlinear     as strong, but the projection passes a fixed random saturating layer first
                 (tanh of a gain-3 projection, then a second random projection), so that no linear
                 read-out of the features recovers the expression
-  noshift       as strong, without the per-section stain shift (per-slide standardisation has nothing to fix)
-Caches are built once under --cache. Every model is trained in-process, one thread, on the same folds;
+  noshift       as strong, without the per-section stain shift \
+(per-slide standardisation has nothing to fix)
+Caches are built once under --cache. Every model is trained in-process, one thread, \
+on the same folds;
 per held-out group the table gives the mean over seeds and the standard deviation over seeds.
 Results are appended to <out>/results.jsonl as each fold finishes, so a killed run continues.
 """
@@ -55,12 +66,14 @@ COMMON = ["run.threads=1", "eval.save_predictions=true", "data.synthetic=null", 
 NARROW = ["model.dim=64", "model.heads=2", "train.epochs=30", "train.lr=1e-3"]
 MODELS = {
     "ridge": ("ridge.yaml", []),
-    "ridge_spatial": ("ridge_spatial.yaml", []),                    # penalty and slide_norm chosen by the data
-    "ridge_spatial_fixed": ("ridge_spatial.yaml", ["model.ridge_cv=false", "model.slide_norm=false"]),
+    "ridge_spatial": ("ridge_spatial.yaml", []),  # penalty and slide_norm chosen by the data
+    "ridge_spatial_fixed": ("ridge_spatial.yaml",
+                            ["model.ridge_cv=false", "model.slide_norm=false"]),
     "ridge_spatial_norm": ("ridge_spatial.yaml", ["model.ridge_cv=false", "model.slide_norm=true"]),
     "mlp": ("mlp.yaml", ["train.epochs=30", "train.lr=1e-3"]),
-    "tessera": ("tessera.yaml", NARROW),                              # the network for your own data
-    "tessera_net": ("tessera.yaml", NARROW + ["model.spatial_start=false", "model.ood_fallback=false"]),  # its network alone
+    "tessera": ("tessera.yaml", NARROW),  # the network for your own data
+    "tessera_net": ("tessera.yaml", NARROW + ["model.spatial_start=false",
+                                              "model.ood_fallback=false"]),  # its network alone
     "hist": ("hist.yaml", NARROW),                                    # the papers' recipes
     "default": ("default.yaml", NARROW),
     "feast": ("feast.yaml", NARROW),
@@ -69,20 +82,25 @@ CLOSED_FORM = ["ridge", "ridge_spatial", "ridge_spatial_fixed", "ridge_spatial_n
 DETERMINISTIC = set(CLOSED_FORM)              # closed forms: one seed is every seed
 
 
-# ---- the caches -----------------------------------------------------------------------------------
+# ---- the caches ----------------------------------------------------------------------------------
 def build_real(her2st: Path, cache: Path, encoder: str | None = None) -> Path:
-    """The her2st sections with an H&E image, embedded with 2 x 2 sub-patches and imported (once)."""
-    name = "real" if encoder is None else "real-" + "".join(c if c.isalnum() else "_" for c in encoder)
+    """The her2st sections with an H&E image, embedded with 2 x 2 sub-patches and imported
+    (once)."""
+    name = ("real" if encoder is None
+            else "real-" + "".join(c if c.isalnum() else "_" for c in encoder))
     out = cache / name
     if not out.exists():
         feats = cache / (name + "_features")
         if not feats.exists():
-            hest.embed_patches(her2st / "patches", feats, encoder=encoder, sub=2, log=lambda m: None)
-        hest.import_hest(her2st / "st", feats, out, meta=her2st / "metadata.csv", log=lambda m: None)
+            hest.embed_patches(her2st / "patches", feats, encoder=encoder, sub=2,
+                               log=lambda m: None)
+        hest.import_hest(her2st / "st", feats, out, meta=her2st / "metadata.csv",
+                         log=lambda m: None)
     return out
 
 
-def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=1000, dim=32, seed=0) -> Path:
+def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=1000, dim=32,
+                  seed=0) -> Path:
     """One cache folder per stand-in case (skipped when it exists). Returns the folder."""
     noise, shift, saturate = STANDIN[case]
     out = cache / case
@@ -91,11 +109,12 @@ def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=
     meta = files.read_metadata(her2st / "metadata.csv")
     paths = sorted((her2st / "st").glob("*.h5ad"))
     totals = [hest._h5ad_gene_totals(p) for p in paths]
-    rank = sorted(data.shared_genes(totals), key=lambda g: (-sum(t[g] for t in totals), g))  # a total order
+    # a total order
+    rank = sorted(data.shared_genes(totals), key=lambda g: (-sum(t[g] for t in totals), g))
     targets, source = rank[:n_targets], rank[n_targets:n_targets + n_source]
     rng = np.random.default_rng(seed)
     proj = rng.normal(size=(n_source, dim)) / np.sqrt(n_source)
-    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)                    # the saturating layer's read-out
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)  # the saturating layer's read-out
     slides, signals = [], []
     for p in paths:
         h = files.read_h5ad(p, genes=targets + source)
@@ -106,7 +125,7 @@ def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=
     allx = np.concatenate(signals)
     mu, sd = allx.mean(0), allx.std(0) + 1e-6
 
-    def latent(x):                                                      # (N, dim), unit variance over all spots
+    def latent(x):  # (N, dim), unit variance over all spots
         z = ((x - mu) / sd) @ proj
         return np.tanh(3.0 * z / scale0) @ mix if saturate else z
 
@@ -117,13 +136,15 @@ def build_standin(her2st: Path, cache: Path, case: str, n_targets=250, n_source=
     for (sid, patient, h, xy), x in zip(slides, signals):
         signal = latent(x) / scale
         f = signal + noise * noise_rng.normal(size=signal.shape)
-        stain = np.eye(dim) + 0.2 * noise_rng.normal(size=(dim, dim)) / np.sqrt(dim)   # per-section stain
+        # per-section stain
+        stain = np.eye(dim) + 0.2 * noise_rng.normal(size=(dim, dim)) / np.sqrt(dim)
         gain, offset = np.exp(0.2 * noise_rng.normal(size=dim)), 0.5 * noise_rng.normal(size=dim)
         if shift:
             f = (f @ stain) * gain + offset
         data.write_slide(out / f"{sid}.h5", data.Slide(
-            slide_id=sid, features=torch.tensor(f, dtype=torch.float32), coords=torch.tensor(xy, dtype=torch.float32),
-            barcodes=h.barcodes, patient=patient, spot_pitch_um=200.0, encoder=f"standin-{case}",
+            slide_id=sid, features=torch.tensor(f, dtype=torch.float32),
+            coords=torch.tensor(xy, dtype=torch.float32), barcodes=h.barcodes, patient=patient,
+            spot_pitch_um=200.0, encoder=f"standin-{case}",
             counts=torch.tensor(h.counts[:, :n_targets]), genes=targets,
             library_size=torch.tensor(h.library_size, dtype=torch.float32)), overwrite=True)
     with data.atomic_path(out / "genes.txt") as tmp:
@@ -141,11 +162,13 @@ def groups(root: Path, case: str) -> dict[str, list[str]]:
     return out
 
 
-# ---- running the folds ----------------------------------------------------------------------------
-def run_one(name, config, overrides, root: Path, seed: int, test: list[str], out: Path, case: str) -> dict:
+# ---- running the folds ---------------------------------------------------------------------------
+def run_one(name, config, overrides, root: Path, seed: int, test: list[str], out: Path,
+            case: str) -> dict:
     """Train / fit one model on every slide but `test`, predict the `test` slides."""
     path = Path(config) if Path(config).exists() else Path(__file__).with_name("configs") / config
-    genes = [f"data.genes={root / 'genes.txt'}"] if (root / "genes.txt").exists() else ["data.genes={by: mean, n: 250}"]
+    genes = ([f"data.genes={root / 'genes.txt'}"] if (root / "genes.txt").exists()
+             else ["data.genes={by: mean, n: 250}"])
     cfg = train.load_config(path, COMMON + overrides + genes + [
         f"data.root={root}", f"train.seed={seed}", f"run.name={name}"])
     trainset = sorted(s.stem for s in data.list_slides(root) if s.stem not in test)
@@ -153,11 +176,13 @@ def run_one(name, config, overrides, root: Path, seed: int, test: list[str], out
     lines = []
     t0 = time.time()
     train.run_fold(0, trainset, sorted(test), cfg, root, run_dir, torch.device("cpu"), lines.append)
-    written = [files.read_predictions(f) for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
+    written = [files.read_predictions(f)
+               for f in sorted((run_dir / "fold_0" / "pred").glob("*.h5"))]
     pred = np.concatenate([f["pred"] for f in written])
     true = np.concatenate([f["true"] for f in written])
     return {"pcc_gene": evaluation.pcc_gene(pred, true),
-            "pcc_gene_slide": evaluation.pcc_gene_slide([f["pred"] for f in written], [f["true"] for f in written]),
+            "pcc_gene_slide": evaluation.pcc_gene_slide([f["pred"] for f in written],
+                                                        [f["true"] for f in written]),
             "beyond_range": float(pred.max() - true.max()),
             "seconds": time.time() - t0, "log": lines[-1] if lines else ""}
 
@@ -171,30 +196,37 @@ def per_group(rows, case, model) -> dict[str, list[float]]:
 
 
 def table(rows: list[dict], case: str, models, held) -> str:
-    """Markdown: per held-out group mean over seeds (std over seeds), the mean over groups, the largest std."""
+    """Markdown: per held-out group mean over seeds (std over seeds), the mean over groups, the
+    largest std."""
     what = (f"real H&E, held out by {REAL[case]}" if case in REAL else
-            f"stand-in features, noise {STANDIN[case][0]} x signal" + ("" if STANDIN[case][1] else ", no stain shift")
+            f"stand-in features, noise {STANDIN[case][0]} x signal"
+            + ("" if STANDIN[case][1] else ", no stain shift")
             + (", saturating" if STANDIN[case][2] else ""))
-    out = [f"**{case}** ({what})", "", "| model | seeds | mean pcc_gene | " + " | ".join(held) + " | largest seed std |",
+    out = [f"**{case}** ({what})", "",
+           "| model | seeds | mean pcc_gene | " + " | ".join(held) + " | largest seed std |",
            "|" + " --- |" * (len(held) + 4)]
     for m in models:
         got = per_group(rows, case, m)
         if not got:
             continue
         cell = [(number(np.mean(got[g]), 3) + (f" ± {number(np.std(got[g]), 3)}" if len(got[g]) > 1
-                                                and m not in DETERMINISTIC else "")) if g in got else "" for g in held]
+                                               and m not in DETERMINISTIC
+                                               else "")) if g in got else "" for g in held]
         means = [np.mean(got[g]) for g in held if g in got]
-        mean = number(np.mean(means), 3) + (f" ({len(means)} of {len(held)})" if len(means) < len(held) else "")
+        mean = (number(np.mean(means), 3)
+                + (f" ({len(means)} of {len(held)})" if len(means) < len(held) else ""))
         seeds = len({r["seed"] for r in rows if (r["level"], r["model"]) == (case, m)})
         out.append(f"| {m} | {'-' if m in DETERMINISTIC else seeds} | {mean} | " + " | ".join(cell)
                    + f" | {number(max(np.std(v) for v in got.values()), 3)} |")
     out.append("")
-    out += [line for m in models if m not in CLOSED_FORM for line in [against(rows, case, m, held)] if line]
+    out += [line for m in models if m not in CLOSED_FORM
+            for line in [against(rows, case, m, held)] if line]
     return "\n".join(out) + "\n"
 
 
 def against(rows, case, model, held) -> str:
-    """The acceptance figures of `model` against the best closed form (by mean over the groups both have)."""
+    """The acceptance figures of `model` against the best closed form (by mean over the groups both
+    have)."""
     a = per_group(rows, case, model)
     bases = {b: per_group(rows, case, b) for b in CLOSED_FORM}
     both = [g for g in held if g in a and all(g in v for v in bases.values() if v)]
@@ -204,28 +236,37 @@ def against(rows, case, model, held) -> str:
     best = max(bases, key=lambda b: np.mean([np.mean(bases[b][g]) for g in both]))
     diff = {g: np.mean(a[g]) - np.mean(bases[best][g]) for g in both}
     worst = min(both, key=diff.get)
-    return (f"- {model}: mean - {best} (best closed form) {np.mean([diff[g] for g in both]):+.3f} over {len(both)}; "
-            f"worst {worst} {diff[worst]:+.3f}; largest seed std {max(np.std(a[g]) for g in both):.3f} "
-            f"(seeds: {min(len(a[g]) for g in both)})")
+    return (f"- {model}: mean - {best} (best closed form) {np.mean([diff[g] for g in both]):+.3f} "
+            f"over {len(both)}; worst {worst} {diff[worst]:+.3f}; largest seed std "
+            f"{max(np.std(a[g]) for g in both):.3f} (seeds: {min(len(a[g]) for g in both)})")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--her2st", default="../shared/data/her2st", help="folder with st/*.h5ad, patches/ and metadata.csv")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--her2st", default="../shared/data/her2st",
+                   help="folder with st/*.h5ad, patches/ and metadata.csv")
     p.add_argument("--cache", default="caches/accuracy", help="where the caches are built once")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--cases", "--levels", nargs="+", default=CASES, choices=CASES)
-    p.add_argument("--encoder", help="module:callable for the real H&E cases (hest.py embed --encoder)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {list(MODELS)} or name=config.yaml")
-    p.add_argument("--set", nargs="*", default=[], metavar="MODEL:key=value", help="extra overrides for one model")
-    p.add_argument("--groups", "--patients", nargs="+", default=None, help="held-out groups (default: all)")
+    p.add_argument("--encoder",
+                   help="module:callable for the real H&E cases (hest.py embed --encoder)")
+    p.add_argument("--models", nargs="+", default=list(MODELS),
+                   help=f"any of {list(MODELS)} or name=config.yaml")
+    p.add_argument("--set", nargs="*", default=[], metavar="MODEL:key=value",
+                   help="extra overrides for one model")
+    p.add_argument("--groups", "--patients", nargs="+", default=None,
+                   help="held-out groups (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--report", action="store_true", help="only print the tables of <out>/results.jsonl")
-    p.add_argument("--normalize", action="store_true", help="targets log1p(counts / library size * 1e4)")
+    p.add_argument("--report", action="store_true",
+                   help="only print the tables of <out>/results.jsonl")
+    p.add_argument("--normalize", action="store_true",
+                   help="targets log1p(counts / library size * 1e4)")
     args = p.parse_args(argv)
     her2st = Path(args.her2st)
     if not (her2st / "metadata.csv").exists():
-        print(f"{her2st}: no her2st data (metadata.csv, st/*.h5ad); skipping the accuracy benchmark")
+        print(f"{her2st}: no her2st data (metadata.csv, st/*.h5ad); skipping the "
+              "accuracy benchmark")
         return None
     torch.set_num_threads(1)
     models = dict(MODELS)
@@ -234,7 +275,8 @@ def main(argv=None):
             name, config = m.split("=", 1)
             models[name] = (config, [])
         elif m not in models:
-            raise SystemExit(f"--models: unknown model {m!r}; expected one of {list(MODELS)} or name=config.yaml")
+            raise SystemExit(f"--models: unknown model {m!r}; expected one of {list(MODELS)} or "
+                             "name=config.yaml")
     names = [m.split("=", 1)[0] for m in args.models]
     for item in args.set:
         name, _, kv = item.partition(":")
@@ -244,14 +286,18 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "results.jsonl"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    rows = ([json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists()
+            else [])
     done = {(r["level"], r["model"], r["seed"], r["patient"]) for r in rows}
     if any(r.get("normalize", False) != args.normalize for r in rows):
-        raise SystemExit(f"{log_path}: holds results on {'raw' if args.normalize else 'normalised'} targets; "
-                         "use another --out (--normalize exactly when the results there are normalised)")
-    models = {n: (c, o + ["data.normalize=true"] if args.normalize else o) for n, (c, o) in models.items()}
+        raise SystemExit(f"{log_path}: holds results on "
+                         f"{'raw' if args.normalize else 'normalised'} targets; use another --out "
+                         "(--normalize exactly when the results there are normalised)")
+    models = {n: (c, o + ["data.normalize=true"] if args.normalize else o)
+              for n, (c, o) in models.items()}
     if args.report:
-        shown = list(dict.fromkeys(r["model"] for r in rows)) if args.models == list(MODELS) else names
+        shown = (list(dict.fromkeys(r["model"] for r in rows)) if args.models == list(MODELS)
+                 else names)
         for case in args.cases:
             held = args.groups or sorted({r["patient"] for r in rows if r["level"] == case})
             if held:

@@ -562,14 +562,17 @@ def largest_fitting(size, lo: int, hi: int, budget: float) -> int:
     return lo
 
 
-# ----------------------------------------------------------------------------- numeric values, block by block
+# ------------------------------------------------------------------- numeric values, block by block
 COUNT_KEYS = ("counts", "library_size", "expected", "sub_counts")
-FEATURE_KEYS = ("features", "pseudo_features", "sub_features", "embeddings", "sub_embeddings")  # (hest.py's names)
-# Features beyond this magnitude are refused: float16 caches hold at most 65504, patch embeddings are of
-# order 1-100, and the models standardise features with sums of squares in float32, where values near
-# 1e19 (and a slide's worth of values near 1e16) overflow to inf and make every prediction of the slide NaN.
+# (hest.py's names)
+FEATURE_KEYS = ("features", "pseudo_features", "sub_features", "embeddings", "sub_embeddings")
+# Features beyond this magnitude are refused: float16 caches hold at most 65504, patch embeddings
+# are of order 1-100, and the models standardise features with sums of squares in float32, where
+# values near 1e19 (and a slide's worth of values near 1e16) overflow to inf and make every
+# prediction of the slide NaN.
 FEATURE_BOUND = 1e6
-BLOCK = 1 << 24   # values per block when a dataset is checked from the file in blocks of rows (scan_slide)
+# values per block when a dataset is checked from the file in blocks of rows (scan_slide)
+BLOCK = 1 << 24
 
 def _bad(found: dict, name: str, mask: np.ndarray, offset: int) -> None:
     """Add a block's bad values to found[name] = [count, index of the first]."""
@@ -739,13 +742,15 @@ def write_predictions(path, pred, genes, barcodes, coords, true=None, slide_id=N
     # float32 directly, no float64 copy: (N, G) is 8 GB at 1M spots x 2,000 genes
     pred, coords = _array(pred, np.float32), _array(coords, np.float32)
     n, g = pred.shape
-    extra = {k: None if v is None else _array(v, np.float32) for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
+    extra = {k: None if v is None else _array(v, np.float32)
+             for k, v in (("true", true), ("std", std), ("lower", lower), ("upper", upper))}
     found = {"genes": (len(genes),), "barcodes": (len(barcodes),), "coords": coords.shape,
              **{k: (n, g) if v is None else v.shape for k, v in extra.items()},
              "n_models": (g,) if n_models is None else np.shape(n_models)}
-    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g), "n_models": (g,),
-                "lower": (n, g), "upper": (n, g)}
-    problems = [f"{k} has shape {found[k]}, expected {expected[k]}" for k in found if found[k] != expected[k]]
+    expected = {"genes": (g,), "barcodes": (n,), "coords": (n, 2), "true": (n, g), "std": (n, g),
+                "n_models": (g,), "lower": (n, g), "upper": (n, g)}
+    problems = [f"{k} has shape {found[k]}, expected {expected[k]}" for k in found
+                if found[k] != expected[k]]
     if (lower is None) != (upper is None) or (lower is not None) != (interval is not None):
         problems.append("lower, upper and interval go together")
     if problems:
@@ -777,12 +782,15 @@ def read_predictions(path) -> dict:
     with open_h5(path, "prediction file") as f:
         need, get = (lambda k: dataset(path, f, k)), (lambda k: f[k][:] if k in f else None)
         try:  # a truncated or damaged file fails while its data are read
-            return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)), "pred": need("pred")[:],
-                    "genes": list(need("genes").asstr()[:]), "barcodes": need("barcodes").asstr()[:].astype(str),
-                    "coords": need("coords")[:], "true": get("true"), "std": get("std"), "n_models": get("n_models"),
-                    "lower": get("lower"), "upper": get("upper"), "interval": f.attrs.get("interval"),
+            return {"slide_id": str(f.attrs.get("slide_id", Path(path).stem)),
+                    "pred": need("pred")[:], "genes": list(need("genes").asstr()[:]),
+                    "barcodes": need("barcodes").asstr()[:].astype(str),
+                    "coords": need("coords")[:], "true": get("true"), "std": get("std"),
+                    "n_models": get("n_models"), "lower": get("lower"), "upper": get("upper"),
+                    "interval": f.attrs.get("interval"),
                     "ridge_alone": bool(f.attrs.get("ridge_alone", False)),
-                    "levels": {int(n[6:]): {k: f[n][k][:] for k in f[n]} for n in f if n.startswith("level_")}}
+                    "levels": {int(n[6:]): {k: f[n][k][:] for k in f[n]} for n in f
+                               if n.startswith("level_")}}
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: expected a readable prediction file, found: {e}") from None
 
@@ -793,8 +801,10 @@ def missing_test_slides(run, fold) -> str:
     folds.json."""
     record, k, pred = Path(run) / "folds.json", int(Path(fold).name[5:]), Path(fold) / "pred"
     folds = json.loads(record.read_text())["folds"] if record.exists() else []
-    lost = [s for s in (folds[k]["test"] if k < len(folds) else []) if not (pred / f"{s}.h5").exists()]
-    return f"{pred}: no prediction file of test slide(s) {listed(lost, 8)} (folds.json)" if lost else ""
+    lost = [s for s in (folds[k]["test"] if k < len(folds) else [])
+            if not (pred / f"{s}.h5").exists()]
+    return (f"{pred}: no prediction file of test slide(s) {listed(lost, 8)} (folds.json)" if lost
+            else "")
 
 
 class CSR(NamedTuple):
@@ -810,7 +820,8 @@ def _h5ad_put(group, key, value) -> None:
     matrices, string arrays, string and numeric scalars, dicts as groups."""
     if isinstance(value, CSR):
         sub = group.create_group(key)
-        sub.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": value.shape})
+        sub.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                          "shape": value.shape})
         sub["data"], sub["indices"], sub["indptr"] = value.data, value.indices, value.indptr
     elif isinstance(value, dict):
         sub = group.create_group(key)
@@ -831,8 +842,8 @@ def _h5ad_put(group, key, value) -> None:
         group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None, uns=None, obs=None,
-               lower=None, upper=None) -> None:
+def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_models=None,
+               uns=None, obs=None, lower=None, upper=None) -> None:
     """An AnnData file (h5py only) that anndata.read_h5ad, scanpy and squidpy open: X = predicted
     expression (N, G), layers `std` / `true` / `lower` / `upper` (an interval; its level in `uns`)
     when given, obs index = barcodes (columns `obs`, a dict of (N,) arrays), var index = genes
@@ -840,11 +851,14 @@ def write_h5ad(path, pred, genes, barcodes, coords, std=None, true=None, n_model
     strings, numbers and arrays (uns['spatial']: `visium_spatial`)."""
     write_anndata(path, _array(pred, np.float32), barcodes, genes, obs=obs,
                   var={} if n_models is None else {"n_models": n_models},
-                  layers={k: _array(v, np.float32) for k, v in dict(std=std, true=true, lower=lower, upper=upper).items() if v is not None},
+                  layers={k: _array(v, np.float32)
+                          for k, v in dict(std=std, true=true, lower=lower, upper=upper).items()
+                          if v is not None},
                   obsm={"spatial": _array(coords, np.float32)}, uns=uns)
 
 
-def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None, obsm=None, uns=None) -> None:
+def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None, obsm=None,
+                  uns=None) -> None:
     """An AnnData file, h5py only: X (an array or a CSR), obs / var dataframes (index + numeric
     columns), layers, obsm, uns (dicts of arrays, strings and numbers)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -852,25 +866,27 @@ def write_anndata(path, X, obs_names, var_names, obs=None, var=None, layers=None
         _h5ad_put(f, "X", X)
         for name, index, columns in (("obs", obs_names, obs or {}), ("var", var_names, var or {})):
             frame = f.create_group(name)
-            frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index"})
+            frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
+                                "_index": "_index"})
             frame.attrs.create("column-order", np.array(list(columns), dtype=object),
                                dtype=h5py.string_dtype("utf-8"))
             _h5ad_put(frame, "_index", np.array([str(x) for x in index], dtype=object))
             for k, v in columns.items():
                 _h5ad_put(frame, k, np.asarray(v))
-        for name, value in (("layers", layers or {}), ("obsm", obsm or {}), ("uns", uns or {}), ("obsp", {}),
-                            ("varm", {}), ("varp", {})):
+        for name, value in (("layers", layers or {}), ("obsm", obsm or {}), ("uns", uns or {}),
+                            ("obsp", {}), ("varm", {}), ("varp", {})):
             _h5ad_put(f, name, value)
 
 
-# ----------------------------------------------------------------------------- AnnData reading (h5py only)
+# ---------------------------------------------------------------------- AnnData reading (h5py only)
 
 @dataclass
 class H5ad:
     counts: np.ndarray              # (N, G) float32, the requested genes in the requested order
     barcodes: np.ndarray            # (N,) str, the obs index
     genes: list[str]                # (G,)
-    xy: np.ndarray | None           # (N, 2) float64 spot centres in full-resolution pixels, x then y
+    xy: np.ndarray | None           # (N, 2) float64 spot centres in
+                                    # full-resolution pixels, x then y
     obs: dict[str, np.ndarray]      # obs columns (categoricals decoded; missing entries None)
     library_size: np.ndarray        # (N,) float64 total counts over all genes of the file
 
@@ -912,7 +928,7 @@ def h5ad_array(f, node):
         else:
             raise CacheError(f"{f.filename}: key '{node.name}': expected an array or categorical, "
                              f"found encoding '{_enc(node)}'")
-    elif "categories" in node.attrs:                                 # anndata < 0.8: codes + reference
+    elif "categories" in node.attrs:  # anndata < 0.8: codes + reference
         codes, cats = node[()], h5ad_array(f, f[node.attrs["categories"]])
     elif h5py.check_string_dtype(node.dtype) or node.dtype.kind == "S":
         return h5_strings(node)
@@ -937,7 +953,8 @@ def h5ad_frame(f, key) -> tuple[np.ndarray, dict]:
         fail(f.filename, key, "a dataframe group (anndata >= 0.7)",
              "a dataset (re-save with a newer anndata)")
     index = text_attr(g, "_index", "_index")
-    cols = {k: h5ad_array(f, h5_node(f.filename, g, k)) for k in g if k not in (index, "__categories")}
+    cols = {k: h5ad_array(f, h5_node(f.filename, g, k)) for k in g
+            if k not in (index, "__categories")}
     names = h5ad_array(f, _member(f, g, index))
     if names.ndim != 1 or any(v is None for v in names):
         fail(f.filename, f"{key}/{index}", "one name per row", "missing or nested names")

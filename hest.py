@@ -1,9 +1,9 @@
-"""HEST-1k to slide caches: the placeholder patch encoder, the import, and the binning of square grids
-and cell tables (the h5ad reader is files.py's).
+"""HEST-1k to slide caches: the placeholder patch encoder, the import, and the binning of square
+grids and cell tables (the h5ad reader is files.py's).
 
     python hest.py embed --patches DIR --out DIR [--encoder module:callable] [--sub 2|4]
-    python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV] [--genes FILE | --max-genes N]
-                               [--dataset hist:brain] [--harmonise]
+    python hest.py import-hest --st DIR --features DIR --out DIR [--meta CSV]
+                               [--genes FILE | --max-genes N] [--dataset hist:brain] [--harmonise]
     python hest.py bin --slides DIR --factor 2|4 --out DIR
     python hest.py bin --cells FILE.h5ad --bin-um 8 --out DIR [--pixel-size UM]
 """
@@ -42,28 +42,33 @@ STAINS = F.normalize(torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]]
 @torch.no_grad()
 def patch_statistics(images: torch.Tensor) -> torch.Tensor:
     """The built-in placeholder encoder: uint8 (B, H, W, 3) RGB patches -> (B, 48) float32 features.
-    Eight maps at half resolution (R, G, B, haematoxylin and eosin optical density, gradient magnitude,
-    nuclei mask, background mask) summarised over the whole patch and over 2x2 and 4x4 grids of
-    sub-patches (HiFusion's intra-spot hierarchy): whole-patch mean and std, then per grid the mean std
-    inside a sub-patch (texture) and the std of the sub-patch means (heterogeneity). A weak stand-in
-    for a pathology foundation model; any callable with this signature can replace it (`--encoder`)."""
-    x = F.avg_pool2d(images.permute(0, 3, 1, 2).float(), 2) / 255                    # (B, 3, H/2, W/2)
-    od = -torch.log((x * 255 + 1) / 256)                                              # Beer-Lambert optical density
+    Eight maps at half resolution (R, G, B, haematoxylin and eosin optical density, gradient
+    magnitude, nuclei mask, background mask) summarised over the whole patch and over 2x2 and 4x4
+    grids of sub-patches (HiFusion's intra-spot hierarchy): whole-patch mean and std, then per grid
+    the mean std inside a sub-patch (texture) and the std of the sub-patch means (heterogeneity). A
+    weak stand-in for a pathology foundation model; any callable with this signature can replace it
+    (`--encoder`)."""
+    x = F.avg_pool2d(images.permute(0, 3, 1, 2).float(), 2) / 255  # (B, 3, H/2, W/2)
+    od = -torch.log((x * 255 + 1) / 256)  # Beer-Lambert optical density
     stains = torch.einsum("bchw,sc->bshw", od, STAINS)                                # (B, 2, h, w)
     gray = x.mean(1, keepdim=True)
-    grad = (F.pad(gray.diff(dim=3), (0, 1)) ** 2 + F.pad(gray.diff(dim=2), (0, 0, 0, 1)) ** 2).sqrt()
-    maps = torch.cat([x, stains, grad, (stains[:, :1] > 0.5).float(), (gray > 0.85).float()], 1)  # (B, 8, h, w)
-    cells = F.adaptive_avg_pool2d(torch.cat([maps, maps ** 2], 1), 4)               # (B, 16, 4, 4) moments
+    grad = (F.pad(gray.diff(dim=3), (0, 1)) ** 2
+            + F.pad(gray.diff(dim=2), (0, 0, 0, 1)) ** 2).sqrt()
+    # (B, 8, h, w)
+    maps = torch.cat([x, stains, grad, (stains[:, :1] > 0.5).float(), (gray > 0.85).float()], 1)
+    cells = F.adaptive_avg_pool2d(torch.cat([maps, maps ** 2], 1), 4)  # (B, 16, 4, 4) moments
     feats = []
     for grid in (1, 2, 4):
-        m = F.avg_pool2d(cells, 4 // grid)                                            # (B, 16, grid, grid)
+        m = F.avg_pool2d(cells, 4 // grid)  # (B, 16, grid, grid)
         mean, std = m[:, :8], (m[:, 8:] - m[:, :8] ** 2).clamp_min(0).sqrt()
-        feats += [mean.flatten(1), std.flatten(1)] if grid == 1 else [std.mean((2, 3)), mean.flatten(2).std(2)]
+        feats += ([mean.flatten(1), std.flatten(1)] if grid == 1
+                  else [std.mean((2, 3)), mean.flatten(2).std(2)])
     return torch.cat(feats, 1)                                                        # (B, 48)
 
 
 def load_encoder(spec: str | None):
-    """'module:callable' (importable from the current folder) -> the callable; None -> patch_statistics."""
+    """'module:callable' (importable from the current folder) -> the callable;
+    None -> patch_statistics."""
     if not spec:
         return patch_statistics
     module, _, name = spec.partition(":")
@@ -73,14 +78,16 @@ def load_encoder(spec: str | None):
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--encoder {spec}: expected an importable module:callable, found: {e}") from None
+        raise ValueError(
+            f"--encoder {spec}: expected an importable module:callable, found: {e}") from None
     if not callable(fn):
         raise ValueError(f"--encoder {spec}: expected a callable, found {type(fn).__name__}")
     return fn
 
 
 def encode(fn, images: torch.Tensor, spec: str | None, path) -> torch.Tensor:
-    """fn(images) as (B, C) float32, checked: one finite row per image (an encoder's mistake named with it)."""
+    """fn(images) as (B, C) float32, checked: one finite row per image (an encoder's mistake named
+    with it)."""
     name = spec or "tessera-patch-statistics"
     try:
         out = torch.as_tensor(fn(images)).float()
@@ -88,12 +95,12 @@ def encode(fn, images: torch.Tensor, spec: str | None, path) -> torch.Tensor:
         raise ValueError(f"{path}: --encoder {name}: failed on a batch of {len(images)} patches of "
                          f"{tuple(images.shape[1:3])} pixels: {type(e).__name__}: {e}") from None
     if out.ndim != 2 or len(out) != len(images):
-        raise ValueError(f"{path}: --encoder {name}: expected ({len(images)}, C) features for {len(images)} "
-                         f"patches, found shape {tuple(out.shape)}")
+        raise ValueError(f"{path}: --encoder {name}: expected ({len(images)}, C) features for "
+                         f"{len(images)} patches, found shape {tuple(out.shape)}")
     bad = ~torch.isfinite(out)
     if bad.any():
-        raise ValueError(f"{path}: --encoder {name}: expected finite features, found {int(bad.sum())} NaN or "
-                         f"inf values in a batch of {len(images)} patches")
+        raise ValueError(f"{path}: --encoder {name}: expected finite features, found "
+                         f"{int(bad.sum())} NaN or inf values in a batch of {len(images)} patches")
     return out
 
 
@@ -114,7 +121,8 @@ def _check_patch_file(path, f, sub: int, builtin: bool = True) -> None:
     if img.ndim != 4 or img.shape[3] != 3 or img.dtype != np.uint8:
         fail(path, "img", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
     if sub and (img.shape[1] % sub or img.shape[2] % sub or img.shape[1] != img.shape[2]):
-        fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal (sub-spots tile a square)",
+        fail(path, "img", f"patches whose height and width divide by --sub {sub} and are equal "
+                          "(sub-spots tile a square)",
              f"shape {img.shape}")
     side = 2 * max(sub, 1)
     if builtin and min(img.shape[1:3]) < side:
@@ -123,18 +131,20 @@ def _check_patch_file(path, f, sub: int, builtin: bool = True) -> None:
     if coords.shape != (len(img), 2):
         fail(path, "coords", f"shape ({len(img)}, 2), one row per patch", f"shape {coords.shape}")
     if barcode.shape not in ((len(img),), (len(img), 1)):
-        fail(path, "barcode", f"shape ({len(img)},) or ({len(img)}, 1), one per patch", f"shape {barcode.shape}")
+        fail(path, "barcode", f"shape ({len(img)},) or ({len(img)}, 1), one per patch",
+             f"shape {barcode.shape}")
 
 
 def embed_patches(patches_dir, out_dir, encoder: str | None = None, batch_size: int = 128,
                   overwrite: bool = False, log=print, sub: int = 0) -> list[Path]:
     """HEST patch files <id>.h5 (`img` (N, H, W, 3) uint8, `coords` (N, 2), `barcode` (N, 1)) -> one
     HEST-Benchmark embedding file <id>.h5 per slide (`embeddings`, `coords` copied, `barcodes`).
-    `encoder` is 'module:callable' for your own encoder: it is called on uint8 tensors (B, H, W, 3) and
-    returns (B, C) floats (e.g. a foundation model wrapped with its own resizing and normalisation);
-    None uses the built-in patch_statistics. `sub` = 2 or 4 also embeds the r x r sub-patches of every
-    patch with the same encoder (HiFusion's intra-spot hierarchy): `sub_embeddings` (N, r*r, C) in
-    sub_patches order, and the attribute `patch_size_px` (W) from which import-hest derives sub_extent_um."""
+    `encoder` is 'module:callable' for your own encoder: it is called on uint8 tensors (B, H, W, 3)
+    and returns (B, C) floats (e.g. a foundation model wrapped with its own resizing and
+    normalisation); None uses the built-in patch_statistics. `sub` = 2 or 4 also embeds the r x r
+    sub-patches of every patch with the same encoder (HiFusion's intra-spot hierarchy):
+    `sub_embeddings` (N, r*r, C) in sub_patches order, and the attribute `patch_size_px` (W) from
+    which import-hest derives sub_extent_um."""
     fn, written = load_encoder(encoder), []
     paths = inputs(patches_dir, "HEST patch files")
     if batch_size < 1:
@@ -213,39 +223,46 @@ def _embed_file(path, outputs, fn, encoder, batch_size, sub, log) -> Path:
 # ----------------------------------------------------------------------------- HEST import
 
 def _check_embedding_file(path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A HEST-Benchmark embedding file, checked without holding it: `embeddings` (N, C) finite and within
-    files.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords` (N, 2) and
-    `sub_embeddings` (N, S, C). Returns (barcodes, coords or None) for _check_positions."""
+    """A HEST-Benchmark embedding file, checked without holding it: `embeddings` (N, C) finite and
+    within files.FEATURE_BOUND, `barcodes` (or `barcode`) (N,) or (N, 1) unique, optional `coords`
+    (N, 2) and `sub_embeddings` (N, S, C). Returns (barcodes, coords or None) for
+    _check_positions."""
     with open_h5(path) as f:
         emb = dataset(path, f, "embeddings", "a dataset (HEST-Benchmark embedding file)")
-        barcodes = h5_strings(dataset(path, f, "barcodes" if "barcodes" in f or "barcode" not in f else "barcode",
-                                      "a dataset (HEST-Benchmark embedding file)")).reshape(-1)
+        barcodes = h5_strings(dataset(
+            path, f, "barcodes" if "barcodes" in f or "barcode" not in f else "barcode",
+            "a dataset (HEST-Benchmark embedding file)")).reshape(-1)
         if emb.ndim != 2 or len(emb) != len(barcodes):
-            fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode", f"shape {emb.shape}")
+            fail(path, "embeddings", f"shape ({len(barcodes)}, C), one row per barcode",
+                 f"shape {emb.shape}")
         if len(set(barcodes)) < len(barcodes):
-            fail(path, "barcodes", "unique barcodes", f"{len(barcodes) - len(set(barcodes))} duplicates")
+            fail(path, "barcodes", "unique barcodes",
+                 f"{len(barcodes) - len(set(barcodes))} duplicates")
         check_values(path, "embeddings", emb)
         if "sub_embeddings" in f:
             sub = dataset(path, f, "sub_embeddings")
             if sub.ndim != 3 or sub.shape[0] != len(emb) or sub.shape[2] != emb.shape[1]:
-                fail(path, "sub_embeddings", f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'",
+                fail(path, "sub_embeddings",
+                     f"shape ({len(emb)}, S, {emb.shape[1]}) beside 'embeddings'",
                      f"shape {sub.shape}")
             check_values(path, "sub_embeddings", sub)
         coords = None
         if "coords" in f:
             coords = dataset(path, f, "coords")[()]
             if coords.shape != (len(emb), 2):
-                fail(path, "coords", f"shape ({len(emb)}, 2), one row per barcode", f"shape {coords.shape}")
+                fail(path, "coords", f"shape ({len(emb)}, 2), one row per barcode",
+                     f"shape {coords.shape}")
     return barcodes, coords
 
 
 def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None, float]:
-    """A HEST-Benchmark embedding file that _check_embedding_file accepted: `embeddings` (N, C), `barcodes`,
-    optional `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes, encoder, sub,
-    patch_size_px)."""
+    """A HEST-Benchmark embedding file that _check_embedding_file accepted: `embeddings` (N, C),
+    `barcodes`, optional `sub_embeddings` (N, S, C) and attribute patch_size_px; -> (emb, barcodes,
+    encoder, sub, patch_size_px)."""
     with open_h5(path) as f:
         emb = f["embeddings"][()]
-        barcodes = h5_strings(f["barcodes" if "barcodes" in f or "barcode" not in f else "barcode"]).reshape(-1)
+        barcodes = h5_strings(
+            f["barcodes" if "barcodes" in f or "barcode" not in f else "barcode"]).reshape(-1)
         encoder = text_attr(f, "encoder", Path(path).parent.name)
         sub = f["sub_embeddings"][()] if "sub_embeddings" in f else None
         patch_px = float(f.attrs.get("patch_size_px", float("nan")))
@@ -253,7 +270,8 @@ def _read_embeddings(path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | No
 
 
 def _h5ad_gene_totals(path, harmonise: bool = False) -> dict[str, float]:
-    """Total counts per gene of one h5ad, straight from the sparse arrays (harmonised names summed)."""
+    """Total counts per gene of one h5ad, straight from the sparse arrays (harmonised names
+    summed)."""
     with open_h5(path, "AnnData file") as f:
         genes, _ = h5ad_frame(f, "var")
         _, cols, values, _ = h5ad_matrix(f)
@@ -271,11 +289,12 @@ def _h5ad_gene_names(path, harmonise: bool = False) -> set[str]:
 
 
 def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
-    """The embedding file belongs to the expression file: for the barcodes both have, the patch centres
-    (`coords`, pixels) sit where the spots are, up to one shift for the whole slide (HEST stores a
-    patch's corner, half a patch from the spot). Barcodes repeat across Visium slides, so a swapped
-    pair of files still joins; their positions do not. Refused when over 1% of the shared spots are off
-    by more than a quarter of the spot spacing (files without `coords` are not checked)."""
+    """The embedding file belongs to the expression file: for the barcodes both have, the patch
+    centres (`coords`, pixels) sit where the spots are, up to one shift for the whole slide (HEST
+    stores a patch's corner, half a patch from the spot). Barcodes repeat across Visium slides, so a
+    swapped pair of files still joins; their positions do not. Refused when over 1% of the shared
+    spots are off by more than a quarter of the spot spacing (files without `coords` are not
+    checked)."""
     if coords is None:
         return
     coords = np.asarray(coords, dtype=np.float64)
@@ -294,23 +313,26 @@ def _check_positions(emb_path, st_path, emb_barcodes, coords) -> None:
     spacing = lattice.median_nn_distance(torch.from_numpy(xy[spot]))
     far = off > max(0.25 * spacing, 1.0)
     if far.mean() > 0.01:
-        fail(emb_path, "coords", f"the patch positions of the spots of {st_path} (the same barcodes at the same "
-             "places, up to one shift)", f"{int(far.sum())} of {len(both)} shared barcodes elsewhere, up to "
-             f"{off.max():.0f} px off (spot spacing {spacing:.0f} px): embedding files swapped between slides?")
+        fail(emb_path, "coords",
+             f"the patch positions of the spots of {st_path} (the same barcodes at the same "
+             "places, up to one shift)",
+             f"{int(far.sum())} of {len(both)} shared barcodes elsewhere, up to "
+             f"{off.max():.0f} px off (spot spacing {spacing:.0f} px): embedding files swapped "
+             "between slides?")
 
 
 def _check_import(pairs, wanted, genes_source, harmonise: bool) -> None:
     """Before the first file is written: every expression file passes read_h5ad's checks (its
-    sparse arrays, counts, centres and names), every slide keeps a gene, every embedding file is whole
-    (_check_embedding_file) and its patches lie on its expression file's spots."""
+    sparse arrays, counts, centres and names), every slide keeps a gene, every embedding file is
+    whole (_check_embedding_file) and its patches lie on its expression file's spots."""
     for p, st in pairs:
         read_h5ad(st, genes=[], rename=harmonise_gene_names if harmonise else None,
                   counts=True)                  # its arrays, counts, centres and names
         if wanted is not None:
             have = _h5ad_gene_names(st, harmonise)
             if not any(g in have for g in wanted):
-                raise CacheError(f"{genes_source}: expected genes that {st} has, found none of the {len(wanted)} "
-                                 f"({listed(wanted)}): the cache would have 0 genes")
+                raise CacheError(f"{genes_source}: expected genes that {st} has, found none of the "
+                                 f"{len(wanted)} ({listed(wanted)}): the cache would have 0 genes")
         _check_positions(p, st, *_check_embedding_file(p))
 
 
@@ -334,16 +356,18 @@ def skipped(pairs, st_dir, features_dir, table: dict, log, every_section: bool =
 
 
 def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes: int | None = None,
-                overwrite: bool = False, log=print, dataset: str | None = None, harmonise: bool = False) -> list[Path]:
-    """HEST-1k `st/<id>.h5ad` + HEST-Benchmark embedding files `<id>.h5` -> slide caches `<out>/<id>.h5`.
-    Spots are joined by barcode (one line per slide reports the unmatched); centres come from the h5ad
-    and become micrometres with the metadata's pixel_size_um_estimated; patient from its `patient`
-    column (else the slide id); pitch from inter_spot_dist. All genes are kept unless `genes` (a gene
-    list file) or `max_genes` (top by total counts over all slides) restricts them; library_size is
-    always the total over all genes. `dataset` ('hist:brain') imports exactly the slides a paper lists
-    (configs/protocols/<paper>_slides.yaml) and refuses, before writing anything, if any is missing;
-    `harmonise` applies HiST's gene-name harmonisation (read_h5ad). `sub_embeddings` (embed --sub) become
-    sub_features, with sub_extent_um = patch_size_px x the pixel size."""
+                overwrite: bool = False, log=print, dataset: str | None = None,
+                harmonise: bool = False) -> list[Path]:
+    """HEST-1k `st/<id>.h5ad` + HEST-Benchmark embedding files `<id>.h5` -> slide caches
+    `<out>/<id>.h5`. Spots are joined by barcode (one line per slide reports the unmatched); centres
+    come from the h5ad and become micrometres with the metadata's pixel_size_um_estimated; patient
+    from its `patient` column (else the slide id); pitch from inter_spot_dist. All genes are kept
+    unless `genes` (a gene list file) or `max_genes` (top by total counts over all slides) restricts
+    them; library_size is always the total over all genes. `dataset` ('hist:brain') imports exactly
+    the slides a paper lists (configs/protocols/<paper>_slides.yaml) and refuses, before writing
+    anything, if any is missing; `harmonise` applies HiST's gene-name harmonisation (read_h5ad).
+    `sub_embeddings` (embed --sub) become sub_features, with sub_extent_um = patch_size_px x the
+    pixel size."""
     if max_genes is not None and max_genes < 1:
         raise ValueError(f"--max-genes: expected an integer >= 1, found {max_genes}")
     table = read_metadata(meta) if meta else {}
@@ -353,8 +377,9 @@ def import_hest(st_dir, features_dir, out_dir, meta=None, genes=None, max_genes:
         have = {p.stem for p, st in pairs if st.exists()}
         missing = [s for s in ids if s not in have]
         if missing:
-            raise CacheError(f"{listing}: {dataset}: {len(missing)} of {len(ids)} slides have no embedding file in "
-                             f"{features_dir} or no expression file in {st_dir}: {listed(missing, 20)}")
+            raise CacheError(f"{listing}: {dataset}: {len(missing)} of {len(ids)} slides have no "
+                             f"embedding file in {features_dir} or no expression file in {st_dir}: "
+                             f"{listed(missing, 20)}")
         pairs = [(p, st) for p, st in pairs if p.stem in set(ids)]
     if not pairs:
         raise FileNotFoundError(f"{features_dir}: expected embedding files *.h5, found none")
@@ -431,16 +456,17 @@ def _import_one(p, st, outputs, table, meta, wanted, harmonise, overwrite, log) 
 # ----------------------------------------------------------------------------- binning square grids
 
 def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
-    """A slide whose spots lie on a square grid (Visium HD bins, legacy ST) -> the slide at `factor` (2 or
-    4) times the pitch. The grid is the lattice with unit = the pitch (lattice.square_grid: gaps, jitter
-    and a rotated image are fine); a coarse spot is one lattice parent, lattice.coarsen applied
-    log2(factor) times. Counts, library_size and expected are summed over the children, features
-    averaged; the children become sub_features / sub_valid / sub_counts at sub-position
-    s = factor * ix + iy ((ix, iy) = the child's site modulo factor, ix along the grid axis nearest to x),
-    and sub_extent_um = factor * pitch. A coarse spot's centre is the centre of its block of the fitted
-    grid. The input's own sub-spot keys and pseudo-spots are not carried over."""
+    """A slide whose spots lie on a square grid (Visium HD bins, legacy ST) -> the slide at `factor`
+    (2 or 4) times the pitch. The grid is the lattice with unit = the pitch (lattice.square_grid:
+    gaps, jitter and a rotated image are fine); a coarse spot is one lattice parent, lattice.coarsen
+    applied log2(factor) times. Counts, library_size and expected are summed over the children,
+    features averaged; the children become sub_features / sub_valid / sub_counts at sub-position
+    s = factor * ix + iy ((ix, iy) = the child's site modulo factor, ix along the grid axis nearest
+    to x), and sub_extent_um = factor * pitch. A coarse spot's centre is the centre of its block of
+    the fitted grid. The input's own sub-spot keys and pseudo-spots are not carried over."""
     if factor not in (2, 4):
-        raise ValueError(f"bin --factor: expected 2 or 4 (sub_features hold 2 x 2 or 4 x 4 sub-patches), found {factor}")
+        raise ValueError("bin --factor: expected 2 or 4 (sub_features hold 2 x 2 or 4 x 4 "
+                         f"sub-patches), found {factor}")
     try:
         site, A, b = lattice.square_grid(slide.coords)
     except ValueError as e:
@@ -455,10 +481,11 @@ def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
     valid = torch.zeros(m * S, dtype=torch.bool)
     valid[flat] = True
 
-    def place(x):                                                  # (N, ...) -> (M, S, ...), zeros elsewhere
-        return None if x is None else x.new_zeros(m * S, *x.shape[1:]).index_copy_(0, flat, x).view(m, S, *x.shape[1:])
+    def place(x):  # (N, ...) -> (M, S, ...), zeros elsewhere
+        return None if x is None else x.new_zeros(m * S, *x.shape[1:]).index_copy_(0, flat, x).view(
+            m, S, *x.shape[1:])
 
-    def total(x):                                                  # (N, ...) -> (M, ...) summed over children
+    def total(x):  # (N, ...) -> (M, ...) summed over children
         return None if x is None else x.new_zeros(m, *x.shape[1:]).index_add_(0, parent, x)
 
     sub_features = place(slide.features)
@@ -467,9 +494,11 @@ def bin_slide(slide: Slide, factor: int, path=None) -> Slide:
     centre = (factor * parent_site.double() + (factor - 1) / 2) @ A.T + b
     return Slide(slide.slide_id, features.to(slide.features.dtype), centre.float(),
                  np.array([f"x{i}_y{j}" for i, j in parent_site.tolist()]), patient=slide.patient,
-                 spot_pitch_um=factor * pitch, encoder=slide.encoder, counts=total(slide.counts), genes=slide.genes,
-                 library_size=total(slide.library_size), expected=total(slide.expected), sub_features=sub_features,
-                 sub_valid=valid.view(m, S), sub_counts=place(slide.counts), sub_extent_um=factor * pitch)
+                 spot_pitch_um=factor * pitch, encoder=slide.encoder, counts=total(slide.counts),
+                 genes=slide.genes, library_size=total(slide.library_size),
+                 expected=total(slide.expected), sub_features=sub_features,
+                 sub_valid=valid.view(m, S), sub_counts=place(slide.counts),
+                 sub_extent_um=factor * pitch)
 
 
 def bin_slides(slides_dir, factor: int, out_dir, overwrite: bool = False, log=print) -> list[Path]:
@@ -545,7 +574,8 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
     pair, summed = np.unique(bin_of[rows] * len(genes) + cols, return_inverse=True)
     total = np.bincount(summed, weights=values)                     # counts summed per (bin, gene)
     centre = ((bins + 0.5) * bin_um + lo) / pixel_size_um           # back to pixels, as the input
-    row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene): CSR order
+    row, col = pair // len(genes), pair % len(genes)                # sorted by (bin, gene):
+                                                                    # CSR order
     indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(bins)))])
     X = files.CSR(total.astype(np.float32), col.astype(np.int32), indptr.astype(np.int64),
                   (len(bins), len(genes)))
@@ -564,39 +594,55 @@ def bin_cells(path, bin_um: float, out_dir, pixel_size_um: float = 1.0, overwrit
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="hest.py", description="Build tessera slide caches from HEST-1k (DATA.md).")
+    ap = argparse.ArgumentParser(prog="hest.py",
+                                 description="Build tessera slide caches from HEST-1k (DATA.md).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("import-hest", help="HEST st/<id>.h5ad + embedding files <id>.h5 -> slide caches")
+    p = sub.add_parser("import-hest",
+                       help="HEST st/<id>.h5ad + embedding files <id>.h5 -> slide caches")
     p.add_argument("--st", required=True, help="folder of <id>.h5ad files")
-    p.add_argument("--features", required=True, help="folder of <id>.h5 embedding files (embeddings, coords, barcodes)")
+    p.add_argument("--features", required=True,
+                   help="folder of <id>.h5 embedding files (embeddings, coords, barcodes)")
     p.add_argument("--out", required=True, help="output folder (never one of the inputs)")
-    p.add_argument("--meta", help="metadata.csv with id, patient, pixel_size_um_estimated, inter_spot_dist")
+    p.add_argument("--meta",
+                   help="metadata.csv with id, patient, pixel_size_um_estimated, inter_spot_dist")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--genes", help="gene list: JSON {\"genes\": [...]} or one gene per line")
-    g.add_argument("--max-genes", type=int, help="keep the N genes with the most counts over all slides")
+    g.add_argument("--max-genes", type=int,
+                   help="keep the N genes with the most counts over all slides")
     p.add_argument("--dataset", help="import exactly the slides a paper lists, e.g. hist:brain "
-                   "(configs/protocols/<paper>_slides.yaml); an id missing from the inputs is an error")
-    p.add_argument("--harmonise", action="store_true", help="HiST's gene harmonisation: strip assembly prefixes "
+                   "(configs/protocols/<paper>_slides.yaml); an id missing from the inputs is "
+                   "an error")
+    p.add_argument("--harmonise", action="store_true",
+                   help="HiST's gene harmonisation: strip assembly prefixes "
                    "and '.' suffixes, upper-case, sum genes and barcodes that then repeat")
-    p = sub.add_parser("embed", help="HEST patch files <id>.h5 -> embedding files <id>.h5 (placeholder encoder)")
-    p.add_argument("--patches", required=True, help="folder of HEST patch files (img, coords, barcode)")
+    p = sub.add_parser("embed", help="HEST patch files <id>.h5 -> embedding files <id>.h5 "
+                                     "(placeholder encoder)")
+    p.add_argument("--patches", required=True,
+                   help="folder of HEST patch files (img, coords, barcode)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning (B, C) float; "
-                   "default: the built-in colour/texture statistics (a weak stand-in for a foundation model)")
+    p.add_argument("--encoder", help="module:callable taking uint8 (B, H, W, 3) and returning "
+                   "(B, C) float; default: the built-in colour/texture statistics (a weak "
+                   "stand-in for a foundation model)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--sub", type=int, default=0, choices=[0, 2, 4],
                    help="also embed the 2 x 2 or 4 x 4 sub-patches of every patch (sub_embeddings)")
-    p = sub.add_parser("bin", help="caches on a square grid -> caches at factor x the pitch, children as sub-spots")
+    p = sub.add_parser("bin", help="caches on a square grid -> caches at factor x the pitch, "
+                                   "children as sub-spots")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--slides", help="folder of slide caches whose spots lie on a square grid")
-    g.add_argument("--cells", help="a cell table .h5ad (Xenium-like) to bin into squares of --bin-um")
-    p.add_argument("--factor", type=int, default=2, choices=[2, 4], help="--slides: bin side in grid pitches")
+    g.add_argument("--cells",
+                   help="a cell table .h5ad (Xenium-like) to bin into squares of --bin-um")
+    p.add_argument("--factor", type=int, default=2, choices=[2, 4],
+                   help="--slides: bin side in grid pitches")
     p.add_argument("--bin-um", type=float, help="--cells: bin side in micrometres")
-    p.add_argument("--pixel-size", type=float, default=1.0, help="--cells: micrometres per coordinate unit")
+    p.add_argument("--pixel-size", type=float, default=1.0,
+                   help="--cells: micrometres per coordinate unit")
     p.add_argument("--out", required=True, help="output folder (never the input folder)")
     for name in ("import-hest", "embed", "bin"):
-        sub.choices[name].add_argument("--overwrite", action="store_true", help="replace existing output files")
-        sub.choices[name].add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: the default, threads.py)")
+        sub.choices[name].add_argument("--overwrite", action="store_true",
+                                       help="replace existing output files")
+        sub.choices[name].add_argument("--threads", type=int, default=0,
+                                       help="CPU threads for torch (0: the default, threads.py)")
     a = ap.parse_args(argv)
     try:
         set_threads(a.threads)

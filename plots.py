@@ -1,12 +1,16 @@
-"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide and gene, the
-per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration (nominal vs observed coverage),
-and one spot's signed attention over its neighbours (FEAST's excitatory / inhibitory maps) for any attention mode.
+"""Pictures of a run: spatial maps of measured, predicted, std, interval width and error per slide
+and gene, the per-gene PCC histogram, a predicted-vs-measured density, the intervals' calibration
+(nominal vs observed coverage), and one spot's signed attention over its neighbours (FEAST's
+excitatory / inhibitory maps) for any attention mode.
 
-Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is drawn
-(`_pyplot`). The attention of one spot is computed here too (torch only), since only the attention command needs it.
+Separate from eval.py because matplotlib is an optional dependency, imported only when a picture is
+drawn (`_pyplot`). The attention of one spot is computed here too (torch only), since only the
+attention command needs it.
 
-    python plots.py plot runs/demo [--slide ID] [--genes G ... | --top K]     -> runs/demo/plots/*.png
-    python plots.py attention runs/demo --slide ID --spot BARCODE [--block K] -> runs/demo/attention/*.h5, .png
+    python plots.py plot runs/demo [--slide ID] [--genes G ... | --top K]
+        -> runs/demo/plots/*.png
+    python plots.py attention runs/demo --slide ID --spot BARCODE [--block K]
+        -> runs/demo/attention/*.h5, .png
 """
 from __future__ import annotations
 
@@ -30,14 +34,16 @@ import predict
 import lattice
 from attention import SpotAttention, signed_softmax
 
-MAX_PIXELS = 1200  # longest side of a rasterised map: a 1M-bin slide costs one image, not 1M patches
+# longest side of a rasterised map: a 1M-bin slide costs one image, not 1M patches
+MAX_PIXELS = 1200
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("pictures need matplotlib, which is not installed: pip install matplotlib") from None
+        raise ImportError("pictures need matplotlib, which is not installed: pip "
+                          "install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -69,14 +75,16 @@ def _safe(name: str) -> str:
 
 # ---------------------------------------------------------------- rasterised spots
 def pitch_um(coords) -> float:
-    """Spot pitch: the median distance to the nearest other spot (lattice.default_unit is that / 1.8)."""
+    """Spot pitch: the median distance to the nearest other spot (lattice.default_unit is
+    that / 1.8)."""
     return 1.8 * lattice.default_unit(torch.as_tensor(np.asarray(coords, dtype=np.float64)))
 
 
 def raster(coords, values, pitch: float, bounds=None, max_pixels: int = MAX_PIXELS):
-    """Spots as discs of diameter `pitch` on an image, NaN where there is no spot. coords (N, 2) in um,
-    values (N,). bounds (x0, x1, y0, y1) in um (default: the spots' extent plus half a pitch). Returns
-    the image (rows = y) and its extent for imshow. Vectorised: one assignment per pixel offset of a disc."""
+    """Spots as discs of diameter `pitch` on an image, NaN where there is no spot. coords (N, 2) in
+    um, values (N,). bounds (x0, x1, y0, y1) in um (default: the spots' extent plus half a pitch).
+    Returns the image (rows = y) and its extent for imshow. Vectorised: one assignment per pixel
+    offset of a disc."""
     xy, values = np.asarray(coords, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if bounds is None:
         bounds = (xy[:, 0].min() - pitch / 2, xy[:, 0].max() + pitch / 2,
@@ -111,10 +119,10 @@ def _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label):
 
 
 # ---------------------------------------------------------------- maps of a run
-def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_models=None, level="", width=None,
-               interval=None):
-    """Measured, predicted, std, interval width (upper - lower of the `interval` interval) and error of one gene
-    on one slide, side by side on the spot geometry.
+def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_models=None,
+               level="", width=None, interval=None):
+    """Measured, predicted, std, interval width (upper - lower of the `interval` interval) and error
+    of one gene on one slide, side by side on the spot geometry.
     Measured and predicted share one colour scale; the error (predicted - measured) is centred on 0.
     `n_models`: the fold models behind the gene (in the title); one model without dropout passes has
     no spread (a std of zeros, or none), so its std panel is a note instead of a map. `level`: e.g.
@@ -132,14 +140,17 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
         spread = std is not None and (n_models != 1 or np.any(std > 0))
         panels.append((std if spread else "one model: no spread", "std (uncertainty)", "magma", 0,
                        max(float(np.percentile(std, 99)), 1e-6) if spread else 1.0, "std"))
-    if width is not None:  # the full width; inf (too few calibration spots for the level) left out of the scale
+    # the full width; inf (too few calibration spots for the level) left out of the scale
+    if width is not None:
         panels.append((width, f"{100 * interval:g}% interval width", "magma", 0,
-                       max(float(np.percentile(np.nan_to_num(width, posinf=0.0), 99)), 1e-6), "upper - lower"))
+                       max(float(np.percentile(np.nan_to_num(width, posinf=0.0), 99)), 1e-6),
+                       "upper - lower"))
     if true is not None:
         err = pred - true
         e = max(float(np.percentile(np.abs(err), 99)), 1e-6)
         panels.append((err, "error (predicted - measured)", "RdBu_r", -e, e, "error"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False,
+                             layout="constrained")
     for ax, (values, title, cmap, vmin, vmax, label) in zip(axes[0], panels):
         if isinstance(values, str):    # a note instead of a map of zeros
             ax.text(0.5, 0.5, values, ha="center", va="center", fontsize=11, transform=ax.transAxes)
@@ -149,7 +160,8 @@ def map_figure(slide_id, gene, coords, pred, true=None, std=None, path=None, n_m
         img, extent = raster(coords, values, pitch)
         _panel(fig, ax, img, extent, title, cmap, vmin, vmax, label)
     axes[0][0].set_ylabel("y (µm)", fontsize=8)
-    pcc = "" if true is None else f", PCC {evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]:.3f}"
+    pcc = ("" if true is None
+           else f", PCC {evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]:.3f}")
     models = "" if n_models is None else f", n_models {int(n_models)}"
     where = f"slide {slide_id}" + (f", {level}" if level else "")
     fig.suptitle(f"{gene} on {where}{pcc}{models} ({len(pred):,} spots)", fontsize=12)
@@ -178,13 +190,17 @@ def pcc_histogram(fold_scores: dict, run_name: str, path, where: str = "all slid
 
 
 def calibration_plot(curve: dict, run_name: str, path):
-    """Nominal level vs observed test coverage (conformal.calibration_curve), and the constant width's."""
+    """Nominal level vs observed test coverage (conformal.calibration_curve), and the constant
+    width's."""
     fig, ax = _pyplot().subplots(figsize=(4.8, 4.4), layout="constrained")
     lo = min(curve["levels"] + curve["observed"] + curve["observed_constant"]) - 0.05
-    ax.plot(curve["levels"], curve["observed"], "o-", curve["levels"], curve["observed_constant"], "s:", [lo, 1], [lo, 1], "k--")
-    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="nominal level (calibration slides)", ylabel="observed coverage (test slides)",
+    ax.plot(curve["levels"], curve["observed"], "o-", curve["levels"], curve["observed_constant"],
+            "s:", [lo, 1], [lo, 1], "k--")
+    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="nominal level (calibration slides)",
+           ylabel="observed coverage (test slides)",
            title=f"{run_name}: split-conformal calibration")
-    ax.legend([f"sigma {curve['sigma']}", "constant width", "nominal"], fontsize=8, loc="upper left")
+    ax.legend([f"sigma {curve['sigma']}", "constant width", "nominal"], fontsize=8,
+              loc="upper left")
     return _save(fig, path)
 
 
@@ -195,8 +211,9 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
     lo, hi = float(min(pred.min(), true.min())), float(max(pred.max(), true.max()))
     hist, xe, ye = np.histogram2d(true, pred, bins=bins, range=[[lo, hi], [lo, hi]])
     fig, ax = plt.subplots(figsize=(5.6, 4.8), layout="constrained")
-    im = ax.imshow(np.ma.masked_equal(hist.T, 0), origin="lower", extent=(xe[0], xe[-1], ye[0], ye[-1]),
-                   norm=LogNorm(), cmap="viridis", aspect="equal", interpolation="nearest")
+    im = ax.imshow(np.ma.masked_equal(hist.T, 0), origin="lower",
+                   extent=(xe[0], xe[-1], ye[0], ye[-1]), norm=LogNorm(), cmap="viridis",
+                   aspect="equal", interpolation="nearest")
     ax.plot([lo, hi], [lo, hi], color="red", linewidth=0.8, label="predicted = measured")
     r = evaluation.per_gene_pcc(pred[:, None], true[:, None])[0]
     ax.set(xlabel="measured (log1p)", ylabel="predicted (log1p)")
@@ -207,11 +224,12 @@ def density_plot(pred, true, run_name: str, path, bins: int = 120):
 
 
 def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
-    """Maps for each slide and gene (and each other level the run predicts: sub-spots, coarser bins), a
-    PCC histogram and a density plot (with truth) in RUN/plots/. Genes are ranked over the slides drawn;
-    a chosen gene that a slide's fold did not predict is named in one line; nothing drawn is an error."""
+    """Maps for each slide and gene (and each other level the run predicts: sub-spots, coarser
+    bins), a PCC histogram and a density plot (with truth) in RUN/plots/. Genes are ranked over the
+    slides drawn; a chosen gene that a slide's fold did not predict is named in one line; nothing
+    drawn is an error."""
     import sys
-    _pyplot()                      # without matplotlib: its one-line hint before anything else is said
+    _pyplot()  # without matplotlib: its one-line hint before anything else is said
     run = Path(run)
     files.refuse_links(run / "plots", run)       # RUN/plots is this command's folder: never a link
     data.check_writable(run / "plots", "the plots folder")
@@ -224,8 +242,10 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
     if slide is not None:
         ids = [f["slide_id"] for f in predictions]
         if slide not in ids:
-            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} ({files.listed(ids, 8)})")
-        paths, predictions = zip(*[(p, f) for p, f in zip(paths, predictions) if f["slide_id"] == slide])
+            raise ValueError(f"slide {slide}: not among the {len(ids)} slides of {run} "
+                             f"({files.listed(ids, 8)})")
+        paths, predictions = zip(*[(p, f) for p, f in zip(paths, predictions)
+                                   if f["slide_id"] == slide])
     fold_scores = fold_gene_scores(predictions, [p.parent for p in paths])
     scores = gene_scores(fold_scores)
     chosen = choose_genes(scores, genes, top)
@@ -239,15 +259,20 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
             i = column[g]
             n_models = None if f["n_models"] is None else int(f["n_models"][i])
             col = lambda k: None if f[k] is None else f[k][:, i]  # noqa: E731
-            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i], col("true"), col("std"),
+            written.append(map_figure(f["slide_id"], g, f["coords"], f["pred"][:, i],
+                                      col("true"), col("std"),
                                       out / f"{_safe(f['slide_id'])}__{_safe(g)}.png", n_models,
-                                      width=None if f["lower"] is None else col("upper") - col("lower"),
+                                      width=None if f["lower"] is None
+                                      else col("upper") - col("lower"),
                                       interval=f["interval"]))
-            for k, level in sorted(f["levels"].items()):   # model.out_levels: sub-spots (k < 0), bins (k > 0)
+            # model.out_levels: sub-spots (k < 0), bins (k > 0)
+            for k, level in sorted(f["levels"].items()):
                 written.append(map_figure(f["slide_id"], g, level["coords"], level["pred"][:, i],
                                           level["true"][:, i] if "true" in level else None, None,
-                                          out / f"{_safe(f['slide_id'])}__{_safe(g)}__level{k}.png", n_models,
-                                          f"level {k} ({'sub-spots' if k < 0 else 'coarser bins'})"))
+                                          out / f"{_safe(f['slide_id'])}__{_safe(g)}__level{k}.png",
+                                          n_models,
+                                          f"level {k} "
+                                          f"({'sub-spots' if k < 0 else 'coarser bins'})"))
             maps += 1
     if lacking:
         print("plots.py plot: not drawn where a slide's fold chose other genes: " + "; ".join(
@@ -264,24 +289,29 @@ def plot_run(run, slide=None, genes=None, top=None) -> list[Path]:
                                     np.concatenate([f["true"].ravel() for f in labelled]), run.name,
                                     out / "density.png"))
         if any(run.glob("fold_*/calibration.h5")):
-            written.append(calibration_plot(conformal.calibration_curve(run), run.name, out / "calibration.png"))
+            written.append(calibration_plot(conformal.calibration_curve(run), run.name,
+                                            out / "calibration.png"))
     return written
 
 
 # ---------------------------------------------------------------- one spot's signed attention
 class _Captured(Exception):
-    """Raised by the hook once the block's input is captured: the rest of the forward is not needed."""
+    """Raised by the hook once the block's input is captured: the rest of the forward is not
+    needed."""
 
 
 def attention_blocks(model) -> list[tuple[str, SpotAttention]]:
-    """The spot-to-spot attention modules of a model, in forward order (local stage, encoder, decoder)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SpotAttention) and m.mode != "none"]
+    """The spot-to-spot attention modules of a model, in forward order (local stage, encoder,
+    decoder)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, SpotAttention) and m.mode != "none"]
 
 
 def _capture(model, module, slide, use_pseudo):
-    """The input x (n, dim), level and knn_index of `module` in the model's forward on `slide`, taken by a
-    forward pre-hook. Grad mode (with frozen parameters, so nothing is kept for a backward) makes the
-    blocks call the module itself rather than the fast kernels' inference path."""
+    """The input x (n, dim), level and knn_index of `module` in the model's forward on `slide`,
+    taken by a forward pre-hook. Grad mode (with frozen parameters, so nothing is kept for a
+    backward) makes the blocks call the module itself rather than the fast kernels' inference
+    path."""
     seen = {}
 
     def hook(mod, args, kwargs):
@@ -333,10 +363,10 @@ def _site_key(s: torch.Tensor) -> torch.Tensor:
 
 
 def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool = True) -> dict:
-    """One spot's attention in one block of a tessera model: the query (the spot, or at a coarse level
-    the region that holds it) and its keys with coordinates in um, labels (barcode, `token <row>` for a
-    coarse region, `pseudo <j>` for an off-grid pseudo-spot), excitatory and inhibitory weights per head.
-    Memory O(N): nothing is built over pairs of spots."""
+    """One spot's attention in one block of a tessera model: the query (the spot, or at a coarse
+    level the region that holds it) and its keys with coordinates in um, labels (barcode, `token
+    <row>` for a coarse region, `pseudo <j>` for an off-grid pseudo-spot), excitatory and inhibitory
+    weights per head. Memory O(N): nothing is built over pairs of spots."""
     hits = np.flatnonzero(np.asarray(slide.barcodes) == barcode)
     if not len(hits):
         raise ValueError(f"spot {barcode}: no such barcode in slide {slide.slide_id} "
@@ -344,16 +374,20 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
     i = int(hits[0])
     blocks = attention_blocks(model)
     if not blocks:
-        raise ValueError("the model has no spot-to-spot attention (a per-spot baseline, or model.attention = none)")
+        raise ValueError("the model has no spot-to-spot attention (a per-spot baseline, or "
+                         "model.attention = none)")
     if not 0 <= block < len(blocks):
-        raise ValueError(f"--block {block}: expected 0 ... {len(blocks) - 1} "
-                         f"({', '.join(f'{k}: {n} ({m.mode})' for k, (n, m) in enumerate(blocks))})")
+        raise ValueError(
+            f"--block {block}: expected 0 ... {len(blocks) - 1} "
+            f"({', '.join(f'{k}: {n} ({m.mode})' for k, (n, m) in enumerate(blocks))})")
     name, module = blocks[block]
     x, level, knn_index = _capture(model, module, slide, use_pseudo)
     coords = slide.coords.double()
     unit = model.cfg.unit_um or lattice.default_unit(slide.coords)
-    if hasattr(level, "windows"):  # a pyramid level: its sites are the spot sites coarsened `scale` times
-        sites0, want = lattice.to_lattice(slide.coords, unit), torch.sort(_site_key(level.sites)).values
+    # a pyramid level: its sites are the spot sites coarsened `scale` times
+    if hasattr(level, "windows"):
+        sites0, want = (lattice.to_lattice(slide.coords, unit),
+                        torch.sort(_site_key(level.sites)).values)
         for scale in range(64):
             anc = torch.div(sites0, lattice.FACTOR ** scale, rounding_mode="floor")
             if torch.equal(torch.unique(_site_key(anc)), want):
@@ -361,29 +395,34 @@ def spot_attention(model, slide, barcode: str, block: int = 0, use_pseudo: bool 
         else:
             raise ValueError(f"block {name}: its level's sites are not coarsened spot sites")
         order = torch.argsort(_site_key(level.sites))
-        rows = order[torch.searchsorted(_site_key(level.sites)[order], _site_key(anc))]  # (N,) each spot's token
+        # (N,) each spot's token
+        rows = order[torch.searchsorted(_site_key(level.sites)[order], _site_key(anc))]
         n_tok = len(level.sites)
         xy = torch.zeros(n_tok, 2, dtype=torch.float64).index_add_(0, rows, coords)
-        xy /= torch.bincount(rows, minlength=n_tok).clamp(min=1)[:, None]    # a token at the mean of its spots
+        # a token at the mean of its spots
+        xy /= torch.bincount(rows, minlength=n_tok).clamp(min=1)[:, None]
         query, level_name = int(rows[i]), f"level {scale}"
         w = query_attention(module, x, level, query, knn_index)
         spot_of = torch.full((n_tok,), -1, dtype=torch.long)
         if scale == 0:
             spot_of[rows] = torch.arange(len(rows))
-        labels = [f"token {k}" if spot_of[k] < 0 else str(slide.barcodes[spot_of[k]]) for k in w["keys"].tolist()]
+        labels = [f"token {k}" if spot_of[k] < 0 else str(slide.barcodes[spot_of[k]])
+                  for k in w["keys"].tolist()]
     else:  # the k-NN local stage: rows are the spots (in the model's order), then the pseudo-spots
         xy, n = level.sites.double() * unit, len(coords)
-        query, level_name = int((xy - coords[i]).pow(2).sum(1).argmin()), "local stage (spots + pseudo-spots)"
+        query, level_name = (int((xy - coords[i]).pow(2).sum(1).argmin()),
+                             "local stage (spots + pseudo-spots)")
         w = query_attention(module, x, level, query, knn_index)
-        labels = [f"pseudo {k - n}" if k >= n else str(slide.barcodes[int((coords - xy[k]).pow(2).sum(1).argmin())])
+        labels = [f"pseudo {k - n}" if k >= n
+                  else str(slide.barcodes[int((coords - xy[k]).pow(2).sum(1).argmin())])
                   for k in w["keys"].tolist()]
     keys = w["keys"]
     return {"slide_id": slide.slide_id, "barcode": barcode, "block": block, "block_name": name,
-            "mode": module.mode, "level": level_name, "beta": float(module.beta), "tau": float(module.tau),
-            "query_row": query, "query_xy": xy[query].float(), "keys": keys, "keys_xy": xy[keys].float(),
-            "keys_label": np.array(labels, dtype=str), "excitatory": w["excitatory"],
-            "inhibitory": w["inhibitory"], "attends": w["attends"], "spots_xy": slide.coords,
-            "captured": (module, x, level, knn_index)}
+            "mode": module.mode, "level": level_name, "beta": float(module.beta),
+            "tau": float(module.tau), "query_row": query, "query_xy": xy[query].float(),
+            "keys": keys, "keys_xy": xy[keys].float(), "keys_label": np.array(labels, dtype=str),
+            "excitatory": w["excitatory"], "inhibitory": w["inhibitory"], "attends": w["attends"],
+            "spots_xy": slide.coords, "captured": (module, x, level, knn_index)}
 
 
 def write_attention(result: dict, path) -> Path:
@@ -394,8 +433,9 @@ def write_attention(result: dict, path) -> Path:
         for k in ("excitatory", "inhibitory", "attends", "keys_xy", "query_xy", "keys"):
             f[k] = result[k].numpy()
         f.create_dataset("keys_label", data=list(result["keys_label"]), dtype=strings)
-        f.attrs.update({k: result[k] for k in ("slide_id", "barcode", "block", "block_name", "mode", "level",
-                                               "beta", "tau")})
+        f.attrs.update({k: result[k]
+                        for k in ("slide_id", "barcode", "block", "block_name", "mode", "level",
+                                  "beta", "tau")})
         f.attrs["signed"] = "signed = excitatory - inhibitory (FEAST); rows: heads"
     return Path(path)
 
@@ -406,11 +446,14 @@ def attention_figure(result: dict, path) -> Path:
     plt = _pyplot()
     H = result["excitatory"].shape[0]
     rows = 2 if result["beta"] else 1
-    fig, axes = plt.subplots(rows, H, figsize=(3.6 * H + 0.4, 3.3 * rows + 0.8), squeeze=False, layout="constrained")
-    kxy, qxy, spots = result["keys_xy"].numpy(), result["query_xy"].numpy(), result["spots_xy"].numpy()
+    fig, axes = plt.subplots(rows, H, figsize=(3.6 * H + 0.4, 3.3 * rows + 0.8), squeeze=False,
+                             layout="constrained")
+    kxy, qxy, spots = (result["keys_xy"].numpy(), result["query_xy"].numpy(),
+                       result["spots_xy"].numpy())
     pitch = pitch_um(kxy) if len(kxy) > 1 else pitch_um(spots)
     pad = 1.5 * pitch
-    bounds = (kxy[:, 0].min() - pad, kxy[:, 0].max() + pad, kxy[:, 1].min() - pad, kxy[:, 1].max() + pad)
+    bounds = (kxy[:, 0].min() - pad, kxy[:, 0].max() + pad, kxy[:, 1].min() - pad,
+              kxy[:, 1].max() + pad)
     grey, extent = raster(spots, np.ones(len(spots)), pitch_um(spots), bounds)
     branches = [("excitatory", "Reds")] + ([("inhibitory", "Blues")] if rows == 2 else [])
     for r, (branch, cmap) in enumerate(branches):
@@ -426,26 +469,29 @@ def attention_figure(result: dict, path) -> Path:
             ax.plot(*qxy, marker="*", color="black", markersize=11, markeredgecolor="white")
     axes[0][0].set_ylabel("y (µm)", fontsize=8)
     signed = f"signed, beta {result['beta']:g}, tau {result['tau']:g}" if rows == 2 else "unsigned"
-    fig.suptitle(f"spot {result['barcode']} on slide {result['slide_id']}, attention block {result['block']}\n"
-                 f"{result['block_name']}: {result['mode']}, {result['level']}, {signed}", fontsize=10)
+    fig.suptitle(f"spot {result['barcode']} on slide {result['slide_id']}, attention block "
+                 f"{result['block']}\n{result['block_name']}: {result['mode']}, "
+                 f"{result['level']}, {signed}", fontsize=10)
     return _save(fig, path)
 
 
 def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=None) -> list[Path]:
-    """plots.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so that
-    the weights are there even without matplotlib)."""
+    """plots.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so
+    that the weights are there even without matplotlib)."""
     import yaml
     run = Path(run)
     files.refuse_links(run / "attention", run)
     data.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
-        raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder (runs/<name>)?")
+        raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder "
+                                "(runs/<name>)?")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     root = Path(slides_dir or cfg["data"]["root"])
     path = root / f"{slide_id}.h5"
     if not path.exists():
         known = sorted(p.stem for p in root.glob("*.h5"))
-        raise ValueError(f"slide {slide_id}: no {path} (slides there: {files.listed(known, 8) or 'none'})")
+        raise ValueError(f"slide {slide_id}: no {path} (slides there: "
+                         f"{files.listed(known, 8) or 'none'})")
     if fold is None:  # the fold that tested the slide, else the first finished one
         tested = [int(p.parts[-3][5:]) for p in run.glob(f"fold_*/pred/{slide_id}.h5")]
         fold = tested[0] if tested else predict.run_folds(run, partial=True)[0]
@@ -467,7 +513,8 @@ def run_threads(run) -> int:
     """The run's run.threads (0 when the folder is not a run, e.g. a folder of prediction files)."""
     import yaml
     path = Path(run) / "config.yaml"
-    return (yaml.safe_load(path.read_text()).get("run") or {}).get("threads", 0) if path.exists() else 0
+    return ((yaml.safe_load(path.read_text()).get("run") or {}).get("threads", 0) if path.exists()
+            else 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,24 +522,31 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="plots.py", description="Pictures of a run (matplotlib).")
     sub = ap.add_subparsers(dest="command", required=True)
-    text = "maps (measured, predicted, std, interval width, error) per slide and gene, PCC histogram, density, calibration"
+    text = ("maps (measured, predicted, std, interval width, error) per slide and gene, PCC "
+            "histogram, density, calibration")
     p = sub.add_parser("plot", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run", help="run folder (fold_<k>/pred/*.h5) or a folder of prediction files")
     p.add_argument("--slide", help="one slide id (default: every slide)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--genes", nargs="+", help="genes to map (default: best, median and worst by PCC)")
+    g.add_argument("--genes", nargs="+",
+                   help="genes to map (default: best, median and worst by PCC)")
     g.add_argument("--top", type=int, help="the K best genes by PCC")
-    p = sub.add_parser("attention", help="one spot's signed attention over its neighbours", description="One "
-                       "spot's signed attention over its neighbours (FEAST excitatory / inhibitory maps).")
+    p = sub.add_parser("attention", help="one spot's signed attention over its neighbours",
+                       description="One spot's signed attention over its neighbours (FEAST "
+                                   "excitatory / inhibitory maps).")
     p.add_argument("run", help="run folder")
-    p.add_argument("--slide", required=True, help="slide id, read from the run's data.root (or --slides)")
+    p.add_argument("--slide", required=True,
+                   help="slide id, read from the run's data.root (or --slides)")
     p.add_argument("--spot", required=True, help="barcode of the query spot")
-    p.add_argument("--block", type=int, default=0, help="attention block, in forward order (default 0)")
-    p.add_argument("--fold", type=int, default=None, help="fold model (default: the fold that tested the slide)")
+    p.add_argument("--block", type=int, default=0,
+                   help="attention block, in forward order (default 0)")
+    p.add_argument("--fold", type=int, default=None,
+                   help="fold model (default: the fold that tested the slide)")
     p.add_argument("--slides", help="folder of slide caches (default: the run's data.root)")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
+                       help="CPU threads for torch (default: the run's run.threads; 0 = "
+                            "threads.py's default)")
     a = ap.parse_args(argv)
     try:
         predict.set_threads(run_threads(a.run) if a.threads is None else a.threads)

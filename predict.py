@@ -1,11 +1,13 @@
-"""Prediction with a trained run: the fold models of a run on slide caches (counts not needed), their
-average, and how sure it is (the spread of the fold models and of Monte-Carlo dropout passes, accumulated
-by Welford's update), written as h5 prediction files and / or AnnData .h5ad (files.py's writers).
+"""Prediction with a trained run: the fold models of a run on slide caches (counts not needed),
+their average, and how sure it is (the spread of the fold models and of Monte-Carlo dropout passes,
+accumulated by Welford's update), written as h5 prediction files and / or AnnData .h5ad (files.py's
+writers).
 
     python predict.py --run runs/<name> --slides DIR --out DIR [--mc N] [--format h5 h5ad]
-train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are predicted
-the same way, and `calibrate_model` for a fold's split-conformal intervals; with one fold (--fold, or a
-one-fold run) and the run's eval.mc_samples as --mc, new slides get that fold's intervals too.
+train.py uses `write_slide_predictions` for a fold's test slides, so that test and new slides are
+predicted the same way, and `calibrate_model` for a fold's split-conformal intervals; with one fold
+(--fold, or a one-fold run) and the run's eval.mc_samples as --mc, new slides get that fold's
+intervals too.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from model import ModelConfig, build_model
 
 # ---------------------------------------------------------------- prediction with uncertainty
 class Welford:
-    """Running mean and spread of samples of an (N, G) array (Welford 1962): memory two (N, G) arrays
-    whatever the number of samples, never one per sample. A sample may cover some columns only (`cols`:
-    a fold model that predicts a subset of the genes); `count` (G,) says how many samples each column had."""
+    """Running mean and spread of samples of an (N, G) array (Welford 1962): memory two (N, G)
+    arrays whatever the number of samples, never one per sample. A sample may cover some columns
+    only (`cols`: a fold model that predicts a subset of the genes); `count` (G,) says how many
+    samples each column had."""
 
     def __init__(self, n: int, g: int, dtype=torch.float32):
         self.count = torch.zeros(g, dtype=torch.long)
@@ -41,7 +44,7 @@ class Welford:
     def add(self, x: torch.Tensor, cols=None) -> None:
         cols = slice(None) if cols is None else torch.as_tensor(cols, dtype=torch.long)
         self.count[cols] += 1
-        mean = self.mean[:, cols]                              # a view (every column) or a copy (some)
+        mean = self.mean[:, cols]  # a view (every column) or a copy (some)
         delta = x.to(mean.dtype) - mean
         mean += delta / self.count[cols]
         self.mean[:, cols] = mean
@@ -66,18 +69,21 @@ HIRES_PIXELS = 500  # longest side of the background image: small, the spots are
 
 
 def visium_spatial(slide_id: str, coords, spot_diameter_um: float) -> dict:
-    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and squidpy
-    draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}. Full-resolution
-    pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit). There is no H&E in a
-    slide cache, so `hires` is a plain light background sized to the slide's extent at
-    tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an image)."""
-    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um  # (x, y) um from the origin
+    """uns['spatial'] as spaceranger / scanpy.read_visium lay it out, so that sc.pl.spatial and
+    squidpy draw a slide without arguments: {slide_id: {images: {hires}, scalefactors, metadata}}.
+    Full-resolution pixels are micrometres here (obsm['spatial'] is in um: 1 um = 1 full-res unit).
+    There is no H&E in a slide cache, so `hires` is a plain light background sized to the slide's
+    extent at tissue_hires_scalef (sc.pl.spatial takes the spot size and the scale from an
+    image)."""
+    # (x, y) um from the origin
+    far = np.maximum(_array(coords).max(0, initial=0.0), 1.0) + spot_diameter_um
     scalef = HIRES_PIXELS / float(far.max())
     w, h = (int(np.ceil(v * scalef)) + 1 for v in far)
     return {str(slide_id): {"images": {"hires": np.full((h, w, 3), 240, dtype=np.uint8)},
         "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um),
                          "fiducial_diameter_fullres": float(spot_diameter_um * FIDUCIAL_PER_SPOT),
-                         "tissue_hires_scalef": float(scalef), "tissue_lowres_scalef": float(scalef) * 0.3},
+                         "tissue_hires_scalef": float(scalef),
+                         "tissue_lowres_scalef": float(scalef) * 0.3},
         "metadata": {"source_image_path": "none: a plain background (no H&E in the slide cache)"}}}
 
 
@@ -122,26 +128,29 @@ def predict_slide(model, slide, use_pseudo: bool, device, dtype=torch.float32,
 
 
 def model_inputs(model, slide, use_pseudo: bool, device) -> tuple[list, dict]:
-    """The model's arguments for one Slide, on `device`: [features, coords, pseudo-features, pseudo-coords]
-    (pseudo-spots only with use_pseudo and when the slide has them) and the sub-spot inputs its
-    model.sub_levels needs (data.sub_inputs)."""
+    """The model's arguments for one Slide, on `device`: [features, coords, pseudo-features,
+    pseudo-coords] (pseudo-spots only with use_pseudo and when the slide has them) and the sub-spot
+    inputs its model.sub_levels needs (data.sub_inputs)."""
     pseudo = use_pseudo and slide.pseudo_features is not None
     args = [slide.features, slide.coords, slide.pseudo_features if pseudo else None,
             slide.pseudo_coords if pseudo else None]
     sub = data.sub_inputs(slide, getattr(model.cfg, "sub_levels", 0))
-    return [None if a is None else a.to(device) for a in args], {k: v.to(device) for k, v in sub.items()}
+    return ([None if a is None else a.to(device) for a in args],
+            {k: v.to(device) for k, v in sub.items()})
 
 
 @torch.no_grad()
-def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32, mc_seed: int | None = None,
-                    inputs: tuple | None = None, floor: float | None = None) -> dict:
-    """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels, the
-    other levels ("levels", "parents", "sub_index"; see `level_outputs`). `inputs`: model_inputs of the
-    slide, already on the device (an ensemble moves a slide there once, not once per sample). Every
-    prediction that is written or scored passes here, raised to `floor` (`target_floor`)."""
+def predict_outputs(model, slide, use_pseudo: bool, device, dtype=torch.float32,
+                    mc_seed: int | None = None, inputs: tuple | None = None,
+                    floor: float | None = None) -> dict:
+    """`predict_slide`'s whole model output, on the CPU: "pred" (N, G) and, with model.out_levels,
+    the other levels ("levels", "parents", "sub_index"; see `level_outputs`). `inputs`: model_inputs
+    of the slide, already on the device (an ensemble moves a slide there once, not once per sample).
+    Every prediction that is written or scored passes here, raised to `floor` (`target_floor`)."""
     args, sub = inputs or model_inputs(model, slide, use_pseudo, device)
     cuda = torch.device(device).type == "cuda"
-    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=mc_seed is not None):
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [],
+                               enabled=mc_seed is not None):
         if mc_seed is not None:
             torch.manual_seed(mc_seed)
         model.eval()
@@ -165,22 +174,24 @@ def _to_cpu(x):
 
 
 def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0, floor=None):
-    """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the spot
-    level and every other level of model.out_levels: genes (union, first-seen order), the spot level's
-    Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for all folds);
-    `acc.variance`: a Welford of the predicted variances exp(log_var) (model.head_var), else None."""
+    """One pass over the samples (each fold model, times mc seeded dropout passes) accumulating the
+    spot level and every other level of model.out_levels: genes (union, first-seen order), the spot
+    level's Welford, {level: Welford} and the levels' geometry ("parents", "sub_index"; the same for
+    all folds); `acc.variance`: a Welford of the predicted variances exp(log_var) (model.head_var),
+    else None."""
     genes = list(dict.fromkeys(g for _, gs in models for g in gs))
     column = {g: i for i, g in enumerate(genes)}
     acc, levels, geometry = Welford(slide.n_spots, len(genes)), {}, {}
     acc.variance = None
-    inputs = model_inputs(models[0][0], slide, use_pseudo, device)  # the fold models share one config
+    # the fold models share one config
+    inputs = model_inputs(models[0][0], slide, use_pseudo, device)
     for m, (model, gs) in enumerate(models):
         cols = None if gs == genes else [column[g] for g in gs]
         for j in range(max(mc, 1)):
             out = predict_outputs(model, slide, use_pseudo, device, inputs=inputs, floor=floor,
                                   mc_seed=(seed * 1000003 + m * 1009 + j) if mc else None)
             acc.add(out["pred"], cols)
-            if "log_var" in out:                                 # mean predicted variance over the samples
+            if "log_var" in out:  # mean predicted variance over the samples
                 if acc.variance is None:
                     acc.variance = Welford(slide.n_spots, len(genes))
                 acc.variance.add(out["log_var"].float().exp(), cols)
@@ -193,16 +204,17 @@ def _ensemble(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 
 def predict_with_std(models, slide, use_pseudo: bool, device, mc: int = 0, seed: int = 0,
                      floor=None):
     """Mean and spread over the samples of the fold models (the ensemble) and, with mc > 0, of mc
-    Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is averaged
-    over the models that predict it. Returns genes (union, first-seen order), mean (N, G), std (N, G)
-    (population std over the samples) and n_models (G,) (models behind each gene)."""
+    Monte-Carlo dropout passes per model (each seeded). `models`: [(model, genes)]; a gene is
+    averaged over the models that predict it. Returns genes (union, first-seen order), mean (N, G),
+    std (N, G) (population std over the samples) and n_models (G,) (models behind each gene)."""
     genes, acc, _, _ = _ensemble(models, slide, use_pseudo, device, mc, seed, floor)
     return genes, acc.mean, acc.std(), acc.count // max(mc, 1)
 
 
 def predictive_std(acc: Welford, n_samples: int) -> torch.Tensor | None:
-    """The predictive std of an ensemble: sqrt(mean predicted variance (model.head_var) + variance of the
-    samples' means (folds, dropout passes)), the law of total variance; None where there is neither."""
+    """The predictive std of an ensemble: sqrt(mean predicted variance (model.head_var) + variance
+    of the samples' means (folds, dropout passes)), the law of total variance; None where there is
+    neither."""
     var = acc.variance.mean.clone() if acc.variance is not None else None
     if n_samples > 1:
         var = acc.std() ** 2 if var is None else var.add_(acc.std() ** 2)
@@ -211,7 +223,8 @@ def predictive_std(acc: Welford, n_samples: int) -> torch.Tensor | None:
 
 def sigma_kind(model_cfg, n_samples: int) -> str:
     """What the interval's sigma is: predicted | ensemble | predicted+ensemble | constant."""
-    kinds = ["predicted"] * bool(getattr(model_cfg, "head_var", False)) + ["ensemble"] * (n_samples > 1)
+    kinds = (["predicted"] * bool(getattr(model_cfg, "head_var", False))
+             + ["ensemble"] * (n_samples > 1))
     return "+".join(kinds) or "constant"
 
 
@@ -221,8 +234,9 @@ def predict_spread(models, slide, use_pseudo: bool, device, mc: int = 0, seed: i
     return genes, acc.mean, predictive_std(acc, len(models) * max(mc, 1)), acc.count // max(mc, 1)
 
 
-def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None, fold="", mc: int = 0,
-                            formats=("h5",), seed: int = 0, calibration: dict | None = None,
+def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None,
+                            fold="", mc: int = 0, formats=("h5",), seed: int = 0,
+                            calibration: dict | None = None,
                             outputs: Outputs | None = None) -> None:
     """Predict one slide (every level in one pass over the samples) and write <slide>.h5 and/or
     <slide>.h5ad in out_dir; `std` (`predictive_std`) only where there is a spread (a variance head,
@@ -248,31 +262,38 @@ def write_slide_predictions(models, slide, cfg: dict, device, out_dir, true=None
     def target(ext: str):
         return outputs.path(f"{slide.slide_id}.{ext}") if outputs is not None else f"{out}.{ext}"
     if "h5" in formats:
-        levels = level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()}, **geometry},
-                               slide, cfg["data"]["normalize"], true is not None) if level_acc else {}
+        levels = (level_outputs({"pred": pred, "levels": {k: a.mean for k, a in level_acc.items()},
+                                 **geometry},
+                                slide, cfg["data"]["normalize"], true is not None)
+                  if level_acc else {})
         write_predictions(target("h5"), pred, genes, slide.barcodes, slide.coords, true=true,
-                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(), levels=levels,
-                          lower=lower, upper=upper, interval=level, ridge_alone=alone)
+                          slide_id=slide.slide_id, std=std, n_models=n_models.numpy(),
+                          levels=levels, lower=lower, upper=upper, interval=level,
+                          ridge_alone=alone)
     if "h5ad" in formats:
         import yaml
-        in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ()) for m, _ in models)
+        in_training = any(slide.slide_id in (getattr(m, "trained_on", None) or ())
+                          for m, _ in models)
         unit = lattice.default_unit(slide.coords)          # a nearest-neighbour pass: once
         pitch = slide.spot_pitch_um if slide.spot_pitch_um > 0 else 1.8 * unit
-        uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold), "slide_id": slide.slide_id,
-                           "X": f"predicted expression, {space}", "mc_samples": int(mc),
-                           "in_training": int(in_training), "ridge_alone": int(alone),
+        uns = {"tessera": {"run": str(cfg["run"]["name"]), "fold": str(fold),
+                           "slide_id": slide.slide_id, "X": f"predicted expression, {space}",
+                           "mc_samples": int(mc), "in_training": int(in_training),
+                           "ridge_alone": int(alone),
                            **({} if level is None else {"interval": float(level)}),
-                           "spatial_units": "obsm['spatial'] in micrometres; uns['spatial'] full-res pixels are "
-                                            "micrometres (1 um = 1 full-res unit); spot diameter = 0.55 x the "
-                                            "spot pitch (Visium: 55 um spots at 100 um)",
+                           "spatial_units": "obsm['spatial'] in micrometres; uns['spatial'] "
+                                            "full-res pixels are micrometres (1 um = 1 full-res "
+                                            "unit); spot diameter = 0.55 x the spot pitch (Visium: "
+                                            "55 um spots at 100 um)",
                            "config": yaml.safe_dump(cfg, sort_keys=False)},
                "spatial": visium_spatial(slide.slide_id, slide.coords, 0.55 * pitch)}
-        # array_row / array_col: the spots' lattice sites (lattice.py), as Visium's integer array positions
+        # array_row / array_col: the spots' lattice sites
+        # (lattice.py), as Visium's integer array positions
         sites = lattice.to_lattice(slide.coords, unit).numpy()
         n = slide.n_spots
-        obs = {"slide": np.full(n, slide.slide_id, dtype=object), "array_row": sites[:, 1], "array_col": sites[:, 0],
-               "in_tissue": np.ones(n, dtype=np.int64), "fold": np.full(n, str(fold), dtype=object),
-               "in_training": np.full(n, in_training)}
+        obs = {"slide": np.full(n, slide.slide_id, dtype=object), "array_row": sites[:, 1],
+               "array_col": sites[:, 0], "in_tissue": np.ones(n, dtype=np.int64),
+               "fold": np.full(n, str(fold), dtype=object), "in_training": np.full(n, in_training)}
         write_h5ad(target("h5ad"), pred, genes, slide.barcodes, slide.coords, std=std, true=true,
                    n_models=n_models.numpy(), uns=uns, obs=obs, lower=lower, upper=upper)
 
@@ -291,28 +312,32 @@ def calibrate_model(model, genes, slides, trues, cfg: dict, device, path) -> dic
         stds.append(std)
     sigma = sigma_kind(model.cfg, max(mc, 1))
     c = calibrate(preds, trues, None if stds[0] is None else stds, level)
-    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"], c["scores_constant"],
-                      slides=[s.slide_id for s in slides])
+    write_calibration(path, genes, level, sigma, c["q"], c["q_constant"], c["scores"],
+                      c["scores_constant"], slides=[s.slide_id for s in slides])
     return {"q": c["q"], "level": level, "sigma": sigma}
 
 
 # ---------------------------------------------------------------- prediction of new slides
 def load_fold_models(run_dir, device="cpu", folds=None) -> list[tuple[torch.nn.Module, list[str]]]:
-    """The model of every finished fold of a run (or of the given fold numbers), with its gene list."""
+    """The model of every finished fold of a run (or of the given fold numbers), with its gene
+    list."""
     models = []
     paths = sorted(Path(run_dir).glob("fold_*/model.pt")) if folds is None else \
         [Path(run_dir) / f"fold_{k}" / "model.pt" for k in folds]
     for path in paths:
-        try:  # weights_only: a shared or downloaded run folder can hold tensors, numbers and strings, never code
+        # weights_only: a shared or downloaded run folder
+        # can hold tensors, numbers and strings, never code
+        try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 (pickle and zip errors have no common base class)
-            raise ValueError(f"{path}: not loaded: expected a tessera model file of tensors, numbers and "
-                             f"strings, found {str(e).splitlines()[0]}") from None
+            raise ValueError(f"{path}: not loaded: expected a tessera model file of tensors, "
+                             f"numbers and strings, found {str(e).splitlines()[0]}") from None
         model = _model_of(path, ck)
         model.trained_on = training_slides(path.parent)
         models.append((model.to(device).eval(), ck["genes"]))
     if not models:
-        raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
+        raise FileNotFoundError(f"{run_dir}: no fold_<k>/model.pt; is this a finished run "
+                                "(runs/<name>)?")
     return models
 
 
@@ -360,71 +385,80 @@ def training_slides(fold_dir: Path) -> list[str]:
 
 
 def out_of_fold(models, slide_id: str) -> list:
-    """The models that did not train on `slide_id` (out-of-fold prediction); none is an error naming it."""
+    """The models that did not train on `slide_id` (out-of-fold prediction); none is an error naming
+    it."""
     unseen = [(m, gs) for m, gs in models if slide_id not in (getattr(m, "trained_on", None) or ())]
     if not unseen:
-        raise ValueError(f"--exclude-training: slide {slide_id} was in the training set of every fold model "
-                         "of the run, so no model can predict it out of fold")
+        raise ValueError(f"--exclude-training: slide {slide_id} was in the training set of "
+                         "every fold model of the run, so no model can predict it out of fold")
     return unseen
 
 
 def run_folds(run_dir, fold: int | None = None, partial: bool = False) -> list[int]:
-    """The fold numbers to use: `fold`, or every fold of the run; an unknown fold, an unfinished one, or
-    a partial run (unless `partial`) is an error that names the folds."""
+    """The fold numbers to use: `fold`, or every fold of the run; an unknown fold, an unfinished
+    one, or a partial run (unless `partial`) is an error that names the folds."""
     run = Path(run_dir)
     expected = expected_folds(run)
     have = [k for k in expected if (run / f"fold_{k}" / "model.pt").exists()]
     if fold is not None:
         if fold not in expected:
-            raise ValueError(f"--fold {fold}: expected a fold number 0 ... {len(expected) - 1} of {run}")
+            raise ValueError(f"--fold {fold}: expected a fold number 0 ... "
+                             f"{len(expected) - 1} of {run}")
         if fold not in have:
-            raise FileNotFoundError(f"--fold {fold}: {run / f'fold_{fold}' / 'model.pt'} does not exist "
-                                    "(unfinished fold)")
+            raise FileNotFoundError(f"--fold {fold}: {run / f'fold_{fold}' / 'model.pt'} "
+                                    "does not exist (unfinished fold)")
         return [fold]
     missing = [f"fold_{k}" for k in expected if k not in have]
     if not have:
-        raise FileNotFoundError(f"{run}: no fold_<k>/model.pt; is this a finished run (runs/<name>)?")
+        raise FileNotFoundError(f"{run}: no fold_<k>/model.pt; is this a finished run "
+                                "(runs/<name>)?")
     if missing and not partial:
-        raise FileNotFoundError(f"{run}: partial run, {', '.join(missing)} not finished; pass --partial to "
-                                f"predict with the {len(have)} finished fold(s)")
+        raise FileNotFoundError(f"{run}: partial run, {', '.join(missing)} not finished; pass "
+                                f"--partial to predict with the {len(have)} finished fold(s)")
     return have
 
 
 def check_outputs(run_dir, out_dir, device) -> None:
-    """What predict_run needs before any work: a usable --device, and an --out folder (or a place to make
-    one) that is writable and outside every run folder: predicting into RUN/fold_<k>/pred would replace
-    the fold's test predictions, which eval.py reads."""
+    """What predict_run needs before any work: a usable --device, and an --out folder (or a place to
+    make one) that is writable and outside every run folder: predicting into RUN/fold_<k>/pred would
+    replace the fold's test predictions, which eval.py reads."""
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device}: expected cpu, cuda or cuda:<k>, found {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; pass --device cpu")
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; pass "
+                         "--device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
     out, run = Path(out_dir).resolve(), Path(run_dir).resolve()
-    for place in (out, *out.parents):   # a run folder: folds.json, or config.yaml beside fold_<k> folders
+    # a run folder: folds.json, or config.yaml beside fold_<k> folders
+    for place in (out, *out.parents):
         if place == run or (place / "folds.json").exists() or \
                 ((place / "config.yaml").exists() and any(place.glob("fold_*"))):
-            raise ValueError(f"{out_dir}: --out: expected a folder outside run folders, found one inside the run "
-                             f"folder {place} (its predictions are eval.py's input)")
+            raise ValueError(f"{out_dir}: --out: expected a folder outside run folders, found one "
+                             f"inside the run folder {place} (its predictions are eval.py's input)")
     data.check_writable(out_dir, "--out")
 
 
-def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu", overwrite: bool = False,
-                mc: int = 0, formats=("h5",), partial: bool = False, seed: int = 0, threads: int | None = None,
+def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="cpu",
+                overwrite: bool = False, mc: int = 0, formats=("h5",), partial: bool = False,
+                seed: int = 0, threads: int | None = None,
                 exclude_training: bool = False) -> list[Path]:
-    """Predict every slide cache in `slides_dir` with the run's fold models (each gene averaged over the
-    folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one prediction
-    file per slide and format in `out_dir`. Says which slides each fold model trained on and warns when a
-    slide to predict is one of them (in-sample); `exclude_training`: each slide predicted only by the
-    models that did not train on it. A slide with counts gets its measured values as `true`
-    (`with_truth`). Every check runs before anything is written."""
+    """Predict every slide cache in `slides_dir` with the run's fold models (each gene averaged over
+    the folds that predict it, `std` over the folds and mc dropout passes), or with one fold; one
+    prediction file per slide and format in `out_dir`. Says which slides each fold model trained on
+    and warns when a slide to predict is one of them (in-sample); `exclude_training`: each slide
+    predicted only by the models that did not train on it. A slide with counts gets its measured
+    values as `true` (`with_truth`). Every check runs before anything is written."""
     import yaml
-    not_an_input(out_dir, slides_dir, run_dir)  # before anything is read: inputs are never written over
+    # before anything is read: inputs are never written over
+    not_an_input(out_dir, slides_dir, run_dir)
     check_outputs(run_dir, out_dir, device)
     if not (Path(run_dir) / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder (runs/<name>)?")
+        raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder "
+                                "(runs/<name>)?")
     cfg = yaml.safe_load(read_text(Path(run_dir) / "config.yaml"))
     set_threads(cfg["run"].get("threads", 0) if threads is None else threads)
     folds = run_folds(run_dir, fold, partial)
@@ -439,23 +473,26 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     for path, meta in zip(paths, metas):
         data.check_slide_id(path, meta)       # outputs are named after the file, never its content
         if meta.n_features != width:
-            raise ValueError(f"{path}: features have {meta.n_features} columns, the models of {run_dir} "
-                             f"expect {width} (another encoder?)")
+            raise ValueError(f"{path}: features have {meta.n_features} columns, the models "
+                             f"of {run_dir} expect {width} (another encoder?)")
         data.scan_slide(path)                 # every value, before the first slide is predicted
     n_genes = len({g for _, gs in models for g in gs})
     largest = max(metas, key=lambda m: m.n_spots)
     check_inference_memory(models[0][0].cfg, width, n_genes, largest.n_spots,
                            f"slide {largest.slide_id}", device)
-    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models for meta in metas}
+    chosen = {meta.slide_id: out_of_fold(models, meta.slide_id) if exclude_training else models
+              for meta in metas}
     for k, (m, _) in zip(folds, models):
         print(f"fold {k} model trained on {len(m.trained_on)} slide(s): {listed(m.trained_on, 12)}")
     for meta in metas:
         seen = [str(k) for k, (m, _) in zip(folds, models) if meta.slide_id in m.trained_on]
         if seen and not exclude_training:
-            print(f"predict.py: warning: slide {meta.slide_id} was in the training set of fold model(s) "
-                  f"{', '.join(seen)}: its prediction is in-sample (--exclude-training predicts it out of fold)",
+            print(f"predict.py: warning: slide {meta.slide_id} was in the training set of "
+                  f"fold model(s) {', '.join(seen)}: its prediction is in-sample "
+                  "(--exclude-training predicts it out of fold)",
                   file=sys.stderr)
-    # conformal intervals hold for the model they were calibrated for: one fold's, as trained (same mc)
+    # conformal intervals hold for the model they were
+    # calibrated for: one fold's, as trained (same mc)
     cal_path = Path(run_dir) / f"fold_{folds[0]}" / "calibration.h5"
     calibration = read_calibration(cal_path) if len(folds) == 1 and cal_path.exists() and \
         mc == cfg["eval"]["mc_samples"] else None
@@ -464,7 +501,8 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
             slide = data.read_slide(path)
             use = chosen[slide.slide_id]
             used = [k for k, m in zip(folds, models) if any(m[0] is u for u, _ in use)]
-            slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)), cfg)
+            slide, true = with_truth(slide, list(dict.fromkeys(g for _, gs in use for g in gs)),
+                                     cfg)
             write_slide_predictions(use, slide, cfg, device, out_dir, true=true,
                                     fold=",".join(map(str, used)), mc=mc, formats=formats,
                                     seed=seed, calibration=calibration, outputs=outputs)
@@ -494,29 +532,34 @@ def with_truth(slide, genes: list[str], cfg: dict):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="predict.py",
-                                description="Predict slide caches (counts not needed) with a finished run's fold models.")
+                                description="Predict slide caches (counts not needed) with a "
+                                            "finished run's fold models.")
     p.add_argument("--run", required=True, help="run folder, e.g. runs/demo")
     p.add_argument("--slides", required=True, help="folder of <slide>.h5 caches")
     p.add_argument("--out", required=True, help="output folder for the prediction files")
-    p.add_argument("--fold", type=int, default=None, help="use one fold's model instead of the ensemble")
+    p.add_argument("--fold", type=int, default=None,
+                   help="use one fold's model instead of the ensemble")
     p.add_argument("--mc", type=int, default=0, help="Monte-Carlo dropout passes per model (std)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo dropout passes")
     p.add_argument("--format", choices=["h5", "h5ad"], nargs="+", default=["h5"],
                    help="h5 prediction files and/or AnnData .h5ad")
-    p.add_argument("--partial", action="store_true", help="predict with the finished folds of a partial run")
+    p.add_argument("--partial", action="store_true",
+                   help="predict with the finished folds of a partial run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
     p.add_argument("--exclude-training", action="store_true",
-                   help="predict each slide only with the fold models that did not train on it (out of fold)")
+                   help="predict each slide only with the fold models that did not train on it "
+                        "(out of fold)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the run's run.threads; 0 = threads.py's default)")
+                   help="CPU threads for torch (default: the run's run.threads; 0 = "
+                        "threads.py's default)")
     a = p.parse_args(argv)
     try:
         for flag, value in (("--mc", a.mc), ("--seed", a.seed)):   # torch.manual_seed takes < 2^64
             if not 0 <= value < 2 ** 32:
                 raise ValueError(f"{flag} {value}: expected an integer from 0 to 2^32 - 1")
-        predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format), a.partial, a.seed,
-                    a.threads, a.exclude_training)
+        predict_run(a.run, a.slides, a.out, a.fold, a.device, a.overwrite, a.mc, tuple(a.format),
+                    a.partial, a.seed, a.threads, a.exclude_training)
     except (FileNotFoundError, FileExistsError, ValueError, DiskFull) as e:
         sys.exit(f"predict.py: {' '.join(str(e).split())}")
 

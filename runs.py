@@ -4,20 +4,22 @@ check_run_dir, before anything is read: a plain folder directly inside run.dir, 
 data.root, writable (a probe file, removed at once). Then:
 
     runs/<name>/lock             held while a process creates or checks config.yaml and folds.json
-    runs/<name>/folds.json       the fold assignment (train, val and test slide ids per fold) and each slide
-                                 file's size and sha1, written once by the run's first process
+    runs/<name>/folds.json       the fold assignment (train, val and test slide ids per fold) and
+                                 each slide file's size and sha1, written once by the run's first
+                                 process
     runs/<name>/fold_<k>/lock    held while a process trains fold k: its pid, host and start time
 
 and how long the rest of the run will take (`Progress`, the estimate on train.py's progress lines).
 
-A lock is a file created with O_CREAT | O_EXCL: exactly one process can create it, also on most shared
-file systems. A lock left by a process that is no longer running (same host, pid gone) is taken over
-with a one-line note; a lock of another host cannot be checked and is refused, naming the file to delete.
+A lock is a file created with O_CREAT | O_EXCL: exactly one process can create it, also on most
+shared file systems. A lock left by a process that is no longer running (same host, pid gone) is
+taken over with a one-line note; a lock of another host cannot be checked and is refused, naming the
+file to delete.
 
-A slide's fingerprint is its size and the sha1 of the whole file: a cache rewritten with other counts
-of the same shape keeps its size and often its first megabytes (HDF5 puts the header and the features
-first), so only the full content tells. Hashing reads each file once, at most what one fold's training
-reads anyway (about 20 ms for a 10 MB cache).
+A slide's fingerprint is its size and the sha1 of the whole file: a cache rewritten with other
+counts of the same shape keeps its size and often its first megabytes (HDF5 puts the header and the
+features first), so only the full content tells. Hashing reads each file once, at most what one
+fold's training reads anyway (about 20 ms for a 10 MB cache).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from conformal import held_out
 from files import listed
 
 RECORD = "folds.json"
-WHERE_KEYS = ("device", "threads")   # run.<key>: where a run computes, not what; may differ between processes
+# run.<key>: where a run computes, not what; may differ between processes
+WHERE_KEYS = ("device", "threads")
 WAIT_S = 120                          # how long a process waits for another to check the run folder
 
 
@@ -48,15 +51,17 @@ def fold_numbers(given: list[str], n_folds: int) -> list[int]:
     for item in given:
         for part in item.split(","):
             if not part.strip().isdigit():
-                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, found {part!r}")
+                raise checks.ConfigError(f"--fold {item}: expected fold numbers like 0, 2 or 0,2, "
+                                         f"found {part!r}")
             if int(part) >= n_folds:
                 raise checks.ConfigError(f"--fold {item}: expected one of the run's folds "
-                                         f"{', '.join(map(str, range(n_folds)))}, found {int(part)}")
+                                         f"{', '.join(map(str, range(n_folds)))}, "
+                                         f"found {int(part)}")
             out.add(int(part))
     return sorted(out)
 
 
-# ---- the fold record --------------------------------------------------------------------------------
+# ---- the fold record -----------------------------------------------------------------------------
 def fingerprint(path: Path) -> dict:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -66,15 +71,21 @@ def fingerprint(path: Path) -> dict:
 
 
 def fold_record(cfg: dict, folds: list[tuple[list[str], list[str]]], root: Path) -> dict:
-    """The folds as train.run_fold uses them (conformal.held_out: the slides it trains on, validates and
-    calibrates with) and the fingerprint of every slide and of the gene list and GMT files the config names."""
+    """The folds as train.run_fold uses them (conformal.held_out: the slides it trains on, validates
+    and calibrates with) and the fingerprint of every slide and of the gene list and GMT files the
+    config names."""
     ids = sorted({s for train, test in folds for s in train + test})
-    slides = {s: SimpleNamespace(id=s, patient=data.read_slide_meta(root / f"{s}.h5").patient) for s in ids}
-    files = {key: checks.data_file(cfg, key, root) for key in ("genes", "gmt") if isinstance(cfg["data"][key], str)}
-    split = [[[m.id for m in part] for part in held_out([slides[s] for s in train], cfg)] for train, _ in folds]
-    return {"folds": [{"train": t, "val": v, "calibration": c, "test": test} for (t, v, c), (_, test) in zip(split, folds)],
+    slides = {s: SimpleNamespace(id=s, patient=data.read_slide_meta(root / f"{s}.h5").patient)
+              for s in ids}
+    files = {key: checks.data_file(cfg, key, root) for key in ("genes", "gmt")
+             if isinstance(cfg["data"][key], str)}
+    split = [[[m.id for m in part] for part in held_out([slides[s] for s in train], cfg)]
+             for train, _ in folds]
+    return {"folds": [{"train": t, "val": v, "calibration": c, "test": test}
+                      for (t, v, c), (_, test) in zip(split, folds)],
             "slides": {s: fingerprint(root / f"{s}.h5") for s in ids},
-            "files": {f"data.{key}": {"path": str(p), **fingerprint(p)} for key, p in files.items()}}
+            "files": {f"data.{key}": {"path": str(p), **fingerprint(p)}
+                      for key, p in files.items()}}
 
 
 def record_changes(saved: dict, now: dict) -> list[str]:
@@ -87,17 +98,19 @@ def record_changes(saved: dict, now: dict) -> list[str]:
         out.append(f"slides removed: {listed(sorted(set(a) - set(b)), 8)}")
     changed = [s for s in sorted(set(a) & set(b)) if a[s] != b[s]]
     if changed:
-        out.append("content changed: " + listed((f"{s}.h5 ({a[s]['bytes']} -> {b[s]['bytes']} bytes, sha1 "
-                                                 f"{a[s]['sha1'][:8]} -> {b[s]['sha1'][:8]})" for s in changed), 8))
+        out.append("content changed: "
+                   + listed((f"{s}.h5 ({a[s]['bytes']} -> {b[s]['bytes']} bytes, sha1 "
+                             f"{a[s]['sha1'][:8]} -> {b[s]['sha1'][:8]})" for s in changed), 8))
     fa, fb = saved.get("folds", []), now["folds"]
     if len(fa) != len(fb):
         out.append(f"{len(fb)} folds instead of {len(fa)}")
     for k, (x, y) in enumerate(zip(fa, fb)):
         for part in ("train", "val", "calibration", "test"):
             if x.get(part, []) != y[part]:
-                gone, new = sorted(set(x.get(part, [])) - set(y[part])), sorted(set(y[part]) - set(x.get(part, [])))
-                what = (f"without {listed(gone, 8) or '-'}, with {listed(new, 8) or '-'}" if gone or new
-                        else "the same slides in another order")
+                gone, new = (sorted(set(x.get(part, [])) - set(y[part])),
+                             sorted(set(y[part]) - set(x.get(part, []))))
+                what = (f"without {listed(gone, 8) or '-'}, with {listed(new, 8) or '-'}"
+                        if gone or new else "the same slides in another order")
                 out.append(f"fold {k} {part} slides differ ({what})")
     for key in sorted(set(saved.get("files", {})) | set(now["files"])):
         x, y = saved.get("files", {}).get(key), now["files"].get(key)
@@ -106,7 +119,7 @@ def record_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
-# ---- locks --------------------------------------------------------------------------------------------
+# ---- locks ---------------------------------------------------------------------------------------
 def _holder(path: Path) -> dict | None:
     """The lock's owner; {} while it is being written (or broken), None when there is no lock."""
     try:
@@ -121,7 +134,8 @@ def _holder(path: Path) -> dict | None:
 
 
 def _running(owner: dict) -> bool | None:
-    """Whether the lock's process runs: True / False on this host, None where that cannot be told."""
+    """Whether the lock's process runs: True / False on this host, None where that cannot be
+    told."""
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return None
@@ -135,28 +149,32 @@ def _running(owner: dict) -> bool | None:
 
 
 def describe(owner: dict) -> str:
-    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
+    return (f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since "
+            f"{owner.get('started', '?')}")
 
 
 def held(path: Path, owner: dict, what: str) -> str:
     """The line that refuses a lock held by another process."""
     if not owner:
-        return f"{path}: {what} another process (its lock is being written, or broken: delete it if no process holds it)"
+        return (f"{path}: {what} another process (its lock is being written, or broken: delete it "
+                "if no process holds it)")
     line = f"{path}: {what} {describe(owner)}"
     if _running(owner) is None:
-        line += f"; a process of another host cannot be checked from here: if it is gone, delete {path}"
+        line += ("; a process of another host cannot be checked from here: if it is gone, "
+                 f"delete {path}")
     return line
 
 
 def _take_over(path: Path, owner: dict) -> bool:
-    """Remove a dead process's lock, unless another process got there first: `<lock>.takeover` (O_EXCL)
-    lets one process at a time look and remove, so a fresh lock is never removed for a stale one."""
+    """Remove a dead process's lock, unless another process got there first: `<lock>.takeover`
+    (O_EXCL) lets one process at a time look and remove, so a fresh lock is never removed for a
+    stale one."""
     guard = path.with_name(path.name + ".takeover")
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         try:
-            if time.time() - guard.stat().st_mtime > 10:     # left by a process killed in these lines
+            if time.time() - guard.stat().st_mtime > 10:  # left by a process killed in these lines
                 guard.unlink()
         except FileNotFoundError:
             pass
@@ -195,7 +213,8 @@ def take(path: Path) -> tuple[dict | None, str | None]:
             if _running(owner) is not False:
                 return owner, None
             if _take_over(path, owner):
-                note = f"{path}: took over the lock of {describe(owner)}, which is no longer running"
+                note = (f"{path}: took over the lock of {describe(owner)}, which is no "
+                        "longer running")
             continue
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -216,7 +235,7 @@ def release_folds(run_dir: Path, ks) -> None:
         release(run_dir / f"fold_{k}" / "lock")
 
 
-# ---- the run folder -----------------------------------------------------------------------------------
+# ---- the run folder ------------------------------------------------------------------------------
 def differences(saved, given, prefix="") -> list[str]:
     """The dotted keys whose values differ between two configs, with both values."""
     out = []
@@ -230,7 +249,8 @@ def differences(saved, given, prefix="") -> list[str]:
 
 
 def check_writable(run_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, takes a new file (data.check_writable)."""
+    """The run folder, or the nearest folder above it that exists, takes a new file
+    (data.check_writable)."""
     try:
         data.check_writable(run_dir, "key 'run.dir'")
     except ValueError as e:
@@ -238,27 +258,29 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_run_dir(cfg: dict) -> Path:
-    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so the
-    folder lies directly inside run.dir (also once links are followed), and apart from data.root (not it,
-    not inside it, not around it). Returns it as given; open_run guards what is inside."""
+    """The run folder run.dir/run.name, before anything is read or written: a plain folder name, so
+    the folder lies directly inside run.dir (also once links are followed), and apart from data.root
+    (not it, not inside it, not around it). Returns it as given; open_run guards what is inside."""
     name, base = cfg["run"]["name"], Path(cfg["run"]["dir"])
     seps = {"/", "\\", os.sep, os.altsep} - {None}
     if name in (".", "..") or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
-        raise checks.ConfigError("key 'run.name': expected a folder name inside run.dir (no path separator, "
-                                 f"not '.', '..' or hidden), found {name!r}")
+        raise checks.ConfigError("key 'run.name': expected a folder name inside run.dir (no "
+                                 f"path separator, not '.', '..' or hidden), found {name!r}")
     run_dir = base / name
     if run_dir.exists() and not run_dir.is_dir():
         raise checks.ConfigError(f"{run_dir}: key 'run.name': expected a run folder, found a file")
     inside = base.resolve()
     where = run_dir.resolve()
     if where.parent != inside:
-        raise checks.ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir {inside}, found a "
-                                 f"link to {where}, outside run.dir")
+        raise checks.ConfigError(f"{run_dir}: key 'run.name': expected a folder inside run.dir "
+                                 f"{inside}, found a link to {where}, outside run.dir")
     data_root = Path(cfg["data"]["root"]).resolve()
     if where == data_root or data_root in where.parents or where in data_root.parents:
-        relation = ("is" if where == data_root else "is inside" if data_root in where.parents else "holds")
-        raise checks.ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder apart from the "
-                                 f"data, found one that {relation} data.root {data_root}")
+        relation = ("is" if where == data_root else "is inside" if data_root in where.parents
+                    else "holds")
+        raise checks.ConfigError(f"{run_dir}: key 'run.name' / 'run.dir': expected a run folder "
+                                 f"apart from the data, found one that {relation} "
+                                 f"data.root {data_root}")
     check_writable(run_dir)
     return run_dir
 
@@ -271,9 +293,9 @@ def _what(cfg: dict) -> dict:
 
 
 def open_run(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: bool) -> list[str]:
-    """Under the run lock: a new run writes folds.json and config.yaml; an existing run is continued only
-    with --resume, or joined by a fold job (--fold), and then only with the same config (run.device and
-    run.threads aside) and the same folds and data. Returns notes for the log."""
+    """Under the run lock: a new run writes folds.json and config.yaml; an existing run is continued
+    only with --resume, or joined by a fold job (--fold), and then only with the same config
+    (run.device and run.threads aside) and the same folds and data. Returns notes for the log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock, notes, t0 = run_dir / "lock", [], time.time()
     while True:
@@ -282,7 +304,8 @@ def open_run(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: bool
         if owner is None:
             break
         if time.time() - t0 > WAIT_S:
-            raise checks.ConfigError(held(lock, owner, f"waited {WAIT_S} s for the run folder, held by"))
+            raise checks.ConfigError(held(lock, owner,
+                                          f"waited {WAIT_S} s for the run folder, held by"))
         time.sleep(0.2)
     try:
         notes += _open_locked(run_dir, cfg, record, resume, joining)
@@ -297,9 +320,10 @@ def _open_locked(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: 
         other = sorted(p.name for p in run_dir.iterdir()
                        if not p.name.startswith(("lock", ".")) and p.name != RECORD)
         if other:
-            raise checks.ConfigError(f"{run_dir}: expected a new run folder, found {listed(other, 8)} and no "
-                                     "config.yaml (not a run of train.py): choose another run.name")
-        with data.atomic_path(record_path) as tmp:         # the record first: config.yaml marks a run
+            raise checks.ConfigError(f"{run_dir}: expected a new run folder, found "
+                                     f"{listed(other, 8)} and no config.yaml (not a run of "
+                                     "train.py): choose another run.name")
+        with data.atomic_path(record_path) as tmp:  # the record first: config.yaml marks a run
             tmp.write_text(json.dumps(record, indent=1) + "\n")
         with data.atomic_path(config) as tmp:
             tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -307,35 +331,37 @@ def _open_locked(run_dir: Path, cfg: dict, record: dict, resume: bool, joining: 
     try:
         saved = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise checks.ConfigError(f"{config}: expected the config the run started with, found: {e}") from None
+        raise checks.ConfigError(
+            f"{config}: expected the config the run started with, found: {e}") from None
     diff = differences(_what(saved if isinstance(saved, dict) else {}), _what(cfg))
     flag = "--resume" if resume else "--fold"
     if diff and (resume or joining):
-        raise checks.ConfigError(f"{config}: {flag} expected the config the run started with, found other values "
-                                 f"for {'; '.join(diff)}")
+        raise checks.ConfigError(f"{config}: {flag} expected the config the run started with, "
+                                 f"found other values for {'; '.join(diff)}")
     if diff:
-        raise checks.ConfigError(f"{run_dir} holds a run of another config ({'; '.join(diff)}): choose another "
-                                 "run.name")
+        raise checks.ConfigError(f"{run_dir} holds a run of another config ({'; '.join(diff)}): "
+                                 "choose another run.name")
     if not (resume or joining):
-        raise checks.ConfigError(f"{run_dir} holds this run already: pass --resume to continue it, or choose "
-                                 "another run.name")
-    if not record_path.exists():                            # a run begun before runs kept this record
+        raise checks.ConfigError(f"{run_dir} holds this run already: pass --resume to continue "
+                                 "it, or choose another run.name")
+    if not record_path.exists():  # a run begun before runs kept this record
         with data.atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
         return [f"{record_path} was missing: recorded the present folds and data"]
     try:
         changes = record_changes(json.loads(record_path.read_text()), record)
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        raise checks.ConfigError(f"{record_path}: expected the run's fold record, found: {e}") from None
+        raise checks.ConfigError(
+            f"{record_path}: expected the run's fold record, found: {e}") from None
     if changes:
-        raise checks.ConfigError(f"{record_path}: {flag} expected the folds and data the run started with, "
-                                 f"found {'; '.join(changes)}")
+        raise checks.ConfigError(f"{record_path}: {flag} expected the folds and data the run "
+                                 f"started with, found {'; '.join(changes)}")
     return []
 
 
 def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], list[str]]:
-    """The fold locks of the folds to train (those without `done`), all or none; a fold that an earlier
-    process started (a checkpoint, a model, predictions) is continued only with --resume.
+    """The fold locks of the folds to train (those without `done`), all or none; a fold that an
+    earlier process started (a checkpoint, a model, predictions) is continued only with --resume.
     Returns (the folds now locked for this process, notes)."""
     todo, notes = [], []
     try:
@@ -347,7 +373,8 @@ def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], 
             fold_dir.mkdir(exist_ok=True)
             owner, note = take(fold_dir / "lock")
             if owner is not None:
-                raise checks.ConfigError(held(fold_dir / "lock", owner, f"fold {k} is being trained by"))
+                raise checks.ConfigError(held(fold_dir / "lock", owner,
+                                              f"fold {k} is being trained by"))
             todo.append(k)
             notes += [note] if note else []
             if (fold_dir / "done").exists():                # finished by its owner while we looked
@@ -357,8 +384,8 @@ def claim_folds(run_dir: Path, ks: list[int], resume: bool) -> tuple[list[int], 
                 continue
             begun = sorted(p.name for p in fold_dir.iterdir() if not p.name.startswith("lock"))
             if begun and not resume:
-                raise checks.ConfigError(f"{fold_dir}: fold {k} was begun earlier ({', '.join(begun)}): pass "
-                                         "--resume to continue it")
+                raise checks.ConfigError(f"{fold_dir}: fold {k} was begun earlier "
+                                         f"({', '.join(begun)}): pass --resume to continue it")
     except BaseException:
         release_folds(run_dir, todo)
         raise

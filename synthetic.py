@@ -1,6 +1,8 @@
-"""The synthetic demo dataset: slide caches whose expression depends on the spot and its neighbourhood.
+"""The synthetic demo dataset: slide caches whose expression depends on the spot and its
+neighbourhood.
 
-    python synthetic.py --out DIR [--slides 12 --seed 0 --layout visium|square|hd --spots 1500 --pseudo]
+    python synthetic.py --out DIR
+        [--slides 12 --seed 0 --layout visium|square|hd --spots 1500 --pseudo]
     python synthetic.py --out DIR --layout square --sub 2    # sub-spot truth for super-resolution
 """
 from __future__ import annotations
@@ -16,19 +18,22 @@ import torch
 
 import files
 from data import Slide, write_slide
-from hest import bin_slide  # a sub-spot dataset is a fine dataset binned, by the one binning there is
+# a sub-spot dataset is a fine dataset binned, by the one binning there is
+from hest import bin_slide
 
 
 # ----------------------------------------------------------------------------- synthetic slides
 
-LAYOUTS = {"visium": (100.0, True), "square": (200.0, False), "hd": (8.0, False)}  # pitch in um, hexagonal
-# Latent tissue programs: (name, kind, length scale of its smooth random field in spot pitches, or the
-# region a margin surrounds). What the spot's own image features show of each kind:
+# pitch in um, hexagonal
+LAYOUTS = {"visium": (100.0, True), "square": (200.0, False), "hd": (8.0, False)}
+# Latent tissue programs: (name, kind, length scale of its smooth random field in spot pitches, or
+# the region a margin surrounds). What the spot's own image features show of each kind:
 #   region  - a thresholded field (tumour, gland): clearly visible
 #   local   - visible under light noise
 #   neigh   - visible only under heavy per-spot noise; smooth over several spots, so the mean of the
 #             neighbours' features recovers it
-#   inhibit - a pair visible locally whose expression is suppressed by the other one in the first ring
+#   inhibit - a pair visible locally whose expression is suppressed by the other one in the first
+#             ring
 #   margin  - spots outside a region with the region in their two rings; invisible locally
 PROGRAMS = (("TUMOUR", "region", 5), ("GLAND", "region", 8), ("CELLULARITY", "local", 4),
             ("LOCAL_A", "local", 2), ("LOCAL_B", "local", 3), ("LOCAL_C", "local", 6),
@@ -36,30 +41,38 @@ PROGRAMS = (("TUMOUR", "region", 5), ("GLAND", "region", 8), ("CELLULARITY", "lo
             ("NEIGH_D", "neigh", 5), ("NEIGH_E", "neigh", 6),
             ("INHIBIT_A", "inhibit", 2.5), ("INHIBIT_B", "inhibit", 2.5),
             ("TUMOUR_MARGIN", "margin", "TUMOUR"), ("GLAND_MARGIN", "margin", "GLAND"))
-FIELDS = [p for p in PROGRAMS if p[1] != "margin"] + [("NUISANCE_A", "local", 2), ("NUISANCE_B", "local", 5)]
-NOISE = {"region": 0.3, "local": 0.5, "neigh": 3.0, "inhibit": 0.5}   # feature noise per visible signal
+FIELDS = [p for p in PROGRAMS if p[1] != "margin"] + [("NUISANCE_A", "local", 2),
+                                                      ("NUISANCE_B", "local", 5)]
+# feature noise per visible signal
+NOISE = {"region": 0.3, "local": 0.5, "neigh": 3.0, "inhibit": 0.5}
 
 
 def _random_fields(scales, rng, k=64):
     """Unit-variance Gaussian random fields with squared-exponential correlation (random Fourier
-    features, k frequencies each); returns a function from points (M, 2) to values (M, len(scales))."""
-    omega = (rng.standard_normal((len(scales), k, 2)) / np.asarray(scales, float)[:, None, None]).reshape(-1, 2)
+    features, k frequencies each); returns a function from points (M, 2) to values (M,
+    len(scales))."""
+    omega = (rng.standard_normal((len(scales), k, 2))
+             / np.asarray(scales, float)[:, None, None]).reshape(-1, 2)
     phase = rng.uniform(0, 2 * np.pi, len(scales) * k)
     return lambda xy: math.sqrt(2 / k) * np.cos((xy @ omega.T + phase).astype(np.float32)).reshape(
         len(xy), len(scales), k).sum(-1, dtype=np.float64)
 
 
 def _neighbour_mean(v, mask, hexagonal, radius):
-    """Mean of v (R, C, K) over the in-tissue lattice sites within `radius` pitches (not the site itself)."""
+    """Mean of v (R, C, K) over the in-tissue lattice sites within `radius` pitches (not the site
+    itself)."""
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
     r = int(radius / hx) + 1
     total, count = np.zeros_like(v), np.zeros(mask.shape)
     for dr in range(-r, r + 1):
         for dc in range(-r, r + 1):
-            if (hexagonal and (dr + dc) % 2) or not 0 < math.hypot(dr * hy, dc * hx) <= radius + 1e-6:
+            if ((hexagonal and (dr + dc) % 2)
+                or not 0 < math.hypot(dr * hy, dc * hx) <= radius + 1e-6):
                 continue
-            dst = np.s_[max(0, -dr):mask.shape[0] - max(0, dr), max(0, -dc):mask.shape[1] - max(0, dc)]
-            src = np.s_[max(0, dr):mask.shape[0] - max(0, -dr), max(0, dc):mask.shape[1] - max(0, -dc)]
+            dst = np.s_[max(0, -dr):mask.shape[0] - max(0, dr),
+                        max(0, -dc):mask.shape[1] - max(0, dc)]
+            src = np.s_[max(0, dr):mask.shape[0] - max(0, -dr),
+                        max(0, dc):mask.shape[1] - max(0, -dc)]
             total[dst] += v[src] * mask[src][..., None]
             count[dst] += mask[src]
     return total / np.maximum(count, 1)[..., None]
@@ -70,9 +83,10 @@ def _region(z):
 
 
 def _visible(z, rng, clarity=1.0):
-    """What the image shows of the latent fields z (M, len(FIELDS)): (M, len(FIELDS)) noisy signals, the
-    noise divided by `clarity`."""
-    sig = np.stack([_region(z[:, f]) if kind == "region" else z[:, f] for f, (_, kind, _) in enumerate(FIELDS)], 1)
+    """What the image shows of the latent fields z (M, len(FIELDS)): (M, len(FIELDS)) noisy signals,
+    the noise divided by `clarity`."""
+    sig = np.stack([_region(z[:, f]) if kind == "region" else z[:, f]
+                    for f, (_, kind, _) in enumerate(FIELDS)], 1)
     noise = np.array([NOISE[kind] for _, kind, _ in FIELDS]) / clarity
     return sig + noise * rng.standard_normal(sig.shape)
 
@@ -158,29 +172,32 @@ def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo,
     pitch, hexagonal = LAYOUTS[layout]
     if sub:
         pitch, n_spots = pitch / sub, n_spots * sub * sub
-    # sub: programs vary over a quarter of their usual length (in sub-spot pitches) and a sub-patch shows its
-    # sub-spot with a third of the usual noise, so that the sub-spots of one spot differ, visibly. (With the
-    # usual lengths, even a ridge fitted on the sub-spot truth beats copying the spot into its sub-spots by
-    # only ~0.02 PCC: count noise hides what little differs inside a spot.)
+    # sub: programs vary over a quarter of their usual length (in sub-spot pitches) and a sub-patch
+    # shows its sub-spot with a third of the usual noise, so that the sub-spots of one spot differ,
+    # visibly. (With the usual lengths, even a ridge fitted on the sub-spot truth beats copying the
+    # spot into its sub-spots by only ~0.02 PCC: count noise hides what little differs inside a
+    # spot.)
     scale, clarity = (0.25, 3.0) if sub else (1.0, 1.0)
     hx, hy = (0.5, math.sqrt(3) / 2) if hexagonal else (1.0, 1.0)
     rng = np.random.default_rng(seed)
     P, S = len(PROGRAMS), len(FIELDS)
     # genes: ~85% belong to one program (a quarter also weakly to a second), the rest to none
     n_free = round(0.15 * n_genes)
-    primary = np.concatenate([rng.permutation(np.arange(n_genes - n_free) % P), -np.ones(n_free, int)])
+    primary = np.concatenate([rng.permutation(np.arange(n_genes - n_free) % P),
+                              -np.ones(n_free, int)])
     W = np.zeros((n_genes, P))
     for g in np.flatnonzero(primary >= 0):
         W[g, primary[g]] = rng.uniform(0.5, 1.0) * (-1 if rng.random() < 0.15 else 1)
         if rng.random() < 0.25:
             W[g, (primary[g] + rng.integers(1, P)) % P] = rng.uniform(0.2, 0.5)
     log_base = rng.normal(math.log(3), 1.0, n_genes)
-    theta = rng.uniform(2, 10, n_genes)                                  # NB size; variance mu + mu^2/theta
-    mix = rng.standard_normal((S, n_features)) / math.sqrt(S)            # visible signals -> features
-    stain_shift, stain_gain = rng.standard_normal((3, n_features)), rng.standard_normal((3, n_features))
+    theta = rng.uniform(2, 10, n_genes)  # NB size; variance mu + mu^2/theta
+    mix = rng.standard_normal((S, n_features)) / math.sqrt(S)  # visible signals -> features
+    stain_shift, stain_gain = (rng.standard_normal((3, n_features)),
+                               rng.standard_normal((3, n_features)))
     patient_of = [2 * (i // 5) + (i % 5 >= 3) for i in range(n_slides)]   # 3, 2, 3, 2 ... slides
     n_pat = patient_of[-1] + 1
-    patient_offset = 0.4 * rng.standard_normal((n_pat, S))               # e.g. more tumour in a patient
+    patient_offset = 0.4 * rng.standard_normal((n_pat, S))  # e.g. more tumour in a patient
     patient_stain = rng.standard_normal((n_pat, 3))
     genes = [f"G{g:03d}" for g in range(n_genes)]
     names = [f"P{p:02d}_{name}" for p, (name, _, _) in enumerate(PROGRAMS)]
@@ -195,7 +212,8 @@ def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo,
         fields = _random_fields([s * scale for _, _, s in FIELDS] + [side / 4], srng)
         z = fields(grid)                                                 # (R*C, S+1)
         z[:, :S] += patient_offset[pat]
-        # irregular tissue footprint: the n sites scoring best on a random ellipse plus a smooth field
+        # irregular tissue footprint: the n sites scoring
+        # best on a random ellipse plus a smooth field
         angle, aspect = srng.uniform(0, np.pi), srng.uniform(0.6, 1.0)
         u, v = ((grid - side / 2) @ np.array([[math.cos(angle), -math.sin(angle)],
                                               [math.sin(angle), math.cos(angle)]])).T
@@ -217,24 +235,31 @@ def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo,
                 partner = idx["INHIBIT_B" if name == "INHIBIT_A" else "INHIBIT_A"]
                 act[:, p] = (z[:, idx[name]] - 0.8 * ring1[:, partner]) / 1.2
             else:
-                act[:, p] = 2 * _region(z[:, idx[name]]) - 1 if kind == "region" else z[:, idx[name]]
+                act[:, p] = (2 * _region(z[:, idx[name]]) - 1 if kind == "region"
+                             else z[:, idx[name]])
         act = act[mask]                                                  # (N, P)
         # expression: NB counts around library size x exp(baseline + loadings . activities)
-        lib = math.exp(srng.normal(0, 0.3)) * np.exp(0.4 * z[mask, idx["CELLULARITY"]] + 0.2 * srng.standard_normal(n))
+        lib = math.exp(srng.normal(0, 0.3)) * np.exp(0.4 * z[mask, idx["CELLULARITY"]]
+                                                     + 0.2 * srng.standard_normal(n))
         expected = lib[:, None] * np.exp(log_base + act @ W.T)           # (N, G)
         counts = srng.negative_binomial(theta, theta / (theta + expected)).astype(np.float32)
         # features: mixed visible signals + noise, then a per-slide affine stain shift
         stain = patient_stain[pat] + 0.5 * srng.standard_normal(3)
-        embed = lambda vis: (vis @ mix + 0.3 / clarity * srng.standard_normal((len(vis), n_features))) \
+        embed = lambda vis: (vis @ mix
+                             + 0.3 / clarity * srng.standard_normal((len(vis), n_features))) \
             * np.exp(0.1 * stain @ stain_gain) + 0.35 * stain @ stain_shift  # noqa: E731
         offset = srng.uniform(0, 5000, 2)
         coords = grid[mask] * pitch + offset + 0.01 * pitch * srng.standard_normal((n, 2))
-        slide = Slide(f"synth_{i:02d}", torch.tensor(embed(_visible(z[mask, :S], srng, clarity)), dtype=torch.float32),
-                      torch.tensor(coords, dtype=torch.float32), np.array([f"s{i:02d}_{j:05d}" for j in range(n)]),
-                      patient=f"P{pat:02d}", spot_pitch_um=pitch, encoder="synthetic",
-                      counts=torch.from_numpy(counts), genes=genes, library_size=torch.from_numpy(counts.sum(1)),
+        slide = Slide(f"synth_{i:02d}",
+                      torch.tensor(embed(_visible(z[mask, :S], srng, clarity)),
+                                   dtype=torch.float32),
+                      torch.tensor(coords, dtype=torch.float32),
+                      np.array([f"s{i:02d}_{j:05d}" for j in range(n)]), patient=f"P{pat:02d}",
+                      spot_pitch_um=pitch, encoder="synthetic", counts=torch.from_numpy(counts),
+                      genes=genes, library_size=torch.from_numpy(counts.sum(1)),
                       expected=torch.tensor(expected, dtype=torch.float32))
-        if pseudo:  # off-grid pseudo-spots at triangle (hex) or square centres inside the tissue (FEAST)
+        # off-grid pseudo-spots at triangle (hex) or square centres inside the tissue (FEAST)
+        if pseudo:
             if hexagonal:   # sites (r, c), (r, c+2), (r+1, c+1) form a triangle
                 pr, pc = np.nonzero(mg[:-1, :-2] & mg[:-1, 2:] & mg[1:, 1:-1])
                 pxy = np.stack([pc * hx + 0.5, pr * hy + hy / 3], 1)
@@ -264,23 +289,27 @@ def _draw(outputs, n_slides, seed, layout, n_spots, n_genes, n_features, pseudo,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="synthetic.py",
-                                 description="Write a synthetic dataset (slides, programs.gmt, metadata.csv).")
+                                 description="Write a synthetic dataset (slides, programs.gmt, "
+                                             "metadata.csv).")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--slides", type=int, default=12, help="number of slides (2-3 per patient)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="visium",
-                    help="visium: hexagonal 100 um; square: 200 um (legacy ST); hd: square 8 um bins")
+                    help="visium: hexagonal 100 um; square: 200 um (legacy ST); hd: "
+                         "square 8 um bins")
     ap.add_argument("--spots", type=int, default=1500, help="spots per slide (+-15%%)")
     ap.add_argument("--genes", type=int, default=300)
     ap.add_argument("--features", type=int, default=64)
-    ap.add_argument("--pseudo", action="store_true", help="also write off-grid pseudo-spots (FEAST)")
+    ap.add_argument("--pseudo", action="store_true",
+                    help="also write off-grid pseudo-spots (FEAST)")
     ap.add_argument("--sub", type=int, default=0, choices=[0, 2, 4],
-                    help="simulate 2 x 2 or 4 x 4 sub-spots per spot (sub_features, sub_counts); square layouts")
+                    help="simulate 2 x 2 or 4 x 4 sub-spots per spot (sub_features, sub_counts); "
+                         "square layouts")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = ap.parse_args(argv)
     try:
-        make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features, a.pseudo, a.overwrite,
-                       sub=a.sub)
+        make_synthetic(a.out, a.slides, a.seed, a.layout, a.spots, a.genes, a.features,
+                       a.pseudo, a.overwrite, sub=a.sub)
     except (ValueError, OSError) as e:  # e.g. an existing output file: one line, no traceback
         raise SystemExit(" ".join(str(e).split())) from None
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures. Real data lives in ../shared/data beside the checkout and is never copied here."""
+"""Shared test fixtures. Real data lives in ../shared/data beside the checkout and is never copied
+here."""
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ def _seed():
 
 @pytest.fixture
 def one_thread():
-    """One torch thread: tiny ops on two shared cores can stall for ms waiting for a second thread."""
+    """One torch thread: tiny ops on two shared cores can stall for ms waiting for a second
+    thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,11 +1,12 @@
-"""Writes tests/forward_reference.pt: for every configs/*.yaml (and a few switches no config turns on),
-a tiny float64 model on a fixed random slide, its state_dict, its inputs and everything its forward
-returns, in eval (the fast kernels' inference path) and in training (dropout on, seeded; the gradients
-of every parameter too). tests/test_forward_reference.py loads each state_dict into the model the
-current code builds and asks for the same numbers on both kernel paths: a rewrite of the forward must
-not change them, and checkpoints saved before it must still load.
+"""Writes tests/forward_reference.pt: for every configs/*.yaml (and a few switches no config turns
+on), a tiny float64 model on a fixed random slide, its state_dict, its inputs and everything its
+forward returns, in eval (the fast kernels' inference path) and in training (dropout on, seeded; the
+gradients of every parameter too). tests/test_forward_reference.py loads each state_dict into the
+model the current code builds and asks for the same numbers on both kernel paths: a rewrite of the
+forward must not change them, and checkpoints saved before it must still load.
 
-    OMP_NUM_THREADS=1 python tests/make_forward_reference.py    # only when the model is meant to change
+    OMP_NUM_THREADS=1 python tests/make_forward_reference.py
+        # only when the model is meant to change
 """
 from __future__ import annotations
 
@@ -22,16 +23,20 @@ import lattice  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 
 OUT = ROOT / "tests" / "forward_reference.pt"
-C, G, SIDE = 6, 5, 9            # feature width, genes, spots per side of the slide (before some are dropped)
+C, G, SIDE = 6, 5, 9  # feature width, genes, spots per side of the slide (before some are dropped)
 TINY = dict(dim=8, heads=2, hidden=8, pca=4, ffn_ratio=1)
-FLOAT32 = {"stf_bottleneck", "default_bf16", "hifusion_bf16", "magnet_bf16"}  # float32 cases (bit for bit all the same)
+# float32 cases (bit for bit all the same)
+FLOAT32 = {"stf_bottleneck", "default_bf16", "hifusion_bf16", "magnet_bf16"}
 EXTRA = {  # switches no config file turns on, on top of a config
     "hist_checkpoint": ("hist", dict(checkpoint=True)),
-    "default_knn_zinb": ("default", dict(attention="knn", bias="alibi", head="zinb", pos_encoding=True)),
+    "default_knn_zinb": ("default",
+                         dict(attention="knn", bias="alibi", head="zinb", pos_encoding=True)),
     "default_mlp_alibi": ("default", dict(head="mlp", bias="alibi", coarse_attention="same")),
     "stf_bottleneck": ("stf", dict(attention="none")),   # float32: h2h off adds float32 zeros
-    "hifusion_linear_pool": ("hifusion", dict(sub_pool="linear", out_levels=[-1, 0, 1], checkpoint=True)),
-    "default_bf16": ("default", dict(pos_encoding=True)),   # float32, and eval under the CPU's bf16 autocast
+    "hifusion_linear_pool": ("hifusion",
+                             dict(sub_pool="linear", out_levels=[-1, 0, 1], checkpoint=True)),
+    # float32, and eval under the CPU's bf16 autocast
+    "default_bf16": ("default", dict(pos_encoding=True)),
     "hifusion_bf16": ("hifusion", {}),
     "magnet_bf16": ("magnet", {}),
     "hist_split_linear": ("hist", dict(windows="split", uncoarsen="linear")),  # tessera's forms
@@ -54,7 +59,8 @@ def configs() -> dict[str, dict]:
 
 
 def slide_inputs(m: dict, seed: int) -> dict:
-    """A jittered square grid with holes at the config's pitch, features, pseudo-spots, sub-patches."""
+    """A jittered square grid with holes at the config's pitch, features, pseudo-spots,
+    sub-patches."""
     g = torch.Generator().manual_seed(seed)
     pitch = m.get("unit_um") or 100.0
     i, j = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
@@ -72,7 +78,8 @@ def slide_inputs(m: dict, seed: int) -> dict:
         r = 2 ** m["sub_levels"]
         b["sub_features"] = torch.randn(N, r * r, C, generator=g, dtype=torch.float64)
         b["sub_valid"] = torch.rand(N, r * r, generator=g) > 0.2
-        b["sub_valid"][torch.arange(N), torch.randint(r * r, (N,), generator=g)] = True  # >= 1 per spot
+        # >= 1 per spot
+        b["sub_valid"][torch.arange(N), torch.randint(r * r, (N,), generator=g)] = True
     return b
 
 
@@ -83,12 +90,13 @@ def build(m: dict, dtype=torch.float64) -> torch.nn.Module:
 def call(model, b: dict, **kw):
     """As train.forward and predict.predict_outputs call a model."""
     sub = {k: b[k] for k in ("sub_features", "sub_valid") if k in b}
-    return model(b["features"], b["coords"], b.get("pseudo_features"), b.get("pseudo_coords"), unit=b["unit"],
-                 **sub, **kw)
+    return model(b["features"], b["coords"], b.get("pseudo_features"), b.get("pseudo_coords"),
+                 unit=b["unit"], **sub, **kw)
 
 
 def flatten(x, prefix: str, out: dict) -> dict:
-    """Nested dicts / lists of tensors -> {"a/b/0": tensor} (graph kept); other leaves (window names) skipped."""
+    """Nested dicts / lists of tensors -> {"a/b/0": tensor} (graph kept); other leaves (window
+    names) skipped."""
     if isinstance(x, torch.Tensor):
         out[prefix] = x
     elif isinstance(x, dict):
@@ -102,7 +110,8 @@ def flatten(x, prefix: str, out: dict) -> dict:
 
 def run(model, b: dict) -> dict:
     """Every output of the forward: eval (no grad; a float32 model also under bf16 autocast), then
-    training with dropout, seeded, and the gradients of a fixed random weighting of every float output."""
+    training with dropout, seeded, and the gradients of a fixed random weighting of every float
+    output."""
     out = {}
     model.eval()
     with torch.no_grad():
@@ -120,7 +129,8 @@ def run(model, b: dict) -> dict:
         loss = sum((v * torch.randn(v.shape, generator=g, dtype=v.dtype)).sum() for v in terms)
         model.zero_grad(set_to_none=True)
         loss.backward()
-        out.update({f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None})
+        out.update({f"grad/{name}": p.grad for name, p in model.named_parameters()
+                    if p.grad is not None})
     model.eval()
     return {k: v.detach().clone() for k, v in out.items()}
 
@@ -139,7 +149,8 @@ def make_case(m: dict, seed: int, dtype=torch.float64) -> dict:
         model.fit(b["features"], target)
     elif hasattr(model, "fit_slides"):
         model.fit_slides([{"features": b["features"], "coords": b["coords"], "target": target}])
-    with torch.no_grad():  # away from the identity / zero initialisations, so every path shows in the outputs
+    # away from the identity / zero initialisations, so every path shows in the outputs
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
     return {"model": m, "dtype": str(dtype).removeprefix("torch."),

@@ -1,6 +1,7 @@
-"""A table of bad inputs, each run as the user would run it (a subprocess on tiny data): every one ends the
-program with a non-zero status and exactly one line naming the file or key, no traceback, and writes
-nothing (no run folder; every file in the working folder byte-identical before and after)."""
+"""A table of bad inputs, each run as the user would run it (a subprocess on tiny data): every one
+ends the program with a non-zero status and exactly one line naming the file or key, no traceback,
+and writes nothing (no run folder; every file in the working folder byte-identical before and
+after)."""
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow   # ~30 subprocesses, each importing torch
 
 
-# ---- builders: each makes the bad input in tmp (the working folder) and returns the command line ----------
+# ---- builders: each makes the bad input in tmp (the working folder) and returns the command line
 def caches(tmp: Path) -> Path:
     root = tmp / "caches"
     for i in range(4):
@@ -30,7 +31,8 @@ def caches(tmp: Path) -> Path:
 
 
 def replace(tmp, slide, key, change, dtype=None):
-    """Slide s<slide>'s dataset `key` replaced by change(old values) (read_slide would refuse to write it)."""
+    """Slide s<slide>'s dataset `key` replaced by change(old values) (read_slide would refuse to
+    write it)."""
     with h5py.File(caches(tmp) / f"s{slide}.h5", "a") as f:
         old = files.h5_strings(f[key]) if key in data.STRING_KEYS else f[key][()]
         del f[key]
@@ -46,8 +48,9 @@ def at(x, index, value):
 
 
 def train(*overrides, config=None):
-    return [str(ROOT / "train.py"), config or str(ROOT / "configs/default.yaml"), "data.root=caches", "data.folds=2",
-            "data.genes={by: mean, n: 5}", "data.gmt=null", "run.name=t", "run.dir=runs", *overrides]
+    return [str(ROOT / "train.py"), config or str(ROOT / "configs/default.yaml"),
+            "data.root=caches", "data.folds=2", "data.genes={by: mean, n: 5}", "data.gmt=null",
+            "run.name=t", "run.dir=runs", *overrides]
 
 
 def bad_slide(slide, key, change, dtype=None):
@@ -119,8 +122,8 @@ def embed(encoder, existing=False, spoil=None, extra=()):
 
 
 def hest_inputs(tmp, swap=False):
-    """Two slides s1, s2 with the same barcodes (as Visium) at different places; embedding files with the
-    patch corners (HEST: centre - half a patch), swapped between the slides when swap."""
+    """Two slides s1, s2 with the same barcodes (as Visium) at different places; embedding files
+    with the patch corners (HEST: centre - half a patch), swapped between the slides when swap."""
     r = np.random.default_rng(1)
     (tmp / "st").mkdir(), (tmp / "emb").mkdir()
     barcodes = [f"b{i}" for i in range(30)]
@@ -161,28 +164,33 @@ def import_hest(*extra, swap=False, existing=False, spoil=None):
         if existing:
             (tmp / "out").mkdir()
             (tmp / "out" / "s2.h5").write_bytes(b"mine")
-        return [str(ROOT / "hest.py"), "import-hest", "--st", "st", "--features", "emb", "--out", "out", *extra]
+        return [str(ROOT / "hest.py"), "import-hest", "--st", "st", "--features", "emb", "--out",
+                "out", *extra]
     return build
 
 
 def fake_run(tmp, test=("s0", "s1"), preds=("s0", "s1")) -> Path:
-    """A finished-looking run folder: config.yaml, folds.json (one fold testing `test`) and fold_0/pred files
-    with measured values for `preds` (what eval.py and plots.py read; predict.py checks before its models)."""
+    """A finished-looking run folder: config.yaml, folds.json (one fold testing `test`) and
+    fold_0/pred files with measured values for `preds` (what eval.py and plots.py read; predict.py
+    checks before its models)."""
     run = tmp / "run"
     (run / "fold_0" / "pred").mkdir(parents=True)
-    (run / "config.yaml").write_text("data:\n  folds: 1\n  pseudo: false\n  normalize: true\nrun:\n  name: run\n")
-    (run / "folds.json").write_text(json.dumps({"folds": [{"train": [], "val": [], "test": list(test)}]}))
+    (run / "config.yaml").write_text("data:\n  folds: 1\n  pseudo: false\n  normalize: true\nrun:\n"
+                                     "  name: run\n")
+    (run / "folds.json").write_text(
+        json.dumps({"folds": [{"train": [], "val": [], "test": list(test)}]}))
     r = np.random.default_rng(0)
     for s in preds:
-        files.write_predictions(run / "fold_0" / "pred" / f"{s}.h5", r.random((6, 3)).astype(np.float32),
-                                ["A", "B", "C"], [f"b{i}" for i in range(6)], r.random((6, 2)) * 100,
+        files.write_predictions(run / "fold_0" / "pred" / f"{s}.h5",
+                                r.random((6, 3)).astype(np.float32), ["A", "B", "C"],
+                                [f"b{i}" for i in range(6)], r.random((6, 2)) * 100,
                                 true=r.random((6, 3)).astype(np.float32), slide_id=s)
     return run
 
 
 def fold_model(run: Path) -> None:
-    """A small model of the caches' 6 feature columns as fold_0/model.pt (as train.py saves one), so that
-    predict.py would predict."""
+    """A small model of the caches' 6 feature columns as fold_0/model.pt (as train.py saves one), so
+    that predict.py would predict."""
     import dataclasses
     import torch
     from model import ModelConfig, build_model
@@ -196,7 +204,8 @@ def predict_into(out, *extra):
         fold_model(fake_run(tmp))
         caches(tmp)
         (tmp / "out.txt").write_bytes(b"mine")
-        return [str(ROOT / "predict.py"), "--run", "run", "--slides", "caches", "--out", out, *extra]
+        return [str(ROOT / "predict.py"), "--run", "run", "--slides", "caches", "--out",
+                out, *extra]
     return build
 
 
@@ -457,37 +466,50 @@ def import_meta(text):
     return build
 
 
-# ---- the table: (case, builder -> argv, words the one line must contain) -----------------------------------
+# ---- the table: (case, builder -> argv, words the one line must contain) -------------------------
 CASES = [
-    ("nan feature", bad_slide(1, "features", lambda x: at(x, (3, 2), np.nan)), ["s1.h5", "'features'", "finite"]),
-    ("inf count", bad_slide(2, "counts", lambda x: at(x, (0, 0), np.inf)), ["s2.h5", "'counts'", "finite"]),
-    ("negative count", bad_slide(3, "counts", lambda x: at(x, (5, 1), -1)), ["s3.h5", "'counts'", ">= 0"]),
-    ("duplicate barcode", bad_slide(0, "barcodes", lambda x: at(x, 1, x[0])), ["s0.h5", "'barcodes'", "unique"]),
-    ("duplicate gene", bad_slide(1, "genes", lambda x: at(x, 1, x[0])), ["s1.h5", "'genes'", "unique"]),
+    ("nan feature", bad_slide(1, "features", lambda x: at(x, (3, 2), np.nan)),
+     ["s1.h5", "'features'", "finite"]),
+    ("inf count", bad_slide(2, "counts", lambda x: at(x, (0, 0), np.inf)),
+     ["s2.h5", "'counts'", "finite"]),
+    ("negative count", bad_slide(3, "counts", lambda x: at(x, (5, 1), -1)),
+     ["s3.h5", "'counts'", ">= 0"]),
+    ("duplicate barcode", bad_slide(0, "barcodes", lambda x: at(x, 1, x[0])),
+     ["s0.h5", "'barcodes'", "unique"]),
+    ("duplicate gene", bad_slide(1, "genes", lambda x: at(x, 1, x[0])),
+     ["s1.h5", "'genes'", "unique"]),
     ("integer features", bad_slide(2, "features", lambda x: (x * 10).astype(np.int32)),
      ["s2.h5", "'features'", "float16/float32", "int32"]),
     ("features as a group", features_group, ["s1.h5", "'features'", "a group"]),
     ("collapsed coordinates", bad_slide(3, "coords", lambda x: at(x, slice(0, 25), 0.0)),
      ["s3.h5", "'coords'", "25 of 40"]),
-    ("absurd feature", bad_slide(1, "features", lambda x: at(x, (0, 0), 3e38)), ["s1.h5", "'features'", "magnitude"]),
+    ("absurd feature", bad_slide(1, "features", lambda x: at(x, (0, 0), 3e38)),
+     ["s1.h5", "'features'", "magnitude"]),
     ("lr inf", overrides("train.lr=inf"), ["'train.lr'", "finite number", "inf"]),
     ("lr nan", overrides("train.lr=.nan"), ["'train.lr'", "finite number", "nan"]),
-    ("beta inf in a file", config_file("model:\n  beta: .inf\n"), ["cfg.yaml", "'model.beta'", "finite"]),
+    ("beta inf in a file", config_file("model:\n  beta: .inf\n"),
+     ["cfg.yaml", "'model.beta'", "finite"]),
     ("dim too large", overrides("model.dim=100000"), ["s", "GiB", "model.dim = 100000"]),
     ("window too large", overrides("model.w=1000"), ["GiB", "model.w = 1000"]),
     ("duplicate yaml key", config_file("train:\n  lr: 0.001\n  epochs: 2\n  lr: 0.002\n"),
      ["cfg.yaml", "'lr' twice", "line 4"]),
-    ("mc without dropout", overrides("eval.mc_samples=4", "model.dropout=0", "model.attn_dropout=0"),
+    ("mc without dropout", overrides("eval.mc_samples=4", "model.dropout=0",
+                                     "model.attn_dropout=0"),
      ["'eval.mc_samples'", "without dropout"]),
-    ("sub-levels without sub-patches", overrides("model.sub_levels=1"), ["s0.h5", "model.sub_levels = 1", "found none"]),
-    ("override that is not YAML", overrides("model.depths=[1, 2"), ["override 'model.depths=[1, 2'"]),
-    ("read-only run.dir", overrides("run.dir=/proc/tessera-runs"), ["/proc", "'run.dir'", "cannot be written"]),
+    ("sub-levels without sub-patches", overrides("model.sub_levels=1"),
+     ["s0.h5", "model.sub_levels = 1", "found none"]),
+    ("override that is not YAML", overrides("model.depths=[1, 2"),
+     ["override 'model.depths=[1, 2'"]),
+    ("read-only run.dir", overrides("run.dir=/proc/tessera-runs"),
+     ["/proc", "'run.dir'", "cannot be written"]),
     ("encoder not importable", embed("nosuchmod:fn"), ["--encoder nosuchmod:fn", "nosuchmod"]),
     ("encoder returns NaN", embed("enc:nan"), ["p1.h5", "--encoder enc:nan", "finite"]),
-    ("encoder returns too few rows", embed("enc:short"), ["p1.h5", "--encoder enc:short", "(5, C)", "(4, 4)"]),
+    ("encoder returns too few rows", embed("enc:short"),
+     ["p1.h5", "--encoder enc:short", "(5, C)", "(4, 4)"]),
     ("embed over an existing file", embed(None, existing=True), ["p1.h5", "--overwrite"]),
     ("patch images as a group", embed(None, spoil=patch_img_group), ["p1.h5", "'img'", "a group"]),
-    ("patch coords of other rows", embed(None, spoil=patch_coords_rows), ["p1.h5", "'coords'", "(5, 2)"]),
+    ("patch coords of other rows", embed(None, spoil=patch_coords_rows),
+     ["p1.h5", "'coords'", "(5, 2)"]),
     ("batch size 0", embed(None, extra=["--batch-size", "0"]), ["--batch-size", "found 0"]),
     ("embeddings as a group", import_hest(spoil=emb_group), ["s2.h5", "'embeddings'", "a group"]),
     ("a NaN embedding", import_hest(spoil=emb_nan), ["s2.h5", "'embeddings'", "finite"]),
@@ -498,13 +520,16 @@ CASES = [
     ("predict into a file", predict_into("out.txt"), ["out.txt", "--out", "found a file"]),
     ("predict into a run's fold", predict_into("run/fold_0/pred", "--overwrite"),
      ["run/fold_0/pred", "--out", "inside the run folder"]),
-    ("predict on a missing CUDA device", predict_into("pred", "--device", "cuda:99"), ["--device cuda:99", "CUDA"]),
-    ("predict into a read-only folder", predict_into("/proc/tessera-pred"), ["/proc", "--out", "cannot be written"]),
+    ("predict on a missing CUDA device", predict_into("pred", "--device", "cuda:99"),
+     ["--device cuda:99", "CUDA"]),
+    ("predict into a read-only folder", predict_into("/proc/tessera-pred"),
+     ["/proc", "--out", "cannot be written"]),
     ("eval without a test slide's predictions", run_program("eval.py", "run", preds=("s0",)),
      ["fold_0/pred", "s1", "folds.json", "--partial"]),
     ("eval a truncated prediction file", run_program("eval.py", "run", spoil=truncate),
      ["s1.h5", "readable HDF5 prediction file"]),
-    ("eval a prediction file without genes", run_program("eval.py", "run", spoil=drop_genes), ["s1.h5", "'genes'"]),
+    ("eval a prediction file without genes", run_program("eval.py", "run", spoil=drop_genes),
+     ["s1.h5", "'genes'"]),
     ("plots into a read-only folder through a link", run_program("plots.py", "plot", "run",
                                                                  spoil=plots_into_proc),
      ["run/plots", "symbolic link (to /proc)"]),
@@ -621,9 +646,10 @@ def snapshot(folder: Path) -> dict:
 def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path, case, build, words):
     argv = build(tmp_path)
     before = snapshot(tmp_path)
-    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                            "PYTHONDONTWRITEBYTECODE": "1"})
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                    "MKL_NUM_THREADS": "1",
+                                                    "PYTHONDONTWRITEBYTECODE": "1"})
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert r.returncode != 0, (case, r.stdout, r.stderr)
     assert len(lines) == 1 and "Traceback" not in lines[0], (case, lines)

@@ -1,6 +1,6 @@
-"""checks.py through train.main: every mistake in a config, the files it names, the slide caches or the
-run folder ends the program before any fold trains, with one line naming the file or key, what was
-expected and what was found, and leaves no run folder behind."""
+"""checks.py through train.main: every mistake in a config, the files it names, the slide caches or
+the run folder ends the program before any fold trains, with one line naming the file or key, what
+was expected and what was found, and leaves no run folder behind."""
 import os
 import subprocess
 import sys
@@ -28,15 +28,17 @@ def write(root, i, patient=None, n=40, c=6, counts=True, slide_id=None, coords=N
     x = torch.from_numpy(r.poisson(3.0, (n, len(GENES))).astype(np.float32))
     xy = torch.tensor([[100.0 * (j % 8), 100.0 * (j // 8)] for j in range(n)]).reshape(n, 2)
     s = data.Slide(slide_id or f"s{i}", torch.randn(n, c), xy if coords is None else coords,
-                   np.array([f"b{j}" for j in range(n)]), patient=patient or "AB"[i // 2], spot_pitch_um=100.0,
-                   counts=x if counts else None, genes=GENES if counts else None,
+                   np.array([f"b{j}" for j in range(n)]), patient=patient or "AB"[i // 2],
+                   spot_pitch_um=100.0, counts=x if counts else None,
+                   genes=GENES if counts else None,
                    library_size=(x.sum(1) if library is None else library) if counts else None)
     data.write_slide(root / f"s{i}.h5", s, overwrite=True)
 
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    """Four small slides of two patients and a GMT in tmp_path/caches; the working folder is tmp_path."""
+    """Four small slides of two patients and a GMT in tmp_path/caches; the working folder is
+    tmp_path."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "caches"
     for i in range(4):
@@ -46,20 +48,20 @@ def root(tmp_path, monkeypatch):
 
 
 def base(root):
-    return [str(ROOT / "configs/default.yaml"), f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 5}",
-            "data.gmt=sets.gmt", "run.name=t"]
+    return [str(ROOT / "configs/default.yaml"), f"data.root={root}", "data.folds=2",
+            "data.genes={by: mean, n: 5}", "data.gmt=sets.gmt", "run.name=t"]
 
 
 def refused(args, tmp_path, capsys) -> str:
-    """train.main(args) ends with one line (SystemExit with a message: Python prints it to stderr and exits
-    with status 1), nothing else on stderr, and no run folder."""
+    """train.main(args) ends with one line (SystemExit with a message: Python prints it to stderr
+    and exits with status 1), nothing else on stderr, and no run folder."""
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:
         train.main(args)
     msg = e.value.code
     assert isinstance(msg, str) and "\n" not in msg and "Traceback" not in msg, msg
     assert capsys.readouterr().err == ""
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before   # nothing written
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
     return msg
 
 
@@ -74,18 +76,25 @@ CONFIG_CASES = [  # (overrides, parts of the message)
     (["train.epochs=0"], ["key 'train.epochs': expected an integer >= 1, found 0"]),
     (["model.dim=-5"], ["key 'model.dim': expected an integer >= 1, found -5"]),
     (["model.depths=3"], ["key 'model.depths': expected a list of integers, found 3"]),
-    (["model.depths=[]"], ["key 'model.depths': expected a list of integers with one entry >= 1 per level"]),
-    (["train.checkpoint_every=0"], ["key 'train.checkpoint_every': expected an integer >= 1, found 0"]),
+    (["model.depths=[]"], ["key 'model.depths': expected a list of integers with one entry "
+                           ">= 1 per level"]),
+    (["train.checkpoint_every=0"],
+     ["key 'train.checkpoint_every': expected an integer >= 1, found 0"]),
     (["train.lr=fast"], ["key 'train.lr': expected a number, found 'fast'"]),
-    (["train.loss=l1"], ["key 'train.loss': expected a string (one of mse, pcc, mse_pcc, zinb, gaussian), found 'l1'"]),
+    (["train.loss=l1"], ["key 'train.loss': expected a string (one of mse, pcc, mse_pcc, zinb, "
+                         "gaussian), found 'l1'"]),
     (["model.dropout=1.5"], ["key 'model.dropout': expected a number in [0, 1), found 1.5"]),
-    (["data.normalize=yes please"], ["key 'data.normalize': expected true or false, found 'yes please'"]),
+    (["data.normalize=yes please"],
+     ["key 'data.normalize': expected true or false, found 'yes please'"]),
     (["data.genes={by: hvg, n: 0}"], ["key 'data.genes.n': expected an integer >= 1, found 0"]),
     (["data.genes={by: top, n: 5}"], ["key 'data.genes.by': expected hvg or mean, found 'top'"]),
-    (["data.genes=5"], ["key 'data.genes': expected a gene list file, {by: hvg|mean, n: N} or null, found 5"]),
+    (["data.genes=5"], ["key 'data.genes': expected a gene list file, {by: hvg|mean, n: N} or "
+                        "null, found 5"]),
     (["train=5"], ["key 'train': expected a mapping, found 5"]),
-    (["data.synthetic={slides: 0}"], ["key 'data.synthetic.slides': expected an integer >= 1, found 0"]),
-    (["run.device=gpu"], ["key 'run.device': expected auto, cpu, cuda or cuda:<index>, found 'gpu'"]),
+    (["data.synthetic={slides: 0}"],
+     ["key 'data.synthetic.slides': expected an integer >= 1, found 0"]),
+    (["run.device=gpu"], ["key 'run.device': expected auto, cpu, cuda or "
+                          "cuda:<index>, found 'gpu'"]),
     (["model.heads=3"], ["model.dim = 64 must be divisible by model.heads = 3"]),
     (["model.dimm=3"], ["command line 'model.dimm=3': unknown config key 'model.dimm'; valid"]),
     (["train.loss=zinb"], ["train.loss = zinb and model.head = zinb go together"]),
@@ -135,18 +144,21 @@ def test_a_config_mistake_is_named_where_it_was_made(tmp_path, capsys, monkeypat
 
 def test_missing_files_name_where_they_were_looked_for(root, tmp_path, capsys):
     msg = refused([*base(root), "data.genes=nope.json"], tmp_path, capsys)
-    expect(msg, f"key 'data.genes': expected a file, found none at {root / 'nope.json'} or nope.json")
+    expect(msg,
+           f"key 'data.genes': expected a file, found none at {root / 'nope.json'} or nope.json")
     msg = refused([*base(root), "data.gmt=nope.gmt"], tmp_path, capsys)
     expect(msg, f"key 'data.gmt': expected a file, found none at {root / 'nope.gmt'} or nope.gmt")
     msg = refused([*base(root), "data.split_dir=splits"], tmp_path, capsys)
     expect(msg, "key 'data.split_dir': expected a folder, found none at")
     (tmp_path / "genes.txt").write_text("G1\nG2\nNOPE\n")
     msg = refused([*base(root), "data.genes=genes.txt"], tmp_path, capsys)
-    expect(msg, "genes.txt: key 'data.genes': expected genes the slides have, found 1 missing from", "NOPE")
+    expect(msg, "genes.txt: key 'data.genes': expected genes the slides have, found 1 missing from",
+           "NOPE")
 
 
 def test_relative_data_files_are_found_in_data_root_then_the_working_folder(root, tmp_path):
-    cfg = train.load_config(ROOT / "configs/default.yaml", [f"data.root={root}", "data.gmt=sets.gmt"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [f"data.root={root}", "data.gmt=sets.gmt"])
     assert checks.data_file(cfg, "gmt", root) == root / "sets.gmt"
     (tmp_path / "here.gmt").write_text("S\turl\tG0\n")
     cfg["data"]["gmt"] = "here.gmt"
@@ -158,24 +170,33 @@ def test_relative_data_files_are_found_in_data_root_then_the_working_folder(root
 
 
 SLIDE_CASES = [  # (change to the dataset, extra overrides, parts of the message)
-    (lambda r: write(r, 3, counts=False), [], ["s3.h5: key 'counts': expected counts on a training slide, found none"]),
-    (lambda r: write(r, 3, c=7), [], ["s3.h5: key 'features': expected 6 features per spot like s0.h5, found 7"]),
-    (lambda r: write(r, 3, n=0), [], ["s3.h5: key 'features': expected at least one spot, found 0 rows"]),
+    (lambda r: write(r, 3, counts=False), [],
+     ["s3.h5: key 'counts': expected counts on a training slide, found none"]),
+    (lambda r: write(r, 3, c=7), [],
+     ["s3.h5: key 'features': expected 6 features per spot like s0.h5, found 7"]),
+    (lambda r: write(r, 3, n=0), [],
+     ["s3.h5: key 'features': expected at least one spot, found 0 rows"]),
     (lambda r: write(r, 3, coords=torch.full((40, 2), 5.0)), [],
      ["s3.h5: key 'coords': expected spots at different positions, found all 40 at one point"]),
     (lambda r: write(r, 3, slide_id="s9"), [],
      ["s3.h5: key 'attrs/slide_id': expected 's3' (the file name), found 's9'"]),
     (lambda r: write(r, 3, library=torch.zeros(40)), ["data.normalize=true"],
-     ["s3.h5: key 'library_size': expected the total counts of each spot for data.normalize=true, found 40 spots"]),
-    (lambda r: (r / "s3.h5").write_text("not hdf5"), [], ["s3.h5: expected a readable HDF5 slide cache"]),
-    (lambda r: None, ["data.folds=3"], ["key 'data.folds': expected -1 or an integer from 2 to 2 (the number of "
-                                        "patients in", "found 3"]),
-    (lambda r: None, ["train.val_slides=2"], ["key 'train.val_slides': expected fewer than the 2 training slides"]),
-    (lambda r: [p.unlink() for p in r.glob("*.h5")], [], ["key 'data.root': expected slide caches <slide>.h5 in"]),
+     ["s3.h5: key 'library_size': expected the total counts of each spot for data.normalize=true, "
+      "found 40 spots"]),
+    (lambda r: (r / "s3.h5").write_text("not hdf5"), [],
+     ["s3.h5: expected a readable HDF5 slide cache"]),
+    (lambda r: None, ["data.folds=3"],
+     ["key 'data.folds': expected -1 or an integer from 2 to 2 (the number of "
+      "patients in", "found 3"]),
+    (lambda r: None, ["train.val_slides=2"],
+     ["key 'train.val_slides': expected fewer than the 2 training slides"]),
+    (lambda r: [p.unlink() for p in r.glob("*.h5")], [],
+     ["key 'data.root': expected slide caches <slide>.h5 in"]),
 ]
 
 
-@pytest.mark.parametrize("change,overrides,parts", SLIDE_CASES, ids=[c[2][0][:40] for c in SLIDE_CASES])
+@pytest.mark.parametrize("change,overrides,parts", SLIDE_CASES,
+                         ids=[c[2][0][:40] for c in SLIDE_CASES])
 def test_dataset_mistakes(root, tmp_path, capsys, change, overrides, parts):
     change(root)
     expect(refused([*base(root), *overrides], tmp_path, capsys), *parts)
@@ -189,15 +210,16 @@ def test_a_zero_library_size_is_fine_without_normalisation(root):
 
 def test_gmt_without_shared_genes_warns_per_set_and_refuses_a_pathway_head(root, tmp_path, capsys):
     (root / "sets.gmt").write_text("SET_A\turl\tG0\tX1\nSET_B\turl\tX2\tX3\n")
-    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [*base(root)[1:], "model.pathway_tokens=2"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
     assert len(lines) == 1 and "1 of the 2 pathway sets used share no gene" in lines[0], lines
     assert "SET_A 1/2, SET_B 0/2" in lines[0]
     (root / "sets.gmt").write_text("SET_A\turl\tX1\nSET_B\turl\tX2\tX3\n")
     msg = refused([*base(root), "model.head=pathway"], tmp_path, capsys)
-    expect(msg, "sets.gmt: key 'data.gmt': expected pathway sets sharing genes with the data for model.head = "
-                "pathway, found none of the 2 used sets does (SET_A 0/1, SET_B 0/2)")
+    expect(msg, "sets.gmt: key 'data.gmt': expected pathway sets sharing genes with the data for "
+                "model.head = pathway, found none of the 2 used sets does (SET_A 0/1, SET_B 0/2)")
 
 
 def test_a_data_root_typo_generates_nothing(tmp_path, capsys, monkeypatch):
@@ -229,36 +251,42 @@ def test_run_folders(root, tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "fold_0" / "done").write_text("finished\n")
     msg = refused(base(root), tmp_path, capsys)
-    expect(msg, "runs/t holds this run already: pass --resume to continue it, or choose another run.name")
+    expect(msg, "runs/t holds this run already: pass --resume to continue it, or choose "
+                "another run.name")
     msg = refused([*base(root), "train.epochs=3", "model.dim=32", "--resume"], tmp_path, capsys)
-    expect(msg, "runs/t/config.yaml: --resume expected the config the run started with, found other values for "
-                "model.dim (run 64, given 32); train.epochs (run 25, given 3)")
+    expect(msg, "runs/t/config.yaml: --resume expected the config the run started with, found "
+                "other values for model.dim (run 64, given 32); train.epochs (run 25, given 3)")
     msg = refused([*base(root), "train.epochs=3"], tmp_path, capsys)
-    expect(msg, "runs/t holds a run of another config (train.epochs (run 25, given 3)): choose another run.name")
+    expect(msg, "runs/t holds a run of another config (train.epochs (run 25, given 3)): choose "
+                "another run.name")
     assert runs.check_run_dir(cfg) == run.relative_to(tmp_path)
     (run / "config.yaml").unlink()
-    expect(refused(base(root), tmp_path, capsys), "runs/t: expected a new run folder, found fold_0 and no config.yaml")
+    expect(refused(base(root), tmp_path, capsys),
+           "runs/t: expected a new run folder, found fold_0 and no config.yaml")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_device(root, tmp_path, capsys):
-    expect(refused([*base(root), "run.device=cuda"], tmp_path, capsys), "run.device = cuda but no CUDA device")
+    expect(refused([*base(root), "run.device=cuda"], tmp_path, capsys),
+           "run.device = cuda but no CUDA device")
 
 
 @pytest.mark.slow
 def test_the_command_prints_one_line_and_no_traceback(root, tmp_path):
     write(root, 3, c=7)
-    for extra, part in ((["train.epochs=abc"], "key 'train.epochs'"), ([], "s3.h5: key 'features'")):
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base(root), *extra], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    for extra, part in ((["train.epochs=abc"], "key 'train.epochs'"),
+                        ([], "s3.h5: key 'features'")):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base(root), *extra],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and part in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists(), r.stderr
+        assert (len(r.stderr.strip().splitlines()) == 1
+                and not (tmp_path / "runs").exists()), r.stderr
 
 
 # ---- every value of every slide, before anything is written -------------------------------------
 def test_scan_reads_in_blocks_and_names_the_first_bad_value(root, monkeypatch):
-    """scan_slide reads a dataset in blocks of rows (a few rows here) and reports the same count and first
-    index as a look at the whole array (numpy reference)."""
+    """scan_slide reads a dataset in blocks of rows (a few rows here) and reports the same count and
+    first index as a look at the whole array (numpy reference)."""
     monkeypatch.setattr(files, "BLOCK", 3 * len(GENES))          # 3 rows of counts per block
     import h5py
     with h5py.File(root / "s1.h5", "a") as f:
@@ -272,8 +300,9 @@ def test_scan_reads_in_blocks_and_names_the_first_bad_value(root, monkeypatch):
     with pytest.raises(data.CacheError) as e:
         data.scan_slide(root / "s1.h5")
     first = tuple(int(i) for i in np.argwhere(x < 0)[0])
-    assert f"negative values: {int((x < 0).sum())} bad values, first at index {first}" in str(e.value), str(e.value)
-    assert first == (7, 2) and max(reads) > 0                  # found in a later block, with the right offset
+    assert (f"negative values: {int((x < 0).sum())} bad values, first at index {first}"
+            in str(e.value)), str(e.value)
+    assert first == (7, 2) and max(reads) > 0  # found in a later block, with the right offset
 
 
 def test_non_integer_counts_warn_once_per_training_slide(root):
@@ -282,11 +311,13 @@ def test_non_integer_counts_warn_once_per_training_slide(root):
         x = np.log1p(f["counts"][()])
         del f["counts"]
         f["counts"] = x
-    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [*base(root)[1:], "model.pathway_tokens=2"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
     warned = [line for line in lines if "non-integer" in line]
-    assert len(warned) == 1 and "s2.h5" in warned[0] and f"{int((x != np.round(x)).sum())} non-integer" in warned[0]
+    assert (len(warned) == 1 and "s2.h5" in warned[0]
+            and f"{int((x != np.round(x)).sum())} non-integer" in warned[0])
 
 
 def test_normalize_without_library_size_says_what_stands_in(root):
@@ -294,8 +325,9 @@ def test_normalize_without_library_size_says_what_stands_in(root):
     for i in (0, 3):
         with h5py.File(root / f"s{i}.h5", "a") as f:
             del f["library_size"]
-    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2",
-                                                            "data.normalize=true"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [*base(root)[1:], "model.pathway_tokens=2",
+                             "data.normalize=true"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
     (note,) = [line for line in lines if "library_size" in line]
@@ -304,18 +336,21 @@ def test_normalize_without_library_size_says_what_stands_in(root):
 
 @pytest.mark.parametrize("shared", [18, 20, 21, 22, 40])
 def test_collapsed_coordinates_are_refused_exactly_when_the_lattice_unit_would_be_0(root, shared):
-    """The header check and lattice.default_unit (the reference) agree: refused iff the median spacing is 0."""
+    """The header check and lattice.default_unit (the reference) agree: refused iff the median
+    spacing is 0."""
     import lattice
     xy = torch.tensor([[100.0 * (j % 8), 100.0 * (j // 8)] for j in range(40)])
     xy[:shared] = xy[0] if shared < 40 else torch.tensor([5.0, 5.0])
-    xy[:shared // 2] = xy[39] if 2 < shared < 40 else xy[:shared // 2]   # two crowded places, not one
+    # two crowded places, not one
+    xy[:shared // 2] = xy[39] if 2 < shared < 40 else xy[:shared // 2]
     write(root, 1, coords=xy)
     try:
         lattice.default_unit(xy)
         fails = False
     except ValueError:
         fails = True
-    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=2"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [*base(root)[1:], "model.pathway_tokens=2"])
     if fails:
         with pytest.raises(data.CacheError, match=r"s1\.h5: key 'coords': expected spots at"):
             checks.check_data(cfg, root, log=lambda s: None)
@@ -324,21 +359,27 @@ def test_collapsed_coordinates_are_refused_exactly_when_the_lattice_unit_would_b
 
 
 def test_more_pathway_tokens_than_sets_warns(root):
-    cfg = train.load_config(ROOT / "configs/default.yaml", [*base(root)[1:], "model.pathway_tokens=50"])
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            [*base(root)[1:], "model.pathway_tokens=50"])
     lines = []
     checks.check_data(cfg, root, log=lines.append)
-    assert any("model.pathway_tokens = 50 but data.gmt has 2 sets: 48 tokens have no gene set" in s for s in lines)
+    assert any("model.pathway_tokens = 50 but data.gmt has 2 sets: 48 tokens have no gene set" in s
+               for s in lines)
 
 
 def test_duplicate_yaml_keys_are_refused_in_files_and_overrides(root, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("model:\n  dim: 32\ntrain: {epochs: 2}\nmodel:\n  dim: 16\n")
-    expect(refused(["c.yaml"], tmp_path, capsys), "c.yaml: cannot read the config", "'model' twice", "line 4")
-    expect(refused([*base(root), "train.augment={p_drop: 0.1, p_drop: 0.3}"], tmp_path, capsys), "'p_drop' twice")
+    expect(refused(["c.yaml"], tmp_path, capsys), "c.yaml: cannot read the config",
+           "'model' twice", "line 4")
+    expect(refused([*base(root), "train.augment={p_drop: 0.1, p_drop: 0.3}"], tmp_path, capsys),
+           "'p_drop' twice")
     assert checks.load_yaml("a: {b: 1, c: 2}") == {"a": {"b": 1, "c": 2}}
 
 
-@pytest.mark.parametrize("item", ["train.lr=inf", "train.lr=.nan", "model.beta=-.inf", "model.radii=[1.0, .inf]",
-                                  "train.level_weights=[.nan]", "data.smooth={alpha: .nan}"])
+@pytest.mark.parametrize("item",
+                         ["train.lr=inf", "train.lr=.nan", "model.beta=-.inf",
+                          "model.radii=[1.0, .inf]", "train.level_weights=[.nan]",
+                          "data.smooth={alpha: .nan}"])
 def test_config_numbers_must_be_finite(root, tmp_path, capsys, item):
     msg = refused([*base(root), item], tmp_path, capsys)
     expect(msg, f"key '{item.split('=')[0]}")
@@ -350,7 +391,8 @@ def test_list_truncation_says_so():
 
 # ---- memory ------------------------------------------------------------------------------------
 def test_memory_estimate_counts_the_real_parameters():
-    """The meta-device model has exactly the parameters of the real one (the reference): 16 bytes each."""
+    """The meta-device model has exactly the parameters of the real one (the reference): 16 bytes
+    each."""
     from model import ModelConfig, build_model
     mc = ModelConfig(dim=32, heads=4, pathway_tokens=3)
     real = sum(p.numel() for p in build_model(mc, 12, 7).parameters())
@@ -359,25 +401,29 @@ def test_memory_estimate_counts_the_real_parameters():
 
 
 def test_memory_check_refuses_with_the_keys_that_would_fit():
-    """A 100k-spot slide with the demo config against a fake 16 GiB: the coarsest level's full attention does
-    not fit, another model.coarse_attention does; against 1 TiB everything fits."""
+    """A 100k-spot slide with the demo config against a fake 16 GiB: the coarsest level's full
+    attention does not fit, another model.coarse_attention does; against 1 TiB everything fits."""
     cfg = train.load_config(ROOT / "configs/default.yaml", ["run.device=cpu"])
     parts = checks.memory_estimate(ModelConfig.from_dict(cfg["model"]), 48, 250, 100_000)
     m = 100_000 * 1.8 ** 2 / 16                                 # tokens at level 2
-    assert parts["full attention"] == pytest.approx(4 * m * m * 5 * 4)      # H M^2 (1 + 2 branches x 2) fp32
+    # H M^2 (1 + 2 branches x 2) fp32
+    assert parts["full attention"] == pytest.approx(4 * m * m * 5 * 4)
     with pytest.raises(checks.ConfigError) as e:
         checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=16 * 2 ** 30)
     msg = str(e.value)
-    expect(msg, "big.h5: 100000 spots need about", "found 16.0 GiB available on cpu", "model.coarse_attention=same")
+    expect(msg, "big.h5: 100000 spots need about", "found 16.0 GiB available on cpu",
+           "model.coarse_attention=same")
     checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=2 ** 40)
-    with pytest.raises(checks.ConfigError, match="none of model.checkpoint=true, model.coarse_attention=same fits"):
+    with pytest.raises(checks.ConfigError,
+                       match="none of model.checkpoint=true, model.coarse_attention=same fits"):
         checks.check_memory(cfg, 48, 250, 100_000, "big.h5", available=2 ** 20)
 
 
 def test_memory_grows_with_every_size_key():
     small = sum(checks.memory_estimate(ModelConfig(), 48, 250, 5000).values())
     for change in ({"dim": 256}, {"w": 6}, {"pathway_tokens": 500}, {"depths": [2, 2, 2]}):
-        assert sum(checks.memory_estimate(ModelConfig(**change), 48, 250, 5000).values()) > small, change
+        assert (sum(checks.memory_estimate(ModelConfig(**change), 48, 250, 5000).values())
+                > small), change
     assert sum(checks.memory_estimate(ModelConfig(), 48, 250, 10000).values()) > small
     assert sum(checks.memory_estimate(ModelConfig(checkpoint=True), 48, 250, 5000).values()) < small
 
@@ -394,21 +440,26 @@ def test_the_model_for_its_sizes_is_the_real_one_whether_built_or_on_the_meta_de
     assert all(p.device.type == "cpu" for p in real.parameters())
     with torch.device("meta"):
         meta = build_model(mc, 12, 7)
-    assert [(n, p.shape) for n, p in real.named_parameters()] == [(n, p.shape) for n, p in meta.named_parameters()]
-    assert all(p.device.type == "meta" for p in checks.sized_model(ModelConfig(w=200), 12, 7).parameters())
+    assert ([(n, p.shape) for n, p in real.named_parameters()]
+            == [(n, p.shape) for n, p in meta.named_parameters()])
+    assert all(p.device.type == "meta"
+               for p in checks.sized_model(ModelConfig(w=200), 12, 7).parameters())
 
 
 def test_exponents_without_a_dot_are_numbers(root):
     """YAML 1.1 reads 1e-6 as a string (model.unit_um, whose default is null, then refused it)."""
-    assert checks.load_yaml("a: 1e-6\nb: -2E+3\nc: 1.5e-3\nd: '1e-6'\ne: 12") == {"a": 1e-6, "b": -2000.0, "c": 1.5e-3,
-                                                                                 "d": "1e-6", "e": 12}
-    cfg = train.load_config(ROOT / "configs/default.yaml", ["model.unit_um=1e-2", "model.ridge_alpha=3e2"])
+    assert checks.load_yaml("a: 1e-6\nb: -2E+3\nc: 1.5e-3\nd: '1e-6'\ne: 12") == {
+        "a": 1e-6, "b": -2000.0, "c": 1.5e-3, "d": "1e-6", "e": 12}
+    cfg = train.load_config(ROOT / "configs/default.yaml",
+                            ["model.unit_um=1e-2", "model.ridge_alpha=3e2"])
     assert cfg["model"]["unit_um"] == 0.01 and cfg["model"]["ridge_alpha"] == 300.0
 
 
-def test_sub_levels_need_sub_patches_on_every_slide_before_anything_is_written(root, tmp_path, capsys):
+def test_sub_levels_need_sub_patches_on_every_slide_before_anything_is_written(
+        root, tmp_path, capsys):
     expect(refused([*base(root), "model.sub_levels=1"], tmp_path, capsys),
-           "s0.h5: model.sub_levels = 1 needs sub_features with 4 sub-patches per spot", "found none")
+           "s0.h5: model.sub_levels = 1 needs sub_features with 4 sub-patches per spot",
+           "found none")
 
 
 def test_configs_a_user_would_expect_to_work(root, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""Tests for data.py: cache format, small text formats, gene selection and targets, folds, command line.
-References are written independently here."""
+"""Tests for data.py: cache format, small text formats, gene selection and targets, folds, command
+line. References are written independently here."""
 import json
 import math
 import os
@@ -29,9 +29,9 @@ def make_slide(n=7, c=5, g=4, m=3, seed=0) -> Slide:
     t = lambda *s: torch.from_numpy(r.standard_normal(s).astype(np.float32))  # noqa: E731
     counts = torch.from_numpy(r.poisson(3.0, (n, g)).astype(np.float32))
     return Slide("s1", t(n, c), t(n, 2) * 100, np.array([f"bc{i}" for i in range(n)]), patient="p1",
-                 spot_pitch_um=100.0, encoder="enc", counts=counts, genes=[f"g{j}" for j in range(g)],
-                 library_size=counts.sum(1) + 5, expected=counts + 0.5, pseudo_features=t(m, c),
-                 pseudo_coords=t(m, 2))
+                 spot_pitch_um=100.0, encoder="enc", counts=counts,
+                 genes=[f"g{j}" for j in range(g)], library_size=counts.sum(1) + 5,
+                 expected=counts + 0.5, pseudo_features=t(m, c), pseudo_coords=t(m, 2))
 
 
 def write_raw(path, arrays: dict, attrs=None):
@@ -60,7 +60,8 @@ def test_round_trip_is_exact(tmp_path):
     s = make_slide()
     data.write_slide(tmp_path / "s1.h5", s)
     r = data.read_slide(tmp_path / "s1.h5")
-    for k in ("features", "coords", "counts", "library_size", "expected", "pseudo_features", "pseudo_coords"):
+    for k in ("features", "coords", "counts", "library_size", "expected", "pseudo_features",
+              "pseudo_coords"):
         assert getattr(r, k).dtype == torch.float32 and torch.equal(getattr(r, k), getattr(s, k)), k
     assert list(r.barcodes) == list(s.barcodes) and r.genes == s.genes
     assert (r.slide_id, r.patient, r.spot_pitch_um, r.encoder) == ("s1", "p1", 100.0, "enc")
@@ -70,25 +71,29 @@ def test_round_trip_is_exact(tmp_path):
     bare = Slide("bare", s.features, s.coords, s.barcodes)       # a slide to predict: no counts
     data.write_slide(tmp_path / "bare.h5", bare)
     r = data.read_slide(tmp_path / "bare.h5", genes=["g0"])
-    assert r.counts is None and r.genes is None and r.patient == "bare" and math.isnan(r.spot_pitch_um)
+    assert (r.counts is None and r.genes is None and r.patient == "bare"
+            and math.isnan(r.spot_pitch_um))
 
 
 def test_float16_features_stay_float16(tmp_path):
-    """A cache with float16 features (Visium HD) reads back as float16, the rest as float32; every model
-    standardises them in float32, so predictions equal those from the same values in float32."""
+    """A cache with float16 features (Visium HD) reads back as float16, the rest as float32; every
+    model standardises them in float32, so predictions equal those from the same values in
+    float32."""
     from model import ModelConfig, build_model
     s = make_slide(n=40)
     s.features, s.pseudo_features = s.features.half(), s.pseudo_features.half()
     data.write_slide(tmp_path / "s1.h5", s)
     r = data.read_slide(tmp_path / "s1.h5")
-    assert r.features.dtype == r.pseudo_features.dtype == torch.float16 and torch.equal(r.features, s.features)
+    assert (r.features.dtype == r.pseudo_features.dtype == torch.float16
+            and torch.equal(r.features, s.features))
     assert r.coords.dtype == r.counts.dtype == torch.float32
     for arch in ("tessera", "mlp", "ridge"):
         torch.manual_seed(0)
         cfg = ModelConfig(arch=arch, dim=16, heads=2, depths=[1], decoder_depths=[])
         m = build_model(cfg, r.features.shape[1], 3).eval()
         with torch.no_grad():
-            torch.testing.assert_close(m(r.features, r.coords)["pred"], m(r.features.float(), r.coords)["pred"])
+            torch.testing.assert_close(m(r.features, r.coords)["pred"],
+                                       m(r.features.float(), r.coords)["pred"])
 
 
 def test_write_refuses_overwrite_and_is_atomic(tmp_path):
@@ -130,10 +135,12 @@ BAD = [  # (change to a valid file, key, what the message must say was expected,
     (_drop("coords"), "coords", "a dataset (required)", "no such key"),
     (_drop("barcodes"), "barcodes", "a dataset (required)", "no such key"),
     (_set("features", lambda a: a["features"][:, 0]), "features", "shape (any, any)", "shape (6,)"),
-    (_set("features", lambda a: a["features"].astype(np.int32)), "features", "float16/float32", "int32"),
+    (_set("features", lambda a: a["features"].astype(np.int32)), "features",
+     "float16/float32", "int32"),
     (_poke("features", (2, 1), np.nan), "features", "finite", "first at index (2, 1)"),
     (_poke("features", (0, 0), np.inf), "features", "finite", "1 bad values"),
-    (_set("coords", lambda a: np.zeros((6, 3), np.float32)), "coords", "shape (6, 2)", "shape (6, 3)"),
+    (_set("coords", lambda a: np.zeros((6, 3), np.float32)), "coords", "shape (6, 2)",
+     "shape (6, 3)"),
     (_set("coords", lambda a: a["coords"][:5]), "coords", "shape (6, 2)", "shape (5, 2)"),
     (_set("coords", lambda a: np.full((6, 2), 1e39)), "coords", "finite float32", "12 bad values"),
     (_poke("barcodes", 3, "b0"), "barcodes", "unique values", "1 duplicated, e.g. 'b0'"),
@@ -144,17 +151,23 @@ BAD = [  # (change to a valid file, key, what the message must say was expected,
     (_set("counts", lambda a: a["counts"][:, :2]), "counts", "shape (6, 3)", "shape (6, 2)"),
     (_poke("counts", (1, 1), -2.0), "counts", "values >= 0", "first at index (1, 1)"),
     (_poke("counts", (4, 0), np.nan), "counts", "finite", "first at index (4, 0)"),
-    (_set("library_size", lambda a: np.ones(5, np.float32)), "library_size", "shape (6,)", "shape (5,)"),
-    (_set("expected", lambda a: -np.ones((6, 3), np.float32)), "expected", "values >= 0", "negative"),
-    (_set("pseudo_features", lambda a: np.zeros((2, 4), np.float32)), "pseudo_coords", "together", "only one"),
-    (lambda a: a.update(pseudo_features=np.zeros((2, 3), np.float32), pseudo_coords=np.zeros((2, 2), np.float32)),
+    (_set("library_size", lambda a: np.ones(5, np.float32)), "library_size", "shape (6,)",
+     "shape (5,)"),
+    (_set("expected", lambda a: -np.ones((6, 3), np.float32)), "expected",
+     "values >= 0", "negative"),
+    (_set("pseudo_features", lambda a: np.zeros((2, 4), np.float32)), "pseudo_coords",
+     "together", "only one"),
+    (lambda a: a.update(pseudo_features=np.zeros((2, 3), np.float32),
+                        pseudo_coords=np.zeros((2, 2), np.float32)),
      "pseudo_features", "shape (any, 4)", "shape (2, 3)"),
-    (lambda a: a.update(pseudo_features=np.zeros((2, 4), np.float32), pseudo_coords=np.zeros((3, 2), np.float32)),
+    (lambda a: a.update(pseudo_features=np.zeros((2, 4), np.float32),
+                        pseudo_coords=np.zeros((3, 2), np.float32)),
      "pseudo_coords", "shape (2, 2)", "shape (3, 2)"),
 ]
 
 
-@pytest.mark.parametrize("change,key,expected,found", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("change,key,expected,found", BAD,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
 def test_malformed_cache_is_rejected_with_a_clear_message(tmp_path, change, key, expected, found):
     a = raw_arrays()
     change(a)
@@ -178,21 +191,31 @@ def sub_arrays(n=6, g=3, S=4):
 
 SUB_ATTRS = {"slide_id": "s1", "patient": "p1", "format_version": 1, "sub_extent_um": 55.0}
 BAD_SUB = [  # sub-spot keys (HiFusion / binned data): change, key, expected, found
-    (_set("sub_features", lambda a: a["sub_features"][:, :3]), "sub_features", "shape (6, 4 or 16, 4)", "shape (6, 3, 4)"),
-    (_set("sub_features", lambda a: np.zeros((6, 9, 4), np.float32)), "sub_features", "4 or 16", "shape (6, 9, 4)"),
-    (_set("sub_features", lambda a: a["sub_features"][..., :3]), "sub_features", "as many features", "shape (6, 4, 3)"),
-    (_set("sub_features", lambda a: a["sub_features"][:5]), "sub_features", "shape (6, 4 or 16, 4)", "shape (5, 4, 4)"),
-    (_poke("sub_features", (3, 2, 1), np.nan), "sub_features", "finite", "first at index (3, 2, 1)"),
-    (_poke("sub_valid", (4, slice(None)), False), "sub_valid", "at least one valid sub-position", "first spot 4"),
-    (_set("sub_valid", lambda a: a["sub_valid"].astype(np.uint8)), "sub_valid", "bool shape (6, 4)", "uint8"),
-    (_set("sub_counts", lambda a: a["sub_counts"][..., :2]), "sub_counts", "shape (6, 4, 3)", "shape (6, 4, 2)"),
+    (_set("sub_features", lambda a: a["sub_features"][:, :3]), "sub_features",
+     "shape (6, 4 or 16, 4)", "shape (6, 3, 4)"),
+    (_set("sub_features", lambda a: np.zeros((6, 9, 4), np.float32)), "sub_features", "4 or 16",
+     "shape (6, 9, 4)"),
+    (_set("sub_features", lambda a: a["sub_features"][..., :3]), "sub_features", "as many features",
+     "shape (6, 4, 3)"),
+    (_set("sub_features", lambda a: a["sub_features"][:5]), "sub_features", "shape (6, 4 or 16, 4)",
+     "shape (5, 4, 4)"),
+    (_poke("sub_features", (3, 2, 1), np.nan), "sub_features", "finite",
+     "first at index (3, 2, 1)"),
+    (_poke("sub_valid", (4, slice(None)), False), "sub_valid", "at least one valid sub-position",
+     "first spot 4"),
+    (_set("sub_valid", lambda a: a["sub_valid"].astype(np.uint8)), "sub_valid",
+     "bool shape (6, 4)", "uint8"),
+    (_set("sub_counts", lambda a: a["sub_counts"][..., :2]), "sub_counts", "shape (6, 4, 3)",
+     "shape (6, 4, 2)"),
     (_poke("sub_counts", (0, 0, 0), -1.0), "sub_counts", "values >= 0", "negative"),
     (_drop("sub_features"), "sub_features", "a dataset beside", "no such key"),
 ]
 
 
-@pytest.mark.parametrize("change,key,expected,found", BAD_SUB, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_SUB)])
-def test_malformed_sub_spot_keys_are_rejected_with_a_clear_message(tmp_path, change, key, expected, found):
+@pytest.mark.parametrize("change,key,expected,found", BAD_SUB,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_SUB)])
+def test_malformed_sub_spot_keys_are_rejected_with_a_clear_message(tmp_path, change, key,
+                                                                   expected, found):
     a = sub_arrays()
     change(a)
     path = tmp_path / "bad.h5"
@@ -217,7 +240,8 @@ def test_sub_spot_keys_round_trip_and_follow_gene_selection(tmp_path):
     write_raw(tmp_path / "noext.h5", a)                      # sub-patches without their extent
     with pytest.raises(CacheError, match=r"noext\.h5: key 'attrs/sub_extent_um'"):
         data.read_slide(tmp_path / "noext.h5")
-    half = dict(a, sub_features=a["sub_features"].astype(np.float16), features=a["features"].astype(np.float16))
+    half = dict(a, sub_features=a["sub_features"].astype(np.float16),
+                features=a["features"].astype(np.float16))
     write_raw(tmp_path / "half.h5", half, SUB_ATTRS)
     assert data.read_slide(tmp_path / "half.h5").sub_features.dtype == torch.float16
 
@@ -227,11 +251,13 @@ def test_unreadable_files_are_rejected_with_a_clear_message(tmp_path):
     with pytest.raises(CacheError, match=r"text\.h5: expected a readable HDF5"):
         data.read_slide(tmp_path / "text.h5")
     write_raw(tmp_path / "new.h5", raw_arrays(), {"format_version": 99})
-    with pytest.raises(CacheError, match=r"new\.h5: key 'attrs/format_version': expected <= 1, found 99"):
+    with pytest.raises(CacheError,
+                       match=r"new\.h5: key 'attrs/format_version': expected <= 1, found 99"):
         data.read_slide(tmp_path / "new.h5")
     with h5py.File(tmp_path / "group.h5", "w") as f:
         f.create_group("features")
-    with pytest.raises(CacheError, match=r"group\.h5: key 'features': expected a dataset, found a group"):
+    with pytest.raises(CacheError,
+                       match=r"group\.h5: key 'features': expected a dataset, found a group"):
         data.read_slide(tmp_path / "group.h5")
 
 
@@ -246,10 +272,13 @@ def test_gene_selection_on_read(tmp_path):
     with pytest.raises(CacheError) as e:
         data.read_slide(path, genes=want)
     msg = str(e.value)
-    assert "key 'genes'" in msg and "all 13 requested genes" in msg and "12 missing: x0, x1" in msg and "x9 ..." in msg
+    assert ("key 'genes'" in msg and "all 13 requested genes" in msg and "12 missing: x0, x1" in msg
+            and "x9 ..." in msg)
     r = data.read_slide(path, genes=["x0", "g2"], zero_fill=True)
-    assert torch.equal(r.counts[:, 0], torch.zeros(7)) and torch.equal(r.counts[:, 1], s.counts[:, 2])
-    t = data.take_genes(s, ["g2", "g0"])  # the same selection on a slide in memory (train.py: no re-read)
+    assert (torch.equal(r.counts[:, 0], torch.zeros(7))
+            and torch.equal(r.counts[:, 1], s.counts[:, 2]))
+    # the same selection on a slide in memory (train.py: no re-read)
+    t = data.take_genes(s, ["g2", "g0"])
     assert t.genes == ["g2", "g0"] and torch.equal(t.counts, s.counts[:, [2, 0]])
     assert s.genes == [f"g{j}" for j in range(4)]  # the original is untouched
     with pytest.raises(CacheError, match="somewhere.h5: key 'genes'"):
@@ -262,9 +291,11 @@ def test_meta_and_listing(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in data.list_slides(tmp_path)] == ["a.h5", "b.h5"]
     m = data.read_slide_meta(tmp_path / "a.h5")
-    assert (m.slide_id, m.patient, m.n_spots, m.n_features, m.genes) == ("s1", "p1", 7, 5, ["g0", "g1", "g2", "g3"])
+    assert ((m.slide_id, m.patient, m.n_spots, m.n_features, m.genes)
+            == ("s1", "p1", 7, 5, ["g0", "g1", "g2", "g3"]))
     xy = make_slide().coords.numpy()
-    assert m.coords_extent == pytest.approx(max(xy[:, 0].max() - xy[:, 0].min(), xy[:, 1].max() - xy[:, 1].min()))
+    assert m.coords_extent == pytest.approx(
+        max(xy[:, 0].max() - xy[:, 0].min(), xy[:, 1].max() - xy[:, 1].min()))
     s = make_slide()
     s.counts[1] = 0
     s.library_size[:3] = 0                      # spots 0 and 2 have counts, spot 1 has none
@@ -273,7 +304,8 @@ def test_meta_and_listing(tmp_path):
     with pytest.raises(FileNotFoundError, match="found none"):
         data.list_slides(tmp_path / "empty")
     write_raw(tmp_path / "c.h5", {"coords": np.zeros((2, 2))})
-    with pytest.raises(CacheError, match=r"c\.h5: key 'features': expected a dataset \(required\), found no such key"):
+    with pytest.raises(CacheError, match=r"c\.h5: key 'features': expected a dataset \(required\), "
+                                         r"found no such key"):
         data.read_slide_meta(tmp_path / "c.h5")
 
 
@@ -282,7 +314,8 @@ def test_meta_and_listing(tmp_path):
 def test_hallmark_gmt(shared_data):
     hallmark = files.read_gmt(shared_data / "msigdb" / "h.all.v7.0.symbols.gmt")
     assert len(hallmark) == 50 and "JUNB" in hallmark["HALLMARK_TNFA_SIGNALING_VIA_NFKB"]
-    assert sum(len(m) for m in hallmark.values()) > 4384      # 4,384 distinct genes, some in several sets
+    # 4,384 distinct genes, some in several sets
+    assert sum(len(m) for m in hallmark.values()) > 4384
 
 
 def test_gmt_gene_lists_and_split_files(tmp_path):
@@ -291,25 +324,29 @@ def test_gmt_gene_lists_and_split_files(tmp_path):
         files.read_gmt(tmp_path / "bad.gmt")
     (tmp_path / "g.json").write_text(json.dumps({"genes": ["A", "B"]}))
     (tmp_path / "g.txt").write_text("# header\nA\n\nB\n")
-    assert files.read_gene_list(tmp_path / "g.json") == files.read_gene_list(tmp_path / "g.txt") == ["A", "B"]
+    assert (files.read_gene_list(tmp_path / "g.json") == files.read_gene_list(tmp_path / "g.txt")
+            == ["A", "B"])
     (tmp_path / "d.txt").write_text("A\nB\nA\n")
     with pytest.raises(CacheError, match=r"d\.txt: key 'genes': expected unique names, found "
                                          r"duplicates 'A' twice"):
         files.read_gene_list(tmp_path / "d.txt")
     (tmp_path / "n.json").write_text(json.dumps({"genes": "A"}))
-    with pytest.raises(CacheError, match=r"n\.json: key 'genes': expected a list of gene names, found str"):
+    with pytest.raises(CacheError,
+                       match=r"n\.json: key 'genes': expected a list of gene names, found str"):
         files.read_gene_list(tmp_path / "n.json")
     splits = tmp_path / "splits"
     splits.mkdir()
     for i, (tr, te) in enumerate([(["a", "b"], ["c"]), (["c"], ["a", "b"])]):
-        (splits / f"train_{i}.csv").write_text("sample_id,patient\n" + "".join(f"{s},x\n" for s in tr))
+        (splits / f"train_{i}.csv").write_text("sample_id,patient\n"
+                                               + "".join(f"{s},x\n" for s in tr))
         (splits / f"test_{i}.csv").write_text("sample_id\n" + "".join(f"{s}\n" for s in te))
     assert files.read_split_csvs(splits) == [(["a", "b"], ["c"]), (["c"], ["a", "b"])]
     (splits / "train_2.csv").write_text("sample_id\na\n")
     with pytest.raises(FileNotFoundError, match=r"test_2\.csv: expected beside its partner"):
         files.read_split_csvs(splits)
     (splits / "test_2.csv").write_text("id\na\n")
-    with pytest.raises(CacheError, match=r"test_2\.csv: key 'sample_id': expected a column sample_id and rows"):
+    with pytest.raises(CacheError,
+                       match=r"test_2\.csv: key 'sample_id': expected a column sample_id and rows"):
         files.read_split_csvs(splits)
     with pytest.raises(FileNotFoundError, match="expected train_0.csv"):
         files.read_split_csvs(tmp_path)
@@ -318,7 +355,7 @@ def test_gmt_gene_lists_and_split_files(tmp_path):
         files.read_metadata(tmp_path / "m.csv")
 
 
-# ----------------------------------------------------------------------------- gene selection and targets
+# ----------------------------------------------------------------------- gene selection and targets
 
 def hvg_reference(counts, n):
     """Seurat-flavour HVG written out step by step, one gene and one bin at a time."""
@@ -341,7 +378,8 @@ def hvg_reference(counts, n):
     edges[0] = lo - (hi - lo) * 0.001
     bin_of = []
     for m in means:
-        bin_of.append(next(b for b in range(20) if edges[b] < m <= edges[b + 1] or (b == 19 and m > edges[20])))
+        bin_of.append(next(b for b in range(20)
+                           if edges[b] < m <= edges[b + 1] or (b == 19 and m > edges[20])))
     score = {}
     for b in set(bin_of):
         members = [j for j in range(n_genes) if bin_of[j] == b]
@@ -393,9 +431,11 @@ def test_gene_selection_small_cases():
 def test_log_targets():
     c = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
     assert torch.allclose(data.log_targets(c), torch.log1p(c))
-    assert torch.allclose(data.log_targets(c, normalize=True), torch.log1p(c / c.sum(1, keepdim=True) * 1e4))
+    assert torch.allclose(data.log_targets(c, normalize=True),
+                          torch.log1p(c / c.sum(1, keepdim=True) * 1e4))
     lib = torch.tensor([10.0, 4.0])
-    assert torch.allclose(data.log_targets(c, lib, normalize=True), torch.log1p(c / lib[:, None] * 1e4))
+    assert torch.allclose(data.log_targets(c, lib, normalize=True),
+                          torch.log1p(c / lib[:, None] * 1e4))
 
 
 # ----------------------------------------------------------------------------- folds
@@ -411,11 +451,13 @@ def test_folds_group_patients_and_are_seeded():
         assert sorted(tested) == ids                     # every slide tested exactly once
         for tr, te in folds:
             assert not {of[s] for s in tr} & {of[s] for s in te} and sorted(tr + te) == ids
-    assert data.make_folds(ids, patients, 3, 5) == data.make_folds(ids, dict(zip(ids, patients)), 3, 5)
+    assert (data.make_folds(ids, patients, 3, 5)
+            == data.make_folds(ids, dict(zip(ids, patients)), 3, 5))
     assert len({str(data.make_folds(ids, patients, 3, seed)) for seed in range(6)}) > 1
     sizes = [len(te) for _, te in data.make_folds(ids, patients, 3, 0)]
     assert max(sizes) - min(sizes) <= 2
-    with pytest.raises(ValueError, match=r"expected 2 <= k <= 7 \(the number of patients\) or k=-1, found k=8"):
+    with pytest.raises(ValueError,
+                       match=r"expected 2 <= k <= 7 \(the number of patients\) or k=-1, found k=8"):
         data.make_folds(ids, patients, 8, 0)
     with pytest.raises(ValueError, match="found k=1"):
         data.make_folds(ids, patients, 1, 0)
@@ -426,8 +468,8 @@ def test_folds_group_patients_and_are_seeded():
 @pytest.mark.parametrize("n,k,seed", [(36, 8, 3927), (12, 8, 3927), (68, 8, 3927), (9, 4, 1)])
 def test_kfold_groups_are_scikit_learns_shuffled_kfold(n, k, seed):
     ids = [f"s{i:03d}" for i in range(n)][::-1]                       # any order in: sorted inside
-    # reference: sklearn's KFold(shuffle=True) = a RandomState permutation cut into k consecutive parts,
-    # the first n % k one longer, each part's ids in index order
+    # reference: sklearn's KFold(shuffle=True) = a RandomState permutation cut into k consecutive
+    # parts, the first n % k one longer, each part's ids in index order
     perm = np.random.RandomState(seed).permutation(n)
     expect, start = [], 0
     for i in range(k):
@@ -451,7 +493,8 @@ def test_hist_groups_are_hists_split(n, k):
     shuffled = sorted(ids)
     np.random.shuffle(shuffled)
     size = len(shuffled) // k
-    expect = [sorted(shuffled[i * size:(i + 1) * size] if i < k - 1 else shuffled[i * size:]) for i in range(k)]
+    expect = [sorted(shuffled[i * size:(i + 1) * size] if i < k - 1 else shuffled[i * size:])
+              for i in range(k)]
     assert data.hist_groups(ids, k, 0) == expect
     folds = data.make_folds(ids, ids, k, 0, assign="hist")
     assert [te for _, te in folds] == expect and all(not set(tr) & set(te) for tr, te in folds)
@@ -474,7 +517,8 @@ def test_make_folds_by_slide_and_by_patient_with_kfold():
 def test_sub_inputs_name_the_slide_and_the_config_key():
     s = make_slide()
     assert data.sub_inputs(s, 0) == {}
-    with pytest.raises(ValueError, match=r"s1: model\.sub_levels = 1 needs sub_features with 4 sub-patches.*found none"):
+    with pytest.raises(ValueError, match=r"s1: model\.sub_levels = 1 needs sub_features with 4 "
+                                         r"sub-patches.*found none"):
         data.sub_inputs(s, 1)
     s.sub_features, s.sub_extent_um = torch.zeros(7, 16, 5), 50.0
     with pytest.raises(ValueError, match=r"sub_levels = 1 needs .* found 16 per spot"):
@@ -484,21 +528,27 @@ def test_sub_inputs_name_the_slide_and_the_config_key():
 
 
 def test_genes_command_line(tmp_path):
-    paths = synthetic.make_synthetic(tmp_path / "ds", n_slides=4, n_spots=200, n_genes=60, log=lambda s: None)
+    paths = synthetic.make_synthetic(tmp_path / "ds", n_slides=4, n_spots=200, n_genes=60,
+                                     log=lambda s: None)
     ids = [p.stem for p in paths[:3]]
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "25", "--by", "hvg",
-                        "--out", "g.json", "--ids", *ids], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0 and "genes: 25 by hvg from 3 slides (60 genes in common)" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n",
+                        "25", "--by", "hvg", "--out", "g.json", "--ids", *ids], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert (r.returncode == 0
+            and "genes: 25 by hvg from 3 slides (60 genes in common)" in r.stdout), r.stderr
     chosen = files.read_gene_list(tmp_path / "g.json")
     counts = [data.read_slide(p).counts for p in paths[:3]]
     assert chosen == data.select_genes(counts, data.read_slide_meta(paths[0]).genes, 25, "hvg")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n", "0", "--out", "h.json"],
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "genes", "--slides", "ds", "--n",
+                        "0", "--out", "h.json"],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr == "--n: expected an integer >= 1, found 0\n" and not (tmp_path / "h.json").exists()
+    assert (r.returncode == 1 and r.stderr == "--n: expected an integer >= 1, found 0\n"
+            and not (tmp_path / "h.json").exists())
 
 
 def test_each_command_is_in_the_file_that_does_the_work(capsys):
-    """data.py runs `genes` only: the cache-building commands are hest.py's and synthetic.py's, not forwarded."""
+    """data.py runs `genes` only: the cache-building commands are hest.py's and synthetic.py's, not
+    forwarded."""
     for cmd in ("synth", "bin", "embed", "import-hest"):
         with pytest.raises(SystemExit) as e:
             data.main([cmd, "--out", "x"])
@@ -506,7 +556,8 @@ def test_each_command_is_in_the_file_that_does_the_work(capsys):
     with pytest.raises(SystemExit):
         data.main(["--help"])
     listed = capsys.readouterr().out
-    assert "    genes " in listed and not any(f"    {n} " in listed for n in ("embed", "import-hest", "bin", "synth"))
+    assert ("    genes " in listed
+            and not any(f"    {n} " in listed for n in ("embed", "import-hest", "bin", "synth")))
     with pytest.raises(SystemExit):
         hest.main(["--help"])
     listed = capsys.readouterr().out
@@ -523,7 +574,8 @@ def test_a_full_disk_in_atomic_path_names_the_file_and_keeps_the_old_one(tmp_pat
     path = tmp_path / "x.h5"
     path.write_bytes(b"old")
     for error in (OSError(errno.ENOSPC, "No space left on device"),
-                  OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")):
+                  OSError("Can't write data (file write failed: errno = 28, error message = 'No "
+                          "space left on device')")):
         with pytest.raises(files.DiskFull, match=r"x\.h5: disk full"):
             with files.atomic_path(path) as tmp:
                 tmp.write_bytes(b"partial")

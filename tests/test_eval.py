@@ -1,4 +1,5 @@
-"""eval.py: every metric against slow references written here with explicit Python loops (no scipy)."""
+"""eval.py: every metric against slow references written here with explicit Python loops (no
+scipy)."""
 import csv
 import json
 import math
@@ -42,7 +43,8 @@ def ref_pearson(x, y):
 
 def ref_per_gene(pred, true):
     rows_p, rows_t = pred.tolist(), true.tolist()
-    return [ref_pearson([r[g] for r in rows_p], [r[g] for r in rows_t]) for g in range(len(rows_p[0]))]
+    return [ref_pearson([r[g] for r in rows_p], [r[g] for r in rows_t])
+            for g in range(len(rows_p[0]))]
 
 
 def ref_pcc_gene(pred, true):
@@ -64,7 +66,8 @@ def ref_linear(x):
 
 
 def ref_mean_defined(values):
-    """Mean over the slides where a per-slide metric is defined (None elsewhere); NaN when none is."""
+    """Mean over the slides where a per-slide metric is defined (None elsewhere); NaN when none
+    is."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
 
@@ -76,7 +79,8 @@ def ref_constant_truth(t):
 
 
 def ref_pcc_flat(preds, trues):
-    return ref_mean_defined([None if len(set(ref_linear(t))) == 1 else ref_pearson(ref_linear(p), ref_linear(t))
+    return ref_mean_defined([None if len(set(ref_linear(t))) == 1
+                             else ref_pearson(ref_linear(p), ref_linear(t))
                              for p, t in zip(preds, trues)])
 
 
@@ -92,7 +96,8 @@ def ref_r2_flat(preds, trues):
 
 
 def ref_pcc_gene_slide(preds, trues):
-    return ref_mean_defined([None if ref_constant_truth(t) else ref_pcc_gene(p, t) for p, t in zip(preds, trues)])
+    return ref_mean_defined([None if ref_constant_truth(t) else ref_pcc_gene(p, t)
+                             for p, t in zip(preds, trues)])
 
 
 def ref_mean_error(preds, trues, power):
@@ -120,10 +125,12 @@ def ref_metrics(preds, trues):
 
 
 def make_slide(rng, n, g, const_true=(), const_pred=()):
-    """log1p counts and a noisy prediction, float32; listed genes made constant in truth / prediction."""
+    """log1p counts and a noisy prediction, float32; listed genes made constant in
+    truth / prediction."""
     true = np.log1p(rng.poisson(rng.uniform(0.5, 20, size=g), size=(n, g))).astype(np.float32)
     pred = (0.6 * true + rng.normal(0, 0.5, size=(n, g))).astype(np.float32)
-    true[:, list(const_true)] = np.float32(np.log1p(3.0))  # means of such constants are inexact in float64
+    # means of such constants are inexact in float64
+    true[:, list(const_true)] = np.float32(np.log1p(3.0))
     pred[:, list(const_pred)] = np.float32(0.1)
     return pred, true
 
@@ -142,7 +149,8 @@ def test_per_gene_pcc_with_zero_variance_genes():
     assert ev.zero_variance_genes(pred, true) == 2
     assert np.delete(per_gene, [2, 5]).mean() > 0.3  # the noisy prediction does correlate
     pred, true = pred.astype(np.float64), true.astype(np.float64)
-    pred[:, 5], true[:, 2] = 0.1, 0.7  # float64 constants whose column mean is not exactly the constant
+    # float64 constants whose column mean is not exactly the constant
+    pred[:, 5], true[:, 2] = 0.1, 0.7
     assert ev.zero_variance_genes(pred, true) == 2
     assert_close(ev.per_gene_pcc(pred, true), ref_per_gene(pred, true))
 
@@ -150,16 +158,18 @@ def test_per_gene_pcc_with_zero_variance_genes():
 def test_slide_metrics_match_reference_including_one_spot_and_all_zero_slides():
     rng = np.random.default_rng(2)
     slides = [make_slide(rng, 25, 6, const_true=[0]), make_slide(rng, 12, 6, const_pred=[3]),
-              make_slide(rng, 1, 6), (rng.normal(size=(9, 6)).astype(np.float32), np.zeros((9, 6), np.float32))]
+              make_slide(rng, 1, 6), (rng.normal(size=(9, 6)).astype(np.float32),
+                                      np.zeros((9, 6), np.float32))]
     preds, trues = [s[0] for s in slides], [s[1] for s in slides]
     got, want = ev.compute_metrics(preds, trues), ref_metrics(preds, trues)
-    assert set(got) == set(ev.METRICS) | {"per_gene_pcc", "zero_variance_genes", "zero_variance_genes_slide",
-                                          "slides_left_out"}
+    assert set(got) == set(ev.METRICS) | {"per_gene_pcc", "zero_variance_genes",
+                                          "zero_variance_genes_slide", "slides_left_out"}
     for key in ev.METRICS + ["per_gene_pcc"]:
         assert_close(got[key], want[key])
     for key in ("zero_variance_genes", "zero_variance_genes_slide", "slides_left_out"):
         assert got[key] == want[key]
-    # the one-spot slide and the all-zero slide are left out of pcc_gene_slide; their 12 constant genes counted
+    # the one-spot slide and the all-zero slide are left
+    # out of pcc_gene_slide; their 12 constant genes counted
     assert got["slides_left_out"] == {"pcc_gene_slide": 2, "pcc_flat": 1, "r2_flat": 1}
     assert got["zero_variance_genes_slide"] == 1 + 1 + 6 + 6
     assert_close(ev.pcc_gene_slide(preds, trues), want["pcc_gene_slide"])
@@ -173,10 +183,12 @@ def test_one_spot_slide_gives_zero_pcc_without_nan():
     pred, true = make_slide(np.random.default_rng(3), 1, 5)
     assert ev.per_gene_pcc(pred, true).tolist() == [0.0] * 5
     assert ev.zero_variance_genes(pred, true) == 5
-    assert ev.pcc_gene(pred, true) == 0.0 and math.isnan(ev.pcc_gene_slide([pred], [true]))  # undefined
+    # undefined
+    assert ev.pcc_gene(pred, true) == 0.0 and math.isnan(ev.pcc_gene_slide([pred], [true]))
     m = ev.compute_metrics([pred], [true])
     assert m["slides_left_out"]["pcc_gene_slide"] == 1 and m["zero_variance_genes_slide"] == 5
-    assert all(np.isfinite(m[k]).all() for k in ("pcc_gene", "per_gene_pcc", "pcc_flat", "mse", "mae"))
+    assert all(np.isfinite(m[k]).all()
+               for k in ("pcc_gene", "per_gene_pcc", "pcc_flat", "mse", "mae"))
 
 
 def test_perfect_prediction_scores():
@@ -196,7 +208,8 @@ def test_torch_and_numpy_inputs_agree():
         assert as_torch[key] == as_numpy[key]
     np.testing.assert_array_equal(as_torch["per_gene_pcc"], as_numpy["per_gene_pcc"])
     pred, true = slides[0]
-    assert ev.pcc_gene(torch.from_numpy(pred).double(), torch.from_numpy(true)) == ev.pcc_gene(pred, true)
+    assert (ev.pcc_gene(torch.from_numpy(pred).double(), torch.from_numpy(true))
+            == ev.pcc_gene(pred, true))
     assert ev.mse(torch.from_numpy(pred), true) == ev.mse([pred], [true])
 
 
@@ -214,12 +227,15 @@ def test_prediction_file_round_trip(tmp_path):
     pred, true = make_slide(np.random.default_rng(6), 4, 3)
     genes, barcodes = ["CD3E", "Ménage", "MT-CO1"], [f"AAAC-{i}" for i in range(4)]
     coords = np.arange(8, dtype=np.float64).reshape(4, 2)
-    files.write_predictions(tmp_path / "s1.h5", torch.from_numpy(pred), genes, barcodes, coords, true=true)
+    files.write_predictions(tmp_path / "s1.h5", torch.from_numpy(pred), genes, barcodes,
+                            coords, true=true)
     files.write_predictions(tmp_path / "s2.h5", pred, genes, barcodes, coords, slide_id="slide two")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.h5", "s2.h5"]  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.h5", "s2.h5"]
     r = files.read_predictions(tmp_path / "s1.h5")
     assert r["slide_id"] == "s1" and r["genes"] == genes and r["barcodes"].tolist() == barcodes
-    assert r["pred"].dtype == np.float32 and r["coords"].dtype == np.float32 and r["true"].dtype == np.float32
+    assert (r["pred"].dtype == np.float32 and r["coords"].dtype == np.float32
+            and r["true"].dtype == np.float32)
     np.testing.assert_array_equal(r["pred"], pred)
     np.testing.assert_array_equal(r["true"], true)
     np.testing.assert_array_equal(r["coords"], coords)
@@ -233,8 +249,8 @@ def test_prediction_file_round_trip(tmp_path):
 # ---------------------------------------------------------------- runs
 @pytest.fixture
 def fake_run(tmp_path):
-    """runs/fake: fold_0 with 2 slides (gene B constant in truth), fold_1 with 3 slides (one of one spot)
-    plus one without counts; fold_1's last gene differs, as when genes are chosen per fold."""
+    """runs/fake: fold_0 with 2 slides (gene B constant in truth), fold_1 with 3 slides (one of one
+    spot) plus one without counts; fold_1's last gene differs, as when genes are chosen per fold."""
     rng = np.random.default_rng(7)
     run = tmp_path / "runs" / "fake"
     genes = [["A", "B", "C", "D", "E"], ["A", "B", "C", "D", "F"]]
@@ -244,10 +260,12 @@ def fake_run(tmp_path):
         slides = [make_slide(rng, n, 5, const_true=[1] if k == 0 else ()) for n in sizes[k]]
         for i, (pred, true) in enumerate(slides):
             files.write_predictions(run / f"fold_{k}" / "pred" / f"s{k}{i}.h5", pred, genes[k],
-                                 [f"b{j}" for j in range(len(pred))], rng.uniform(0, 1e3, (len(pred), 2)), true=true)
+                                    [f"b{j}" for j in range(len(pred))],
+                                    rng.uniform(0, 1e3, (len(pred), 2)), true=true)
         folds.append(slides)
     pred, _ = make_slide(rng, 6, 5)
-    files.write_predictions(run / "fold_1" / "pred" / "unlabelled.h5", pred, genes[1], list("abcdef"), np.zeros((6, 2)))
+    files.write_predictions(run / "fold_1" / "pred" / "unlabelled.h5", pred, genes[1],
+                            list("abcdef"), np.zeros((6, 2)))
     (run / "config.yaml").write_text("run: {name: fake}\n")
     return run, folds, genes
 
@@ -258,10 +276,12 @@ def test_evaluate_run_matches_reference(fake_run):
     results = json.loads((run / "results.json").read_text())
     assert returned == results
     want = [ref_metrics([s[0] for s in slides], [s[1] for s in slides]) for slides in folds]
-    assert results["run"] == "fake" and results["n_folds"] == 2 and results["slides_per_fold"] == [2, 3]
+    assert (results["run"] == "fake" and results["n_folds"] == 2
+            and results["slides_per_fold"] == [2, 3])
     assert results["genes"] == 6 and results["genes_per_fold"] == [5, 5]
     assert results["slides"] == [["s00", "s01"], ["s10", "s11", "s12"]]
-    assert results["zero_variance_genes"]["folds"] == [w["zero_variance_genes"] for w in want] == [1, 0]
+    assert (results["zero_variance_genes"]["folds"] == [w["zero_variance_genes"] for w in want]
+            == [1, 0])
     for key in ev.METRICS:
         values = [w[key] for w in want]
         mean = sum(values) / 2
@@ -279,13 +299,15 @@ def test_evaluate_run_matches_reference(fake_run):
         for gene, value in zip(genes[k], want[k]["per_gene_pcc"]):
             assert float(table[gene][k]) == pytest.approx(value, abs=1e-6)
     assert table["E"][1] == "" and table["F"][0] == ""
-    assert float(table["A"][2]) == pytest.approx((want[0]["per_gene_pcc"][0] + want[1]["per_gene_pcc"][0]) / 2, abs=1e-6)
+    assert float(table["A"][2]) == pytest.approx(
+        (want[0]["per_gene_pcc"][0] + want[1]["per_gene_pcc"][0]) / 2, abs=1e-6)
     assert float(table["F"][2]) == pytest.approx(want[1]["per_gene_pcc"][4], abs=1e-6)
 
     md = (run / "results.md").read_text()
     assert "ddof=0" in md and "| metric | mean ± std | fold_0 | fold_1 |" in md
     e = results["metrics"]["pcc_gene"]
-    assert f"| pcc_gene | {e['mean']:.4f} ± {e['std']:.4f} | {e['folds'][0]:.4f} | {e['folds'][1]:.4f} |" in md
+    assert (f"| pcc_gene | {e['mean']:.4f} ± {e['std']:.4f} | {e['folds'][0]:.4f} | "
+            f"{e['folds'][1]:.4f} |" in md)
 
 
 def test_evaluate_run_errors_name_the_folder(tmp_path):
@@ -314,7 +336,8 @@ def test_format_table():
 def test_cli_reevaluates_and_prints_table(fake_run):
     run = fake_run[0]
     (run / "results.json").unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| run | folds | genes | pcc_gene |" in proc.stdout
     assert "| fake | 2 | 6 (5 per fold) |" in proc.stdout
@@ -396,7 +419,7 @@ def test_cli_reports_a_bad_run_folder(tmp_path):
         ev.main([str(tmp_path)])
 
 
-# ---------------------------------------------------------------- shared run folders are data, never code
+# ---------------------------------------------------------- shared run folders are data, never code
 class _RunsCodeWhenUnpickled:
     """A pickle payload that would create a file if the loader executed it."""
 
@@ -411,7 +434,8 @@ def test_a_model_file_that_carries_code_is_refused_and_nothing_runs(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "executed"
     (run / "fold_0").mkdir(parents=True)
     (run / "config.yaml").write_text("data: {pseudo: false}\n")
-    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, run / "fold_0" / "model.pt")
+    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)},
+               run / "fold_0" / "model.pt")
     with pytest.raises(ValueError, match="model.pt: not loaded"):
         predict.load_fold_models(run)
     assert not marker.exists()
@@ -422,13 +446,15 @@ def test_predict_refuses_to_write_into_its_input_folders(tmp_path):
     slides.mkdir()
     (slides / "s1.h5").write_bytes(b"input the user owns")
     for out in (slides, tmp_path / "run"):
-        r = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run", str(tmp_path / "run"),
-                            "--slides", str(slides), "--out", str(out), "--overwrite"],
+        r = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run",
+                            str(tmp_path / "run"), "--slides", str(slides), "--out", str(out),
+                            "--overwrite"],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert "expected an output folder other than the inputs" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-    assert (slides / "s1.h5").read_bytes() == b"input the user owns" and sorted(slides.iterdir()) == [slides / "s1.h5"]
+    assert ((slides / "s1.h5").read_bytes() == b"input the user owns"
+            and sorted(slides.iterdir()) == [slides / "s1.h5"])
 
 
 # ---------------------------------------------------------------- uncertainty
@@ -439,7 +465,8 @@ def test_welford_equals_the_two_pass_formula_also_on_column_subsets():
     acc = predict.Welford(7, 5, dtype=torch.float64)
     for x, c in zip(samples, cols):
         acc.add(torch.from_numpy(x if c is None else x[:, c]), c)
-    for g in range(5):  # two passes over the samples that have gene g: mean, then mean squared deviation
+    # two passes over the samples that have gene g: mean, then mean squared deviation
+    for g in range(5):
         have = [x[:, g] for x, c in zip(samples, cols) if c is None or g in c]
         mean = sum(have) / len(have)
         var = sum((h - mean) ** 2 for h in have) / len(have)
@@ -453,7 +480,8 @@ def test_welford_equals_the_two_pass_formula_also_on_column_subsets():
 
 
 def ref_spearman_mean(std, pred, true):
-    """scipy.stats.spearmanr per gene between std and |error|, mean over genes where it is defined."""
+    """scipy.stats.spearmanr per gene between std and |error|, mean over genes where it is
+    defined."""
     stats = pytest.importorskip("scipy.stats")
     values = []
     for g in range(std.shape[1]):
@@ -466,35 +494,41 @@ def ref_spearman_mean(std, pred, true):
 def test_unc_spearman_and_coverage_match_references():
     rng = np.random.default_rng(9)
     pred, true = make_slide(rng, 60, 6)
-    std = np.abs(pred - true) * rng.uniform(0.2, 2, size=pred.shape) + rng.uniform(0, 0.3, size=pred.shape)
+    std = (np.abs(pred - true) * rng.uniform(0.2, 2, size=pred.shape)
+           + rng.uniform(0, 0.3, size=pred.shape))
     std[:, 1] = 0.5                                          # constant std: gene left out
     std[:5, 2] = std[5:10, 2] = 0.25                         # ties
     assert_close(ev.unc_spearman(std, pred, true), ref_spearman_mean(std, pred, true))
-    inside = sum(abs(t - p) <= 1.96 * s for p, t, s in zip(pred.ravel().tolist(), true.ravel().tolist(),
-                                                             std.ravel().tolist()))
+    inside = sum(abs(t - p) <= 1.96 * s
+                 for p, t, s in zip(pred.ravel().tolist(), true.ravel().tolist(),
+                                    std.ravel().tolist()))
     assert ev.coverage(std, pred, true) == pytest.approx(inside / pred.size, abs=1e-12)
-    assert ev.unc_spearman(np.abs(pred - true), pred, true) == pytest.approx(1.0)  # std = |error| exactly
+    # std = |error| exactly
+    assert ev.unc_spearman(np.abs(pred - true), pred, true) == pytest.approx(1.0)
     m = ev.compute_metrics([pred[:30], pred[30:]], [true[:30], true[30:]], [std[:30], std[30:]])
-    assert m["unc_spearman"] == ev.unc_spearman(std, pred, true) and m["coverage"] == ev.coverage(std, pred, true)
+    assert (m["unc_spearman"] == ev.unc_spearman(std, pred, true)
+            and m["coverage"] == ev.coverage(std, pred, true))
 
 
-# ---------------------------------------------------------------- a tiny trained run (2 folds, gene sets differ)
-TINY = ["data.root=data/synthetic", "data.synthetic={slides: 4, seed: 0, spots: 150}", "data.folds=2",
-        "data.genes={by: hvg, n: 12}", "data.gmt=null", "model.dim=16", "model.heads=2", "model.depths=[1,1]",
-        "model.decoder_depths=[1]", "model.pathway_tokens=0", "model.knn_k=4", "train.epochs=1", "run.threads=1"]
+# --------------------------------------------------- a tiny trained run (2 folds, gene sets differ)
+TINY = ["data.root=data/synthetic", "data.synthetic={slides: 4, seed: 0, spots: 150}",
+        "data.folds=2", "data.genes={by: hvg, n: 12}", "data.gmt=null", "model.dim=16",
+        "model.heads=2", "model.depths=[1,1]", "model.decoder_depths=[1]", "model.pathway_tokens=0",
+        "model.knn_k=4", "train.epochs=1", "run.threads=1"]
 
 
 def train_tiny(where, name, *extra):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"run.name={name}", *extra], cwd=where,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"run.name={name}", *extra],
+                       cwd=where, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return where / "runs" / name
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 2-fold run of a small tessera (k-NN local stage, windows, full attention at the coarse level) on
-    4 synthetic slides, with eval.mc_samples and eval.save_h5ad; genes are chosen per fold."""
+    """A 2-fold run of a small tessera (k-NN local stage, windows, full attention at the coarse
+    level) on 4 synthetic slides, with eval.mc_samples and eval.save_h5ad; genes are chosen per
+    fold."""
     where = tmp_path_factory.mktemp("tiny")
     return train_tiny(where, "tiny", "eval.mc_samples=3", "eval.save_h5ad=true")
 
@@ -509,18 +543,23 @@ def test_cross_validation_reports_uncertainty_and_writes_h5ad(tiny_run):
     for key in ("unc_spearman", "coverage"):
         assert len(results["metrics"][key]["folds"]) == 2
     f = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
-    assert f["std"] is not None and (f["std"] > 0).mean() > 0.9 and f["n_models"].tolist() == [1] * 12
+    assert (f["std"] is not None and (f["std"] > 0).mean() > 0.9
+            and f["n_models"].tolist() == [1] * 12)
     # the fold's figures recomputed from the files with the references
     fold = [files.read_predictions(p) for p in sorted((tiny_run / "fold_0" / "pred").glob("*.h5"))]
-    p, t, s = (np.concatenate([x[k] for x in fold]).astype(np.float64) for k in ("pred", "true", "std"))
-    assert results["metrics"]["unc_spearman"]["folds"][0] == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9)
-    assert results["metrics"]["coverage"]["folds"][0] == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12)
+    p, t, s = (np.concatenate([x[k] for x in fold]).astype(np.float64)
+               for k in ("pred", "true", "std"))
+    assert (results["metrics"]["unc_spearman"]["folds"][0]
+            == pytest.approx(ref_spearman_mean(s, p, t), abs=1e-9))
+    assert (results["metrics"]["coverage"]["folds"][0]
+            == pytest.approx(np.mean(np.abs(t - p) <= 1.96 * s), abs=1e-12))
     assert "unc_spearman" in (tiny_run / "results.md").read_text()
     # mean and std are those of 3 seeded Monte-Carlo dropout passes of the fold model, each raised
     # to 0 (log1p targets: no value below 0)
     import data
     models = predict.load_fold_models(tiny_run, folds=[0])
-    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5", genes=models[0][1])
+    slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_00.h5",
+                            genes=models[0][1])
     passes = np.stack([predict.predict_slide(models[0][0], slide, True, "cpu", mc_seed=j).numpy()
                        for j in range(3)]).clip(min=0)
     np.testing.assert_allclose(f["pred"], passes.mean(0), rtol=1e-5, atol=1e-6)
@@ -591,13 +630,15 @@ def test_no_prediction_file_of_a_log1p_run_holds_a_value_below_zero(tiny_run, tm
             assert f["X"][()].min() >= 0, p
 
 
-def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_their_folds(tiny_run):
+def test_ensemble_std_is_numpys_std_over_the_fold_models_and_genes_average_over_their_folds(
+        tiny_run):
     import data
     models = predict.load_fold_models(tiny_run)
     assert models[0][1] != models[1][1]  # genes chosen per fold
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5")
     genes, mean, std, n_models = predict.predict_with_std(models, slide, True, "cpu")
-    preds = [dict(zip(gs, predict.predict_slide(m, slide, True, "cpu").numpy().T)) for m, gs in models]
+    preds = [dict(zip(gs, predict.predict_slide(m, slide, True, "cpu").numpy().T))
+             for m, gs in models]
     assert genes == list(dict.fromkeys(models[0][1] + models[1][1]))
     for i, g in enumerate(genes):
         have = [p[g] for p in preds if g in p]
@@ -615,9 +656,11 @@ def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
     state = torch.random.get_rng_state()
     a = predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
     b = predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=5)
-    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    # the caller's random stream is untouched
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and (a[2] > 0).float().mean() > 0.9
-    assert not torch.equal(a[2], predict.predict_with_std([(model, genes)], slide, True, "cpu", mc=3, seed=6)[2])
+    assert not torch.equal(a[2], predict.predict_with_std([(model, genes)], slide, True, "cpu",
+                                                          mc=3, seed=6)[2])
     assert not model.training
     cfg = dict(model.cfg.__dict__, dropout=0.0, attn_dropout=0.0)
     off = build_model(ModelConfig(**cfg), slide.features.shape[1], len(genes))
@@ -625,12 +668,14 @@ def test_mc_dropout_is_seeded_and_zero_without_dropout(tiny_run):
     assert predict.has_dropout(model) and not predict.has_dropout(off)
     _, mean, std, _ = predict.predict_with_std([(off.eval(), genes)], slide, True, "cpu", mc=4)
     assert torch.equal(std, torch.zeros_like(std))
-    np.testing.assert_allclose(mean.numpy(), predict.predict_slide(off, slide, True, "cpu").numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), predict.predict_slide(off, slide, True, "cpu").numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_mc_dropout_pass_is_the_training_mode_forward_without_its_memory(tiny_run):
-    """A Monte-Carlo pass keeps the low-memory inference path, yet equals the plain training-mode forward
-    (every module in train mode, no grad) with the same random seed: same dropout, same draws."""
+    """A Monte-Carlo pass keeps the low-memory inference path, yet equals the plain training-mode
+    forward (every module in train mode, no grad) with the same random seed: same dropout, same
+    draws."""
     import data
     model, genes = predict.load_fold_models(tiny_run, folds=[0])[0]
     slide = data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_03.h5")
@@ -641,7 +686,8 @@ def test_mc_dropout_pass_is_the_training_mode_forward_without_its_memory(tiny_ru
         ref = model.train()(*args)["pred"]
     model.eval()
     np.testing.assert_allclose(mc.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(mc, predict.predict_slide(model, slide, True, "cpu"))  # dropout did act
+    # dropout did act
+    assert not torch.allclose(mc, predict.predict_slide(model, slide, True, "cpu"))
     seen = []
     import kernels
     real = kernels.block_inference
@@ -656,30 +702,33 @@ def test_mc_dropout_pass_is_the_training_mode_forward_without_its_memory(tiny_ru
 
 def test_h5ad_opens_in_anndata_with_the_same_values_names_and_coordinates(tiny_run, tmp_path):
     anndata = pytest.importorskip("anndata")
-    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic", "--out", tmp_path / "p",
-                    "--format", "h5", "h5ad", "--mc", "2", cwd=tmp_path)
+    r = predict_cli("--run", tiny_run, "--slides", tiny_run.parents[1] / "data" / "synthetic",
+                    "--out", tmp_path / "p", "--format", "h5", "h5ad", "--mc", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("synth_03", ):
         h5 = files.read_predictions(tmp_path / "p" / f"{name}.h5")
         a = anndata.read_h5ad(tmp_path / "p" / f"{name}.h5ad")
-        assert a.obs_names.tolist() == h5["barcodes"].tolist() and a.var_names.tolist() == h5["genes"]
+        assert (a.obs_names.tolist() == h5["barcodes"].tolist()
+                and a.var_names.tolist() == h5["genes"])
         np.testing.assert_array_equal(np.asarray(a.X), h5["pred"])
         np.testing.assert_array_equal(a.layers["std"], h5["std"])
         np.testing.assert_array_equal(a.obsm["spatial"], h5["coords"])
         assert a.var["n_models"].tolist() == h5["n_models"].tolist()
         assert a.uns["tessera"]["run"] == "tiny" and "log1p" in a.uns["tessera"]["X"]
         assert "model:" in a.uns["tessera"]["config"] and a.uns["tessera"]["mc_samples"] == 2
-    back = files.read_h5ad(tmp_path / "p" / "synth_03.h5ad")  # the repository's own h5ad reader reads it too
+    # the repository's own h5ad reader reads it too
+    back = files.read_h5ad(tmp_path / "p" / "synth_03.h5ad")
     np.testing.assert_array_equal(back.counts, h5["pred"])
     assert back.genes == h5["genes"] and back.barcodes.tolist() == h5["barcodes"].tolist()
     np.testing.assert_array_equal(back.xy, h5["coords"])
-    a = anndata.read_h5ad(tiny_run / "fold_0" / "pred" / "synth_00.h5ad")  # the run's own test predictions
+    # the run's own test predictions
+    a = anndata.read_h5ad(tiny_run / "fold_0" / "pred" / "synth_00.h5ad")
     h5 = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")
     np.testing.assert_array_equal(a.layers["true"], h5["true"])
     assert a.uns["tessera"]["fold"] == "0"
 
 
-# ---------------------------------------------------------------- bad input: one line, nothing written
+# ------------------------------------------------------------- bad input: one line, nothing written
 def assert_one_line_and_nothing_written(r, message, out):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
@@ -689,16 +738,19 @@ def assert_one_line_and_nothing_written(r, message, out):
 def test_predict_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     import data
     slides, out = tiny_run.parents[1] / "data" / "synthetic", tmp_path / "out"
-    assert_one_line_and_nothing_written(predict_cli("--run", tiny_run, "--slides", slides, "--out", out, "--fold",
-                                                    "5", cwd=tmp_path), "--fold 5: expected a fold number 0 ... 1", out)
+    assert_one_line_and_nothing_written(predict_cli("--run", tiny_run, "--slides", slides, "--out",
+                                                    out, "--fold", "5", cwd=tmp_path),
+                                        "--fold 5: expected a fold number 0 ... 1", out)
     for args, message in [(["--fold", "-1"], "--fold -1: expected a fold number 0 ... 1"),
                           (["--mc", "-2"], "--mc -2: expected")]:  # the same, in process (faster)
         with pytest.raises(SystemExit) as e:
-            predict.main(["--run", str(tiny_run), "--slides", str(slides), "--out", str(out), *args])
+            predict.main(["--run", str(tiny_run), "--slides", str(slides), "--out",
+                          str(out), *args])
         assert message in str(e.value) and "\n" not in str(e.value) and not out.exists()
     wide = tmp_path / "wide"  # caches of another encoder: more feature columns
     s = data.read_slide(slides / "synth_00.h5")
-    s.features, s.pseudo_features, s.pseudo_coords = torch.cat([s.features, s.features], 1), None, None
+    s.features, s.pseudo_features, s.pseudo_coords = (torch.cat([s.features, s.features], 1),
+                                                      None, None)
     data.write_slide(wide / "synth_00.h5", s)
     r = predict_cli("--run", tiny_run, "--slides", wide, "--out", out, cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "synth_00.h5: features have", out)
@@ -714,25 +766,32 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
     (partial / "fold_1" / "model.pt").unlink()
     r = predict_cli("--run", partial, "--slides", slides, "--out", out, cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "partial run, fold_1 not finished; pass --partial", out)
-    with pytest.raises(SystemExit, match="--fold 1: .*fold_1.model.pt does not exist .unfinished fold."):
-        predict.main(["--run", str(partial), "--slides", str(slides), "--out", str(out), "--fold", "1"])
+    with pytest.raises(SystemExit,
+                       match="--fold 1: .*fold_1.model.pt does not exist .unfinished fold."):
+        predict.main(["--run", str(partial), "--slides", str(slides), "--out", str(out),
+                      "--fold", "1"])
     assert not out.exists()
     predict.main(["--run", str(partial), "--slides", str(slides), "--out", str(out), "--partial"])
     assert len(list(out.glob("*.h5"))) == 4
     results = ev.evaluate_run(partial)  # the finished fold is evaluated, the missing one named
     assert results["fold_names"] == ["fold_0"] and results["missing_folds"] == ["fold_1"]
     assert "Not finished, not evaluated: fold_1" in (partial / "results.md").read_text()
-    killed = tmp_path / "killed"  # killed while writing fold_0's predictions: its checkpoint is still there
+    # killed while writing fold_0's predictions: its checkpoint is still there
+    killed = tmp_path / "killed"
     shutil.copytree(tiny_run, killed)
     (killed / "fold_0" / "checkpoint.pt").write_bytes(b"")
     assert ev.evaluate_run(killed)["missing_folds"] == ["fold_0"]
     before = (partial / "results.json").read_bytes()
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "fold_1 missing" in proc.stderr
-    assert (partial / "results.json").read_bytes() == before     # an unfinished run is evaluated only on request
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial), "--partial"], capture_output=True,
-                          text=True)
-    assert proc.returncode == 0 and "fold_1" in proc.stderr and "| partial | 1 (missing fold_1) |" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial)],
+                          capture_output=True, text=True)
+    assert (proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+            and "fold_1 missing" in proc.stderr)
+    # an unfinished run is evaluated only on request
+    assert (partial / "results.json").read_bytes() == before
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(partial), "--partial"],
+                          capture_output=True, text=True)
+    assert (proc.returncode == 0 and "fold_1" in proc.stderr
+            and "| partial | 1 (missing fold_1) |" in proc.stdout)
     # a run trained without dropout, asked for Monte-Carlo dropout
     nodrop = tmp_path / "nodrop"
     shutil.copytree(tiny_run, nodrop)
@@ -740,7 +799,8 @@ def test_partial_runs_and_runs_without_dropout(tiny_run, tmp_path):
         ck = torch.load(nodrop / f"fold_{k}" / "model.pt", weights_only=True)
         ck["model_config"].update(dropout=0.0, attn_dropout=0.0)
         torch.save(ck, nodrop / f"fold_{k}" / "model.pt")
-    r = predict_cli("--run", nodrop, "--slides", slides, "--out", out / "x", "--mc", "4", cwd=tmp_path)
+    r = predict_cli("--run", nodrop, "--slides", slides, "--out", out / "x", "--mc", "4",
+                    cwd=tmp_path)
     assert_one_line_and_nothing_written(r, "--mc 4: the models of", out / "x")
     assert "have no dropout" in r.stderr
 
@@ -761,39 +821,47 @@ def test_paper_numbers_print_beside_the_run(fake_run):
     results = ev.evaluate_run(run)
     text = protocols.paper_table(results, run, "hifusion:her2st")
     assert text.startswith('HiFusion (AAAI 2026), "Main Results", columns HER2-2D')
-    assert "| method | mse | pcc_spot |" in text and "| HiFusion (paper) | 0.5459 | 0.4961 |" in text
+    assert ("| method | mse | pcc_spot |" in text
+            and "| HiFusion (paper) | 0.5459 | 0.4961 |" in text)
     spot = [ev.pcc_spot([s[0] for s in slides], [s[1] for s in slides]) for slides in folds]
     mse = results["metrics"]["mse"]
     assert text.splitlines()[-1] == (f"| fake (this run) | {mse['mean']:.4f} ± {mse['std']:.4f} | "
                                      f"{np.mean(spot):.4f} ± {np.std(spot):.4f} |")
-    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in protocols.paper_table(results, run, "hist:brain")
-    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper", "hist:nowhere"],
+    assert ("| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |"
+            in protocols.paper_table(results, run, "hist:brain"))
+    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper",
+                        "hist:nowhere"],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "expected an entry --paper 'hist:nowhere'; it has hist:brain" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper", "feast:her2st"],
+    assert (r.returncode != 0
+            and "expected an entry --paper 'hist:nowhere'; it has hist:brain" in r.stderr)
+    r = subprocess.run([sys.executable, str(ROOT / "protocols.py"), str(run), "--paper",
+                        "feast:her2st"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "| FEAST (paper) | 0.5761 | 0.5782 | 0.5524 |" in r.stdout
 
 
 # ---------------------------------------------------------------- levels of the pyramid
 def test_level_outputs_against_loops():
-    """Sub levels -2 (4 x 4) and -1 (2 x 2) of a slide with 4 x 4 sub-counts, and bins at levels 1 and 2."""
+    """Sub levels -2 (4 x 4) and -1 (2 x 2) of a slide with 4 x 4 sub-counts, and bins at levels 1
+    and 2."""
     from types import SimpleNamespace
     rng = np.random.default_rng(3)
     n, G, extent = 6, 3, 50.0
     valid = rng.random((n, 16)) < 0.7
     valid[:, 0] = True
     sub_counts = torch.tensor(rng.poisson(2.0, (n, 16, G)) * valid[..., None], dtype=torch.float32)
-    slide = SimpleNamespace(n_spots=n, coords=torch.tensor(rng.uniform(0, 1000, (n, 2)), dtype=torch.float32),
+    slide = SimpleNamespace(n_spots=n,
+                            coords=torch.tensor(rng.uniform(0, 1000, (n, 2)), dtype=torch.float32),
                             counts=sub_counts.sum(1), sub_counts=sub_counts, sub_extent_um=extent,
                             spot_pitch_um=100.0)
     idx2 = torch.tensor([a * 16 + s for a in range(n) for s in range(16) if valid[a, s]])
     idx1 = torch.tensor([a * 4 + s for a in range(n) for s in range(4)
-                         if any(valid[a, 4 * ix + iy] for ix in range(4) for iy in range(4) if 2 * (ix // 2) + iy // 2 == s)])
+                         if any(valid[a, 4 * ix + iy] for ix in range(4) for iy in range(4)
+                                if 2 * (ix // 2) + iy // 2 == s)])
     parents = {0: torch.tensor([0, 1, 0, 2, 1, 2]), 1: torch.tensor([1, 0, 0])}
     out = {"pred": torch.tensor(rng.normal(2, 1, (n, G)), dtype=torch.float32),
-           "levels": {-2: torch.randn(len(idx2), G), -1: torch.randn(len(idx1), G), 1: torch.randn(3, G),
-                      2: torch.randn(2, G)},
+           "levels": {-2: torch.randn(len(idx2), G), -1: torch.randn(len(idx1), G),
+                      1: torch.randn(3, G), 2: torch.randn(2, G)},
            "sub_index": {-2: idx2, -1: idx1}, "parents": parents}
     got = ev.level_outputs(out, slide)
     for k, index in ((-2, idx2), (-1, idx1)):
@@ -801,18 +869,22 @@ def test_level_outputs_against_loops():
         for row, flat in enumerate(index.tolist()):
             a, s = divmod(flat, r * r)
             ix, iy = divmod(s, r)
-            want_xy = slide.coords[a].double() + torch.tensor([(ix + 0.5) / r - 0.5, (iy + 0.5) / r - 0.5],
-                                                               dtype=torch.float64) * extent
+            want_xy = (slide.coords[a].double()
+                       + torch.tensor([(ix + 0.5) / r - 0.5, (iy + 0.5) / r - 0.5],
+                                      dtype=torch.float64) * extent)
             assert torch.allclose(got[k]["coords"][row].double(), want_xy, atol=1e-3)
-            members = [4 * jx + jy for jx in range(4) for jy in range(4) if (jx * r // 4, jy * r // 4) == (ix, iy)]
+            members = [4 * jx + jy for jx in range(4) for jy in range(4)
+                       if (jx * r // 4, jy * r // 4) == (ix, iy)]
             assert torch.allclose(got[k]["true"][row], torch.log1p(sub_counts[a, members].sum(0)))
             copy = torch.log1p(torch.expm1(out["pred"][a]).clamp_min(0) / (r * r))
             assert torch.allclose(got[k]["copy"][row], copy)
     for k, m in ((1, 3), (2, 2)):
         for row in range(m):
-            spots = [a for a in range(n) if (parents[0][a] if k == 1 else parents[1][parents[0][a]]) == row]
+            spots = [a for a in range(n)
+                     if (parents[0][a] if k == 1 else parents[1][parents[0][a]]) == row]
             assert torch.allclose(got[k]["true"][row], torch.log1p(slide.counts[spots].sum(0)))
-            assert torch.allclose(got[k]["coords"][row].double(), slide.coords[spots].double().mean(0), atol=1e-3)
+            assert torch.allclose(got[k]["coords"][row].double(),
+                                  slide.coords[spots].double().mean(0), atol=1e-3)
         assert torch.equal(got[k]["pred"], out["levels"][k])
 
 
@@ -831,16 +903,19 @@ def test_levels_are_written_read_and_evaluated(tmp_path):
                                  levels={-1: sub, 1: up})
             written.append((k, sub, up))
     r = files.read_predictions(run / "fold_0" / "pred" / "s00.h5")
-    assert sorted(r["levels"]) == [-1, 1] and sorted(r["levels"][-1]) == ["coords", "copy", "pred", "true"]
+    assert (sorted(r["levels"]) == [-1, 1]
+            and sorted(r["levels"][-1]) == ["coords", "copy", "pred", "true"])
     np.testing.assert_array_equal(r["levels"][1]["pred"], written[0][2]["pred"].astype(np.float32))
     results = ev.evaluate_run(run)
     for k in range(2):
         subs = [f[1] for f in written if f[0] == k]
         ups = [f[2] for f in written if f[0] == k]
-        want = ref_metrics([s["pred"].astype(np.float32) for s in subs], [s["true"].astype(np.float32) for s in subs])
+        want = ref_metrics([s["pred"].astype(np.float32) for s in subs],
+                           [s["true"].astype(np.float32) for s in subs])
         for name in ev.METRICS:
             assert_close([results["metrics"][f"{name}@-1"]["folds"][k]], [want[name]])
-        want = ref_metrics([s["pred"].astype(np.float32) for s in ups], [s["true"].astype(np.float32) for s in ups])
+        want = ref_metrics([s["pred"].astype(np.float32) for s in ups],
+                           [s["true"].astype(np.float32) for s in ups])
         assert_close([results["metrics"]["pcc_gene@1"]["folds"][k]], [want["pcc_gene"]])
         copy = ref_pcc_gene(np.concatenate([s["copy"] for s in subs]).astype(np.float32),
                             np.concatenate([s["true"] for s in subs]).astype(np.float32))
@@ -851,7 +926,8 @@ def test_levels_are_written_read_and_evaluated(tmp_path):
 def test_eval_names_a_missing_test_slide_and_evaluates_the_rest_only_with_partial(tmp_path, capsys):
     from test_adversarial import fake_run
     run = fake_run(tmp_path, test=("s0", "s1", "s2"), preds=("s0", "s2"))
-    with pytest.raises(SystemExit, match=r"fold_0/pred: no prediction file of test slide\(s\) s1 \(folds.json\)"):
+    with pytest.raises(SystemExit, match=r"fold_0/pred: no prediction file of test slide\(s\) s1 "
+                                         r"\(folds.json\)"):
         ev.main([str(run)])
     assert not (run / "results.json").exists()
     ev.main([str(run), "--partial"])
@@ -868,6 +944,7 @@ def test_eval_names_a_run_folder_it_cannot_write_before_reading(tmp_path, monkey
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(files.tempfile, "mkstemp", refuse)   # files.check_writable's probe
     monkeypatch.setattr(ev, "read_predictions", None)      # nothing is read before the check
-    with pytest.raises(SystemExit, match=f"{run}: the run folder .*cannot be written \\(Permission denied\\)"):
+    with pytest.raises(SystemExit,
+                       match=f"{run}: the run folder .*cannot be written \\(Permission denied\\)"):
         ev.main([str(run)])
     assert not (run / "results.json").exists()

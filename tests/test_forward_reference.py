@@ -1,9 +1,10 @@
-"""The forward of every configs/*.yaml model gives the numbers it gave when tests/forward_reference.pt
-was written (tests/make_forward_reference.py, on the fast kernels): the same state_dict keys (saved
-checkpoints load), the same outputs in eval and training and the same gradients, in float64 to 1e-9
-(float32 cases to float32 precision, their bf16 autocast outputs to bf16 precision). The reference
-kernels (model.kernels = reference) must give the same eval outputs; their training outputs draw
-dropout masks differently, so tests/test_kernels.py compares the two paths' training without dropout."""
+"""The forward of every configs/*.yaml model gives the numbers it gave when
+tests/forward_reference.pt was written (tests/make_forward_reference.py, on the fast kernels): the
+same state_dict keys (saved checkpoints load), the same outputs in eval and training and the same
+gradients, in float64 to 1e-9 (float32 cases to float32 precision, their bf16 autocast outputs to
+bf16 precision). The reference kernels (model.kernels = reference) must give the same eval outputs;
+their training outputs draw dropout masks differently, so tests/test_kernels.py compares the two
+paths' training without dropout."""
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ CASES = torch.load(REFERENCE, weights_only=True)
 
 
 def test_every_config_has_a_reference():
-    assert set(ref.configs()) == set(CASES), "configs/ changed: rerun tests/make_forward_reference.py"
+    assert set(ref.configs()) == set(CASES), ("configs/ changed: rerun "
+                                              "tests/make_forward_reference.py")
 
 
 def close(key, got, want, dtype):
@@ -45,7 +47,8 @@ def test_forward_is_unchanged(name, kernels):
 
 
 def test_a_checkpoint_with_the_window_bias_under_its_former_name_loads():
-    """Checkpoints written before the window bias became attention.PairBias name it `spot.rpb.table`."""
+    """Checkpoints written before the window bias became attention.PairBias name it
+    `spot.rpb.table`."""
     case = CASES["hist_split_linear"]
     old = {k.replace("spot.bias.table", "spot.rpb.table"): v for k, v in case["state"].items()}
     assert any("spot.rpb.table" in k for k in old)

@@ -12,19 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # 1 geometry and maths, 2 model and data contract, 3 programs
     1: ["lattice", "kernels", "attention"],
     2: ["model", "pyramid", "baselines", "losses", "data", "files"],
-    3: ["train", "augment", "runs", "conformal", "eval", "predict", "plots", "hest", "synthetic", "protocols", "checks", "bench",
-        "bench_accuracy", "bench_runs", "gpu_check", "threads"],
+    3: ["train", "augment", "runs", "conformal", "eval", "predict", "plots", "hest", "synthetic",
+        "protocols", "checks", "bench", "bench_accuracy", "bench_runs", "gpu_check", "threads"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
 
 def project_imports(path: Path, project: set[str]) -> list[tuple[str, bool]]:
-    """(imported project module, inside a function?) for every `import x` / `from x import ...` of a file."""
+    """(imported project module, inside a function?) for every `import x` / `from x import ...` of a
+    file."""
     found = []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            inner = in_function or isinstance(child,
+                                              (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             names = []
             if isinstance(child, ast.Import):
                 names = [a.name.split(".")[0] for a in child.names]
@@ -38,7 +40,8 @@ def project_imports(path: Path, project: set[str]) -> list[tuple[str, bool]]:
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of a directed graph as [a, b, ..., a], or None (depth-first search, three colours)."""
+    """One cycle of a directed graph as [a, b, ..., a], or None (depth-first search, three
+    colours)."""
     colour, stack = {}, []
 
     def dfs(u):
@@ -82,32 +85,34 @@ def repository_imports() -> dict[str, list[tuple[str, bool]]]:
 
 def test_the_files_keep_their_layers():
     imports = repository_imports()
-    assert set(imports) == set(LAYER), "a file is missing from LAYERS or LAYERS names a file that is gone"
+    assert set(imports) == set(LAYER), ("a file is missing from LAYERS or LAYERS names a file "
+                                        "that is gone")
     assert problems(imports, LAYER) == []
 
 
 def test_train_and_eval_import_no_program_a_fork_may_delete_without_a_guard():
-    """train.py and eval.py run in a copy without hest, synthetic, plots, protocols and bench*: train.py
-    imports protocols and synthetic only in a try / except ModuleNotFoundError at the top level."""
+    """train.py and eval.py run in a copy without hest, synthetic, plots, protocols and bench*:
+    train.py imports protocols and synthetic only in a try / except ModuleNotFoundError at the top
+    level."""
     deletable = {"hest", "synthetic", "plots", "protocols", "bench", "bench_accuracy", "bench_runs",
                  "gpu_check"}
     for name in ("train", "eval"):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         guarded = {a.name for node in tree.body if isinstance(node, ast.Try) for stmt in node.body
                    if isinstance(stmt, ast.Import) for a in stmt.names}
-        plain = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names} | \
-                {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        plain = ({a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+                 | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)})
         assert not plain & deletable, (name, plain & deletable)
         assert guarded <= deletable
 
 
-# ---- the checks fail where they should -------------------------------------------------------------
+# ---- the checks fail where they should -----------------------------------------------------------
 def test_a_cycle_is_found():
     layer = {"a": 3, "b": 3, "c": 3}
     imports = {"a": [("b", False)], "b": [("c", False)], "c": [("a", False)]}
     assert problems(imports, layer) == ["import cycle: a -> b -> c -> a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None      # a diamond is no cycle
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None  # a diamond is no cycle
     assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
 
 
@@ -115,18 +120,20 @@ def test_an_upward_import_and_a_function_import_are_found():
     layer = {"lattice": 1, "model": 2, "train": 3}
     assert problems({"model": [("train", False)], "train": [], "lattice": []}, layer) == \
         ["model (layer 2) imports train (layer 3)"]
-    assert problems({"train": [("model", True)], "model": [("lattice", False)], "lattice": []}, layer) == \
-        ["train imports model inside a function"]
+    assert problems({"train": [("model", True)], "model": [("lattice", False)], "lattice": []},
+                    layer) == ["train imports model inside a function"]
     assert problems({"stray": []}, layer) == ["stray: not in any layer of LAYERS"]
 
 
 def test_imports_are_read_at_every_depth(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import os\nimport data\nfrom model import x\ntry:\n    import hest\nexcept ImportError:\n"
-                   "    hest = None\n\ndef f():\n    import eval as ev\n    import matplotlib\n    class C:\n"
-                   "        def g(self):\n            from lattice import y\n")
+    src.write_text("import os\nimport data\nfrom model import x\ntry:\n    import hest\n"
+                   "except ImportError:\n    hest = None\n\ndef f():\n    import eval as ev\n"
+                   "    import matplotlib\n    class C:\n        def g(self):\n"
+                   "            from lattice import y\n")
     got = project_imports(src, {"data", "model", "hest", "eval", "lattice"})
-    assert got == [("data", False), ("model", False), ("hest", False), ("eval", True), ("lattice", True)]
+    assert got == [("data", False), ("model", False), ("hest", False), ("eval", True),
+                   ("lattice", True)]
 
 
 CORE = ["lattice", "attention", "model", "pyramid", "data", "train", "eval",

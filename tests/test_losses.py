@@ -1,4 +1,5 @@
-"""losses.py: every loss against a direct formula written here (loops over spots, genes and children)."""
+"""losses.py: every loss against a direct formula written here (loops over spots, genes and
+children)."""
 import math
 
 import numpy as np
@@ -45,8 +46,9 @@ def zinb_pmf(x, mu, theta, pi):
     return pi + (1 - pi) * nb if x == 0 else (1 - pi) * nb
 
 
-@pytest.mark.parametrize("x,mu,theta,pi", [(0, 2.0, 1.5, 0.3), (3, 2.0, 1.5, 0.3), (0, 0.1, 10.0, 0.01),
-                                           (17, 9.5, 0.7, 0.6), (1, 50.0, 3.0, 0.05)])
+@pytest.mark.parametrize("x,mu,theta,pi",
+                         [(0, 2.0, 1.5, 0.3), (3, 2.0, 1.5, 0.3), (0, 0.1, 10.0, 0.01),
+                          (17, 9.5, 0.7, 0.6), (1, 50.0, 3.0, 0.05)])
 def test_zinb_nll_equals_the_pmf(x, mu, theta, pi):
     t = lambda v: torch.tensor([[float(v)]], dtype=torch.float64)
     logit = math.log(pi / (1 - pi))
@@ -69,7 +71,8 @@ def test_pathway_loss_against_explicit_reference():
 
 
 def _parents(rng, sizes):
-    """Random parent maps between levels of the given sizes (every parent has at least one child)."""
+    """Random parent maps between levels of the given sizes (every parent has at least one
+    child)."""
     maps = []
     for n_child, n_parent in zip(sizes, sizes[1:]):
         p = np.concatenate([np.arange(n_parent), rng.integers(0, n_parent, n_child - n_parent)])
@@ -81,13 +84,15 @@ def test_level_losses_against_explicit_formulas():
     rng = np.random.default_rng(0)
     n_sub, n, G = 40, 12, 5
     up, = _parents(rng, [n_sub, n])
-    pred_sub = torch.tensor(rng.normal(1.0, 1.0, (n_sub, G)), dtype=torch.float32, requires_grad=True)
+    pred_sub = torch.tensor(rng.normal(1.0, 1.0, (n_sub, G)), dtype=torch.float32,
+                            requires_grad=True)
     target = torch.tensor(rng.uniform(0, 4, (n, G)), dtype=torch.float32)
     # aggregation: MSE(log1p(sum_s expm1(pred_sub)), target), children summed one by one
     want = 0.0
     for i in range(n):
         for g in range(G):
-            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub) if up[c] == i)
+            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub)
+                        if up[c] == i)
             want += (math.log1p(total) - target[i, g].item()) ** 2
     loss = losses.aggregation_loss(pred_sub, up, target)
     assert loss.item() == pytest.approx(want / (n * G), rel=1e-5)
@@ -98,13 +103,17 @@ def test_level_losses_against_explicit_formulas():
     want = 0.0
     for i in range(n):
         for g in range(G):
-            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub) if up[c] == i)
+            total = sum(max(math.expm1(pred_sub[c, g].item()), 0.0) for c in range(n_sub)
+                        if up[c] == i)
             want += (pred_parent[i, g].item() - math.log1p(total)) ** 2
-    assert losses.consistency_loss(pred_parent, pred_sub, up).item() == pytest.approx(want / (n * G), rel=1e-5)
+    assert (losses.consistency_loss(pred_parent, pred_sub, up).item()
+            == pytest.approx(want / (n * G), rel=1e-5))
     # alignment (HiFusion): 1 - cosine, mean over spots
     a, b = rng.normal(size=(n, 7)), rng.normal(size=(n, 7))
-    want = np.mean([1 - a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i]) for i in range(n)])
-    got = losses.alignment_loss(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+    want = np.mean([1 - a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
+                    for i in range(n)])
+    got = losses.alignment_loss(torch.tensor(a, dtype=torch.float32),
+                                torch.tensor(b, dtype=torch.float32))
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 

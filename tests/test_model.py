@@ -1,4 +1,5 @@
-"""model.py: shapes, permutation equivariance, every switch, coarsening maths, pathway head, baselines."""
+"""model.py: shapes, permutation equivariance, every switch, coarsening maths, pathway head,
+baselines."""
 import copy
 import dataclasses
 from types import SimpleNamespace
@@ -28,8 +29,9 @@ def hex_slide(n_side=12, pitch=100.0, seed=0):
 
 
 def small_cfg(**kw):
-    base = dict(dim=16, heads=2, depths=[1, 1, 1], decoder_depths=[1, 1], dropout=0.0, attn_dropout=0.0,
-                calibration_tokens=1, pathway_tokens=3, signed=True, local_blocks=1, knn_k=6)
+    base = dict(dim=16, heads=2, depths=[1, 1, 1], decoder_depths=[1, 1], dropout=0.0,
+                attn_dropout=0.0, calibration_tokens=1, pathway_tokens=3, signed=True,
+                local_blocks=1, knn_k=6)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -128,7 +130,8 @@ def test_parameter_counts_follow_the_config():
     d = 16
     base = make(small_cfg(pathway_tokens=0, calibration_tokens=1))
     more = make(small_cfg(pathway_tokens=5, calibration_tokens=1))
-    assert sum(p.numel() for p in more.parameters()) - sum(p.numel() for p in base.parameters()) == 5 * d
+    assert (sum(p.numel() for p in more.parameters()) - sum(p.numel() for p in base.parameters())
+            == 5 * d)
     rpb = make(small_cfg(bias="rpb"))
     none = make(small_cfg(bias="none"))
     n_blocks = 3 + 2  # window blocks with an rpb table (the coarsest uses full attention: no table)
@@ -138,7 +141,8 @@ def test_parameter_counts_follow_the_config():
 
 
 def random_coarsening(n):
-    """Up to n distinct random sites in a 9 x 9 square and their coarsening: sites, parent_sites, parent, slot."""
+    """Up to n distinct random sites in a 9 x 9 square and their coarsening: sites, parent_sites,
+    parent, slot."""
     torch.manual_seed(0)
     sites = torch.unique(torch.randint(0, 9, (n, 2)), dim=0)
     return (sites, *lattice.coarsen(sites))
@@ -200,7 +204,8 @@ def test_ridge_matches_normal_equations_of_hest_benchmark():
     Xt = torch.tensor(X)
     model.init_from_data(Xt.mean(0), Xt.std(0), torch.zeros(4))
     model.fit(Xt, torch.tensor(Y))
-    # independent reference: standardise (ddof=1 as torch.std), PCA by eigen-decomposition, ridge solve
+    # independent reference: standardise (ddof=1 as torch.std),
+    # PCA by eigen-decomposition, ridge solve
     Z = (X - X.mean(0)) / X.std(0, ddof=1)
     Zc = Z - Z.mean(0)
     evals, evecs = np.linalg.eigh(Zc.T @ Zc)
@@ -232,18 +237,19 @@ def test_pathway_scores_are_returned_for_every_head():
 
 
 @pytest.mark.parametrize("cfg", [
-    small_cfg(),                                                          # window + rpb, signed, local k-NN
+    small_cfg(),  # window + rpb, signed, local k-NN
     small_cfg(bias="alibi", head="pathway", pos_encoding=True, coarse_attention="same"),
     small_cfg(attention="none", head="mlp", pathway_tokens=2),           # pathway bottleneck
     small_cfg(head="zinb", p2p=False, calibration_tokens=2),
     small_cfg(p2h=False, h2p=False, signed=False),
-    small_cfg(attention="knn", bias="alibi"),                            # k-NN blocks, full coarsest level
+    small_cfg(attention="knn", bias="alibi"),  # k-NN blocks, full coarsest level
 ])
 def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
-    """The fast path runs every per-spot step on chunks of spots (kernels.CHUNK) and the window attention
-    on batches of windows. Chunks of 7 spots and batches of at most 20 pairs (every loop runs many times),
-    in inference (eval, no grad: results written into preallocated outputs, float64 outputs asked for),
-    give what one chunk and the default batches give with grad enabled."""
+    """The fast path runs every per-spot step on chunks of spots (kernels.CHUNK) and the window
+    attention on batches of windows. Chunks of 7 spots and batches of at most 20 pairs (every loop
+    runs many times), in inference (eval, no grad: results written into preallocated outputs,
+    float64 outputs asked for), give what one chunk and the default batches give with grad
+    enabled."""
     import kernels as attention
     feats, xy = hex_slide()
     model = make(cfg)
@@ -264,14 +270,15 @@ def test_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
 
 
 def test_uncoarsen_and_fuse_with_random_weights_by_definition():
-    """HiST eq. 5: z = MLP(x_parent) in R^{4d} (kind mlp: Linear, GELU, Linear; kind linear: one Linear)
-    cut into 4 slots, child n reads slot[n] of its parent; fusion = Linear(2d -> d) on [up || skip].
-    Loops, math.erf's GELU and an explicit concatenation."""
+    """HiST eq. 5: z = MLP(x_parent) in R^{4d} (kind mlp: Linear, GELU, Linear; kind linear: one
+    Linear) cut into 4 slots, child n reads slot[n] of its parent; fusion = Linear(2d -> d) on [up
+    || skip]. Loops, math.erf's GELU and an explicit concatenation."""
     import math
     d = 4
     sites, parent_sites, parent, slot = random_coarsening(30)
     x = torch.randn(parent_sites.shape[0], d)
-    gelu = lambda t: t * 0.5 * (1 + torch.tensor([math.erf(v / math.sqrt(2)) for v in t.tolist()]))  # noqa
+    gelu = lambda t: t * 0.5 * (1 + torch.tensor([math.erf(v / math.sqrt(2))  # noqa
+                                                  for v in t.tolist()]))
     for kind in ("linear", "mlp"):
         op = Uncoarsen(d, kind)
         for p in op.parameters():
@@ -289,8 +296,8 @@ def test_uncoarsen_and_fuse_with_random_weights_by_definition():
 
 
 def test_checkpointing_gives_the_same_gradients(monkeypatch):
-    """model.checkpoint recomputes each block in the backward; with dropout the recomputation must draw
-    the same masks, so loss and gradients equal those of the plain run from the same seed."""
+    """model.checkpoint recomputes each block in the backward; with dropout the recomputation must
+    draw the same masks, so loss and gradients equal those of the plain run from the same seed."""
     import model as model_module
     calls = []
     monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or
@@ -303,20 +310,21 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch):
         loss = model(feats, xy)["pred"].pow(2).mean()
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in model.parameters()])
-    assert len(calls) == 6 + 1 + 2 + 2 + 1 and sum(g is not None for g in grads[1]) > 20  # blocks, stem,
-    # coarsenings, upsampling + fusion, head
+    # blocks, stem, coarsenings, upsampling + fusion, head
+    assert len(calls) == 6 + 1 + 2 + 2 + 1 and sum(g is not None for g in grads[1]) > 20
     for a, b in zip(*grads):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
 
 
-# ---- levels below and above the spot (HiFusion sub-spots, MagNet multi-resolution heads) ------------------
+# ---- levels below and above the spot (HiFusion sub-spots, MagNet multi-resolution heads) ---------
 def test_child_attention_against_a_loop():
     g = torch.Generator().manual_seed(0)
     M, H, dh = 5, 2, 3
     parent = torch.tensor([0, 0, 1, 3, 3, 3, 3, 1, 4])                 # parent 2 has no children
-    q, k, v = torch.randn(M, H, dh, generator=g), torch.randn(9, H, dh, generator=g), torch.randn(9, H, dh, generator=g)
+    q, k, v = (torch.randn(M, H, dh, generator=g), torch.randn(9, H, dh, generator=g),
+               torch.randn(9, H, dh, generator=g))
     got = child_attention(q, k, v, parent)
     for m in range(M):
         kids = [c for c in range(9) if parent[c] == m]
@@ -339,15 +347,16 @@ def sub_inputs(n, K, seed=0):
 
 LEVEL_CFGS = [small_cfg(sub_levels=1, out_levels=[-1, 0, 2]),
               small_cfg(sub_levels=2, sub_pool="attention", out_levels=[-2, -1, 0, 1]),
-              small_cfg(sub_levels=1, sub_pool="attention", out_levels=[0], head="pathway", attention="knn",
-                        bias="alibi"),
+              small_cfg(sub_levels=1, sub_pool="attention", out_levels=[0], head="pathway",
+                        attention="knn", bias="alibi"),
               small_cfg(out_levels=[0, 1, 2], unit_um=100.0)]
 
 
 @pytest.mark.parametrize("cfg", LEVEL_CFGS)
 def test_level_outputs_follow_their_contract(cfg):
-    """Rows below the spot are the valid (caller's spot, sub-position) pairs in that order; each parent map
-    sends a row to the row of the level above that holds it (checked with the sub-positions by hand)."""
+    """Rows below the spot are the valid (caller's spot, sub-position) pairs in that order; each
+    parent map sends a row to the row of the level above that holds it (checked with the
+    sub-positions by hand)."""
     feats, xy = hex_slide()
     n, K = len(xy), cfg.sub_levels
     sub, valid = sub_inputs(n, K) if K else (None, None)
@@ -357,7 +366,7 @@ def test_level_outputs_follow_their_contract(cfg):
     for k in range(-K, 0):
         r = 2 ** -k
         rows = []
-        for a in range(n):                          # a sub-position of level k exists if any data child does
+        for a in range(n):  # a sub-position of level k exists if any data child does
             R = 2 ** K
             have = {r * ((s // R) * r // R) + (s % R) * r // R for s in range(R * R) if valid[a, s]}
             rows += [a * r * r + t for t in sorted(have)]
@@ -367,9 +376,10 @@ def test_level_outputs_follow_their_contract(cfg):
             a, t = divmod(flat, r * r)
             if k == -1:
                 assert up[row] == a
-            else:                                   # the level above (r / 2) holds (a, coarser position)
+            else:  # the level above (r / 2) holds (a, coarser position)
                 ix, iy = divmod(t, r)
-                assert out["sub_index"][k + 1][up[row]] == a * (r // 2) ** 2 + (r // 2) * (ix // 2) + iy // 2
+                assert (out["sub_index"][k + 1][up[row]]
+                        == a * (r // 2) ** 2 + (r // 2) * (ix // 2) + iy // 2)
         if k in out["levels"]:
             assert out["levels"][k].shape == (len(rows), G)
     if K:
@@ -377,12 +387,14 @@ def test_level_outputs_follow_their_contract(cfg):
         assert pooled.shape == own.shape == (n, cfg.dim)
     for k in [k for k in cfg.out_levels if k > 0]:
         assert out["levels"][k].shape == (int(out["parents"][k - 1].max()) + 1, G)
-    # the level above the spot: a spot's parent holds it in the lattice (sites // 2 of the spot level)
+    # the level above the spot: a spot's parent holds
+    # it in the lattice (sites // 2 of the spot level)
     sites = lattice.to_lattice(xy, cfg.unit_um or lattice.default_unit(xy))
     key = {}
     for a in range(n):
         key.setdefault(tuple((sites[a] // 2).tolist()), set()).add(int(out["parents"][0][a]))
-    assert all(len(v) == 1 for v in key.values()) and len(key) == len({int(p) for p in out["parents"][0]})
+    assert (all(len(v) == 1 for v in key.values())
+            and len(key) == len({int(p) for p in out["parents"][0]}))
 
 
 @pytest.mark.parametrize("cfg", LEVEL_CFGS[:3])
@@ -407,38 +419,41 @@ def test_levels_are_equivariant_to_the_spot_order(cfg):
 @pytest.mark.parametrize("cfg", LEVEL_CFGS[:2])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_gradients_do_not_depend_on_the_chunk_size(cfg, checkpointed, monkeypatch):
-    """With autograd, chunks of 7 rows (the tokens' online softmax over chunks of spots, kernels.py) give
-    every parameter the gradient one chunk gives, through every level's output, with and without
-    model.checkpoint."""
+    """With autograd, chunks of 7 rows (the tokens' online softmax over chunks of spots, kernels.py)
+    give every parameter the gradient one chunk gives, through every level's output, with and
+    without model.checkpoint."""
     import kernels as attention
     feats, xy = hex_slide()
     sub, valid = sub_inputs(len(xy), cfg.sub_levels)
-    feats, sub = feats.double(), sub.double()                         # float64: summation order hardly shows
+    feats, sub = feats.double(), sub.double()  # float64: summation order hardly shows
     model = make(ModelConfig(**dict(cfg.__dict__, checkpoint=checkpointed))).double().train()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    weights = {k: torch.randn(G, dtype=torch.float64, generator=torch.Generator().manual_seed(abs(k)))
+    weights = {k: torch.randn(G, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(abs(k)))
                for k in [0, *cfg.out_levels]}
 
     def grads(chunk):
         monkeypatch.setattr(attention, "CHUNK", chunk)
         model.zero_grad()
         out = model(feats, xy, sub_features=sub, sub_valid=valid)
-        loss = (out["pred"] * weights[0]).sum() + sum((p * weights[k]).sum() for k, p in out["levels"].items())
+        loss = ((out["pred"] * weights[0]).sum()
+                + sum((p * weights[k]).sum() for k, p in out["levels"].items()))
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     whole, chunked = grads(1 << 20), grads(7)
     assert set(whole) == set(chunked) and len(whole) > 20
     for name in whole:
         err = (chunked[name] - whole[name]).abs().max() / whole[name].abs().max().clamp_min(1e-12)
-        assert err < 1e-5, (name, float(err))   # float64, but the tokens' online softmax is in float32
+        # float64, but the tokens' online softmax is in float32
+        assert err < 1e-5, (name, float(err))
 
 
 @pytest.mark.parametrize("cfg", LEVEL_CFGS)
 def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
-    """Inference (eval, no grad, chunks of 7 rows, window batches of at most 20 pairs) gives every level
-    what one chunk gives with grad enabled."""
+    """Inference (eval, no grad, chunks of 7 rows, window batches of at most 20 pairs) gives every
+    level what one chunk gives with grad enabled."""
     import kernels as where                                            # the per-spot chunk size
     feats, xy = hex_slide()
     K = cfg.sub_levels
@@ -454,9 +469,11 @@ def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
     monkeypatch.setattr(where, "PAIRS", 20)
     with torch.no_grad():
         chunked = model(feats, xy, out_dtype=torch.float64, sub_features=sub, sub_valid=valid)
-    torch.testing.assert_close(chunked["pred"].float(), whole["pred"].detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked["pred"].float(), whole["pred"].detach(),
+                               rtol=1e-4, atol=1e-5)
     for k in whole["levels"]:
-        torch.testing.assert_close(chunked["levels"][k].float(), whole["levels"][k].detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunked["levels"][k].float(), whole["levels"][k].detach(),
+                                   rtol=1e-4, atol=1e-5)
     for key in ("parents", "sub_index"):
         for k in whole.get(key, {}):
             assert torch.equal(chunked[key][k], whole[key][k])
@@ -466,14 +483,16 @@ def test_level_outputs_do_not_depend_on_the_chunk_size(cfg, monkeypatch):
 def test_sub_levels_need_their_sub_features():
     feats, xy = hex_slide()
     model = make(small_cfg(sub_levels=1, out_levels=[-1, 0]))
-    with pytest.raises(ValueError, match=r"model\.sub_levels = 1 needs sub_features of shape \(144, 4, C\)"):
+    with pytest.raises(ValueError,
+                       match=r"model\.sub_levels = 1 needs sub_features of shape \(144, 4, C\)"):
         model(feats, xy)
     with pytest.raises(ValueError, match=r"found \(144, 16, 12\)"):
         model(feats, xy, sub_features=torch.zeros(len(xy), 16, C))
 
 
-@pytest.mark.parametrize("arch,extra", [("tessera", {}), ("tessera", {"spatial_start": True, "slide_norm": True}),
-                                        ("linear", {}), ("mlp", {}), ("ridge", {}), ("ridge_spatial", {})])
+@pytest.mark.parametrize("arch,extra",
+                         [("tessera", {}), ("tessera", {"spatial_start": True, "slide_norm": True}),
+                          ("linear", {}), ("mlp", {}), ("ridge", {}), ("ridge_spatial", {})])
 def test_every_model_states_the_feature_width_it_expects(arch, extra):
     """predict.py compares a cache's feature width with feat_mean's before predicting."""
     m = build_model(ModelConfig(arch=arch, dim=8, heads=2, pathway_tokens=0, **extra), 7, 3)
@@ -482,10 +501,10 @@ def test_every_model_states_the_feature_width_it_expects(arch, extra):
 
 @pytest.mark.parametrize("arch", ["ridge", "ridge_spatial", "tessera"])
 def test_closed_forms_run_in_float64_and_never_in_bf16(arch):
-    """The closed-form models (the ridge, the spatial ridge, tessera's spatial start) evaluate their float64
-    solution in the model's own dtype: a float64 model runs (a float32 design met float64 weights before),
-    and under bf16 autocast (train.forward and predict.py use it on CUDA; here its CPU twin) the products
-    stay in float32, so the closed form's prediction is unchanged."""
+    """The closed-form models (the ridge, the spatial ridge, tessera's spatial start) evaluate their
+    float64 solution in the model's own dtype: a float64 model runs (a float32 design met float64
+    weights before), and under bf16 autocast (train.forward and predict.py use it on CUDA; here its
+    CPU twin) the products stay in float32, so the closed form's prediction is unchanged."""
     feats, xy = hex_slide()
     extra = {"spatial_start": True, "slide_norm": True} if arch == "tessera" else {}
     torch.manual_seed(0)
@@ -523,7 +542,8 @@ class NoStartHead(TwoLayerHead):
 
 
 def spatial_start_training(head, steps=5):
-    """The head's Linear layers' gradient sums over `steps` AdamW steps under model.spatial_start."""
+    """The head's Linear layers' gradient sums over `steps` AdamW steps under
+    model.spatial_start."""
     g = torch.Generator().manual_seed(0)
     feats, xy = hex_slide()
     y = torch.randn(len(xy), G, generator=g)

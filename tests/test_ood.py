@@ -1,6 +1,6 @@
-"""model.ood_fallback: a slide unlike every training slide is predicted by the spatial ridge alone. The
-distances and the radius against explicit loops over slides; the prediction against the ridge reference of
-test_accuracy.py."""
+"""model.ood_fallback: a slide unlike every training slide is predicted by the spatial ridge alone.
+The distances and the radius against explicit loops over slides; the prediction against the ridge
+reference of test_accuracy.py."""
 import numpy as np
 import pytest
 import torch
@@ -18,7 +18,8 @@ def ref_distance(a, b, scale):
 def test_novelty_radius_is_the_largest_distance_to_the_nearest_slide_of_another_group(groups):
     g = np.random.default_rng(len(set(groups)))
     means, scale = g.normal(size=(6, 4)), g.uniform(0.5, 2.0, size=4)
-    ref = max(min(ref_distance(means[i], means[j], scale) for j in range(6) if groups[j] != groups[i])
+    ref = max(min(ref_distance(means[i], means[j], scale) for j in range(6)
+                  if groups[j] != groups[i])
               for i in range(6))
     got = novelty_radius(torch.tensor(means), torch.tensor(scale), groups)
     assert got == pytest.approx(ref, rel=1e-9)
@@ -31,8 +32,8 @@ def test_novelty_radius_of_a_single_group_is_zero():
 def gated(slide_norm=True):
     radii, alpha = [1.5], 1.0
     slides = [grid_slide(seed=s) for s in range(3)]
-    m = fitted(ModelConfig(spatial_start=True, slide_norm=slide_norm, radii=radii, ridge_alpha=alpha,
-                           ood_fallback=True, **TINY), slides)
+    m = fitted(ModelConfig(spatial_start=True, slide_norm=slide_norm, radii=radii,
+                           ridge_alpha=alpha, ood_fallback=True, **TINY), slides)
     with torch.no_grad():
         for p in m.net.parameters():                                   # a residual that is not zero
             p.add_(0.1 * torch.randn_like(p))
@@ -45,7 +46,8 @@ def test_the_radius_and_the_distances_are_those_of_the_training_slides():
     scale = np.concatenate(feats).std(0, ddof=1)
     means = [f.mean(0) for f in feats]
     # three slides of no named patient: each slide is its own group
-    ref = max(min(ref_distance(means[i], means[j], scale) for j in range(3) if j != i) for i in range(3))
+    ref = max(min(ref_distance(means[i], means[j], scale) for j in range(3) if j != i)
+              for i in range(3))
     assert float(m.ood_radius) == pytest.approx(ref, rel=1e-4)
     new = slides[0][0] + 3.0
     assert m.novelty(new) == pytest.approx(min(ref_distance(new.double().numpy().mean(0), mu, scale)
@@ -54,15 +56,18 @@ def test_the_radius_and_the_distances_are_those_of_the_training_slides():
 
 def test_an_unlike_slide_gets_the_spatial_ridge_alone_and_a_like_slide_the_ridge_plus_the_network():
     m, slides, radii, alpha = gated()
-    f, xy, _ = slides[1]                                 # a training slide: distance 0, like the training slides
-    far = f + 3.0                                        # every feature shifted by about 3 standard deviations
+    f, xy, _ = slides[1]                                 # a training slide: distance 0, like the
+                                                         # training slides
+    far = f + 3.0                                        # every feature shifted by
+                                                         # about 3 standard deviations
     assert not m.unlike_training(f) and m.unlike_training(far)
     with torch.no_grad():
         ridge_far = ref_spatial_ridge(slides, (far, xy, None), radii, alpha, slide_norm=True)
         np.testing.assert_allclose(m(far, xy)["pred"].numpy(), ridge_far, rtol=1e-4, atol=1e-4)
         ridge = ref_spatial_ridge(slides, (f, xy, None), radii, alpha, slide_norm=True)
-        assert np.abs(m(f, xy)["pred"].numpy() - ridge).max() > 1e-3     # the network's residual is there
-    m.train()                                            # training never falls back: the residual learns
+        # the network's residual is there
+        assert np.abs(m(f, xy)["pred"].numpy() - ridge).max() > 1e-3
+    m.train()  # training never falls back: the residual learns
     assert np.abs(m(far, xy)["pred"].detach().numpy() - ridge_far).max() > 1e-3
 
 
@@ -71,7 +76,8 @@ def test_the_training_slides_statistics_are_saved_and_loaded_with_the_model():
     other = build_model(m.cfg, C, slides[0][2].shape[1]).eval()
     assert other.train_means.shape[0] == 0
     other.load_state_dict(m.state_dict())
-    assert torch.equal(other.train_means, m.train_means) and float(other.ood_radius) == float(m.ood_radius)
+    assert (torch.equal(other.train_means, m.train_means)
+            and float(other.ood_radius) == float(m.ood_radius))
     far, xy = slides[2][0] + 3.0, slides[2][1]
     with torch.no_grad():
         assert torch.equal(other(far, xy)["pred"], m(far, xy)["pred"])
@@ -88,9 +94,10 @@ def test_ood_fallback_needs_the_spatial_start():
 
 @pytest.mark.slow
 def test_a_run_names_the_unlike_slides_and_predicts_them_by_the_spatial_ridge(tmp_path, capsys):
-    """End to end: tessera.yaml's fold trained on one slide has nothing to compare a new slide with, so each
-    test slide is predicted by the ridge alone: the same numbers as configs/ridge_spatial.yaml on the same
-    fold, a line in the log naming the slide, and predict.py saying so."""
+    """End to end: tessera.yaml's fold trained on one slide has nothing to compare a new slide with,
+    so each test slide is predicted by the ridge alone: the same numbers as
+    configs/ridge_spatial.yaml on the same fold, a line in the log naming the slide, and predict.py
+    saying so."""
     import json
     import files
     import predict
@@ -98,27 +105,35 @@ def test_a_run_names_the_unlike_slides_and_predicts_them_by_the_spatial_ridge(tm
     import train
     from conftest import ROOT
     root = tmp_path / "data"
-    synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=150, log=lambda *a: None)   # patients 0, 0, 0, 1
-    common = [f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 20}", f"run.dir={tmp_path / 'runs'}"]
-    train.main([str(ROOT / "configs/tessera.yaml"), *common, "run.name=t", "model.dim=16", "model.heads=2",
-                "train.epochs=1", "model.radii=[1.5]"])
-    train.main([str(ROOT / "configs/ridge_spatial.yaml"), *common, "run.name=r", "model.radii=[1.5]"])
+    # patients 0, 0, 0, 1
+    synthetic.make_synthetic(root, n_slides=4, seed=0, n_spots=150, log=lambda *a: None)
+    common = [f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 20}",
+              f"run.dir={tmp_path / 'runs'}"]
+    train.main([str(ROOT / "configs/tessera.yaml"), *common, "run.name=t", "model.dim=16",
+                "model.heads=2", "train.epochs=1", "model.radii=[1.5]"])
+    train.main([str(ROOT / "configs/ridge_spatial.yaml"), *common, "run.name=r",
+                "model.radii=[1.5]"])
     log = (tmp_path / "runs" / "t" / "log.txt").read_text()
     folds = json.loads((tmp_path / "runs" / "t" / "folds.json").read_text())["folds"]
     k = next(i for i, f in enumerate(folds) if len(f["train"]) == 1)
     for s in folds[k]["test"]:
-        assert f"fold {k}: {s} is unlike every training slide: predicted by the spatial ridge alone" in log
-        got = files.read_predictions(tmp_path / "runs" / "t" / f"fold_{k}" / "pred" / f"{s}.h5")["pred"]
-        want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred" / f"{s}.h5")["pred"]
+        assert (f"fold {k}: {s} is unlike every training slide: predicted by the "
+                "spatial ridge alone" in log)
+        got = files.read_predictions(tmp_path / "runs" / "t" / f"fold_{k}" / "pred"
+                                     / f"{s}.h5")["pred"]
+        want = files.read_predictions(tmp_path / "runs" / "r" / f"fold_{k}" / "pred"
+                                      / f"{s}.h5")["pred"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     capsys.readouterr()
-    predict.main(["--run", str(tmp_path / "runs" / "t"), "--slides", str(root), "--out", str(tmp_path / "pred"),
-                  "--fold", str(k)])
+    predict.main(["--run", str(tmp_path / "runs" / "t"), "--slides", str(root), "--out",
+                  str(tmp_path / "pred"), "--fold", str(k)])
     lines = capsys.readouterr().out.splitlines()
-    said = {s: next(line for line in lines if f"{s} (.h5): " in line) for s in folds[k]["test"] + folds[k]["train"]}
+    said = {s: next(line for line in lines if f"{s} (.h5): " in line)
+            for s in folds[k]["test"] + folds[k]["train"]}
     ridge = f"unlike the training slides of fold {k}: predicted there by the spatial ridge alone"
     assert all(ridge in said[s] for s in folds[k]["test"])
-    assert "spatial ridge alone" not in said[folds[k]["train"][0]]     # its own training slide is like itself
+    # its own training slide is like itself
+    assert "spatial ridge alone" not in said[folds[k]["train"][0]]
 
 
 def fallback_dataset(root):

@@ -22,22 +22,25 @@ tiny_run = test_eval.tiny_run       # the module-scoped trained run, a fixture o
 
 # ---------------------------------------------------------------- attention of one spot
 CONFIGS = {  # every attention mode and bias, signed and not, at the spot level and coarser
-    "window rpb, knn local stage, full coarse (signed)": dict(attention="window", bias="rpb", signed=True,
-                                                            local_blocks=1, depths=[1, 1], decoder_depths=[1]),
+    "window rpb, knn local stage, full coarse (signed)": dict(
+        attention="window", bias="rpb", signed=True, local_blocks=1, depths=[1, 1],
+        decoder_depths=[1]),
     "window alibi (unsigned)": dict(attention="window", bias="alibi", coarse_attention="same",
                                     depths=[1, 1], decoder_depths=[1]),
     "union windows rpb (signed), reference kernels": dict(
         attention="window", windows="union", bias="rpb", signed=True, coarse_attention="same",
         depths=[1, 1], decoder_depths=[1], kernels="reference"),
-    "knn alibi at every level (signed)": dict(attention="knn", bias="alibi", signed=True, depths=[1, 1],
-                                              decoder_depths=[1], coarse_attention="same"),
-    "full, one level, no bias (signed)": dict(attention="full", bias="none", signed=True, depths=[1],
-                                              decoder_depths=[]),
+    "knn alibi at every level (signed)": dict(attention="knn", bias="alibi", signed=True,
+                                              depths=[1, 1], decoder_depths=[1],
+                                              coarse_attention="same"),
+    "full, one level, no bias (signed)": dict(attention="full", bias="none", signed=True,
+                                              depths=[1], decoder_depths=[]),
 }
 
 
 def hex_slide(n_side=11, pseudo=True, seed=0):
-    """A small Visium-like slide: hexagonal grid, pitch 100 um, random features, pseudo-spots between."""
+    """A small Visium-like slide: hexagonal grid, pitch 100 um, random features, pseudo-spots
+    between."""
     g = torch.Generator().manual_seed(seed)
     i, j = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
     xy = torch.stack([j * 100.0 + (i % 2) * 50.0, i * 86.6], -1).reshape(-1, 2) + 1000
@@ -87,7 +90,8 @@ def dense_reference(module, x, level, knn_index):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_modules_output(name, one_thread):
+def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_modules_output(
+        name, one_thread):
     torch.manual_seed(1)
     cfg = ModelConfig(dim=16, heads=4, knn_k=6, calibration_tokens=1, **CONFIGS[name])
     model = build_model(cfg, 8, 5).eval()
@@ -98,12 +102,15 @@ def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_module
         for barcode in ("spot000", "spot060", "spot097"):
             r = plots.spot_attention(model, slide, barcode, block)
             module, x, level, knn_index = r["captured"]
-            # the captured input is what the module reads (h of all rows) in a forward (a hook of this test)
+            # the captured input is what the module reads
+            # (h of all rows) in a forward (a hook of this test)
             seen = []
             handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
-            model.requires_grad_(False)  # grad mode without a graph: the blocks call the module itself
+            # grad mode without a graph: the blocks call the module itself
+            model.requires_grad_(False)
             with torch.enable_grad():
-                model(slide.features, slide.coords, slide.pseudo_features if cfg.local_blocks else None,
+                model(slide.features, slide.coords,
+                      slide.pseudo_features if cfg.local_blocks else None,
                       slide.pseudo_coords if cfg.local_blocks else None)
             handle.remove()
             assert torch.equal(seen[0][0], x)
@@ -116,36 +123,40 @@ def test_one_spots_attention_is_the_row_of_the_dense_matrix_and_gives_the_module
                 assert torch.equal(r["inhibitory"], torch.zeros_like(r["inhibitory"]))
             # weights x values = the module's output for this query
             H = module.heads
-            v = module.qkv(x).view(len(x), 3, H, -1)[:, 2].double()                       # (n, H, D)
+            v = module.qkv(x).view(len(x), 3, H, -1)[:, 2].double()  # (n, H, D)
             out = torch.einsum("hn,nhd->hd", full, v).reshape(-1)
-            torch.testing.assert_close(out, seen[0][1][r["query_row"]].double(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out, seen[0][1][r["query_row"]].double(),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_attention_labels_and_coordinates():
     torch.manual_seed(2)
-    model = build_model(ModelConfig(dim=16, heads=4, knn_k=6, local_blocks=1, depths=[1, 1], decoder_depths=[1]),
+    model = build_model(ModelConfig(dim=16, heads=4, knn_k=6, local_blocks=1, depths=[1, 1],
+                                    decoder_depths=[1]),
                         8, 5).eval()
     slide = hex_slide()
     r = plots.spot_attention(model, slide, "spot060", 0)            # the k-NN local stage
     assert r["level"].startswith("local") and len(r["keys"]) == 6
     index = {b: k for k, b in enumerate(slide.barcodes)}
     for label, xy in zip(r["keys_label"], r["keys_xy"]):
-        want = slide.coords[index[label]] if label in index else slide.pseudo_coords[int(label.split()[1])]
+        want = (slide.coords[index[label]] if label in index
+                else slide.pseudo_coords[int(label.split()[1])])
         torch.testing.assert_close(xy, want.float(), rtol=0, atol=1e-3)
     torch.testing.assert_close(r["query_xy"], slide.coords[60].float(), rtol=0, atol=1e-3)
-    r = plots.spot_attention(model, slide, "spot060", 1)            # window, spot level: keys are spots
+    r = plots.spot_attention(model, slide, "spot060", 1)  # window, spot level: keys are spots
     assert r["level"] == "level 0" and all(lab.startswith("spot") for lab in r["keys_label"])
-    r = plots.spot_attention(model, slide, "spot060", 2)            # full at level 1: regions of spots
-    assert r["level"] == "level 1" and r["mode"] == "full" and all(lab.startswith("token") for lab in r["keys_label"])
+    r = plots.spot_attention(model, slide, "spot060", 2)  # full at level 1: regions of spots
+    assert (r["level"] == "level 1" and r["mode"] == "full"
+            and all(lab.startswith("token") for lab in r["keys_label"]))
     assert r["attends"].all() and len(r["keys"]) < slide.n_spots
 
 
 def test_attention_of_a_model_with_sub_spot_levels():
-    """The forward gets the slide's sub-patch features (predict.model_inputs); a spot-level block gives spot
-    keys, and a block below the spot says that its tokens are not spots."""
+    """The forward gets the slide's sub-patch features (predict.model_inputs); a spot-level block
+    gives spot keys, and a block below the spot says that its tokens are not spots."""
     torch.manual_seed(3)
-    model = build_model(ModelConfig(dim=16, heads=2, depths=[1, 1], decoder_depths=[1], sub_levels=1,
-                                    coarse_attention="same"), 8, 5).eval()
+    model = build_model(ModelConfig(dim=16, heads=2, depths=[1, 1], decoder_depths=[1],
+                                    sub_levels=1, coarse_attention="same"), 8, 5).eval()
     slide = hex_slide()
     slide.sub_features = torch.randn(slide.n_spots, 4, 8)
     names = [n for n, _ in plots.attention_blocks(model)]
@@ -159,7 +170,8 @@ def test_attention_bad_input():
     model = build_model(ModelConfig(dim=16, heads=2, depths=[1], decoder_depths=[]), 8, 5).eval()
     with pytest.raises(ValueError, match="spot nope: no such barcode"):
         plots.spot_attention(model, hex_slide(), "nope")
-    with pytest.raises(ValueError, match=r"--block 3: expected 0 \.\.\. 0 \(0: encoder.0.0.spot \(full\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"--block 3: expected 0 \.\.\. 0 \(0: encoder.0.0.spot \(full\)\)"):
         plots.spot_attention(model, hex_slide(), "spot000", 3)
     with pytest.raises(ValueError, match="no spot-to-spot attention"):
         plots.spot_attention(build_model(ModelConfig(arch="mlp"), 8, 5), hex_slide(), "spot000")
@@ -176,10 +188,12 @@ def test_raster_puts_each_spot_at_its_position():
     values = np.arange(slide.n_spots, dtype=np.float64)
     img, (x0, x1, y1, y0) = plots.raster(slide.coords.numpy(), values, 100.0)
     px = (x1 - x0) / img.shape[1]
-    for (x, y), v in zip(slide.coords.tolist(), values):   # the pixel under each spot centre holds its value
+    # the pixel under each spot centre holds its value
+    for (x, y), v in zip(slide.coords.tolist(), values):
         assert img[int((y - y0) / px), int((x - x0) / px)] == v
     assert np.isnan(img).any() and set(np.unique(img[~np.isnan(img)])) == set(values)
-    many = np.random.default_rng(0).uniform(0, 8000, size=(1_000_000, 2))  # Visium HD scale: one bounded image
+    # Visium HD scale: one bounded image
+    many = np.random.default_rng(0).uniform(0, 8000, size=(1_000_000, 2))
     img, _ = plots.raster(many, np.ones(len(many)), 8.0)
     assert max(img.shape) <= plots.MAX_PIXELS
 
@@ -193,20 +207,23 @@ def test_plot_run_writes_maps_histogram_and_density(tiny_run, tmp_path):  # noqa
     assert 1 <= len(maps) <= 3 and all(p.parent == tiny_run / "plots" for p in written)
     for p in written:
         img = image(p)
-        want = {"pcc_hist.png": (400, 600), "density.png": (480, 560)}.get(p.name, (420, 1680))  # 4 panels
+        # 4 panels
+        want = {"pcc_hist.png": (400, 600), "density.png": (480, 560)}.get(p.name, (420, 1680))
         assert img.shape[:2] == want, p.name
         assert img[..., :3].var() > 0, p.name
     genes = files.read_predictions(tiny_run / "fold_0" / "pred" / "synth_00.h5")["genes"]
     written = plots.plot_run(tiny_run, slide="synth_00", genes=genes[:2])
     assert {p.name for p in written} >= {f"synth_00__{g}.png" for g in genes[:2]}
-    assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4) if "synth_01__" in p.name]) <= 4
+    assert len([p for p in plots.plot_run(tiny_run, slide="synth_01", top=4)
+                if "synth_01__" in p.name]) <= 4
     paths = plots.evaluation.prediction_files(tiny_run)
     scores = plots.gene_scores(plots.fold_gene_scores([files.read_predictions(p) for p in paths],
                                                       [p.parent for p in paths]))
-    per_fold = {}                                       # reference: np.corrcoef per gene over each fold's spots
+    per_fold = {}  # reference: np.corrcoef per gene over each fold's spots
     for fold in sorted({p.parent for p in paths}):
         fs = [files.read_predictions(p) for p in paths if p.parent == fold]
-        pred, true = (np.concatenate([f[k] for f in fs]).astype(np.float64) for k in ("pred", "true"))
+        pred, true = (np.concatenate([f[k] for f in fs]).astype(np.float64)
+                      for k in ("pred", "true"))
         for g, name in enumerate(fs[0]["genes"]):
             per_fold.setdefault(name, []).append(np.corrcoef(pred[:, g], true[:, g])[0, 1])
     assert scores.keys() == per_fold.keys()
@@ -282,8 +299,8 @@ def test_gene_scores_average_folds_that_share_their_genes():
 
 
 def run_plots(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "plots.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "plots.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(r, message):
@@ -292,7 +309,8 @@ def one_line_error(r, message):
 
 
 def in_process_error(args, message):
-    """plots.main exits with a one-line message (what the command line prints, without a traceback)."""
+    """plots.main exits with a one-line message (what the command line prints, without a
+    traceback)."""
     with pytest.raises(SystemExit) as e:
         plots.main([str(a) for a in args])
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -303,26 +321,31 @@ def test_plot_and_attention_bad_input(tiny_run, tmp_path, monkeypatch):  # noqa:
     in_process_error(["plot", tiny_run, "--slide", "nope"], "slide nope: not among the 4 slides")
     in_process_error(["plot", tmp_path], "no prediction files")
     monkeypatch.chdir(tiny_run.parents[1])  # the run's data.root is relative
-    in_process_error(["attention", tiny_run, "--slide", "nope", "--spot", "x"], "slide nope: no data/synthetic/nope.h5")
+    in_process_error(["attention", tiny_run, "--slide", "nope", "--spot", "x"],
+                     "slide nope: no data/synthetic/nope.h5")
     in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "x"],
                      "spot x: no such barcode in slide synth_00")
-    in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "s00_00003", "--block", "7"],
+    in_process_error(["attention", tiny_run, "--slide", "synth_00", "--spot", "s00_00003",
+                      "--block", "7"],
                      "--block 7: expected 0 ... 3")
     assert not (tiny_run / "attention").exists() and not (tmp_path / "plots").exists()
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); import plots; "
-            "plots.main(['plot', sys.argv[2]])")
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_run)], capture_output=True, text=True)
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import plots; plots.main(['plot', sys.argv[2]])")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_run)],
+                       capture_output=True, text=True)
     one_line_error(r, "pip install matplotlib")
 
 
 def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
     pytest.importorskip("matplotlib")
-    r = run_plots("attention", tiny_run, "--slide", "synth_01", "--spot", "s01_00007", "--block", "1",
-                 cwd=tiny_run.parents[1])
+    r = run_plots("attention", tiny_run, "--slide", "synth_01", "--spot", "s01_00007",
+                  "--block", "1", cwd=tiny_run.parents[1])
     assert r.returncode == 0, r.stderr
     h5, png = (tiny_run / "attention" / f"synth_01__s01_00007__block1.{e}" for e in ("h5", "png"))
     model, _ = predict.load_fold_models(tiny_run, folds=[0])[0]  # synth_01 was tested by fold 0
-    want = plots.spot_attention(model, data.read_slide(tiny_run.parents[1] / "data" / "synthetic" / "synth_01.h5"),
+    want = plots.spot_attention(model,
+                                data.read_slide(tiny_run.parents[1] / "data" / "synthetic"
+                                                / "synth_01.h5"),
                                 "s01_00007", 1)
     with h5py.File(h5, "r") as f:
         for k in ("excitatory", "inhibitory", "attends", "keys_xy", "keys"):
@@ -330,4 +353,5 @@ def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
         assert list(f["keys_label"].asstr()[:]) == want["keys_label"].tolist()
         assert f.attrs["mode"] == "window" and f.attrs["barcode"] == "s01_00007"
     img = image(png)
-    assert img.shape[:2] == (740, 760) and img[..., :3].var() > 0  # 2 heads x (excitatory, inhibitory)
+    # 2 heads x (excitatory, inhibitory)
+    assert img.shape[:2] == (740, 760) and img[..., :3].var() > 0

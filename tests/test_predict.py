@@ -1,5 +1,6 @@
-"""predict.py and the maps of plots.py on a tiny trained run: which slides each fold model trained on,
-out-of-fold prediction, threads, AnnData laid out as scanpy / squidpy expect, maps per slide and level."""
+"""predict.py and the maps of plots.py on a tiny trained run: which slides each fold model trained
+on, out-of-fold prediction, threads, AnnData laid out as scanpy / squidpy expect, maps per slide and
+level."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,8 @@ from test_eval import predict_cli, train_tiny
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """2 folds over 4 synthetic slides (data/synthetic under the run's parent folder), genes per fold."""
+    """2 folds over 4 synthetic slides (data/synthetic under the run's parent folder), genes per
+    fold."""
     return train_tiny(tmp_path_factory.mktemp("predict"), "tiny")
 
 
@@ -21,7 +23,8 @@ def slides_of(run):
 
 
 def fold_tests(run) -> dict[int, set[str]]:
-    """fold -> the slides it tested (its pred folder): in cross-validation it trained on all the others."""
+    """fold -> the slides it tested (its pred folder): in cross-validation it trained on all the
+    others."""
     return {k: {p.stem for p in (run / f"fold_{k}" / "pred").glob("*.h5")} for k in (0, 1)}
 
 
@@ -34,7 +37,8 @@ def test_predict_names_each_fold_models_training_slides_and_warns_in_sample(run,
         line = next(x for x in r.stdout.splitlines() if x.startswith(f"fold {k} model trained on"))
         assert sorted(line.split(": ", 1)[1].split(", ")) == sorted(every - tested[k])
     warned = [x for x in r.stderr.splitlines() if "warning" in x]
-    assert len(warned) == len(every) and all("in-sample" in x and "--exclude-training" in x for x in warned)
+    assert (len(warned) == len(every)
+            and all("in-sample" in x and "--exclude-training" in x for x in warned))
 
 
 def test_exclude_training_predicts_each_slide_with_the_fold_that_tested_it(run, tmp_path):
@@ -45,7 +49,8 @@ def test_exclude_training_predicts_each_slide_with_the_fold_that_tested_it(run, 
     assert "warning" not in r.stderr
     for k, slides in fold_tests(run).items():
         for s in slides:   # the reference: the fold's own test prediction, written by train.py
-            a, b = files.read_predictions(out / f"{s}.h5"), files.read_predictions(run / f"fold_{k}" / "pred" / f"{s}.h5")
+            a, b = (files.read_predictions(out / f"{s}.h5"),
+                    files.read_predictions(run / f"fold_{k}" / "pred" / f"{s}.h5"))
             assert a["genes"] == b["genes"] and a["n_models"].tolist() == [1] * len(a["genes"])
             np.testing.assert_allclose(a["pred"], b["pred"], rtol=1e-5, atol=1e-6)
             with __import__("h5py").File(out / f"{s}.h5ad") as f:
@@ -131,15 +136,17 @@ def test_predict_takes_the_runs_threads_unless_told(run, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     predict.main(["--run", str(run), "--slides", str(slides_of(run)), "--out", str(tmp_path / "a")])
-    predict.main(["--run", str(run), "--slides", str(slides_of(run)), "--out", str(tmp_path / "b"), "--threads", "2"])
+    predict.main(["--run", str(run), "--slides", str(slides_of(run)), "--out", str(tmp_path / "b"),
+                  "--threads", "2"])
     assert calls == [1, 2]                                        # the run has run.threads=1
 
 
-# ---- AnnData as scanpy and squidpy expect it ------------------------------------------------------
+# ---- AnnData as scanpy and squidpy expect it -----------------------------------------------------
 @pytest.fixture(scope="module")
 def h5ad(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("h5ad")
-    r = predict_cli("--run", run, "--slides", slides_of(run), "--out", out, "--format", "h5ad", cwd=out)
+    r = predict_cli("--run", run, "--slides", slides_of(run), "--out", out, "--format",
+                    "h5ad", cwd=out)
     assert r.returncode == 0, r.stderr
     return sorted(out.glob("*.h5ad"))[0]
 
@@ -154,7 +161,7 @@ def test_anndata_has_visiums_spatial_layout_and_obs_columns(h5ad, run):
     assert set(sf) >= {"spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef",
                        "fiducial_diameter_fullres"}
     xy = a.obsm["spatial"]
-    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))          # small slide: dense distances, reference
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))  # small slide: dense distances, reference
     np.fill_diagonal(d, np.inf)
     assert sf["spot_diameter_fullres"] == pytest.approx(0.55 * np.median(d.min(1)), rel=0.05)
     img = lib["images"]["hires"]
@@ -162,12 +169,14 @@ def test_anndata_has_visiums_spatial_layout_and_obs_columns(h5ad, run):
     px = xy * sf["tissue_hires_scalef"]                            # every spot on the image
     assert (px >= 0).all() and (px[:, 0] < img.shape[1]).all() and (px[:, 1] < img.shape[0]).all()
     assert "1 um = 1 full-res unit" in a.uns["tessera"]["spatial_units"]
-    assert {"slide", "array_row", "array_col", "in_tissue", "fold", "in_training"} <= set(a.obs.columns)
+    assert ({"slide", "array_row", "array_col", "in_tissue", "fold", "in_training"}
+            <= set(a.obs.columns))
     assert (a.obs["slide"] == sid).all() and (a.obs["in_tissue"] == 1).all()
-    assert a.obs["in_training"].all()                             # one fold model trained on every slide
+    assert a.obs["in_training"].all()  # one fold model trained on every slide
     sites = a.obs[["array_col", "array_row"]].to_numpy()
     assert len({tuple(s) for s in sites}) == len(sites)            # one spot per array position
-    for axis in (0, 1):                                            # array positions follow the coordinates
+    for axis in (0, 1):                                            # array positions follow
+                                                                   # the coordinates
         assert np.corrcoef(sites[:, axis], xy[:, axis])[0, 1] > 0.99
 
 
@@ -180,12 +189,14 @@ def test_scanpy_draws_the_prediction_with_default_arguments(h5ad, tmp_path):
     assert (tmp_path / "spatial.png").stat().st_size > 1000
 
 
-# ---- maps ---------------------------------------------------------------------------------------------
+# ---- maps ----------------------------------------------------------------------------------------
 def test_plot_ranks_genes_over_the_slides_it_draws(run, capsys):
     pytest.importorskip("matplotlib")
-    preds = {p.stem: (k, files.read_predictions(p)) for k in (0, 1) for p in (run / f"fold_{k}" / "pred").glob("*.h5")}
+    preds = {p.stem: (k, files.read_predictions(p)) for k in (0, 1)
+             for p in (run / f"fold_{k}" / "pred").glob("*.h5")}
     for sid, (k, f) in sorted(preds.items()):
-        p, t = f["pred"].astype(np.float64), f["true"].astype(np.float64)   # the drawn slide only (numpy)
+        # the drawn slide only (numpy)
+        p, t = f["pred"].astype(np.float64), f["true"].astype(np.float64)
         pcc = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(p.shape[1])]
         best = f["genes"][int(np.nanargmax(pcc))]
         written = plots.plot_run(run, slide=sid, top=1)
@@ -194,7 +205,8 @@ def test_plot_ranks_genes_over_the_slides_it_draws(run, capsys):
 
 def test_plot_names_genes_a_slide_lacks_and_fails_when_nothing_is_drawn(run, capsys):
     pytest.importorskip("matplotlib")
-    genes = [set(files.read_predictions(next((run / f"fold_{k}" / "pred").glob("*.h5")))["genes"]) for k in (0, 1)]
+    genes = [set(files.read_predictions(next((run / f"fold_{k}" / "pred").glob("*.h5")))["genes"])
+             for k in (0, 1)]
     only0 = sorted(genes[0] - genes[1])[0]
     plots.plot_run(run, genes=[only0])
     err = capsys.readouterr().err
@@ -223,7 +235,8 @@ def test_plot_draws_every_level_a_run_predicts(tmp_path):
     xy = np.stack(np.meshgrid(np.arange(4.0), np.arange(4.0)), -1).reshape(-1, 2) * 200
     sub = (xy[:, None] + np.array([[-50, -50], [-50, 50], [50, -50], [50, 50]])).reshape(-1, 2)
     rng = np.random.default_rng(0)
-    files.write_predictions(tmp_path / "s.h5", rng.random((16, 2)), ["A", "B"], [f"b{i}" for i in range(16)], xy,
+    files.write_predictions(tmp_path / "s.h5", rng.random((16, 2)), ["A", "B"],
+                            [f"b{i}" for i in range(16)], xy,
                             levels={-1: {"pred": rng.random((64, 2)), "coords": sub}})
     written = plots.plot_run(tmp_path, top=1)
     assert any(p.name.endswith("__level-1.png") for p in written)

@@ -1,16 +1,20 @@
-"""REPRODUCE.md is true: every `python ...` command in its bash blocks runs, in order, on trees of the
-shape each recipe expects, built here from the her2st sections in ../shared/data (skipped when absent):
+"""REPRODUCE.md is true: every `python ...` command in its bash blocks runs, in order, on trees of
+the shape each recipe expects, built here from the her2st sections in ../shared/data (skipped when
+absent):
 
-    bench_data/IDC/   a HEST-Benchmark task: adata/, patches/, splits/, var_50genes.json (6 imaged sections)
-    hest_data/        HEST-1k layout: st/, patches/, HEST_v1_1_0.csv, with 14 sections under HiST's Brain ids
+    bench_data/IDC/   a HEST-Benchmark task: adata/, patches/, splits/, var_50genes.json (6 imaged
+                      sections)
+    hest_data/        HEST-1k layout: st/, patches/, HEST_v1_1_0.csv, with 14 sections under HiST's
+                      Brain ids
     her2st/           all 36 sections named by section (random patches where her2st has no image)
 
 Each section keeps its first SPOTS spots (enough for HEST-Benchmark's PCA of 256 components on every
 split's training spots), so that the recipes' 8- and 4-fold runs take seconds, not minutes.
     my_encoder.py     a fixed random projection of the patch pixels to 300 features (so PCA 256 < D)
 
-Training commands get `train.epochs=1 model.dim=32 model.heads=2 run.threads=1`. Then tessera's ridge is checked, split by split, against an
-independent re-implementation of HEST-Benchmark's probe written here.
+Training commands get `train.epochs=1 model.dim=32 model.heads=2 run.threads=1`. Then tessera's
+ridge is checked, split by split, against an independent re-implementation of HEST-Benchmark's probe
+written here.
 """
 import csv
 import json
@@ -30,7 +34,8 @@ STR = h5py.string_dtype("utf-8")
 IMAGED = ["B4", "C2", "C3", "C4", "C5", "C6"]
 SPLITS = [(["C2", "C3", "C4", "C5", "C6"], ["B4"]), (["B4", "C2", "C3"], ["C4", "C5", "C6"])]
 SPOTS = 150
-BRAIN = ["A1", "A2", "A3", "A4", "A5", "A6", "B4", "C2", "C3", "C4", "C5", "C6", "D1", "D2"]  # -> NCBI628..641
+# -> NCBI628..641
+BRAIN = ["A1", "A2", "A3", "A4", "A5", "A6", "B4", "C2", "C3", "C4", "C5", "C6", "D1", "D2"]
 
 ENCODER = '''
 import torch
@@ -38,7 +43,8 @@ _g = torch.Generator().manual_seed(0)
 _P = torch.randn(48, 300, generator=_g) / 48 ** 0.5
 
 def encode(images):
-    """uint8 (B, H, W, 3) -> (B, 300): 4 x 4 colour means through a fixed random projection and tanh."""
+    """uint8 (B, H, W, 3) -> (B, 300): 4 x 4 colour means through a fixed random projection \
+and tanh."""
     x = torch.nn.functional.adaptive_avg_pool2d(images.permute(0, 3, 1, 2).float() / 255, 4)
     return torch.tanh(4 * (x.flatten(1) - 0.5) @ _P)
 '''
@@ -47,7 +53,8 @@ def encode(images):
 def reproduce_commands() -> list[str]:
     text = (ROOT / "REPRODUCE.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("python ")]
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip().startswith("python ")]
 
 
 def h5ad_barcodes(path) -> np.ndarray:
@@ -56,7 +63,8 @@ def h5ad_barcodes(path) -> np.ndarray:
 
 
 def write_first_spots(src, dst, n=SPOTS):
-    """An h5ad with the first n spots of `src` (CSR rows, obs index, obsm/spatial), all its genes."""
+    """An h5ad with the first n spots of `src` (CSR rows, obs index, obsm/spatial), all its
+    genes."""
     with h5py.File(src) as f, h5py.File(dst, "w") as g:
         g.attrs.update(f.attrs)
         X = f["X"]
@@ -64,17 +72,19 @@ def write_first_spots(src, dst, n=SPOTS):
         x = g.create_group("X")
         x.attrs.update(X.attrs)
         x.attrs["shape"] = np.array([n, X.attrs["shape"][1]])
-        x["data"], x["indices"], x["indptr"] = X["data"][: indptr[-1]], X["indices"][: indptr[-1]], indptr
+        x["data"], x["indices"], x["indptr"] = (X["data"][: indptr[-1]],
+                                                X["indices"][: indptr[-1]], indptr)
         f.copy("var", g)
         obs = g.create_group("obs")
-        obs.attrs.update({"_index": "_index", "encoding-type": "dataframe", "encoding-version": "0.2.0",
-                          "column-order": np.array([], dtype="S1")})
+        obs.attrs.update({"_index": "_index", "encoding-type": "dataframe",
+                          "encoding-version": "0.2.0", "column-order": np.array([], dtype="S1")})
         obs.create_dataset("_index", data=f["obs"]["_index"].asstr()[:n].astype(object), dtype=STR)
         g.create_group("obsm")["spatial"] = f["obsm"]["spatial"][:n]
 
 
 def write_random_patches(path, barcodes, seed, xy):
-    """Random images at the spots' own positions (import-hest checks that patches sit where their spots are)."""
+    """Random images at the spots' own positions (import-hest checks that patches sit where their
+    spots are)."""
     r = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         f["img"] = r.integers(0, 256, (len(barcodes), 16, 16, 3), dtype=np.uint8)
@@ -98,7 +108,8 @@ def build_trees(tmp, shared):
         else:
             with h5py.File(st / f"{s}.h5ad") as f:
                 xy = f["obsm"]["spatial"][:]
-            write_random_patches(tmp / "her2st" / "patches" / f"{s}.h5", h5ad_barcodes(st / f"{s}.h5ad"), i, xy)
+            write_random_patches(tmp / "her2st" / "patches" / f"{s}.h5",
+                                 h5ad_barcodes(st / f"{s}.h5ad"), i, xy)
     # hest_data/: 14 sections under HiST's Brain ids, with HEST's metadata columns
     brain = [f"NCBI{628 + i}" for i in range(14)]
     for sub in ("st", "patches"):
@@ -108,8 +119,10 @@ def build_trees(tmp, shared):
         fh.write("id,patient,pixel_size_um_estimated,inter_spot_dist\n")
         for hid, s in zip(brain, BRAIN):
             (tmp / "hest_data" / "st" / f"{hid}.h5ad").symlink_to(st / f"{s}.h5ad")
-            (tmp / "hest_data" / "patches" / f"{hid}.h5").symlink_to(tmp / "her2st" / "patches" / f"{s}.h5")
-            fh.write(f"{hid},{rows[s]['patient']},{rows[s]['pixel_size_um_estimated']},{rows[s]['inter_spot_dist']}\n")
+            (tmp / "hest_data" / "patches" / f"{hid}.h5").symlink_to(
+                tmp / "her2st" / "patches" / f"{s}.h5")
+            fh.write(f"{hid},{rows[s]['patient']},{rows[s]['pixel_size_um_estimated']},"
+                     f"{rows[s]['inter_spot_dist']}\n")
     # bench_data/IDC/: a HEST-Benchmark task
     task = tmp / "bench_data" / "IDC"
     for sub in ("adata", "patches", "splits"):
@@ -119,8 +132,9 @@ def build_trees(tmp, shared):
         (task / "patches" / f"{s}.h5").symlink_to(her2st / "patches" / f"{s}.h5")
     for i, (train, test) in enumerate(SPLITS):
         for part, split_ids in (("train", train), ("test", test)):
-            (task / "splits" / f"{part}_{i}.csv").write_text("sample_id,patches_path,expr_path\n" + "".join(
-                f"{s},patches/{s}.h5,adata/{s}.h5ad\n" for s in split_ids))
+            (task / "splits" / f"{part}_{i}.csv").write_text(
+                "sample_id,patches_path,expr_path\n"
+                + "".join(f"{s},patches/{s}.h5,adata/{s}.h5ad\n" for s in split_ids))
     genes = None
     totals = {}
     for s in IMAGED:
@@ -154,9 +168,11 @@ def reproduced(tmp_path_factory):
     for cmd in reproduce_commands():
         args = shlex.split(cmd)
         args[1] = str(ROOT / args[1])
-        if args[1].endswith("train.py"):                     # one epoch of a narrow model: the recipe's
-            args += ["train.epochs=1", "model.dim=32", "model.heads=2", "run.threads=1"]   # keys, not its cost
-        r = subprocess.run([sys.executable, *args[1:]], cwd=tmp, capture_output=True, text=True, timeout=900)
+        # one epoch of a narrow model: the recipe's keys, not its cost
+        if args[1].endswith("train.py"):
+            args += ["train.epochs=1", "model.dim=32", "model.heads=2", "run.threads=1"]
+        r = subprocess.run([sys.executable, *args[1:]], cwd=tmp, capture_output=True,
+                           text=True, timeout=900)
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         outputs[cmd] = r.stdout
     return tmp, outputs
@@ -166,9 +182,11 @@ def test_reproduce_has_a_recipe_per_paper():
     cmds = reproduce_commands()
     for key in ("hist:brain", "feast:her2st", "hifusion:her2st"):
         assert any(c.startswith("python protocols.py") and f"--paper {key}" in c for c in cmds), key
-    assert any("--dataset hist:" in c for c in cmds) and any("data.split_dir=bench_data" in c for c in cmds)
+    assert (any("--dataset hist:" in c for c in cmds)
+            and any("data.split_dir=bench_data" in c for c in cmds))
     text = (ROOT / "REPRODUCE.md").read_text()
-    work_log_words = "|".join(["issue", "ticket", "session", "helper"])  # the project speaks of itself only
+    # the project speaks of itself only
+    work_log_words = "|".join(["issue", "ticket", "session", "helper"])
     assert not re.search(rf"\b({work_log_words})s?\b", text, flags=re.I)
 
 
@@ -179,16 +197,20 @@ def test_every_reproduce_command_runs_and_prints_the_papers_numbers(reproduced):
         if "--paper" in cmd:
             key = cmd.split("--paper ")[1].split()[0]
             assert f"({key})" in out and "(paper)" in out and "(this run)" in out, out
-    assert "| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |" in next(o for c, o in outputs.items() if c.startswith("python protocols.py") and "hist:brain" in c)
+    assert ("| HiST (paper) | 0.23 ± 0.14 | 0.54 ± 0.19 |"
+            in next(o for c, o in outputs.items()
+                    if c.startswith("python protocols.py") and "hist:brain" in c))
     hist = json.loads((tmp / "runs" / "hist-brain" / "results.json").read_text())
-    assert hist["n_folds"] == 4 and sorted(s for f in hist["slides"] for s in f) == [f"NCBI{628 + i}" for i in range(14)]
+    assert hist["n_folds"] == 4 and sorted(s for f in hist["slides"] for s in f) == [
+        f"NCBI{628 + i}" for i in range(14)]
     assert json.loads((tmp / "runs" / "feast-her2st" / "results.json").read_text())["n_folds"] == 8
 
 
 def hest_benchmark_ridge(tmp, train_ids, test_ids):
-    """HEST-Benchmark's probe written from its description: embeddings joined to the h5ad by barcode,
-    log1p counts of var_50genes, StandardScaler (population std), PCA 256, ridge alpha = 100 / (256 * 50)
-    without intercept, per-gene Pearson over all test spots, mean over genes."""
+    """HEST-Benchmark's probe written from its description: embeddings joined to the h5ad by
+    barcode, log1p counts of var_50genes, StandardScaler (population std), PCA 256, ridge
+    alpha = 100 / (256 * 50) without intercept, per-gene Pearson over all test spots, mean over
+    genes."""
     from scipy.stats import pearsonr
     task = tmp / "bench_data" / "IDC"
     genes = json.loads((task / "var_50genes.json").read_text())["genes"]
@@ -226,4 +248,5 @@ def test_ridge_equals_hest_benchmarks_probe_per_split(reproduced):
     for k, (train, test) in enumerate(SPLITS):
         assert res["slides"][k] == test
         ref = hest_benchmark_ridge(tmp, train, test)
-        assert abs(res["metrics"]["pcc_gene"]["folds"][k] - ref) < 1e-3, (k, res["metrics"]["pcc_gene"]["folds"][k], ref)
+        assert abs(res["metrics"]["pcc_gene"]["folds"][k] - ref) < 1e-3, (
+            k, res["metrics"]["pcc_gene"]["folds"][k], ref)

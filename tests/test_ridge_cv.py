@@ -1,5 +1,6 @@
 """The spatial ridge's alpha and per-slide standardisation chosen on the training slides
-(model.ridge_cv, model.slide_norm = auto), against explicit leave-one-group-out loops written here."""
+(model.ridge_cv, model.slide_norm = auto), against explicit leave-one-group-out loops written
+here."""
 import numpy as np
 import pytest
 import torch
@@ -30,16 +31,19 @@ def ref_pcc_gene(p, t):
 
 
 def ref_logo(designs, targets, groups, alphas):
-    """Per alpha: mean over groups of pcc_gene on the group, the ridge fitted on every other group."""
+    """Per alpha: mean over groups of pcc_gene on the group, the ridge fitted on every other
+    group."""
     out = []
     for a in alphas:
         scores = []
         for g in sorted(set(groups)):
             fit = [i for i, h in enumerate(groups) if h != g]
             held = [i for i, h in enumerate(groups) if h == g]
-            W = ref_ridge(np.concatenate([designs[i] for i in fit]), np.concatenate([targets[i] for i in fit]), a)
+            W = ref_ridge(np.concatenate([designs[i] for i in fit]),
+                          np.concatenate([targets[i] for i in fit]), a)
             X = np.concatenate([designs[i] for i in held])
-            scores.append(ref_pcc_gene(np.c_[X, np.ones(len(X))] @ W, np.concatenate([targets[i] for i in held])))
+            scores.append(ref_pcc_gene(np.c_[X, np.ones(len(X))] @ W,
+                                       np.concatenate([targets[i] for i in held])))
         out.append(np.mean(scores))
     return np.array(out)
 
@@ -50,7 +54,8 @@ class _Slide:
 
 
 def batches_of(slides, patients):
-    return [{"features": f, "coords": xy, "target": y, "slide": _Slide(p)} for (f, xy, y), p in zip(slides, patients)]
+    return [{"features": f, "coords": xy, "target": y, "slide": _Slide(p)}
+            for (f, xy, y), p in zip(slides, patients)]
 
 
 def test_leave_one_group_out_scores_match_explicit_refits():
@@ -60,8 +65,10 @@ def test_leave_one_group_out_scores_match_explicit_refits():
     targets = [d @ W + 2.0 * g.normal(size=(len(d), 4)) for d in designs]
     groups = ["a", "b", "a", "c"]                       # a group of two slides is held out together
     alphas = [0.01, 1.0, 30.0, 1000.0]
-    got = baselines.cv_scores([torch.tensor(d) for d in designs], [torch.tensor(t) for t in targets], groups, alphas)
-    np.testing.assert_allclose(got, ref_logo(designs, targets, groups, alphas), rtol=1e-8, atol=1e-10)
+    got = baselines.cv_scores([torch.tensor(d) for d in designs],
+                              [torch.tensor(t) for t in targets], groups, alphas)
+    np.testing.assert_allclose(got, ref_logo(designs, targets, groups, alphas),
+                               rtol=1e-8, atol=1e-10)
 
 
 def test_cv_groups_are_patients_from_three_on_else_slides():
@@ -93,12 +100,14 @@ def test_ridge_cv_fits_the_alpha_with_the_best_leave_one_patient_out_score():
     test = grid_slide(seed=9)
     W = ref_ridge(np.concatenate(designs), np.concatenate(targets), best)
     X = ref_design(test[0], test[1], radii, mean, std, False)
-    np.testing.assert_allclose(m(test[0], test[1])["pred"].numpy(), np.c_[X, np.ones(len(X))] @ W, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m(test[0], test[1])["pred"].numpy(), np.c_[X, np.ones(len(X))] @ W,
+                               rtol=1e-4, atol=1e-4)
 
 
 def shifted(seed, composition: bool):
-    """A slide whose features carry a random per-slide affine shift (a stain), or whose slide-level mean
-    carries the targets (composition: more of one tissue on some slides), which per-slide standardisation erases."""
+    """A slide whose features carry a random per-slide affine shift (a stain), or whose slide-level
+    mean carries the targets (composition: more of one tissue on some slides), which per-slide
+    standardisation erases."""
     f, xy, _ = grid_slide(seed=seed)
     g = np.random.default_rng(100 + seed)
     if composition:
@@ -126,11 +135,13 @@ def test_slide_norm_auto_standardises_a_stain_shift_and_keeps_composition(compos
     ref.init_from_data(feats.mean(0), feats.std(0), torch.cat([s[2] for s in slides]).mean(0))
     ref.fit_slides(batches_of(slides, "ABCDE"))
     test = shifted(7, composition)
-    with torch.no_grad():   # the checkpoint keeps the choice: a model loaded from the state dict predicts the same
-        loaded = build_model(ModelConfig(arch="ridge_spatial", radii=[1.5], ridge_cv=True, slide_norm="auto"), C, G)
+    # the checkpoint keeps the choice: a model loaded from the state dict predicts the same
+    with torch.no_grad():
+        loaded = build_model(ModelConfig(arch="ridge_spatial", radii=[1.5], ridge_cv=True,
+                                         slide_norm="auto"), C, G)
         loaded.load_state_dict(m.start.state_dict())
-        np.testing.assert_allclose(loaded(test[0], test[1])["pred"].numpy(), ref(test[0], test[1])["pred"].numpy(),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(loaded(test[0], test[1])["pred"].numpy(),
+                                   ref(test[0], test[1])["pred"].numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_ridge_cv_on_one_slide_holds_out_four_bands_of_its_spots():
@@ -139,7 +150,8 @@ def test_ridge_cv_on_one_slide_holds_out_four_bands_of_its_spots():
     design = ref_design(f, xy, [1.5], feats.mean(0), feats.std(0, ddof=1), False)
     bands = np.array_split(np.argsort(xy[:, 0].numpy(), kind="stable"), 4)
     alphas = [a * len(f) for a in baselines.ALPHAS]
-    scores = ref_logo([design[b] for b in bands], [y.numpy().astype(np.float64)[b] for b in bands], list("0123"), alphas)
+    scores = ref_logo([design[b] for b in bands], [y.numpy().astype(np.float64)[b] for b in bands],
+                      list("0123"), alphas)
     m = fitted(ModelConfig(arch="ridge_spatial", radii=[1.5], ridge_cv=True), [(f, xy, y)], "A")
     assert m.alpha == alphas[int(np.argmax(scores))]
 

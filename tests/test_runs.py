@@ -1,6 +1,7 @@
-"""The run folder protects itself: it stays inside run.dir and apart from the data, it records the folds and
-the data it started with, and locks keep two processes from writing the same config or fold; folds train
-as independent jobs (--fold) into one run, with the results of a single process."""
+"""The run folder protects itself: it stays inside run.dir and apart from the data, it records the
+folds and the data it started with, and locks keep two processes from writing the same config or
+fold; folds train as independent jobs (--fold) into one run, with the results of a single
+process."""
 import hashlib
 import json
 import os
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def linear(root, *extra):
     """A fast run: the per-spot linear baseline, 2 folds by patient, one epoch."""
-    return [str(ROOT / "configs/linear.yaml"), f"data.root={root}", "data.folds=2", "data.genes={by: mean, n: 5}",
-            "train.epochs=1", "run.name=t", "run.threads=1", *extra]
+    return [str(ROOT / "configs/linear.yaml"), f"data.root={root}", "data.folds=2",
+            "data.genes={by: mean, n: 5}", "train.epochs=1", "run.name=t", "run.threads=1", *extra]
 
 
 def tree(folder: Path) -> dict:
@@ -37,14 +38,15 @@ def tree(folder: Path) -> dict:
 
 
 def refused_here(args, tmp_path, capsys) -> str:
-    """train.main refuses with one line and changes no file under tmp_path (the run folder included)."""
+    """train.main refuses with one line and changes no file under tmp_path (the run folder
+    included)."""
     before = tree(tmp_path)
     msg = refused(args, tmp_path, capsys)
     assert tree(tmp_path) == before
     return msg
 
 
-# ---- where a run folder may be --------------------------------------------------------------------
+# ---- where a run folder may be -------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "/etc", " "])
 def test_run_names_that_leave_run_dir_are_refused(root, tmp_path, capsys, name):
     msg = refused_here(linear(root, f"run.name={name}"), tmp_path, capsys)
@@ -68,7 +70,7 @@ def test_a_run_folder_in_or_around_the_data_is_refused(root, tmp_path, capsys):
         expect(refused_here([*linear(root), *extra], tmp_path, capsys), "data.root")
 
 
-# ---- the folds and the data a run started with -----------------------------------------------------
+# ---- the folds and the data a run started with ---------------------------------------------------
 def test_the_fold_record_holds_every_slide_and_its_sha1(root, tmp_path):
     train.main(linear(root, "train.val_slides=1"))
     record = json.loads((tmp_path / "runs" / "t" / "folds.json").read_text())
@@ -76,10 +78,12 @@ def test_the_fold_record_holds_every_slide_and_its_sha1(root, tmp_path):
     folds = checks.check_data(cfg, root)
     assert len(record["folds"]) == 2
     for fold, (train_ids, test_ids) in zip(record["folds"], folds):
-        assert fold["test"] == test_ids and fold["train"] + fold["val"] == train_ids and len(fold["val"]) == 1
+        assert (fold["test"] == test_ids and fold["train"] + fold["val"] == train_ids
+                and len(fold["val"]) == 1)
     for i in range(4):
         blob = (root / f"s{i}.h5").read_bytes()
-        assert record["slides"][f"s{i}"] == {"bytes": len(blob), "sha1": hashlib.sha1(blob).hexdigest()}
+        assert record["slides"][f"s{i}"] == {"bytes": len(blob),
+                                             "sha1": hashlib.sha1(blob).hexdigest()}
 
 
 def test_resume_refuses_changed_data_naming_the_change(root, tmp_path, capsys):
@@ -87,7 +91,8 @@ def test_resume_refuses_changed_data_naming_the_change(root, tmp_path, capsys):
     (tmp_path / "runs" / "t" / "results.json").unlink()       # as if the run had not ended
     kept = {p.name: p.read_bytes() for p in root.glob("*.h5")}
     write(root, 4, patient="B")
-    expect(refused_here(linear(root, "--resume"), tmp_path, capsys), "folds.json", "--resume", "added: s4")
+    expect(refused_here(linear(root, "--resume"), tmp_path, capsys), "folds.json",
+           "--resume", "added: s4")
     (root / "s4.h5").unlink()
     (root / "s1.h5").unlink()
     expect(refused_here(linear(root, "--resume"), tmp_path, capsys), "removed: s1")
@@ -113,17 +118,20 @@ def test_resume_refuses_other_folds(root, tmp_path, capsys):
     expect(msg, "train.epochs")                                # the config differs first
     msg = refused_here([*args, "--resume"], tmp_path, capsys)
     expect(msg, "fold 0", "test", "s1", "s2")
-    msg = refused_here([*args, "--fold", "0"], tmp_path, capsys)  # a fold job with a conflicting assignment
-    expect(msg, "folds.json: --fold expected the folds and data the run started with", "fold 0 train slides differ")
+    # a fold job with a conflicting assignment
+    msg = refused_here([*args, "--fold", "0"], tmp_path, capsys)
+    expect(msg, "folds.json: --fold expected the folds and data the run started with",
+           "fold 0 train slides differ")
 
 
-# ---- leaking folds ----------------------------------------------------------------------------------
+# ---- leaking folds -------------------------------------------------------------------------------
 def test_a_slide_in_train_and_test_is_refused_before_the_run_folder(root, tmp_path, capsys):
     splits = tmp_path / "splits"
     splits.mkdir()
     (splits / "train_0.csv").write_text("sample_id\ns0\ns1\ns2\n")
     (splits / "test_0.csv").write_text("sample_id\ns2\ns3\n")
-    msg = refused_here(linear(root, f"data.split_dir={splits}", "data.group=slide"), tmp_path, capsys)
+    msg = refused_here(linear(root, f"data.split_dir={splits}", "data.group=slide"),
+                       tmp_path, capsys)
     expect(msg, "test_0.csv", "data.split_dir", "s2")
     assert not (tmp_path / "runs").exists()
 
@@ -140,10 +148,11 @@ def test_a_patient_in_train_and_test_is_refused_when_folds_group_patients(root, 
     checks.check_folds(cfg, checks.check_data(cfg, root), root)  # grouped by slide: allowed
 
 
-# ---- locks and joins ------------------------------------------------------------------------------
+# ---- locks and joins -----------------------------------------------------------------------------
 def lock_as(path: Path, pid: int, host: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01 00:00:00"}))
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                "started": "2026-01-01 00:00:00"}))
 
 
 def dead_pid() -> int:
@@ -153,8 +162,8 @@ def dead_pid() -> int:
 
 
 def test_an_existing_run_never_continues_without_resume(root, tmp_path, capsys):
-    """A start that failed before any fold finished leaves config.yaml: the same config needs --resume,
-    another config another run.name."""
+    """A start that failed before any fold finished leaves config.yaml: the same config
+    needs --resume, another config another run.name."""
     args = linear(root)
     train.main(args)
     run = tmp_path / "runs" / "t"
@@ -162,7 +171,8 @@ def test_an_existing_run_never_continues_without_resume(root, tmp_path, capsys):
         if p.is_file() and p.name not in ("config.yaml", "folds.json", "log.txt"):
             p.unlink()
     expect(refused_here(args, tmp_path, capsys), "runs/t", "--resume", "run.name")
-    expect(refused_here([*args, "model.arch=mlp"], tmp_path, capsys), "runs/t", "model.arch", "run.name")
+    expect(refused_here([*args, "model.arch=mlp"], tmp_path, capsys), "runs/t",
+           "model.arch", "run.name")
     expect(refused_here([*args, "model.arch=mlp", "--resume"], tmp_path, capsys), "model.arch")
     assert train.main([*args, "--resume"]) is not None and (run / "results.json").exists()
 
@@ -172,10 +182,13 @@ def test_fold_jobs_join_a_run_and_results_wait_for_every_fold(root, tmp_path, ca
     assert train.main([*args, "--fold", "0"]) is None
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "t"
-    assert "fold_1" in out and not (run / "results.json").exists() and (run / "fold_0" / "done").exists()
+    assert ("fold_1" in out and not (run / "results.json").exists()
+            and (run / "fold_0" / "done").exists())
     assert not (run / "fold_0" / "lock").exists() and not (run / "lock").exists()
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "runs/t"], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "fold_1" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "runs/t"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert (r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+            and "fold_1" in r.stderr), r.stderr
     assert not (run / "results.json").exists()
     expect(refused_here([*args, "model.arch=mlp", "--fold", "1"], tmp_path, capsys), "model.arch")
     expect(refused_here([*args, "--fold", "2"], tmp_path, capsys), "--fold", "2", "0, 1")
@@ -189,7 +202,7 @@ def test_fold_jobs_join_a_run_and_results_wait_for_every_fold(root, tmp_path, ca
     out = capsys.readouterr().out
     assert f"pid {pid}" in out and "no longer running" in out and "fold 0: finished earlier" in out
     assert (run / "results.json").exists() and not (run / "fold_1" / "lock").exists()
-    (run / "fold_1" / "done").unlink()                        # fold 1 predicting again: its files are not final
+    (run / "fold_1" / "done").unlink()  # fold 1 predicting again: its files are not final
     lock_as(run / "fold_1" / "lock", os.getpid())
     with pytest.raises(FileNotFoundError, match="fold_1 missing"):
         evaluation.evaluate_run(run, partial=False)
@@ -200,7 +213,8 @@ def test_a_run_lock_of_a_dead_process_is_taken_over(root, tmp_path, capsys):
     pid = dead_pid()
     lock_as(tmp_path / "runs" / "t" / "lock", pid)
     assert train.main(linear(root)) is not None
-    assert f"pid {pid}" in capsys.readouterr().out and not (tmp_path / "runs" / "t" / "lock").exists()
+    assert (f"pid {pid}" in capsys.readouterr().out
+            and not (tmp_path / "runs" / "t" / "lock").exists())
 
 
 def test_fold_arguments(root, tmp_path, capsys):
@@ -211,9 +225,10 @@ def test_fold_arguments(root, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_stopped_fold_job_leaves_no_lock(root, tmp_path):
-    """SIGTERM (a scheduler's stop, scancel) releases the fold's lock: a later --resume on any host finds
-    the fold free and continues it."""
-    job = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *linear(root, "train.epochs=200", "--fold", "1")],
+    """SIGTERM (a scheduler's stop, scancel) releases the fold's lock: a later --resume on any host
+    finds the fold free and continues it."""
+    job = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                            *linear(root, "train.epochs=200", "--fold", "1")],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in job.stdout:
         if line.startswith("fold 1 epoch 1/200"):
@@ -221,31 +236,37 @@ def test_a_stopped_fold_job_leaves_no_lock(root, tmp_path):
             job.terminate()
             break
     out, err = job.communicate(timeout=60)
-    assert job.returncode == 143 and not (tmp_path / "runs" / "t" / "fold_1" / "lock").exists(), (job.returncode, err)
+    assert (job.returncode == 143 and not (tmp_path / "runs" / "t" / "fold_1" / "lock").exists()), (
+        job.returncode, err)
     assert (tmp_path / "runs" / "t" / "fold_1" / "checkpoint.pt").exists()
 
 
 def predictions(run: Path) -> dict:
-    return {p.relative_to(run): evaluation.read_predictions(p) for p in sorted(run.glob("fold_*/pred/*.h5"))}
+    return {p.relative_to(run): evaluation.read_predictions(p)
+            for p in sorted(run.glob("fold_*/pred/*.h5"))}
 
 
 @pytest.mark.slow
 def test_folds_as_concurrent_jobs_give_the_single_process_results(tmp_path):
-    """Two folds of a small tessera trained in one process, then as two concurrent `--fold` processes into
-    another run: the same metrics and the same predictions, bit for bit."""
-    synthetic.make_synthetic(tmp_path / "syn", n_slides=4, seed=0, n_spots=120, pseudo=True, log=lambda s: None)
-    args = [str(ROOT / "train.py"), str(ROOT / "configs/default.yaml"), f"data.root={tmp_path / 'syn'}",
-            "data.folds=2", "data.genes={by: hvg, n: 10}", "model.dim=8", "model.heads=2", "model.pathway_tokens=4",
-            "train.epochs=2", "run.threads=1"]
-    one = subprocess.run([sys.executable, *args, "run.name=one"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    """Two folds of a small tessera trained in one process, then as two concurrent `--fold`
+    processes into another run: the same metrics and the same predictions, bit for bit."""
+    synthetic.make_synthetic(tmp_path / "syn", n_slides=4, seed=0, n_spots=120, pseudo=True,
+                             log=lambda s: None)
+    args = [str(ROOT / "train.py"), str(ROOT / "configs/default.yaml"),
+            f"data.root={tmp_path / 'syn'}", "data.folds=2", "data.genes={by: hvg, n: 10}",
+            "model.dim=8", "model.heads=2", "model.pathway_tokens=4", "train.epochs=2",
+            "run.threads=1"]
+    one = subprocess.run([sys.executable, *args, "run.name=one"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    jobs = [subprocess.Popen([sys.executable, *args, "run.name=jobs", "--fold", str(k)], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    jobs = [subprocess.Popen([sys.executable, *args, "run.name=jobs", "--fold", str(k)],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for k in (0, 1)]
     for job in jobs:
         out, err = job.communicate(timeout=300)
         assert job.returncode == 0, err
-    a, b = (json.loads((tmp_path / "runs" / n / "results.json").read_text()) for n in ("one", "jobs"))
+    a, b = (json.loads((tmp_path / "runs" / n / "results.json").read_text())
+            for n in ("one", "jobs"))
     assert a["metrics"] == b["metrics"] and a["slides"] == b["slides"]
     pa, pb = predictions(tmp_path / "runs" / "one"), predictions(tmp_path / "runs" / "jobs")
     assert sorted(pa) == sorted(pb) and len(pa) == 4
@@ -261,17 +282,20 @@ def test_locks_are_exclusive_and_a_broken_one_is_named(tmp_path):
     assert runs.take(path) == (None, None)
     owner = json.loads(path.read_text())
     assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
-    assert runs.take(path) == (owner, None)                    # held: by this very process, which runs
+    assert runs.take(path) == (owner, None)  # held: by this very process, which runs
     runs.release(path)
     assert not path.exists()
-    path.write_text("")                                         # created, never written: its owner died there
+    path.write_text("")  # created, never written: its owner died there
     os.utime(path, (time.time() - 60, time.time() - 60))
     holder, note = runs.take(path)
     assert holder == {} and note is None
-    assert "delete it if no process holds it" in runs.held(path, holder, "fold 0 is being trained by")
-    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "then"}))
+    assert "delete it if no process holds it" in runs.held(path, holder,
+                                                           "fold 0 is being trained by")
+    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(),
+                                "started": "then"}))
     holder, note = runs.take(path)
-    assert holder is None and "no longer running" in note and json.loads(path.read_text())["pid"] == os.getpid()
+    assert (holder is None and "no longer running" in note
+            and json.loads(path.read_text())["pid"] == os.getpid())
 
 
 # ---- the time left of a run -------------------------------------------------------------------

@@ -30,11 +30,14 @@ def synth(tmp_path_factory):
 
 def test_synthetic_dataset_is_fast_valid_and_grouped(synth):
     out, paths, cpu_seconds, wall_seconds = synth
-    assert cpu_seconds < 10, f"12 slides took {cpu_seconds:.1f} s of CPU ({wall_seconds:.1f} s wall)"
+    assert cpu_seconds < 10, (f"12 slides took {cpu_seconds:.1f} s of CPU "
+                              f"({wall_seconds:.1f} s wall)")
     assert len(paths) == 12 and data.list_slides(out) == paths
     slides = [data.read_slide(p) for p in paths]              # read_slide validates every key
-    assert all(1275 <= s.n_spots <= 1725 and s.features.shape[1] == 64 and len(s.genes) == 300 for s in slides)
-    assert all(s.expected is not None and torch.equal(s.library_size, s.counts.sum(1)) for s in slides)
+    assert all(1275 <= s.n_spots <= 1725 and s.features.shape[1] == 64 and len(s.genes) == 300
+               for s in slides)
+    assert all(s.expected is not None and torch.equal(s.library_size, s.counts.sum(1))
+               for s in slides)
     per_patient = {}
     for s in slides:
         per_patient[s.patient] = per_patient.get(s.patient, 0) + 1
@@ -42,11 +45,12 @@ def test_synthetic_dataset_is_fast_valid_and_grouped(synth):
     s = slides[0]
     d = torch.cdist(s.coords, s.coords) + torch.eye(s.n_spots) * 1e9
     nearest = d.min(1).values
-    assert abs(nearest.median() - 100) < 3 and ((d < 103).sum(1) == 6).float().mean() > 0.7   # hexagonal, 100 um
+    # hexagonal, 100 um
+    assert abs(nearest.median() - 100) < 3 and ((d < 103).sum(1) == 6).float().mean() > 0.7
     lib = s.library_size
-    assert lib.std() / lib.mean() > 0.2                        # library size varies from spot to spot
+    assert lib.std() / lib.mean() > 0.2  # library size varies from spot to spot
     slide_means = torch.stack([t.features.mean(0) for t in slides])
-    assert slide_means.std(0).mean() > 0.3                     # a per-slide stain shift on the features
+    assert slide_means.std(0).mean() > 0.3  # a per-slide stain shift on the features
     programs = files.read_gmt(out / "programs.gmt")
     assert 10 <= len(programs) <= 20 and all(set(m) <= set(s.genes) for m in programs.values())
     member = {g for m in programs.values() for g in m}
@@ -56,16 +60,18 @@ def test_synthetic_dataset_is_fast_valid_and_grouped(synth):
 
 
 def r2_held_out(x, y, train):
-    """Least squares (normal equations) with an intercept on the train spots; R^2 per column on the others."""
+    """Least squares (normal equations) with an intercept on the train spots; R^2 per column on the
+    others."""
     x1 = np.c_[x, np.ones(len(x))]
-    beta = np.linalg.solve(x1[train].T @ x1[train] + 1e-6 * np.eye(x1.shape[1]), x1[train].T @ y[train])
+    beta = np.linalg.solve(x1[train].T @ x1[train] + 1e-6 * np.eye(x1.shape[1]),
+                           x1[train].T @ y[train])
     res = y[~train] - x1[~train] @ beta
     return 1 - (res ** 2).sum(0) / ((y[~train] - y[~train].mean(0)) ** 2).sum(0)
 
 
 def test_synthetic_neighbourhood_signal_is_real(synth):
-    """For 'neigh' programs the spot's own features explain little of the expected expression and the
-    mean of the neighbours' features (within two rings) explains much more; 'local' programs are
+    """For 'neigh' programs the spot's own features explain little of the expected expression and
+    the mean of the neighbours' features (within two rings) explains much more; 'local' programs are
     mostly explained by the spot's own features."""
     out, paths, _, _ = synth
     programs = files.read_gmt(out / "programs.gmt")
@@ -78,7 +84,8 @@ def test_synthetic_neighbourhood_signal_is_real(synth):
         y = np.log(s.expected.double().numpy())
         train = np.random.default_rng(0).random(len(x)) < 0.5
         for kind, own_range, min_gain in (("NEIGH", (0.0, 0.45), 0.3), ("LOCAL", (0.5, 1.0), 0.0)):
-            cols = [s.genes.index(g) for name, m in programs.items() if f"_{kind}_" in name for g in m]
+            cols = [s.genes.index(g) for name, m in programs.items() if f"_{kind}_" in name
+                    for g in m]
             own = r2_held_out(x, y[:, cols], train).mean()
             both = r2_held_out(np.c_[x, neighbours], y[:, cols], train).mean()
             assert own_range[0] < own < own_range[1] and both > own + min_gain, (kind, own, both)
@@ -93,38 +100,46 @@ def test_synthetic_is_deterministic_and_has_layouts(tmp_path):
         sa, sb = data.read_slide(pa), data.read_slide(pb)
         for k in ("features", "coords", "counts", "expected", "pseudo_features", "pseudo_coords"):
             assert torch.equal(getattr(sa, k), getattr(sb, k)), k
-    assert (tmp_path / "a" / "programs.gmt").read_text() == (tmp_path / "b" / "programs.gmt").read_text()
+    assert ((tmp_path / "a" / "programs.gmt").read_text()
+            == (tmp_path / "b" / "programs.gmt").read_text())
     assert not torch.equal(data.read_slide(a[0]).features[:5], data.read_slide(c[0]).features[:5])
     s = data.read_slide(a[0])
-    assert s.pseudo_features.shape[1] == 16 and 0.5 * s.n_spots < len(s.pseudo_coords) < 2 * s.n_spots
+    assert (s.pseudo_features.shape[1] == 16
+            and 0.5 * s.n_spots < len(s.pseudo_coords) < 2 * s.n_spots)
     gap = torch.cdist(s.pseudo_coords, s.coords).min(1).values
-    assert ((gap > 40) & (gap < 70)).all()                      # triangle centres: 100 / sqrt(3) um away
+    assert ((gap > 40) & (gap < 70)).all()  # triangle centres: 100 / sqrt(3) um away
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         synthetic.make_synthetic(tmp_path / "a", seed=3, **kw)
     for layout, pitch in (("square", 200.0), ("hd", 8.0)):
-        p = synthetic.make_synthetic(tmp_path / layout, layout=layout, pseudo=True, **dict(kw, n_slides=1))
+        p = synthetic.make_synthetic(tmp_path / layout, layout=layout, pseudo=True,
+                                     **dict(kw, n_slides=1))
         s = data.read_slide(p[0])
         d = torch.cdist(s.coords, s.coords) + torch.eye(s.n_spots) * 1e9
         assert s.spot_pitch_um == pitch and abs(d.min(1).values.median() / pitch - 1) < 0.05
         assert ((d < 1.05 * pitch).sum(1) == 4).float().mean() > 0.6    # square lattice
         gap = torch.cdist(s.pseudo_coords, s.coords).min(1).values / pitch
-        assert ((gap > 0.6) & (gap < 0.8)).all()                # square centres: pitch / sqrt(2) away
+        assert ((gap > 0.6) & (gap < 0.8)).all()  # square centres: pitch / sqrt(2) away
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_synthetic_sub_spots_are_a_fine_grid_binned(tmp_path):
-    """--sub 2: sub-spot truth whose sum is the spot, sub-patch features that see their own sub-spot."""
-    kw = dict(n_slides=2, n_spots=300, n_genes=40, n_features=16, log=lambda s: None, layout="square")
+    """--sub 2: sub-spot truth whose sum is the spot, sub-patch features that see their own
+    sub-spot."""
+    kw = dict(n_slides=2, n_spots=300, n_genes=40, n_features=16, log=lambda s: None,
+              layout="square")
     paths = synthetic.make_synthetic(tmp_path / "a", seed=2, sub=2, **kw)
     again = synthetic.make_synthetic(tmp_path / "b", seed=2, sub=2, **kw)
     for p, q in zip(paths, again):
         s, t = data.read_slide(p), data.read_slide(q)
-        assert torch.equal(s.sub_features, t.sub_features) and torch.equal(s.sub_counts, t.sub_counts)
-        assert s.sub_features.shape == (s.n_spots, 4, 16) and s.sub_extent_um == pytest.approx(200.0, rel=0.01)
+        assert (torch.equal(s.sub_features, t.sub_features)
+                and torch.equal(s.sub_counts, t.sub_counts))
+        assert (s.sub_features.shape == (s.n_spots, 4, 16)
+                and s.sub_extent_um == pytest.approx(200.0, rel=0.01))
         assert torch.equal(s.sub_counts.sum(1), s.counts) and s.sub_valid.float().mean() > 0.8
         assert s.spot_pitch_um == pytest.approx(200.0, rel=0.01)
         sub = lattice.sub_coords(s.coords, 2, s.sub_extent_um)          # sub-spots 100 um apart
-        d = torch.cdist(sub[s.sub_valid], sub[s.sub_valid]) + torch.eye(int(s.sub_valid.sum())) * 1e9
+        d = (torch.cdist(sub[s.sub_valid], sub[s.sub_valid])
+             + torch.eye(int(s.sub_valid.sum())) * 1e9)
         assert abs(d.min(1).values.median() / 100.0 - 1) < 0.05
         # each sub-patch's features track its own sub-spot's counts better than a sibling's do
         x, y = s.sub_features.double(), torch.log1p(s.sub_counts).double()
@@ -141,8 +156,9 @@ def test_synthetic_sub_spots_are_a_fine_grid_binned(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 def test_command_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "2", "--spots", "150",
-                        "--seed", "1", "--layout", "square"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "ds", "--slides", "2",
+                        "--spots", "150", "--seed", "1", "--layout", "square"], capture_output=True,
+                       text=True, cwd=tmp_path)
     assert r.returncode == 0 and "synth: 2 slides" in r.stdout, r.stderr
     assert len(data.list_slides(tmp_path / "ds")) == 2
 
@@ -153,7 +169,8 @@ def test_sizes_below_one_are_refused(tmp_path):
         synthetic.make_synthetic(tmp_path / "x", n_slides=0, log=lambda s: None)
     r = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out", "x", "--spots", "0"],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "'spots': 0" in r.stderr, r.stderr
+    assert (r.returncode == 1 and len(r.stderr.splitlines()) == 1
+            and "'spots': 0" in r.stderr), r.stderr
     assert not (tmp_path / "x").exists()
 
 
