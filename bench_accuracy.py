@@ -1,40 +1,33 @@
 """Accuracy on real tissue: her2st's real H&E, and its real geometry with stand-in features.
 
-    python bench_accuracy.py                                   # every case, every model, 3 seeds
+    python bench_accuracy.py                           # every case, every model, 3 seeds
     python bench_accuracy.py --cases real-section --seeds 0 --models ridge_spatial hist
-    python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20 \
-  # any config, any override
-    python bench_accuracy.py --encoder my_module:my_encoder \
-   # the real H&E cases with your encoder
-    python bench_accuracy.py --report                          # the tables of what has run so far
-    python bench_accuracy.py --normalize --out runs/accuracy_norm \
-  # targets per 10,000 counts of each spot
+    python bench_accuracy.py --models mine=my.yaml --set mine:train.epochs=20   # any config
+    python bench_accuracy.py --encoder my_module:my_encoder    # the real H&E cases, your encoder
+    python bench_accuracy.py --report                  # the tables of what has run so far
+    python bench_accuracy.py --normalize --out runs/accuracy_norm    # targets per 10,000 counts
 
-Cases (targets: log1p counts of 250 genes, no smoothing; \
-normalised by each spot's depth with --normalize):
-  real-section  the six her2st sections with an H&E image (patients B, C) through \
-`hest.py embed --sub 2`
-                (the built-in encoder unless --encoder) and `import-hest`; \
-leave one section out; the 250
-                genes of highest mean on each fold's training sections
+Cases (targets: log1p counts of 250 genes, no smoothing; normalised by each spot's depth with
+--normalize):
+  real-section  the six her2st sections with an H&E image (patients B, C) through
+                `hest.py embed --sub 2` (the built-in encoder unless --encoder) and
+                `import-hest`; leave one section out; the 250 genes of highest mean on each
+                fold's training sections
   real-patient  the same caches, leave one patient out (train on B4 alone, or on C2-C6)
   weak, strong  real geometry and counts of all 36 sections (8 patients), stand-in features: the
-                log-normalised expression of the next 1,000 most expressed genes \
-(disjoint from the 250
-                targets), standardised, projected to 32 dimensions by a fixed random matrix, \
-plus per-spot
-                Gaussian noise of 2.0 (weak) or 0.5 (strong) times the signal, \
-plus a per-section affine
-                "stain" shift; leave one patient out
+                log-normalised expression of the next 1,000 most expressed genes (disjoint from
+                the 250 targets), standardised, projected to 32 dimensions by a fixed random
+                matrix, plus per-spot Gaussian noise of 2.0 (weak) or 0.5 (strong) times the
+                signal, plus a per-section affine "stain" shift; leave one patient out
   nonlinear     as strong, but the projection passes a fixed random saturating layer first
                 (tanh of a gain-3 projection, then a second random projection), so that no linear
                 read-out of the features recovers the expression
-  noshift       as strong, without the per-section stain shift \
-(per-slide standardisation has nothing to fix)
-Caches are built once under --cache. Every model is trained in-process, one thread, \
-on the same folds;
-per held-out group the table gives the mean over seeds and the standard deviation over seeds.
-Results are appended to <out>/results.jsonl as each fold finishes, so a killed run continues.
+  noshift       as strong, without the per-section stain shift (per-slide standardisation has
+                nothing to fix)
+Caches are built once under --cache. Every model is trained in-process, one thread, on the same
+folds; per held-out group the table gives the mean over seeds and the standard deviation over
+seeds. Results are appended to <out>/results.jsonl as each fold finishes, so a killed run
+continues.
 """
 from __future__ import annotations
 

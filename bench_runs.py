@@ -301,6 +301,7 @@ def measure_times(args, work: Path) -> list[dict]:
                     f"run.name={name}-{size_name}"]
             line += ["data.gmt=programs.gmt"] if cfg["data"]["gmt"] else []
             line += [f"run.threads={args.threads}"] if args.threads is not None else []
+            line += args.set
             got = timed([line], environment(None), ROOT)[0]
             if got["rc"]:
                 rows.append({"size": size_name, "config": name, "error": failed(got, "train.py")})
@@ -397,6 +398,8 @@ def main(argv=None):
     m.add_argument("--scale", type=float, default=1.0, help="spots per slide times this (tests)")
     m.add_argument("--features", type=int, help="features of every size instead of its own (tests)")
     m.add_argument("--threads", type=int, help="run.threads of every run (default: the default)")
+    m.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run, e.g. model.ood_fallback=false")
     d = sub.add_parser("demo", help="python train.py from a clean copy")
     d.add_argument("--repeats", type=int, default=1)
     d.add_argument("overrides", nargs="*", help="key.sub=value for train.py (tests)")
