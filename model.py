@@ -470,10 +470,11 @@ class Tessera(nn.Module):
             decoded[k] = x
         return decoded, tokens
 
-    @staticmethod
-    def _upsample(uncoarsen, fuse, x, skip, level):
+    def _upsample(self, uncoarsen, fuse, x, skip, level):
         """HiST eq. (5) then 3.6.3: the parents' x (M, d) to the level's children, fused."""
-        return fuse(uncoarsen(x, level.parent, level.slot), skip)
+        def children(rows):
+            return fuse(uncoarsen(x, level.parent[rows], level.slot[rows]), skip[rows])
+        return self._rows(children, len(skip))
 
     def _blocks(self, blocks, x, tokens, level, knn_index=None):
         """x (n, d) and the tokens through `blocks` at one level (k-NN neighbours found once)."""

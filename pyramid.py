@@ -48,8 +48,10 @@ class Uncoarsen(nn.Module):
 
     kind 'mlp': HiST's form, Linear(d, 4d) -> GELU -> Linear(4d, 4d). kind 'linear' (tessera's
     default): one Linear(d, 4d), initialised as a nearest-neighbour copy (every child starts as its
-    parent), so the U-Net starts as an identity path and learns the coarse context on top. The last
-    map runs slot by slot: no (M, 4d) buffer."""
+    parent), so the U-Net starts as an identity path and learns the coarse context on top. Computed
+    slot by slot for the children present, each from its parent's row: no (M, 4d) buffer, and
+    `parent`, `slot` may be any subset of a level's children (model.Tessera runs large slides'
+    inference in chunks of children)."""
 
     def __init__(self, dim: int, kind: str = "linear"):
         super().__init__()
@@ -63,13 +65,14 @@ class Uncoarsen(nn.Module):
 
     def forward(self, x, parent, slot):
         d = self.linear.out_features // CHILDREN
-        x = x if self.mlp is None else self.mlp(x)   # (M, 4d) hidden of HiST's MLP
         W, b = self.linear.weight.view(CHILDREN, d, -1), self.linear.bias.view(CHILDREN, d)
         up = x.new_empty(len(parent), d)
         for delta in range(CHILDREN):                # each child reads its slot of its parent
             child = torch.nonzero(slot == delta).squeeze(1)
-            up[child] = F.linear(x[parent[child]], W[delta], b[delta]).to(up.dtype)
-        return up                                    # (N, d)
+            z = x[parent[child]]                     # (n_delta, d) the parents of these children
+            z = z if self.mlp is None else self.mlp(z)   # (n_delta, 4d) HiST's MLP hidden
+            up[child] = F.linear(z, W[delta], b[delta]).to(up.dtype)
+        return up                                    # (n, d)
 
 
 class Fuse(nn.Linear):
