@@ -533,6 +533,13 @@ def tokens_at(n_spots: int, level: int) -> float:
     return max(1.0, n_spots * min(1.0, 1.8 ** 2 / per_site))
 
 
+def window_keys(mc: ModelConfig) -> float:
+    """Key slots per query of window attention: (2w)^2 in the standard windows; with
+    model.windows = union (HiST eq. 2) a window's keys are its own and the shifted windows' that
+    overlap it, a (3w)^2 square."""
+    return (3 * mc.w) ** 2 if mc.windows == "union" else (2 * mc.w) ** 2
+
+
 def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
                     value_bytes: int = 4) -> dict:
     """Bytes that one training step on a slide of n_spots needs, by part. Simple and deliberately
@@ -540,10 +547,10 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     - state: parameters and buffers, plus per parameter its gradient and AdamW's two moments (fp32);
     - activations kept for the backward, per token and block: (24 + 4 ffn_ratio) d values (norms, q,
       k, v, attention output, projection, residuals, the FFN's hidden layers, dropout masks,
-      copies), plus twice the attention weights (scores and weights): H (2w)^2 per token for window
-      attention, H k for k-NN, H per global token; doubled again when signed (two softmaxes); tokens
-      at level l: tokens_at. With model.checkpoint, a block keeps only its input (d per token) and
-      one block's activations are live;
+      copies), plus twice the attention weights (scores and weights): H window_keys per token for
+      window attention, H k for k-NN, H per global token; doubled again when signed (two
+      softmaxes); tokens at level l: tokens_at. With model.checkpoint, a block keeps only its input
+      (d per token) and one block's activations are live;
     - full attention (FEAST, the coarsest level when model.coarse_attention = full, or every level
       when model.attention = full): per block the (H, M, M) bias and, per softmax branch, scores and
       weights;
@@ -572,7 +579,7 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
         blocks += [(level, mode)] * (mc.depths[level]
                                      + (mc.decoder_depths[L - 2 - level] if level < L - 1 else 0))
     blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
-    slots = {"window": H * (2 * mc.w) ** 2, "knn": H * mc.knn_k, "full": 0, "none": 0}
+    slots = {"window": H * window_keys(mc), "knn": H * mc.knn_k, "full": 0, "none": 0}
     kept = [size(lv) * ((24 + 4 * mc.ffn_ratio) * d
                         + 2 * sign * (slots[mode] + H * tokens)) * value_bytes
             for lv, mode in blocks]
@@ -591,8 +598,9 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     - model: parameters and buffers (no gradients, no optimizer);
     - activations: the slide's inputs (features, coordinates), the skips the decoder keeps (d per
       token of every encoder level), and the largest block's working set, (12 + 2 ffn_ratio) d
-      values per token plus its attention weights (window: H (2w)^2, k-NN: H k, global tokens: H
-      each), doubled when signed; non-tessera models: the inputs and two hidden layers per spot;
+      values per token (9 d more with union windows: their keys' k and v) plus its attention
+      weights (window: H window_keys, k-NN: H k, global tokens: H each), doubled when signed;
+      non-tessera models: the inputs and two hidden layers per spot;
     - full attention: the largest block's (H, M, M) bias, scores and weights;
     - outputs (on the CPU, float32): 16 (N, G) arrays: the ensemble's running mean and spread and
       the predicted variance's (predict.Welford), the interval, and the copies the writers make.
@@ -617,8 +625,10 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     for level in range(L):
         full = level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none"
         blocks.append((level, "full" if full else mc.attention))
-    slots = {"window": H * (2 * mc.w) ** 2, "knn": H * mc.knn_k, "full": 0, "none": 0}
-    work = max(size(lv) * ((12 + 2 * mc.ffn_ratio) * d + 2 * sign * (slots[mode] + H * tokens))
+    slots = {"window": H * window_keys(mc), "knn": H * mc.knn_k, "full": 0, "none": 0}
+    # union windows: k and v projected per window batch for each window's union keys, (3w)^2
+    per_token = (12 + 2 * mc.ffn_ratio + (9 if mc.windows == "union" else 0)) * d
+    work = max(size(lv) * (per_token + 2 * sign * (slots[mode] + H * tokens))
                for lv, mode in blocks)
     skips = sum(size(lv) * d for lv in range(-mc.sub_levels, L))
     full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"],
