@@ -379,7 +379,9 @@ class SpatialStart(nn.Module):
 
     def novelty(self, features) -> float:
         """The slide's distance to its nearest training slide (as `novelty_radius` measures
-        them)."""
+        them); 0 for a model not yet fitted to any slide (nothing to be unlike)."""
+        if len(self.train_means) == 0:
+            return 0.0
         z = ((slide_statistics(features)[0].to(self.train_means.device) - self.train_means)
              / self.ood_scale)
         return float(z.pow(2).mean(1).sqrt().min())

@@ -68,8 +68,8 @@ MEMORY_HEADS = (4, 16)                 # memory part: heads, head dim of
 # and hist.yaml training ~0.3 GB per 1k spots (64 MB with --set model.checkpoint=true); the demo's
 # k-NN stage is brute force, O(N^2). See --max-n.
 MAX_N = "dense=8k,edge=64k,tessera=256k,hist.train=32k,default=64k"
-# (C, G): UNI-sized features / demo's synthetic
-FEATURES = {"hist": (1024, 2000), "default": (64, 250)}
+# (C, G): UNI-sized features (hist, tessera) / the demo's synthetic
+FEATURES = {"hist": (1024, 2000), "tessera": (1024, 2000), "default": (64, 250)}
 
 
 def parse_n(s):

@@ -71,6 +71,19 @@ def test_an_unlike_slide_gets_the_spatial_ridge_alone_and_a_like_slide_the_ridge
     assert np.abs(m(far, xy)["pred"].detach().numpy() - ridge_far).max() > 1e-3
 
 
+def test_a_model_fitted_to_no_slide_runs_its_network_in_inference():
+    """Before fit_slides (a model built to time or inspect it) no slide is unlike the training
+    slides: inference runs the network (dropout off: twice the same output) instead of failing on
+    an empty set of training slides."""
+    f, xy, _ = grid_slide(seed=0)
+    m = build_model(ModelConfig(spatial_start=True, radii=[1.5], ood_fallback=True, **TINY), C,
+                    4).eval()
+    assert m.novelty(f) == 0.0 and not m.unlike_training(f)
+    with torch.no_grad():
+        a, b = m(f, xy)["pred"], m(f, xy)["pred"]
+    assert a.shape == (len(f), 4) and torch.equal(a, b)
+
+
 def test_the_training_slides_statistics_are_saved_and_loaded_with_the_model():
     m, slides, _, _ = gated()
     other = build_model(m.cfg, C, slides[0][2].shape[1]).eval()
