@@ -499,7 +499,7 @@ CASES = [
     ("sub-levels without sub-patches", overrides("model.sub_levels=1"),
      ["s0.h5", "model.sub_levels = 1", "found none"]),
     ("override that is not YAML", overrides("model.depths=[1, 2"),
-     ["override 'model.depths=[1, 2'"]),
+     ["command line 'model.depths=[1, 2'"]),
     ("read-only run.dir", overrides("run.dir=/proc/tessera-runs"),
      ["/proc", "'run.dir'", "cannot be written"]),
     ("encoder not importable", embed("nosuchmod:fn"), ["--encoder nosuchmod:fn", "nosuchmod"]),
