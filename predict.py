@@ -25,8 +25,8 @@ import lattice
 from checks import check_inference_memory, has_dropout, sized_model
 from conformal import calibrate, read_calibration, write_calibration
 from eval import expected_folds, level_outputs
-from files import (DiskFull, Outputs, _array, listed, not_an_input, read_text, write_h5ad,
-                   write_predictions)
+from files import (DiskFull, Outputs, TooLarge, _array, check_memory, listed, not_an_input,
+                   read_text, write_h5ad, write_predictions)
 from model import ModelConfig, build_model
 
 
@@ -351,6 +351,8 @@ def _model_of(path, ck) -> torch.nn.Module:
         shell = sized_model(mc, in_dim, n_genes)        # on the meta device when large: no memory
         want = {k: v.numel() for k, v in shell.state_dict().items()}
         have = {k: v.numel() for k, v in state.items()}
+    except TooLarge as e:                               # a model_config too large to build
+        raise TooLarge(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: expected a tessera model file (model, model_config, in_dim, "
                          f"genes), found: {type(e).__name__}: {e}") from None
@@ -362,6 +364,10 @@ def _model_of(path, ck) -> torch.nn.Module:
         raise ValueError(f"{path}: key 'model': expected the tensors its model_config describes, "
                          f"found others ({listed(diff, 3)})")
     meta = any(t.device.type == "meta" for t in shell.parameters())
+    if meta:  # its own tensors, the buffers built from model_config (window slot tables) included
+        size = sum(t.numel() * t.element_size() for t in [*shell.parameters(), *shell.buffers()])
+        check_memory(size, f"{path}: the model its model_config describes",
+                     "a smaller model.w or model.dim would fit")
     model = build_model(mc, in_dim, n_genes) if meta else shell
     try:
         model.load_state_dict(state)
