@@ -516,10 +516,6 @@ def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
              + mc.heads * (4 * mc.w) ** 2
              + (in_dim + n_genes + mc.pathway_tokens + mc.calibration_tokens + mc.pca
                 + 4) * width * 4)
-    # window attention's slot-pair tables, (S, S') with S = (2w)^2 and S' <= (4w)^2, 17 bytes a
-    # pair, are built with the model: a model_config's w is checked before even the meta build
-    files.check_memory(17 * 64 * mc.w ** 4 * blocks, f"model.w = {mc.w}: window attention's "
-                       "slot-pair tables", "a smaller model.w would fit")
     if bound < 50_000_000:
         return build_model(mc, in_dim, n_genes)
     with torch.device("meta"):

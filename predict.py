@@ -348,6 +348,11 @@ def _model_of(path, ck) -> torch.nn.Module:
     try:
         mc = ModelConfig.from_dict(ck["model_config"])
         in_dim, n_genes, state = int(ck["in_dim"]), len(ck["genes"]), ck["model"]
+        # window attention's slot-pair tables, (S, S') with S = (2w)^2 and S' <= (4w)^2, 17 bytes
+        # a pair per block, are built with the model, too large even for the meta device's sizes
+        check_memory(17 * 64 * mc.w ** 4 * (mc.local_blocks + sum(mc.depths) + 8),
+                     f"model.w = {mc.w}: window attention's slot-pair tables",
+                     "a smaller model.w would fit")
         shell = sized_model(mc, in_dim, n_genes)        # on the meta device when large: no memory
         want = {k: v.numel() for k, v in shell.state_dict().items()}
         have = {k: v.numel() for k, v in state.items()}
