@@ -506,13 +506,21 @@ def has_dropout(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
+def window_table_bytes(mc: ModelConfig) -> int:
+    """A bound on the bytes of window attention's slot-pair tables, which every block builds from
+    model.w with the model (allowed (S, S') bool and offsets (S, S', 2) int64, 17 bytes a pair,
+    S = (2w)^2, S' <= (4w)^2): a model_config's w is checked with it before the model is built."""
+    blocks = mc.local_blocks + sum(mc.depths) + sum(mc.decoder_depths) + mc.sub_levels + 4
+    return 17 * (2 * mc.w) ** 2 * (4 * mc.w) ** 2 * blocks
+
+
 def sized_model(mc: ModelConfig, in_dim: int, n_genes: int) -> torch.nn.Module:
     """The model, for its sizes: built for real when a generous bound on its tensors is small
     (milliseconds), else with its tensors on the meta device (no memory, but seconds: torch imports
     its meta kernels)."""
     blocks = mc.local_blocks + sum(mc.depths) + sum(mc.decoder_depths) + mc.sub_levels + 4
     width = max(mc.dim, mc.hidden)
-    bound = (blocks * (6 + 2 * mc.ffn_ratio) * width ** 2 + 16 * mc.w ** 4
+    bound = (blocks * (6 + 2 * mc.ffn_ratio) * width ** 2 + window_table_bytes(mc)
              + mc.heads * (4 * mc.w) ** 2
              + (in_dim + n_genes + mc.pathway_tokens + mc.calibration_tokens + mc.pca
                 + 4) * width * 4)
@@ -568,9 +576,6 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     L, d, H, sign = len(mc.depths), mc.dim, mc.heads, 2 if mc.signed else 1
     tokens = mc.calibration_tokens + mc.pathway_tokens
 
-    def size(level):
-        return tokens_at(n_spots, level)
-
     blocks = [(0, "knn")] * mc.local_blocks  # (level, spot attention) of every block
     for level in range(L):
         mode = ("full"
@@ -580,13 +585,13 @@ def memory_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
                                      + (mc.decoder_depths[L - 2 - level] if level < L - 1 else 0))
     blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
     slots = {"window": H * window_keys(mc), "knn": H * mc.knn_k, "full": 0, "none": 0}
-    kept = [size(lv) * ((24 + 4 * mc.ffn_ratio) * d
-                        + 2 * sign * (slots[mode] + H * tokens)) * value_bytes
+    kept = [tokens_at(n_spots, lv) * ((24 + 4 * mc.ffn_ratio) * d
+                                      + 2 * sign * (slots[mode] + H * tokens)) * value_bytes
             for lv, mode in blocks]
-    full = [H * size(lv) ** 2 * (1 + 2 * sign) * value_bytes for lv, mode in blocks
-            if mode == "full"]
+    full = [H * tokens_at(n_spots, lv) ** 2 * (1 + 2 * sign) * value_bytes
+            for lv, mode in blocks if mode == "full"]
     if mc.checkpoint:
-        kept = [size(lv) * d * value_bytes for lv, _ in blocks] + [max(kept)]
+        kept = [tokens_at(n_spots, lv) * d * value_bytes for lv, _ in blocks] + [max(kept)]
         full = full[:1]
     return {"state": state, "activations": spots + sum(kept), "full attention": sum(full)}
 
@@ -617,9 +622,6 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     L, d, H, sign = len(mc.depths), mc.dim, mc.heads, 2 if mc.signed else 1
     tokens = mc.calibration_tokens + mc.pathway_tokens
 
-    def size(level):
-        return tokens_at(n_spots, level)
-
     blocks = [(0, "knn")] * mc.local_blocks
     blocks += [(-k, mc.attention) for k in range(1, mc.sub_levels + 1)]
     for level in range(L):
@@ -628,10 +630,11 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
     slots = {"window": H * window_keys(mc), "knn": H * mc.knn_k, "full": 0, "none": 0}
     # union windows: k and v projected per window batch for each window's union keys, (3w)^2
     per_token = (12 + 2 * mc.ffn_ratio + (9 if mc.windows == "union" else 0)) * d
-    work = max(size(lv) * (per_token + 2 * sign * (slots[mode] + H * tokens))
+    work = max(tokens_at(n_spots, lv) * (per_token + 2 * sign * (slots[mode] + H * tokens))
                for lv, mode in blocks)
-    skips = sum(size(lv) * d for lv in range(-mc.sub_levels, L))
-    full = max([H * size(lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks if mode == "full"],
+    skips = sum(tokens_at(n_spots, lv) * d for lv in range(-mc.sub_levels, L))
+    full = max([H * tokens_at(n_spots, lv) ** 2 * (1 + 2 * sign) for lv, mode in blocks
+                if mode == "full"],
                default=0)
     return {"model": state, "activations": inputs + (work + skips) * value_bytes,
             "full attention": full * value_bytes, "outputs": outputs}

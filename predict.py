@@ -22,7 +22,8 @@ import torch
 
 import data
 import lattice
-from checks import check_inference_memory, has_dropout, sized_model
+from checks import (check_inference_memory, has_dropout, sized_model,
+                    window_table_bytes)
 from conformal import calibrate, read_calibration, write_calibration
 from eval import expected_folds, level_outputs
 from files import (DiskFull, Outputs, TooLarge, _array, check_memory, listed, not_an_input,
@@ -348,11 +349,9 @@ def _model_of(path, ck) -> torch.nn.Module:
     try:
         mc = ModelConfig.from_dict(ck["model_config"])
         in_dim, n_genes, state = int(ck["in_dim"]), len(ck["genes"]), ck["model"]
-        # window attention's slot-pair tables, (S, S') with S = (2w)^2 and S' <= (4w)^2, 17 bytes
-        # a pair per block, are built with the model, too large even for the meta device's sizes
-        check_memory(17 * 64 * mc.w ** 4 * (mc.local_blocks + sum(mc.depths) + 8),
-                     f"model.w = {mc.w}: window attention's slot-pair tables",
-                     "a smaller model.w would fit")
+        # built with the model, and for a large w too large even for the meta device's sizes
+        check_memory(window_table_bytes(mc), f"model.w = {mc.w}: window attention's slot-pair "
+                     "tables", "a smaller model.w would fit")
         shell = sized_model(mc, in_dim, n_genes)        # on the meta device when large: no memory
         want = {k: v.numel() for k, v in shell.state_dict().items()}
         have = {k: v.numel() for k, v in state.items()}

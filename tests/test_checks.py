@@ -546,3 +546,15 @@ def test_inference_memory_is_refused_with_the_largest_slide_that_fits():
     assert "found 1.0 GiB available" in msg
     assert size(fit) <= 2 ** 30 < size(fit + 1)
     checks.check_inference_memory(mc, 48, 250, 1000, "slide small", available=2 ** 30)
+
+
+@pytest.mark.parametrize("windows", ["split", "union"])
+def test_the_window_table_bound_covers_the_tables_a_model_builds(windows):
+    """checks.window_table_bytes bounds the slot-pair buffers (allowed, offsets) the built model
+    holds, summed over its modules, for both window forms."""
+    from model import build_model
+    mc = ModelConfig(dim=16, heads=2, w=2, windows=windows, pathway_tokens=2)
+    model = build_model(mc, 6, 3)
+    tables = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if name.endswith(("allowed", "offsets")))
+    assert 0 < tables <= checks.window_table_bytes(mc)
