@@ -478,14 +478,13 @@ def attention_figure(result: dict, path) -> Path:
 def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=None) -> list[Path]:
     """plots.py attention: RUN/attention/<slide>__<barcode>__block<K>.h5 and .png (the h5 first, so
     that the weights are there even without matplotlib)."""
-    import yaml
     run = Path(run)
     files.refuse_links(run / "attention", run)
     data.check_writable(run / "attention", "the attention folder")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}/config.yaml: not found; is this a run folder "
                                 "(runs/<name>)?")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = predict.run_config(run)
     root = Path(slides_dir or cfg["data"]["root"])
     path = root / f"{slide_id}.h5"
     if not path.exists():

@@ -104,8 +104,8 @@ def target_floor(cfg: dict) -> float | None:
     """The least value a prediction of the run may take: 0 where the targets are log1p of counts,
     raw or per 1e4 (no count is below 0, and raising a value below 0 to 0 only moves it toward every
     possible truth); None for smoothed targets (data.smooth: a paper's own space, scored as it
-    is)."""
-    return None if cfg["data"]["smooth"] else 0.0
+    is) and where eval.floor is false (the predictions as the model gives them)."""
+    return None if cfg["data"]["smooth"] or not cfg["eval"]["floor"] else 0.0
 
 
 def floored(out: dict, floor: float | None) -> dict:
@@ -469,7 +469,7 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     if not (Path(run_dir) / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml: not found; is this a run folder "
                                 "(runs/<name>)?")
-    cfg = yaml.safe_load(read_text(Path(run_dir) / "config.yaml"))
+    cfg = run_config(run_dir)
     set_threads(cfg["run"].get("threads", 0) if threads is None else threads)
     folds = run_folds(run_dir, fold, partial)
     models = load_fold_models(run_dir, device, folds)
@@ -525,6 +525,23 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
             print(f"{Path(out_dir) / slide.slide_id} ({', '.join('.' + f for f in formats)}): "
                   f"{slide.n_spots} spots ({len(use)} fold model(s){passes}{ridge}{measured})")
     return [outputs.folder / n for n in outputs.names]
+
+
+def run_config(run_dir) -> dict:
+    """The run's config.yaml, every key it lacks (a run of an older tessera) at its default."""
+    import yaml
+
+    import train                  # train.py imports this module: read here, not at the top
+
+    def fill(cfg, base):
+        out = dict(cfg or {})
+        for key, value in base.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(out[key], dict) and key != "synthetic":
+                out[key] = fill(out[key], value)
+        return out
+    return fill(yaml.safe_load(read_text(Path(run_dir) / "config.yaml")), train.DEFAULTS)
 
 
 def with_truth(slide, genes: list[str], cfg: dict):

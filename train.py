@@ -117,6 +117,8 @@ DEFAULTS = {
         "calibration_slides": 0,      # intervals: last training slides (by patient: their patients)
                                       # held out to calibrate; 0: val_slides
         "interval": 0.9,              # the intervals' nominal coverage
+        "floor": True,                # raise predictions of log1p targets to 0 (no count is below
+                                      # 0); false: score them as the model gives them (HEST-Benchmark)
     },
     "run": {
         "name": "demo",               # the run folder's name: run.dir/run.name
@@ -366,8 +368,9 @@ def weights(model) -> dict:
 def one_fold(train_b, val_b, test, epochs) -> runs.Progress:
     """The time-left estimate of a fold trained on its own (no run around it: tests, benchmarks)."""
     spots = lambda batches: [len(b["features"]) for b in batches]    # noqa: E731
-    progress = runs.Progress([{"train": spots(train_b), "val": spots(val_b), "test": spots(test),
-                               "read": sum(spots(train_b) + spots(val_b) + spots(test))}], epochs)
+    test = [len(s.features) for s in test]                           # data.Slide, not prepared
+    progress = runs.Progress([{"train": spots(train_b), "val": spots(val_b), "test": test,
+                               "read": sum(spots(train_b) + spots(val_b) + test)}], epochs)
     progress.start_fold()
     return progress
 
