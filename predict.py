@@ -105,7 +105,8 @@ def target_floor(cfg: dict) -> float | None:
     raw or per 1e4 (no count is below 0, and raising a value below 0 to 0 only moves it toward every
     possible truth); None for smoothed targets (data.smooth: a paper's own space, scored as it
     is) and where eval.floor is false (the predictions as the model gives them)."""
-    return None if cfg["data"]["smooth"] or not cfg["eval"]["floor"] else 0.0
+    smooth, floor = cfg["data"].get("smooth"), (cfg.get("eval") or {}).get("floor", True)
+    return None if smooth or not floor else 0.0
 
 
 def floored(out: dict, floor: float | None) -> dict:
@@ -528,20 +529,10 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
 
 
 def run_config(run_dir) -> dict:
-    """The run's config.yaml, every key it lacks (a run of an older tessera) at its default."""
+    """The run's config.yaml (train.py writes it with every key; a run of an older tessera may
+    lack the newer ones, which the readers here take at their defaults)."""
     import yaml
-
-    import train                  # train.py imports this module: read here, not at the top
-
-    def fill(cfg, base):
-        out = dict(cfg or {})
-        for key, value in base.items():
-            if key not in out:
-                out[key] = value
-            elif isinstance(value, dict) and isinstance(out[key], dict) and key != "synthetic":
-                out[key] = fill(out[key], value)
-        return out
-    return fill(yaml.safe_load(read_text(Path(run_dir) / "config.yaml")), train.DEFAULTS)
+    return yaml.safe_load(read_text(Path(run_dir) / "config.yaml"))
 
 
 def with_truth(slide, genes: list[str], cfg: dict):
@@ -550,7 +541,7 @@ def with_truth(slide, genes: list[str], cfg: dict):
     else (slide, None): no counts, a gene missing, smoothed targets (data.smooth, a step of
     training), or depth-normalised targets without the spots' library_size."""
     norm = cfg["data"]["normalize"]
-    if slide.counts is None or cfg["data"]["smooth"] or not set(genes) <= set(slide.genes) or \
+    if slide.counts is None or cfg["data"].get("smooth") or not set(genes) <= set(slide.genes) or \
             (norm and slide.library_size is None):
         return slide, None
     slide = data.take_genes(slide, genes)

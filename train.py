@@ -117,8 +117,8 @@ DEFAULTS = {
         "calibration_slides": 0,      # intervals: last training slides (by patient: their patients)
                                       # held out to calibrate; 0: val_slides
         "interval": 0.9,              # the intervals' nominal coverage
-        "floor": True,                # raise predictions of log1p targets to 0 (no count is below
-                                      # 0); false: score them as the model gives them (HEST-Benchmark)
+        "floor": True,                # raise predictions of log1p targets to 0 (no count is
+                                      # below 0); false: score them as the model gives them
     },
     "run": {
         "name": "demo",               # the run folder's name: run.dir/run.name

@@ -1,10 +1,10 @@
 """The forward of every configs/*.yaml model gives the numbers it gave when
 tests/forward_reference.pt was written (tests/make_forward_reference.py, on the fast kernels): the
 same state_dict keys (saved checkpoints load), the same outputs in eval and training and the same
-gradients, in float64 to 1e-9 (float32 cases to float32 precision, their bf16 autocast outputs to
-bf16 precision). The reference kernels (model.kernels = reference) must give the same eval outputs;
-their training outputs draw dropout masks differently, so tests/test_kernels.py compares the two
-paths' training without dropout."""
+gradients, in float64 to 1e-9 (float32 cases to 1e-4 of each tensor's largest value, their bf16
+autocast outputs to bf16 precision). The reference kernels (model.kernels = reference) must give
+the same eval outputs; their training outputs draw dropout masks differently, so
+tests/test_kernels.py compares the two paths' training without dropout."""
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,11 @@ def close(key, got, want, dtype):
         return torch.equal(got, want)
     if key.startswith("eval_bf16"):  # bf16 rounds at 2^-8 of each value, in any order of operations
         return float((got - want).abs().max()) <= 0.03 * float(want.abs().max())
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=1e-4, atol=1e-5)
-    return torch.allclose(got, want, **tol)
+    if dtype == "float64":
+        return torch.allclose(got, want, rtol=1e-9, atol=1e-11)
+    # float32 sums in another order on another CPU (its SIMD width): each element to 1e-4 of the
+    # tensor's largest, not of itself (a gradient element near 0 is a difference of large terms)
+    return float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
 
 
 @pytest.mark.parametrize("kernels", ["fast", "reference"])

@@ -243,13 +243,10 @@ def test_plot_draws_every_level_a_run_predicts(tmp_path):
 
 
 def test_a_run_config_without_newer_keys_reads_with_their_defaults(tmp_path):
-    """A run folder written before a key existed: predict.py reads the key at its default and keeps
-    every value the run gave."""
-    import train
+    """A run folder written before data.smooth and eval.floor existed: its predictions are floored
+    as a new run's are, and eval.floor=false keeps them as the model gives them."""
     (tmp_path / "config.yaml").write_text("data:\n  pseudo: false\nrun:\n  name: old\n")
     cfg = predict.run_config(tmp_path)
-    assert cfg["data"]["pseudo"] is False and cfg["run"]["name"] == "old"
-    assert cfg["data"]["smooth"] is None and cfg["eval"] == train.DEFAULTS["eval"]
-    assert cfg["run"]["threads"] == train.DEFAULTS["run"]["threads"]
-    assert predict.target_floor(cfg) == 0.0
-    assert predict.target_floor({**cfg, "eval": {**cfg["eval"], "floor": False}}) is None
+    assert cfg["data"]["pseudo"] is False and predict.target_floor(cfg) == 0.0
+    assert predict.target_floor({**cfg, "eval": {"floor": False}}) is None
+    assert predict.target_floor({"data": {"smooth": {"method": "spcs"}}}) is None
