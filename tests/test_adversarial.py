@@ -265,8 +265,9 @@ def predict_huge_window(tmp):
     # the window's slot tables are buffers built from w, not saved: the state of a small window
     # is the state of a wide one, which cannot be built here
     huge = dataclasses.replace(mc, w=10 ** 5)
-    torch.save({"model": build_model(mc, 6, 3).state_dict(), "model_config": dataclasses.asdict(huge),
-                "genes": ["A", "B", "C"], "in_dim": 6}, tmp / "run" / "fold_0" / "model.pt")
+    torch.save({"model": build_model(mc, 6, 3).state_dict(),
+                "model_config": dataclasses.asdict(huge), "genes": ["A", "B", "C"], "in_dim": 6},
+               tmp / "run" / "fold_0" / "model.pt")
     return argv
 
 

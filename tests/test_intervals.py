@@ -119,7 +119,7 @@ def test_calibration_split_holds_out_whole_patients_when_folds_group_by_patient(
             == (names(slides), []))
 
 
-def test_normalised_conformal_intervals_cover_at_the_nominal_level_and_are_narrower_than_constant_width():
+def test_normalised_intervals_cover_at_the_nominal_level_narrower_than_constant_width():
     """Heteroscedastic Gaussian errors with the true sigma given: over 400 genes x 20 draws the
     coverage of pred +- q sigma is within 2 points of 90% (exactly k / (n + 1) = 0.9 in expectation
     for n = 99), and so is the constant-width interval's, which must be wider to get there."""
@@ -158,7 +158,7 @@ def interval_run(tmp_path_factory):
     return where / "runs" / "iv"
 
 
-def test_intervals_in_files_are_the_calibrated_quantile_times_the_predicted_std_and_what_the_metrics_used(interval_run):
+def test_file_intervals_are_the_calibrated_quantile_times_the_std_the_metrics_used(interval_run):
     results = json.loads((interval_run / "results.json").read_text())
     for k, fold in enumerate(sorted(interval_run.glob("fold_*"))):
         cal = conformal.read_calibration(fold / "calibration.h5")
