@@ -456,18 +456,21 @@ class Tessera(nn.Module):
 
     def _decode(self, x, tokens, skips, levels):
         """HiST decoder, deepest level first: uncoarsen (eq. 5), fuse with the skip (3.6.3), blocks;
-        below the spot on down to the finest out level. -> ({offset k: (N_k, d)}, tokens)."""
+        below the spot on down to the finest out level. -> ({offset k: (N_k, d)} of the levels a
+        head reads, tokens); the others are freed as the decoder leaves them."""
         K, L = self.cfg.sub_levels, len(self.cfg.depths)
         steps = [(L - 2 - i, self.uncoarsen[L - 2 - i], self.fuse[L - 2 - i], blocks)
                  for i, blocks in enumerate(self.decoder)]      # decoder[i]: level L-2-i
         steps += [(-1 - i, up, fuse, [block]) for i, (up, fuse, block) in
                   enumerate(zip(self.sub_uncoarsen, self.sub_skip, self.sub_decoder))]
-        decoded = {L - 1: x}
+        read = {0, *map(int, self.level_heads)}                 # the spot head, out_levels
+        decoded = {L - 1: x} if L - 1 in read else {}
         for k, uncoarsen, fuse, blocks in steps:
             level = levels[K + k]
             x = self._run(self._upsample, uncoarsen, fuse, x, skips.pop(k), level)  # (N_k, d)
             x, tokens = self._blocks(blocks, x, tokens, level)
-            decoded[k] = x
+            if k in read:
+                decoded[k] = x
         return decoded, tokens
 
     def _upsample(self, uncoarsen, fuse, x, skip, level):
