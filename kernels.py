@@ -235,7 +235,8 @@ def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, 
 
 
 def _windows_projected(module, h, n, level, bias, dropout_p):
-    """Window attention without grad, q, k, v projected per batch for its tokens only."""
+    """Window attention without grad, a group of windows at a time (_window_groups): q, k and v
+    projected once per group for its own query and key tokens, never for the whole level."""
     H, dim = module.heads, module.dim
     W, b = module.qkv.weight.view(3, H, -1, dim), module.qkv.bias.view(3, H, -1)
     out = None
@@ -243,22 +244,43 @@ def _windows_projected(module, h, n, level, bias, dropout_p):
         Wq, bq = W[0, heads].reshape(-1, dim), b[0, heads].reshape(-1)
         Wkv, bkv = W[1:, heads].reshape(-1, dim), b[1:, heads].reshape(-1)
         pairs = (queries.shape[1], keys.shape[1])
-        for q_tok, q_slot, k_tok, k_slot in window_batches(queries, keys, level.cache):
-            q = F.linear(h(q_tok.clamp(min=0).flatten()), Wq, bq)           # (w * cq, h * D)
-            q = q.view(q_tok.numel(), -1, dim // H)
-            k, v = F.linear(h(k_tok.clamp(min=0).flatten()), Wkv, bkv).view(
-                k_tok.numel(), 2, -1, dim // H).unbind(1)                  # (w * ck, h, D)
-            local_q = torch.arange(q_tok.numel(), device=q.device).view(q_tok.shape)
-            local_k = torch.arange(k_tok.numel(), device=q.device).view(k_tok.shape)
-            local = [(local_q.masked_fill(q_tok < 0, -1), q_slot,
-                      local_k.masked_fill(k_tok < 0, -1), k_slot)]
-            o = _WindowAttention.apply(q, k, v, bh, allowed, local, pairs, module.beta,
-                                       module.tau, dropout_p, False)      # (w * cq, h, D)
+        for q_ids, k_ids, batches in _window_groups(queries, keys, level.cache):
+            q = F.linear(h(q_ids), Wq, bq).view(len(q_ids), -1, dim // H)     # (nq, h, D)
+            k, v = F.linear(h(k_ids), Wkv, bkv).view(len(k_ids), 2, -1, dim // H).unbind(1)
+            o = _WindowAttention.apply(q, k, v, bh, allowed, batches, pairs, module.beta,
+                                       module.tau, dropout_p, False)          # (nq, h, D)
             if out is None:  # here, to take o's dtype (bf16 under autocast)
                 out = o.new_zeros(n, H, o.shape[-1])
-            valid = q_tok.flatten() >= 0
-            out[q_tok.flatten()[valid], heads] = o[valid]
+            out[q_ids, heads] = o
     return out.reshape(n, dim)
+
+
+def _window_groups(queries, keys, cache):
+    """The windows of a pair of rulebooks in groups of consecutive windows, each at most CHUNK
+    query slots and, padded, PADDED pairs per head (one batch): (the group's query token ids (nq,),
+    its key token ids (nk,), its window_batches in positions of those two lists). Neighbouring
+    windows share keys (eq. (2)'s union: each key in up to four windows), so a group projects each
+    key once. Built once per level (cache: a lattice.Level's cache dict)."""
+    key = ("groups", queries.data_ptr(), keys.data_ptr(), queries.shape, keys.shape, CHUNK)
+    if key in cache:
+        return cache[key]
+    Sq, Sk = queries.shape[1], keys.shape[1]
+    step = max(1, min(CHUNK // max(Sq, 1), PADDED // max(Sq * Sk, 1)))
+    groups = []
+    for start in range(0, len(queries), step):
+        (q_ids, q_local), (k_ids, k_local) = (_local(book[start:start + step])
+                                              for book in (queries, keys))
+        groups.append((q_ids, k_ids, window_batches(q_local, k_local)))
+    cache[key] = groups
+    return groups
+
+
+def _local(book):
+    """A rulebook's token ids -> (its distinct ids (m,), the rulebook in positions 0 .. m - 1 of
+    them, -1 kept for an empty slot)."""
+    filled = book >= 0
+    ids, position = torch.unique(book[filled], return_inverse=True)
+    return ids, torch.full_like(book, -1).masked_scatter_(filled, position)
 
 
 def _window_parts(module, level, bias):

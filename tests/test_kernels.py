@@ -611,7 +611,7 @@ def test_tokens_read_and_block_inference_are_linear_in_spots(monkeypatch):
     block = Block(ModelConfig(dim=dim, heads=2, w=3, calibration_tokens=1), "window", 1).eval()
     level = lattice.build_pyramid(random_sites(N - 1, int((2 * N) ** 0.5)), 1, 3)[0]
     for rulebook in (level.windows, level.shifted):  # built once per level, outside
-        kernels.window_batches(rulebook, rulebook, level.cache)
+        kernels._window_groups(rulebook, rulebook, level.cache)
     x, tokens = torch.randn(N, dim), torch.randn(1, dim)
     with torch.no_grad(), measure_peak() as mem:
         block(x, tokens, level)
