@@ -628,7 +628,7 @@ def inference_estimate(mc: ModelConfig, in_dim: int, n_genes: int, n_spots: int,
         full = level == L - 1 and mc.coarse_attention == "full" and mc.attention != "none"
         blocks.append((level, "full" if full else mc.attention))
     slots = {"window": H * window_keys(mc), "knn": H * mc.knn_k, "full": 0, "none": 0}
-    # union windows: k and v projected per window batch for each window's union keys, (3w)^2
+    # union windows: k and v of a group of windows' union keys (up to (3w)^2 a window), a bound
     per_token = (12 + 2 * mc.ffn_ratio + (9 if mc.windows == "union" else 0)) * d
     work = max(tokens_at(n_spots, lv) * (per_token + 2 * sign * (slots[mode] + H * tokens))
                for lv, mode in blocks)
