@@ -371,9 +371,7 @@ class Tessera(nn.Module):
         out = self._spot_head(decoded[0], tokens, order, out_dtype)  # {"pred": (N, G), ...}
         if K or list(cfg.out_levels) != [0]:
             out.update(self._levels(levels, order, decoded, out_dtype))  # MagNet / sub-spot
-        if align is not None:
-            out["align"] = align
-        return out
+        return out if align is None else {**out, "align": align}
 
     def _run(self, fn, *args):
         """fn(*args); with model.checkpoint in training, recomputed in the backward."""
@@ -455,9 +453,8 @@ class Tessera(nn.Module):
         return x, tokens
 
     def _decode(self, x, tokens, skips, levels):
-        """HiST decoder, deepest level first: uncoarsen (eq. 5), fuse with the skip (3.6.3), blocks;
-        below the spot on down to the finest out level. -> ({offset k: (N_k, d)} of the levels a
-        head reads, tokens); the others are freed as the decoder leaves them."""
+        """HiST decoder, deepest level first: uncoarsen (eq. 5), fuse, blocks; below the spot on to
+        the finest out level. -> ({offset k: (N_k, d)} of the levels a head reads, tokens)."""
         K, L = self.cfg.sub_levels, len(self.cfg.depths)
         steps = [(L - 2 - i, self.uncoarsen[L - 2 - i], self.fuse[L - 2 - i], blocks)
                  for i, blocks in enumerate(self.decoder)]      # decoder[i]: level L-2-i
