@@ -15,6 +15,7 @@ attention command needs it.
 from __future__ import annotations
 
 import threads  # noqa: F401  first: the thread defaults, set before torch loads (threads.py)
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -70,7 +71,11 @@ def picture_text(fig) -> list[str]:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name))
+    """A name as a file name: characters outside [A-Za-z0-9._-] become "_", and a name that changed
+    gets 8 hex digits of its hash, so that "A/B" and "A_B" never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(name))
+    digest = hashlib.sha1(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return safe if safe == str(name) else f"{safe}-{digest}"
 
 
 # ---------------------------------------------------------------- rasterised spots

@@ -2,6 +2,7 @@
 over the windows / neighbours / all pairs, and against the module's own output; maps and figures on
 a tiny run."""
 import math
+import re
 import subprocess
 import sys
 
@@ -355,3 +356,11 @@ def test_attention_command_writes_h5_and_png(tiny_run):  # noqa: F811
     img = image(png)
     # 2 heads x (excitatory, inhibitory)
     assert img.shape[:2] == (740, 760) and img[..., :3].var() > 0
+
+
+def test_file_names_of_two_names_that_differ_only_in_unsafe_characters_differ():
+    from plots import _safe
+    assert _safe("HLA-DRA") == "HLA-DRA" and _safe("s01_00007") == "s01_00007"
+    names = ["A/B", "A_B", "A B", "A:B", "../A_B"]
+    assert len({_safe(n) for n in names}) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", _safe(n)) for n in names)
