@@ -145,13 +145,13 @@ def test_the_documented_commands_run_at_a_tiny_size(tmp_path):
     for a tiny size: they finish, and their JSON has a figure for every row."""
     found = commands("README.md", "bench_runs.py") + commands("BENCHMARKS.md", "bench_runs.py")
     assert {shlex.split(c)[2] for c in found} >= {"times", "demo", "threads"}
-    for cmd in found:
+    for i, cmd in enumerate(found):
         args = shlex.split(cmd)[2:]
         part = args[0]
-        out = tmp_path / f"{part}.json"
+        out = tmp_path / f"{part}{i}.json"
         args = [a for a in args if a != "--json" and not a.endswith(".json")]
         rows = bench_runs.main(args + TINY[part] + ["--json", str(out),
-                                                    "--work", str(tmp_path / part)])
+                                                    "--work", str(tmp_path / f"{part}{i}")])
         saved = json.loads(out.read_text())["rows"]
         assert len(saved) == len(rows) > 0
         assert all("error" not in r for r in saved), [r.get("error") for r in saved]
