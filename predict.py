@@ -463,7 +463,6 @@ def predict_run(run_dir, slides_dir, out_dir, fold: int | None = None, device="c
     and warns when a slide to predict is one of them (in-sample); `exclude_training`: each slide
     predicted only by the models that did not train on it. A slide with counts gets its measured
     values as `true` (`with_truth`). Every check runs before anything is written."""
-    import yaml
     # before anything is read: inputs are never written over
     not_an_input(out_dir, slides_dir, run_dir)
     check_outputs(run_dir, out_dir, device)
