@@ -515,10 +515,9 @@ def attention_command(run, slide_id, barcode, block=0, fold=None, slides_dir=Non
 
 def run_threads(run) -> int:
     """The run's run.threads (0 when the folder is not a run, e.g. a folder of prediction files)."""
-    import yaml
-    path = Path(run) / "config.yaml"
-    return ((yaml.safe_load(path.read_text()).get("run") or {}).get("threads", 0) if path.exists()
-            else 0)
+    if not (Path(run) / "config.yaml").exists():
+        return 0
+    return (predict.run_config(run).get("run") or {}).get("threads", 0)
 
 
 def main(argv: list[str] | None = None) -> None:

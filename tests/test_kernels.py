@@ -84,6 +84,41 @@ def rulebooks(level, kind, w):
 
 
 # ---- window batches ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["standard", "shifted", "union"])
+@pytest.mark.parametrize("chunk,padded", [(50, 1 << 20), (1 << 14, 1 << 20), (50, 0)])
+def test_window_groups_hold_each_window_once_with_its_own_tokens(kind, chunk, padded,
+                                                                 monkeypatch):
+    """kernels._window_groups, read back window by window: the groups are the rulebooks' windows in
+    order, each window's local ids index the group's id lists to its own token ids (-1 kept), and
+    every query token of the level is in exactly one group."""
+    monkeypatch.setattr(kernels, "CHUNK", chunk)
+    monkeypatch.setattr(kernels, "PADDED", padded)
+    w = 2
+    level = lattice.build_pyramid(SLIDES["visium"](), 1, w)[0]
+    queries, keys, _ = rulebooks(level, kind, w)
+    groups = kernels._window_groups(queries, keys, {})
+    rows, seen = 0, []
+    for q_ids, k_ids, batches in groups:
+        assert len(set(q_ids.tolist())) == len(q_ids) and len(set(k_ids.tolist())) == len(k_ids)
+        got = {}
+        for q_tok, q_slot, k_tok, k_slot in batches:
+            for i in range(len(q_tok)):
+                qs = filled(q_tok[i], q_slot[i])
+                got[qs] = {(s, int(k_ids[t])) for s, t in filled(k_tok[i], k_slot[i])}
+        n = max(1, min(chunk // queries.shape[1], padded // (queries.shape[1] * keys.shape[1])))
+        for window in range(rows, min(rows + n, len(queries))):
+            qs = tuple((s, t) for s, t in enumerate(queries[window].tolist()) if t >= 0)
+            if not qs:
+                continue
+            local = tuple((s, int((q_ids == t).nonzero())) for s, t in qs)
+            want = {(s, t) for s, t in enumerate(keys[window].tolist()) if t >= 0}
+            assert got[local] == want
+        rows += n
+        seen += q_ids.tolist()
+    assert rows >= len(queries)
+    assert sorted(seen) == sorted(t for t in queries.flatten().tolist() if t >= 0)
+
+
 def filled(tokens, slots):
     """The (slot, token) pairs of one batch row whose token is not padding."""
     return tuple((s, t) for s, t in zip(slots.tolist(), tokens.tolist()) if t >= 0)
