@@ -269,7 +269,7 @@ class GlobalAttention(nn.Module):
         """p2h / p2p: proj(Attn(C Wq, [X; C] Wk, [X; C] Wv)) -> (T, dim); zeros when both off."""
         if not (self.p2h or self.p2p):
             return torch.zeros_like(tokens)
-        if self.fast:
+        if self.fast and x.shape[0] > kernels.CHUNK:   # chunks of spots: a large slide's memory
             return kernels.tokens_read(self, x.__getitem__, x.shape[0], tokens)
         context = torch.cat([x] * self.p2h + [tokens] * self.p2p)         # [X; C], (N + T, dim)
         k, v = self.kv_context(context).chunk(2, -1)

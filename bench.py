@@ -245,7 +245,7 @@ def _step_case(spec, dev):
         model.eval()
         return no_grad(lambda: train.forward(model, b, dev, out_dtype=torch.float16)), {}
     b["target"] = torch.randn(n, G, generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    opt = train.adamw(model.parameters(), 1e-4, 1e-4)
     batch = {"target": b["target"].to(dev)}
 
     def step():                           # train.train_fold's inner loop, without augmentation
@@ -255,7 +255,7 @@ def _step_case(spec, dev):
         loss.backward()
         if spec["mode"] == "grad":            # forward, loss, backward: what FLOPs are counted over
             return
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip"])
+        train.clip_gradients(model.parameters(), cfg["train"]["clip"])
         opt.step()
     return step, {}
 

@@ -6,7 +6,10 @@ speed and memory, equal to the reference forms (tests/test_kernels.py: outputs a
                      and backward are written by hand (_WindowAttention) and keep only the attention
                      weights, so memory is O(N H D + pairs H), never O(pairs H D). Without grad the
                      q, k, v of each batch are projected for its tokens only: no (N, 3d) tensor.
-                     k-NN: chunks of queries. Full: torch's fused attention in chunks of queries.
+                     k-NN: chunks of queries, the backward written by hand too (_KnnAttention),
+                     keeping the weights and not the gathered keys and values. Full: torch's fused
+                     attention in chunks of queries.
+    dropout          Dropout from 16 random bits per element, the mask formed by arithmetic.
     tokens_read      GlobalAttention.tokens_read as an online softmax over chunks of spots: no
                      (N, 2d) context, no (H, T, N) scores.
     block_inference  Block.forward without grad: every per-spot step on chunks of rows, the result
@@ -53,17 +56,41 @@ def by_rows(fn, n, dtype=None):
     return out if None not in out else out[None]
 
 
-def keep_mask(shape, p, device):
-    """A Bernoulli(1 - p) mask from 16 random bits per element (p resolved to 1 / 65536): torch's
+def random_bits(shape, device):
+    """16 random bits per element (int16), four to each 64-bit draw of torch's generator: torch's
     CPU dropout draws a float per element, several times slower."""
     n = math.prod(shape)
     bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return bits.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+    return bits.view(torch.int16)[:n].view(shape)
+
+
+def keep_scale(bits, p, dtype=torch.float32):
+    """Dropout's factor from random_bits: 1 / (1 - p) where an element is kept (bits >= t, chance
+    1 - p resolved to 1 / 65536), else 0. Formed by arithmetic, clamp(bits - t + 1, 0, 1), exact
+    in float32: torch's CPU comparisons and boolean masks are several times slower."""
+    t = round(p * 65536) - 32768
+    return (bits.float() - (t - 1)).clamp_(0, 1).to(dtype).mul_(1 / (1 - p))
+
+
+class _Dropout(torch.autograd.Function):
+    """x * keep_scale(bits): the backward recomputes the factor from the saved 16-bit draws."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        bits = random_bits(x.shape, x.device)
+        ctx.save_for_backward(bits)
+        ctx.p = p
+        return x * keep_scale(bits, p, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bits, = ctx.saved_tensors
+        return grad * keep_scale(bits, ctx.p, grad.dtype), None
 
 
 def dropout(x, p):
     """nn.Dropout: x * mask / (1 - p)."""
-    return torch.where(keep_mask(x.shape, p, x.device), x * (1 / (1 - p)), 0.0)
+    return _Dropout.apply(x, p)
 
 
 class Dropout(nn.Dropout):
@@ -71,6 +98,16 @@ class Dropout(nn.Dropout):
 
     def forward(self, x):
         return dropout(x, self.p) if self.training and self.p else x
+
+
+def softmax(x):
+    """torch.softmax over the last dim; on the CPU, rows shorter than 16 as exp / sum: there
+    torch's kernel has no vector path and is about 5x slower (14 keys: 1.0 ms against 0.2 ms for
+    4,000 rows, the windows of a coarse level)."""
+    if x.device.type != "cpu" or x.shape[-1] >= 16:
+        return torch.softmax(x, -1)
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def cast(out, dtype=None):
@@ -115,30 +152,44 @@ def window_batches(queries, keys, cache=None):
     return batches
 
 
-def _pair_table(bias, allowed, Sq, Sk, H, device, dtype):
-    """(Sq * Sk, H): the bias of each (query slot, key slot) pair, -inf where not allowed."""
-    table = torch.zeros(Sq * Sk, H, device=device, dtype=dtype) if bias is None else \
-        bias.to(dtype).flatten(1).T
+def _pair_table(bias, allowed, Sq, Sk, H, device, dtype, groups=1):
+    """(H, G (Sq + 1) (Sk + 1)): per group of windows, the bias of each (query slot, key slot)
+    pair, -inf where not allowed, with a last key slot at -inf (a padded key) and a last query
+    slot at 0 (a padded query: finite weights, zeroed after the softmax). bias (H, Sq, Sk) or,
+    for G groups, (G, H, Sq, Sk)."""
+    table = torch.zeros(H, groups, Sq + 1, Sk + 1, device=device, dtype=dtype)
+    table[..., :Sq, Sk] = -math.inf
+    if bias is not None:
+        table[..., :Sq, :Sk] = bias.to(dtype).reshape(groups, H, Sq, Sk).transpose(0, 1)
     if allowed is not None:
-        table = table.masked_fill(~allowed.reshape(-1, 1), -math.inf)
-    return table
+        table[..., :Sq, :Sk].masked_fill_(~allowed, -math.inf)
+    return table.view(H, -1)
+
+
+def _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups=1):
+    """(w, cq, ck) columns of _pair_table of one batch's pairs; padded slots read its last row
+    and column; a window's group is its first query's row modulo G (split_rulebook)."""
+    q_slot = torch.where(q_tok >= 0, q_slot, Sq)
+    if groups > 1:
+        q_slot = q_slot + q_tok[:, :1] % groups * (Sq + 1)
+    k_slot = torch.where(k_tok >= 0, k_slot, Sk)
+    return q_slot[:, :, None] * (Sk + 1) + k_slot[:, None, :]
 
 
 def _signed(s, beta, tau):
     """FEAST's two softmaxes of biased scores: s = (S + B, B - S) -> pos, neg (None if beta = 0)."""
-    pos = torch.softmax(s[0], -1)
-    return pos, (torch.softmax(s[1] / tau, -1) if beta else None)
+    pos = softmax(s[0])
+    return pos, (softmax(s[1] / tau) if beta else None)
 
 
-def _batch_weights(qw, kw, tab, q_tok, k_tok, beta, tau, acc):
+def _batch_weights(qw, kw, table, pairs, q_tok, beta, tau, acc):
     """Scores of one batch -> (pos, neg) weights, rows of padded queries zero. qw (w, H, cq, D),
-    kw (w, H, ck, D), tab (w, cq, ck, H) pair biases."""
+    kw (w, H, ck, D), table (H, P) from _pair_table, pairs (w, cq, ck) its columns (_pairs)."""
     s = (qw @ kw.transpose(-1, -2)).to(acc) / math.sqrt(qw.shape[-1])   # (w, H, cq, ck)
-    b = tab.permute(0, 3, 1, 2).masked_fill((k_tok < 0)[:, None, None, :], -math.inf)
-    keep = (b > -math.inf).any(-1, keepdim=True) & (q_tok >= 0)[:, None, :, None]
-    b = b.masked_fill(~keep, 0.0)
+    b = table.index_select(1, pairs.flatten()).view(-1, *pairs.shape).transpose(0, 1)
     pos, neg = _signed((s + b, b - s), beta, tau)
-    return pos * keep, (neg * keep if neg is not None else None)
+    keep = (q_tok >= 0).to(pos.dtype)[:, None, :, None]  # a float factor: boolean products are
+    return pos.mul_(keep), (neg.mul_(keep) if neg is not None else None)   # slow on a CPU
 
 
 def _gather(x, tok):
@@ -161,44 +212,44 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, q, k, v, bias, allowed, batches, pairs, beta, tau, dropout_p, grad):
+    def forward(ctx, q, k, v, bias, allowed, batches, slots, groups, beta, tau, dropout_p,
+                grad):
         N, H, D = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
-        Sq, Sk = pairs                                          # slots of the two rulebooks
-        table = None if bias is None and allowed is None else \
-            _pair_table(bias, allowed, Sq, Sk, H, q.device, acc)
+        Sq, Sk = slots                                          # slots of the two rulebooks
+        table = _pair_table(bias, allowed, Sq, Sk, H, q.device, acc, groups)
         out = v.new_zeros(N, H, v.shape[-1])
         saved = []
         for q_tok, q_slot, k_tok, k_slot in batches:
             qw, kw, vw = _gather(q, q_tok), _gather(k, k_tok), _gather(v, k_tok)
-            tab = torch.zeros(1, 1, 1, H, device=q.device, dtype=acc) if table is None else \
-                table[(q_slot[:, :, None] * Sk + k_slot[:, None, :])]      # (w, cq, ck, H)
-            pos, neg = _batch_weights(qw, kw, tab, q_tok, k_tok, beta, tau, acc)
+            pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups)
+            pos, neg = _batch_weights(qw, kw, table, pairs, q_tok, beta, tau, acc)
             a = pos - beta * neg if beta else pos
-            keep = keep_mask(a.shape, dropout_p, a.device) if dropout_p else None
+            keep = random_bits(a.shape, a.device) if dropout_p else None
             if keep is not None:
-                a = a * keep / (1 - dropout_p)
+                a = a * keep_scale(keep, dropout_p, a.dtype)
             _scatter(out, q_tok, a.to(vw.dtype) @ vw)
             if grad:
                 saved += [q_tok, q_slot, k_tok, k_slot, pos, neg, keep]
         ctx.save_for_backward(q, k, v, *[t for t in saved if t is not None])
         ctx.layout = [t is not None for t in saved]
-        ctx.info = (pairs, None if bias is None else bias.shape,
+        ctx.info = (slots, groups, None if bias is None else bias.shape,
                     None if bias is None else bias.dtype, beta, tau, dropout_p)
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        pairs, bias_shape, bias_dtype, beta, tau, dropout_p = ctx.info
+        slots, groups, bias_shape, bias_dtype, beta, tau, dropout_p = ctx.info
         q, k, v, *rest = ctx.saved_tensors
         it = iter(rest)
         saved = [next(it) if present else None for present in ctx.layout]
         N, H, D = q.shape
         dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
         acc = torch.promote_types(dout.dtype, torch.float32)
+        Sq, Sk = slots
         dtable = None if bias_shape is None or not ctx.needs_input_grad[3] else \
-            dout.new_zeros(pairs[0] * pairs[1], H, dtype=acc)
+            dout.new_zeros(H, groups * (Sq + 1) * (Sk + 1), dtype=acc)
         for i in range(0, len(saved), 7):
             q_tok, q_slot, k_tok, k_slot, pos, neg, keep = saved[i:i + 7]
             qw, do = _gather(q, q_tok), _gather(dout, q_tok)
@@ -206,7 +257,8 @@ class _WindowAttention(torch.autograd.Function):
             a = pos - beta * neg if beta else pos
             da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
             if keep is not None:
-                a, da = a * keep / (1 - dropout_p), da * keep / (1 - dropout_p)
+                scale = keep_scale(keep, dropout_p, a.dtype)
+                a, da = a * scale, da * scale
             _scatter(dv, k_tok, a.transpose(-1, -2).to(do.dtype) @ do)
             g = pos * (da - (pos * da).sum(-1, keepdim=True))           # through softmax(S + B)
             gb = g
@@ -214,24 +266,27 @@ class _WindowAttention(torch.autograd.Function):
                 gn = -beta * neg * (da - (neg * da).sum(-1, keepdim=True))
                 g, gb = g - gn / tau, g + gn / tau
             if dtable is not None:
-                index = (q_slot[:, :, None] * pairs[1] + k_slot[:, None, :]).flatten()
-                dtable.index_add_(0, index, gb.permute(0, 2, 3, 1).reshape(-1, H))
+                pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups).flatten()
+                dtable.index_add_(1, pairs, gb.transpose(0, 1).reshape(H, -1))
             g = (g / math.sqrt(D)).to(qw.dtype)
             _scatter(dq, q_tok, g @ kw)
             _scatter(dk, k_tok, g.transpose(-1, -2) @ qw)
-        dbias = None if dtable is None else dtable.T.reshape(bias_shape).to(bias_dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None
+        dbias = None if dtable is None else dtable.view(H, groups, Sq + 1, Sk + 1)[
+            ..., :Sq, :Sk].transpose(0, 1).reshape(bias_shape).to(bias_dtype)
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
 
 
 def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, tau=1.0,
-                     dropout_p=0.0, cache=None):
-    """attention.window_attention (same arguments; cache: where to keep the window batches)."""
+                     dropout_p=0.0, cache=None, groups=1):
+    """attention.window_attention (same arguments; cache: where to keep the window batches).
+    groups G > 1: G sets of windows in one call (split_rulebook), row i G + g of q, k, v holding
+    token i's heads of set g, bias (G, H, Sq, Sk)."""
     batches = window_batches(queries, keys, cache)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (q, k, v, bias))
-    pairs = (queries.shape[1], keys.shape[1])
-    return _WindowAttention.apply(q, k, v, bias, allowed, batches, pairs, beta, tau, dropout_p,
-                                  grad)
+    slots = (queries.shape[1], keys.shape[1])
+    return _WindowAttention.apply(q, k, v, bias, allowed, batches, slots, groups, beta, tau,
+                                  dropout_p, grad)
 
 
 def _windows_projected(module, h, n, level, bias, dropout_p):
@@ -243,11 +298,11 @@ def _windows_projected(module, h, n, level, bias, dropout_p):
     for heads, queries, keys, bh, allowed in _window_parts(module, level, bias):
         Wq, bq = W[0, heads].reshape(-1, dim), b[0, heads].reshape(-1)
         Wkv, bkv = W[1:, heads].reshape(-1, dim), b[1:, heads].reshape(-1)
-        pairs = (queries.shape[1], keys.shape[1])
+        slots = (queries.shape[1], keys.shape[1])
         for q_ids, k_ids, batches in _window_groups(queries, keys, level.cache):
             q = F.linear(h(q_ids), Wq, bq).view(len(q_ids), -1, dim // H)     # (nq, h, D)
             k, v = F.linear(h(k_ids), Wkv, bkv).view(len(k_ids), 2, -1, dim // H).unbind(1)
-            o = _WindowAttention.apply(q, k, v, bh, allowed, batches, pairs, module.beta,
+            o = _WindowAttention.apply(q, k, v, bh, allowed, batches, slots, 1, module.beta,
                                        module.tau, dropout_p, False)          # (nq, h, D)
             if out is None:  # here, to take o's dtype (bf16 under autocast)
                 out = o.new_zeros(n, H, o.shape[-1])
@@ -281,6 +336,15 @@ def _local(book):
     filled = book >= 0
     ids, position = torch.unique(book[filled], return_inverse=True)
     return ids, torch.full_like(book, -1).masked_scatter_(filled, position)
+
+
+def split_rulebook(level):
+    """The standard and the shifted windows of a level as one rulebook over rows 2i + g (token i's
+    half of the heads of partition g = 0 standard, 1 shifted), -1 kept. Built once per level."""
+    if "split" not in level.cache:
+        level.cache["split"] = torch.cat([torch.where(book >= 0, 2 * book + g, -1) for g, book
+                                          in enumerate((level.windows, level.shifted))])
+    return level.cache["split"]
 
 
 def _window_parts(module, level, bias):
@@ -325,8 +389,11 @@ def knn(xy_q, xy_k, k, chunk=4096):
         L = max(int(length.max()), -(-k // 3))   # k candidates at least: topk needs them
         t = torch.arange(L, device=cq.device)
         pos = (first[:, :, None] + t).clamp(max=len(order) - 1)    # (c, 3, L)
-        cand = order[pos].flatten(1)                               # (c, 3L) key ids
-        d2 = ((xy_q[rows, None, :] - xy_k[cand]) ** 2).sum(-1)     # (c, 3L), as lattice.knn
+        cand = order.index_select(0, pos.flatten()).view(len(raw), -1)  # (c, 3L) key ids
+        # lattice.knn's dx^2 + dy^2, one coordinate at a time (the same rounding, fewer steps)
+        dx, dy = (xy_q[rows, i, None] - xy_k[:, i].index_select(0, cand.flatten()).view(cand.shape)
+                  for i in (0, 1))
+        d2 = dx * dx + dy * dy                                     # (c, 3L)
         d2 = d2.masked_fill((t >= length[:, :, None]).flatten(1), math.inf)
         best = lattice.pair_rank(d2, cand).topk(k, dim=1, largest=False).indices  # (c, k)
         out[rows] = cand.gather(1, best)
@@ -339,19 +406,99 @@ def knn(xy_q, xy_k, k, chunk=4096):
 
 
 def knn_attention(q, k, v, index, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, chunk=4096):
-    """attention.knn_attention in chunks of queries: memory O(chunk * K * H * D)."""
-    out = q.new_empty(q.shape[0], *v.shape[1:])
-    for start in range(0, q.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        kn, vn = k[index[rows]], v[index[rows]]                           # (c, K, H, D)
-        s = (q[rows].unsqueeze(1) * kn).sum(-1) / q.shape[-1] ** 0.5       # (c, K, H)
-        b = 0.0 if bias is None else bias[:, rows].permute(1, 2, 0).to(s.dtype)
-        w = torch.softmax(s + b, 1)
-        if beta:
-            w = w - beta * torch.softmax((b - s) / tau, 1)
-        w = dropout(w, dropout_p) if dropout_p else w
-        out[rows] = (w.unsqueeze(-1) * vn).sum(1)                          # (c, H, D)
-    return out
+    """attention.knn_attention in chunks of queries (_KnnAttention): memory O(N K H) for the
+    weights kept for the backward, O(chunk * K * H * D) for the neighbours' keys and values."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, bias))
+    return _KnnAttention.apply(q, k, v, index, bias, beta, tau, dropout_p, chunk, grad)
+
+
+def _dot(x, y):
+    """sum(x * y, -1) through a matrix-vector product: torch's CPU sum over a short last dim (a
+    head's 16 channels) is several times slower than the product."""
+    xy = x * y
+    return (xy.reshape(-1, xy.shape[-1]) @ xy.new_ones(xy.shape[-1])).view(xy.shape[:-1])
+
+
+def _softmax_k(x):
+    """Softmax over dim 1 (the K neighbours of (c, K, H) scores)."""
+    e = (x - x.amax(1, keepdim=True)).exp_()
+    return e.div_(e.sum(1, keepdim=True))
+
+
+class _KnnAttention(torch.autograd.Function):
+    """attention.knn_attention, chunk by chunk, with a hand-written backward that keeps only the
+    weights (c, K, H), not the gathered keys and values. With s = q.k_j / sqrt(D) + b_j,
+    a = softmax(s) - beta * softmax((b - s) / tau) over the K neighbours j, dropout factor m:
+      out = sum_j a_j m_j v_j,  dv_j += a_j m_j dO,  dA_j = m_j dO.v_j,  g+, g- as
+      _WindowAttention,  dq = sum_j dS_j k_j / sqrt(D),  dk_j += dS_j q / sqrt(D),  db_j = dB_j."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, q, k, v, index, bias, beta, tau, dropout_p, chunk, grad):
+        N, H, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = v.new_empty(N, H, v.shape[-1])
+        saved = []
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            c, K = index[rows].shape
+            at = index[rows].flatten()
+            kn = k.index_select(0, at).view(c, K, H, D)                     # (c, K, H, D)
+            s = _dot(q[rows].unsqueeze(1), kn).to(acc) / math.sqrt(D)      # (c, K, H)
+            b = 0.0 if bias is None else bias[:, rows].permute(1, 2, 0).to(acc)
+            pos = _softmax_k(s + b)
+            neg = _softmax_k((b - s) / tau) if beta else None
+            a = pos - beta * neg if beta else pos
+            keep = random_bits(a.shape, a.device) if dropout_p else None
+            if keep is not None:
+                a = a * keep_scale(keep, dropout_p, a.dtype)
+            vn = v.index_select(0, at).view(c, K, H, -1)
+            out[rows] = (a.unsqueeze(-1).to(vn.dtype) * vn).sum(1)              # (c, H, D)
+            if grad:
+                saved += [pos, neg, keep]
+        ctx.save_for_backward(q, k, v, index, *[t for t in saved if t is not None])
+        ctx.layout = [t is not None for t in saved]
+        ctx.info = (chunk, bias is not None, beta, tau, dropout_p)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        chunk, has_bias, beta, tau, dropout_p = ctx.info
+        q, k, v, index, *rest = ctx.saved_tensors
+        it = iter(rest)
+        saved = [next(it) if present else None for present in ctx.layout]
+        N, H, D = q.shape
+        dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+        dbias = dout.new_empty(H, N, index.shape[1], dtype=saved[0].dtype) \
+            if has_bias and ctx.needs_input_grad[4] else None
+        for i, start in enumerate(range(0, N, chunk)):
+            rows = slice(start, start + chunk)
+            pos, neg, keep = saved[3 * i:3 * i + 3]
+            c, K = index[rows].shape
+            at = index[rows].flatten()
+            kn, vn = (t.index_select(0, at).view(c, K, H, -1) for t in (k, v))
+            do = dout[rows].unsqueeze(1)                                    # (c, 1, H, D)
+            a = pos - beta * neg if beta else pos
+            da = _dot(do, vn).to(pos.dtype)                                 # (c, K, H)
+            if keep is not None:
+                scale = keep_scale(keep, dropout_p, a.dtype)
+                a, da = a * scale, da * scale
+            dv.index_add_(0, at, (a.unsqueeze(-1).to(do.dtype) * do).view(-1, H, v.shape[-1]))
+            g = pos * (da - (pos * da).sum(1, keepdim=True))            # through softmax(S + B)
+            gb = g
+            if beta:                                                    # through -beta softmax(..)
+                gn = -beta * neg * (da - (neg * da).sum(1, keepdim=True))
+                g, gb = g - gn / tau, g + gn / tau
+            if dbias is not None:
+                dbias[:, rows] = gb.permute(2, 0, 1)
+            g = (g / math.sqrt(D)).unsqueeze(-1).to(q.dtype)                # (c, K, H, 1)
+            dq[rows] = (g * kn).sum(1)
+            dk.index_add_(0, at, (g * q[rows].unsqueeze(1)).view(-1, H, D))
+        dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dq, dk, dv, None, dbias, None, None, None, None, None
 
 
 def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0, chunk=4096):
@@ -390,11 +537,15 @@ def spot_attention(module, h, n, level, knn_index=None):
         if not torch.is_grad_enabled():
             return _windows_projected(module, h, n, level, bias, dropout_p)
         q, k, v = module.qkv(h(slice(None))).view(n, 3, H, -1).unbind(1)
-        return torch.cat([window_attention(q[:, hs], k[:, hs], v[:, hs], queries, keys, b,
-                                           allowed, module.beta, module.tau, dropout_p,
-                                           level.cache)
-                          for hs, queries, keys, b, allowed in _window_parts(module, level, bias)],
-                         1).reshape(n, dim)
+        args = (module.beta, module.tau, dropout_p, level.cache)
+        if module.windows == "union":
+            return window_attention(q, k, v, level.windows, level.union, bias, module.allowed,
+                                    *args).reshape(n, dim)
+        # split: both partitions in one call, row 2i + g of (2n, H/2, D) token i's heads of g
+        book = split_rulebook(level)
+        b = None if bias is None else bias.view(2, H // 2, *bias.shape[1:])
+        q, k, v = (t.reshape(2 * n, H // 2, -1) for t in (q, k, v))
+        return window_attention(q, k, v, book, book, b, None, *args, groups=2).reshape(n, dim)
     q, k, v = module.qkv(h(slice(None))).view(n, 3, H, -1).unbind(1)
     args = dict(beta=module.beta, tau=module.tau, dropout_p=dropout_p)
     if module.mode == "knn":

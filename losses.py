@@ -92,7 +92,8 @@ def pathway_loss(scores, target, membership):
     """STF auxiliary loss: 1 - PCC(scores, target pathway activity) with target = genes z-scored
     over the slide's spots, averaged over each pathway's member genes. Pathways with no member gene
     are skipped."""
-    z = (target - target.mean(0)) / (target.std(0, unbiased=False) + 1e-6)
+    centred = target - target.mean(0)
+    z = centred / (centred.square().mean(0).sqrt() + 1e-6)  # std(0, unbiased=False), faster
     size = membership.sum(1)
     keep = size > 0
     if not keep.any():

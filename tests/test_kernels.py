@@ -300,21 +300,43 @@ def test_knn_on_a_grid_equals_brute_force(layout, monkeypatch):
         assert sum(brute) < 0.1 * 2 * len(xy_q), brute       # the grid answered
 
 
-def test_keep_mask_and_dropout():
-    """Bernoulli(1 - p) in every 16-bit lane of the random words; dropout scales kept entries."""
+@pytest.mark.parametrize("width", [1, 7, 14, 15, 16, 36])
+def test_softmax_equals_torch_on_short_and_long_rows(width):
+    """kernels.softmax (exp / sum below 16 keys on a CPU) against exp(x - max) / sum written out,
+    with -inf entries (masked keys) in rows that keep one finite key."""
+    x = torch.randn(50, 3, width, dtype=torch.float64) * 4
+    x[:, 0, 1:] = -math.inf
+    x[:, 1, ::2] = -math.inf if width > 1 else x[:, 1, ::2]
+    e = torch.exp(x - x.max(-1, keepdim=True).values)
+    torch.testing.assert_close(kernels.softmax(x.clone()), e / e.sum(-1, keepdim=True))
+
+
+def test_random_bits_keep_scale_and_dropout():
+    """keep_scale is Bernoulli(1 - p) / (1 - p) in every 16-bit lane of the random words, kept
+    exactly where bits >= round(65536 p) - 32768 (compared here element by element, against the
+    arithmetic form); dropout scales kept entries, and its gradient is the same factor."""
     n = 400_000
     for p in (0.05, 0.3, 0.5):
-        keep = kernels.keep_mask((n,), p, "cpu")
-        assert keep.dtype == torch.bool
+        bits = kernels.random_bits((n,), "cpu")
+        assert bits.dtype == torch.int16
+        scale = kernels.keep_scale(bits, p)
+        threshold = round(p * 65536) - 32768
+        want = torch.tensor([1 / (1 - p) if b >= threshold else 0.0 for b in bits[:2000].tolist()])
+        assert torch.equal(scale[:2000], want.float())
+        keep = scale > 0
         for lane in range(4):                                 # the 4 int16 of each int64 word
             rate = keep[lane::4].double().mean()
             assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / (n / 4)) ** 0.5, (p, lane, rate)
-        assert kernels.keep_mask((n,), p, "cpu").ne(keep).any()   # a new mask every call
-    assert kernels.keep_mask((1000,), 0.0, "cpu").all()
-    x = torch.randn(3, 1000, dtype=torch.float64)
+        assert kernels.random_bits((n,), "cpu").ne(bits).any()   # new bits every call
+    edge = torch.tensor([-32768, -26215, -26214, 32767], dtype=torch.int16)
+    assert kernels.keep_scale(edge, 0.1).tolist() == [0, 0] + [pytest.approx(1 / 0.9)] * 2
+    assert (kernels.keep_scale(kernels.random_bits((1000,), "cpu"), 0.0) == 1).all()
+    x = torch.randn(3, 1000, dtype=torch.float64, requires_grad=True)
     y = kernels.dropout(x, 0.25)
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.double() / 0.75)
     drop = kernels.Dropout(0.25)
     assert torch.equal(drop.eval()(x), x) and (drop.train()(x) == 0).any()
 

@@ -32,6 +32,38 @@ def test_schedules():
 
 
 # ---- config -------------------------------------------------------------------------------------
+def test_the_optimizer_and_clipping_are_adamw_and_clip_grad_norm_written_out():
+    """train.adamw (fused where torch has it) and train.clip_gradients (foreach) against AdamW's
+    update written out (Loshchilov & Hutter: decoupled decay) and the global-norm clip, 3 steps."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 7, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    want = [p.detach().clone() for p in params]
+    m, v = [torch.zeros_like(w) for w in want], [torch.zeros_like(w) for w in want]
+    lr, wd, (b1, b2), eps, clip = 1e-2, 1e-2, (0.9, 0.999), 1e-8, 1.0
+    opt = train.adamw(params, lr, wd)
+    for step in range(1, 4):
+        grads = [torch.randn(s, generator=g) * 2 for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        norm = train.clip_gradients(params, clip)
+        total = math.sqrt(sum(float((gr ** 2).sum()) for gr in grads))
+        assert float(norm) == pytest.approx(total, rel=1e-6)
+        scale = min(1.0, clip / (total + 1e-6))
+        for p, gr in zip(params, grads):
+            torch.testing.assert_close(p.grad, gr * scale)
+        opt.step()
+        for i, gr in enumerate(grads):
+            gr = gr * scale
+            want[i] = want[i] * (1 - lr * wd)
+            m[i] = b1 * m[i] + (1 - b1) * gr
+            v[i] = b2 * v[i] + (1 - b2) * gr * gr
+            m_hat, v_hat = m[i] / (1 - b1 ** step), v[i] / (1 - b2 ** step)
+            want[i] = want[i] - lr * m_hat / (v_hat.sqrt() + eps)
+        for p, w in zip(params, want):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_keys_are_refused_with_the_valid_ones(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochz: 3}\n")
