@@ -182,14 +182,13 @@ def _signed(s, beta, tau):
     return pos, (softmax(s[1] / tau) if beta else None)
 
 
-def _batch_weights(qw, kw, table, pairs, q_tok, beta, tau, acc):
-    """Scores of one batch -> (pos, neg) weights, rows of padded queries zero. qw (w, H, cq, D),
-    kw (w, H, ck, D), table (H, P) from _pair_table, pairs (w, cq, ck) its columns (_pairs)."""
-    s = (qw @ kw.transpose(-1, -2)).to(acc) / math.sqrt(qw.shape[-1])   # (w, H, cq, ck)
+def _batch_weights(qw, kw, table, pairs, beta, tau, acc):
+    """Scores of one batch -> (pos, neg) weights. qw (w, H, cq, D) queries already scaled by
+    1 / sqrt(D), kw (w, H, ck, D), table (H, P) from _pair_table, pairs (w, cq, ck) its columns
+    (_pairs). A padded query's row is finite (its output goes to a row that is dropped)."""
+    s = (qw @ kw.transpose(-1, -2)).to(acc)                              # (w, H, cq, ck)
     b = table.index_select(1, pairs.flatten()).view(-1, *pairs.shape).transpose(0, 1)
-    pos, neg = _signed((s + b, b - s), beta, tau)
-    keep = (q_tok >= 0).to(pos.dtype)[:, None, :, None]  # a float factor: boolean products are
-    return pos.mul_(keep), (neg.mul_(keep) if neg is not None else None)   # slow on a CPU
+    return _signed((s + b, b - s), beta, tau)
 
 
 def _gather(x, tok):
@@ -199,8 +198,10 @@ def _gather(x, tok):
 
 
 def _scatter(out, tok, y):
-    """out (N, H, D) += y (w, H, c, D) at tok (w, c); padded rows of y are zero."""
-    out.index_add_(0, tok.clamp(min=0).flatten(), y.transpose(1, 2).flatten(0, 1).to(out.dtype))
+    """out += y (w, H, c, D) at tok (w, c), -1 to out's last row: the forward's extra row, which
+    is dropped, or a real row where y's padded rows are zero."""
+    rows = torch.where(tok >= 0, tok, len(out) - 1).flatten()
+    out.index_add_(0, rows, y.transpose(1, 2).flatten(0, 1).to(out.dtype))
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -208,7 +209,9 @@ class _WindowAttention(torch.autograd.Function):
     the weights. With a = softmax(S + B) - beta * softmax((B - S) / tau), dropout mask m:
       out = (a m / (1 - p)) V,  dV = a'^T dO,  dA = m / (1 - p) dO V^T,
       g+ = P+ (dA - rowsum(P+ dA)),  g- = -beta P- (dA - rowsum(P- dA)),
-      dS = g+ - g- / tau,  dB = g+ + g- / tau,  dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D)."""
+      dS = g+ - g- / tau,  dB = g+ + g- / tau,  dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D).
+    Q is scaled by 1 / sqrt(D) once, before the batches. A padded query slot writes its output to
+    an extra last row, dropped, and reads a zero dO there, so its weights need no mask."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -218,16 +221,18 @@ class _WindowAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         Sq, Sk = slots                                          # slots of the two rulebooks
         table = _pair_table(bias, allowed, Sq, Sk, H, q.device, acc, groups)
-        out = v.new_zeros(N, H, v.shape[-1])
+        q = q * (1 / math.sqrt(D))
+        out = v.new_zeros(N + 1, H, v.shape[-1])                # row N: the padded queries'
         saved = []
         for q_tok, q_slot, k_tok, k_slot in batches:
             qw, kw, vw = _gather(q, q_tok), _gather(k, k_tok), _gather(v, k_tok)
             pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups)
-            pos, neg = _batch_weights(qw, kw, table, pairs, q_tok, beta, tau, acc)
-            a = pos - beta * neg if beta else pos
+            pos, neg = _batch_weights(qw, kw, table, pairs, beta, tau, acc)
+            a = torch.add(pos, neg, alpha=-beta) if beta else pos
             keep = random_bits(a.shape, a.device) if dropout_p else None
             if keep is not None:
-                a = a * keep_scale(keep, dropout_p, a.dtype)
+                a = a.mul_(keep_scale(keep, dropout_p, a.dtype)) if beta else \
+                    a * keep_scale(keep, dropout_p, a.dtype)
             _scatter(out, q_tok, a.to(vw.dtype) @ vw)
             if grad:
                 saved += [q_tok, q_slot, k_tok, k_slot, pos, neg, keep]
@@ -235,45 +240,47 @@ class _WindowAttention(torch.autograd.Function):
         ctx.layout = [t is not None for t in saved]
         ctx.info = (slots, groups, None if bias is None else bias.shape,
                     None if bias is None else bias.dtype, beta, tau, dropout_p)
-        return out
+        return out[:N]
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         slots, groups, bias_shape, bias_dtype, beta, tau, dropout_p = ctx.info
-        q, k, v, *rest = ctx.saved_tensors
+        q, k, v, *rest = ctx.saved_tensors                     # q scaled by 1 / sqrt(D)
         it = iter(rest)
         saved = [next(it) if present else None for present in ctx.layout]
         N, H, D = q.shape
         dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+        dout = torch.cat([dout, dout.new_zeros(1, *dout.shape[1:])])  # a padded query's dO: 0
         acc = torch.promote_types(dout.dtype, torch.float32)
         Sq, Sk = slots
         dtable = None if bias_shape is None or not ctx.needs_input_grad[3] else \
             dout.new_zeros(H, groups * (Sq + 1) * (Sk + 1), dtype=acc)
         for i in range(0, len(saved), 7):
             q_tok, q_slot, k_tok, k_slot, pos, neg, keep = saved[i:i + 7]
-            qw, do = _gather(q, q_tok), _gather(dout, q_tok)
+            qw, do = _gather(q, q_tok), _gather(dout, torch.where(q_tok >= 0, q_tok, N))
             kw, vw = _gather(k, k_tok), _gather(v, k_tok)
-            a = pos - beta * neg if beta else pos
+            a = torch.add(pos, neg, alpha=-beta) if beta else pos
             da = (do @ vw.transpose(-1, -2)).to(pos.dtype)
             if keep is not None:
                 scale = keep_scale(keep, dropout_p, a.dtype)
-                a, da = a * scale, da * scale
+                a, da = a * scale, da.mul_(scale)
             _scatter(dv, k_tok, a.transpose(-1, -2).to(do.dtype) @ do)
             g = pos * (da - (pos * da).sum(-1, keepdim=True))           # through softmax(S + B)
             gb = g
             if beta:                                                    # through -beta softmax(..)
-                gn = -beta * neg * (da - (neg * da).sum(-1, keepdim=True))
-                g, gb = g - gn / tau, g + gn / tau
+                gn = neg * (da - (neg * da).sum(-1, keepdim=True)).mul_(-beta / tau)  # g- / tau
+                g, gb = g - gn, g.add_(gn)
             if dtable is not None:
                 pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups).flatten()
                 dtable.index_add_(1, pairs, gb.transpose(0, 1).reshape(H, -1))
-            g = (g / math.sqrt(D)).to(qw.dtype)
-            _scatter(dq, q_tok, g @ kw)
-            _scatter(dk, k_tok, g.transpose(-1, -2) @ qw)
+            g = g.to(qw.dtype)
+            _scatter(dq, q_tok, g @ kw)                                 # dS K, scaled below
+            _scatter(dk, k_tok, g.transpose(-1, -2) @ qw)               # dS^T Q / sqrt(D)
         dbias = None if dtable is None else dtable.view(H, groups, Sq + 1, Sk + 1)[
             ..., :Sq, :Sk].transpose(0, 1).reshape(bias_shape).to(bias_dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+        return (dq.mul_(1 / math.sqrt(D)), dk, dv, dbias, None, None, None, None, None, None,
+                None, None)
 
 
 def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, tau=1.0,
