@@ -100,14 +100,14 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p) if self.training and self.p else x
 
 
-def softmax(x):
-    """torch.softmax over the last dim; on the CPU, rows shorter than 16 as exp / sum: there
-    torch's kernel has no vector path and is about 5x slower (14 keys: 1.0 ms against 0.2 ms for
-    4,000 rows, the windows of a coarse level)."""
+def softmax_(x):
+    """torch.softmax over the last dim, written into x (a temporary) where rows are short: on a
+    CPU, rows shorter than 16 as exp / sum, where torch's kernel has no vector path and is about 5x
+    slower (14 keys: 1.0 ms against 0.2 ms for 4,000 rows, the windows of a coarse level)."""
     if x.device.type != "cpu" or x.shape[-1] >= 16:
         return torch.softmax(x, -1)
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    x = x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
 
 
 def cast(out, dtype=None):
@@ -176,19 +176,16 @@ def _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups=1):
     return q_slot[:, :, None] * (Sk + 1) + k_slot[:, None, :]
 
 
-def _signed(s, beta, tau):
-    """FEAST's two softmaxes of biased scores: s = (S + B, B - S) -> pos, neg (None if beta = 0)."""
-    pos = softmax(s[0])
-    return pos, (softmax(s[1] / tau) if beta else None)
-
-
 def _batch_weights(qw, kw, table, pairs, beta, tau, acc):
-    """Scores of one batch -> (pos, neg) weights. qw (w, H, cq, D) queries already scaled by
+    """Scores of one batch -> FEAST's two softmaxes, pos = softmax(S + B) and neg =
+    softmax((B - S) / tau) (None if beta = 0). qw (w, H, cq, D) queries already scaled by
     1 / sqrt(D), kw (w, H, ck, D), table (H, P) from _pair_table, pairs (w, cq, ck) its columns
-    (_pairs). A padded query's row is finite (its output goes to a row that is dropped)."""
+    (_pairs). A padded query's row is finite (its output goes to a row that is dropped). Each
+    temporary is written over once it is used: a padded batch of a large slide holds 1M pairs."""
     s = (qw @ kw.transpose(-1, -2)).to(acc)                              # (w, H, cq, ck)
     b = table.index_select(1, pairs.flatten()).view(-1, *pairs.shape).transpose(0, 1)
-    return _signed((s + b, b - s), beta, tau)
+    pos = softmax_(s + b)
+    return pos, (softmax_(s.sub_(b).div_(-tau)) if beta else None)     # (B - S) / tau in s
 
 
 def _gather(x, tok):
@@ -228,11 +225,12 @@ class _WindowAttention(torch.autograd.Function):
             qw, kw, vw = _gather(q, q_tok), _gather(k, k_tok), _gather(v, k_tok)
             pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups)
             pos, neg = _batch_weights(qw, kw, table, pairs, beta, tau, acc)
-            a = torch.add(pos, neg, alpha=-beta) if beta else pos
+            a = pos                                             # kept for the backward
+            if beta:
+                a = torch.add(pos, neg, alpha=-beta) if grad else pos.sub_(neg, alpha=beta)
             keep = random_bits(a.shape, a.device) if dropout_p else None
             if keep is not None:
-                a = a.mul_(keep_scale(keep, dropout_p, a.dtype)) if beta else \
-                    a * keep_scale(keep, dropout_p, a.dtype)
+                a = a * keep_scale(keep, dropout_p, a.dtype)
             _scatter(out, q_tok, a.to(vw.dtype) @ vw)
             if grad:
                 saved += [q_tok, q_slot, k_tok, k_slot, pos, neg, keep]
@@ -521,9 +519,9 @@ def full_attention(q, k, v, xy=None, bias=None, beta=0.0, tau=1.0, dropout_p=0.0
         b = None if bias is None else bias(xy[rows, None, :] - xy[None, :, :])
         b = None if b is None else b.to(q.dtype)                           # (H, c, N)
         if beta and dropout_p:  # one mask over the signed weights (two calls would draw two)
-            s = qc @ kt.transpose(-1, -2) / math.sqrt(qc.shape[-1])        # (H, c, N)
+            s = (qc / math.sqrt(qc.shape[-1])) @ kt.transpose(-1, -2)      # (H, c, N)
             b = 0.0 if b is None else b
-            a = torch.softmax(s + b, -1) - beta * torch.softmax((b - s) / tau, -1)
+            a = torch.sub(torch.softmax(s + b, -1), torch.softmax((b - s) / tau, -1), alpha=beta)
             out[rows] = (dropout(a, dropout_p) @ vt).transpose(0, 1)
             continue
         o = F.scaled_dot_product_attention(qc, kt, vt, attn_mask=b, dropout_p=dropout_p)

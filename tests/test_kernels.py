@@ -302,13 +302,13 @@ def test_knn_on_a_grid_equals_brute_force(layout, monkeypatch):
 
 @pytest.mark.parametrize("width", [1, 7, 14, 15, 16, 36])
 def test_softmax_equals_torch_on_short_and_long_rows(width):
-    """kernels.softmax (exp / sum below 16 keys on a CPU) against exp(x - max) / sum written out,
+    """kernels.softmax_ (exp / sum below 16 keys on a CPU) against exp(x - max) / sum written out,
     with -inf entries (masked keys) in rows that keep one finite key."""
     x = torch.randn(50, 3, width, dtype=torch.float64) * 4
     x[:, 0, 1:] = -math.inf
     x[:, 1, ::2] = -math.inf if width > 1 else x[:, 1, ::2]
     e = torch.exp(x - x.max(-1, keepdim=True).values)
-    torch.testing.assert_close(kernels.softmax(x.clone()), e / e.sum(-1, keepdim=True))
+    torch.testing.assert_close(kernels.softmax_(x.clone()), e / e.sum(-1, keepdim=True))
 
 
 def test_random_bits_keep_scale_and_dropout():
