@@ -207,8 +207,9 @@ class _WindowAttention(torch.autograd.Function):
       out = (a m / (1 - p)) V,  dV = a'^T dO,  dA = m / (1 - p) dO V^T,
       g+ = P+ (dA - rowsum(P+ dA)),  g- = -beta P- (dA - rowsum(P- dA)),
       dS = g+ - g- / tau,  dB = g+ + g- / tau,  dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D).
-    Q is scaled by 1 / sqrt(D) once, before the batches. A padded query slot writes its output to
-    an extra last row, dropped, and reads a zero dO there, so its weights need no mask."""
+    q comes scaled by 1 / sqrt(D) (window_attention; in inference, in the projection). A padded
+    query slot writes its output to an extra last row, dropped, and reads a zero dO there, so its
+    weights need no mask."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -218,7 +219,6 @@ class _WindowAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         Sq, Sk = slots                                          # slots of the two rulebooks
         table = _pair_table(bias, allowed, Sq, Sk, H, q.device, acc, groups)
-        q = q * (1 / math.sqrt(D))
         out = v.new_zeros(N + 1, H, v.shape[-1])                # row N: the padded queries'
         saved = []
         for q_tok, q_slot, k_tok, k_slot in batches:
@@ -244,7 +244,7 @@ class _WindowAttention(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         slots, groups, bias_shape, bias_dtype, beta, tau, dropout_p = ctx.info
-        q, k, v, *rest = ctx.saved_tensors                     # q scaled by 1 / sqrt(D)
+        q, k, v, *rest = ctx.saved_tensors
         it = iter(rest)
         saved = [next(it) if present else None for present in ctx.layout]
         N, H, D = q.shape
@@ -273,12 +273,11 @@ class _WindowAttention(torch.autograd.Function):
                 pairs = _pairs(q_tok, q_slot, k_tok, k_slot, Sq, Sk, groups).flatten()
                 dtable.index_add_(1, pairs, gb.transpose(0, 1).reshape(H, -1))
             g = g.to(qw.dtype)
-            _scatter(dq, q_tok, g @ kw)                                 # dS K, scaled below
+            _scatter(dq, q_tok, g @ kw)                                 # dS K
             _scatter(dk, k_tok, g.transpose(-1, -2) @ qw)               # dS^T Q / sqrt(D)
         dbias = None if dtable is None else dtable.view(H, groups, Sq + 1, Sk + 1)[
             ..., :Sq, :Sk].transpose(0, 1).reshape(bias_shape).to(bias_dtype)
-        return (dq.mul_(1 / math.sqrt(D)), dk, dv, dbias, None, None, None, None, None, None,
-                None, None)
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
 
 
 def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, tau=1.0,
@@ -290,8 +289,8 @@ def window_attention(q, k, v, queries, keys, bias=None, allowed=None, beta=0.0, 
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (q, k, v, bias))
     slots = (queries.shape[1], keys.shape[1])
-    return _WindowAttention.apply(q, k, v, bias, allowed, batches, slots, groups, beta, tau,
-                                  dropout_p, grad)
+    return _WindowAttention.apply(q * (1 / math.sqrt(q.shape[-1])), k, v, bias, allowed, batches,
+                                  slots, groups, beta, tau, dropout_p, grad)
 
 
 def _windows_projected(module, h, n, level, bias, dropout_p):
@@ -301,7 +300,8 @@ def _windows_projected(module, h, n, level, bias, dropout_p):
     W, b = module.qkv.weight.view(3, H, -1, dim), module.qkv.bias.view(3, H, -1)
     out = None
     for heads, queries, keys, bh, allowed in _window_parts(module, level, bias):
-        Wq, bq = W[0, heads].reshape(-1, dim), b[0, heads].reshape(-1)
+        scale = 1 / math.sqrt(dim // H)                 # _WindowAttention's q comes scaled
+        Wq, bq = W[0, heads].reshape(-1, dim) * scale, b[0, heads].reshape(-1) * scale
         Wkv, bkv = W[1:, heads].reshape(-1, dim), b[1:, heads].reshape(-1)
         slots = (queries.shape[1], keys.shape[1])
         for q_ids, k_ids, batches in _window_groups(queries, keys, level.cache):
