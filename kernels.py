@@ -215,7 +215,7 @@ class _WindowAttention(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, v, bias, allowed, batches, slots, groups, beta, tau, dropout_p,
                 grad):
-        N, H, D = q.shape
+        N, H = q.shape[:2]
         acc = torch.promote_types(q.dtype, torch.float32)
         Sq, Sk = slots                                          # slots of the two rulebooks
         table = _pair_table(bias, allowed, Sq, Sk, H, q.device, acc, groups)
@@ -247,7 +247,7 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v, *rest = ctx.saved_tensors
         it = iter(rest)
         saved = [next(it) if present else None for present in ctx.layout]
-        N, H, D = q.shape
+        N, H = q.shape[:2]
         dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
         dout = torch.cat([dout, dout.new_zeros(1, *dout.shape[1:])])  # a padded query's dO: 0
         acc = torch.promote_types(dout.dtype, torch.float32)
