@@ -100,14 +100,14 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p) if self.training and self.p else x
 
 
-def softmax_(x):
-    """torch.softmax over the last dim, written into x (a temporary) where rows are short: on a
-    CPU, rows shorter than 16 as exp / sum, where torch's kernel has no vector path and is about 5x
-    slower (14 keys: 1.0 ms against 0.2 ms for 4,000 rows, the windows of a coarse level)."""
-    if x.device.type != "cpu" or x.shape[-1] >= 16:
-        return torch.softmax(x, -1)
-    x = x.sub_(x.amax(-1, keepdim=True)).exp_()
-    return x.div_(x.sum(-1, keepdim=True))
+def softmax_(x, dim=-1):
+    """torch.softmax over dim, written into x (a temporary) where rows are short: on a CPU, rows
+    shorter than 16 as exp / sum, where torch's kernel has no vector path and is about 5x slower
+    (14 keys: 1.0 ms against 0.2 ms for 4,000 rows, the windows of a coarse level)."""
+    if x.device.type != "cpu" or x.shape[dim] >= 16:
+        return torch.softmax(x, dim)
+    x = x.sub_(x.amax(dim, keepdim=True)).exp_()
+    return x.div_(x.sum(dim, keepdim=True))
 
 
 def cast(out, dtype=None):
@@ -155,8 +155,8 @@ def window_batches(queries, keys, cache=None):
 def _pair_table(bias, allowed, Sq, Sk, H, device, dtype, groups=1):
     """(H, G (Sq + 1) (Sk + 1)): per group of windows, the bias of each (query slot, key slot)
     pair, -inf where not allowed, with a last key slot at -inf (a padded key) and a last query
-    slot at 0 (a padded query: finite weights, zeroed after the softmax). bias (H, Sq, Sk) or,
-    for G groups, (G, H, Sq, Sk)."""
+    slot at 0 (a padded query: finite weights; its output goes to a row that is dropped).
+    bias (H, Sq, Sk) or, for G groups, (G, H, Sq, Sk)."""
     table = torch.zeros(H, groups, Sq + 1, Sk + 1, device=device, dtype=dtype)
     table[..., :Sq, Sk] = -math.inf
     if bias is not None:
@@ -425,12 +425,6 @@ def _dot(x, y):
     return (xy.reshape(-1, xy.shape[-1]) @ xy.new_ones(xy.shape[-1])).view(xy.shape[:-1])
 
 
-def _softmax_k(x):
-    """Softmax over dim 1 (the K neighbours of (c, K, H) scores)."""
-    e = (x - x.amax(1, keepdim=True)).exp_()
-    return e.div_(e.sum(1, keepdim=True))
-
-
 class _KnnAttention(torch.autograd.Function):
     """attention.knn_attention, chunk by chunk, with a hand-written backward that keeps only the
     weights (c, K, H), not the gathered keys and values. With s = q.k_j / sqrt(D) + b_j,
@@ -452,8 +446,8 @@ class _KnnAttention(torch.autograd.Function):
             kn = k.index_select(0, at).view(c, K, H, D)                     # (c, K, H, D)
             s = _dot(q[rows].unsqueeze(1), kn).to(acc) / math.sqrt(D)      # (c, K, H)
             b = 0.0 if bias is None else bias[:, rows].permute(1, 2, 0).to(acc)
-            pos = _softmax_k(s + b)
-            neg = _softmax_k((b - s) / tau) if beta else None
+            pos = softmax_(s + b, 1)
+            neg = softmax_((b - s) / tau, 1) if beta else None
             a = pos - beta * neg if beta else pos
             keep = random_bits(a.shape, a.device) if dropout_p else None
             if keep is not None:

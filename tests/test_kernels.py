@@ -309,6 +309,8 @@ def test_softmax_equals_torch_on_short_and_long_rows(width):
     x[:, 1, ::2] = -math.inf if width > 1 else x[:, 1, ::2]
     e = torch.exp(x - x.max(-1, keepdim=True).values)
     torch.testing.assert_close(kernels.softmax_(x.clone()), e / e.sum(-1, keepdim=True))
+    torch.testing.assert_close(kernels.softmax_(x.transpose(1, 2).clone(), 1),  # k-NN's dim
+                               (e / e.sum(-1, keepdim=True)).transpose(1, 2))
 
 
 def test_random_bits_keep_scale_and_dropout():
